@@ -1,0 +1,89 @@
+"""What every example DataModule shares: indexed samples, seeded or explicit batch orders, eval loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from lpl.data.samplers import OrderedBatchSampler, SeededBatchSampler
+from lpl.utils.errors import LplError
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning treats as stateful, so its batch sampler's position survives a checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class IndexedDataModule(L.LightningDataModule):
+    """Base for the example DataModules.
+
+    Subclasses implement ``build_datasets() -> (train, val)``; samples are dicts with an ``index`` entry.
+    The training loader is either seeded (``order`` and ``batches`` unset: reshuffled per epoch from ``seed``) or
+    explicit: ``batches`` (lists of training sample ids; default: one seeded epoch, ``train_batches()``) visited in
+    ``order`` (positions in ``batches``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        seed: int,
+        batches: list[list[int]] | None,
+        order: list[int] | None,
+        eval_batch_size: int,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise LplError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.batches = batches
+        self.order = order
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self.build_datasets()
+            if len(self.train_set) < self.batch_size:
+                raise LplError(
+                    f"batch_size {self.batch_size} is larger than the {len(self.train_set)} training samples; lower it."
+                )
+
+    def train_batches(self) -> list[list[int]]:
+        """The default pool: one seeded epoch of training batches (lists of sample ids)."""
+        self.setup()
+        return SeededBatchSampler(len(self.train_set), self.batch_size, self.seed).global_batches(0)
+
+    def train_batch_sampler(self) -> SeededBatchSampler | OrderedBatchSampler:
+        self.setup()
+        if self.batches is None and self.order is None:
+            return SeededBatchSampler(len(self.train_set), self.batch_size, self.seed)
+        batches = self.batches if self.batches is not None else self.train_batches()
+        bad = [i for batch in batches for i in batch if not 0 <= int(i) < len(self.train_set)]
+        if bad:
+            raise LplError(f"batches name sample id {bad[0]}, but the training set has ids 0..{len(self.train_set) - 1}.")
+        return OrderedBatchSampler(batches, self.order)
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler())
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

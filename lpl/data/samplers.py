@@ -1,0 +1,128 @@
+"""Batch samplers whose order is reproducible, resumable mid-epoch, and DDP-aware.
+
+Training-order tools need to know, and to repeat, exactly which samples formed each optimizer step. Both samplers
+here yield *global* batches of sample ids split across ranks: under DDP with world size W, rank r yields the r-th
+contiguous slice of every global batch, so the union over ranks of step t is the same batch whatever W is.
+Lightning restores a sampler's position on resume only when it has ``state_dict``/``load_state_dict``; both do.
+Use them with ``Trainer(use_distributed_sampler=False)`` (the example configs do).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from lpl.utils.errors import LplError
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
+    if len(batch) % world:
+        raise LplError(
+            f"a global batch of {len(batch)} samples cannot be split evenly over {world} processes; "
+            "choose a batch size divisible by the number of devices."
+        )
+    share = len(batch) // world
+    return list(batch[rank * share : (rank + 1) * share])
+
+
+class _ResumableBatchSampler(Sampler[list[int]]):
+    """Shared mechanics: position tracking, state_dict, rank slicing. Subclasses define ``global_batches``."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._consumed = 0  # batches of the current epoch already yielded (for mid-epoch resume)
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.global_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rank, world = _rank_and_world()
+        batches = self.global_batches(self.epoch)
+        start, self._consumed = self._consumed, 0
+        for position in range(start, len(batches)):
+            self._consumed = position + 1
+            yield _rank_slice(batches[position], rank, world)
+        self._consumed = 0
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._consumed = int(state["consumed"])
+
+
+class SeededBatchSampler(_ResumableBatchSampler):
+    """Shuffles ``range(num_samples)`` each epoch with ``seed + epoch`` and cuts it into global batches.
+
+    Example::
+
+        sampler = SeededBatchSampler(num_samples=4000, batch_size=64, seed=0)
+        loader = DataLoader(dataset, batch_sampler=sampler)
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
+        super().__init__()
+        if num_samples <= 0:
+            raise LplError(f"num_samples must be positive, got {num_samples}.")
+        if batch_size <= 0:
+            raise LplError(f"batch_size must be positive, got {batch_size}.")
+        if drop_last and batch_size > num_samples:
+            raise LplError(f"batch_size {batch_size} is larger than the {num_samples} training samples.")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        ids = torch.randperm(self.num_samples, generator=generator).tolist()
+        stop = len(ids) - len(ids) % self.batch_size if self.drop_last else len(ids)
+        return [ids[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+
+
+class OrderedBatchSampler(_ResumableBatchSampler):
+    """Yields ``batches[order[0]], batches[order[1]], ...``: one epoch is one pass over ``order``.
+
+    ``batches`` is the pool (lists of sample ids); ``order`` is any sequence of pool positions (a permutation, or
+    repeats and omissions); ``None`` means the pool order.
+
+    Example::
+
+        sampler = OrderedBatchSampler(batches=[[0, 1], [2, 3], [4, 5]], order=[2, 0, 1])
+        assert list(sampler) == [[4, 5], [0, 1], [2, 3]]
+    """
+
+    def __init__(self, batches: Sequence[Sequence[int]], order: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if len(batches) == 0:
+            raise LplError("OrderedBatchSampler needs at least one batch in `batches`.")
+        self.batches = [[int(i) for i in batch] for batch in batches]
+        if any(len(batch) == 0 for batch in self.batches):
+            raise LplError("every batch in `batches` must hold at least one sample id.")
+        self.order = list(range(len(self.batches))) if order is None else [int(i) for i in order]
+        bad = [i for i in self.order if not 0 <= i < len(self.batches)]
+        if bad:
+            raise LplError(
+                f"order names batch {bad[0]}, but the pool has batches 0..{len(self.batches) - 1}; "
+                "an order lists positions in `batches`."
+            )
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        return [self.batches[i] for i in self.order]
