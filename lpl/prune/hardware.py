@@ -1,0 +1,138 @@
+"""Hardware cost model: predicted latency and energy of a block-sparse Linear from its block mask.
+
+The model follows how the block-sparse kernel runs: one program per (token tile, block row) that loops over the
+retained blocks of its row, so
+
+    latency = launch_s + token_tiles * (row_s * block rows launched + block_s[size/dtype] * retained blocks)
+    energy  = launch_s * idle_power_w + (latency - launch_s) * active_power_w
+
+Both are monotone in the retained blocks (pruning more never predicts more time or energy). Block rows with no
+retained block are not launched. ``default_profile`` is analytic; ``calibrate`` fits the fields from timings of the
+real kernel (lpl/prune/calibrate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_write_json
+
+# Share of dense matmul throughput the block-sparse kernel reaches on one retained block (analytic default only).
+_DEFAULT_BLOCK_EFFICIENCY = 0.6
+
+
+def block_key(block_size: tuple[int, int], dtype: torch.dtype | str) -> str:
+    """Key of ``HardwareProfile.block_s``: ``"16x16/float32"``."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    return f"{int(block_size[0])}x{int(block_size[1])}/{name}"
+
+
+@dataclass
+class HardwareProfile:
+    """Per-device latency/energy model of block-sparse Linear layers (see the module docstring for the formula).
+
+    Example::
+
+        profile = default_profile("cpu")
+        latency_s, energy_j = profile.predict(block_mask, tokens=3200, block_size=(16, 16), dtype=torch.float32)
+        dense_s, dense_j = profile.predict_dense(512, 128, tokens=3200, dtype=torch.float32)
+        profile.save("cpu_profile.json"); same = HardwareProfile.load("cpu_profile.json")
+    """
+
+    name: str
+    device_type: str
+    tile_m: int
+    launch_s: float
+    row_s: float
+    block_s: dict[str, float] = field(default_factory=dict)
+    dense_flops_per_s: float = 5e10
+    idle_power_w: float = 10.0
+    active_power_w: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.device_type not in ("cpu", "cuda"):
+            raise LplError(f"HardwareProfile.device_type must be 'cpu' or 'cuda', got {self.device_type!r}.")
+        if self.tile_m <= 0 or self.dense_flops_per_s <= 0:
+            raise LplError("HardwareProfile needs tile_m > 0 and dense_flops_per_s > 0.")
+        if min(self.launch_s, self.row_s, *self.block_s.values(), 0.0) < 0 or self.active_power_w < self.idle_power_w:
+            raise LplError("HardwareProfile costs must be >= 0 and active_power_w >= idle_power_w (else pruning "
+                           "could predict more time or energy).")
+
+    def seconds_per_block(self, block_size: tuple[int, int], dtype: torch.dtype | str) -> float:
+        """Cost of one retained block for one token tile; analytic from dense throughput when not calibrated."""
+        measured = self.block_s.get(block_key(block_size, dtype))
+        if measured is not None:
+            return measured
+        flops = 2.0 * self.tile_m * block_size[0] * block_size[1]
+        return flops / (self.dense_flops_per_s * _DEFAULT_BLOCK_EFFICIENCY)
+
+    def _energy(self, latency_s: float) -> float:
+        busy = max(latency_s - self.launch_s, 0.0)
+        return min(latency_s, self.launch_s) * self.idle_power_w + busy * self.active_power_w
+
+    def predict_counts(
+        self, retained_blocks: int, rows_launched: int, tokens: int, block_size: tuple[int, int], dtype: torch.dtype | str
+    ) -> tuple[float, float]:
+        """(latency_s, energy_j) from block counts: the vectorisable core of ``predict``."""
+        token_tiles = math.ceil(tokens / self.tile_m)
+        latency = self.launch_s + token_tiles * (
+            self.row_s * rows_launched + self.seconds_per_block(block_size, dtype) * retained_blocks
+        )
+        return latency, self._energy(latency)
+
+    def predict(
+        self, block_mask: torch.Tensor, tokens: int, block_size: tuple[int, int], dtype: torch.dtype | str
+    ) -> tuple[float, float]:
+        """(latency_s, energy_j) of ``y = x W^T`` for ``tokens`` rows of x and W kept where ``block_mask`` [R, C]."""
+        mask = block_mask.bool()
+        rows_launched = int(mask.any(dim=1).sum())
+        return self.predict_counts(int(mask.sum()), rows_launched, tokens, block_size, dtype)
+
+    def predict_dense(
+        self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype | str
+    ) -> tuple[float, float]:
+        """(latency_s, energy_j) of the dense matmul: the baseline of predicted speedups."""
+        latency = self.launch_s + 2.0 * tokens * out_features * in_features / self.dense_flops_per_s
+        return latency, self._energy(latency)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, json.JSONDecodeError) as error:
+            raise LplError(f"cannot read a HardwareProfile from {path}: {error}.") from error
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise LplError(f"{path} has unknown HardwareProfile fields {sorted(unknown)}; is it a profile file?")
+        return cls(**data)
+
+
+def default_profile(device_type: str = "cpu") -> HardwareProfile:
+    """Analytic profile (no measurement): typical launch/row overheads and dense throughput per device type."""
+    if device_type == "cpu":
+        return HardwareProfile(
+            name="analytic-cpu", device_type="cpu", tile_m=64, launch_s=2e-5, row_s=2e-7,
+            dense_flops_per_s=5e10, idle_power_w=10.0, active_power_w=35.0,
+        )
+    if device_type == "cuda":
+        return HardwareProfile(
+            name="analytic-cuda", device_type="cuda", tile_m=64, launch_s=5e-6, row_s=5e-9,
+            dense_flops_per_s=2e14, idle_power_w=70.0, active_power_w=350.0,
+        )
+    raise LplError(f"default_profile knows 'cpu' and 'cuda', got {device_type!r}.")
+
+
+def calibrate(device, **kwargs):  # measured profile; implemented with the real kernel in lpl/prune/calibrate.py
+    from lpl.prune.calibrate import calibrate as _calibrate
+    return _calibrate(device, **kwargs)
