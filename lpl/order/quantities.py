@@ -1,0 +1,194 @@
+"""What a training-order recording stores: the estimator's side of the recorder contract.
+
+At a probed step t the recorder holds the reference run at theta_t with Adam state (m_{t-1}, v_{t-1}) and calls
+``probe_pool_batch`` once per pool batch B and ``probe_validation`` once for the validation set. Everything returned
+is a scalar or a projected k-vector (``[r, k]`` for the optional curvature factors): never a full-dimensional tensor.
+
+Per pool batch (g = the batch's gradient at theta_t, plus ``weight_decay * theta_t`` for coupled Adam):
+- ``loss``: the batch's loss at theta_t.
+- ``grad``: P g, for linearising the batch's own loss around theta_t.
+- ``update``: P Gamma(theta_t, B), the paper's update term: Adam's step direction with the reference m_{t-1},
+  v_{t-1} and g entering both moments, bias-corrected, plus ``weight_decay * theta_t`` for AdamW. For B = B_t it
+  is exactly the reference step: theta_{t+1} = theta_t - lr_t * Gamma(theta_t, B_t).
+- ``precond_grad``: P (g / (sqrt(v_hat_B) + eps)) with v_hat_B = (beta2 v_{t-1} + (1 - beta2) g^2) / (1 - beta2^{t+1}):
+  the batch's gradient preconditioned by the second moment it would see. Momentum is linear in these, so the
+  estimator can rebuild each order's own first moment from them (the "adam" method) instead of reusing the
+  reference run's m_{t-1}.
+- with ``curvature_rank = r > 0``, per-batch low-rank curvature factors: an orthonormal basis u_1..u_r of the Krylov
+  space of A = diag(dp/dg) H_B started at the batch's own preconditioned gradient (H_B: this batch's Hessian, from
+  r Hessian-vector products), stored as ``curv_basis`` = [P u_i], ``curv_precond`` = [P (dp/dg * H_B u_i)] and
+  ``curv_update`` = [P (dGamma/dg * H_B u_i)]. The estimator applies the first-order correction
+  Gamma(theta_t + Delta, B) ~ Gamma(theta_t, B) + sum_i <P u_i, P Delta> P(dGamma/dg * H_B u_i): only inner
+  products of projections, so it is exact up to the JL error and the rank-r truncation.
+
+Validation: ``val_loss`` and ``val_grad`` = P grad L_val(theta_t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # the recorder passes a lpl.order.projection.Projector; anything with .project(flat) works
+    from lpl.order.projection import Projector
+
+
+@dataclass
+class AdamSnapshot:
+    """Reference optimizer state just before the step taken at theta_t."""
+
+    step: int  # optimizer steps already taken (t); this step's bias correction uses t + 1
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled: bool  # AdamW: True; Adam with weight decay adds it to the gradient
+    exp_avg: list[Tensor]  # aligned with params (zeros before the first step)
+    exp_avg_sq: list[Tensor]
+
+
+@dataclass
+class ProbeContext:
+    """Everything a probe needs about the reference run at theta_t."""
+
+    step: int  # t (T for the final probe after training)
+    params: list[Tensor]  # trainable parameters at theta_t, in named_parameters() order
+    adam: AdamSnapshot
+    projector: "Projector"
+    curvature_rank: int = 0  # r > 0 also records the per-batch curvature factors (r Hessian-vector products)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]).float()
+
+
+def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, offset = [], 0
+    for p in like:
+        out.append(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+        offset += p.numel()
+    return out
+
+
+def _gradients(loss: Tensor, params: list[Tensor], create_graph: bool) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@dataclass
+class AdamTerms:
+    """Full-space Adam quantities of one batch at theta_t (flat fp32); ``probe_pool_batch`` projects them."""
+
+    update: Tensor  # Gamma(theta_t, B)
+    precond_grad: Tensor  # g / (sqrt(v_hat_B) + eps)
+    d_update: Tensor  # elementwise dGamma/dg
+    d_precond: Tensor  # elementwise d precond_grad / dg
+
+
+def adam_terms(grad: Tensor, theta: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, adam: AdamSnapshot) -> AdamTerms:
+    """The paper's update term and its relatives for a flat gradient ``grad`` (before coupled weight decay).
+
+    Pure function of flat tensors: ``theta_{t+1} = theta_t - lr * update`` reproduces ``torch.optim.Adam``/``AdamW``
+    when ``grad`` is the batch the reference run took at step t.
+    """
+    beta1, beta2 = adam.betas
+    t = adam.step + 1
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    g = grad + adam.weight_decay * theta if (adam.weight_decay and not adam.decoupled) else grad
+    m_hat = (beta1 * exp_avg + (1.0 - beta1) * g) / bc1
+    v = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
+    s = (v / bc2).sqrt()
+    denom = s + adam.eps
+    update = m_hat / denom
+    if adam.weight_decay and adam.decoupled:
+        update = update + adam.weight_decay * theta
+    # d s / d g = (1 - beta2) g / (bc2 s); where s = 0 the gradient and the derivative's second term vanish
+    ds_dg = torch.where(s > 0, (1.0 - beta2) * g / (bc2 * s.clamp_min(1e-30)), torch.zeros_like(s))
+    d_update = (1.0 - beta1) / (bc1 * denom) - m_hat * ds_dg / denom**2
+    precond = g / denom
+    d_precond = 1.0 / denom - g * ds_dg / denom**2
+    return AdamTerms(update=update, precond_grad=precond, d_update=d_update, d_precond=d_precond)
+
+
+def krylov_factors(
+    hvp: Callable[[Tensor], Tensor], start: Tensor, scale: Tensor, rank: int
+) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis U [r, d] of the Krylov space of ``diag(scale) @ H`` from ``start``, and H U [r, d].
+
+    ``hvp(v)`` returns H v. Stops early (fewer rows) when the space is exhausted.
+    """
+    basis: list[Tensor] = []
+    images: list[Tensor] = []
+    v = start
+    for _ in range(rank):
+        for u in basis:  # Gram-Schmidt twice keeps the basis orthonormal in fp32
+            v = v - (u @ v) * u
+        for u in basis:
+            v = v - (u @ v) * u
+        norm = v.norm()
+        if not torch.isfinite(norm) or norm <= 1e-12 * max(1.0, float(start.norm())):
+            break
+        u = v / norm
+        hu = hvp(u)
+        basis.append(u)
+        images.append(hu)
+        v = scale * hu
+    if not basis:
+        empty = start.new_zeros(0, start.numel())
+        return empty, empty
+    return torch.stack(basis), torch.stack(images)
+
+
+def _state(ctx: ProbeContext) -> tuple[Tensor, Tensor, Tensor]:
+    theta = _flat([p.detach() for p in ctx.params])
+    exp_avg = _flat(ctx.adam.exp_avg).to(theta.device)
+    exp_avg_sq = _flat(ctx.adam.exp_avg_sq).to(theta.device)
+    return theta, exp_avg, exp_avg_sq
+
+
+def _project(ctx: ProbeContext, flat: Tensor) -> Tensor:
+    return ctx.projector.project(flat).float()
+
+
+def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dict[str, Tensor]:
+    """Projected quantities of one pool batch at theta_t (see the module docstring for each name)."""
+    curvature = ctx.curvature_rank > 0
+    with torch.enable_grad():
+        loss = batch_loss()
+        grads = _gradients(loss, ctx.params, create_graph=curvature)
+        grad = _flat([g.detach() for g in grads])
+        theta, exp_avg, exp_avg_sq = _state(ctx)
+        terms = adam_terms(grad, theta, exp_avg, exp_avg_sq, ctx.adam)
+        out = {
+            "loss": loss.detach().float().reshape(()).cpu(),
+            "grad": _project(ctx, grad),
+            "update": _project(ctx, terms.update),
+            "precond_grad": _project(ctx, terms.precond_grad),
+        }
+        if curvature:
+            def hvp(vector: Tensor) -> Tensor:
+                parts = torch.autograd.grad(
+                    grads, ctx.params, grad_outputs=_unflat(vector, ctx.params), retain_graph=True, allow_unused=True
+                )
+                return _flat([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(ctx.params, parts)])
+
+            basis, images = krylov_factors(hvp, terms.precond_grad, terms.d_precond, ctx.curvature_rank)
+            k = out["grad"].numel()
+            padded = {name: torch.zeros(ctx.curvature_rank, k) for name in ("curv_basis", "curv_precond", "curv_update")}
+            for i in range(basis.shape[0]):  # missing rows stay zero: they contribute nothing to the correction
+                padded["curv_basis"][i] = _project(ctx, basis[i]).cpu()
+                padded["curv_precond"][i] = _project(ctx, terms.d_precond * images[i]).cpu()
+                padded["curv_update"][i] = _project(ctx, terms.d_update * images[i]).cpu()
+            out.update(padded)
+    return {name: value.detach().cpu() for name, value in out.items()}
+
+
+def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[str, Tensor]:
+    """``val_loss`` and ``val_grad`` (projected gradient of the validation loss) at theta_t."""
+    with torch.enable_grad():
+        loss = val_loss()
+        grad = _flat([g.detach() for g in _gradients(loss, ctx.params, create_graph=False)])
+    return {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}

@@ -1,0 +1,139 @@
+"""The recorded quantities against torch.optim and brute-force derivatives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lpl.order.quantities import AdamSnapshot, ProbeContext, adam_terms, probe_pool_batch, probe_validation
+
+
+class DenseProjector:
+    """A materialised Gaussian projection: the reference the real Projector must agree with."""
+
+    def __init__(self, dim_in: int, proj_dim: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.matrix = torch.randn(proj_dim, dim_in, generator=generator) / proj_dim**0.5
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ flat.float()
+
+
+class Identity:
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.float().clone()
+
+
+def _problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    batches = [(torch.randn(8, 5), torch.randint(0, 3, (8,))) for _ in range(4)]
+    return model, batches
+
+
+def _loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _snapshot(optimizer, params, step, decoupled):
+    group = optimizer.param_groups[0]
+    states = [optimizer.state.get(p, {}) for p in params]
+    return AdamSnapshot(
+        step=step,
+        lr=group["lr"],
+        betas=group["betas"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        decoupled=decoupled,
+        exp_avg=[s["exp_avg"].clone() if "exp_avg" in s else torch.zeros_like(p) for s, p in zip(states, params)],
+        exp_avg_sq=[s["exp_avg_sq"].clone() if "exp_avg_sq" in s else torch.zeros_like(p) for s, p in zip(states, params)],
+    )
+
+
+@pytest.mark.parametrize("optimizer_cls, decoupled", [(torch.optim.Adam, False), (torch.optim.AdamW, True)])
+def test_update_term_of_the_taken_batch_is_the_reference_step(optimizer_cls, decoupled):
+    model, batches = _problem()
+    params = list(model.parameters())
+    optimizer = optimizer_cls(params, lr=0.05, weight_decay=0.1)
+    for step, batch in enumerate(batches):
+        ctx = ProbeContext(step, params, _snapshot(optimizer, params, step, decoupled), Identity())
+        probed = probe_pool_batch(ctx, lambda: _loss(model, batch))
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        optimizer.zero_grad()
+        loss = _loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        after = torch.cat([p.detach().reshape(-1) for p in params])
+        torch.testing.assert_close(before - 0.05 * probed["update"], after, rtol=1e-5, atol=1e-6)
+        assert probed["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_derivatives_match_autograd_and_projection_is_linear():
+    torch.manual_seed(1)
+    d = 30
+    theta, m, v = torch.randn(d), torch.randn(d) * 0.1, torch.rand(d) * 0.01
+    adam = AdamSnapshot(3, 0.01, (0.9, 0.999), 1e-8, 0.01, True, [m], [v])
+    g = torch.randn(d, dtype=torch.float64)
+
+    def update(grad):
+        return adam_terms(grad, theta.double(), m.double(), v.double(), adam).update
+
+    def precond(grad):
+        return adam_terms(grad, theta.double(), m.double(), v.double(), adam).precond_grad
+
+    terms = adam_terms(g, theta.double(), m.double(), v.double(), adam)
+    torch.testing.assert_close(terms.d_update, torch.autograd.functional.jacobian(update, g).diagonal())
+    torch.testing.assert_close(terms.d_precond, torch.autograd.functional.jacobian(precond, g).diagonal())
+
+
+def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected():
+    model, batches = _problem(2)
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, [z.clone() for z in zeros])
+    dim = sum(p.numel() for p in params)
+    exact = probe_pool_batch(ProbeContext(0, params, adam, Identity(), curvature_rank=3), lambda: _loss(model, batches[0]))
+    basis = exact["curv_basis"]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def loss_at(vector):
+        chunks, offset = [], 0
+        for p in params:
+            chunks.append(vector[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        x, y = batches[0]
+        h = torch.tanh(x @ chunks[0].T + chunks[1])
+        return nn.functional.cross_entropy(h @ chunks[2].T + chunks[3], y)
+
+    hessian = torch.autograd.functional.hessian(loss_at, flat)
+    leaf = flat.clone().requires_grad_()
+    grad = torch.autograd.grad(loss_at(leaf), leaf)[0]
+    terms = adam_terms(grad.detach(), flat.detach(), torch.zeros(dim), torch.zeros(dim), adam)
+    expected = terms.d_update * (hessian @ basis.T).T
+    torch.testing.assert_close(exact["curv_update"], expected, rtol=1e-4, atol=1e-5)
+    assert basis[0] @ terms.precond_grad / terms.precond_grad.norm() == pytest.approx(1.0, abs=1e-5)
+
+    projector = DenseProjector(dim, 16)
+    projected = probe_pool_batch(ProbeContext(0, params, adam, projector, curvature_rank=3), lambda: _loss(model, batches[0]))
+    for name in ("grad", "update", "precond_grad", "curv_basis", "curv_update", "curv_precond"):
+        expected_projection = (projector.matrix @ exact[name].reshape(-1, dim).T).T.reshape(projected[name].shape)
+        torch.testing.assert_close(projected[name], expected_projection, rtol=1e-4, atol=1e-5)
+    assert projected["curv_basis"].shape == (3, 16)
+
+
+def test_validation_probe():
+    model, batches = _problem(3)
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    out = probe_validation(ProbeContext(0, params, adam, Identity()), lambda: _loss(model, batches[1]))
+    model.zero_grad()
+    loss = _loss(model, batches[1])
+    loss.backward()
+    torch.testing.assert_close(out["val_grad"], torch.cat([p.grad.reshape(-1) for p in params]))
+    assert out["val_loss"].item() == pytest.approx(loss.item())
+    assert set(out) == {"val_loss", "val_grad"}
