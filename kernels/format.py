@@ -1,0 +1,189 @@
+"""Block-CSR storage of a block-sparse weight matrix (the contract in docs/architecture.md, "Block-sparse weights")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from lpl.utils.errors import LplError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
+    """``16`` -> ``(16, 16)``; ``(32, 16)`` stays; anything not two positive ints raises ``LplError``."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        pair = (block_size, block_size)
+    else:
+        try:
+            pair = tuple(int(v) for v in block_size)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise LplError(f"block_size must be an int or a pair of ints (rows, cols), got {block_size!r}.") from None
+    if len(pair) != 2 or min(pair) <= 0:
+        raise LplError(f"block_size must be two positive ints (rows, cols), got {block_size!r}; e.g. (32, 32).")
+    return pair  # type: ignore[return-value]
+
+
+def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int, int]:
+    """Number of block rows and block columns: ``(ceil(out / br), ceil(in / bc))``."""
+    return -(-shape[0] // block_size[0]), -(-shape[1] // block_size[1])
+
+
+def check_float_dtype(tensor: torch.Tensor, what: str) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise LplError(
+            f"{what} has dtype {tensor.dtype}; block-sparse kernels take float32, float16 or bfloat16: "
+            f"convert it with .float() / .half() / .bfloat16()."
+        )
+
+
+class KernelIndex(NamedTuple):
+    """Index tensors derived from ``row_ptr``/``col_idx`` that the kernels need (all int64, same device).
+
+    ``row_order``: block rows sorted by retained blocks, longest first (load balance: long rows start first).
+    ``block_row``: the block row of each stored block. ``col_ptr``/``t_row_idx``/``t_block``: the same blocks in
+    block-column order (CSC) for dX = dY W; ``col_order``: block columns sorted longest first.
+    """
+
+    row_order: torch.Tensor
+    block_row: torch.Tensor
+    col_ptr: torch.Tensor
+    t_row_idx: torch.Tensor
+    t_block: torch.Tensor
+    col_order: torch.Tensor
+
+
+def build_kernel_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, num_block_cols: int) -> KernelIndex:
+    """Derive the :class:`KernelIndex` of a block-CSR structure (pure torch, runs on the structure's device)."""
+    num_block_rows = row_ptr.numel() - 1
+    row_nnz = row_ptr[1:] - row_ptr[:-1]
+    rows = torch.arange(num_block_rows, device=row_ptr.device, dtype=torch.int64)
+    block_row = torch.repeat_interleave(rows, row_nnz)
+    row_order = torch.sort(row_nnz, descending=True, stable=True).indices
+    t_block = torch.sort(col_idx * max(num_block_rows, 1) + block_row, stable=True).indices
+    col_nnz = torch.bincount(col_idx, minlength=num_block_cols)
+    col_ptr = torch.cat([col_nnz.new_zeros(1), torch.cumsum(col_nnz, 0)])
+    col_order = torch.sort(col_nnz, descending=True, stable=True).indices
+    return KernelIndex(row_order, block_row, col_ptr, block_row[t_block], t_block, col_order)
+
+
+@dataclass
+class BlockSparseWeight:
+    """A weight ``W [out_features, in_features]`` stored as block-CSR over blocks of ``block_size = (br, bc)``.
+
+    Only retained blocks are stored (``values [nnz, br, bc]``, each block contiguous); blocks at ragged edges are
+    zero-padded to full size. ``block_mask [R, C]`` (True = retained) is kept for export and inspection.
+
+    Example::
+
+        >>> w = torch.randn(96, 80)
+        >>> mask = torch.rand(3, 3) < 0.5                    # R = ceil(96/32), C = ceil(80/32)
+        >>> bsw = BlockSparseWeight.from_dense(w, mask, (32, 32))
+        >>> y = lpl.kernels.block_sparse_linear(torch.randn(4, 80), bsw)   # == x @ (w * expanded mask).T
+        >>> bsw.to_dense().shape, round(bsw.density, 2)
+    """
+
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+    block_size: tuple[int, int]
+    block_mask: torch.Tensor
+    _index: KernelIndex | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, block_mask: torch.Tensor, block_size: int | Sequence[int]
+    ) -> "BlockSparseWeight":
+        """Keep the blocks of ``weight`` where ``block_mask`` is True (mask shape ``[ceil(out/br), ceil(in/bc)]``)."""
+        block_size = normalize_block_size(block_size)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise LplError(f"weight must be a 2-D tensor [out_features, in_features], got {_describe(weight)}.")
+        if not weight.is_floating_point():
+            raise LplError(f"weight must be a floating-point tensor, got dtype {weight.dtype}; convert it with .float().")
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        grid = block_grid(shape, block_size)
+        mask = _check_mask(block_mask, grid, shape, block_size).to(weight.device)
+        (out_f, in_f), (br, bc), (nr, nc) = shape, block_size, grid
+        padded = weight.detach().new_zeros(nr * br, nc * bc)
+        padded[:out_f, :in_f] = weight.detach()
+        blocks = padded.reshape(nr, br, nc, bc).permute(0, 2, 1, 3)  # [R, C, br, bc]
+        values = blocks[mask].contiguous()  # row-major over (R, C): CSR order, columns sorted within a row
+        row_ptr = torch.cat([mask.new_zeros(1, dtype=torch.int64), torch.cumsum(mask.sum(1), 0)])
+        col_idx = mask.nonzero()[:, 1].contiguous()
+        return cls(row_ptr, col_idx, values, shape, block_size, mask)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` matrix (zeros at pruned blocks)."""
+        (out_f, in_f), (br, bc) = self.shape, self.block_size
+        nr, nc = self.block_mask.shape
+        blocks = self.values.new_zeros(nr, nc, br, bc)
+        blocks[self.block_mask] = self.values
+        return blocks.permute(0, 2, 1, 3).reshape(nr * br, nc * bc)[:out_f, :in_f].clone()
+
+    @property
+    def density(self) -> float:
+        """Retained share of the weight's true elements (ragged edge blocks counted by their true size)."""
+        (out_f, in_f), (br, bc) = self.shape, self.block_size
+        nr, nc = self.block_mask.shape
+        heights = torch.clamp(out_f - torch.arange(nr) * br, max=br).double()
+        widths = torch.clamp(in_f - torch.arange(nc) * bc, max=bc).double()
+        kept = (self.block_mask.cpu().double() * heights[:, None] * widths[None, :]).sum()
+        return float(kept / (out_f * in_f))
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def kernel_index(self) -> KernelIndex:
+        """Derived index tensors for the kernels (computed once, cached)."""
+        if self._index is None or self._index.row_order.device != self.row_ptr.device:
+            self._index = build_kernel_index(self.row_ptr, self.col_idx, int(self.block_mask.shape[1]))
+        return self._index
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BlockSparseWeight":
+        """A copy on ``device`` and/or with values in ``dtype`` (the index stays int64)."""
+        index = self._index
+        moved = BlockSparseWeight(
+            self.row_ptr.to(device),
+            self.col_idx.to(device),
+            self.values.to(device=device, dtype=dtype),
+            self.shape,
+            self.block_size,
+            self.block_mask.to(device),
+        )
+        if index is not None:
+            moved._index = KernelIndex(*(t.to(device) for t in index))
+        return moved
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}"
+    return f"a {type(obj).__name__}"
+
+
+def _check_mask(
+    block_mask: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int], block_size: tuple[int, int]
+) -> torch.Tensor:
+    if not isinstance(block_mask, torch.Tensor) or tuple(block_mask.shape) != grid:
+        raise LplError(
+            f"block_mask must have shape {grid} = (ceil({shape[0]}/{block_size[0]}), ceil({shape[1]}/{block_size[1]})) "
+            f"for a {shape[0]}x{shape[1]} weight with {block_size[0]}x{block_size[1]} blocks, got {_describe(block_mask)}."
+        )
+    if block_mask.dtype != torch.bool:
+        if block_mask.is_floating_point() or block_mask.is_complex() or not bool(((block_mask == 0) | (block_mask == 1)).all()):
+            raise LplError(f"block_mask must be boolean (or 0/1 integers), got dtype {block_mask.dtype}.")
+        block_mask = block_mask.bool()
+    return block_mask

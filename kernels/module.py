@@ -1,0 +1,155 @@
+"""``BlockSparseLinear``: an ``nn.Linear`` replacement whose weight is stored and computed block-sparse."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lpl.utils.errors import LplError
+
+from .format import BlockSparseWeight, KernelIndex, block_grid, build_kernel_index, normalize_block_size
+from .ops import block_sparse_linear
+
+_INDEX_BUFFERS = KernelIndex._fields
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W [out_features, in_features]`` keeping only the blocks where ``block_mask`` is True.
+
+    The state dict holds plain tensors only (safetensors-friendly): ``values [nnz, br, bc]``, ``bias``,
+    ``row_ptr``, ``col_idx``, ``block_mask`` and ``geometry = [out_features, in_features, br, bc]``. Loading a state
+    dict with another mask of the same geometry rebuilds the sparsity structure; another geometry is an ``LplError``.
+
+    Example::
+
+        >>> layer = BlockSparseLinear.from_linear(nn.Linear(768, 3072), mask, block_size=(64, 64))  # mask [48, 12]
+        >>> y = layer(torch.randn(8, 197, 768))                  # [8, 197, 3072]
+        >>> save_safetensors_atomic(layer.state_dict(), "fc1.safetensors")
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_size: int | Sequence[int],
+        block_mask: torch.Tensor | None = None,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if self.in_features <= 0 or self.out_features <= 0:
+            raise LplError(f"in_features and out_features must be positive, got {in_features} and {out_features}.")
+        self.block_size = normalize_block_size(block_size)
+        grid = block_grid((self.out_features, self.in_features), self.block_size)
+        if block_mask is None:
+            block_mask = torch.ones(grid, dtype=torch.bool)
+        bound = 1.0 / math.sqrt(self.in_features)
+        weight = torch.empty(self.out_features, self.in_features, device=device, dtype=dtype).uniform_(-bound, bound)
+        sparse = BlockSparseWeight.from_dense(weight, block_mask, self.block_size)
+        self.values = nn.Parameter(sparse.values)
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype).uniform_(-bound, bound)) if bias else None
+        self.register_buffer(
+            "geometry",
+            torch.tensor([self.out_features, self.in_features, *self.block_size], dtype=torch.int64, device=device),
+        )
+        self._set_structure(sparse.block_mask, sparse.row_ptr, sparse.col_idx)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, block_mask: torch.Tensor, block_size: int | Sequence[int]
+    ) -> "BlockSparseLinear":
+        """The block-sparse copy of ``linear`` keeping the blocks where ``block_mask`` ([R, C]) is True."""
+        if not isinstance(linear, nn.Linear):
+            raise LplError(f"from_linear takes an nn.Linear, got a {type(linear).__name__}.")
+        weight = linear.weight.detach()
+        sparse = BlockSparseWeight.from_dense(weight, block_mask, block_size)
+        layer = cls(linear.in_features, linear.out_features, sparse.block_size, sparse.block_mask,
+                    bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.values.copy_(sparse.values)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def _set_structure(self, block_mask: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
+        device = self.geometry.device
+        self.register_buffer("block_mask", block_mask.to(device))
+        self.register_buffer("row_ptr", row_ptr.to(device))
+        self.register_buffer("col_idx", col_idx.to(device))
+        index = build_kernel_index(self.row_ptr, self.col_idx, int(self.block_mask.shape[1]))
+        for name, tensor in zip(_INDEX_BUFFERS, index):
+            self.register_buffer(name, tensor, persistent=False)
+
+    @property
+    def density(self) -> float:
+        return self.sparse_weight().density
+
+    def sparse_weight(self) -> BlockSparseWeight:
+        """The weight as a :class:`BlockSparseWeight` sharing this module's tensors (values stay a Parameter)."""
+        index = KernelIndex(*(getattr(self, name) for name in _INDEX_BUFFERS))
+        return BlockSparseWeight(self.row_ptr, self.col_idx, self.values, (self.out_features, self.in_features),
+                                 self.block_size, self.block_mask, index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.sparse_weight(), self.bias
+        if torch.is_autocast_enabled(x.device.type):  # behave like nn.Linear under autocast
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+            weight = BlockSparseWeight(weight.row_ptr, weight.col_idx, weight.values.to(dtype), weight.shape,
+                                       weight.block_size, weight.block_mask, weight._index)
+            bias = bias.to(dtype) if bias is not None else None
+        return block_sparse_linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        br, bc = self.block_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size=({br}, {bc}), "
+                f"blocks={self.col_idx.numel()}/{self.block_mask.numel()}, bias={self.bias is not None}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expected = [self.out_features, self.in_features, *self.block_size]
+        geometry = state_dict.get(prefix + "geometry")
+        mask = state_dict.get(prefix + "block_mask")
+        if geometry is not None and [int(v) for v in geometry.tolist()] != expected:
+            raise LplError(
+                f"state dict at '{prefix}' is for a {_geometry_text(geometry.tolist())} block-sparse layer, but this "
+                f"layer is {_geometry_text(expected)}; build the layer with the checkpoint's shape and block size."
+            )
+        if mask is not None:
+            if tuple(mask.shape) != tuple(self.block_mask.shape):
+                raise LplError(
+                    f"state dict at '{prefix}' has a block_mask of shape {tuple(mask.shape)}, but this layer "
+                    f"({_geometry_text(expected)}) needs {tuple(self.block_mask.shape)}; the checkpoint is from "
+                    f"another layer shape or block size."
+                )
+            if not torch.equal(mask.to(self.block_mask.device, torch.bool), self.block_mask):
+                self._adopt_mask(mask.to(torch.bool), prefix, state_dict)
+        values = state_dict.get(prefix + "values")
+        if values is not None and tuple(values.shape) != tuple(self.values.shape):
+            raise LplError(
+                f"state dict at '{prefix}' has values of shape {tuple(values.shape)}, but its block_mask keeps "
+                f"{self.values.shape[0]} blocks of {self.block_size}: expected {tuple(self.values.shape)}."
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _adopt_mask(self, mask: torch.Tensor, prefix: str, state_dict) -> None:
+        """Take the checkpoint's sparsity pattern: rebuild the index and resize ``values`` (same geometry)."""
+        placeholder = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
+        sparse = BlockSparseWeight.from_dense(placeholder, mask, self.block_size)
+        for key, ours in (("row_ptr", sparse.row_ptr), ("col_idx", sparse.col_idx)):
+            theirs = state_dict.get(prefix + key)
+            if theirs is not None and not torch.equal(theirs.cpu(), ours):
+                raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is corrupt.")
+        self.values.data = sparse.values.to(self.values.device)
+        self._set_structure(sparse.block_mask, sparse.row_ptr, sparse.col_idx)
+
+
+def _geometry_text(geometry: Sequence[int]) -> str:
+    out_f, in_f, br, bc = (int(v) for v in geometry)
+    return f"{out_f}x{in_f} (blocks {br}x{bc})"

@@ -1,0 +1,213 @@
+"""Device dispatch, autograd and torch.compile support for ``block_sparse_linear``.
+
+The computation is registered as torch.library custom ops (``lpl::block_sparse_linear`` and its two backward pieces)
+with fake implementations, so ``torch.compile`` captures the layer as one opaque node, and with
+``register_autograd`` so fine-tuning runs on the sparse model (dX through the sparse weight, dW only at kept blocks).
+CUDA tensors run the Triton kernels of :mod:`lpl.kernels.triton_ops` (imported on first CUDA call, so CPU-only use
+never imports Triton); CPU tensors run :mod:`lpl.kernels.cpu`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from lpl.utils.errors import LplError
+
+from .format import FLOAT_DTYPES, BlockSparseWeight, check_float_dtype
+
+_triton_on_cpu = False
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Run CPU tensors through the Triton kernels too (only meaningful with ``TRITON_INTERPRET=1``; used by tests)."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu)
+
+
+def _cpu_module():
+    """The CPU fast path (kernels/cpu), or None when it is not available."""
+    try:
+        from . import cpu
+    except ImportError:
+        return None
+    return cpu if hasattr(cpu, "block_sparse_linear_cpu") else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain torch reference, used only when the CPU path cannot be imported (and for devices other than CPU/CUDA).
+def _reference_dense(values: torch.Tensor, block_row: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]):
+    _, br, bc = values.shape
+    nr, nc = -(-shape[0] // br), -(-shape[1] // bc)
+    blocks = values.new_zeros(nr, nc, br, bc)
+    blocks[block_row, col_idx] = values
+    return blocks.permute(0, 2, 1, 3).reshape(nr * br, nc * bc)[: shape[0], : shape[1]]
+
+
+def _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size):
+    (br, bc), m = block_size, dy2d.shape[0]
+    nr, nc = -(-dy2d.shape[1] // br), -(-x2d.shape[1] // bc)
+    dy_blocks = torch.nn.functional.pad(dy2d, (0, nr * br - dy2d.shape[1])).view(m, nr, br)[:, block_row]
+    x_blocks = torch.nn.functional.pad(x2d, (0, nc * bc - x2d.shape[1])).view(m, nc, bc)[:, col_idx]
+    return torch.einsum("mbr,mbc->brc", dy_blocks, x_blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops. Index tensors travel as plain tensors (see KernelIndex); shapes as ints.
+@torch.library.custom_op("lpl::block_sparse_linear", mutates_args=())
+def _linear_op(
+    x2d: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    row_order: torch.Tensor, block_row: torch.Tensor, col_ptr: torch.Tensor, t_row_idx: torch.Tensor,
+    t_block: torch.Tensor, col_order: torch.Tensor, bias: Optional[torch.Tensor], out_features: int,
+) -> torch.Tensor:
+    block_size = (int(values.shape[1]), int(values.shape[2]))
+    if _use_triton(x2d.device):
+        from . import triton_ops
+
+        return triton_ops.bsr_linear(x2d, values, row_ptr, col_idx, row_order, out_features, bias)
+    cpu = _cpu_module() if x2d.device.type == "cpu" else None
+    if cpu is not None:
+        return cpu.block_sparse_linear_cpu(x2d, values, row_ptr, col_idx, out_features, block_size, bias)
+    weight = _reference_dense(values, block_row, col_idx, (out_features, x2d.shape[1]))
+    return torch.nn.functional.linear(x2d, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x2d, values, row_ptr, col_idx, row_order, block_row, col_ptr, t_row_idx, t_block, col_order, bias, out_features):
+    return x2d.new_empty(x2d.shape[0], out_features)
+
+
+@torch.library.custom_op("lpl::block_sparse_grad_input", mutates_args=())
+def _grad_input_op(
+    dy2d: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    block_row: torch.Tensor, col_ptr: torch.Tensor, t_row_idx: torch.Tensor, t_block: torch.Tensor,
+    col_order: torch.Tensor, in_features: int,
+) -> torch.Tensor:
+    block_size = (int(values.shape[1]), int(values.shape[2]))
+    if _use_triton(dy2d.device):
+        from . import triton_ops
+
+        return triton_ops.bsr_grad_input(dy2d, values, col_ptr, t_row_idx, t_block, col_order, in_features)
+    cpu = _cpu_module() if dy2d.device.type == "cpu" else None
+    if cpu is not None:
+        return cpu.grad_input_cpu(dy2d, values, row_ptr, col_idx, in_features, block_size)
+    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
+
+
+@_grad_input_op.register_fake
+def _(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, in_features):
+    return dy2d.new_empty(dy2d.shape[0], in_features)
+
+
+@torch.library.custom_op("lpl::block_sparse_grad_values", mutates_args=())
+def _grad_values_op(
+    dy2d: torch.Tensor, x2d: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, block_row: torch.Tensor,
+    block_rows: int, block_cols: int,
+) -> torch.Tensor:
+    block_size = (block_rows, block_cols)
+    if _use_triton(dy2d.device):
+        from . import triton_ops
+
+        return triton_ops.bsr_grad_values(dy2d, x2d, block_row, col_idx, block_size)
+    cpu = _cpu_module() if dy2d.device.type == "cpu" else None
+    if cpu is not None:
+        return cpu.grad_values_cpu(dy2d, x2d, row_ptr, col_idx, block_size)
+    return _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size)
+
+
+@_grad_values_op.register_fake
+def _(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
+    return dy2d.new_empty(col_idx.shape[0], block_rows, block_cols)
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, values, row_ptr, col_idx, row_order, block_row, col_ptr, t_row_idx, t_block, col_order, bias, _ = inputs
+    ctx.save_for_backward(x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_input_op(
+            grad_out, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, x2d.shape[1]
+        )
+    if ctx.needs_input_grad[1]:
+        grad_values = _grad_values_op(
+            grad_out, x2d, row_ptr, col_idx, block_row, int(values.shape[1]), int(values.shape[2])
+        )
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        grad_bias = grad_out.sum(0)
+    return grad_x, grad_values, None, None, None, None, None, None, None, None, grad_bias, None
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` with ``W`` block-sparse, for ``x`` of shape ``[..., in_features]``.
+
+    CUDA tensors run the Triton kernel, CPU tensors the CPU path; differentiable in ``x``, ``w.values`` and ``bias``.
+
+    Example::
+
+        >>> w = BlockSparseWeight.from_dense(torch.randn(64, 64), torch.tensor([[True, False], [True, True]]), 32)
+        >>> block_sparse_linear(torch.randn(2, 5, 64), w).shape
+        torch.Size([2, 5, 64])
+    """
+    _check_inputs(x, w, bias)
+    out_features, in_features = w.shape
+    x2d = x.reshape(-1, in_features)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    index = w.kernel_index
+    y2d = _linear_op(
+        x2d, w.values, w.row_ptr, w.col_idx, index.row_order, index.block_row, index.col_ptr, index.t_row_idx,
+        index.t_block, index.col_order, bias, out_features,
+    )
+    return y2d.reshape(*x.shape[:-1], out_features)
+
+
+def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise LplError(f"x must be a tensor [..., in_features], got a {type(x).__name__}.")
+    check_float_dtype(x, "x")
+    check_float_dtype(w.values, "the block-sparse weight")
+    out_features, in_features = w.shape
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise LplError(
+            f"x has shape {tuple(x.shape)} but the block-sparse weight expects in_features={in_features} in the last "
+            f"dimension (weight shape {out_features}x{in_features}); reshape x or use the matching layer."
+        )
+    if x.device != w.values.device:
+        raise LplError(
+            f"x is on {x.device} but the block-sparse weight is on {w.values.device}; move both to one device "
+            f"(module.to(device) or x.to(device))."
+        )
+    if x.dtype != w.values.dtype:
+        raise LplError(
+            f"x has dtype {x.dtype} but the block-sparse weight has {w.values.dtype}; cast one of them "
+            f"(e.g. module.to({x.dtype}) or run under torch.autocast)."
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (out_features,) or bias.device != x.device or bias.dtype not in FLOAT_DTYPES:
+            raise LplError(
+                f"bias must be a float tensor of shape ({out_features},) on {x.device}, got shape {tuple(bias.shape)} "
+                f"on {bias.device} with dtype {bias.dtype}."
+            )
+        if bias.dtype != x.dtype:
+            raise LplError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast the bias.")
