@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (NaN never passes)."""
-    out, ref = out.double().cpu(), ref.double().cpu()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
     return err if err == err else float("inf")
 

@@ -1,0 +1,76 @@
+"""BlockSparseLinear: equivalence with the masked nn.Linear, safetensors state dicts, clear errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lpl.kernels import BlockSparseLinear
+from lpl.utils.errors import LplError
+from lpl.utils.io import save_safetensors_atomic
+
+
+def _masked_linear(seed=0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(70, 100)
+    mask = torch.rand(4, 3) < 0.5
+    mask[0, 0] = True
+    return linear, mask
+
+
+def test_from_linear_computes_the_block_masked_linear(rel_err):
+    linear, mask = _masked_linear()
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)[:100, :70]
+    x = torch.randn(3, 5, 70)
+    ref = torch.nn.functional.linear(x.double(), linear.weight.double() * expanded, linear.bias.double())
+    assert rel_err(layer(x), ref) < 1e-5
+    assert layer.density == pytest.approx(float((expanded.sum() / expanded.numel())))
+
+
+def test_gradients_reach_only_retained_blocks_and_training_step_works():
+    linear, mask = _masked_linear(1)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = layer.sparse_weight().to_dense().detach().clone()
+    layer(torch.randn(8, 70)).pow(2).mean().backward()
+    optimizer.step()
+    after = layer.sparse_weight().to_dense().detach()
+    expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)[:100, :70]
+    assert torch.equal(after[~expanded], before[~expanded])  # pruned blocks stay exactly zero
+    assert (after[expanded] != before[expanded]).any()
+
+
+def test_state_dict_is_plain_tensors_and_round_trips_through_safetensors(tmp_path):
+    linear, mask = _masked_linear(2)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    state = layer.state_dict()
+    assert set(state) == {"values", "bias", "geometry", "block_mask", "row_ptr", "col_idx"}
+    assert all(type(t) is torch.Tensor for t in state.values())
+    save_safetensors_atomic(state, tmp_path / "layer.safetensors")
+    fresh = BlockSparseLinear(70, 100, 32)  # dense mask: the checkpoint's pattern is adopted on load
+    fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    assert torch.equal(fresh.block_mask, mask)
+    x = torch.randn(4, 70)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_state_dict_of_another_shape_is_a_clear_error():
+    linear, mask = _masked_linear(3)
+    state = BlockSparseLinear.from_linear(linear, mask, 32).state_dict()
+    with pytest.raises(LplError, match=r"100x70 \(blocks 32x32\) block-sparse layer, but this layer is 100x64"):
+        BlockSparseLinear(64, 100, 32).load_state_dict(state)
+    with pytest.raises(LplError, match="another layer shape or block size"):
+        BlockSparseLinear(70, 100, 16).load_state_dict({k: v for k, v in state.items() if k != "geometry"})
+
+
+def test_block_size_not_positive_is_a_clear_error():
+    with pytest.raises(LplError, match="positive"):
+        BlockSparseLinear(70, 100, (32, 0))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    linear, mask = _masked_linear(4)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(4, 70))
+    assert out.dtype == torch.bfloat16

@@ -1,0 +1,127 @@
+"""Triton kernels against dense masked matmul (float64 reference).
+
+Without a GPU they run under TRITON_INTERPRET=1 (set in conftest.py); shapes stay tiny since the interpreter runs
+every program in Python. On a GPU the same tests run compiled (benchmarks/gpu_check.sh).
+"""
+
+import pytest
+import torch
+
+from lpl.kernels import BlockSparseWeight, block_sparse_linear
+from lpl.kernels.ops import triton_on_cpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _case(shape, block_size, mask, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=generator)
+    sparse = BlockSparseWeight.from_dense(weight, mask, block_size).to(device=device, dtype=dtype)
+    return sparse, generator
+
+
+def _run(x, sparse, bias, device):
+    if device == "cpu":
+        with triton_on_cpu():
+            return block_sparse_linear(x, sparse, bias)
+    return block_sparse_linear(x, sparse, bias)
+
+
+def _masks(grid, generator):
+    rows, cols = grid
+    random = torch.rand(grid, generator=generator) < 0.5
+    random[0] = False  # an empty block row
+    ragged_rows = torch.zeros(grid, dtype=torch.bool)
+    for r in range(rows):
+        ragged_rows[r, : (r * 2) % (cols + 1)] = True  # rows of very different lengths
+    return {
+        "random_with_empty_row": random,
+        "all_zero": torch.zeros(grid, dtype=torch.bool),
+        "dense": torch.ones(grid, dtype=torch.bool),
+        "ragged_rows": ragged_rows,
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_dense_masked_matmul(dtype, triton_device, rel_err, tolerance):
+    shape, block_size = (100, 70), (32, 32)  # ragged: neither dimension is a multiple of the block
+    generator = torch.Generator().manual_seed(1)
+    for name, mask in _masks((4, 3), generator).items():
+        sparse, _ = _case(shape, block_size, mask, dtype, triton_device, seed=2)
+        x = torch.randn(3, 13, shape[1], generator=generator).to(triton_device, dtype)  # leading batch dims
+        bias = torch.randn(shape[0], generator=generator).to(triton_device, dtype)
+        out = _run(x, sparse, bias, triton_device)
+        ref = x.double() @ sparse.to_dense().double().T + bias.double()
+        assert out.shape == (3, 13, shape[0]) and out.dtype == dtype
+        assert torch.isfinite(out).all(), name
+        assert rel_err(out, ref) < tolerance[dtype], name
+
+
+@pytest.mark.parametrize("block_size", [(32, 64), (64, 32), (16, 16)])
+def test_forward_rectangular_and_small_blocks(block_size, triton_device, rel_err, tolerance):
+    shape = (96, 80)
+    grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.rand(grid, generator=generator) < 0.6
+    sparse, _ = _case(shape, block_size, mask, torch.float32, triton_device, seed=4)
+    x = torch.randn(40, shape[1], generator=generator).to(triton_device)
+    out = _run(x, sparse, None, triton_device)
+    ref = x.double() @ sparse.to_dense().double().T
+    assert rel_err(out, ref) < tolerance[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_dx_through_sparse_weight_and_dw_only_at_retained_blocks(dtype, triton_device, rel_err, tolerance):
+    shape, block_size = (70, 100), (32, 32)
+    generator = torch.Generator().manual_seed(5)
+    mask = torch.rand(3, 4, generator=generator) < 0.5
+    mask[1] = False
+    mask[:, 2] = False  # an empty block column too
+    mask[0, 0] = True
+    sparse, _ = _case(shape, block_size, mask, dtype, triton_device, seed=6)
+    values = sparse.values.clone().requires_grad_(True)
+    sparse.values = values
+    x = torch.randn(2, 19, shape[1], generator=generator).to(triton_device, dtype).requires_grad_(True)
+    bias = torch.randn(shape[0], generator=generator).to(triton_device, dtype).requires_grad_(True)
+    grad_out = torch.randn(2, 19, shape[0], generator=generator).to(triton_device, dtype)
+    _run(x, sparse, bias, triton_device).backward(grad_out)
+
+    dense = sparse.to_dense().double().detach()
+    dy, xd = grad_out.double().reshape(-1, shape[0]), x.detach().double().reshape(-1, shape[1])
+    ref_dx = (dy @ dense).reshape(x.shape)
+    full_dw = dy.T @ xd
+    ref_dvalues = BlockSparseWeight.from_dense(full_dw, mask, block_size).values
+    assert rel_err(x.grad, ref_dx) < tolerance[dtype]
+    assert rel_err(values.grad, ref_dvalues) < tolerance[dtype]
+    assert rel_err(bias.grad, dy.sum(0)) < tolerance[dtype]
+    # ragged padding of the last block column (100 = 3*32 + 4) never receives gradient
+    last_col = sparse.col_idx.cpu() == 3
+    assert values.grad[last_col][:, :, 4:].eq(0).all()
+    last_row = sparse.kernel_index.block_row.cpu() == 2
+    assert values.grad[last_row][:, 6:, :].eq(0).all()
+
+
+def test_the_triton_kernels_are_the_ones_running(triton_device, monkeypatch):
+    from lpl.kernels import triton_ops
+
+    calls = []
+    for name in ("bsr_linear", "bsr_grad_input", "bsr_grad_values"):
+        original = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    sparse, _ = _case((64, 64), (32, 32), torch.tensor([[True, False], [True, True]]), torch.float32, triton_device, 9)
+    sparse.values.requires_grad_(True)
+    x = torch.randn(8, 64, device=triton_device, requires_grad=True)
+    _run(x, sparse, None, triton_device).sum().backward()
+    assert sorted(calls) == ["bsr_grad_input", "bsr_grad_values", "bsr_linear"]
+
+
+def test_many_tokens_and_grouped_launch_order(triton_device, rel_err, tolerance):
+    """More token tiles than one launch group, several block rows per program: every output element written."""
+    shape, block_size = (160, 64), (32, 32)
+    generator = torch.Generator().manual_seed(7)
+    mask = torch.rand(5, 2, generator=generator) < 0.7
+    sparse, _ = _case(shape, block_size, mask, torch.float32, triton_device, seed=8)
+    x = torch.randn(161, shape[1], generator=generator).to(triton_device)
+    out = _run(x, sparse, None, triton_device)
+    ref = x.double() @ sparse.to_dense().double().T
+    assert rel_err(out, ref) < tolerance[torch.float32]
