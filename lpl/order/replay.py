@@ -1,0 +1,191 @@
+"""Pure replay math: estimate what many sample orders would give from the recorded projected quantities.
+
+The reference run took theta_{t+1} = theta_t - lr_t Gamma(theta_t, B_{r_t}). A new order l gives
+gamma_{t+1} = gamma_t - lr_t Gamma(gamma_t, B_{l_t}). We track the projected displacement P Delta_t,
+Delta_t = gamma_t - theta_t, for N orders at once, and read losses off linearisations around the reference:
+L(gamma_t) ~ L(theta_t) + <P grad L(theta_t), P Delta_t>. Everything is linear in stored k-vectors, and curvature
+enters only through inner products <P u_i, P Delta> with per-batch factors (see lpl.order.quantities).
+
+Methods:
+- ``zeroth_order``: the paper's update term with no correction (TracIn-like).
+- ``first_order`` (FUT): plus Gamma's first-order change along Delta, from each batch's own low-rank curvature.
+- ``second_order`` (FUT++): plus a second-order term from finite differences of the first-order factors between
+  consecutive probes along the reference trajectory.
+- ``adam``: each order's own first moment, rebuilt exactly from the batches' preconditioned gradients (momentum is
+  linear), instead of the reference run's m_{t-1} that the paper's term reuses.
+- ``adam_first_order``: ``adam`` plus the per-batch first-order curvature correction of the preconditioned gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lpl.utils.errors import LplError
+
+METHODS = ("zeroth_order", "first_order", "second_order", "adam", "adam_first_order")
+CURVATURE_METHODS = ("first_order", "second_order", "adam_first_order")
+
+
+@dataclass
+class ReplayData:
+    """The recording's quantities, stacked over probes (``probe_steps``, ascending, last one = T).
+
+    Per-batch tensors are [P, num_batches, ...]; ``lr`` and ``reference_order`` are per step [T].
+    Curvature tensors are ``None`` when the recording has none.
+    """
+
+    probe_steps: Tensor  # long [P]
+    lr: Tensor  # [T]
+    reference_order: Tensor  # long [T]: pool batch taken at each reference step
+    betas: tuple[float, float]
+    weight_decay: float
+    decoupled: bool
+    update: Tensor  # [P, nb, k]
+    precond_grad: Tensor  # [P, nb, k]
+    grad: Tensor  # [P, nb, k]
+    loss: Tensor  # [P, nb]
+    val_loss: Tensor  # [P]
+    val_grad: Tensor  # [P, k]
+    curv_basis: Tensor | None = None  # [P, nb, r, k]
+    curv_update: Tensor | None = None
+    curv_precond: Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.lr.numel())
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.update.shape[1])
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self.update.shape[-1])
+
+
+@dataclass
+class ReplayResult:
+    """Estimates for N orders: ``final_loss`` [N], ``loss_curve`` [N, steps + 1] (validation loss before each step
+    and after the last), ``batch_losses`` [N, num_batches] (each pool batch's loss at the end)."""
+
+    final_loss: Tensor
+    loss_curve: Tensor
+    batch_losses: Tensor
+
+
+class _Interpolator:
+    """Linear interpolation of probed quantities to any step t in [0, T]."""
+
+    def __init__(self, probe_steps: Tensor) -> None:
+        self.steps = probe_steps.tolist()
+
+    def __call__(self, t: int) -> tuple[int, int, float]:
+        steps = self.steps
+        if t <= steps[0]:
+            return 0, 0, 0.0
+        for i in range(len(steps) - 1):
+            if steps[i] <= t <= steps[i + 1]:
+                span = steps[i + 1] - steps[i]
+                return i, i + 1, (t - steps[i]) / span
+        return len(steps) - 1, len(steps) - 1, 0.0
+
+
+def _at(x: Tensor, where: tuple[int, int, float], index: Tensor | int | None = None) -> Tensor:
+    i0, i1, a = where
+    lo = x[i0] if index is None else x[i0][index]
+    if a == 0.0 or i0 == i1:
+        return lo.float()
+    hi = x[i1] if index is None else x[i1][index]
+    return (1.0 - a) * lo.float() + a * hi.float()
+
+
+def check_orders(orders: Tensor, num_batches: int, num_steps: int) -> Tensor:
+    """Validate a [N, L] (or [L]) tensor of pool batch ids; returns it as long [N, L]."""
+    orders = torch.as_tensor(orders)
+    if orders.ndim == 1:
+        orders = orders[None]
+    if orders.ndim != 2 or orders.shape[1] == 0:
+        raise LplError(f"an order must be a non-empty list of pool batch ids, got shape {tuple(orders.shape)}.")
+    if orders.is_floating_point():
+        raise LplError("orders must hold integer pool batch ids.")
+    orders = orders.long()
+    if orders.shape[1] > num_steps:
+        raise LplError(
+            f"an order of {orders.shape[1]} steps is longer than the {num_steps} recorded steps; the estimator "
+            f"replays at most {num_steps} steps (record a longer reference run for longer orders)."
+        )
+    bad = orders[(orders < 0) | (orders >= num_batches)]
+    if bad.numel():
+        raise LplError(f"an order names batch id {int(bad[0])}, but the pool has batch ids 0..{num_batches - 1}.")
+    return orders
+
+
+def replay(data: ReplayData, orders: Tensor, method: str = "first_order") -> ReplayResult:
+    """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L]."""
+    if method not in METHODS:
+        raise LplError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method in CURVATURE_METHODS and data.curv_basis is None:
+        raise LplError(
+            f"method {method!r} needs per-batch curvature factors, which this recording lacks; record with "
+            "TrainOrderRecorder(curvature_rank=2) (or more), or use method 'adam' or 'zeroth_order'."
+        )
+    orders = check_orders(orders, data.num_batches, data.num_steps)
+    n, length = orders.shape
+    device = data.update.device
+    orders = orders.to(device)
+    interp = _Interpolator(data.probe_steps)
+    beta1 = data.betas[0]
+    k = data.proj_dim
+    delta = torch.zeros(n, k, device=device)
+    momentum = torch.zeros(n, k, device=device)
+    momentum_ref = torch.zeros(k, device=device)
+    curve = torch.empty(n, length + 1, device=device)
+    decay = data.weight_decay if data.decoupled else 0.0
+    use_curvature = method in CURVATURE_METHODS
+    steps = data.probe_steps.tolist()
+
+    def correction(where: tuple[int, int, float], ids: Tensor, factors: Tensor, d: Tensor) -> Tensor:
+        basis = _at(data.curv_basis, where, ids)  # [n, r, k]
+        coeff = torch.einsum("nrk,nk->nr", basis, d)
+        return torch.einsum("nr,nrk->nk", coeff, _at(factors, where, ids))
+
+    for t in range(length):
+        where = interp(t)
+        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where)
+        ids = orders[:, t]
+        ref = int(data.reference_order[t])
+        lr = float(data.lr[t])
+        if method.startswith("adam"):
+            p_new = _at(data.precond_grad, where, ids)
+            if use_curvature:
+                p_new = p_new + correction(where, ids, data.curv_precond, delta)
+            momentum = beta1 * momentum + (1.0 - beta1) * p_new
+            momentum_ref = beta1 * momentum_ref + (1.0 - beta1) * _at(data.precond_grad, where, ref)
+            step_diff = (momentum - momentum_ref) / (1.0 - beta1 ** (t + 1))
+        else:
+            step_diff = _at(data.update, where, ids) - _at(data.update, where, ref)
+            if use_curvature:
+                step_diff = step_diff + correction(where, ids, data.curv_update, delta)
+            if method == "second_order":
+                i0, i1, _ = where
+                j0, j1 = (i0, i1) if i1 > i0 else (max(i0 - 1, 0), i0)
+                if j1 > j0:
+                    # theta between the two probes moved by `travel`; the change of the first-order term along it,
+                    # scaled by Delta's share of that direction, gives the second-order term
+                    travel = sum(
+                        -float(data.lr[s]) * _at(data.update, interp(s), int(data.reference_order[s]))
+                        for s in range(steps[j0], min(steps[j1], data.num_steps))
+                    )
+                    share = delta @ travel / travel.dot(travel).clamp_min(1e-30)
+                    change = correction((j1, j1, 0.0), ids, data.curv_update, delta) - correction(
+                        (j0, j0, 0.0), ids, data.curv_update, delta
+                    )
+                    step_diff = step_diff + 0.5 * share[:, None] * change
+        delta = delta - lr * (step_diff + decay * delta)
+    end = interp(length)
+    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end)
+    batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
+    return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses)
