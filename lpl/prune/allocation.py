@@ -1,0 +1,122 @@
+"""Budget allocation across layers: how many blocks each layer keeps so total kept FLOPs meet the budget.
+
+- ``allocate_dp``: exact knapsack over the curve points (dynamic programming on FLOPs quantised to 1/(200 L) of
+  the total): minimises a separable objective with total FLOPs inside [budget - 0.5%, budget] of the total.
+  The hardware allocation minimises distortion + weighted predicted latency/energy; the uniform allocation
+  minimises the spread of densities (so it still meets the budget exactly).
+- ``allocate_global``: one ranking of all blocks by score per FLOP (the magnitude-global / OBD-global baselines).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lpl.utils.errors import LplError
+
+# Share of the total FLOPs the DP may land below the budget; quantisation adds at most another 0.25%.
+_WINDOW = 0.005
+_MAX_POINTS = 256
+
+
+def allowed_points(density: torch.Tensor, min_density: float, max_density: float) -> torch.Tensor:
+    """Curve points whose density lies in [min_density, max_density] (a small slack for float rounding)."""
+    return (density >= min_density - 1e-9) & (density <= max_density + 1e-9)
+
+
+def check_feasible(flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float) -> None:
+    lowest = sum(float(f[a].min()) for f, a in zip(flops, allowed) if a.any())
+    highest = sum(float(f[a].max()) for f, a in zip(flops, allowed) if a.any())
+    if any(not a.any() for a in allowed):
+        raise LplError("no block count fits between min_density and max_density for some layer; widen the range.")
+    total = sum(float(f[0]) for f in flops)
+    if budget < lowest - 1e-9 * total or budget > highest + 1e-9 * total:
+        raise LplError(
+            f"flops_keep={budget / total:.3f} cannot be met within the per-layer densities (reachable "
+            f"{lowest / total:.3f}..{highest / total:.3f}); change flops_keep, min_density or max_density."
+        )
+
+
+def allocate_dp(
+    objectives: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float
+) -> list[int]:
+    """Point index per layer minimising sum(objective) with total flops in [budget - 0.5% total, budget]."""
+    check_feasible(flops, allowed, budget)
+    total = sum(float(f[0]) for f in flops)
+    unit = total / (200.0 * len(flops))
+    top = int(math.floor(budget / unit + 1e-9))
+    low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))
+    best = np.full(top + 1, np.inf)
+    best[0] = 0.0
+    choices = []
+    for objective, flop, ok in zip(objectives, flops, allowed):
+        candidates = torch.nonzero(ok).flatten().numpy()
+        if len(candidates) > _MAX_POINTS:
+            candidates = np.unique(np.linspace(candidates[0], candidates[-1], _MAX_POINTS).round().astype(np.int64))
+            candidates = candidates[ok.numpy()[candidates]]
+        units = np.rint(flop.numpy()[candidates] / unit).astype(np.int64)
+        values = objective.double().numpy()[candidates]
+        new_best = np.full(top + 1, np.inf)
+        new_choice = np.full(top + 1, -1, dtype=np.int64)
+        for point, used, value in zip(candidates, units, values):
+            if used > top:
+                continue
+            shifted = best[: top + 1 - used] + value
+            target = new_best[used:]
+            better = shifted < target
+            target[better] = shifted[better]
+            new_choice[used:][better] = point
+        choices.append((new_choice, units, candidates))
+        best = new_best
+    window = best[low : top + 1]
+    if not np.isfinite(window).any():
+        raise LplError("the FLOPs budget cannot be met within the per-layer densities; change flops_keep or densities.")
+    used = low + int(np.argmin(window))
+    picks = []
+    for new_choice, units, candidates in reversed(choices):
+        point = int(new_choice[used])
+        picks.append(point)
+        used -= int(units[np.searchsorted(candidates, point)])
+    return picks[::-1]
+
+
+def allocate_uniform(density: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor],
+                     budget: float) -> list[int]:
+    """Every layer as close as possible to the same density, total FLOPs still on budget."""
+    total = sum(float(f[0]) for f in flops)
+    target = budget / total
+    objectives = [(d.double() - target).square() * float(f[0]) / total for d, f in zip(density, flops)]
+    return allocate_dp(objectives, flops, allowed, budget)
+
+
+def allocate_global(
+    scores: list[torch.Tensor], orders: list[torch.Tensor], block_flops: list[torch.Tensor],
+    density: list[torch.Tensor], min_density: float, max_density: float, budget: float,
+) -> list[int]:
+    """Remove blocks in one global ascending order of score per FLOP until kept FLOPs reach the budget.
+
+    ``orders`` are the per-layer removal orders (ascending score), ``block_flops`` each block's FLOPs; the result
+    is the number of blocks removed per layer (layers never go below ``min_density``, and start at most at
+    ``max_density``).
+    """
+    allowed = [allowed_points(d, min_density, max_density) for d in density]
+    flops = [torch.cat([f.sum().reshape(1), f.sum() - torch.cumsum(f[o], 0)]) for f, o in zip(block_flops, orders)]
+    check_feasible(flops, allowed, budget)
+    removed = [int(torch.nonzero(a).flatten()[0]) for a in allowed]  # first point within max_density
+    floor_point = [int(torch.nonzero(a).flatten()[-1]) for a in allowed]  # last point within min_density
+    current = sum(float(f[r]) for f, r in zip(flops, removed))
+    entries = []
+    for layer, (s, o, f) in enumerate(zip(scores, orders, block_flops)):
+        ratio = (s[o] / f[o]).tolist()
+        entries.extend((value, layer, position) for position, value in enumerate(ratio))
+    entries.sort()
+    for _, layer, position in entries:
+        if current <= budget:
+            break
+        if position < removed[layer] or removed[layer] >= floor_point[layer]:
+            continue
+        current -= float(flops[layer][removed[layer]] - flops[layer][removed[layer] + 1])
+        removed[layer] += 1
+    return removed

@@ -1,0 +1,208 @@
+"""prune_model: post-training, calibration-only block pruning of a model's Linear layers to a FLOPs budget."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points
+from lpl.prune.blocks import block_elements, block_grid, check_block_size
+from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
+from lpl.prune.hardware import HardwareProfile, default_profile
+from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
+from lpl.prune.result import PruneResult
+from lpl.utils.errors import LplError
+
+ALLOCATIONS = ("hardware", "uniform", "global")
+DEFAULT_EXCLUDE = ("*head*",)
+# Weight of the normalised hardware cost against the distortion of the uniform allocation: at a fixed FLOPs
+# budget the hardware term decides between allocations of (nearly) equal distortion.
+HARDWARE_WEIGHT = 0.1
+
+
+def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[str, nn.Linear]:
+    """Linear layers whose names match ``include`` (default: all) and none of ``exclude`` (default: heads)."""
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    include = list(include) if include is not None else ["*"]
+    exclude = list(exclude) if exclude is not None else list(DEFAULT_EXCLUDE)
+    chosen = {
+        name: layer for name, layer in linears.items()
+        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+    if not chosen:
+        examples = ", ".join(list(linears)[:4]) or "none"
+        raise LplError(
+            f"include={include} / exclude={exclude} match no Linear layer (the model's Linear layers: {examples}); "
+            "use glob patterns on module names such as '*.qkv' or '*mlp.fc*'."
+        )
+    return chosen
+
+
+def check_options(flops_keep: float, importance: str, allocation: str, lambda_power: float,
+                  min_density: float, max_density: float) -> None:
+    if not 0.0 < float(flops_keep) <= 1.0:
+        raise LplError(f"flops_keep must be in (0, 1], got {flops_keep}.")
+    if importance not in IMPORTANCES:
+        raise LplError(f"importance must be one of {IMPORTANCES}, got {importance!r}.")
+    if allocation not in ALLOCATIONS:
+        raise LplError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+    if lambda_power < 0:
+        raise LplError(f"lambda_power must be >= 0, got {lambda_power}.")
+    if not 0.0 <= min_density <= 1.0 or not 0.0 < max_density <= 1.0:
+        raise LplError(f"min_density must be in [0, 1] and max_density in (0, 1], got {min_density}, {max_density}.")
+    if min_density > max_density:
+        raise LplError(f"min_density {min_density} is larger than max_density {max_density}; swap or fix them.")
+
+
+def prune_model(
+    model: nn.Module,
+    calib_dataloader: Iterable[Any],
+    *,
+    block_size: tuple[int, int] = (16, 16),
+    flops_keep: float = 0.5,
+    importance: str = "taylor2",
+    allocation: str = "hardware",
+    lambda_power: float = 1.0,
+    min_density: float = 0.05,
+    max_density: float = 1.0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    cost_model: HardwareProfile | None = None,
+    loss: str | LossFn = "auto",
+    calib_batches: int | None = None,
+) -> PruneResult:
+    """Choose block masks for the Linear layers of ``model`` keeping ``flops_keep`` of their FLOPs.
+
+    Post-training: one calibration pass (``loss``: the task loss when the model defines one, else the label-free
+    logit energy), then per-layer distortion curves (``importance``), then the allocation to the budget. The
+    model's weights are not changed; apply the result with ``apply_masks``.
+
+    Example::
+
+        result = prune_model(vit, calib_loader, block_size=(16, 16), flops_keep=0.5, calib_batches=32)
+        print(result.flops_keep, result.predicted_speedup)
+    """
+    started = time.perf_counter()
+    check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LplError("the model has no trainable weights (requires_grad is False everywhere); calibration needs "
+                       "gradients: call model.requires_grad_(True) first.")
+    layers = select_layers(model, include, exclude)
+    block_size = tuple(int(b) for b in block_size) if len(tuple(block_size)) == 2 else block_size
+    for name, layer in layers.items():
+        block_size = check_block_size(block_size, tuple(layer.weight.shape), name)
+    device_type = next(model.parameters()).device.type
+    profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
+    loss_fn = resolve_loss(model, loss)
+
+    stats = collect_statistics(model, layers, calib_dataloader, block_size, loss_fn,
+                               with_gram=importance == "taylor2", max_batches=calib_batches)
+    curves: dict[str, LayerCurve] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        stat = stats[name]
+        if importance == "taylor2":
+            order, distortion = taylor2_curve(stat.first, stat.gram)
+            scores[name] = 0.5 * stat.gram.diagonal() - stat.first
+        else:
+            scores[name] = block_scores(stat, layer.weight, importance)
+            order, distortion = additive_curve(scores[name])
+        curves[name] = build_curve(order, distortion, stat.shape, block_size, stat.tokens_per_sample, profile,
+                                   max(1, round(stat.tokens_per_batch)), layer.weight.dtype)
+
+    names = list(layers)
+    flops = [curves[n].flops for n in names]
+    density = [curves[n].density for n in names]
+    allowed = [allowed_points(d, min_density, max_density) for d in density]
+    total = sum(float(f[0]) for f in flops)
+    budget = float(flops_keep) * total
+    if allocation == "uniform":
+        removed = allocate_uniform(density, flops, allowed, budget)
+    elif allocation == "global":
+        block_flops = [2.0 * stats[n].tokens_per_sample * block_elements(stats[n].shape, block_size).flatten().double()
+                       for n in names]
+        removed = allocate_global([scores[n] for n in names], [curves[n].order for n in names], block_flops,
+                                  density, min_density, max_density, budget)
+    else:
+        removed = allocate_dp(hardware_objectives([curves[n] for n in names], float(flops_keep), lambda_power),
+                              flops, allowed, budget)
+
+    masks = {n: curves[n].mask(r, block_grid(stats[n].shape, block_size)) for n, r in zip(names, removed)}
+    masks = broadcast_masks(masks)
+    return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,
+                     options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
+                                  min_density=min_density, max_density=max_density, profile=profile.name,
+                                  loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
+                     started=started)
+
+
+def hardware_objectives(curves: list[LayerCurve], flops_keep: float, lambda_power: float) -> list[torch.Tensor]:
+    """distortion + beta * (latency / dense latency + lambda_power * energy / dense energy), per curve point.
+
+    beta scales the normalised cost to HARDWARE_WEIGHT x the distortion of the uniform allocation, so the
+    hardware term moves allocations between points of similar distortion, never dominates it.
+    """
+    dense_latency = sum(float(c.latency[0]) for c in curves)
+    dense_energy = sum(float(c.energy[0]) for c in curves)
+    reference = sum(abs(float(c.distortion[int(torch.argmin((c.density - flops_keep).abs()))])) for c in curves)
+    beta = HARDWARE_WEIGHT * max(reference, 1e-12) / (1.0 + lambda_power)
+    return [
+        c.distortion + beta * (c.latency / dense_latency + lambda_power * c.energy / dense_energy) for c in curves
+    ]
+
+
+def broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under torch.distributed, every rank takes rank 0's masks (identical statistics already; this makes it exact)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return masks
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    synced = {}
+    for name, mask in masks.items():
+        buffer = mask.to(device=device, dtype=torch.uint8)
+        dist.broadcast(buffer, src=0)
+        synced[name] = buffer.bool().cpu()
+    return synced
+
+
+def summarise(
+    masks: dict[str, torch.Tensor], curves: dict[str, LayerCurve], stats: dict, block_size: tuple[int, int],
+    profile: HardwareProfile, target: float, layers: dict[str, nn.Linear], options: dict, started: float,
+) -> PruneResult:
+    """Achieved FLOPs share and predicted latency/energy of the chosen masks."""
+    kept_flops = dense_flops = 0.0
+    layer_latency, layer_energy = {}, {}
+    for name, mask in masks.items():
+        stat, layer = stats[name], layers[name]
+        elements = block_elements(stat.shape, block_size)
+        dense_flops += 2.0 * stat.tokens_per_sample * float(elements.sum())
+        kept_flops += 2.0 * stat.tokens_per_sample * float((elements * mask).sum())
+        tokens = max(1, round(stat.tokens_per_batch))
+        dense = profile.predict_dense(stat.shape[0], stat.shape[1], tokens, layer.weight.dtype)
+        sparse = profile.predict(mask, tokens, block_size, layer.weight.dtype)
+        if bool(mask.all()):  # a fully kept layer stays a dense matmul
+            sparse = dense
+        layer_latency[name] = (dense[0], sparse[0])
+        layer_energy[name] = (dense[1], sparse[1])
+    curve_tensors = {
+        name: {key: getattr(curve, key).double() for key in ("distortion", "flops", "latency", "energy", "density")}
+        for name, curve in curves.items()
+    }
+    return PruneResult(
+        block_masks=masks,
+        block_size=block_size,
+        shapes={name: stats[name].shape for name in masks},
+        flops_keep=kept_flops / dense_flops,
+        target_flops_keep=target,
+        predicted_speedup=sum(v[0] for v in layer_latency.values()) / sum(v[1] for v in layer_latency.values()),
+        predicted_energy_ratio=sum(v[1] for v in layer_energy.values()) / sum(v[0] for v in layer_energy.values()),
+        layer_latency=layer_latency,
+        layer_energy=layer_energy,
+        curves=curve_tensors,
+        options=options,
+        prune_seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,59 @@
+"""Block partition of a Linear weight [out, in] into (br, bc) blocks; blocks at ragged edges are partial."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lpl.utils.errors import LplError
+
+
+def check_block_size(block_size: tuple[int, int], shape: tuple[int, int], name: str) -> tuple[int, int]:
+    """Validate ``block_size`` against a weight ``shape``; returns it as a tuple of two ints."""
+    if len(tuple(block_size)) != 2 or any(int(b) <= 0 for b in block_size):
+        raise LplError(f"block_size must be two positive ints (rows, cols), got {block_size!r}.")
+    br, bc = int(block_size[0]), int(block_size[1])
+    if br > shape[0] or bc > shape[1]:
+        raise LplError(
+            f"block_size {(br, bc)} is larger than layer {name!r} of shape {tuple(shape)}; "
+            "use a smaller block or exclude the layer."
+        )
+    return br, bc
+
+
+def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int, int]:
+    """Number of block rows and block columns (R, C), partial blocks included."""
+    return math.ceil(shape[0] / block_size[0]), math.ceil(shape[1] / block_size[1])
+
+
+def block_elements(shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
+    """True element count of every block, float [R, C] (smaller at ragged edges)."""
+    rows, cols = block_grid(shape, block_size)
+    heights = torch.full((rows,), float(block_size[0]))
+    heights[-1] = shape[0] - (rows - 1) * block_size[0]
+    widths = torch.full((cols,), float(block_size[1]))
+    widths[-1] = shape[1] - (cols - 1) * block_size[1]
+    return torch.outer(heights, widths)
+
+
+def block_sum(values: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """Sum of ``values`` [..., out, in] over each block: [..., R, C] (zero-padded at ragged edges)."""
+    out_f, in_f = values.shape[-2:]
+    rows, cols = block_grid((out_f, in_f), block_size)
+    padded = F.pad(values, (0, cols * block_size[1] - in_f, 0, rows * block_size[0] - out_f))
+    lead = padded.shape[:-2]
+    return padded.reshape(*lead, rows, block_size[0], cols, block_size[1]).sum(dim=(-3, -1))
+
+
+def expand_block_mask(block_mask: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
+    """Element mask [out, in] from a block mask [R, C]."""
+    full = block_mask.repeat_interleave(block_size[0], dim=0).repeat_interleave(block_size[1], dim=1)
+    return full[: shape[0], : shape[1]]
+
+
+def mask_density(block_mask: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> float:
+    """Retained share of the weight's true elements."""
+    elements = block_elements(shape, block_size)
+    return float((elements * block_mask.to(elements.dtype)).sum() / elements.sum())

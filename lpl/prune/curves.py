@@ -1,0 +1,157 @@
+"""Per-layer distortion curves over nested block masks, their hardware costs, and a check against reality.
+
+A curve removes the blocks of one layer in a fixed order (nested masks); ``distortion[j]`` is the predicted loss
+increase after the first j removals, ``flops[j]``, ``latency[j]``, ``energy[j]`` what the layer then costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lpl.prune.blocks import block_elements, block_grid, expand_block_mask
+from lpl.prune.hardware import HardwareProfile
+from lpl.prune.importance import LossFn, move_to_device
+
+
+@dataclass
+class LayerCurve:
+    """Nested pruning order of one layer and what each point predicts (index j = blocks removed)."""
+
+    order: torch.Tensor       # [K] flat block indices (row-major over [R, C]), first removed first
+    distortion: torch.Tensor  # [K + 1] predicted loss increase
+    flops: torch.Tensor       # [K + 1] kept FLOPs per sample
+    latency: torch.Tensor     # [K + 1] predicted seconds per call
+    energy: torch.Tensor      # [K + 1] predicted joules per call
+    density: torch.Tensor     # [K + 1] retained share of the layer's elements
+
+    def mask(self, removed: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Block mask [R, C] after removing the first ``removed`` blocks of the order."""
+        keep = torch.ones(grid[0] * grid[1], dtype=torch.bool)
+        keep[self.order[:removed]] = False
+        return keep.reshape(grid)
+
+
+def taylor2_curve(first: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy order and exact second-order distortion of removing blocks one at a time.
+
+    With S the removed set, delta(S) = -sum_{k in S} first_k + 1/2 sum_{k, l in S} gram_kl. Adding block k raises
+    it by -first_k + (gram 1_S)_k + 1/2 gram_kk: the incremental update keeps gram 1_S (O(K) per step), picks the
+    block with the smallest increase, and accumulates the exact delta (cross terms included).
+    """
+    first, gram = first.double(), gram.double()
+    size = first.numel()
+    cross = torch.zeros(size, dtype=torch.float64)
+    removed = torch.zeros(size, dtype=torch.bool)
+    own = 0.5 * gram.diagonal() - first
+    order = torch.empty(size, dtype=torch.long)
+    distortion = torch.zeros(size + 1, dtype=torch.float64)
+    for step in range(size):
+        increase = (own + cross).masked_fill(removed, float("inf"))
+        block = int(torch.argmin(increase))
+        order[step] = block
+        distortion[step + 1] = distortion[step] + increase[block]
+        removed[block] = True
+        cross += gram[:, block]
+    return order, distortion
+
+
+def additive_curve(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order by ascending score; the distortion of removing a set is the sum of its scores."""
+    order = torch.argsort(scores.double(), stable=True)
+    distortion = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(scores.double()[order], 0)])
+    return order, distortion
+
+
+def build_curve(
+    order: torch.Tensor,
+    distortion: torch.Tensor,
+    shape: tuple[int, int],
+    block_size: tuple[int, int],
+    tokens_per_sample: float,
+    profile: HardwareProfile,
+    tokens_per_call: int,
+    dtype: torch.dtype,
+) -> LayerCurve:
+    """Attach FLOPs, predicted latency/energy and density to every point of a removal order."""
+    rows, cols = block_grid(shape, block_size)
+    elements = block_elements(shape, block_size).flatten().double()
+    removed_elements = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(elements[order], 0)])
+    kept_elements = elements.sum() - removed_elements
+    # Block rows still launched after j removals: a row stops once its last block is removed.
+    row_of_block = order // cols
+    per_row = torch.full((rows,), cols, dtype=torch.long)
+    rows_launched = np.empty(order.numel() + 1, dtype=np.int64)
+    rows_launched[0] = rows
+    alive = rows
+    for step, row in enumerate(row_of_block.tolist()):
+        per_row[row] -= 1
+        alive -= int(per_row[row] == 0)
+        rows_launched[step + 1] = alive
+    kept_blocks = np.arange(order.numel(), -1, -1)
+    costs = np.array(
+        [profile.predict_counts(int(b), int(r), tokens_per_call, block_size, dtype) for b, r in zip(kept_blocks, rows_launched)]
+    )
+    return LayerCurve(
+        order=order,
+        distortion=distortion,
+        flops=2.0 * tokens_per_sample * kept_elements,
+        latency=torch.from_numpy(costs[:, 0]),
+        energy=torch.from_numpy(costs[:, 1]),
+        density=kept_elements / elements.sum(),
+    )
+
+
+@torch.no_grad()
+def measure_layer_distortion(
+    model: nn.Module,
+    layer: nn.Linear,
+    block_masks: list[torch.Tensor],
+    block_size: tuple[int, int],
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real effect of each block mask on one layer, everything else dense, over the calibration batches.
+
+    Returns (loss increase [P], mean squared change of the layer's output [P]); the weight is restored after.
+    """
+    device = layer.weight.device
+    batches = [move_to_device(batch, device) for batch in batches]
+    original = layer.weight.detach().clone()
+    outputs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        dense_outputs, dense_loss = [], 0.0
+        for batch in batches:
+            outputs.clear()
+            dense_loss += float(loss_fn(model, batch))
+            dense_outputs.append(outputs[0])
+        loss_increase, output_change = [], []
+        for block_mask in block_masks:
+            layer.weight.copy_(original * expand_block_mask(block_mask.to(device), tuple(original.shape), block_size))
+            total_loss, total_change, count = 0.0, 0.0, 0
+            for batch, dense in zip(batches, dense_outputs):
+                outputs.clear()
+                total_loss += float(loss_fn(model, batch))
+                total_change += float((outputs[0] - dense).float().square().sum())
+                count += dense.numel()
+            loss_increase.append((total_loss - dense_loss) / len(batches))
+            output_change.append(total_change / count)
+    finally:
+        layer.weight.copy_(original)
+        handle.remove()
+        model.train(was_training)
+    return torch.tensor(loss_increase), torch.tensor(output_change)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)

@@ -1,0 +1,217 @@
+"""Calibration statistics of prunable Linear layers and block importance scores.
+
+One pass over the calibration batches records, per layer, everything every importance needs:
+
+- ``first`` [K]: mean over samples of c_i,k = sum over block k of (g_i * W), with g_i the gradient of sample i's
+  loss. Zeroing block k changes the loss by -c_i,k to first order.
+- ``gram`` [K, K]: mean over samples of c_i c_i^T: the empirical Fisher of the per-sample losses restricted to the
+  block-removal directions. With it the second-order distortion of removing a set S is exact to evaluate:
+  delta(S) = -sum_S first + 1/2 * 1_S^T gram_SS 1_S (see ``curves.taylor2_curve``).
+- ``grad_mean`` / ``grad_sq_mean`` [out, in]: mean and mean square of the per-batch gradients (taylor1, and the
+  diagonal-Fisher OBD baseline).
+
+Per-sample gradients come from the Linear's input x and output gradient dy captured by hooks (g_i = dy_i^T x_i),
+so one backward per batch suffices. The loss must be a mean of independent per-sample losses (true for the
+task losses of the example models and for the label-free logit energy). Under torch.distributed every statistic is
+a sum, so one all_reduce makes all ranks identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lpl.prune.blocks import block_elements, block_grid, block_sum
+from lpl.utils.errors import LplError
+from lpl.utils.loss import module_loss
+
+IMPORTANCES = ("taylor2", "taylor1", "magnitude", "obd")
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# Per-sample gradients are built in chunks of at most this many elements (memory bound).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class LayerStatistics:
+    """Calibration statistics of one Linear layer (see the module docstring)."""
+
+    shape: tuple[int, int]
+    block_size: tuple[int, int]
+    tokens_per_sample: float
+    tokens_per_batch: float
+    first: torch.Tensor
+    gram: torch.Tensor | None
+    grad_mean: torch.Tensor
+    grad_sq_mean: torch.Tensor
+
+
+def model_inputs(batch: Any) -> Any:
+    """The network input of a batch dict ("image" or "input_ids"), or the batch itself."""
+    if isinstance(batch, dict):
+        for key in ("image", "input_ids", "input"):
+            if key in batch:
+                return batch[key]
+        raise LplError(f"the calibration batch has keys {sorted(batch)}; logit energy needs 'image' or 'input_ids'.")
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+def logit_energy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Label-free calibration loss of the LPViT paper: mean(f(x)^2) over the outputs."""
+    outputs = model(model_inputs(batch))
+    return outputs.float().pow(2).mean()
+
+
+def resolve_loss(model: nn.Module, loss: str | LossFn) -> LossFn:
+    """"task" (module_loss), "logit_energy", "auto" (task when the model defines a loss) or a callable."""
+    if callable(loss):
+        return loss
+    has_task = callable(getattr(model, "loss", None)) or callable(getattr(model, "training_step", None))
+    if loss == "auto":
+        return module_loss if has_task else logit_energy_loss
+    if loss == "task":
+        return module_loss
+    if loss == "logit_energy":
+        return logit_energy_loss
+    raise LplError(f"loss must be 'auto', 'task', 'logit_energy' or a callable(model, batch), got {loss!r}.")
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def _per_sample_contributions(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, block_size: tuple[int, int]
+) -> torch.Tensor:
+    """c [n, R*C]: block sums of g_i * W with g_i = n * dy_i^T x_i (dy is the gradient of the batch-mean loss)."""
+    n = x.shape[0]
+    x3, dy3 = x.reshape(n, -1, x.shape[-1]).float(), dy.reshape(n, -1, dy.shape[-1]).float()
+    chunk = max(1, _CHUNK_ELEMENTS // weight.numel())
+    parts = []
+    for start in range(0, n, chunk):
+        grads = torch.bmm(dy3[start : start + chunk].transpose(1, 2), x3[start : start + chunk]) * n
+        parts.append(block_sum(grads * weight, block_size).flatten(1))
+    return torch.cat(parts)
+
+
+def collect_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterable[Any],
+    block_size: tuple[int, int],
+    loss_fn: LossFn,
+    with_gram: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, LayerStatistics]:
+    """One forward/backward per calibration batch; returns statistics reduced over batches (and ranks)."""
+    device = next(model.parameters()).device
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured[name] = {"x": inputs[0].detach(), "y": output}
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    weights = {name: layer.weight.detach().float() for name, layer in layers.items()}
+    grids = {name: block_grid(tuple(layer.weight.shape), block_size) for name, layer in layers.items()}
+    sums: dict[str, dict[str, torch.Tensor]] = {
+        name: {
+            "first": torch.zeros(grids[name][0] * grids[name][1], device=device, dtype=torch.float64),
+            "gram": torch.zeros((grids[name][0] * grids[name][1],) * 2, device=device, dtype=torch.float64)
+            if with_gram else torch.zeros(0, device=device),
+            "grad": torch.zeros_like(weights[name]),
+            "grad_sq": torch.zeros_like(weights[name]),
+            "tokens": torch.zeros((), device=device, dtype=torch.float64),
+        }
+        for name in layers
+    }
+    counts = torch.zeros(2, device=device, dtype=torch.float64)  # samples, batches
+    was_training = model.training
+    model.eval()  # calibration statistics of the deployed network: no dropout / drop-path
+    try:
+        for number, batch in enumerate(batches):
+            if max_batches is not None and number >= max_batches:
+                break
+            batch = move_to_device(batch, device)
+            captured.clear()
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+                missing = [name for name in layers if name not in captured]
+                if missing:
+                    raise LplError(f"layers {missing[:3]} were not called in the forward pass; exclude them.")
+                outputs = [captured[name]["y"] for name in layers]
+                if not loss.requires_grad:
+                    raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
+                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+            for (name, layer), dy in zip(layers.items(), grads):
+                x = captured[name]["x"]
+                dy = torch.zeros_like(captured[name]["y"]) if dy is None else dy.detach()
+                n = x.shape[0]
+                acc = sums[name]
+                batch_grad = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                acc["grad"] += batch_grad
+                acc["grad_sq"] += batch_grad.square()
+                acc["tokens"] += x.numel() / x.shape[-1]
+                contributions = _per_sample_contributions(x, dy, weights[name], block_size).double()
+                acc["first"] += contributions.sum(0)
+                if with_gram:
+                    acc["gram"] += contributions.T @ contributions
+            counts += torch.tensor([float(captured[next(iter(layers))]["x"].shape[0]), 1.0], device=device,
+                                   dtype=torch.float64)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+        for acc in sums.values():
+            for tensor in acc.values():
+                if tensor.numel():
+                    dist.all_reduce(tensor)
+    samples, num_batches = float(counts[0]), float(counts[1])
+    if num_batches == 0:
+        raise LplError("the calibration loader yielded no batches; pass a loader with at least one batch.")
+    return {
+        name: LayerStatistics(
+            shape=tuple(layers[name].weight.shape),
+            block_size=block_size,
+            tokens_per_sample=float(acc["tokens"]) / samples,
+            tokens_per_batch=float(acc["tokens"]) / num_batches,
+            first=(acc["first"] / samples).cpu(),
+            gram=(acc["gram"] / samples).cpu() if with_gram else None,
+            grad_mean=(acc["grad"] / num_batches).cpu(),
+            grad_sq_mean=(acc["grad_sq"] / num_batches).cpu(),
+        )
+        for name, acc in sums.items()
+    }
+
+
+def block_scores(stats: LayerStatistics, weight: torch.Tensor, importance: str) -> torch.Tensor:
+    """Additive block scores [R*C] (higher = more important) for the first-order and diagonal baselines.
+
+    magnitude: squared L2 norm of the block; taylor1: mean |W * g| over the block (the reference code's score);
+    obd: 1/2 sum over the block of diag-Fisher * W^2 (Fisher from per-batch gradients, optimal brain damage).
+    """
+    weight = weight.detach().float().cpu()
+    if importance == "magnitude":
+        return block_sum(weight.square(), stats.block_size).flatten()
+    if importance == "taylor1":
+        elements = block_elements(stats.shape, stats.block_size)
+        return (block_sum((weight * stats.grad_mean).abs(), stats.block_size) / elements).flatten()
+    if importance == "obd":
+        return 0.5 * block_sum(stats.grad_sq_mean * weight.square(), stats.block_size).flatten()
+    raise LplError(f"importance must be one of {IMPORTANCES}, got {importance!r}.")

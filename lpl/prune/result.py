@@ -1,0 +1,139 @@
+"""PruneResult: block masks plus what the pruning predicted, saved as safetensors (tensors) + JSON (the rest)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpl.prune.blocks import block_grid
+from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_write_json, save_safetensors_atomic
+
+_TENSORS = "masks.safetensors"
+_META = "result.json"
+CURVE_FIELDS = ("distortion", "flops", "latency", "energy", "density")
+
+
+@dataclass
+class PruneResult:
+    """Outcome of ``prune_model``: which blocks each Linear keeps and what that is predicted to cost.
+
+    ``block_masks[name]`` is a bool [ceil(out/br), ceil(in/bc)] mask (True = kept) of ``model.get_submodule(name)``;
+    ``flops_keep`` is the achieved share of the prunable layers' FLOPs; ``predicted_speedup`` and
+    ``predicted_energy_ratio`` compare dense and block-sparse latency/energy of those layers under the cost model;
+    ``curves[name][field]`` holds each layer's distortion curve (fields: distortion, flops, latency, energy, density
+    per number of removed blocks).
+
+    Example::
+
+        result = prune_model(model, calib_loader, flops_keep=0.5)
+        result.save("runs/prune_result")           # folder with masks.safetensors + result.json
+        again = PruneResult.load("runs/prune_result")
+        again.check_model(model)                   # LplError when names or shapes differ
+    """
+
+    block_masks: dict[str, torch.Tensor]
+    block_size: tuple[int, int]
+    shapes: dict[str, tuple[int, int]]
+    flops_keep: float
+    target_flops_keep: float
+    predicted_speedup: float
+    predicted_energy_ratio: float
+    layer_latency: dict[str, tuple[float, float]] = field(default_factory=dict)  # (dense, pruned) seconds
+    layer_energy: dict[str, tuple[float, float]] = field(default_factory=dict)   # (dense, pruned) joules
+    curves: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    prune_seconds: float = 0.0
+
+    @property
+    def density(self) -> dict[str, float]:
+        """Retained share of each layer's elements (ragged blocks counted by their true size)."""
+        from lpl.prune.blocks import mask_density
+
+        return {name: mask_density(mask, self.shapes[name], self.block_size) for name, mask in self.block_masks.items()}
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise LplError unless ``model`` has every masked Linear with the recorded shape."""
+        modules = dict(model.named_modules())
+        for name, shape in self.shapes.items():
+            layer = modules.get(name)
+            if not isinstance(layer, nn.Linear):
+                close = [n for n, m in modules.items() if isinstance(m, nn.Linear)][:3]
+                raise LplError(
+                    f"this PruneResult masks layer {name!r}, which the model does not have as a Linear "
+                    f"(it has e.g. {close}); load it onto the model it was computed for."
+                )
+            if tuple(layer.weight.shape) != tuple(shape):
+                raise LplError(
+                    f"layer {name!r} has shape {tuple(layer.weight.shape)} but the PruneResult was computed for "
+                    f"{tuple(shape)}; load it onto the model it was computed for."
+                )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/masks.safetensors`` (masks, curves) and ``path/result.json`` (everything else)."""
+        path = Path(path)
+        tensors = {f"mask/{name}": mask.to(torch.uint8) for name, mask in self.block_masks.items()}
+        for name, curve in self.curves.items():
+            for key, values in curve.items():
+                tensors[f"curve/{name}/{key}"] = values.double()
+        save_safetensors_atomic(tensors, path / _TENSORS)
+        meta = {
+            "format": "lpl.PruneResult/1",
+            "layers": list(self.block_masks),
+            "block_size": list(self.block_size),
+            "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+            "flops_keep": self.flops_keep,
+            "target_flops_keep": self.target_flops_keep,
+            "predicted_speedup": self.predicted_speedup,
+            "predicted_energy_ratio": self.predicted_energy_ratio,
+            "layer_latency": {name: list(v) for name, v in self.layer_latency.items()},
+            "layer_energy": {name: list(v) for name, v in self.layer_energy.items()},
+            "options": self.options,
+            "prune_seconds": self.prune_seconds,
+        }
+        atomic_write_json(path / _META, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruneResult":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / _META).is_file() or not (path / _TENSORS).is_file():
+            raise LplError(f"{path} is not a saved PruneResult (expected {_META} and {_TENSORS} inside).")
+        meta = json.loads((path / _META).read_text(encoding="utf-8"))
+        if meta.get("format") != "lpl.PruneResult/1":
+            raise LplError(f"{path / _META} has format {meta.get('format')!r}, expected 'lpl.PruneResult/1'.")
+        tensors = load_file(str(path / _TENSORS))
+        block_size = tuple(meta["block_size"])
+        shapes = {name: tuple(shape) for name, shape in meta["shapes"].items()}
+        masks = {}
+        for name in meta["layers"]:
+            mask = tensors[f"mask/{name}"].bool()
+            if tuple(mask.shape) != block_grid(shapes[name], block_size):
+                raise LplError(f"{path}: mask of {name!r} has shape {tuple(mask.shape)}, inconsistent with its layer.")
+            masks[name] = mask
+        curves: dict[str, dict[str, torch.Tensor]] = {}
+        for key, values in tensors.items():
+            if key.startswith("curve/"):
+                name, field_name = key[len("curve/") :].rsplit("/", 1)
+                curves.setdefault(name, {})[field_name] = values
+        return cls(
+            block_masks=masks,
+            block_size=block_size,
+            shapes=shapes,
+            flops_keep=meta["flops_keep"],
+            target_flops_keep=meta["target_flops_keep"],
+            predicted_speedup=meta["predicted_speedup"],
+            predicted_energy_ratio=meta["predicted_energy_ratio"],
+            layer_latency={name: tuple(v) for name, v in meta["layer_latency"].items()},
+            layer_energy={name: tuple(v) for name, v in meta["layer_energy"].items()},
+            curves=curves,
+            options=meta["options"],
+            prune_seconds=meta["prune_seconds"],
+        )
