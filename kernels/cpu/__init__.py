@@ -1,0 +1,10 @@
+"""CPU block-sparse linear for lpl.kernels: a compiled AVX2/FMA kernel built at first use, with a torch fallback.
+
+Public functions (contract in docs/architecture.md, "Block-sparse weights"):
+``block_sparse_linear_cpu`` (y = x W^T + b), ``grad_input_cpu`` (dX = dY W), ``grad_values_cpu`` (dW at the
+retained blocks), and ``compiled_kernel_available``.
+"""
+
+from .ops import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
+
+__all__ = ["block_sparse_linear_cpu", "compiled_kernel_available", "grad_input_cpu", "grad_values_cpu"]

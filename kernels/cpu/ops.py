@@ -1,0 +1,320 @@
+"""Block-sparse linear on CPU: forward y = x W^T + b and the two backward pieces.
+
+W [out_features, in_features] is block-CSR over block rows (see docs/architecture.md, "Block-sparse weights"):
+``values`` [nnz, br, bc], ``row_ptr`` int64 [R + 1], ``col_idx`` int64 [nnz]. fp32 runs the compiled kernel
+(kernels/cpu/csrc/block_sparse.c); fp16/bf16 are computed in fp32 and cast back; fp64 and machines without a
+C compiler use the pure-torch path, which builds the dense weight and calls BLAS.
+
+``backend`` picks the path: "auto" (compiled when available), "compiled" (error when unavailable) or "torch".
+The environment variable ``LPL_CPU_KERNEL=torch`` forces the torch path for "auto".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from lpl.utils.errors import LplError
+
+from ._build import load_error, load_library
+
+Backend = Literal["auto", "compiled", "torch"]
+
+# Retained-K chunk (floats of one 16-wide strip of B) that stays in L1 while a token tile streams through it.
+_L1_K_CHUNK = 256
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
+    try:
+        br, bc = (int(b) for b in block_size)
+    except (TypeError, ValueError):
+        raise LplError(f"block_size must be a pair of positive ints (rows, cols), got {block_size!r}.") from None
+    if br <= 0 or bc <= 0:
+        raise LplError(f"block_size must be a pair of positive ints (rows, cols), got {block_size!r}.")
+    return br, bc
+
+
+def _check_dense(name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise LplError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.device.type != "cpu":
+        raise LplError(f"{name} is on {t.device}; the CPU block-sparse path needs CPU tensors (move it with .cpu()).")
+    if t.layout != torch.strided:
+        raise LplError(f"{name} must be a dense (strided) tensor, got layout {t.layout}.")
+    if t.dim() != ndim:
+        raise LplError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}.")
+    if not t.is_floating_point():
+        raise LplError(f"{name} must be a floating-point tensor, got {t.dtype}.")
+
+
+def _check_structure(
+    values: torch.Tensor | None,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    n_block_rows: int,
+    n_block_cols: int,
+    block_size: tuple[int, int],
+) -> int:
+    """Check the block-CSR index tensors (and values when given); return nnz."""
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu":
+            desc = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise LplError(f"{name} must be a 1-D int64 CPU tensor, got {desc}.")
+    if row_ptr.numel() != n_block_rows + 1:
+        raise LplError(
+            f"row_ptr has {row_ptr.numel()} entries but the weight has {n_block_rows} block rows "
+            f"(needs {n_block_rows + 1}); check out_features/in_features and block_size."
+        )
+    nnz = col_idx.numel()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise LplError(f"row_ptr must start at 0, never decrease and end at nnz={nnz}.")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= n_block_cols):
+        raise LplError(
+            f"col_idx must lie in [0, {n_block_cols}) ({n_block_cols} block columns), "
+            f"got range [{int(col_idx.min())}, {int(col_idx.max())}]."
+        )
+    if values is not None:
+        _check_dense("values", values, 3)
+        if tuple(values.shape) != (nnz, *block_size):
+            raise LplError(
+                f"values must have shape (nnz, br, bc) = {(nnz, *block_size)}, got {tuple(values.shape)}."
+            )
+    return nnz
+
+
+def _check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise LplError(f"dtypes differ ({listing}); cast them to one floating-point dtype.")
+    return next(iter(dtypes.values()))
+
+
+def _resolve_backend(backend: Backend, dtype: torch.dtype) -> bool:
+    """True when the compiled kernel runs this call."""
+    if backend not in ("auto", "compiled", "torch"):
+        raise LplError(f"backend must be 'auto', 'compiled' or 'torch', got {backend!r}.")
+    if backend == "torch" or dtype == torch.float64:
+        return False
+    if backend == "auto" and os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch":
+        return False
+    available = load_library() is not None
+    if backend == "compiled" and not available:
+        raise LplError(f"the compiled CPU kernel is unavailable ({load_error()}); use backend='auto' or 'torch'.")
+    return available
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure-torch path (reference-grade, dense BLAS speed)
+
+
+def _block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """Block-row index of every retained block."""
+    counts = row_ptr[1:] - row_ptr[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int64), counts)
+
+
+def _dense_weight(
+    values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    out_features, in_features = shape
+    nnz, br, bc = values.shape
+    n_rows, n_cols = row_ptr.numel() - 1, _ceil_div(in_features, bc)
+    grid = values.new_zeros(n_rows, n_cols, br, bc)
+    grid[_block_rows(row_ptr), col_idx] = values
+    return grid.permute(0, 2, 1, 3).reshape(n_rows * br, n_cols * bc)[:out_features, :in_features]
+
+
+def _gather_blocks(dense: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    n_rows, n_cols = row_ptr.numel() - 1, _ceil_div(dense.shape[1], bc)
+    padded = F.pad(dense, (0, n_cols * bc - dense.shape[1], 0, n_rows * br - dense.shape[0]))
+    grid = padded.reshape(n_rows, br, n_cols, bc).permute(0, 2, 1, 3)
+    return grid[_block_rows(row_ptr), col_idx].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled path helpers
+
+
+def _pack_strips(blocks: torch.Tensor) -> torch.Tensor:
+    """[nnz, kb, nb] -> [nnz, S, kb, 16] fp32 contiguous, nb zero-padded to S*16 (the microkernel's B layout)."""
+    nnz, kb, nb = blocks.shape
+    strips = _ceil_div(nb, 16)
+    padded = F.pad(blocks.float(), (0, strips * 16 - nb))
+    return padded.reshape(nnz, kb, strips, 16).permute(0, 2, 1, 3).contiguous()
+
+
+def _run_matmul(
+    a: torch.Tensor,
+    bpack: torch.Tensor,
+    ptr: torch.Tensor,
+    in_blk: torch.Tensor,
+    kb: int,
+    nb: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """out[M, out_features] = a @ B^T (+ bias) with B given as packed 16-wide strips over output block rows."""
+    lib = load_library()
+    m, k = a.shape
+    out = torch.empty(m, out_features, dtype=torch.float32)
+    status = lib.lpl_bs_matmul(
+        a.data_ptr(), m, k, a.stride(0), a.stride(1),
+        bpack.data_ptr(), ptr.contiguous().data_ptr(), in_blk.contiguous().data_ptr(), ptr.numel() - 1,
+        kb, nb,
+        out.data_ptr(), out_features, out.stride(0), _addr(bias),
+        _L1_K_CHUNK, 0, ctypes.c_int(torch.get_num_threads()),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("lpl.kernels.cpu: the block-sparse kernel could not allocate its packing buffers.")
+    return out
+
+
+def _as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def block_sparse_linear_cpu(
+    x2d: torch.Tensor,
+    values: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    out_features: int,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """y = x W^T + b for a block-CSR weight W [out_features, x2d.shape[1]].
+
+    Args:
+        x2d: [M, K] input (any strides).
+        values: [nnz, br, bc] retained blocks (ragged edge blocks zero-padded to full size).
+        row_ptr: int64 [R + 1] with R = ceil(out_features / br).
+        col_idx: int64 [nnz] block columns, each in [0, ceil(K / bc)).
+        out_features: N, the weight's true number of rows.
+        block_size: (br, bc).
+        bias: optional [N].
+        backend: "auto", "compiled" or "torch" (see the module docstring).
+
+    Returns:
+        [M, N] in x2d's dtype.
+    """
+    br, bc = _check_block_size(block_size)
+    _check_dense("x2d", x2d, 2)
+    out_features = int(out_features)
+    if out_features < 0:
+        raise LplError(f"out_features must be >= 0, got {out_features}.")
+    in_features = x2d.shape[1]
+    n_rows, n_cols = _ceil_div(out_features, br), _ceil_div(in_features, bc)
+    _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    if bias is not None:
+        _check_dense("bias", bias, 1)
+        if bias.shape[0] != out_features:
+            raise LplError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
+    dtype = _check_same_dtype(x2d=x2d, values=values, bias=bias)
+
+    if not _resolve_backend(backend, dtype):
+        weight = _dense_weight(values, row_ptr, col_idx, (out_features, in_features))
+        return F.linear(x2d, weight, bias)
+
+    bpack = _pack_strips(values.transpose(1, 2))  # kb = bc (input), nb = br (output)
+    bias32 = _as_fp32(bias)
+    out = _run_matmul(
+        _as_fp32(x2d), bpack, row_ptr, col_idx, bc, br, out_features, None if bias32 is None else bias32.contiguous()
+    )
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def grad_input_cpu(
+    dy2d: torch.Tensor,
+    values: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    in_features: int,
+    block_size: tuple[int, int],
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """dX = dY W for a block-CSR weight W [dy2d.shape[1], in_features]; returns [M, in_features] in dy2d's dtype."""
+    br, bc = _check_block_size(block_size)
+    _check_dense("dy2d", dy2d, 2)
+    in_features = int(in_features)
+    if in_features < 0:
+        raise LplError(f"in_features must be >= 0, got {in_features}.")
+    out_features = dy2d.shape[1]
+    n_rows, n_cols = _ceil_div(out_features, br), _ceil_div(in_features, bc)
+    _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    dtype = _check_same_dtype(dy2d=dy2d, values=values)
+
+    if not _resolve_backend(backend, dtype):
+        weight = _dense_weight(values, row_ptr, col_idx, (out_features, in_features))
+        return dy2d @ weight
+
+    # Transpose the block structure (CSR over block columns) so output block rows of dX own their blocks.
+    block_rows = _block_rows(row_ptr)
+    order = torch.argsort(col_idx * max(n_rows, 1) + block_rows)
+    col_ptr = torch.zeros(n_cols + 1, dtype=torch.int64)
+    col_ptr[1:] = torch.cumsum(torch.bincount(col_idx, minlength=n_cols), 0)
+    bpack = _pack_strips(values[order])  # kb = br (input of dX), nb = bc (output)
+    out = _run_matmul(_as_fp32(dy2d), bpack, col_ptr, block_rows[order].contiguous(), br, bc, in_features, None)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def grad_values_cpu(
+    dy2d: torch.Tensor,
+    x2d: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    block_size: tuple[int, int],
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """dW at the retained blocks: [nnz, br, bc] with dW[j] = dY[:, block row]^T X[:, block col]; padding is zero."""
+    br, bc = _check_block_size(block_size)
+    _check_dense("dy2d", dy2d, 2)
+    _check_dense("x2d", x2d, 2)
+    if dy2d.shape[0] != x2d.shape[0]:
+        raise LplError(f"dy2d and x2d must have the same number of rows, got {dy2d.shape[0]} and {x2d.shape[0]}.")
+    out_features, in_features = dy2d.shape[1], x2d.shape[1]
+    n_rows, n_cols = _ceil_div(out_features, br), _ceil_div(in_features, bc)
+    nnz = _check_structure(None, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    dtype = _check_same_dtype(dy2d=dy2d, x2d=x2d)
+
+    if not _resolve_backend(backend, dtype):
+        return _gather_blocks(dy2d.transpose(0, 1) @ x2d, row_ptr, col_idx, br, bc)
+
+    dy32, x32 = _as_fp32(dy2d), _as_fp32(x2d)
+    out = torch.zeros(nnz, br, bc, dtype=torch.float32)
+    status = load_library().lpl_bs_grad_values(
+        dy32.data_ptr(), dy32.shape[0], out_features, dy32.stride(0), dy32.stride(1),
+        x32.data_ptr(), in_features, x32.stride(0), x32.stride(1),
+        row_ptr.data_ptr(), col_idx.data_ptr(), n_rows, nnz,
+        br, bc, out.data_ptr(), 0, ctypes.c_int(torch.get_num_threads()),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("lpl.kernels.cpu: the block-sparse kernel could not allocate its packing buffers.")
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def compiled_kernel_available() -> bool:
+    """Whether the compiled kernel loads on this machine (builds it on first call)."""
+    return load_library() is not None
