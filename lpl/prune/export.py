@@ -1,0 +1,65 @@
+"""Export a block-pruned model: replace each masked ``nn.Linear`` by ``lpl.kernels.BlockSparseLinear``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lpl.utils.errors import LplError
+
+
+def to_block_sparse(
+    model: nn.Module, prune_result: Any, block_size: int | Sequence[int] | None = None
+) -> nn.Module:
+    """Replace every Linear named in the prune result by a ``BlockSparseLinear`` keeping only its retained blocks.
+
+    ``prune_result`` is a ``PruneResult`` (or any object with ``.block_masks: dict[str, BoolTensor [R, C]]`` and
+    ``.block_size: (br, bc)``), a dict ``{"block_masks": ..., "block_size": ...}``, or a plain dict of masks with
+    ``block_size`` given here. Names are module names (``"blocks.0.mlp.fc1"``; a ``".weight"`` suffix is accepted).
+    The model is changed in place and returned; weights, bias, dtype and device are kept, so outputs equal those of
+    the masked dense model.
+
+    Example::
+
+        >>> result = prune_model(model, calib_loader, flops_keep=0.5)
+        >>> sparse_model = to_block_sparse(model, result)      # runs through lpl.kernels, really faster
+        >>> save_safetensors_atomic(sparse_model.state_dict(), "deit_s_pruned.safetensors")
+    """
+    from lpl.kernels import BlockSparseLinear
+
+    masks, size = _masks_and_block_size(prune_result, block_size)
+    modules = dict(model.named_modules())
+    for raw_name, mask in masks.items():
+        name = raw_name[: -len(".weight")] if raw_name.endswith(".weight") else raw_name
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            found = "missing" if linear is None else f"a {type(linear).__name__}"
+            raise LplError(
+                f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
+                f"export the model the masks were computed for."
+            )
+        sparse = BlockSparseLinear.from_linear(linear, torch.as_tensor(mask), size)
+        sparse.train(linear.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+    return model
+
+
+def _masks_and_block_size(prune_result: Any, block_size: Any) -> tuple[Mapping[str, torch.Tensor], Any]:
+    if hasattr(prune_result, "block_masks") and hasattr(prune_result, "block_size"):
+        return prune_result.block_masks, prune_result.block_size
+    if isinstance(prune_result, Mapping) and "block_masks" in prune_result:
+        size = prune_result.get("block_size", block_size)
+        if size is None:
+            raise LplError("the prune result dict has 'block_masks' but no 'block_size'; add it or pass block_size=.")
+        return prune_result["block_masks"], size
+    if isinstance(prune_result, Mapping) and all(isinstance(v, torch.Tensor) for v in prune_result.values()):
+        if block_size is None:
+            raise LplError("a plain dict of block masks needs block_size=(br, bc): to_block_sparse(model, masks, (32, 32)).")
+        return prune_result, block_size
+    raise LplError(
+        f"to_block_sparse takes a PruneResult (.block_masks, .block_size), a dict with 'block_masks' and "
+        f"'block_size', or a dict of masks plus block_size=; got a {type(prune_result).__name__}."
+    )

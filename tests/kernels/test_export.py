@@ -1,0 +1,72 @@
+"""to_block_sparse: a masked ViT-like model exported to BlockSparseLinear gives the masked model's outputs."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lpl.kernels import BlockSparseLinear
+from lpl.prune.export import to_block_sparse
+from lpl.utils.errors import LplError
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(40, 96)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(96, 40)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+def _model_and_masks(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(TinyBlock(), TinyBlock(), nn.Linear(40, 10))
+    masks = {"0.fc1": torch.rand(3, 2) < 0.6, "1.fc2.weight": torch.rand(2, 3) < 0.6}
+    return model, masks
+
+
+def _apply_masks_densely(model, masks, block_size):
+    for name, mask in masks.items():
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        expanded = mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+        layer.weight.data *= expanded[: layer.out_features, : layer.in_features]
+
+
+@pytest.mark.parametrize("form", ["object", "dict", "plain"])
+def test_export_replaces_masked_linears_and_keeps_outputs(form, rel_err):
+    model, masks = _model_and_masks()
+    reference = _model_and_masks()[0]
+    _apply_masks_densely(reference, masks, 32)
+    prune_result = {
+        "object": SimpleNamespace(block_masks=masks, block_size=(32, 32)),
+        "dict": {"block_masks": masks, "block_size": (32, 32)},
+        "plain": masks,
+    }[form]
+    exported = to_block_sparse(model, prune_result, block_size=32 if form == "plain" else None)
+    assert exported is model
+    assert isinstance(model[0].fc1, BlockSparseLinear) and isinstance(model[1].fc2, BlockSparseLinear)
+    assert type(model[0].fc2) is nn.Linear and type(model[2]) is nn.Linear
+    x = torch.randn(2, 5, 40)
+    assert rel_err(model(x), reference(x)) < 1e-5
+
+
+def test_export_of_an_unknown_layer_is_a_clear_error():
+    model, masks = _model_and_masks()
+    with pytest.raises(LplError, match="'0.act'.*not an nn.Linear"):
+        to_block_sparse(model, {"0.act": masks["0.fc1"]}, block_size=32)
+
+
+def test_export_with_a_mask_of_the_wrong_shape_is_a_clear_error():
+    model, _ = _model_and_masks()
+    with pytest.raises(LplError, match="block_mask must have shape"):
+        to_block_sparse(model, {"0.fc1": torch.ones(2, 2, dtype=torch.bool)}, block_size=32)
+
+
+def test_plain_masks_without_block_size_is_a_clear_error():
+    model, masks = _model_and_masks()
+    with pytest.raises(LplError, match="needs block_size"):
+        to_block_sparse(model, masks)
