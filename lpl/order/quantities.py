@@ -21,7 +21,14 @@ Per pool batch (g = the batch's gradient at theta_t, plus ``weight_decay * theta
   Gamma(theta_t + Delta, B) ~ Gamma(theta_t, B) + sum_i <P u_i, P Delta> P(dGamma/dg * H_B u_i): only inner
   products of projections, so it is exact up to the JL error and the rank-r truncation.
 
-Validation: ``val_loss`` and ``val_grad`` = P grad L_val(theta_t).
+Validation: ``val_loss`` and ``val_grad`` = P grad L_val(theta_t). ``probe_validation`` also keeps the full
+validation gradient on the context (``ctx.val_grad``, never stored); when the recorder calls it BEFORE the pool
+probes of the same step with the same context, each pool batch also stores the exact scalars
+``val_dot_update`` = <grad L_val(theta_t), Gamma(theta_t, B)> and ``val_dot_precond`` (same for ``precond_grad``).
+The estimator uses them as control variates: a projected inner product <P a, P b> has an error of order
+|a| |b| / sqrt(k), which swamps the small inner products that decide a loss change; replacing
+<P v_T, P x_{t,B}> by the exact <v_t, x_{t,B}> plus the projected <P (v_T - v_t), P x_{t,B}> shrinks that error to
+the part of v_T that is new since step t.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class ProbeContext:
     adam: AdamSnapshot
     projector: "Projector"
     curvature_rank: int = 0  # r > 0 also records the per-batch curvature factors (r Hessian-vector products)
+    val_grad: Tensor | None = None  # full validation gradient, set by probe_validation (kept in memory only)
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
@@ -168,6 +176,10 @@ def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dic
             "update": _project(ctx, terms.update),
             "precond_grad": _project(ctx, terms.precond_grad),
         }
+        if ctx.val_grad is not None:
+            val_grad = ctx.val_grad.to(grad.device)
+            out["val_dot_update"] = (val_grad @ terms.update).reshape(())
+            out["val_dot_precond"] = (val_grad @ terms.precond_grad).reshape(())
         if curvature:
             def hvp(vector: Tensor) -> Tensor:
                 parts = torch.autograd.grad(
@@ -187,8 +199,13 @@ def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dic
 
 
 def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[str, Tensor]:
-    """``val_loss`` and ``val_grad`` (projected gradient of the validation loss) at theta_t."""
+    """``val_loss`` and ``val_grad`` (projected gradient of the validation loss) at theta_t.
+
+    Also sets ``ctx.val_grad`` (full, in memory) so that later ``probe_pool_batch`` calls on ``ctx`` add the exact
+    ``val_dot_*`` scalars.
+    """
     with torch.enable_grad():
         loss = val_loss()
         grad = _flat([g.detach() for g in _gradients(loss, ctx.params, create_graph=False)])
+    ctx.val_grad = grad
     return {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}

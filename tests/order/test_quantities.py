@@ -137,3 +137,18 @@ def test_validation_probe():
     torch.testing.assert_close(out["val_grad"], torch.cat([p.grad.reshape(-1) for p in params]))
     assert out["val_loss"].item() == pytest.approx(loss.item())
     assert set(out) == {"val_loss", "val_grad"}
+
+
+def test_validation_first_gives_exact_dot_scalars():
+    model, batches = _problem(4)
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    dim = sum(p.numel() for p in params)
+    ctx = ProbeContext(0, params, adam, DenseProjector(dim, 8))
+    assert "val_dot_update" not in probe_pool_batch(ctx, lambda: _loss(model, batches[0]))
+    probe_validation(ctx, lambda: _loss(model, batches[1]))
+    probed = probe_pool_batch(ctx, lambda: _loss(model, batches[0]))
+    exact = probe_pool_batch(ProbeContext(0, params, adam, Identity()), lambda: _loss(model, batches[0]))
+    assert probed["val_dot_update"].item() == pytest.approx((ctx.val_grad @ exact["update"]).item(), rel=1e-5)
+    assert probed["val_dot_precond"].item() == pytest.approx((ctx.val_grad @ exact["precond_grad"]).item(), rel=1e-5)
