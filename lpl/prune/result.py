@@ -17,6 +17,7 @@ from lpl.utils.io import atomic_write_json, save_safetensors_atomic
 
 _TENSORS = "masks.safetensors"
 _META = "result.json"
+_FORMAT = "lpl.PruneResult/1"
 CURVE_FIELDS = ("distortion", "flops", "latency", "energy", "density")
 
 
@@ -75,16 +76,14 @@ class PruneResult:
                     f"{tuple(shape)}; load it onto the model it was computed for."
                 )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``path/masks.safetensors`` (masks, curves) and ``path/result.json`` (everything else)."""
-        path = Path(path)
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able metadata): what ``save`` writes and a Lightning checkpoint stores."""
         tensors = {f"mask/{name}": mask.to(torch.uint8) for name, mask in self.block_masks.items()}
         for name, curve in self.curves.items():
             for key, values in curve.items():
                 tensors[f"curve/{name}/{key}"] = values.double()
-        save_safetensors_atomic(tensors, path / _TENSORS)
         meta = {
-            "format": "lpl.PruneResult/1",
+            "format": _FORMAT,
             "layers": list(self.block_masks),
             "block_size": list(self.block_size),
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
@@ -97,7 +96,13 @@ class PruneResult:
             "options": self.options,
             "prune_seconds": self.prune_seconds,
         }
-        atomic_write_json(path / _META, meta)
+        return tensors, meta
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/masks.safetensors`` (masks, curves) and ``path/result.json`` (everything else)."""
+        tensors, meta = self.to_state()
+        save_safetensors_atomic(tensors, Path(path) / _TENSORS)
+        atomic_write_json(Path(path) / _META, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruneResult":
@@ -106,17 +111,19 @@ class PruneResult:
         path = Path(path)
         if not (path / _META).is_file() or not (path / _TENSORS).is_file():
             raise LplError(f"{path} is not a saved PruneResult (expected {_META} and {_TENSORS} inside).")
-        meta = json.loads((path / _META).read_text(encoding="utf-8"))
-        if meta.get("format") != "lpl.PruneResult/1":
-            raise LplError(f"{path / _META} has format {meta.get('format')!r}, expected 'lpl.PruneResult/1'.")
-        tensors = load_file(str(path / _TENSORS))
+        return cls.from_state(load_file(str(path / _TENSORS)), json.loads((path / _META).read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PruneResult":
+        if meta.get("format") != _FORMAT:
+            raise LplError(f"not a saved PruneResult: format {meta.get('format')!r}, expected {_FORMAT!r}.")
         block_size = tuple(meta["block_size"])
         shapes = {name: tuple(shape) for name, shape in meta["shapes"].items()}
         masks = {}
         for name in meta["layers"]:
             mask = tensors[f"mask/{name}"].bool()
             if tuple(mask.shape) != block_grid(shapes[name], block_size):
-                raise LplError(f"{path}: mask of {name!r} has shape {tuple(mask.shape)}, inconsistent with its layer.")
+                raise LplError(f"the saved mask of {name!r} has shape {tuple(mask.shape)}, inconsistent with its layer.")
             masks[name] = mask
         curves: dict[str, dict[str, torch.Tensor]] = {}
         for key, values in tensors.items():

@@ -1,0 +1,236 @@
+"""BlockPruneCallback: prune a (pretrained) LightningModule with calibration batches, then fine-tune with masks fixed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lpl.prune.api import check_options, prune_model
+from lpl.prune.hardware import HardwareProfile
+from lpl.prune.importance import model_inputs, move_to_device
+from lpl.prune.masking import MaskHandle, apply_masks
+from lpl.prune.result import PruneResult
+from lpl.utils.errors import LplError
+from lpl.utils.loss import module_loss
+
+
+class BlockPruneCallback(Callback):
+    r"""Hardware-aware post-training block pruning inside ``Trainer.fit``.
+
+    At fit start (or after ``prune_after_steps`` training steps, for "train then prune" in one run) it prunes the
+    module with ``calib_batches`` batches from the training data (``lpl.prune.prune_model``; under DDP statistics
+    are all-reduced and every rank gets the same masks); the rest of ``fit`` fine-tunes with the masks fixed
+    (weights, gradients and optimizer state of pruned blocks stay zero), optionally distilling from the dense model
+    (``distill=True`` needs a module with ``set_teacher(module)`` and its network in ``.model``, as
+    ``lpl.models.ViTClassifier``). The PruneResult is stored in checkpoints and re-applied on resume. At fit end it
+    logs the result (scalars to every logger; W&B also gets per-layer density / latency / energy and distortion
+    curves) and saves it as ``prune_result/`` beside the checkpoints (or at ``result_path``).
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=2, callbacks=[BlockPruneCallback(flops_keep=0.5, distill=True)])
+        trainer.fit(ViTClassifier(..., pretrained_path="dense.safetensors"), datamodule=MNIST5kDataModule())
+
+    Args:
+        block_size, flops_keep, importance, allocation, lambda_power, min_density, max_density, include, exclude:
+            as in ``prune_model``.
+        cost_model: a HardwareProfile, the path of a saved one (JSON), or None for the analytic default.
+        calib_batches: number of training batches used for calibration.
+        distill: fine-tune against the dense model's logits (soft distillation).
+        prune_after_steps: prune after this many optimizer steps (0: at fit start, on the loaded weights).
+        evaluate: report validation loss/accuracy of the dense and the pruned model (needs a datamodule).
+        result_path: where to save the PruneResult (default: ``<checkpoint dir>/prune_result``).
+        result: a PruneResult (or the folder of a saved one) to apply instead of pruning: fine-tune given masks.
+    """
+
+    def __init__(
+        self,
+        block_size: tuple[int, int] = (16, 16),
+        flops_keep: float = 0.5,
+        importance: str = "taylor2",
+        allocation: str = "hardware",
+        lambda_power: float = 1.0,
+        min_density: float = 0.05,
+        max_density: float = 1.0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        cost_model: HardwareProfile | str | None = None,
+        calib_batches: int = 32,
+        distill: bool = False,
+        prune_after_steps: int = 0,
+        evaluate: bool = True,
+        result_path: str | None = None,
+        result: PruneResult | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density)
+        if calib_batches <= 0:
+            raise LplError(f"calib_batches must be positive, got {calib_batches}.")
+        if prune_after_steps < 0:
+            raise LplError(f"prune_after_steps must be >= 0, got {prune_after_steps}.")
+        self.options = dict(
+            block_size=tuple(block_size), flops_keep=flops_keep, importance=importance, allocation=allocation,
+            lambda_power=lambda_power, min_density=min_density, max_density=max_density,
+            include=list(include) if include is not None else None,
+            exclude=list(exclude) if exclude is not None else None,
+        )
+        self.cost_model = HardwareProfile.load(cost_model) if isinstance(cost_model, (str, Path)) else cost_model
+        self.calib_batches = calib_batches
+        self.distill = distill
+        self.prune_after_steps = prune_after_steps
+        self.evaluate = evaluate
+        self.result_path = result_path
+        self.result = PruneResult.load(result) if isinstance(result, (str, Path)) else result
+        self.metrics: dict[str, float] = {}
+        self._handle: MaskHandle | None = None
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.result is not None:  # resumed from a checkpoint: the weights are pruned already, re-apply the masks
+            if self.distill:
+                rank_zero_warn("BlockPruneCallback: resumed run fine-tunes without distillation (no dense teacher).")
+            self._apply(trainer, pl_module)
+        elif self.prune_after_steps == 0:
+            self._prune(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.result is None and trainer.global_step >= self.prune_after_steps:
+            self._prune(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.result is None:
+            return
+        if self.evaluate:
+            self.metrics.update(self._evaluate(trainer, pl_module, "finetuned"))
+        self._log(trainer)
+        if trainer.is_global_zero:
+            self.result.save(self._result_dir(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.result is None:
+            return {}
+        tensors, meta = self.result.to_state()
+        return {"tensors": tensors, "meta": meta, "metrics": dict(self.metrics)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.result = PruneResult.from_state(state_dict["tensors"], state_dict["meta"])
+            self.metrics = dict(state_dict.get("metrics", {}))
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+    def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.evaluate:
+            self.metrics.update(self._evaluate(trainer, pl_module, "dense"))
+        if self.distill:
+            if not callable(getattr(pl_module, "set_teacher", None)) or not isinstance(
+                getattr(pl_module, "model", None), torch.nn.Module
+            ):
+                raise LplError(f"distill=True needs {type(pl_module).__name__} to have set_teacher(module) and a "
+                               "`.model` network (as lpl.models.ViTClassifier); or use distill=False.")
+            pl_module.set_teacher(copy.deepcopy(pl_module.model))
+        self.result = prune_model(pl_module, self._calibration_batches(trainer, pl_module),
+                                  cost_model=self.cost_model, **self.options)
+        self._apply(trainer, pl_module)
+        if self.evaluate:
+            self.metrics.update(self._evaluate(trainer, pl_module, "pruned"))
+        rank_zero_info(
+            f"BlockPruneCallback: kept {self.result.flops_keep:.3f} of the prunable FLOPs, predicted speedup "
+            f"{self.result.predicted_speedup:.2f}x, energy ratio {self.result.predicted_energy_ratio:.2f} "
+            f"({self.result.prune_seconds:.1f} s); {self._format_metrics()}"
+        )
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)
+
+    def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Any]:
+        if trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        else:  # a loader passed to fit(): Lightning has not built it yet at fit start
+            loader = trainer.fit_loop._data_source.dataloader()
+        batches = []
+        for batch in loader:
+            if len(batches) == self.calib_batches:
+                break
+            batches.append(batch)
+        if not batches:
+            raise LplError("the training loader yielded no batches, so there is nothing to calibrate pruning on.")
+        return batches
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        """Validation loss (and accuracy when batches carry labels) of the module as it is now."""
+        if trainer.datamodule is None or not callable(getattr(trainer.datamodule, "val_dataloader", None)):
+            return {}
+        was_training = pl_module.training
+        pl_module.eval()  # also turns distillation off: plain task loss
+        total_loss = correct = count = 0.0
+        has_labels = False
+        try:
+            for batch in trainer.datamodule.val_dataloader():
+                batch = move_to_device(batch, pl_module.device)
+                size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
+                total_loss += float(module_loss(pl_module, batch)) * size
+                if isinstance(batch, dict) and "label" in batch:
+                    has_labels = True
+                    correct += float((pl_module(model_inputs(batch)).argmax(-1) == batch["label"]).sum())
+                count += size
+        finally:
+            pl_module.train(was_training)
+        if not count:
+            return {}
+        metrics = {f"prune/{stage}_val_loss": total_loss / count}
+        if has_labels:
+            metrics[f"prune/{stage}_val_acc"] = correct / count
+        return metrics
+
+    def _result_dir(self, trainer: L.Trainer) -> Path:
+        if self.result_path:
+            return Path(self.result_path)
+        checkpoint = trainer.checkpoint_callback
+        base = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
+        return Path(base) / "prune_result"
+
+    def _format_metrics(self) -> str:
+        return ", ".join(f"{k.removeprefix('prune/')}={v:.4f}" for k, v in self.metrics.items())
+
+    def _log(self, trainer: L.Trainer) -> None:
+        result = self.result
+        scalars = {"prune/flops_keep": result.flops_keep, "prune/predicted_speedup": result.predicted_speedup,
+                   "prune/predicted_energy_ratio": result.predicted_energy_ratio,
+                   "prune/seconds": result.prune_seconds, **self.metrics}
+        rank_zero_info(f"BlockPruneCallback: {self._format_metrics()}")
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+                log_result_to_wandb(logger, result)
+
+
+def log_result_to_wandb(logger: Any, result: PruneResult) -> None:
+    """Per-layer density / predicted latency / energy bar charts and distortion curves in a W&B run."""
+    import wandb
+
+    density = result.density
+    rows = [[name, density[name], *result.layer_latency[name], *result.layer_energy[name]] for name in density]
+    table = wandb.Table(columns=["layer", "density", "dense_latency_s", "pruned_latency_s", "dense_energy_j",
+                                 "pruned_energy_j"], data=rows)
+    charts = {
+        "prune/layers": table,
+        "prune/density": wandb.plot.bar(table, "layer", "density", title="kept density per layer"),
+        "prune/latency": wandb.plot.bar(table, "layer", "pruned_latency_s", title="predicted latency per layer"),
+        "prune/energy": wandb.plot.bar(table, "layer", "pruned_energy_j", title="predicted energy per layer"),
+    }
+    if result.curves:
+        names = list(result.curves)
+        charts["prune/distortion_curves"] = wandb.plot.line_series(
+            xs=[result.curves[n]["density"].tolist() for n in names],
+            ys=[result.curves[n]["distortion"].tolist() for n in names],
+            keys=names, title="predicted distortion vs density", xname="density",
+        )
+    logger.experiment.log(charts)
