@@ -5,6 +5,9 @@ gamma_{t+1} = gamma_t - lr_t Gamma(gamma_t, B_{l_t}). We track the projected dis
 Delta_t = gamma_t - theta_t, for N orders at once, and read losses off linearisations around the reference:
 L(gamma_t) ~ L(theta_t) + <P grad L(theta_t), P Delta_t>. Everything is linear in stored k-vectors, and curvature
 enters only through inner products <P u_i, P Delta> with per-batch factors (see lpl.order.quantities).
+When the recording holds the exact validation-dot scalars, a scalar shadow of the same linear recursion carries the
+projection error of every injected term (exact dot minus projected dot at its own step) and is added to the
+projected loss change: a control variate that removes most of the JL noise (see lpl.order.quantities).
 
 Methods:
 - ``zeroth_order``: the paper's update term with no correction (TracIn-like).
@@ -52,6 +55,8 @@ class ReplayData:
     curv_basis: Tensor | None = None  # [P, nb, r, k]
     curv_update: Tensor | None = None
     curv_precond: Tensor | None = None
+    val_dot_update: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), Gamma(theta_t, B)>
+    val_dot_precond: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), precond_grad(theta_t, B)>
 
     @property
     def num_steps(self) -> int:
@@ -123,8 +128,13 @@ def check_orders(orders: Tensor, num_batches: int, num_steps: int) -> Tensor:
     return orders
 
 
-def replay(data: ReplayData, orders: Tensor, method: str = "first_order") -> ReplayResult:
-    """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L]."""
+def replay(
+    data: ReplayData, orders: Tensor, method: str = "first_order", control_variates: bool = True
+) -> ReplayResult:
+    """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L].
+
+    ``control_variates`` uses the exact validation-dot scalars when the recording has them.
+    """
     if method not in METHODS:
         raise LplError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if method in CURVATURE_METHODS and data.curv_basis is None:
@@ -146,6 +156,15 @@ def replay(data: ReplayData, orders: Tensor, method: str = "first_order") -> Rep
     decay = data.weight_decay if data.decoupled else 0.0
     use_curvature = method in CURVATURE_METHODS
     steps = data.probe_steps.tolist()
+    adam_like = method.startswith("adam")
+    exact_dots = data.val_dot_precond if adam_like else data.val_dot_update
+    use_cv = control_variates and exact_dots is not None
+    if use_cv:  # projection error of each stored term against the validation gradient of its own step
+        stored = data.precond_grad if adam_like else data.update
+        dot_error = exact_dots.float() - torch.einsum("pbk,pk->pb", stored.float(), data.val_grad.float())
+    shadow = torch.zeros(n, device=device)  # the same linear recursion, on dot errors
+    shadow_momentum = torch.zeros(n, device=device)
+    shadow_momentum_ref = torch.zeros((), device=device)
 
     def correction(where: tuple[int, int, float], ids: Tensor, factors: Tensor, d: Tensor) -> Tensor:
         basis = _at(data.curv_basis, where, ids)  # [n, r, k]
@@ -154,11 +173,20 @@ def replay(data: ReplayData, orders: Tensor, method: str = "first_order") -> Rep
 
     for t in range(length):
         where = interp(t)
-        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where)
+        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where) + shadow
         ids = orders[:, t]
         ref = int(data.reference_order[t])
         lr = float(data.lr[t])
-        if method.startswith("adam"):
+        if use_cv:
+            err_new, err_ref = _at(dot_error, where, ids), _at(dot_error, where, ref)
+            if adam_like:
+                shadow_momentum = beta1 * shadow_momentum + (1.0 - beta1) * err_new
+                shadow_momentum_ref = beta1 * shadow_momentum_ref + (1.0 - beta1) * err_ref
+                shadow_step = (shadow_momentum - shadow_momentum_ref) / (1.0 - beta1 ** (t + 1))
+            else:
+                shadow_step = err_new - err_ref
+            shadow = shadow - lr * (shadow_step + decay * shadow)
+        if adam_like:
             p_new = _at(data.precond_grad, where, ids)
             if use_curvature:
                 p_new = p_new + correction(where, ids, data.curv_precond, delta)
@@ -186,6 +214,6 @@ def replay(data: ReplayData, orders: Tensor, method: str = "first_order") -> Rep
                     step_diff = step_diff + 0.5 * share[:, None] * change
         delta = delta - lr * (step_diff + decay * delta)
     end = interp(length)
-    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end)
+    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end) + shadow
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
     return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses)
