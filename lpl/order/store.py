@@ -1,0 +1,378 @@
+"""The on-disk recording of a reference run: a folder that a kill at any instant leaves readable.
+
+Layout::
+
+    manifest.json                      what the run was, which steps are complete, sha256 and size of every file
+    pool.safetensors                   the pool: sample ids of every batch, and the batch trained at each step
+    initial_state.safetensors          the module's state_dict before the first step
+    probes/t000012_r0.safetensors      what rank 0 probed at step 12 ("pool.<name>" stacked over its pool batches,
+                                       "pool_positions", and on rank 0 "val.<name>")
+
+Every file is written to a temporary name, fsynced and renamed (``lpl.utils.io``); the manifest is rewritten last,
+so it only ever names complete files, and files it does not name (from a step cut short) are ignored and later
+overwritten. Readers memory-map shards with ``safetensors.safe_open`` and load one step (or one tensor) at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_write_bytes, atomic_write_json
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+POOL_FILE = "pool.safetensors"
+INITIAL_STATE_FILE = "initial_state.safetensors"
+PROBE_DIR = "probes"
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+POOL_PREFIX, VAL_PREFIX = "pool.", "val."
+# fields that must agree for a resumed run to continue an existing recording
+IDENTITY_FIELDS = ("model.param_hash", "model.num_params", "projection.seed", "projection.proj_dim",
+                   "projection.kind", "store_dtype", "num_steps", "pool.sha256", "probe_every_n_steps")
+
+
+class RecordingError(LplError):
+    """A recording folder that is missing, does not match the run, or holds a truncated or corrupted file."""
+
+
+def parameter_signature(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> dict[str, Any]:
+    """Parameter count and a sha256 of the parameter names and shapes: identifies a model architecture."""
+    entries = [[name, [int(s) for s in shape]] for name, shape in named_shapes]
+    num_params = 0
+    for _, shape in entries:
+        count = 1
+        for s in shape:
+            count *= s
+        num_params += count
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"num_params": num_params, "param_hash": digest}
+
+
+def _serialise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    return save(payload, metadata=dict(metadata) if metadata else None)
+
+
+def _write_file(root: Path, relative: str, data: bytes) -> dict[str, Any]:
+    atomic_write_bytes(root / relative, data)
+    return {"file": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _field(manifest: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = manifest
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
+def pool_tensors(batches: Sequence[Sequence[int]], order: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The pool as flat tensors: ``batch_ids`` (all ids), ``batch_offsets`` [P + 1], ``order`` [T]."""
+    lengths = torch.tensor([len(b) for b in batches], dtype=torch.int64)
+    offsets = torch.zeros(len(batches) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    ids = torch.tensor([int(i) for b in batches for i in b], dtype=torch.int64)
+    return {"batch_ids": ids, "batch_offsets": offsets, "order": torch.tensor(list(order), dtype=torch.int64)}
+
+
+class RecordingWriter:
+    """Appends steps to a recording folder. Every rank writes its own probe shards; rank 0 owns the manifest.
+
+    Example::
+
+        writer = RecordingWriter.create(path, header, batches, order, initial_state)   # rank 0, once
+        info = writer.write_probe_shard(t, rank, pool_outputs, positions, val_outputs)  # every rank
+        writer.add_step(t, {"lr": 1e-3, ...}); writer.add_probe(t, [info, ...], {"val_loss": 2.3})
+        writer.flush()                                                                   # manifest, atomically
+        writer.finish()
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        header: Mapping[str, Any],
+        batches: Sequence[Sequence[int]],
+        order: Sequence[int],
+        initial_state: Mapping[str, torch.Tensor],
+    ) -> "RecordingWriter":
+        """Start a new recording (rank 0). ``header`` holds the run's identity: model, projection, optimizer, ..."""
+        root = Path(path)
+        if (root / MANIFEST).exists():
+            raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
+        if header.get("store_dtype") not in STORE_DTYPES:
+            raise LplError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {header.get('store_dtype')!r}.")
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
+        pool_info = _write_file(root, POOL_FILE, _serialise(pool_tensors(batches, order)))
+        manifest["pool"] = {**pool_info, "num_batches": len(batches)}
+        manifest["initial_state"] = _write_file(root, INITIAL_STATE_FILE, _serialise(initial_state))
+        writer = cls(root, manifest)
+        writer.flush()
+        return writer
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, header: Mapping[str, Any], pool_sha256: str, from_step: int) -> "RecordingWriter":
+        """Continue a recording from step ``from_step`` (the checkpoint's global step), dropping later steps.
+
+        Raises ``RecordingError`` when the folder is not a recording of the same run or misses steps before it.
+        """
+        root = Path(path)
+        manifest = Recording.open(root).manifest
+        expected = {**header, "pool": {"sha256": pool_sha256}}
+        for field in IDENTITY_FIELDS:
+            if _field(manifest, field) != _field(expected, field):
+                raise RecordingError(
+                    f"{root} records a different run ({field}: {_field(manifest, field)!r} there, "
+                    f"{_field(expected, field)!r} here); use a new dirpath or the original settings."
+                )
+        recorded = len(manifest["steps"])
+        if recorded < from_step:
+            raise RecordingError(
+                f"{root} holds steps 0..{recorded - 1} but the checkpoint resumes at step {from_step}; "
+                "the steps between were never recorded: resume from an earlier checkpoint or record anew."
+            )
+        manifest["steps"] = manifest["steps"][:from_step]
+        manifest["probes"] = [p for p in manifest["probes"] if p["t"] < from_step]
+        manifest["status"] = "recording"
+        manifest["world_size"] = header.get("world_size", manifest.get("world_size"))
+        writer = cls(root, manifest)
+        writer.flush()
+        return writer
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike) -> "RecordingWriter":
+        """A shard-only writer for ranks other than 0 (they never touch the manifest)."""
+        return cls(Path(path), Recording.open(path).manifest)
+
+    def _to_store(self, tensor: torch.Tensor, per_item_numel: int) -> torch.Tensor:
+        # scalars (losses) stay fp32: fp16's 3 significant digits are too coarse for loss differences
+        if tensor.is_floating_point() and per_item_numel > 1:
+            return tensor.to(self.store_dtype)
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+    def write_probe_shard(
+        self,
+        step: int,
+        rank: int,
+        pool_outputs: Sequence[Mapping[str, torch.Tensor]],
+        positions: Sequence[int],
+        val_outputs: Mapping[str, torch.Tensor] | None,
+    ) -> dict[str, Any]:
+        """Write one rank's probes of step ``step``: per pool batch outputs (stacked) and, on one rank, validation."""
+        tensors: dict[str, torch.Tensor] = {"pool_positions": torch.tensor(list(positions), dtype=torch.int64)}
+        if pool_outputs:
+            names = list(pool_outputs[0])
+            for name in names:
+                stacked = torch.stack([out[name].detach().cpu() for out in pool_outputs])
+                tensors[POOL_PREFIX + name] = self._to_store(stacked, pool_outputs[0][name].numel())
+        for name, value in (val_outputs or {}).items():
+            tensors[VAL_PREFIX + name] = self._to_store(value.detach().cpu(), value.numel())
+        relative = f"{PROBE_DIR}/t{step:06d}_r{rank}.safetensors"
+        return _write_file(self.root, relative, _serialise(tensors, {"step": str(step), "rank": str(rank)}))
+
+    def add_step(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Record the unprojected facts of training step ``step`` (batch, lr, Adam hyperparameters), in order."""
+        if step != len(self.manifest["steps"]):
+            raise RecordingError(
+                f"step {step} arrived but the recording holds steps 0..{len(self.manifest['steps']) - 1}; "
+                "steps must be recorded once each, in order."
+            )
+        self.manifest["steps"].append({"t": step, **scalars})
+
+    def add_probe(self, step: int, shards: Sequence[Mapping[str, Any]], scalars: Mapping[str, float]) -> None:
+        """Record that all shards of probe step ``step`` are on disk (takes effect at the next ``flush``)."""
+        self.manifest["probes"].append({"t": step, "shards": list(shards), **scalars})
+
+    def flush(self) -> None:
+        probe_bytes = sum(s["bytes"] for p in self.manifest["probes"] for s in p["shards"])
+        fixed = self.manifest["pool"]["bytes"] + self.manifest["initial_state"]["bytes"]
+        self.manifest["sizes"] = {
+            "probe_bytes": probe_bytes,
+            "pool_bytes": self.manifest["pool"]["bytes"],
+            "initial_state_bytes": self.manifest["initial_state"]["bytes"],
+            "total_bytes": probe_bytes + fixed,
+        }
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def finish(self) -> None:
+        self.manifest["status"] = "complete"
+        self.flush()
+
+
+class Recording:
+    """Read side of a recording folder; opening reads only the manifest.
+
+    Example::
+
+        rec = Recording.open("runs/ref/recording")
+        rec.verify()                                   # sha256 of every file; RecordingError names a bad one
+        for t in rec.probe_steps:
+            update = rec.step(t)["update"]             # [num_pool_batches, proj_dim], store dtype
+        theta0 = rec.initial_state()
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self._pool: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Recording":
+        root = Path(path)
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise RecordingError(f"{root} holds no recording ({MANIFEST} is missing); pass the recorder's dirpath.")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as error:
+            raise RecordingError(f"{manifest_path} is unreadable ({error}); the recording cannot be used.") from None
+        if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+            raise RecordingError(
+                f"{manifest_path} has schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}, "
+                f"this lpl reads version {SCHEMA_VERSION}; record again with this version."
+            )
+        return cls(root, manifest)
+
+    # ---- what the run was
+    @property
+    def status(self) -> str:
+        return self.manifest["status"]
+
+    @property
+    def num_steps(self) -> int:
+        """T: the number of training steps of the reference run."""
+        return int(self.manifest["num_steps"])
+
+    @property
+    def recorded_steps(self) -> int:
+        """How many training steps (from 0) are recorded; equals ``num_steps`` once the run completed."""
+        return len(self.manifest["steps"])
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self.manifest["projection"]["proj_dim"])
+
+    @property
+    def probe_steps(self) -> list[int]:
+        """The probed steps t in increasing order (T, after the last step, once the run completed)."""
+        return [int(p["t"]) for p in self.manifest["probes"]]
+
+    def _pool_tensors(self) -> dict[str, torch.Tensor]:
+        if self._pool is None:
+            self._pool = self._read_all(self.manifest["pool"])
+        return self._pool
+
+    @property
+    def order(self) -> list[int]:
+        """The pool batch trained at each step t = 0..T-1."""
+        return self._pool_tensors()["order"].tolist()
+
+    @property
+    def batches(self) -> list[list[int]]:
+        """Pool batch id -> its sample ids."""
+        pool = self._pool_tensors()
+        ids, offsets = pool["batch_ids"].tolist(), pool["batch_offsets"].tolist()
+        return [ids[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+    @property
+    def scalars(self) -> dict[str, list]:
+        """Per recorded training step: ``t``, ``batch``, ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``."""
+        steps = self.manifest["steps"]
+        names = list(steps[0]) if steps else []
+        return {name: [s[name] for s in steps] for name in names}
+
+    @property
+    def probe_scalars(self) -> dict[str, list]:
+        """Per probe step: ``t`` and the validation scalars (e.g. ``val_loss``)."""
+        probes = self.manifest["probes"]
+        names = [n for n in (probes[0] if probes else {}) if n != "shards"]
+        return {name: [p[name] for p in probes] for name in names}
+
+    # ---- tensors
+    def _path(self, info: Mapping[str, Any]) -> Path:
+        path = self.root / info["file"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise RecordingError(f"{path} is missing; the recording is incomplete.") from None
+        if size != info["bytes"]:
+            raise RecordingError(f"{path} has {size} bytes, the manifest says {info['bytes']}: truncated or replaced.")
+        return path
+
+    def _read_all(self, info: Mapping[str, Any], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        path = self._path(info)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                wanted = list(handle.keys()) if names is None else [n for n in names if n in handle.keys()]
+                return {name: handle.get_tensor(name) for name in wanted}
+        except RecordingError:
+            raise
+        except Exception as error:  # safetensors raises its own types on bad headers or data
+            raise RecordingError(f"{path} is corrupted ({type(error).__name__}: {error}).") from None
+
+    def _probe_entry(self, t: int) -> Mapping[str, Any]:
+        for probe in self.manifest["probes"]:
+            if probe["t"] == t:
+                return probe
+        raise RecordingError(f"step {t} was not probed; probed steps: {self.probe_steps}.")
+
+    def step(self, t: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """What was probed at step t: pool quantities as [num_pool_batches, ...] (pool order), validation ones as is.
+
+        ``names`` restricts the read to those quantities (the rest of the shards is not touched).
+        """
+        entry = self._probe_entry(t)
+        wanted = None if names is None else {n for name in names for n in (POOL_PREFIX + name, VAL_PREFIX + name)}
+        num_batches = int(self.manifest["pool"]["num_batches"])
+        out: dict[str, torch.Tensor] = {}
+        for shard in entry["shards"]:
+            part = self._read_all(shard, None if wanted is None else wanted | {"pool_positions"})
+            positions = part.pop("pool_positions")
+            for name, value in part.items():
+                if name.startswith(VAL_PREFIX):
+                    out[name[len(VAL_PREFIX) :]] = value
+                    continue
+                key = name[len(POOL_PREFIX) :]
+                if key not in out:
+                    out[key] = value.new_zeros((num_batches, *value.shape[1:]))
+                out[key][positions] = value
+        return out
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The module's state_dict before the first training step."""
+        return self._read_all(self.manifest["initial_state"])
+
+    def files(self) -> list[Mapping[str, Any]]:
+        """Every file the manifest names, with its sha256 and size."""
+        infos = [self.manifest["pool"], self.manifest["initial_state"]]
+        return infos + [shard for probe in self.manifest["probes"] for shard in probe["shards"]]
+
+    def verify(self) -> None:
+        """Check every file's size and sha256 against the manifest; raises ``RecordingError`` naming the bad file."""
+        for info in self.files():
+            path = self._path(info)
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != info["sha256"]:
+                raise RecordingError(f"{path} is corrupted: its sha256 does not match the manifest.")
+        steps = [s["t"] for s in self.manifest["steps"]]
+        if steps != list(range(len(steps))):
+            raise RecordingError(f"{self.root / MANIFEST} lists training steps out of order or with gaps.")

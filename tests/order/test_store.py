@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from lpl.order.store import MANIFEST, Recording, RecordingError, RecordingWriter, parameter_signature
+from lpl.utils.errors import LplError
+
+BATCHES = [[0, 1], [2, 3], [4, 5, 6]]
+ORDER = [2, 0, 1, 2]
+
+
+def _header(**overrides):
+    header = {
+        "model": parameter_signature([("w", (3, 2)), ("b", (3,))]),
+        "projection": {"seed": 0, "proj_dim": 4, "kind": "rademacher"},
+        "store_dtype": "float16",
+        "num_steps": len(ORDER),
+        "probe_every_n_steps": 2,
+        "world_size": 1,
+        "optimizer": {"name": "Adam"},
+    }
+    header.update(overrides)
+    return header
+
+
+def _pool_out(position, t):
+    return {"loss": torch.tensor(float(position + t) / 3), "grad": torch.arange(4.0) + position + 10 * t}
+
+
+def _record(root, steps=range(4), probe_every=2, finish=True, world=1):
+    writer = RecordingWriter.create(root, _header(world_size=world), BATCHES, ORDER, {"w": torch.ones(3, 2), "b": torch.zeros(3)})
+    for t in steps:
+        if t % probe_every == 0:
+            shards = []
+            for rank in range(world):
+                positions = [p for p in range(len(BATCHES)) if p % world == rank]
+                val = {"val_loss": torch.tensor(1.5 - t), "val_grad": torch.full((4,), float(t))} if rank == 0 else None
+                shards.append(writer.write_probe_shard(t, rank, [_pool_out(p, t) for p in positions], positions, val))
+            writer.add_probe(t, shards, {"val_loss": 1.5 - t})
+        writer.add_step(t, {"batch": ORDER[t], "lr": 0.1 * (t + 1)})
+        writer.flush()
+    if finish:
+        writer.finish()
+    return writer
+
+
+def test_roundtrip_reads_what_was_written(tmp_path):
+    _record(tmp_path)
+    rec = Recording.open(tmp_path)
+    rec.verify()
+    assert rec.status == "complete" and rec.num_steps == 4 and rec.recorded_steps == 4 and rec.proj_dim == 4
+    assert rec.order == ORDER and rec.batches == BATCHES
+    assert rec.probe_steps == [0, 2]
+    assert rec.scalars["lr"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and rec.scalars["batch"] == ORDER
+    assert rec.probe_scalars["val_loss"] == [1.5, -0.5]
+    step = rec.step(2)
+    assert step["grad"].dtype == torch.float16 and step["grad"].shape == (3, 4)
+    assert torch.equal(step["grad"].float(), torch.stack([torch.arange(4.0) + p + 20 for p in range(3)]))
+    assert step["loss"].dtype == torch.float32  # scalars keep fp32
+    assert torch.equal(step["loss"], torch.tensor([2 / 3, 1.0, 4 / 3]))
+    assert torch.equal(step["val_grad"].float(), torch.full((4,), 2.0))
+    assert set(rec.step(0, names=["loss"])) == {"loss"}
+    assert torch.equal(rec.initial_state()["w"], torch.ones(3, 2))
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["sizes"]["total_bytes"] == sum(f["bytes"] for f in rec.files())
+
+
+def test_shards_of_several_ranks_merge_into_pool_order(tmp_path):
+    _record(tmp_path / "one")
+    _record(tmp_path / "two", world=2)
+    one, two = Recording.open(tmp_path / "one"), Recording.open(tmp_path / "two")
+    for t in (0, 2):
+        a, b = one.step(t), two.step(t)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_unflushed_steps_and_orphan_shards_are_invisible(tmp_path):
+    writer = _record(tmp_path, steps=range(2), finish=False)
+    writer.write_probe_shard(2, 0, [_pool_out(p, 2) for p in range(3)], [0, 1, 2], None)  # killed before the manifest
+    writer.add_step(2, {"batch": 2, "lr": 0.3})
+    rec = Recording.open(tmp_path)
+    rec.verify()
+    assert rec.status == "recording" and rec.recorded_steps == 2 and rec.probe_steps == [0]
+
+
+def test_corrupted_and_truncated_shards_are_named(tmp_path):
+    _record(tmp_path)
+    shard = tmp_path / "probes" / "t000002_r0.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RecordingError, match="t000002_r0.safetensors is corrupted"):
+        Recording.open(tmp_path).verify()
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(RecordingError, match="t000002_r0.safetensors has .* truncated"):
+        Recording.open(tmp_path).step(2)
+    assert issubclass(RecordingError, LplError)
+    shard.write_bytes(b"\xff" * len(data))  # same size, garbage header
+    with pytest.raises(RecordingError, match="t000002_r0.safetensors is corrupted"):
+        Recording.open(tmp_path).step(2)
+
+
+def test_open_refuses_missing_or_garbled_manifest(tmp_path):
+    with pytest.raises(RecordingError, match="manifest.json is missing"):
+        Recording.open(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(RecordingError, match="unreadable"):
+        Recording.open(tmp_path)
+
+
+def test_create_refuses_an_existing_recording(tmp_path):
+    _record(tmp_path)
+    with pytest.raises(RecordingError, match="already holds a recording.*resume=True"):
+        _record(tmp_path)
+
+
+def test_resume_drops_steps_after_the_checkpoint_and_checks_identity(tmp_path):
+    _record(tmp_path)
+    pool_sha = Recording.open(tmp_path).manifest["pool"]["sha256"]
+    with pytest.raises(RecordingError, match="projection.proj_dim"):
+        RecordingWriter.resume(tmp_path, _header(projection={"seed": 0, "proj_dim": 8, "kind": "rademacher"}), pool_sha, 2)
+    with pytest.raises(RecordingError, match="model.param_hash"):
+        RecordingWriter.resume(tmp_path, _header(model=parameter_signature([("w", (2, 3)), ("b", (3,))])), pool_sha, 2)
+    with pytest.raises(RecordingError, match="projection.seed"):
+        RecordingWriter.resume(tmp_path, _header(projection={"seed": 1, "proj_dim": 4, "kind": "rademacher"}), pool_sha, 2)
+    writer = RecordingWriter.resume(tmp_path, _header(), pool_sha, 2)
+    rec = Recording.open(tmp_path)
+    assert rec.status == "recording" and rec.recorded_steps == 2 and rec.probe_steps == [0]
+    writer.add_step(2, {"batch": 2, "lr": 0.3})
+    with pytest.raises(RecordingError, match="steps must be recorded once each"):
+        writer.add_step(2, {"batch": 2, "lr": 0.3})
+    with pytest.raises(RecordingError, match="never recorded"):
+        RecordingWriter.resume(tmp_path, _header(), pool_sha, 3)
