@@ -20,11 +20,14 @@ def _case(shape, block_size, mask, dtype, device, seed):
     return sparse, generator
 
 
-def _run(x, sparse, bias, device):
-    if device == "cpu":
+@pytest.fixture(autouse=True)
+def _triton_for_cpu_tensors(triton_device):
+    """Forward and backward of every test here run the Triton kernels (interpreted for CPU tensors)."""
+    if triton_device == "cpu":
         with triton_on_cpu():
-            return block_sparse_linear(x, sparse, bias)
-    return block_sparse_linear(x, sparse, bias)
+            yield
+    else:
+        yield
 
 
 def _masks(grid, generator):
@@ -50,7 +53,7 @@ def test_forward_matches_dense_masked_matmul(dtype, triton_device, rel_err, tole
         sparse, _ = _case(shape, block_size, mask, dtype, triton_device, seed=2)
         x = torch.randn(3, 13, shape[1], generator=generator).to(triton_device, dtype)  # leading batch dims
         bias = torch.randn(shape[0], generator=generator).to(triton_device, dtype)
-        out = _run(x, sparse, bias, triton_device)
+        out = block_sparse_linear(x, sparse, bias)
         ref = x.double() @ sparse.to_dense().double().T + bias.double()
         assert out.shape == (3, 13, shape[0]) and out.dtype == dtype
         assert torch.isfinite(out).all(), name
@@ -65,7 +68,7 @@ def test_forward_rectangular_and_small_blocks(block_size, triton_device, rel_err
     mask = torch.rand(grid, generator=generator) < 0.6
     sparse, _ = _case(shape, block_size, mask, torch.float32, triton_device, seed=4)
     x = torch.randn(40, shape[1], generator=generator).to(triton_device)
-    out = _run(x, sparse, None, triton_device)
+    out = block_sparse_linear(x, sparse, None)
     ref = x.double() @ sparse.to_dense().double().T
     assert rel_err(out, ref) < tolerance[torch.float32]
 
@@ -84,7 +87,7 @@ def test_backward_dx_through_sparse_weight_and_dw_only_at_retained_blocks(dtype,
     x = torch.randn(2, 19, shape[1], generator=generator).to(triton_device, dtype).requires_grad_(True)
     bias = torch.randn(shape[0], generator=generator).to(triton_device, dtype).requires_grad_(True)
     grad_out = torch.randn(2, 19, shape[0], generator=generator).to(triton_device, dtype)
-    _run(x, sparse, bias, triton_device).backward(grad_out)
+    block_sparse_linear(x, sparse, bias).backward(grad_out)
 
     dense = sparse.to_dense().double().detach()
     dy, xd = grad_out.double().reshape(-1, shape[0]), x.detach().double().reshape(-1, shape[1])
@@ -111,7 +114,7 @@ def test_the_triton_kernels_are_the_ones_running(triton_device, monkeypatch):
     sparse, _ = _case((64, 64), (32, 32), torch.tensor([[True, False], [True, True]]), torch.float32, triton_device, 9)
     sparse.values.requires_grad_(True)
     x = torch.randn(8, 64, device=triton_device, requires_grad=True)
-    _run(x, sparse, None, triton_device).sum().backward()
+    block_sparse_linear(x, sparse, None).sum().backward()
     assert sorted(calls) == ["bsr_grad_input", "bsr_grad_values", "bsr_linear"]
 
 
@@ -122,6 +125,6 @@ def test_many_tokens_and_grouped_launch_order(triton_device, rel_err, tolerance)
     mask = torch.rand(5, 2, generator=generator) < 0.7
     sparse, _ = _case(shape, block_size, mask, torch.float32, triton_device, seed=8)
     x = torch.randn(161, shape[1], generator=generator).to(triton_device)
-    out = _run(x, sparse, None, triton_device)
+    out = block_sparse_linear(x, sparse, None)
     ref = x.double() @ sparse.to_dense().double().T
     assert rel_err(out, ref) < tolerance[torch.float32]
