@@ -1,0 +1,199 @@
+"""OrderEstimator: estimate what training with another sample order would give, from a recording, without training.
+
+The math lives in ``lpl.order.replay`` (pure functions); this module is the Lightning adapter and the loader that
+turns a recording (``lpl.order.Recording``) into the replay's stacked tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lpl.order.replay import CURVATURE_METHODS, METHODS, ReplayData, ReplayResult, check_orders, replay
+from lpl.utils.errors import LplError
+
+# per-batch names the replay reads from every probe, and the optional ones
+_REQUIRED_BATCH = ("update", "precond_grad", "grad", "loss")
+_CURVATURE_BATCH = ("curv_basis", "curv_update", "curv_precond")
+_DOT_BATCH = ("val_dot_update", "val_dot_precond")
+
+
+@dataclass
+class OrderEstimate:
+    """What one order is estimated to give.
+
+    ``final_loss``: validation loss after the last step; ``loss_curve`` [L + 1]: validation loss before each step and
+    after the last; ``batch_losses`` [num_batches]: each pool batch's own loss at the end (memorisation).
+    """
+
+    final_loss: float
+    loss_curve: Tensor
+    batch_losses: Tensor
+
+
+def _split(result: ReplayResult) -> list[OrderEstimate]:
+    return [
+        OrderEstimate(float(result.final_loss[i]), result.loss_curve[i].cpu(), result.batch_losses[i].cpu())
+        for i in range(result.final_loss.shape[0])
+    ]
+
+
+def replay_data_from_recording(recording: Any) -> ReplayData:
+    """Stack a ``lpl.order.Recording``'s probes into ``ReplayData`` (tensors stay float16 as stored until used)."""
+    probe_steps = list(recording.probe_steps)
+    num_steps = int(recording.num_steps)
+    if not probe_steps or probe_steps[-1] != num_steps:
+        raise LplError(
+            f"recording {getattr(recording, 'path', '')} has no final probe at step {num_steps} (probes: "
+            f"{probe_steps[-3:]}); it is incomplete: finish the reference run or record it again."
+        )
+    steps = [recording.step(t) for t in probe_steps]
+    missing = [name for name in _REQUIRED_BATCH + ("val_loss", "val_grad") if name not in steps[0]]
+    if missing:
+        raise LplError(
+            f"recording lacks {', '.join(missing)}; it was made by an incompatible recorder version: record again."
+        )
+
+    def stack(name: str) -> Tensor | None:
+        if name not in steps[0]:
+            return None
+        return torch.stack([torch.as_tensor(step[name]) for step in steps])
+
+    manifest = recording.manifest
+    adam = manifest.get("optimizer", {})
+    scalars = recording.scalars
+    lr = torch.as_tensor(scalars["lr"], dtype=torch.float64)[:num_steps]
+    return ReplayData(
+        probe_steps=torch.tensor(probe_steps),
+        lr=lr,
+        reference_order=torch.as_tensor(list(recording.order), dtype=torch.long)[:num_steps],
+        betas=tuple(float(b) for b in adam.get("betas", (0.9, 0.999))),
+        weight_decay=float(adam.get("weight_decay", 0.0)),
+        decoupled=bool(adam.get("decoupled", True)),
+        update=stack("update"),
+        precond_grad=stack("precond_grad"),
+        grad=stack("grad"),
+        loss=stack("loss"),
+        val_loss=stack("val_loss").reshape(len(probe_steps)),
+        val_grad=stack("val_grad").reshape(len(probe_steps), -1),
+        curv_basis=stack("curv_basis"),
+        curv_update=stack("curv_update"),
+        curv_precond=stack("curv_precond"),
+        val_dot_update=stack("val_dot_update"),
+        val_dot_precond=stack("val_dot_precond"),
+    )
+
+
+class OrderEstimator(L.LightningModule):
+    """Estimates validation loss, loss curve and per-batch losses of any order of the recorded pool batches.
+
+    Example::
+
+        estimator = OrderEstimator.from_recording("runs/order_rec", method="adam_first_order")
+        estimate = estimator.estimate(list(reversed(range(estimator.num_batches))))
+        print(estimate.final_loss, estimate.loss_curve[-5:])
+        # many orders at once, batched on the trainer's device:
+        loader = DataLoader(torch.stack([torch.randperm(estimator.num_batches) for _ in range(256)]), batch_size=64)
+        estimates = [e for batch in Trainer(logger=False).predict(estimator, loader) for e in batch]
+
+    ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
+    curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
+    projected preconditioned gradients) or "adam_first_order" (adam plus the curvature correction).
+    """
+
+    def __init__(self, data: ReplayData, method: str = "first_order", control_variates: bool = True) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise LplError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        if method in CURVATURE_METHODS and data.curv_basis is None:
+            raise LplError(
+                f"method {method!r} needs per-batch curvature factors, which this recording lacks; record with "
+                "TrainOrderRecorder(curvature_rank=2) (or more), or use method 'adam' or 'zeroth_order'."
+            )
+        self.method = method
+        self.control_variates = control_variates
+        self._scalars = {"betas": data.betas, "weight_decay": data.weight_decay, "decoupled": data.decoupled}
+        self._tensor_names = []
+        for name, value in vars(data).items():
+            if isinstance(value, Tensor):
+                self.register_buffer(name, value, persistent=False)
+                self._tensor_names.append(name)
+
+    @classmethod
+    def from_recording(
+        cls, path: str | Path, method: str = "first_order", control_variates: bool = True, model: Any = None
+    ) -> "OrderEstimator":
+        """Open and verify the recording at ``path``; with ``model``, also check it was recorded for that model."""
+        from lpl.order.store import Recording
+
+        recording = Recording.open(path)
+        recording.verify()
+        if model is not None:
+            check_recording_matches_model(recording, model)
+        return cls(replay_data_from_recording(recording), method=method, control_variates=control_variates)
+
+    @property
+    def data(self) -> ReplayData:
+        tensors = {name: getattr(self, name) for name in self._tensor_names}
+        for optional in ("curv_basis", "curv_update", "curv_precond", "val_dot_update", "val_dot_precond"):
+            tensors.setdefault(optional, None)
+        return ReplayData(**tensors, **self._scalars)
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.update.shape[1])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.lr.numel())
+
+    @property
+    def reference_loss(self) -> float:
+        """The reference run's final validation loss (the "no change" prediction)."""
+        return float(self.val_loss[-1])
+
+    def estimate_many(self, orders: Tensor | Sequence[Sequence[int]]) -> ReplayResult:
+        """Batched estimates for ``orders`` [N, L] (all of one length)."""
+        return replay(self.data, torch.as_tensor(orders), self.method, self.control_variates)
+
+    def estimate(self, order: Sequence[int] | Tensor) -> OrderEstimate:
+        """Estimate for one order: a sequence of pool batch ids (a permutation, or repeats and omissions)."""
+        orders = torch.as_tensor(order)
+        if orders.ndim != 1:
+            raise LplError(f"estimate() takes one order (a 1-D list of batch ids), got shape {tuple(orders.shape)}.")
+        return _split(self.estimate_many(orders[None]))[0]
+
+    def forward(self, orders: Tensor) -> ReplayResult:
+        return self.estimate_many(orders)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[OrderEstimate]:
+        orders = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 1 else batch
+        if isinstance(orders, (list, tuple)):
+            orders = torch.stack([torch.as_tensor(o) for o in orders])
+        return _split(self.estimate_many(orders))
+
+
+def check_recording_matches_model(recording: Any, model: Any) -> None:
+    """Raise LplError when the recording's parameter count or name/shape hash differs from ``model``'s."""
+    from lpl.order import store
+
+    manifest = recording.manifest
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = manifest.get("num_params", manifest.get("model_numel"))
+    digest = store.model_hash(model) if hasattr(store, "model_hash") else None
+    recorded_digest = manifest.get("model_hash")
+    if (expected is not None and int(expected) != count) or (
+        digest is not None and recorded_digest is not None and digest != recorded_digest
+    ):
+        raise LplError(
+            f"recording {getattr(recording, 'path', '')} was made for another model ({expected} trainable parameters, "
+            f"hash {recorded_digest}); this model has {count}. Use the recording of this model or record it."
+        )
+
+
+__all__ = ["OrderEstimate", "OrderEstimator", "replay_data_from_recording", "check_recording_matches_model"]
