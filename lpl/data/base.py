@@ -60,6 +60,10 @@ class IndexedDataModule(L.LightningDataModule):
                     f"batch_size {self.batch_size} is larger than the {len(self.train_set)} training samples; lower it."
                 )
 
+    def loader_kwargs(self) -> dict[str, Any]:
+        """Extra DataLoader arguments (workers, pinning); in-memory example datasets need none."""
+        return {}
+
     def train_batches(self) -> list[list[int]]:
         """The default pool: one seeded epoch of training batches (lists of sample ids)."""
         self.setup()
@@ -76,11 +80,11 @@ class IndexedDataModule(L.LightningDataModule):
         return OrderedBatchSampler(batches, self.order)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler())
+        return ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler(), **self.loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, **self.loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -1,0 +1,89 @@
+"""The ``lpl`` command: LightningCLI (fit / validate / test / predict) plus the method helpers.
+
+    lpl fit --config configs/mnist_vit.yaml
+    lpl estimate --recording runs/rec --orders random:16
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from lpl.utils.errors import LplError
+
+# Method subcommands that are not Trainer entry points: name -> (module, function taking argv).
+HELPER_COMMANDS: dict[str, tuple[str, str]] = {
+    "prune": ("lpl.prune.commands", "prune_main"),
+    "estimate": ("lpl.order.commands", "estimate_main"),
+    "curriculum": ("lpl.order.commands", "curriculum_main"),
+    "position-map": ("lpl.order.commands", "position_map_main"),
+}
+
+
+def _default_wandb_offline() -> None:
+    """W&B without a login or network would block on a prompt: default to offline unless the user chose."""
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = os.path.expanduser("~/.netrc")
+    if os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read():
+        return
+    os.environ["WANDB_MODE"] = "offline"
+
+
+def _helper(name: str) -> Callable[[list[str]], int | None]:
+    import importlib
+
+    module_name, function = HELPER_COMMANDS[name]
+    return getattr(importlib.import_module(module_name), function)
+
+
+def run_lightning_cli(args: list[str] | None = None):
+    """Build and run the LightningCLI (subclass mode: any LightningModule / LightningDataModule by class path)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    class LplCLI(LightningCLI):
+        def after_fit(self) -> None:
+            self._report("fit")
+
+        def after_validate(self) -> None:
+            self._report("validate")
+
+        def after_test(self) -> None:
+            self._report("test")
+
+        def _report(self, stage: str) -> None:
+            if not self.trainer.is_global_zero:
+                return
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
+            if "val/acc" in metrics:
+                print(f"final validation accuracy: {metrics['val/acc']:.4f}")
+            if metrics:
+                print(f"{stage} metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+    return LplCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _default_wandb_offline()
+    try:
+        if argv and argv[0] in HELPER_COMMANDS:
+            code = _helper(argv[0])(argv[1:])
+            sys.exit(code or 0)
+        run_lightning_cli(argv)
+    except LplError as error:
+        print(f"lpl: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""ImageFolderDataModule: an ImageNet-layout folder (root/train/<class>/*.JPEG, root/val/<class>/*.JPEG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from lpl.data.base import IndexedDataModule
+from lpl.utils.errors import LplError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def check_imagenet_layout(root: Path) -> None:
+    """Fail early, with what to fix, when ``root`` is not an ImageNet-style folder."""
+    if not root.is_dir():
+        raise LplError(f"dataset root {str(root)!r} does not exist; set data.init_args.root to your ImageNet folder.")
+    for split in ("train", "val"):
+        split_dir = root / split
+        classes = [d for d in split_dir.iterdir() if d.is_dir()] if split_dir.is_dir() else []
+        if not classes:
+            raise LplError(
+                f"{str(root)!r} is not an ImageNet-style folder: expected {split}/<class>/<image> under it "
+                f"(found no class folders in {str(split_dir)!r})."
+            )
+
+
+class IndexedImageFolder(Dataset):
+    """torchvision ImageFolder that returns lpl's batch dicts."""
+
+    def __init__(self, root: Path, transform) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root), transform=transform)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        image, label = self.folder[position]
+        return {"image": image, "label": torch.tensor(label), "index": torch.tensor(position)}
+
+
+class ImageFolderDataModule(IndexedDataModule):
+    """ImageNet-style folders with timm's train (RandAugment, random erasing) and eval transforms.
+
+    Example::
+
+        dm = ImageFolderDataModule(root="/data/imagenet", img_size=224, batch_size=256, num_workers=8)
+    """
+
+    def __init__(
+        self,
+        root: str,
+        img_size: int = 224,
+        batch_size: int = 256,
+        num_workers: int = 8,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        crop_pct: float = 0.875,
+        seed: int = 0,
+        batches: list[list[int]] | None = None,
+        order: list[int] | None = None,
+        eval_batch_size: int = 256,
+    ) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        self.save_hyperparameters()
+        self.root = Path(root)
+        check_imagenet_layout(self.root)
+        self.img_size = img_size
+        self.num_workers = num_workers
+        self.auto_augment = auto_augment
+        self.re_prob = re_prob
+        self.crop_pct = crop_pct
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        from timm.data import create_transform
+
+        train_tf = create_transform(
+            self.img_size, is_training=True, auto_augment=self.auto_augment, re_prob=self.re_prob
+        )
+        eval_tf = create_transform(self.img_size, is_training=False, crop_pct=self.crop_pct)
+        return IndexedImageFolder(self.root / "train", train_tf), IndexedImageFolder(self.root / "val", eval_tf)
+
+    def loader_kwargs(self) -> dict:
+        return {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available(),
+                "persistent_workers": self.num_workers > 0}

@@ -1,0 +1,40 @@
+"""Optimizer and learning-rate schedule shared by the example models: Adam(W) with linear warm-up then cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lpl.utils.errors import LplError
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def configure_adam(
+    module: Any, *, optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float],
+    warmup_steps: int, min_lr_ratio: float, schedule: str,
+) -> dict[str, Any] | torch.optim.Optimizer:
+    """Build the optimizer (and, with ``schedule='cosine'``, a per-step warm-up/cosine scheduler)."""
+    if optimizer not in OPTIMIZERS:
+        raise LplError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    # One parameter group: the training-order tools replay Adam with a single set of hyperparameters.
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = OPTIMIZERS[optimizer](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if schedule == "constant":
+        return opt
+    if schedule != "cosine":
+        raise LplError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
+    total = int(module.trainer.estimated_stepping_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_cosine(step, warmup_steps, total, min_lr_ratio)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

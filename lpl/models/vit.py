@@ -1,0 +1,152 @@
+"""ViTClassifier: any timm Vision Transformer as a LightningModule, with optional knowledge distillation."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from lpl.models.optim import configure_adam
+from lpl.models.weights import load_pretrained
+from lpl.utils.errors import LplError
+
+
+def create_timm_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` without downloads, with a suggestion when the name is unknown."""
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models('*vit*')."
+        raise LplError(f"unknown timm model {model_name!r}.{hint}")
+    try:
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    except TypeError as error:
+        raise LplError(f"timm model {model_name!r} does not accept these arguments: {error}") from None
+
+
+class ViTClassifier(L.LightningModule):
+    """Image classification with a timm ViT (or any timm model), AdamW and a warm-up/cosine schedule.
+
+    Size arguments left as ``None`` keep the timm defaults of ``model_name``. ``pretrained_path`` loads local
+    weights (safetensors, or a state dict read with ``weights_only=True``). With a ``teacher`` (a frozen module,
+    e.g. the dense model during pruned fine-tuning), the loss mixes in soft distillation:
+    ``(1 - alpha) * CE + alpha * T^2 * KL(student/T || teacher/T)``.
+
+    Example::
+
+        model = ViTClassifier("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                              embed_dim=128, depth=4, num_heads=4)
+        trainer.fit(model, datamodule=MNIST5kDataModule())
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int | None = None,
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        in_chans: int | None = None,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        drop_path_rate: float = 0.0,
+        pretrained_path: str | None = None,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.01,
+        schedule: str = "cosine",
+        label_smoothing: float = 0.0,
+        teacher: nn.Module | None = None,
+        distill_alpha: float = 0.5,
+        distill_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher"])
+        if lr <= 0:
+            raise LplError(f"lr must be positive, got {lr}.")
+        if not 0.0 <= distill_alpha <= 1.0 or distill_temperature <= 0:
+            raise LplError("distill_alpha must be in [0, 1] and distill_temperature positive.")
+        sizes = dict(
+            num_classes=num_classes, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+        )
+        self.model = create_timm_model(
+            model_name, drop_path_rate=drop_path_rate, **{k: v for k, v in sizes.items() if v is not None}
+        )
+        if pretrained_path:
+            load_pretrained(self.model, pretrained_path)
+        self.teacher: nn.Module | None = None
+        if teacher is not None:
+            self.set_teacher(teacher)
+        classes = self.model.num_classes
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
+
+    def set_teacher(self, teacher: nn.Module | None) -> None:
+        """Distil from ``teacher`` (frozen, kept in eval mode, excluded from the state dict) or stop with None."""
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        # Stored outside the module tree so it never enters checkpoints or the optimizer.
+        self.__dict__["teacher"] = teacher
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["image"])
+        return self._loss(logits, batch)
+
+    def _loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        if self.teacher is None or not self.training:
+            return loss
+        with torch.no_grad():
+            self.teacher.to(logits.device)
+            teacher_logits = self.teacher(batch["image"])
+        temp, alpha = self.hparams.distill_temperature, self.hparams.distill_alpha
+        soft = F.kl_div(
+            F.log_softmax(logits / temp, dim=-1), F.log_softmax(teacher_logits / temp, dim=-1),
+            reduction="batchmean", log_target=True,
+        )
+        return (1.0 - alpha) * loss + alpha * temp * temp * soft
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch)
+        self.train_acc(logits.detach(), batch["label"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
+        logits = self(batch["image"])
+        metric(logits, batch["label"])
+        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self(batch["image"])
+        return {"index": batch["index"], "prediction": logits.argmax(-1), "probability": logits.softmax(-1)}
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        return configure_adam(
+            self, optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas,
+            warmup_steps=hp.warmup_steps, min_lr_ratio=hp.min_lr_ratio, schedule=hp.schedule,
+        )
