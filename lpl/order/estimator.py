@@ -179,20 +179,16 @@ class OrderEstimator(L.LightningModule):
 
 
 def check_recording_matches_model(recording: Any, model: Any) -> None:
-    """Raise LplError when the recording's parameter count or name/shape hash differs from ``model``'s."""
-    from lpl.order import store
+    """Raise LplError when ``recording`` was made for a model whose trainable parameter names or shapes differ."""
+    from lpl.order.store import parameter_signature
 
-    manifest = recording.manifest
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    expected = manifest.get("num_params", manifest.get("model_numel"))
-    digest = store.model_hash(model) if hasattr(store, "model_hash") else None
-    recorded_digest = manifest.get("model_hash")
-    if (expected is not None and int(expected) != count) or (
-        digest is not None and recorded_digest is not None and digest != recorded_digest
-    ):
+    recorded = recording.manifest.get("model") or {}
+    signature = parameter_signature((n, p.shape) for n, p in model.named_parameters() if p.requires_grad)
+    if signature["param_hash"] != recorded.get("param_hash"):
         raise LplError(
-            f"recording {getattr(recording, 'path', '')} was made for another model ({expected} trainable parameters, "
-            f"hash {recorded_digest}); this model has {count}. Use the recording of this model or record it."
+            f"recording {recording.root} was made for another model ({recorded.get('class_path', '?')}, "
+            f"{recorded.get('num_params', '?')} trainable parameters); this {type(model).__name__} has "
+            f"{signature['num_params']} (or other names/shapes). Use this model's recording, or record it."
         )
 
 

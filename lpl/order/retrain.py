@@ -1,0 +1,162 @@
+"""Ground truth for order estimates: train again from the recording's initial weights with an explicit batch order."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from lpl.order.replay import check_orders
+from lpl.utils.errors import LplError
+from lpl.utils.loss import module_loss
+
+
+@dataclass
+class RetrainResult:
+    """``final_loss``: validation loss after the last step; ``loss_curve`` [L + 1]: validation loss before each step
+    and after the last (NaN between points when ``curve_every_n_steps`` > 1); ``seconds``: wall time of training."""
+
+    final_loss: float
+    loss_curve: torch.Tensor
+    seconds: float
+
+
+def _import(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise LplError(f"cannot import {class_path!r}, which the recording names; install the package that defines it.") from None
+
+
+def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """The recording's module (with its initial weights) and datamodule, set to train the pool in ``order``."""
+    from lpl.order.store import parameter_signature
+
+    manifest = recording.manifest
+    model_info, data_info = manifest.get("model") or {}, manifest.get("datamodule")
+    if not model_info.get("class_path") or not data_info:
+        raise LplError(
+            f"recording {recording.root} does not say how to rebuild its model and datamodule (it was recorded "
+            "without a LightningDataModule); record the run with trainer.fit(model, datamodule=...)."
+        )
+    for info in (model_info, data_info):
+        if info.get("hparams_not_stored"):
+            raise LplError(
+                f"{info['class_path']} hyperparameters {info['hparams_not_stored']} could not be stored as JSON, so the "
+                "run cannot be rebuilt; pass them as plain numbers, strings or lists."
+            )
+    model = _import(model_info["class_path"])(**model_info["hparams"])
+    named = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    if parameter_signature(named)["param_hash"] != model_info.get("param_hash"):
+        raise LplError(
+            f"{model_info['class_path']} built from the recording's hyperparameters does not match the recorded "
+            "parameters (names or shapes differ): the recording was made for another model or another code version."
+        )
+    model.load_state_dict(recording.initial_state())
+    hparams = dict(data_info["hparams"])
+    hparams.update(batches=recording.batches, order=[int(i) for i in order])
+    try:
+        datamodule = _import(data_info["class_path"])(**hparams)
+    except TypeError as error:
+        raise LplError(
+            f"{data_info['class_path']} does not take `batches` and `order` ({error}); retraining needs a DataModule "
+            "that trains explicit batches in an explicit order (every lpl DataModule does)."
+        ) from None
+    return model, datamodule
+
+
+def validation_loss(module: L.LightningModule, loader: Any) -> float:
+    """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode (as the recorder measures it)."""
+    modes = [m.training for m in module.modules()]
+    module.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = move_data_to_device(batch, module.device)
+                size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
+                total += float(module_loss(module, batch)) * size
+                count += size
+    finally:
+        for m, mode in zip(module.modules(), modes):
+            m.training = mode
+    if count == 0:
+        raise LplError("the validation loader is empty; retraining needs validation data to measure the loss.")
+    return total / count
+
+
+class _LossCurve(L.Callback):
+    """Validation loss before every n-th step and after the last; stops after ``stop_after`` steps."""
+
+    def __init__(self, loader: Any, every: int, stop_after: int) -> None:
+        self.loader, self.every, self.stop_after = loader, every, stop_after
+        self.curve = torch.full((stop_after + 1,), math.nan, dtype=torch.float64)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every == 0:
+            self.curve[step] = validation_loss(pl_module, self.loader)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= self.stop_after:
+            trainer.should_stop = True
+
+
+def retrain(
+    path: str | Path,
+    order: Sequence[int],
+    *,
+    max_steps: int | None = None,
+    curve_every_n_steps: int = 1,
+    accelerator: str = "auto",
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> RetrainResult:
+    """Train the recorded model again from its initial weights, visiting the pool batches in ``order``.
+
+    The learning-rate schedule is the reference run's (its length is the recorded number of steps, whatever the
+    order's length); ``max_steps`` stops early. With the reference order this reproduces the reference run.
+
+    Example::
+
+        truth = retrain("runs/ref/recording", order=list(reversed(range(64))))
+        print(truth.final_loss, truth.loss_curve[-1])
+    """
+    import time
+
+    from lpl.order.store import Recording
+
+    recording = Recording.open(path)
+    order_tensor = check_orders(torch.as_tensor(list(order)), len(recording.batches), recording.num_steps)[0]
+    if max_steps is not None:
+        if max_steps <= 0:
+            raise LplError(f"max_steps must be positive, got {max_steps}.")
+        order_tensor = order_tensor[:max_steps]
+    if curve_every_n_steps <= 0:
+        raise LplError(f"curve_every_n_steps must be positive, got {curve_every_n_steps}.")
+    steps = int(order_tensor.numel())
+    model, datamodule = rebuild(recording, order_tensor.tolist())
+    seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
+    L.seed_everything(seed, verbose=False)
+    datamodule.setup("fit")
+    curve = _LossCurve(datamodule.val_dataloader(), curve_every_n_steps, steps)
+    settings = dict(
+        accelerator=accelerator, devices=1, max_epochs=-1, max_steps=recording.num_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[curve],
+    )
+    settings.update(trainer_kwargs or {})
+    trainer = L.Trainer(**settings)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    if trainer.global_step != steps:
+        raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
+    curve.curve[steps] = validation_loss(model, datamodule.val_dataloader())
+    return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds)
