@@ -189,7 +189,8 @@ def summarise(
         layer_latency[name] = (dense[0], sparse[0])
         layer_energy[name] = (dense[1], sparse[1])
     curve_tensors = {
-        name: {key: getattr(curve, key).double() for key in ("distortion", "flops", "latency", "energy", "density")}
+        name: {"order": curve.order, **{key: getattr(curve, key).double()
+                                        for key in ("distortion", "flops", "latency", "energy", "density")}}
         for name, curve in curves.items()
     }
     return PruneResult(

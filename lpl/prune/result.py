@@ -29,7 +29,7 @@ class PruneResult:
     ``flops_keep`` is the achieved share of the prunable layers' FLOPs; ``predicted_speedup`` and
     ``predicted_energy_ratio`` compare dense and block-sparse latency/energy of those layers under the cost model;
     ``curves[name][field]`` holds each layer's distortion curve (fields: distortion, flops, latency, energy, density
-    per number of removed blocks).
+    per number of removed blocks; order: flat block indices in removal order).
 
     Example::
 
@@ -81,7 +81,7 @@ class PruneResult:
         tensors = {f"mask/{name}": mask.to(torch.uint8) for name, mask in self.block_masks.items()}
         for name, curve in self.curves.items():
             for key, values in curve.items():
-                tensors[f"curve/{name}/{key}"] = values.double()
+                tensors[f"curve/{name}/{key}"] = values
         meta = {
             "format": _FORMAT,
             "layers": list(self.block_masks),

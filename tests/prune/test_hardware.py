@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from lpl.prune.hardware import HardwareProfile, default_profile
+from lpl.utils.errors import LplError
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_pruning_more_never_predicts_more_time_or_energy(device_type):
+    profile = default_profile(device_type)
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(24, 8, dtype=torch.bool)
+    previous = profile.predict(mask, 1088, (16, 16), torch.float32)
+    for flat in torch.randperm(mask.numel(), generator=generator).tolist():
+        mask.view(-1)[flat] = False
+        current = profile.predict(mask, 1088, (16, 16), torch.float32)
+        assert current[0] <= previous[0] and current[1] <= previous[1]
+        previous = current
+    assert previous[0] == pytest.approx(profile.launch_s)  # nothing launched but the call
+
+
+def test_emptying_a_block_row_saves_its_row_cost_and_dense_baseline_is_consistent():
+    profile = default_profile("cpu")
+    spread = torch.ones(4, 4, dtype=torch.bool)
+    spread[:, 0] = False  # 12 blocks in 4 rows
+    packed = torch.ones(4, 4, dtype=torch.bool)
+    packed[0] = False     # 12 blocks in 3 rows
+    assert profile.predict(packed, 640, (16, 16), "float32")[0] < profile.predict(spread, 640, (16, 16), "float32")[0]
+    dense = profile.predict_dense(64, 64, 640, torch.float32)
+    half = torch.zeros(4, 4, dtype=torch.bool)
+    half[:, :2] = True
+    assert profile.predict(half, 640, (16, 16), torch.float32)[0] < dense[0]
+
+
+def test_measured_block_cost_overrides_the_analytic_one(tmp_path):
+    profile = default_profile("cuda")
+    profile.block_s["16x16/bfloat16"] = 1e-3
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    latency, _ = profile.predict(mask, 64, (16, 16), torch.bfloat16)
+    assert latency == pytest.approx(profile.launch_s + 2 * profile.row_s + 4e-3)
+    profile.save(tmp_path / "p.json")
+    assert HardwareProfile.load(tmp_path / "p.json") == profile
+
+
+def test_bad_profiles():
+    with pytest.raises(LplError):
+        default_profile("tpu")
+    with pytest.raises(LplError):
+        HardwareProfile(name="x", device_type="cpu", tile_m=64, launch_s=1e-5, row_s=-1.0)
