@@ -1,0 +1,253 @@
+"""CPU block-sparse linear vs dense F.linear vs torch BSR, measured side by side in one run.
+
+Shape: DeiT-B fc1 (x [64*197, 768] @ W^T, W [3072, 768]) by default; ``--layer fc2`` for 3072 -> 768, ``--quick``
+for 8*197 tokens and fewer repeats. Densities {1.0, 0.5, 0.25} x square blocks {16, 32, 64}, fp32, the thread count
+of ``--threads`` (default 2). Every round runs, per case, dense and ours back to back in alternating order, so each
+ratio compares medians of measurements taken under the same machine load. Torch BSR (``F.linear(x, W_bsr)`` and
+``W_bsr @ x.T``) is 3x-40x slower than dense, so it gets fewer repeats (``--bsr-reps``).
+
+Writes a markdown table to benchmarks/results/cpu_block_sparse_<host-kind>.md (``--quick``: ..._quick.md).
+
+    PYTHONPATH=. python benchmarks/cpu_block_sparse.py            # full, ~10-20 min on 2 cores
+    PYTHONPATH=. python benchmarks/cpu_block_sparse.py --quick    # ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lpl.kernels.cpu import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
+except ImportError:  # not installed: use the repo's kernels/ (benchmarks/kernels.py would shadow it on sys.path)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+    from kernels.cpu import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
+
+from lpl.utils.io import atomic_write_text
+
+LAYERS = {"fc1": (3072, 768), "fc2": (768, 3072)}  # (out_features, in_features) of DeiT-B's MLP
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_kind() -> str:
+    """A file-name-safe label of the CPU and its core count, e.g. 'amd-epyc-2cpu'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    slug = re.sub(r"-(processor|cpu)$", "", slug)
+    return f"{slug}-{os.cpu_count()}cpu"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def random_block_weight(out_features: int, in_features: int, block: int, density: float, seed: int):
+    """A weight whose retained blocks are a uniformly random set of round(density * blocks) blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    n_rows, n_cols = -(-out_features // block), -(-in_features // block)
+    keep = round(density * n_rows * n_cols)
+    mask = torch.zeros(n_rows * n_cols, dtype=torch.bool)
+    mask[torch.randperm(n_rows * n_cols, generator=gen)[:keep]] = True
+    mask = mask.view(n_rows, n_cols)
+    dense = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    full_mask = mask.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_features, :in_features]
+    dense = dense * full_mask
+    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+    positions = mask.nonzero()
+    padded = F.pad(dense, (0, n_cols * block - in_features, 0, n_rows * block - out_features))
+    grid = padded.view(n_rows, block, n_cols, block).permute(0, 2, 1, 3)
+    values = grid[positions[:, 0], positions[:, 1]].contiguous()
+    return dense, values, row_ptr, positions[:, 1].contiguous()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_pairs(ours: Callable, dense: Callable, reps: int) -> tuple[list[float], list[float]]:
+    """Alternate ours and dense (order flips every round) after one warm-up each."""
+    ours(), dense()
+    ours_t, dense_t = [], []
+    for rep in range(reps):
+        if rep % 2:
+            ours_t.append(timed(ours))
+            dense_t.append(timed(dense))
+        else:
+            dense_t.append(timed(dense))
+            ours_t.append(timed(ours))
+    return ours_t, dense_t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8*197 tokens, fewer repeats")
+    parser.add_argument("--layer", choices=sorted(LAYERS), default="fc1")
+    parser.add_argument("--tokens", type=int, default=None, help="default 64*197 (quick: 8*197)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None, help="rounds per case (default 9, quick 5)")
+    parser.add_argument("--bsr-reps", type=int, default=None, help="rounds for torch BSR (default 3, quick 2)")
+    parser.add_argument("--no-bsr", action="store_true", help="skip torch BSR")
+    parser.add_argument("--no-backward", action="store_true", help="skip the backward pieces")
+    parser.add_argument("--blocks", default="16,32,64")
+    parser.add_argument("--densities", default="1.0,0.5,0.25")
+    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    tokens = args.tokens or (8 * 197 if args.quick else 64 * 197)
+    reps = args.reps or (5 if args.quick else 9)
+    bsr_reps = args.bsr_reps or (2 if args.quick else 3)
+    out_features, in_features = LAYERS[args.layer]
+    blocks = [int(b) for b in args.blocks.split(",")]
+    densities = [float(d) for d in args.densities.split(",")]
+    if not compiled_kernel_available():
+        print("warning: compiled kernel unavailable, timing the torch fallback", file=sys.stderr)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=gen)
+    dy = torch.randn(tokens, out_features, generator=gen)
+    w_full = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    flops = 2.0 * tokens * out_features * in_features
+    load_before = load_average()
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    print(f"# {args.layer}: x [{tokens}, {in_features}] @ W^T [{in_features}, {out_features}], fp32, "
+          f"{args.threads} threads, {cpu_model()}; load average before: {load_before}")  # fmt: skip
+
+    forward_rows, backward_rows = [], []
+    for block in blocks:
+        for density in densities:
+            dense_w, values, row_ptr, col_idx = random_block_weight(out_features, in_features, block, density, block)
+            size = (block, block)
+
+            def ours():
+                return block_sparse_linear_cpu(x, values, row_ptr, col_idx, out_features, size)
+
+            def dense():
+                return F.linear(x, w_full)
+
+            error = (ours() - F.linear(x, dense_w)).abs().max().item()
+            ours_t, dense_t = measure_pairs(ours, dense, reps)
+            row = {
+                "block": block, "density": density, "error": error,
+                "ours": statistics.median(ours_t), "dense": statistics.median(dense_t),
+            }  # fmt: skip
+            if not args.no_bsr:
+                bsr = dense_w.to_sparse_bsr(size)
+                bsr_linear, bsr_dense = measure_pairs(lambda: F.linear(x, bsr), dense, bsr_reps)
+                bsr_matmul, bsr_dense2 = measure_pairs(lambda: bsr @ x.T, dense, bsr_reps)
+                row["bsr_linear"] = statistics.median(bsr_linear)
+                row["bsr_matmul"] = statistics.median(bsr_matmul)
+                row["bsr_dense"] = statistics.median(bsr_dense + bsr_dense2)
+            forward_rows.append(row)
+            line = (f"fwd  block {block:2d} density {density:.2f}: ours {row['ours'] * 1e3:8.1f} ms, dense "
+                    f"{row['dense'] * 1e3:8.1f} ms ({flops / row['dense'] / 1e9:5.1f} GFLOP/s), "
+                    f"speedup {row['dense'] / row['ours']:5.2f}x")  # fmt: skip
+            if "bsr_linear" in row:
+                line += (f"; vs BSR F.linear {row['bsr_linear'] / row['ours']:6.1f}x, "
+                         f"vs bsr@x.T {row['bsr_matmul'] / row['ours']:5.1f}x "
+                         f"(BSR/dense {row['bsr_dense'] / row['bsr_linear']:.2f}x, "
+                         f"{row['bsr_dense'] / row['bsr_matmul']:.2f}x)")  # fmt: skip
+            print(line, flush=True)
+
+            if not args.no_backward:
+                gi, gi_dense = measure_pairs(
+                    lambda: grad_input_cpu(dy, values, row_ptr, col_idx, in_features, size), lambda: dy @ w_full, reps
+                )
+                gv, gv_dense = measure_pairs(
+                    lambda: grad_values_cpu(dy, x, row_ptr, col_idx, size), lambda: dy.T @ x, reps
+                )
+                back = {
+                    "block": block, "density": density,
+                    "gi": statistics.median(gi), "gi_dense": statistics.median(gi_dense),
+                    "gv": statistics.median(gv), "gv_dense": statistics.median(gv_dense),
+                }  # fmt: skip
+                backward_rows.append(back)
+                print(f"bwd  block {block:2d} density {density:.2f}: dX {back['gi'] * 1e3:8.1f} ms "
+                      f"({back['gi_dense'] / back['gi']:5.2f}x dense dY@W), dW {back['gv'] * 1e3:8.1f} ms "
+                      f"({back['gv_dense'] / back['gv']:5.2f}x dense dY^T@X)", flush=True)  # fmt: skip
+
+    load_after = load_average()
+    print(f"# load average after: {load_after}")
+    lines = [
+        f"# CPU block-sparse linear, DeiT-B {args.layer} ({'quick' if args.quick else 'full'})",
+        "",
+        f"- command: `PYTHONPATH=. {command}`",
+        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+        f"- host: {cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}; {args.threads} threads; fp32",
+        f"- x [{tokens}, {in_features}], W [{out_features}, {in_features}]; random block masks "
+        f"(uniform over blocks, exact density)",
+        f"- load average (1/5/15 min) before: {load_before}; after: {load_after} "
+        "(the machine is shared; every ratio pairs measurements taken back to back, medians of "
+        f"{reps} rounds, torch BSR {bsr_reps} rounds)",
+        f"- compiled kernel: {'yes' if compiled_kernel_available() else 'NO (torch fallback timed)'}",
+        "",
+        "## Forward y = x W^T",
+        "",
+        "| block | density | ours ms | dense F.linear ms | dense GFLOP/s | speedup vs dense | vs BSR F.linear "
+        "| vs BSR @ x.T | BSR F.linear / dense | BSR @ x.T / dense | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in forward_rows:
+        bsr_cells = (
+            [f"{r['bsr_linear'] / r['ours']:.1f}x", f"{r['bsr_matmul'] / r['ours']:.1f}x",
+             f"{r['bsr_dense'] / r['bsr_linear']:.2f}x", f"{r['bsr_dense'] / r['bsr_matmul']:.2f}x"]
+            if "bsr_linear" in r else ["-"] * 4
+        )  # fmt: skip
+        lines.append(
+            f"| {r['block']} | {r['density']:.2f} | {r['ours'] * 1e3:.1f} | {r['dense'] * 1e3:.1f} | "
+            f"{flops / r['dense'] / 1e9:.1f} | **{r['dense'] / r['ours']:.2f}x** | " + " | ".join(bsr_cells)
+            + f" | {r['error']:.1e} |"
+        )
+    if backward_rows:
+        lines += [
+            "",
+            "## Backward pieces",
+            "",
+            "| block | density | dX ours ms | dX dense (dY @ W) ms | dX speedup | dW ours ms | dW dense (dY^T @ X) ms "
+            "| dW speedup |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for b in backward_rows:
+            lines.append(
+                f"| {b['block']} | {b['density']:.2f} | {b['gi'] * 1e3:.1f} | {b['gi_dense'] * 1e3:.1f} | "
+                f"{b['gi_dense'] / b['gi']:.2f}x | {b['gv'] * 1e3:.1f} | {b['gv_dense'] * 1e3:.1f} | "
+                f"{b['gv_dense'] / b['gv']:.2f}x |"
+            )
+    default_name = f"cpu_block_sparse_{host_kind()}{'_quick' if args.quick else ''}"
+    if args.layer != "fc1":
+        default_name += f"_{args.layer}"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{default_name}.md"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
