@@ -1,0 +1,94 @@
+"""OrderEstimator on real recordings (TrainOrderRecorder) against retrain(), and its errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch.utils.data import DataLoader
+
+from lpl.order import OrderEstimate, OrderEstimator, Recording, retrain
+from lpl.utils.errors import LplError
+from test_estimator_task import NUM_BATCHES, TinyClassifier, record
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("order") / "rec", lr=0.003, proj_dim=2048, curvature_rank=2)
+
+
+@pytest.fixture(scope="module")
+def plain_recording(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("order") / "plain", lr=0.01, proj_dim=256, curvature_rank=0, probe_every=3)
+
+
+def test_reference_order_and_retraining_agree_with_the_recording(recording):
+    rec = Recording.open(recording)
+    estimator = OrderEstimator.from_recording(recording, method="adam_first_order")
+    estimate = estimator.estimate(rec.order)
+    assert estimate.final_loss == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-6)
+    truth = retrain(recording, rec.order)
+    torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)
+    short = retrain(recording, rec.order, max_steps=4)
+    assert short.loss_curve.shape == (5,)
+    assert short.final_loss == pytest.approx(rec.probe_scalars["val_loss"][4], abs=1e-5)
+
+
+def test_estimates_beat_no_change_against_retraining(recording):
+    generator = torch.Generator().manual_seed(3)
+    orders = [torch.randperm(NUM_BATCHES, generator=generator).tolist() for _ in range(8)]
+    truth = np.array([retrain(recording, o).final_loss for o in orders])
+    for method in ("first_order", "adam_first_order"):
+        estimator = OrderEstimator.from_recording(recording, method=method)
+        estimate = np.array([estimator.estimate(o).final_loss for o in orders])
+        no_change = np.abs(truth - estimator.reference_loss).mean()
+        assert np.abs(estimate - truth).mean() < 0.8 * no_change
+        assert spearmanr(estimate, truth)[0] > 0.8
+
+
+def test_predict_over_a_loader_of_orders_matches_estimate(recording):
+    estimator = OrderEstimator.from_recording(recording, method="adam")
+    orders = torch.stack([torch.randperm(NUM_BATCHES, generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = trainer.predict(estimator, dataloaders=DataLoader(orders, batch_size=2))
+    estimates = [e for batch in batches for e in batch]
+    assert len(estimates) == 5 and isinstance(estimates[0], OrderEstimate)
+    for order, got in zip(orders, estimates):
+        single = estimator.estimate(order.tolist())
+        assert got.final_loss == pytest.approx(single.final_loss, abs=1e-6)
+        torch.testing.assert_close(got.batch_losses, single.batch_losses)
+        assert got.loss_curve.shape == (NUM_BATCHES + 1,)
+
+
+def test_sparse_probes_without_curvature(plain_recording):
+    rec = Recording.open(plain_recording)
+    assert rec.probe_steps == [0, 3, 6, 9, 10]
+    estimator = OrderEstimator.from_recording(plain_recording, method="adam")
+    assert estimator.estimate(rec.order).final_loss == pytest.approx(estimator.reference_loss, abs=1e-6)
+    with pytest.raises(LplError, match="curvature_rank"):
+        OrderEstimator.from_recording(plain_recording, method="first_order")
+
+
+def test_bad_input(recording, tmp_path):
+    estimator = OrderEstimator.from_recording(recording, method="adam")
+    with pytest.raises(LplError, match=f"batch id {NUM_BATCHES}"):
+        estimator.estimate([0, NUM_BATCHES])
+    with pytest.raises(LplError, match="longer than"):
+        estimator.estimate([0] * (NUM_BATCHES + 1))
+    with pytest.raises(LplError, match=f"batch id {NUM_BATCHES}"):
+        retrain(recording, [NUM_BATCHES])
+    with pytest.raises(LplError, match="another model"):
+        OrderEstimator.from_recording(recording, model=TinyClassifier(hidden=17))
+    OrderEstimator.from_recording(recording, model=TinyClassifier(hidden=16))
+    broken = tmp_path / "broken"
+    shutil.copytree(recording, broken)
+    shard = sorted((broken / "probes").iterdir())[0]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LplError, match=shard.name):
+        OrderEstimator.from_recording(broken)
