@@ -127,13 +127,21 @@ class RecordingWriter:
         return writer
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, header: Mapping[str, Any], pool_sha256: str, from_step: int) -> "RecordingWriter":
+    def resume(
+        cls,
+        path: str | os.PathLike,
+        header: Mapping[str, Any],
+        batches: Sequence[Sequence[int]],
+        order: Sequence[int],
+        from_step: int,
+    ) -> "RecordingWriter":
         """Continue a recording from step ``from_step`` (the checkpoint's global step), dropping later steps.
 
         Raises ``RecordingError`` when the folder is not a recording of the same run or misses steps before it.
         """
         root = Path(path)
         manifest = Recording.open(root).manifest
+        pool_sha256 = hashlib.sha256(_serialise(pool_tensors(batches, order))).hexdigest()
         expected = {**header, "pool": {"sha256": pool_sha256}}
         for field in IDENTITY_FIELDS:
             if _field(manifest, field) != _field(expected, field):
@@ -184,7 +192,8 @@ class RecordingWriter:
         for name, value in (val_outputs or {}).items():
             tensors[VAL_PREFIX + name] = self._to_store(value.detach().cpu(), value.numel())
         relative = f"{PROBE_DIR}/t{step:06d}_r{rank}.safetensors"
-        return _write_file(self.root, relative, _serialise(tensors, {"step": str(step), "rank": str(rank)}))
+        # no metadata: safetensors writes its metadata map in hash order, which would make equal shards differ in bytes
+        return _write_file(self.root, relative, _serialise(tensors))
 
     def add_step(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record the unprojected facts of training step ``step`` (batch, lr, Adam hyperparameters), in order."""

@@ -1,0 +1,406 @@
+"""TrainOrderRecorder: a Lightning callback that records a reference run for training-order estimation."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from lpl.order import quantities
+from lpl.order.projection import PROJECTION_KINDS, Projector
+from lpl.order.store import STORE_DTYPES, RecordingWriter, parameter_signature
+from lpl.utils.errors import LplError
+from lpl.utils.loss import module_loss
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _json_safe(value: Any) -> Any:
+    """Hyperparameters as JSON (tuples become lists); values JSON cannot hold become None and are listed."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return None
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG a probe might draw from (dropout, augmentation), to put back exactly afterwards."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _rebuild_info(obj: Any) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    hparams = dict(getattr(obj, "hparams", {}) or {})
+    safe = _json_safe(hparams)
+    lost = sorted(k for k, v in hparams.items() if v is not None and safe[str(k)] is None)
+    return {"class_path": _class_path(obj), "hparams": safe, "hparams_not_stored": lost}
+
+
+def plan_pool(batch_sampler: Any, batches_per_epoch: int, total_steps: int) -> tuple[list[list[int]], list[int]]:
+    """The run's planned global batches, deduplicated into a pool, and the pool batch of each step 0..T-1."""
+    pool: list[list[int]] = []
+    index: dict[tuple[int, ...], int] = {}
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total_steps:
+        planned = batch_sampler.global_batches(epoch)[:batches_per_epoch]
+        if not planned:
+            raise LplError(f"the train loader's batch sampler plans no batches for epoch {epoch}; check the dataset.")
+        for batch in planned[: total_steps - len(order)]:
+            key = tuple(int(i) for i in batch)
+            if key not in index:
+                index[key] = len(pool)
+                pool.append(list(key))
+            order.append(index[key])
+        epoch += 1
+    return pool, order
+
+
+class TrainOrderRecorder(L.Callback):
+    """Records a reference training run so that other batch orders can be estimated without retraining.
+
+    The run's T training batches B_0..B_{T-1} (sample ids from the batches' ``index``) form the pool. Every
+    ``probe_every_n_steps`` steps, at theta_t before the optimizer step, every pool batch (this rank's share under DDP)
+    and the validation set are probed through ``lpl.order.quantities`` and their projected quantities stored; once more
+    after the last step (t = T). Every step also records its batch, learning rate and Adam hyperparameters; the
+    initial weights and the classes and hyperparameters needed to rebuild the module and datamodule are stored once.
+    Probes run in eval mode (no dropout) on the unwrapped module and leave no trace: gradients, modes and RNG states
+    are restored and the optimizer is only read.
+
+    Example::
+
+        recorder = TrainOrderRecorder("runs/ref/recording", proj_dim=4096, probe_every_n_steps=4)
+        trainer = L.Trainer(max_steps=64, callbacks=[recorder], use_distributed_sampler=False)
+        trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=64))
+        rec = lpl.order.Recording.open("runs/ref/recording")
+
+    Resuming ``trainer.fit(..., ckpt_path=...)`` with ``resume=True`` continues the same recording from the
+    checkpoint's step. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
+    ``accumulate_grad_batches=1``, automatic optimization, and a train loader whose batch sampler plans its batches
+    reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``).
+
+    Args:
+        dirpath: folder of the recording (see ``lpl.order.store``).
+        proj_dim: k, the projected length of every recorded vector.
+        seed: seed of the projection matrix.
+        probe_every_n_steps: probe steps 0, n, 2n, ... (and T); the probe cost is O(T) gradients per probed step.
+        store_dtype: "float16", "bfloat16" or "float32" for projected vectors (scalars stay float32).
+        resume: continue an existing recording of the same run (checked: model, seed, proj_dim, pool).
+        projection_kind: "rademacher" or "gaussian".
+        curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        proj_dim: int = 4096,
+        seed: int = 0,
+        probe_every_n_steps: int = 1,
+        store_dtype: str = "float16",
+        resume: bool = False,
+        projection_kind: str = "rademacher",
+        curvature_rank: int = 0,
+    ) -> None:
+        if proj_dim <= 0:
+            raise LplError(f"proj_dim must be positive, got {proj_dim}.")
+        if probe_every_n_steps <= 0:
+            raise LplError(f"probe_every_n_steps must be positive, got {probe_every_n_steps}.")
+        if store_dtype not in STORE_DTYPES:
+            raise LplError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}.")
+        if projection_kind not in PROJECTION_KINDS:
+            raise LplError(f"projection_kind must be one of {PROJECTION_KINDS}, got {projection_kind!r}.")
+        if curvature_rank < 0:
+            raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
+        self.dirpath = Path(dirpath)
+        self.proj_dim = proj_dim
+        self.seed = seed
+        self.probe_every_n_steps = probe_every_n_steps
+        self.store_dtype = store_dtype
+        self.resume = resume
+        self.projection_kind = projection_kind
+        self.curvature_rank = curvature_rank
+        self._writer: RecordingWriter | None = None
+        self._projector: Projector | None = None
+        self._pool: list[list[int]] = []
+        self._order: list[int] = []
+        self._total_steps = 0
+
+    # ---- validation of the run
+    @staticmethod
+    def _check_trainer(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.optim.Optimizer:
+        if len(trainer.optimizers) != 1:
+            raise LplError(
+                f"TrainOrderRecorder supports exactly one optimizer (Adam or AdamW), the run has {len(trainer.optimizers)}."
+            )
+        optimizer = trainer.optimizers[0]
+        if not isinstance(optimizer, torch.optim.Adam):
+            raise LplError(
+                f"TrainOrderRecorder records Adam/AdamW runs, but the optimizer is {type(optimizer).__name__}; "
+                "configure torch.optim.Adam or torch.optim.AdamW."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise LplError(
+                f"TrainOrderRecorder supports accumulate_grad_batches=1 (one batch per optimizer step), got "
+                f"{trainer.accumulate_grad_batches}; use a larger batch_size instead."
+            )
+        if not pl_module.automatic_optimization:
+            raise LplError("TrainOrderRecorder supports automatic optimization only (one optimizer step per batch).")
+        groups = optimizer.param_groups
+        keys = ("lr", "betas", "eps", "weight_decay")
+        if any(tuple(g[k] for k in keys) != tuple(groups[0][k] for k in keys) for g in groups):
+            raise LplError("TrainOrderRecorder needs one set of Adam hyperparameters; the optimizer's param groups differ.")
+        if groups[0].get("amsgrad") or groups[0].get("maximize"):
+            raise LplError("TrainOrderRecorder supports plain Adam/AdamW, not amsgrad=True or maximize=True.")
+        in_optimizer = {id(p) for g in groups for p in g["params"]}
+        missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+        if missing:
+            raise LplError(f"trainable parameter {missing[0]!r} is not in the optimizer; freeze it or optimize it.")
+        return optimizer
+
+    @staticmethod
+    def _batch_sampler(trainer: L.Trainer) -> Any:
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "batch_sampler", None)
+        if not callable(getattr(sampler, "global_batches", None)):
+            raise LplError(
+                f"the train loader's order is not reproducible ({type(sampler).__name__ if sampler else type(loader).__name__}); "
+                "use lpl's SeededBatchSampler/OrderedBatchSampler (the lpl DataModules do) with use_distributed_sampler=False."
+            )
+        return sampler
+
+    # ---- hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizer = self._check_trainer(trainer, pl_module)
+        sampler = self._batch_sampler(trainer)
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise LplError("TrainOrderRecorder needs a finite run: set max_steps or max_epochs.")
+        self._total_steps = int(total)
+        self._pool, self._order = plan_pool(sampler, int(trainer.num_training_batches), self._total_steps)
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        signature = parameter_signature((n, p.shape) for n, p in named)
+        self._projector = Projector(signature["num_params"], self.proj_dim, self.seed, self.projection_kind)
+        group = optimizer.param_groups[0]
+        rank, world = _rank_and_world()
+        header = {
+            "model": {**signature, **(_rebuild_info(pl_module) or {})},
+            "datamodule": _rebuild_info(trainer.datamodule),
+            "projection": {"seed": self.seed, "proj_dim": self.proj_dim, "kind": self.projection_kind},
+            "store_dtype": self.store_dtype,
+            "num_steps": self._total_steps,
+            "probe_every_n_steps": self.probe_every_n_steps,
+            "curvature_rank": self.curvature_rank,
+            "world_size": world,
+            "optimizer": {
+                "name": type(optimizer).__name__,
+                "lr": group["lr"],
+                "betas": list(group["betas"]),
+                "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+                "decoupled": self._decoupled(optimizer),
+            },
+        }
+        start = trainer.global_step
+        exists = (self.dirpath / "manifest.json").exists()
+        if rank == 0:
+            if exists and not self.resume:
+                raise LplError(
+                    f"{self.dirpath} already holds a recording; pass resume=True to continue it or choose a new dirpath."
+                )
+            if exists:
+                self._writer = RecordingWriter.resume(self.dirpath, header, self._pool, self._order, start)
+            elif start > 0:
+                raise LplError(
+                    f"the run resumes at step {start} but {self.dirpath} holds no recording; "
+                    "record from the start or point dirpath at the original recording."
+                )
+            else:
+                initial = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()}
+                self._writer = RecordingWriter.create(self.dirpath, header, self._pool, self._order, initial)
+        trainer.strategy.barrier("TrainOrderRecorder.on_train_start")
+        if rank != 0:
+            self._writer = RecordingWriter.attach(self.dirpath)
+
+    @staticmethod
+    def _decoupled(optimizer: torch.optim.Optimizer) -> bool:
+        return bool(isinstance(optimizer, torch.optim.AdamW) or optimizer.param_groups[0].get("decoupled_weight_decay"))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self._check_batch(batch, step)
+        if _rank_and_world()[0] == 0:
+            group = trainer.optimizers[0].param_groups[0]
+            betas = group["betas"]
+            self._writer.add_step(step, {
+                "batch": self._order[step], "lr": float(group["lr"]), "beta1": float(betas[0]),
+                "beta2": float(betas[1]), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
+            })
+        if step % self.probe_every_n_steps == 0:
+            self._probe(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._writer is None:
+            return
+        finished = trainer.global_step == self._total_steps
+        if finished:
+            self._probe(trainer, pl_module, self._total_steps)
+        if _rank_and_world()[0] == 0:
+            if finished:
+                self._writer.finish()
+            else:
+                self._writer.flush()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # the checkpoint must never be ahead of the recording, or a resume would leave a gap
+        if self._writer is not None and _rank_and_world()[0] == 0:
+            self._writer.flush()
+        self._pin_loader_position(trainer, checkpoint)
+
+    @staticmethod
+    def _pin_loader_position(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+        """Store the batch position Lightning trained up to, not how far the loader's prefetching pulled the sampler.
+
+        DataLoader workers (and Lightning's fetcher) draw batches ahead of training, so the sampler's own count can
+        run ahead of the steps taken; resuming from it would skip batches.
+        """
+        states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+        if not states or not isinstance(states[0], dict) or "consumed" not in states[0]:
+            return
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trained >= trainer.num_training_batches:
+            states[0].update(epoch=trainer.current_epoch + 1, consumed=0)
+        else:
+            states[0].update(epoch=trainer.current_epoch, consumed=trained)
+
+    # ---- probing
+    def _check_batch(self, batch: Any, step: int) -> None:
+        if not isinstance(batch, Mapping) or "index" not in batch:
+            raise LplError(
+                "TrainOrderRecorder needs dict batches with an 'index' entry (sample ids); "
+                "return {'index': LongTensor[B], ...} from the dataset (every lpl DataModule does)."
+            )
+        if step >= len(self._order):
+            raise LplError(f"step {step} is past the {len(self._order)} steps the run planned; do not change max_steps.")
+        rank, world = _rank_and_world()
+        planned = self._pool[self._order[step]]
+        share = len(planned) // world
+        planned_slice = planned[rank * share : (rank + 1) * share]
+        seen = [int(i) for i in batch["index"].reshape(-1).tolist()]
+        if seen != planned_slice:
+            raise LplError(
+                f"at step {step} the train loader yielded samples {seen[:4]}... but its batch sampler planned "
+                f"{planned_slice[:4]}...; the loader's order is not reproducible (or it did not resume where it stopped)."
+            )
+
+    def _adam_snapshot(self, trainer: L.Trainer, params: list[torch.Tensor], step: int) -> quantities.AdamSnapshot:
+        optimizer = trainer.optimizers[0]
+        group = optimizer.param_groups[0]
+        exp_avg, exp_avg_sq = [], []
+        for p in params:
+            state = optimizer.state.get(p, {})
+            exp_avg.append(state["exp_avg"] if "exp_avg" in state else torch.zeros_like(p))
+            exp_avg_sq.append(state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(p))
+        return quantities.AdamSnapshot(
+            step=step, lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decoupled=self._decoupled(optimizer),
+            exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+        )
+
+    def _pool_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> Any:
+        loader = trainer.train_dataloader
+        items = [loader.dataset[i] for i in self._pool[position]]
+        return move_data_to_device(loader.collate_fn(items), pl_module.device)
+
+    @staticmethod
+    def _val_loader(trainer: L.Trainer) -> Any:
+        if trainer.datamodule is not None and callable(getattr(trainer.datamodule, "val_dataloader", None)):
+            return trainer.datamodule.val_dataloader()
+        return trainer.val_dataloaders
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        rank, world = _rank_and_world()
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        modes = [m.training for m in pl_module.modules()]
+        rng = capture_rng()
+        context = quantities.ProbeContext(
+            step=step, params=params, adam=self._adam_snapshot(trainer, params, step), projector=self._projector,
+            curvature_rank=self.curvature_rank,
+        )
+        forward = trainer.precision_plugin.forward_context
+        positions = list(range(rank, len(self._pool), world))
+        try:
+            pl_module.eval()
+            outputs = []
+            for position in positions:
+                batch = self._pool_batch(trainer, pl_module, position)
+
+                def batch_loss(batch: Any = batch) -> torch.Tensor:
+                    with forward():
+                        return module_loss(pl_module, batch)
+
+                outputs.append(quantities.probe_pool_batch(context, batch_loss))
+            val_outputs = None
+            val_loader = self._val_loader(trainer) if rank == 0 else None
+            if val_loader is not None:
+                val_outputs = quantities.probe_validation(context, self._val_loss_fn(val_loader, pl_module, forward))
+        finally:
+            for module, mode in zip(pl_module.modules(), modes):
+                module.training = mode
+            for p, g in zip(params, grads):
+                p.grad = g
+            restore_rng(rng)
+        shard = self._writer.write_probe_shard(step, rank, outputs, positions, val_outputs)
+        shards = [shard]
+        if world > 1:
+            shards = [None] * world
+            dist.all_gather_object(shards, shard)
+        if rank == 0:
+            scalars = {name: float(v) for name, v in (val_outputs or {}).items() if v.numel() == 1}
+            self._writer.add_probe(step, shards, scalars)
+            self._writer.flush()
+
+    @staticmethod
+    def _val_loss_fn(loader: Any, pl_module: L.LightningModule, forward: Callable) -> Callable[[], torch.Tensor]:
+        def val_loss() -> torch.Tensor:
+            total, count = None, 0
+            for batch in loader:
+                batch = move_data_to_device(batch, pl_module.device)
+                size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
+                with forward():
+                    loss = module_loss(pl_module, batch) * size
+                total = loss if total is None else total + loss
+                count += size
+            if total is None:
+                raise LplError("the validation loader is empty; TrainOrderRecorder needs validation data to probe.")
+            return total / count
+
+        return val_loss
