@@ -117,18 +117,19 @@ def test_create_refuses_an_existing_recording(tmp_path):
 
 def test_resume_drops_steps_after_the_checkpoint_and_checks_identity(tmp_path):
     _record(tmp_path)
-    pool_sha = Recording.open(tmp_path).manifest["pool"]["sha256"]
     with pytest.raises(RecordingError, match="projection.proj_dim"):
-        RecordingWriter.resume(tmp_path, _header(projection={"seed": 0, "proj_dim": 8, "kind": "rademacher"}), pool_sha, 2)
+        RecordingWriter.resume(tmp_path, _header(projection={"seed": 0, "proj_dim": 8, "kind": "rademacher"}), BATCHES, ORDER, 2)
     with pytest.raises(RecordingError, match="model.param_hash"):
-        RecordingWriter.resume(tmp_path, _header(model=parameter_signature([("w", (2, 3)), ("b", (3,))])), pool_sha, 2)
+        RecordingWriter.resume(tmp_path, _header(model=parameter_signature([("w", (2, 3)), ("b", (3,))])), BATCHES, ORDER, 2)
+    with pytest.raises(RecordingError, match="pool.sha256"):
+        RecordingWriter.resume(tmp_path, _header(), BATCHES, [0, 1, 2, 2], 2)
     with pytest.raises(RecordingError, match="projection.seed"):
-        RecordingWriter.resume(tmp_path, _header(projection={"seed": 1, "proj_dim": 4, "kind": "rademacher"}), pool_sha, 2)
-    writer = RecordingWriter.resume(tmp_path, _header(), pool_sha, 2)
+        RecordingWriter.resume(tmp_path, _header(projection={"seed": 1, "proj_dim": 4, "kind": "rademacher"}), BATCHES, ORDER, 2)
+    writer = RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2)
     rec = Recording.open(tmp_path)
     assert rec.status == "recording" and rec.recorded_steps == 2 and rec.probe_steps == [0]
     writer.add_step(2, {"batch": 2, "lr": 0.3})
     with pytest.raises(RecordingError, match="steps must be recorded once each"):
         writer.add_step(2, {"batch": 2, "lr": 0.3})
     with pytest.raises(RecordingError, match="never recorded"):
-        RecordingWriter.resume(tmp_path, _header(), pool_sha, 3)
+        RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 3)
