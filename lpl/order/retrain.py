@@ -22,11 +22,13 @@ from lpl.utils.loss import module_loss
 @dataclass
 class RetrainResult:
     """``final_loss``: validation loss after the last step; ``loss_curve`` [L + 1]: validation loss before each step
-    and after the last (NaN between points when ``curve_every_n_steps`` > 1); ``seconds``: wall time of training."""
+    and after the last (NaN between points when ``curve_every_n_steps`` > 1); ``seconds``: wall time of training;
+    ``batch_losses`` [num_pool_batches]: each pool batch's loss at the end (with ``batch_losses=True``)."""
 
     final_loss: float
     loss_curve: torch.Tensor
     seconds: float
+    batch_losses: torch.Tensor | None = None
 
 
 def _import(class_path: str) -> type:
@@ -118,6 +120,7 @@ def retrain(
     max_steps: int | None = None,
     curve_every_n_steps: int = 1,
     accelerator: str = "auto",
+    batch_losses: bool = False,
     trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> RetrainResult:
     """Train the recorded model again from its initial weights, visiting the pool batches in ``order``.
@@ -161,7 +164,12 @@ def retrain(
     if trainer.global_step != steps:
         raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
     curve.curve[steps] = validation_loss(model, datamodule.val_dataloader())
-    return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds)
+    ends = None
+    if batch_losses:
+        collate = datamodule.train_dataloader().collate_fn
+        pool = [collate([datamodule.train_set[i] for i in batch]) for batch in recording.batches]
+        ends = torch.tensor([validation_loss(model, [batch]) for batch in pool])
+    return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds, batch_losses=ends)
 
 
 class _CallableModule(types.ModuleType):

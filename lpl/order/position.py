@@ -1,0 +1,103 @@
+"""Position map: how each pool batch's own end loss depends on where in training it is seen.
+
+M[i, j] = estimated loss on pool batch i after training, when batch i is moved to position j of the reference order
+(the other batches keep their relative order). Low values at late positions and high values early show memorisation
+fading with time; a flat row means the batch's content is learned from the rest of the data anyway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from lpl.utils.errors import LplError
+
+
+def moved(order: Tensor, batch: int, position: int) -> Tensor:
+    """``order`` with (the first occurrence of) ``batch`` taken out and inserted at ``position``."""
+    where = int((order == batch).nonzero()[0])
+    rest = torch.cat([order[:where], order[where + 1 :]])
+    return torch.cat([rest[:position], order[where : where + 1], rest[position:]])
+
+
+def position_map(
+    estimator: Any,
+    batches: Sequence[int] | None = None,
+    *,
+    positions: Sequence[int] | None = None,
+    chunk: int = 512,
+    logger: Any = None,
+) -> Tensor:
+    """M [len(batches), len(positions)]: estimated end loss of pool batch ``batches[i]`` placed at ``positions[j]``.
+
+    ``batches`` default to every batch of the reference order, ``positions`` to every step. ``logger``: optional
+    Lightning logger; with a W&B logger the heatmap is logged as an image.
+
+    Example::
+
+        m = position_map(OrderEstimator.from_recording(path, method="adam"))
+        plot_position_map(m, "position_map.png")
+    """
+    reference = estimator.reference_order.cpu()
+    batches = sorted(set(reference.tolist())) if batches is None else [int(b) for b in batches]
+    missing = [b for b in batches if b not in set(reference.tolist())]
+    if missing:
+        raise LplError(
+            f"batch id {missing[0]} is not in the reference order (pool batch ids 0..{estimator.num_batches - 1} "
+            "that the reference run trained); choose batches from the recording's order."
+        )
+    positions = list(range(len(reference))) if positions is None else [int(p) for p in positions]
+    bad = [p for p in positions if not 0 <= p < len(reference)]
+    if bad:
+        raise LplError(f"position {bad[0]} is outside the {len(reference)} steps of the reference order.")
+    pairs = [(i, j) for i in range(len(batches)) for j in range(len(positions))]
+    orders = torch.stack([moved(reference, batches[i], positions[j]) for i, j in pairs])
+    values = torch.empty(len(pairs))
+    rows = torch.tensor([batches[i] for i, _ in pairs])
+    for start in range(0, len(pairs), chunk):
+        result = estimator.estimate_many(orders[start : start + chunk])
+        values[start : start + chunk] = result.batch_losses.cpu()[
+            torch.arange(result.batch_losses.shape[0]), rows[start : start + chunk]
+        ]
+    matrix = values.view(len(batches), len(positions))
+    if logger is not None and hasattr(logger, "log_image"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = plot_position_map(matrix, Path(folder) / "position_map.png", batches=batches, positions=positions)
+            logger.log_image(key="order/position_map", images=[str(path)])
+    return matrix
+
+
+def plot_position_map(
+    matrix: Tensor, path: str | Path, *, batches: Sequence[int] | None = None, positions: Sequence[int] | None = None,
+    title: str = "estimated end loss of batch i placed at position j",
+) -> Path:
+    """Save the map as a heatmap PNG (rows: batches, columns: positions); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 5))
+    shown = matrix - matrix.mean(dim=1, keepdim=True)  # each row's own offset hides the position effect
+    image = axis.imshow(shown.numpy(), aspect="auto", cmap="coolwarm", origin="upper")
+    axis.set_xlabel("position j in training")
+    axis.set_ylabel("pool batch i")
+    if positions is not None and len(positions) <= 32:
+        axis.set_xticks(range(len(positions)), [str(p) for p in positions], fontsize=6)
+    if batches is not None and len(batches) <= 32:
+        axis.set_yticks(range(len(batches)), [str(b) for b in batches], fontsize=6)
+    axis.set_title(title + " (row mean removed)", fontsize=9)
+    figure.colorbar(image, ax=axis, label="loss - row mean")
+    figure.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    tmp.replace(path)
+    return path
