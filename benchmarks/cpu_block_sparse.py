@@ -85,13 +85,22 @@ def random_block_weight(out_features: int, in_features: int, block: int, density
     return dense, values, row_ptr, positions[:, 1].contiguous()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds): CPU time is less sensitive to other jobs taking our cores."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def measure_pairs(ours: Callable, dense: Callable, reps: int) -> tuple[list[float], list[float]]:
+def median_wall(samples: list[tuple[float, float]]) -> float:
+    return statistics.median(wall for wall, _ in samples)
+
+
+def median_cpu(samples: list[tuple[float, float]]) -> float:
+    return statistics.median(cpu for _, cpu in samples)
+
+
+def measure_pairs(ours: Callable, dense: Callable, reps: int) -> tuple[list, list]:
     """Alternate ours and dense (order flips every round) after one warm-up each."""
     ours(), dense()
     ours_t, dense_t = [], []
@@ -156,19 +165,20 @@ def main(argv: list[str] | None = None) -> int:
             ours_t, dense_t = measure_pairs(ours, dense, reps)
             row = {
                 "block": block, "density": density, "error": error,
-                "ours": statistics.median(ours_t), "dense": statistics.median(dense_t),
+                "ours": median_wall(ours_t), "dense": median_wall(dense_t),
+                "cpu_speedup": median_cpu(dense_t) / median_cpu(ours_t),
             }  # fmt: skip
             if not args.no_bsr:
                 bsr = dense_w.to_sparse_bsr(size)
                 bsr_linear, bsr_dense = measure_pairs(lambda: F.linear(x, bsr), dense, bsr_reps)
                 bsr_matmul, bsr_dense2 = measure_pairs(lambda: bsr @ x.T, dense, bsr_reps)
-                row["bsr_linear"] = statistics.median(bsr_linear)
-                row["bsr_matmul"] = statistics.median(bsr_matmul)
-                row["bsr_dense"] = statistics.median(bsr_dense + bsr_dense2)
+                row["bsr_linear"] = median_wall(bsr_linear)
+                row["bsr_matmul"] = median_wall(bsr_matmul)
+                row["bsr_dense"] = median_wall(bsr_dense + bsr_dense2)
             forward_rows.append(row)
             line = (f"fwd  block {block:2d} density {density:.2f}: ours {row['ours'] * 1e3:8.1f} ms, dense "
                     f"{row['dense'] * 1e3:8.1f} ms ({flops / row['dense'] / 1e9:5.1f} GFLOP/s), "
-                    f"speedup {row['dense'] / row['ours']:5.2f}x")  # fmt: skip
+                    f"speedup {row['dense'] / row['ours']:5.2f}x (CPU time {row['cpu_speedup']:4.2f}x)")  # fmt: skip
             if "bsr_linear" in row:
                 line += (f"; vs BSR F.linear {row['bsr_linear'] / row['ours']:6.1f}x, "
                          f"vs bsr@x.T {row['bsr_matmul'] / row['ours']:5.1f}x "
@@ -185,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 back = {
                     "block": block, "density": density,
-                    "gi": statistics.median(gi), "gi_dense": statistics.median(gi_dense),
-                    "gv": statistics.median(gv), "gv_dense": statistics.median(gv_dense),
+                    "gi": median_wall(gi), "gi_dense": median_wall(gi_dense),
+                    "gv": median_wall(gv), "gv_dense": median_wall(gv_dense),
                 }  # fmt: skip
                 backward_rows.append(back)
                 print(f"bwd  block {block:2d} density {density:.2f}: dX {back['gi'] * 1e3:8.1f} ms "
@@ -205,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         f"(uniform over blocks, exact density)",
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after} "
         "(the machine is shared; every ratio pairs measurements taken back to back, medians of "
-        f"{reps} rounds, torch BSR {bsr_reps} rounds)",
+        f"{reps} rounds, torch BSR {bsr_reps} rounds; 'CPU time' compares process CPU seconds, which other "
+        "jobs on the machine disturb less than wall time)",
         f"- compiled kernel: {'yes' if compiled_kernel_available() else 'NO (torch fallback timed)'}",
         "",
         "## Forward y = x W^T",
         "",
-        "| block | density | ours ms | dense F.linear ms | dense GFLOP/s | speedup vs dense | vs BSR F.linear "
-        "| vs BSR @ x.T | BSR F.linear / dense | BSR @ x.T / dense | max abs err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| block | density | ours ms | dense F.linear ms | dense GFLOP/s | speedup vs dense | same, CPU time "
+        "| vs BSR F.linear | vs BSR @ x.T | BSR F.linear / dense | BSR @ x.T / dense | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in forward_rows:
         bsr_cells = (
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         lines.append(
             f"| {r['block']} | {r['density']:.2f} | {r['ours'] * 1e3:.1f} | {r['dense'] * 1e3:.1f} | "
-            f"{flops / r['dense'] / 1e9:.1f} | **{r['dense'] / r['ours']:.2f}x** | " + " | ".join(bsr_cells)
+            f"{flops / r['dense'] / 1e9:.1f} | **{r['dense'] / r['ours']:.2f}x** | {r['cpu_speedup']:.2f}x | "
+            + " | ".join(bsr_cells)
             + f" | {r['error']:.1e} |"
         )
     if backward_rows:

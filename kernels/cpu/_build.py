@@ -95,6 +95,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         _ptr, _ptr, _i64, _i64,  # ptr, col, R, nnz
         _i64, _i64, _ptr, _i64, ctypes.c_int,  # br, bc, out, mt, nthreads
     ]
+    lib.lpl_pack_b.restype = None
+    lib.lpl_pack_b.argtypes = [
+        _ptr, _ptr, _i64, _i64,  # src, perm, nnz, block_stride
+        _i64, _i64, _i64, _i64,  # kb, nb, sk, sn
+        _ptr, ctypes.c_int,  # dst, nthreads
+    ]
     lib.lpl_has_avx2.restype = ctypes.c_int
     lib.lpl_has_avx2.argtypes = []
     return lib

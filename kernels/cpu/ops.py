@@ -153,12 +153,22 @@ def _gather_blocks(dense: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Te
 # Compiled path helpers
 
 
-def _pack_strips(blocks: torch.Tensor) -> torch.Tensor:
-    """[nnz, kb, nb] -> [nnz, S, kb, 16] fp32 contiguous, nb zero-padded to S*16 (the microkernel's B layout)."""
-    nnz, kb, nb = blocks.shape
-    strips = _ceil_div(nb, 16)
-    padded = F.pad(blocks.float(), (0, strips * 16 - nb))
-    return padded.reshape(nnz, kb, strips, 16).permute(0, 2, 1, 3).contiguous()
+def _pack_strips(values: torch.Tensor, transpose: bool, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks as the microkernel's B operand: [nnz, S, kb, 16] fp32, output width nb zero-padded to S*16.
+
+    ``transpose=True`` (forward): kb = bc, nb = br, B[e][k][n] = values[e][n][k].
+    ``transpose=False`` (dX = dY W): kb = br, nb = bc, B[e][k][n] = values[order[e]][k][n].
+    """
+    values = values.float().contiguous()
+    nnz, br, bc = values.shape
+    kb, nb, sk, sn = (bc, br, 1, bc) if transpose else (br, bc, bc, 1)
+    packed = torch.empty(nnz, _ceil_div(nb, 16), kb, 16, dtype=torch.float32)
+    order = None if order is None else order.contiguous()
+    load_library().lpl_pack_b(
+        values.data_ptr(), _addr(order), nnz, br * bc, kb, nb, sk, sn, packed.data_ptr(),
+        ctypes.c_int(torch.get_num_threads()),
+    )  # fmt: skip
+    return packed
 
 
 def _run_matmul(
@@ -238,7 +248,7 @@ def block_sparse_linear_cpu(
         weight = _dense_weight(values, row_ptr, col_idx, (out_features, in_features))
         return F.linear(x2d, weight, bias)
 
-    bpack = _pack_strips(values.transpose(1, 2))  # kb = bc (input), nb = br (output)
+    bpack = _pack_strips(values, transpose=True)
     bias32 = _as_fp32(bias)
     out = _run_matmul(
         _as_fp32(x2d), bpack, row_ptr, col_idx, bc, br, out_features, None if bias32 is None else bias32.contiguous()
@@ -275,7 +285,7 @@ def grad_input_cpu(
     order = torch.argsort(col_idx * max(n_rows, 1) + block_rows)
     col_ptr = torch.zeros(n_cols + 1, dtype=torch.int64)
     col_ptr[1:] = torch.cumsum(torch.bincount(col_idx, minlength=n_cols), 0)
-    bpack = _pack_strips(values[order])  # kb = br (input of dX), nb = bc (output)
+    bpack = _pack_strips(values, transpose=False, order=order)
     out = _run_matmul(_as_fp32(dy2d), bpack, col_ptr, block_rows[order].contiguous(), br, bc, in_features, None)
     return out if dtype == torch.float32 else out.to(dtype)
 

@@ -83,6 +83,7 @@ static inline void micro_6x16(int64_t kb, const float* restrict a, const float* 
                               __m256* d0, __m256* d1, __m256* d2, __m256* d3, __m256* d4, __m256* d5) {
     __m256 x0 = *c0, x1 = *c1, x2 = *c2, x3 = *c3, x4 = *c4, x5 = *c5;
     __m256 y0 = *d0, y1 = *d1, y2 = *d2, y3 = *d3, y4 = *d4, y5 = *d5;
+#pragma GCC unroll 4
     for (int64_t k = 0; k < kb; ++k) {
         const __m256 b0 = _mm256_load_ps(b + k * NR);
         const __m256 b1 = _mm256_load_ps(b + k * NR + 8);
@@ -243,13 +244,11 @@ static void matmul_worker(void* ctx, int thread_id) {
     free(apack);
 }
 
-/* Token tile: the packed A tile (MT x Kp floats) should sit in about half of L2; at least one tile per thread. */
-static int64_t choose_tile(int64_t M, int64_t Kp, int64_t nthreads, int64_t l2_floats) {
-    int64_t mt = max64(MR, (l2_floats / max64(Kp, 1)) / MR * MR);
-    mt = min64(mt, 192);
+/* Token tile: 192 rows amortise each B strip chunk over 32 microkernel calls (measured better than sizing the tile
+ * to L2 when K is large: the A panels stream well from L3), but give every thread at least one tile. */
+static int64_t choose_tile(int64_t M, int64_t nthreads) {
     const int64_t per_thread = ceil_div(ceil_div(M, nthreads), MR) * MR;
-    mt = min64(mt, max64(MR, per_thread));
-    return mt;
+    return max64(MR, min64(192, per_thread));
 }
 
 int lpl_bs_matmul(const float* a, int64_t M, int64_t K, int64_t a_sm, int64_t a_sk, const float* bpack,
@@ -263,7 +262,7 @@ int lpl_bs_matmul(const float* a, int64_t M, int64_t K, int64_t a_sm, int64_t a_
     j.out = out; j.N = N; j.out_sm = out_sm; j.bias = bias;
     j.Kp = ceil_div(K, kb) * kb;
     j.chunk = max64(1, kc / kb);
-    j.MT = mt > 0 ? ceil_div(mt, MR) * MR : choose_tile(M, j.Kp, nthreads, 96 * 1024);
+    j.MT = mt > 0 ? ceil_div(mt, MR) * MR : choose_tile(M, nthreads);
     j.ntiles = ceil_div(M, j.MT);
     if (M == 0 || N == 0) return 0;
     run_parallel(matmul_worker, &j, (int)min64(nthreads, j.ntiles));
@@ -425,6 +424,42 @@ int lpl_bs_grad_values(const float* dy, int64_t M, int64_t N, int64_t dy_sm, int
     }
     for (int t = 1; t < nt; ++t) free(partial[t]);
     return j.failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* B packing: dst[e][s][k][16] = src block perm[e] at (k, s*16 + n), zero past nb. Strides in floats.          */
+
+typedef struct {
+    const float* src; const int64_t* perm; int64_t nnz, block_stride, kb, nb, sk, sn; float* dst; int nthreads;
+} pack_job;
+
+static void pack_worker(void* ctx, int thread_id) {
+    const pack_job* j = (const pack_job*)ctx;
+    const int64_t S = ceil_div(j->nb, NR);
+    const int64_t per = ceil_div(j->nnz, j->nthreads);
+    const int64_t lo = thread_id * per, hi = min64(j->nnz, lo + per);
+    for (int64_t e = lo; e < hi; ++e) {
+        const float* blk = j->src + (j->perm ? j->perm[e] : e) * j->block_stride;
+        float* out = j->dst + e * S * j->kb * NR;
+        for (int64_t s = 0; s < S; ++s) {
+            const int64_t nv = min64(NR, j->nb - s * NR);
+            for (int64_t k = 0; k < j->kb; ++k) {
+                float* d = out + (s * j->kb + k) * NR;
+                const float* row = blk + k * j->sk + s * NR * j->sn;
+                int64_t n = 0;
+                for (; n < nv; ++n) d[n] = row[n * j->sn];
+                for (; n < NR; ++n) d[n] = 0.0f;
+            }
+        }
+    }
+}
+
+void lpl_pack_b(const float* src, const int64_t* perm, int64_t nnz, int64_t block_stride, int64_t kb, int64_t nb,
+                int64_t sk, int64_t sn, float* dst, int nthreads) {
+    if (nnz == 0) return;
+    int nt = (int)min64(nthreads < 1 ? 1 : nthreads, nnz);
+    pack_job j = {src, perm, nnz, block_stride, kb, nb, sk, sn, dst, nt};
+    run_parallel(pack_worker, &j, nt);
 }
 
 int lpl_has_avx2(void) { return LPL_HAVE_AVX2; }
