@@ -1,6 +1,6 @@
 """Budget allocation across layers: how many blocks each layer keeps so total kept FLOPs meet the budget.
 
-- ``allocate_dp``: exact knapsack over the curve points (dynamic programming on FLOPs quantised to 1/(200 L) of
+- ``allocate_dp``: exact knapsack over the curve points (dynamic programming on FLOPs quantised to 1/(1000 L) of
   the total): minimises a separable objective with total FLOPs inside [budget - 0.5%, budget] of the total.
   The hardware allocation minimises distortion + weighted predicted latency/energy; the uniform allocation
   minimises the spread of densities (so it still meets the budget exactly).
@@ -16,7 +16,7 @@ import torch
 
 from lpl.utils.errors import LplError
 
-# Share of the total FLOPs the DP may land below the budget; quantisation adds at most another 0.25%.
+# Share of the total FLOPs the DP may land below the budget; quantisation adds at most another 0.05%.
 _WINDOW = 0.005
 _MAX_POINTS = 256
 
@@ -45,7 +45,7 @@ def allocate_dp(
     """Point index per layer minimising sum(objective) with total flops in [budget - 0.5% total, budget]."""
     check_feasible(flops, allowed, budget)
     total = sum(float(f[0]) for f in flops)
-    unit = total / (200.0 * len(flops))
+    unit = total / (1000.0 * len(flops))
     top = int(math.floor(budget / unit + 1e-9))
     low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))
     best = np.full(top + 1, np.inf)

@@ -1,0 +1,64 @@
+import itertools
+
+import pytest
+import torch
+
+from lpl.prune import prune_model
+from lpl.prune.allocation import allocate_dp, allowed_points
+
+
+def random_curves(seed: int, layers: int = 3, points: int = 21):
+    generator = torch.Generator().manual_seed(seed)
+    objectives, flops, allowed = [], [], []
+    for _ in range(layers):
+        size = float(torch.randint(50, 200, (1,), generator=generator))
+        flops.append(torch.linspace(size, 0.0, points, dtype=torch.float64))
+        objectives.append(torch.cumsum(torch.rand(points, generator=generator, dtype=torch.float64), 0) - 0.3)
+        allowed.append(torch.ones(points, dtype=torch.bool))
+    return objectives, flops, allowed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_is_optimal_against_enumeration(seed):
+    objectives, flops, allowed = random_curves(seed)
+    total = sum(float(f[0]) for f in flops)
+    budget = 0.45 * total
+    picks = allocate_dp(objectives, flops, allowed, budget)
+    used = sum(float(f[p]) for f, p in zip(flops, picks))
+    assert abs(used - budget) <= 0.01 * total
+    # every combination inside [budget - 0.45%, budget - 0.05%] is feasible despite FLOPs quantisation
+    best = min(
+        sum(float(o[p]) for o, p in zip(objectives, combo))
+        for combo in itertools.product(*(range(len(f)) for f in flops))
+        if budget - 0.0045 * total <= sum(float(f[p]) for f, p in zip(flops, combo)) <= budget - 0.0005 * total
+    )
+    assert sum(float(o[p]) for o, p in zip(objectives, picks)) <= best + 1e-12
+
+
+@pytest.mark.parametrize("allocation", ["hardware", "uniform", "global"])
+@pytest.mark.parametrize("keep", [0.8, 0.5, 0.3])
+def test_budget_met_within_one_percent_and_densities_respected(tiny_vit, batches, allocation, keep):
+    importance = "magnitude" if allocation == "global" else "taylor2"
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=keep, importance=importance,
+                         allocation=allocation, min_density=0.15, max_density=0.9)
+    assert abs(result.flops_keep - keep) <= 0.01
+    for name, density in result.density.items():
+        assert 0.15 - 1e-9 <= density <= 0.9 + 1e-9, name
+
+
+def test_uniform_allocation_keeps_every_layer_near_the_target(tiny_vit, batches):
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, importance="magnitude",
+                         allocation="uniform")
+    assert all(abs(d - 0.5) < 0.07 for d in result.density.values())
+
+
+def test_more_pruning_predicts_more_speed_and_less_energy(tiny_vit, batches):
+    results = [prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=k) for k in (0.9, 0.6, 0.3)]
+    speedups = [r.predicted_speedup for r in results]
+    energies = [r.predicted_energy_ratio for r in results]
+    assert speedups == sorted(speedups) and energies == sorted(energies, reverse=True)
+
+
+def test_allowed_points_follow_density():
+    density = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    assert allowed_points(density, 0.25, 0.75).tolist() == [False, True, True, True, False]
