@@ -1,0 +1,188 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lpl.order import Recording, TrainOrderRecorder, quantities
+from lpl.order.projection import Projector
+from lpl.utils.errors import LplError
+
+from test_recorder_support import TinyDataModule, TinyNet, trainer_kwargs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ParamTrace(L.Callback):
+    """theta_t at the start of every step, and theta_T at the end (a slow, obvious reference)."""
+
+    def __init__(self):
+        self.thetas = []
+
+    def _flat(self, pl_module):
+        return torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.thetas.append(self._flat(pl_module))
+
+    def on_train_end(self, trainer, pl_module):
+        self.thetas.append(self._flat(pl_module))
+
+
+def _fit(model, callbacks, max_steps=6, datamodule=None, **overrides):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=max_steps, callbacks=callbacks, **overrides))
+    trainer.fit(model, datamodule=datamodule or TinyDataModule())
+    return trainer
+
+
+def test_recording_reproduces_the_reference_updates(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = TinyNet()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trace = ParamTrace()
+    recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=32, seed=3, store_dtype="float32")
+    _fit(model, [recorder, trace], max_steps=8)  # 6 batches per epoch: the run reshuffles into a second epoch
+    rec = Recording.open(tmp_path / "rec")
+    rec.verify()
+    dm = TinyDataModule()
+    dm.setup()
+    sampler = dm.train_batch_sampler()
+    planned = sampler.global_batches(0) + sampler.global_batches(1)[:2]
+    assert rec.status == "complete" and rec.num_steps == 8 and rec.probe_steps == list(range(9))
+    assert [rec.batches[b] for b in rec.order] == planned
+    projector = Projector(trace.thetas[0].numel(), 32, seed=3)
+    lrs = rec.scalars["lr"]
+    assert lrs == pytest.approx([0.05 / (1 + 0.1 * t) for t in range(8)])
+    for t in range(8):
+        step = rec.step(t)
+        assert step["update"].shape == (len(rec.batches), 32)
+        # theta_{t+1} = theta_t - lr_t * Gamma(theta_t, B_t): the recorded update term of the batch trained at t
+        expected = projector.project((trace.thetas[t] - trace.thetas[t + 1]) / lrs[t])
+        torch.testing.assert_close(step["update"][rec.order[t]], expected, rtol=1e-3, atol=1e-4)
+    final = rec.step(8)
+    assert set(final) >= {"loss", "grad", "update", "precond_grad", "val_loss", "val_grad"}
+    assert rec.probe_scalars["val_loss"][-1] == pytest.approx(float(final["val_loss"]))
+    assert all(torch.equal(v, initial[k]) for k, v in rec.initial_state().items())
+    manifest = rec.manifest
+    assert manifest["model"]["class_path"].endswith("TinyNet") and manifest["model"]["hparams"]["lr"] == 0.05
+    assert manifest["datamodule"]["class_path"].endswith("TinyDataModule")
+    assert manifest["datamodule"]["hparams"]["batch_size"] == 8
+    assert manifest["optimizer"] == {"name": "AdamW", "lr": 0.05, "betas": [0.9, 0.999], "eps": 1e-08,
+                                     "weight_decay": 0.01, "decoupled": True}
+    assert manifest["model"]["num_params"] == 6 * 8 + 8 + 8 * 3 + 3
+
+
+def test_probes_leave_training_untouched(tmp_path):
+    """Dropout draws from the RNG and probes run their own forwards: the trained weights must not change."""
+    torch.manual_seed(1)
+    plain = TinyNet(dropout=0.3)
+    _fit(plain, [])
+    torch.manual_seed(1)
+    recorded = TinyNet(dropout=0.3)
+    _fit(recorded, [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=2)])
+    for (name, a), b in zip(plain.state_dict().items(), recorded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert recorded.training and all(m.training for m in recorded.modules())
+    assert Recording.open(tmp_path / "rec").probe_steps == [0, 2, 4, 6]
+
+
+def test_recorder_stores_whatever_the_quantities_return(tmp_path, monkeypatch):
+    seen_steps = []
+
+    def fake_pool(ctx, batch_loss):
+        seen_steps.append(ctx.step)
+        return {"double_loss": 2 * batch_loss().detach(), "adam_step": torch.full((3,), float(ctx.adam.step))}
+
+    monkeypatch.setattr(quantities, "probe_pool_batch", fake_pool)
+    monkeypatch.setattr(quantities, "probe_validation", lambda ctx, val_loss: {"v": val_loss().detach()})
+    _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=3)])
+    rec = Recording.open(tmp_path / "rec")
+    assert rec.probe_steps == [0, 3, 6] and seen_steps == [0] * 6 + [3] * 6 + [6] * 6
+    step = rec.step(3)
+    assert set(step) == {"double_loss", "adam_step", "v"}
+    assert torch.equal(step["adam_step"].float(), torch.full((6, 3), 3.0))
+    assert rec.probe_scalars["v"] == [pytest.approx(float(rec.step(t)["v"])) for t in (0, 3, 6)]
+
+
+# ---- bad input
+def test_refuses_optimizer_that_is_not_adam(tmp_path):
+    with pytest.raises(LplError, match="optimizer is SGD"):
+        _fit(TinyNet(optimizer="sgd"), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)])
+
+
+def test_refuses_gradient_accumulation(tmp_path):
+    with pytest.raises(LplError, match="accumulate_grad_batches=1"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], accumulate_grad_batches=2)
+
+
+class TwoOptimizers(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        self.manual_backward(self.loss(batch))
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net[0].parameters()), torch.optim.Adam(self.net[3].parameters())]
+
+
+def test_refuses_several_optimizers(tmp_path):
+    with pytest.raises(LplError, match="exactly one optimizer"):
+        _fit(TwoOptimizers(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)])
+
+
+class NoIndexDataModule(TinyDataModule):
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        loader.collate_fn = lambda items: {k: torch.stack([i[k] for i in items]) for k in ("x", "y")}
+        return loader
+
+
+def test_refuses_batches_without_index(tmp_path):
+    with pytest.raises(LplError, match="'index' entry"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=NoIndexDataModule())
+
+
+class ShuffledDataModule(TinyDataModule):
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=8, shuffle=True)
+
+
+def test_refuses_a_loader_whose_order_is_not_reproducible(tmp_path):
+    with pytest.raises(LplError, match="order is not reproducible"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=ShuffledDataModule())
+
+
+def test_refuses_another_recording_unless_resume_and_then_checks_it_matches(tmp_path):
+    _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], max_steps=2)
+    with pytest.raises(LplError, match="already holds a recording.*resume=True"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], max_steps=2)
+    with pytest.raises(LplError, match="projection.seed"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, seed=1, resume=True)], max_steps=2)
+    with pytest.raises(LplError, match="projection.proj_dim"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=16, resume=True)], max_steps=2)
+    wider = TinyNet()
+    wider.net[3] = torch.nn.Linear(8, 4)
+    with pytest.raises(LplError, match="model.param_hash"):
+        _fit(wider, [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, resume=True)], max_steps=2)
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"  # a refused resume leaves the recording as it was
+
+
+def test_bad_arguments():
+    with pytest.raises(LplError, match="probe_every_n_steps"):
+        TrainOrderRecorder("x", probe_every_n_steps=0)
+    with pytest.raises(LplError, match="store_dtype"):
+        TrainOrderRecorder("x", store_dtype="int8")
