@@ -2,9 +2,24 @@
 
 Public functions (contract in docs/architecture.md, "Block-sparse weights"):
 ``block_sparse_linear_cpu`` (y = x W^T + b), ``grad_input_cpu`` (dX = dY W), ``grad_values_cpu`` (dW at the
-retained blocks), and ``compiled_kernel_available``.
+retained blocks), ``compiled_kernel_available``, and ``pack_weight_cpu`` -> ``PackedWeightCPU`` (lay a weight out
+once; pass it as ``packed=`` to skip the per-call packing, e.g. in inference).
 """
 
-from .ops import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
+from .ops import (
+    PackedWeightCPU,
+    block_sparse_linear_cpu,
+    compiled_kernel_available,
+    grad_input_cpu,
+    grad_values_cpu,
+    pack_weight_cpu,
+)
 
-__all__ = ["block_sparse_linear_cpu", "compiled_kernel_available", "grad_input_cpu", "grad_values_cpu"]
+__all__ = [
+    "PackedWeightCPU",
+    "block_sparse_linear_cpu",
+    "compiled_kernel_available",
+    "grad_input_cpu",
+    "grad_values_cpu",
+    "pack_weight_cpu",
+]

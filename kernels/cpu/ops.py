@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -201,6 +202,73 @@ def _as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+def _transposed_structure(
+    row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR over block columns: (col_ptr [C + 1], block row of each entry, entry order into values)."""
+    block_rows = _block_rows(row_ptr)
+    order = torch.argsort(col_idx * max(row_ptr.numel() - 1, 1) + block_rows)
+    col_ptr = torch.zeros(n_cols + 1, dtype=torch.int64)
+    col_ptr[1:] = torch.cumsum(torch.bincount(col_idx, minlength=n_cols), 0)
+    return col_ptr, block_rows[order].contiguous(), order
+
+
+@dataclass(frozen=True)
+class PackedWeightCPU:
+    """A block-sparse weight laid out once for the compiled kernel, so repeated calls skip the per-call packing.
+
+    Build with ``pack_weight_cpu`` and pass as ``packed=``; it is a copy: pack again after the values change.
+    """
+
+    out_features: int
+    in_features: int
+    block_size: tuple[int, int]
+    nnz: int
+    forward_b: torch.Tensor  # [nnz, ceil(br/16), bc, 16]
+    col_ptr: torch.Tensor | None = None  # the rest serves grad_input_cpu (built with backward=True)
+    col_rows: torch.Tensor | None = None
+    backward_b: torch.Tensor | None = None  # [nnz, ceil(bc/16), br, 16] in block-column order
+
+
+def pack_weight_cpu(
+    values: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    block_size: tuple[int, int],
+    backward: bool = False,
+) -> PackedWeightCPU:
+    """Pack a block-CSR weight for ``block_sparse_linear_cpu`` (and ``grad_input_cpu`` when ``backward``).
+
+    Needs the compiled kernel (``compiled_kernel_available()``); the packed copy is fp32 whatever values' dtype.
+    """
+    br, bc = _check_block_size(block_size)
+    out_features, in_features = int(out_features), int(in_features)
+    n_rows, n_cols = _ceil_div(out_features, br), _ceil_div(in_features, bc)
+    nnz = _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    if load_library() is None:
+        raise LplError(f"the compiled CPU kernel is unavailable ({load_error()}); call the functions without packed=.")
+    extra = {}
+    if backward:
+        col_ptr, col_rows, order = _transposed_structure(row_ptr, col_idx, n_cols)
+        extra = dict(col_ptr=col_ptr, col_rows=col_rows, backward_b=_pack_strips(values, False, order))
+    return PackedWeightCPU(
+        out_features, in_features, (br, bc), nnz, _pack_strips(values, transpose=True), **extra
+    )
+
+
+def _check_packed(packed: PackedWeightCPU, out_features: int, in_features: int, block_size, nnz: int) -> None:
+    if not isinstance(packed, PackedWeightCPU):
+        raise LplError(f"packed must come from pack_weight_cpu, got {type(packed).__name__}.")
+    expected = (out_features, in_features, tuple(block_size), nnz)
+    found = (packed.out_features, packed.in_features, packed.block_size, packed.nnz)
+    if found != expected:
+        raise LplError(
+            f"packed weight (out, in, block, nnz) = {found} does not match this call's {expected}; pack this weight."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public functions
 
@@ -214,6 +282,7 @@ def block_sparse_linear_cpu(
     block_size: tuple[int, int],
     bias: torch.Tensor | None = None,
     backend: Backend = "auto",
+    packed: PackedWeightCPU | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b for a block-CSR weight W [out_features, x2d.shape[1]].
 
@@ -226,6 +295,7 @@ def block_sparse_linear_cpu(
         block_size: (br, bc).
         bias: optional [N].
         backend: "auto", "compiled" or "torch" (see the module docstring).
+        packed: optional ``pack_weight_cpu`` result for these values (skips packing; ignored by the torch path).
 
     Returns:
         [M, N] in x2d's dtype.
@@ -237,7 +307,9 @@ def block_sparse_linear_cpu(
         raise LplError(f"out_features must be >= 0, got {out_features}.")
     in_features = x2d.shape[1]
     n_rows, n_cols = _ceil_div(out_features, br), _ceil_div(in_features, bc)
-    _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    nnz = _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    if packed is not None:
+        _check_packed(packed, out_features, in_features, (br, bc), nnz)
     if bias is not None:
         _check_dense("bias", bias, 1)
         if bias.shape[0] != out_features:
@@ -248,7 +320,7 @@ def block_sparse_linear_cpu(
         weight = _dense_weight(values, row_ptr, col_idx, (out_features, in_features))
         return F.linear(x2d, weight, bias)
 
-    bpack = _pack_strips(values, transpose=True)
+    bpack = packed.forward_b if packed is not None else _pack_strips(values, transpose=True)
     bias32 = _as_fp32(bias)
     out = _run_matmul(
         _as_fp32(x2d), bpack, row_ptr, col_idx, bc, br, out_features, None if bias32 is None else bias32.contiguous()
@@ -264,8 +336,12 @@ def grad_input_cpu(
     in_features: int,
     block_size: tuple[int, int],
     backend: Backend = "auto",
+    packed: PackedWeightCPU | None = None,
 ) -> torch.Tensor:
-    """dX = dY W for a block-CSR weight W [dy2d.shape[1], in_features]; returns [M, in_features] in dy2d's dtype."""
+    """dX = dY W for a block-CSR weight W [dy2d.shape[1], in_features]; returns [M, in_features] in dy2d's dtype.
+
+    ``packed`` (from ``pack_weight_cpu(..., backward=True)``) skips the per-call transposition and packing.
+    """
     br, bc = _check_block_size(block_size)
     _check_dense("dy2d", dy2d, 2)
     in_features = int(in_features)
@@ -273,20 +349,24 @@ def grad_input_cpu(
         raise LplError(f"in_features must be >= 0, got {in_features}.")
     out_features = dy2d.shape[1]
     n_rows, n_cols = _ceil_div(out_features, br), _ceil_div(in_features, bc)
-    _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    nnz = _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
+    if packed is not None:
+        _check_packed(packed, out_features, in_features, (br, bc), nnz)
+        if packed.backward_b is None:
+            raise LplError("packed was built without backward=True; pack_weight_cpu(..., backward=True) serves dX.")
     dtype = _check_same_dtype(dy2d=dy2d, values=values)
 
     if not _resolve_backend(backend, dtype):
         weight = _dense_weight(values, row_ptr, col_idx, (out_features, in_features))
         return dy2d @ weight
 
-    # Transpose the block structure (CSR over block columns) so output block rows of dX own their blocks.
-    block_rows = _block_rows(row_ptr)
-    order = torch.argsort(col_idx * max(n_rows, 1) + block_rows)
-    col_ptr = torch.zeros(n_cols + 1, dtype=torch.int64)
-    col_ptr[1:] = torch.cumsum(torch.bincount(col_idx, minlength=n_cols), 0)
-    bpack = _pack_strips(values, transpose=False, order=order)
-    out = _run_matmul(_as_fp32(dy2d), bpack, col_ptr, block_rows[order].contiguous(), br, bc, in_features, None)
+    # dX's output block columns own their blocks: run the same kernel over the transposed block structure.
+    if packed is not None:
+        col_ptr, col_rows, bpack = packed.col_ptr, packed.col_rows, packed.backward_b
+    else:
+        col_ptr, col_rows, order = _transposed_structure(row_ptr, col_idx, n_cols)
+        bpack = _pack_strips(values, transpose=False, order=order)
+    out = _run_matmul(_as_fp32(dy2d), bpack, col_ptr, col_rows, br, bc, in_features, None)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

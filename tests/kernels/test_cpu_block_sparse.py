@@ -282,3 +282,23 @@ def test_backward_pieces_reject_bad_input():
         cpu.grad_values_cpu(torch.randn(4, 64), x, row_ptr, col_idx, (16, 16))
     with pytest.raises(LplError, match="dtypes differ"):
         cpu.grad_values_cpu(torch.randn(5, 64).half(), x, row_ptr, col_idx, (16, 16))
+
+
+def test_packed_weight_gives_the_same_results():
+    out_features, in_features, block_size = 100, 72, (32, 24)
+    w, values, row_ptr, col_idx, _ = make_weight(out_features, in_features, block_size)
+    v32 = values.float()
+    packed = cpu.pack_weight_cpu(v32, row_ptr, col_idx, out_features, in_features, block_size, backward=True)
+    x, dy = torch.randn(19, in_features), torch.randn(19, out_features)
+    bias = torch.randn(out_features)
+    y = cpu.block_sparse_linear_cpu(x, v32, row_ptr, col_idx, out_features, block_size, bias, packed=packed)
+    assert torch.equal(y, cpu.block_sparse_linear_cpu(x, v32, row_ptr, col_idx, out_features, block_size, bias))
+    dx = cpu.grad_input_cpu(dy, v32, row_ptr, col_idx, in_features, block_size, packed=packed)
+    assert_close(dx, dy.double() @ w, torch.float32)
+
+    forward_only = cpu.pack_weight_cpu(v32, row_ptr, col_idx, out_features, in_features, block_size)
+    with pytest.raises(LplError, match="backward=True"):
+        cpu.grad_input_cpu(dy, v32, row_ptr, col_idx, in_features, block_size, packed=forward_only)
+    with pytest.raises(LplError, match="does not match"):
+        cpu.block_sparse_linear_cpu(x[:, :48], v32[:0], torch.zeros(5, dtype=torch.int64),
+                                    torch.zeros(0, dtype=torch.int64), out_features, block_size, packed=packed)  # fmt: skip
