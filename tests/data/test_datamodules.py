@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from lpl.data import MNIST5kDataModule, OrderedBatchSampler, SeededBatchSampler, TextCorpusDataModule
+from lpl.data.imagefolder import ImageFolderDataModule
+from lpl.utils.errors import LplError
+
+
+@pytest.fixture(scope="module")
+def mnist() -> MNIST5kDataModule:
+    dm = MNIST5kDataModule(batch_size=32, val_size=1000, seed=3)
+    dm.setup()
+    return dm
+
+
+def test_mnist_split_shapes_ids_and_balance(mnist: MNIST5kDataModule) -> None:
+    assert len(mnist.train_set) == 4000 and len(mnist.val_set) == 1000
+    batch = next(iter(mnist.train_dataloader()))
+    assert batch["image"].shape == (32, 1, 28, 28) and batch["image"].dtype == torch.float32
+    assert batch["label"].shape == (32,) and batch["index"].shape == (32,)
+    # ids are stable positions: the sample at an id is the same whatever the shuffling
+    first = int(batch["index"][0])
+    assert torch.equal(mnist.train_set[first]["image"], batch["image"][0])
+    # stratified validation split: 100 images of each digit
+    assert torch.bincount(mnist.val_set.labels, minlength=10).tolist() == [100] * 10
+    # train and validation come from disjoint rows of the 5,000
+    assert not set(mnist.train_set.ids.tolist()) & set(mnist.val_set.ids.tolist())
+
+
+def test_mnist_split_is_deterministic_given_seed() -> None:
+    a, b, c = (MNIST5kDataModule(seed=s) for s in (1, 1, 2))
+    for dm in (a, b, c):
+        dm.setup()
+    assert torch.equal(a.val_set.ids, b.val_set.ids)
+    assert not torch.equal(a.val_set.ids, c.val_set.ids)
+    assert a.train_batches() == b.train_batches()
+
+
+def test_explicit_order_replays_pool(mnist: MNIST5kDataModule) -> None:
+    pool = mnist.train_batches()
+    dm = MNIST5kDataModule(batch_size=32, seed=3, order=[5, 0, 5])
+    dm.setup()
+    seen = [batch["index"].tolist() for batch in dm.train_dataloader()]
+    assert seen == [pool[5], pool[0], pool[5]]
+
+
+def test_text_corpus_windows_are_shifted_pairs() -> None:
+    dm = TextCorpusDataModule(seq_len=32, batch_size=8)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (8, 32) and batch["labels"].shape == (8, 32)
+    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    assert int(batch["input_ids"].max()) < 256
+    sample = dm.train_set[int(batch["index"][0])]
+    assert torch.equal(sample["input_ids"], batch["input_ids"][0])
+    # contiguous split: the validation text is the end of the corpus
+    assert len(dm.val_set) > 0 and len(dm.train_set) > 9 * len(dm.val_set) * 0.9
+
+
+def test_samplers_resume_mid_epoch() -> None:
+    sampler = SeededBatchSampler(num_samples=20, batch_size=4, seed=0)
+    full = list(sampler)  # epoch 0
+    sampler = SeededBatchSampler(num_samples=20, batch_size=4, seed=0)
+    iterator = iter(sampler)
+    head = [next(iterator), next(iterator)]
+    state = sampler.state_dict()
+    resumed = SeededBatchSampler(num_samples=20, batch_size=4, seed=0)
+    resumed.load_state_dict(state)
+    assert head + list(resumed) == full
+    assert list(resumed) != full  # the next epoch is shuffled differently
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path) -> None:
+    with pytest.raises(LplError, match="order names batch 3"):
+        OrderedBatchSampler([[0], [1]], order=[3])
+    with pytest.raises(LplError, match="does not exist"):
+        ImageFolderDataModule(root=str(tmp_path / "missing"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"")
+    with pytest.raises(LplError, match="not an ImageNet-style folder"):
+        ImageFolderDataModule(root=str(tmp_path / "flat"))
+    with pytest.raises(LplError, match="corpus"):
+        TextCorpusDataModule(corpus=str(tmp_path / "nothing.txt"))
+    with pytest.raises(LplError, match="val_size"):
+        MNIST5kDataModule(val_size=0)
+
+
+def test_imagefolder_reads_imagenet_layout(tmp_path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), color=(i * 40, 10, 200)).save(folder / f"{i}.png")
+    dm = ImageFolderDataModule(root=str(tmp_path), img_size=32, batch_size=4, num_workers=0, eval_batch_size=8)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32)
+    val = next(iter(dm.val_dataloader()))
+    assert val["label"].tolist() == [0] * 4 + [1] * 4
