@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -100,9 +101,10 @@ def median_cpu(samples: list[tuple[float, float]]) -> float:
     return statistics.median(cpu for _, cpu in samples)
 
 
-def measure_pairs(ours: Callable, dense: Callable, reps: int) -> tuple[list, list]:
-    """Alternate ours and dense (order flips every round) after one warm-up each."""
-    ours(), dense()
+def measure_pairs(ours: Callable, dense: Callable, reps: int, warmup: bool = True) -> tuple[list, list]:
+    """Alternate ours and dense (order flips every round), after one warm-up each unless ``warmup`` is False."""
+    if warmup:
+        ours(), dense()
     ours_t, dense_t = [], []
     for rep in range(reps):
         if rep % 2:
@@ -114,106 +116,22 @@ def measure_pairs(ours: Callable, dense: Callable, reps: int) -> tuple[list, lis
     return ours_t, dense_t
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8*197 tokens, fewer repeats")
-    parser.add_argument("--layer", choices=sorted(LAYERS), default="fc1")
-    parser.add_argument("--tokens", type=int, default=None, help="default 64*197 (quick: 8*197)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=None, help="rounds per case (default 9, quick 5)")
-    parser.add_argument("--bsr-reps", type=int, default=None, help="rounds for torch BSR (default 3, quick 2)")
-    parser.add_argument("--no-bsr", action="store_true", help="skip torch BSR")
-    parser.add_argument("--no-backward", action="store_true", help="skip the backward pieces")
-    parser.add_argument("--blocks", default="16,32,64")
-    parser.add_argument("--densities", default="1.0,0.5,0.25")
-    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
-    args = parser.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    tokens = args.tokens or (8 * 197 if args.quick else 64 * 197)
-    reps = args.reps or (5 if args.quick else 9)
-    bsr_reps = args.bsr_reps or (2 if args.quick else 3)
-    out_features, in_features = LAYERS[args.layer]
-    blocks = [int(b) for b in args.blocks.split(",")]
-    densities = [float(d) for d in args.densities.split(",")]
-    if not compiled_kernel_available():
-        print("warning: compiled kernel unavailable, timing the torch fallback", file=sys.stderr)
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, in_features, generator=gen)
-    dy = torch.randn(tokens, out_features, generator=gen)
-    w_full = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
-    flops = 2.0 * tokens * out_features * in_features
-    load_before = load_average()
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    print(f"# {args.layer}: x [{tokens}, {in_features}] @ W^T [{in_features}, {out_features}], fp32, "
-          f"{args.threads} threads, {cpu_model()}; load average before: {load_before}")  # fmt: skip
-
-    forward_rows, backward_rows = [], []
-    for block in blocks:
-        for density in densities:
-            dense_w, values, row_ptr, col_idx = random_block_weight(out_features, in_features, block, density, block)
-            size = (block, block)
-
-            def ours():
-                return block_sparse_linear_cpu(x, values, row_ptr, col_idx, out_features, size)
-
-            def dense():
-                return F.linear(x, w_full)
-
-            error = (ours() - F.linear(x, dense_w)).abs().max().item()
-            ours_t, dense_t = measure_pairs(ours, dense, reps)
-            row = {
-                "block": block, "density": density, "error": error,
-                "ours": median_wall(ours_t), "dense": median_wall(dense_t),
-                "cpu_speedup": median_cpu(dense_t) / median_cpu(ours_t),
-            }  # fmt: skip
-            if not args.no_bsr:
-                bsr = dense_w.to_sparse_bsr(size)
-                bsr_linear, bsr_dense = measure_pairs(lambda: F.linear(x, bsr), dense, bsr_reps)
-                bsr_matmul, bsr_dense2 = measure_pairs(lambda: bsr @ x.T, dense, bsr_reps)
-                row["bsr_linear"] = median_wall(bsr_linear)
-                row["bsr_matmul"] = median_wall(bsr_matmul)
-                row["bsr_dense"] = median_wall(bsr_dense + bsr_dense2)
-            forward_rows.append(row)
-            line = (f"fwd  block {block:2d} density {density:.2f}: ours {row['ours'] * 1e3:8.1f} ms, dense "
-                    f"{row['dense'] * 1e3:8.1f} ms ({flops / row['dense'] / 1e9:5.1f} GFLOP/s), "
-                    f"speedup {row['dense'] / row['ours']:5.2f}x (CPU time {row['cpu_speedup']:4.2f}x)")  # fmt: skip
-            if "bsr_linear" in row:
-                line += (f"; vs BSR F.linear {row['bsr_linear'] / row['ours']:6.1f}x, "
-                         f"vs bsr@x.T {row['bsr_matmul'] / row['ours']:5.1f}x "
-                         f"(BSR/dense {row['bsr_dense'] / row['bsr_linear']:.2f}x, "
-                         f"{row['bsr_dense'] / row['bsr_matmul']:.2f}x)")  # fmt: skip
-            print(line, flush=True)
-
-            if not args.no_backward:
-                gi, gi_dense = measure_pairs(
-                    lambda: grad_input_cpu(dy, values, row_ptr, col_idx, in_features, size), lambda: dy @ w_full, reps
-                )
-                gv, gv_dense = measure_pairs(
-                    lambda: grad_values_cpu(dy, x, row_ptr, col_idx, size), lambda: dy.T @ x, reps
-                )
-                back = {
-                    "block": block, "density": density,
-                    "gi": median_wall(gi), "gi_dense": median_wall(gi_dense),
-                    "gv": median_wall(gv), "gv_dense": median_wall(gv_dense),
-                }  # fmt: skip
-                backward_rows.append(back)
-                print(f"bwd  block {block:2d} density {density:.2f}: dX {back['gi'] * 1e3:8.1f} ms "
-                      f"({back['gi_dense'] / back['gi']:5.2f}x dense dY@W), dW {back['gv'] * 1e3:8.1f} ms "
-                      f"({back['gv_dense'] / back['gv']:5.2f}x dense dY^T@X)", flush=True)  # fmt: skip
-
-    load_after = load_average()
-    print(f"# load average after: {load_after}")
+def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta: dict, final: bool) -> None:
+    """Write (and rewrite after every case, so a cut-off run keeps its rows) the markdown table."""
+    load_after = load_average() if final else "(run in progress)"
+    if final:
+        print(f"# load average after: {load_after}")
+    tokens, reps, bsr_reps, flops = meta["tokens"], meta["reps"], meta["bsr_reps"], meta["flops"]
+    out_features, in_features = meta["out_features"], meta["in_features"]
     lines = [
         f"# CPU block-sparse linear, DeiT-B {args.layer} ({'quick' if args.quick else 'full'})",
         "",
-        f"- command: `PYTHONPATH=. {command}`",
+        f"- command: `PYTHONPATH=. {meta['command']}`",
         f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
         f"- host: {cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}; {args.threads} threads; fp32",
         f"- x [{tokens}, {in_features}], W [{out_features}, {in_features}]; random block masks "
         f"(uniform over blocks, exact density)",
-        f"- load average (1/5/15 min) before: {load_before}; after: {load_after} "
+        f"- load average (1/5/15 min) before: {meta['load_before']}; after: {load_after} "
         "(the machine is shared; every ratio pairs measurements taken back to back, medians of "
         f"{reps} rounds, torch BSR {bsr_reps} rounds; 'CPU time' compares process CPU seconds, which other "
         "jobs on the machine disturb less than wall time)",
@@ -257,7 +175,105 @@ def main(argv: list[str] | None = None) -> int:
         default_name += f"_{args.layer}"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{default_name}.md"
     atomic_write_text(out, "\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    if final:
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8*197 tokens, fewer repeats")
+    parser.add_argument("--layer", choices=sorted(LAYERS), default="fc1")
+    parser.add_argument("--tokens", type=int, default=None, help="default 64*197 (quick: 8*197)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None, help="rounds per case (default 9, quick 5)")
+    parser.add_argument("--bsr-reps", type=int, default=None, help="rounds for torch BSR (default 2, quick 1)")
+    parser.add_argument("--no-bsr", action="store_true", help="skip torch BSR")
+    parser.add_argument("--no-backward", action="store_true", help="skip the backward pieces")
+    parser.add_argument("--blocks", default="64,32,16")
+    parser.add_argument("--densities", default="0.5,0.25,1.0")
+    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    tokens = args.tokens or (8 * 197 if args.quick else 64 * 197)
+    reps = args.reps or (5 if args.quick else 9)
+    bsr_reps = args.bsr_reps or (1 if args.quick else 2)
+    out_features, in_features = LAYERS[args.layer]
+    blocks = [int(b) for b in args.blocks.split(",")]
+    densities = [float(d) for d in args.densities.split(",")]
+    if not compiled_kernel_available():
+        print("warning: compiled kernel unavailable, timing the torch fallback", file=sys.stderr)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=gen)
+    dy = torch.randn(tokens, out_features, generator=gen)
+    w_full = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    flops = 2.0 * tokens * out_features * in_features
+    load_before = load_average()
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    print(f"# {args.layer}: x [{tokens}, {in_features}] @ W^T [{in_features}, {out_features}], fp32, "
+          f"{args.threads} threads, {cpu_model()}; load average before: {load_before}")  # fmt: skip
+
+    meta = dict(tokens=tokens, reps=reps, bsr_reps=bsr_reps, load_before=load_before, command=command, flops=flops,
+                out_features=out_features, in_features=in_features)  # fmt: skip
+    forward_rows, backward_rows = [], []
+    for block in blocks:
+        for density in densities:
+            dense_w, values, row_ptr, col_idx = random_block_weight(out_features, in_features, block, density, block)
+            size = (block, block)
+
+            def ours():
+                return block_sparse_linear_cpu(x, values, row_ptr, col_idx, out_features, size)
+
+            def dense():
+                return F.linear(x, w_full)
+
+            error = (ours() - F.linear(x, dense_w)).abs().max().item()
+            ours_t, dense_t = measure_pairs(ours, dense, reps)
+            row = {
+                "block": block, "density": density, "error": error,
+                "ours": median_wall(ours_t), "dense": median_wall(dense_t),
+                "cpu_speedup": median_cpu(dense_t) / median_cpu(ours_t),
+            }  # fmt: skip
+            if not args.no_bsr:
+                bsr = dense_w.to_sparse_bsr(size)
+                # seconds per call: a warm-up would add little but doubles the run time
+                bsr_linear, bsr_dense = measure_pairs(lambda: F.linear(x, bsr), dense, bsr_reps, warmup=False)
+                bsr_matmul, bsr_dense2 = measure_pairs(lambda: bsr @ x.T, dense, bsr_reps, warmup=False)
+                row["bsr_linear"] = median_wall(bsr_linear)
+                row["bsr_matmul"] = median_wall(bsr_matmul)
+                row["bsr_dense"] = median_wall(bsr_dense + bsr_dense2)
+            forward_rows.append(row)
+            line = (f"fwd  block {block:2d} density {density:.2f}: ours {row['ours'] * 1e3:8.1f} ms, dense "
+                    f"{row['dense'] * 1e3:8.1f} ms ({flops / row['dense'] / 1e9:5.1f} GFLOP/s), "
+                    f"speedup {row['dense'] / row['ours']:5.2f}x (CPU time {row['cpu_speedup']:4.2f}x)")  # fmt: skip
+            if "bsr_linear" in row:
+                line += (f"; vs BSR F.linear {row['bsr_linear'] / row['ours']:6.1f}x, "
+                         f"vs bsr@x.T {row['bsr_matmul'] / row['ours']:5.1f}x "
+                         f"(BSR/dense {row['bsr_dense'] / row['bsr_linear']:.2f}x, "
+                         f"{row['bsr_dense'] / row['bsr_matmul']:.2f}x)")  # fmt: skip
+            print(line, flush=True)
+
+            if not args.no_backward:
+                gi, gi_dense = measure_pairs(
+                    lambda: grad_input_cpu(dy, values, row_ptr, col_idx, in_features, size), lambda: dy @ w_full, reps
+                )
+                gv, gv_dense = measure_pairs(
+                    lambda: grad_values_cpu(dy, x, row_ptr, col_idx, size), lambda: dy.T @ x, reps
+                )
+                back = {
+                    "block": block, "density": density,
+                    "gi": median_wall(gi), "gi_dense": median_wall(gi_dense),
+                    "gv": median_wall(gv), "gv_dense": median_wall(gv_dense),
+                }  # fmt: skip
+                backward_rows.append(back)
+                print(f"bwd  block {block:2d} density {density:.2f}: dX {back['gi'] * 1e3:8.1f} ms "
+                      f"({back['gi_dense'] / back['gi']:5.2f}x dense dY@W), dW {back['gv'] * 1e3:8.1f} ms "
+                      f"({back['gv_dense'] / back['gv']:5.2f}x dense dY^T@X)", flush=True)  # fmt: skip
+            write_report(args, forward_rows, backward_rows, meta, final=False)
+
+    write_report(args, forward_rows, backward_rows, meta, final=True)
     return 0
 
 
