@@ -1,0 +1,88 @@
+"""Masks stay fixed through optimizer steps, and through a checkpoint save + Trainer resume."""
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lpl.data.mnist import MNIST5kDataModule
+from lpl.models import ViTClassifier
+from lpl.prune import BlockPruneCallback, apply_masks, prune_model
+from lpl.prune.blocks import expand_block_mask
+
+
+def pruned_positions(model, result):
+    return {name: ~expand_block_mask(mask, result.shapes[name], result.block_size)
+            for name, mask in result.block_masks.items()}
+
+
+def test_weights_grads_and_adam_state_stay_zero(tiny_vit, batches):
+    optimizer = torch.optim.AdamW(tiny_vit.parameters(), lr=1e-2, weight_decay=0.1)
+    for batch in batches:  # dense steps first: Adam state is non-zero everywhere
+        optimizer.zero_grad()
+        tiny_vit.loss(batch).backward()
+        optimizer.step()
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.4)
+    before = {n: tiny_vit.get_submodule(n).weight.detach().clone() for n in result.block_masks}
+    apply_masks(tiny_vit, result, optimizers=[optimizer])
+    pruned = pruned_positions(tiny_vit, result)
+    for step in range(3):
+        optimizer.zero_grad()
+        tiny_vit.loss(batches[step % len(batches)]).backward()
+        for name, where in pruned.items():
+            assert (tiny_vit.get_submodule(name).weight.grad[where] == 0).all()
+        optimizer.step()
+    for name, where in pruned.items():
+        weight = tiny_vit.get_submodule(name).weight
+        assert (weight[where] == 0).all()
+        state = optimizer.state[weight]
+        assert (state["exp_avg"][where] == 0).all() and (state["exp_avg_sq"][where] == 0).all()
+        assert not torch.equal(weight[~where], before[name][~where])  # the kept blocks still train
+
+
+def test_applying_again_replaces_the_previous_masks(tiny_vit, batches):
+    first = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3)
+    apply_masks(tiny_vit, first)
+    second = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3, importance="magnitude")
+    handle = apply_masks(tiny_vit, second)
+    tiny_vit.loss(batches[0]).backward()
+    for name, where in pruned_positions(tiny_vit, second).items():
+        grad = tiny_vit.get_submodule(name).weight.grad
+        assert (grad[where] == 0).all()
+    assert len(handle._hooks) == len(second.block_masks)
+
+
+def tiny_classifier():
+    return ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                         num_heads=2, schedule="constant")
+
+
+def fit(model, callbacks, max_steps, root, ckpt_path=None):
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        default_root_dir=root, callbacks=callbacks)
+    trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_masks_survive_checkpoint_save_and_trainer_resume(tmp_path):
+    torch.manual_seed(0)
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tiny_classifier(), [prune, checkpoint], 3, tmp_path)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert any("BlockPruneCallback" in key for key in saved["callbacks"])
+
+    fresh = tiny_classifier()  # dense weights, no masks: everything must come from the checkpoint
+    resumed = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    trainer = fit(fresh, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], 6, tmp_path,
+                  ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert trainer.global_step == 6
+    assert resumed.result.prune_seconds == prune.result.prune_seconds  # restored, not pruned again
+    for name, mask in prune.result.block_masks.items():
+        assert torch.equal(resumed.result.block_masks[name], mask)
+    optimizer = trainer.optimizers[0]
+    for name, where in pruned_positions(fresh, prune.result).items():
+        weight = fresh.get_submodule(name).weight
+        assert (weight[where] == 0).all() and (weight[~where] != 0).any()
+        assert (optimizer.state[weight]["exp_avg"][where] == 0).all()
+    assert (tmp_path / "ckpt2" / "prune_result" / "result.json").is_file()
