@@ -41,10 +41,17 @@ static void* aligned_buffer(size_t n_floats) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
-/* Thread pool: run fn(ctx, thread_id) on nthreads threads (the caller is thread 0). Returns 0 on success.     */
+/* Fork-join: run fn(ctx, thread_id) on nthreads threads, the caller being thread 0.                          */
+
+#define MAX_THREADS 256
 
 typedef void (*task_fn)(void* ctx, int thread_id);
 typedef struct { task_fn fn; void* ctx; int thread_id; } task_arg;
+
+static int clamp_threads(int64_t requested, int64_t work_items) {
+    int64_t n = min64(requested, work_items);
+    return (int)max64(1, min64(n, MAX_THREADS));
+}
 
 static void* task_trampoline(void* p) {
     task_arg* t = (task_arg*)p;
@@ -52,11 +59,10 @@ static void* task_trampoline(void* p) {
     return NULL;
 }
 
+/* Every thread id in [0, nthreads) runs exactly once; ids whose thread could not be created run on the caller. */
 static void run_parallel(task_fn fn, void* ctx, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-    pthread_t threads[256];
-    task_arg args[256];
-    if (nthreads > 256) nthreads = 256;
+    pthread_t threads[MAX_THREADS];
+    task_arg args[MAX_THREADS];
     int started = 0;
     for (int t = 1; t < nthreads; ++t) {
         args[t].fn = fn; args[t].ctx = ctx; args[t].thread_id = t;
@@ -64,6 +70,7 @@ static void run_parallel(task_fn fn, void* ctx, int nthreads) {
         started = t;
     }
     fn(ctx, 0);
+    for (int t = started + 1; t < nthreads; ++t) fn(ctx, t);
     for (int t = 1; t <= started; ++t) pthread_join(threads[t], NULL);
 }
 
@@ -71,12 +78,6 @@ static void run_parallel(task_fn fn, void* ctx, int nthreads) {
 /* Microkernel: acc[6][16] = sum over k of a[k][0..5] (broadcast) * b[k][0..15], for kb steps.                 */
 
 #if LPL_HAVE_AVX2
-typedef struct { __m256 v[MR][2]; } acc_tile;
-
-static inline void acc_zero(acc_tile* c) {
-    for (int i = 0; i < MR; ++i) { c->v[i][0] = _mm256_setzero_ps(); c->v[i][1] = _mm256_setzero_ps(); }
-}
-
 /* Kept as a macro-like inline body over local registers: the compiler keeps the 12 accumulators in ymm0-11. */
 static inline void micro_6x16(int64_t kb, const float* restrict a, const float* restrict b,
                               __m256* c0, __m256* c1, __m256* c2, __m256* c3, __m256* c4, __m256* c5,
@@ -265,7 +266,7 @@ int lpl_bs_matmul(const float* a, int64_t M, int64_t K, int64_t a_sm, int64_t a_
     j.MT = mt > 0 ? ceil_div(mt, MR) * MR : choose_tile(M, nthreads);
     j.ntiles = ceil_div(M, j.MT);
     if (M == 0 || N == 0) return 0;
-    run_parallel(matmul_worker, &j, (int)min64(nthreads, j.ntiles));
+    run_parallel(matmul_worker, &j, clamp_threads(nthreads, j.ntiles));
     return j.failed ? -1 : 0;
 }
 
@@ -406,9 +407,8 @@ int lpl_bs_grad_values(const float* dy, int64_t M, int64_t N, int64_t dy_sm, int
     if (M == 0 || nnz == 0) return 0;
     j.MT = mt > 0 ? mt : 256;
     j.ntiles = ceil_div(M, j.MT);
-    int nt = (int)min64(nthreads < 1 ? 1 : nthreads, j.ntiles);
-    if (nt > 256) nt = 256;
-    float* partial[256];
+    const int nt = clamp_threads(nthreads, j.ntiles);
+    float* partial[MAX_THREADS];
     memset(partial, 0, sizeof(partial));
     const int64_t total = nnz * br * bc;
     for (int t = 1; t < nt; ++t) {
@@ -457,7 +457,7 @@ static void pack_worker(void* ctx, int thread_id) {
 void lpl_pack_b(const float* src, const int64_t* perm, int64_t nnz, int64_t block_stride, int64_t kb, int64_t nb,
                 int64_t sk, int64_t sn, float* dst, int nthreads) {
     if (nnz == 0) return;
-    int nt = (int)min64(nthreads < 1 ? 1 : nthreads, nnz);
+    const int nt = clamp_threads(nthreads, nnz);
     pack_job j = {src, perm, nnz, block_stride, kb, nb, sk, sn, dst, nt};
     run_parallel(pack_worker, &j, nt);
 }
