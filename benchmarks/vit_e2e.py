@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
               "energy ratio | max rel. err vs masked dense |",
               "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    from lpl.utils.io import atomic_write_text
+
+    path = Path(args.out) / (f"vit_e2e_{bench.device_slug(device)}" + ("_quick" if args.quick else "") + ".md")
     for name in args.models:
         dense = build_model(name, device)
         result = prune(dense, args, device)
@@ -147,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{rel_err:.1e} |")
         lines.append(row)
         print(row, flush=True)
-    from lpl.utils.io import atomic_write_text
-
-    path = Path(args.out) / (f"vit_e2e_{bench.device_slug(device)}" + ("_quick" if args.quick else "") + ".md")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"\nwritten {path}")
 
 

@@ -17,6 +17,12 @@ Design (for Hopper-class GPUs; also runs under ``TRITON_INTERPRET=1`` on CPU ten
   block read untransposed; dW is computed only at retained blocks (one program per block and split of the tokens).
 
 Only plain pointer arithmetic is used (no block pointers: removed in Triton 3.9); APIs exist since Triton 3.0.
+
+Offline sm_90 compiles (Triton 3.8, no GPU; tests/kernels/test_sm90_compile.py) show what the GPU will run: bf16
+64x64 blocks give wgmma m64n64k16 in the plain orientation and m64n256k16 swapped with 256-token tiles (255
+registers, no spills), cp.async multi-stage pipelining of the K loop; fp32 (TF32) swapped 256-token tiles on 4
+warps spill (pruned from autotuning). Masked loads along K (in_features not a multiple of 16) lose the pipelining.
+GPU speed is not measured yet: benchmarks/gpu_check.sh measures it when a GPU is lent.
 """
 
 from __future__ import annotations
@@ -38,9 +44,14 @@ def _bsr_matmul_kernel(
     stride_am, stride_ak, stride_om, stride_on, stride_wk, stride_wn,
     HAS_BIAS: tl.constexpr, HAS_BLOCK_ID: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, SEGS: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, SEGS: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
-    """out[m, s*BLOCK_N + n] = sum over stored blocks p of segment s: a[m, kblock[p]*BLOCK_K + k] * Wp[k, n]."""
+    """out[m, s*BLOCK_N + n] = sum over stored blocks p of segment s: a[m, kblock[p]*BLOCK_K + k] * Wp[k, n].
+
+    SWAP_AB computes the transposed tile out^T = Wp^T a^T instead: the weight block becomes the MMA's M side
+    (64 rows fill one Hopper warpgroup MMA) and the token tile its N side (up to 256), the instruction shape cuBLAS
+    itself uses; the plain orientation serves small blocks (M side = tokens).
+    """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_s = tl.cdiv(num_segments, SEGS)
@@ -56,14 +67,20 @@ def _bsr_matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     a_rows = a_ptr + offs_m[:, None] * stride_am
-    w_tile = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    if SWAP_AB:
+        w_tile = offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    else:
+        w_tile = offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
     for i in tl.static_range(SEGS):
         slot = pid_s * SEGS + i
         if slot < num_segments:
             seg = tl.load(order_ptr + slot)
             start = tl.load(seg_ptr + seg)
             end = tl.load(seg_ptr + seg + 1)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if SWAP_AB:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for p in range(start, end):
                 cols = tl.load(kblock_ptr + p) * BLOCK_K + offs_k
                 if HAS_BLOCK_ID:
@@ -78,12 +95,22 @@ def _bsr_matmul_kernel(
                 if UPCAST:
                     a = a.to(tl.float32)
                     w = w.to(tl.float32)
-                acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+                if SWAP_AB:
+                    acc = tl.dot(w, tl.trans(a), acc, input_precision=INPUT_PRECISION)
+                else:
+                    acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
             out_cols = seg * BLOCK_N + offs_n
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + out_cols, mask=out_cols < N, other=0.0).to(tl.float32)[None, :]
-            out_ptrs = out_ptr + offs_m[:, None] * stride_om + out_cols[None, :] * stride_on
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (out_cols[None, :] < N))
+            mask_n = out_cols < N
+            if SWAP_AB:
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + out_cols, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                out_ptrs = out_ptr + offs_m[None, :] * stride_om + out_cols[:, None] * stride_on
+                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+            else:
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + out_cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                out_ptrs = out_ptr + offs_m[:, None] * stride_om + out_cols[None, :] * stride_on
+                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -119,24 +146,30 @@ def _bsr_grad_values_kernel(
 
 
 def _matmul_configs() -> list[triton.Config]:
+    """Plain orientation: token tiles of 64-256, 1-4 block rows per program. Swapped (SWAP_AB): blocks >= 64 rows."""
     configs = []
-    for block_m, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3)):
+    for block_m, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3)):
         for segs in (1, 2, 4):
-            for group_m in (8,):
-                configs.append(
-                    triton.Config({"BLOCK_M": block_m, "SEGS": segs, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
-                )
+            configs.append(triton.Config({"BLOCK_M": block_m, "SEGS": segs, "GROUP_M": 8, "SWAP_AB": False},
+                                         num_warps=warps, num_stages=stages))
+    for block_m, warps, stages in ((64, 4, 4), (128, 4, 3), (128, 4, 4), (256, 4, 3), (256, 8, 3)):
+        configs.append(triton.Config({"BLOCK_M": block_m, "SEGS": 1, "GROUP_M": 8, "SWAP_AB": True},
+                                     num_warps=warps, num_stages=stages))
     return configs
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Several segments per program only pay off for small blocks; huge token tiles only for many tokens."""
+    """Several block rows per program only for small blocks; swapped tiles only for blocks of >= 64 rows; big
+    token tiles only for many tokens."""
     block_n, m = kwargs.get("BLOCK_N", named_args.get("BLOCK_N")), named_args["M"]
+    wide_dtype = named_args["a_ptr"].element_size() > 2  # fp32: a 64x256 fp32 tile on 4 warps spills registers
     kept = [
         c for c in configs
         if (c.kwargs["SEGS"] == 1 or block_n * c.kwargs["SEGS"] <= 64)
+        and (not c.kwargs["SWAP_AB"] or block_n % 64 == 0)
         and (c.kwargs["BLOCK_M"] <= 64 or m > 256)
-        and (c.kwargs["BLOCK_M"] < 256 or block_n <= 64)
+        and (c.kwargs["BLOCK_M"] < 256 or c.kwargs["SWAP_AB"] or block_n <= 64)
+        and not (wide_dtype and c.kwargs["BLOCK_M"] == 256 and c.num_warps == 4)
     ]
     return kept or configs[:1]
 
@@ -148,7 +181,9 @@ _bsr_matmul_tuned = triton.autotune(
 )(_bsr_matmul_kernel)
 
 # The interpreter runs every program in Python: one fixed, small-grid configuration keeps tests fast.
-_INTERPRETER_CONFIG = {"BLOCK_M": 32, "SEGS": 2, "GROUP_M": 2}
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "SEGS": 2, "GROUP_M": 2, "SWAP_AB": False}
+# Tests pin a configuration here (either orientation, compiled or interpreted) instead of autotuning.
+fixed_config: dict | None = None
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -178,8 +213,8 @@ def _launch_matmul(a, w_values, bias, out, seg_ptr, kblock, block_id, order, n_o
         HAS_BIAS=bias is not None, HAS_BLOCK_ID=block_id is not None, EVEN_K=k_in % block_k == 0,
         BLOCK_N=block_n, BLOCK_K=block_k, INPUT_PRECISION=input_precision(a.dtype), UPCAST=_upcast(a.dtype),
     )
-    if INTERPRETED:
-        cfg = _INTERPRETER_CONFIG
+    cfg = fixed_config or (_INTERPRETER_CONFIG if INTERPRETED else None)
+    if cfg is not None:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(num_segments, cfg["SEGS"]),)
         _bsr_matmul_kernel[grid](*args, **flags, **cfg)
     else:

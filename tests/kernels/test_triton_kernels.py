@@ -20,9 +20,21 @@ def _case(shape, block_size, mask, dtype, device, seed):
     return sparse, generator
 
 
-@pytest.fixture(autouse=True)
-def _triton_for_cpu_tensors(triton_device):
-    """Forward and backward of every test here run the Triton kernels (interpreted for CPU tensors)."""
+ORIENTATIONS = {
+    "plain": {"BLOCK_M": 32, "SEGS": 2, "GROUP_M": 2, "SWAP_AB": False},
+    "swapped": {"BLOCK_M": 32, "SEGS": 1, "GROUP_M": 2, "SWAP_AB": True},
+}
+if torch.cuda.is_available():
+    ORIENTATIONS["autotuned"] = None
+
+
+@pytest.fixture(autouse=True, params=list(ORIENTATIONS))
+def _triton_kernel_config(request, triton_device, monkeypatch):
+    """Every test runs forward and backward through the Triton kernels (interpreted for CPU tensors), once per
+    tile orientation (and, on a GPU, once autotuned)."""
+    from lpl.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "fixed_config", ORIENTATIONS[request.param])
     if triton_device == "cpu":
         with triton_on_cpu():
             yield
