@@ -208,9 +208,25 @@ class TrainOrderRecorder(L.Callback):
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         signature = parameter_signature((n, p.shape) for n, p in named)
         self._projector = Projector(signature["num_params"], self.proj_dim, self.seed, self.projection_kind)
-        group = optimizer.param_groups[0]
         rank, world = _rank_and_world()
-        header = {
+        header = self._header(trainer, pl_module, optimizer, signature, world)
+        error = self._open_store(pl_module, header, trainer.global_step) if rank == 0 else None
+        if world > 1:  # a refusal on rank 0 must stop every rank, not leave the others waiting in a collective
+            errors: list[str | None] = [None] * world
+            dist.all_gather_object(errors, error)
+            error = errors[0]
+        if error is not None:
+            raise LplError(error)
+        if rank != 0:
+            self._writer = RecordingWriter.attach(self.dirpath)
+
+    def _header(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer,
+        signature: dict[str, Any], world: int,
+    ) -> dict[str, Any]:
+        """What identifies the run in the manifest: model, rebuild info, projection, optimizer, schedule of probes."""
+        group = optimizer.param_groups[0]
+        return {
             "model": {**signature, **(_rebuild_info(pl_module) or {})},
             "datamodule": _rebuild_info(trainer.datamodule),
             "projection": {"seed": self.seed, "proj_dim": self.proj_dim, "kind": self.projection_kind},
@@ -228,9 +244,11 @@ class TrainOrderRecorder(L.Callback):
                 "decoupled": self._decoupled(optimizer),
             },
         }
-        start = trainer.global_step
+
+    def _open_store(self, pl_module: L.LightningModule, header: dict[str, Any], start: int) -> str | None:
+        """Create, or resume at step ``start``, the recording (rank 0); returns the refusal message, if any."""
         exists = (self.dirpath / "manifest.json").exists()
-        if rank == 0:
+        try:
             if exists and not self.resume:
                 raise LplError(
                     f"{self.dirpath} already holds a recording; pass resume=True to continue it or choose a new dirpath."
@@ -245,9 +263,9 @@ class TrainOrderRecorder(L.Callback):
             else:
                 initial = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()}
                 self._writer = RecordingWriter.create(self.dirpath, header, self._pool, self._order, initial)
-        trainer.strategy.barrier("TrainOrderRecorder.on_train_start")
-        if rank != 0:
-            self._writer = RecordingWriter.attach(self.dirpath)
+        except LplError as refusal:
+            return str(refusal)
+        return None
 
     @staticmethod
     def _decoupled(optimizer: torch.optim.Optimizer) -> bool:

@@ -100,7 +100,7 @@ class KillAt(L.Callback):
         self._maybe_kill(trainer, "batch_end")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     parser = argparse.ArgumentParser()
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--kill-at", default="")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--devices", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     model = TinyNet()
@@ -123,7 +123,7 @@ def main() -> None:
     callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=2, save_last=True, save_top_k=0))
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = L.Trainer(**trainer_kwargs(max_steps=args.max_steps, callbacks=callbacks, devices=args.devices,
-                                         strategy=strategy, enable_checkpointing=True))
+                                         strategy=strategy, enable_checkpointing=True, deterministic=args.devices == 1))
     last = Path(args.ckpt_dir) / "last.ckpt"
     trainer.fit(model, datamodule=TinyDataModule(), ckpt_path=str(last) if args.resume and last.exists() else None)
 

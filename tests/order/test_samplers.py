@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from lpl.data import samplers
+from lpl.data.samplers import OrderedBatchSampler, SeededBatchSampler
+from lpl.order.recorder import plan_pool
+from lpl.utils.errors import LplError
+
+
+def test_seeded_batches_are_a_seeded_permutation_per_epoch():
+    sampler = SeededBatchSampler(num_samples=10, batch_size=3, seed=5)
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(5)).tolist()
+    assert sampler.global_batches(0) == [expected[0:3], expected[3:6], expected[6:9]]  # drop_last
+    assert sampler.global_batches(1) != sampler.global_batches(0)
+    assert SeededBatchSampler(10, 3, seed=5).global_batches(1) == sampler.global_batches(1)
+    assert list(sampler) == sampler.global_batches(0) and sampler.epoch == 1
+    assert len(SeededBatchSampler(10, 3, seed=5, drop_last=False).global_batches(0)) == 4
+
+
+def test_ordered_sampler_follows_the_order_with_repeats():
+    sampler = OrderedBatchSampler([[0, 1], [2, 3], [4, 5]], order=[2, 2, 0])
+    assert list(sampler) == [[4, 5], [4, 5], [0, 1]]
+    with pytest.raises(LplError, match="order names batch 3"):
+        OrderedBatchSampler([[0, 1]], order=[3])
+
+
+@pytest.mark.parametrize("make", [lambda: SeededBatchSampler(20, 4, seed=1), lambda: OrderedBatchSampler([[i] for i in range(5)], [4, 3, 2, 1, 0])])
+def test_state_dict_resumes_mid_epoch_at_the_exact_batch(make):
+    sampler = make()
+    stream = iter(sampler)
+    seen = [next(stream), next(stream)]
+    state = sampler.state_dict()
+    assert state == {"epoch": 0, "consumed": 2}
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert seen + list(fresh) == sampler.global_batches(0)
+    assert list(fresh) == fresh.global_batches(1)  # the next epoch starts from its first batch
+
+
+def test_ranks_get_contiguous_slices_of_every_global_batch(monkeypatch):
+    sampler = OrderedBatchSampler([[0, 1, 2, 3], [4, 5, 6, 7]])
+    slices = []
+    for rank in range(2):
+        monkeypatch.setattr(samplers, "_rank_and_world", lambda rank=rank: (rank, 2))
+        slices.append(list(sampler))
+    assert slices == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    monkeypatch.setattr(samplers, "_rank_and_world", lambda: (0, 3))
+    with pytest.raises(LplError, match="divisible by the number of devices"):
+        list(OrderedBatchSampler([[0, 1, 2, 3]]))
+
+
+def test_plan_pool_deduplicates_repeated_batches_across_epochs():
+    ordered = OrderedBatchSampler([[0, 1], [2, 3], [4, 5]], order=[1, 0, 2])
+    pool, order = plan_pool(ordered, batches_per_epoch=3, total_steps=7)
+    assert pool == [[2, 3], [0, 1], [4, 5]] and order == [0, 1, 2, 0, 1, 2, 0]
+    seeded = SeededBatchSampler(12, 4, seed=0)
+    pool, order = plan_pool(seeded, batches_per_epoch=2, total_steps=5)  # limit_train_batches cuts epochs to 2
+    assert [pool[i] for i in order] == seeded.global_batches(0)[:2] + seeded.global_batches(1)[:2] + seeded.global_batches(2)[:1]
