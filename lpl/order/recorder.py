@@ -88,9 +88,9 @@ class TrainOrderRecorder(L.Callback):
     """Records a reference training run so that other batch orders can be estimated without retraining.
 
     The run's T training batches B_0..B_{T-1} (sample ids from the batches' ``index``) form the pool. Every
-    ``probe_every_n_steps`` steps, at theta_t before the optimizer step, every pool batch (this rank's share under DDP)
-    and the validation set are probed through ``lpl.order.quantities`` and their projected quantities stored; once more
-    after the last step (t = T). Every step also records its batch, learning rate and Adam hyperparameters; the
+    ``probe_every_n_steps`` steps, at theta_t before the optimizer step, the validation set and then every pool batch
+    (this rank's share under DDP: full global batches, interleaved over ranks) are probed through
+    ``lpl.order.quantities`` and what they return is stored; once more after the last step (t = T). Every step also records its batch, learning rate and Adam hyperparameters; the
     initial weights and the classes and hyperparameters needed to rebuild the module and datamodule are stored once.
     Probes run in eval mode (no dropout) on the unwrapped module and leave no trace: gradients, modes and RNG states
     are restored and the optimizer is only read.
@@ -377,6 +377,12 @@ class TrainOrderRecorder(L.Callback):
         positions = list(range(rank, len(self._pool), world))
         try:
             pl_module.eval()
+            # validation first, on every rank: quantities then stores each pool batch's exact dot product with the
+            # validation gradient (the estimator's control variates); only rank 0 keeps the validation outputs
+            val_loader = self._val_loader(trainer)
+            val_outputs = None
+            if val_loader is not None:
+                val_outputs = quantities.probe_validation(context, self._val_loss_fn(val_loader, pl_module, forward))
             outputs = []
             for position in positions:
                 batch = self._pool_batch(trainer, pl_module, position)
@@ -386,17 +392,13 @@ class TrainOrderRecorder(L.Callback):
                         return module_loss(pl_module, batch)
 
                 outputs.append(quantities.probe_pool_batch(context, batch_loss))
-            val_outputs = None
-            val_loader = self._val_loader(trainer) if rank == 0 else None
-            if val_loader is not None:
-                val_outputs = quantities.probe_validation(context, self._val_loss_fn(val_loader, pl_module, forward))
         finally:
             for module, mode in zip(pl_module.modules(), modes):
                 module.training = mode
             for p, g in zip(params, grads):
                 p.grad = g
             restore_rng(rng)
-        shard = self._writer.write_probe_shard(step, rank, outputs, positions, val_outputs)
+        shard = self._writer.write_probe_shard(step, rank, outputs, positions, val_outputs if rank == 0 else None)
         shards = [shard]
         if world > 1:
             shards = [None] * world
