@@ -1,0 +1,41 @@
+"""Two gloo processes: all-reduced calibration statistics and identical masks on both ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lpl.prune.importance import collect_statistics
+from lpl.utils.loss import module_loss
+
+
+SCRIPT = Path(__file__).with_name("ddp_prune_script.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+
+def test_ddp_ranks_reduce_statistics_and_share_masks(tmp_path):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    masks = [k for k in rank0 if k.startswith("mask/")]
+    assert masks and all(torch.equal(rank0[k], rank1[k]) for k in masks)
+    assert 0.3 < float(torch.cat([rank0[k].flatten().float() for k in masks]).mean()) < 0.7
+    for key in ("first", "gram", "grad_sq_mean"):
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert (tmp_path / "result" / "masks.safetensors").is_file()
+    # the reduced statistics equal a single process's statistics over both ranks' batches
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ddp_prune_script import rank_batches, tiny_classifier
+
+    model = tiny_classifier()
+    model.model.load_state_dict({k[len("state/"):]: v for k, v in rank0.items() if k.startswith("state/")})
+    single = collect_statistics(model, {"fc1": model.model.blocks[0].mlp.fc1}, rank_batches(0) + rank_batches(1),
+                                (8, 8), module_loss)["fc1"]
+    torch.testing.assert_close(rank0["first"], single.first, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(rank0["gram"], single.gram, rtol=1e-5, atol=1e-9)
