@@ -1,0 +1,73 @@
+"""BlockPruneCallback inside Trainer.fit: train-then-prune, distillation, logging, saving, bad options."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from lpl.data.mnist import MNIST5kDataModule
+from lpl.models import ViTClassifier
+from lpl.prune import BlockPruneCallback, PruneResult
+from lpl.prune.blocks import expand_block_mask
+from lpl.utils.errors import LplError
+
+
+class TeacherSeen(L.Callback):
+    def __init__(self) -> None:
+        self.teacher_at_step: dict[int, bool] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.teacher_at_step[trainer.global_step] = pl_module.teacher is not None
+
+
+def test_train_then_prune_with_distillation_logs_and_saves(tmp_path):
+    torch.manual_seed(0)
+    model = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                          num_heads=2, schedule="constant")
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, distill=True,
+                               prune_after_steps=2)
+    seen = TeacherSeen()
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lpl-tests")
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path, callbacks=[prune, seen])
+    trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    assert seen.teacher_at_step == {0: False, 1: False, 2: True, 3: True}
+    assert abs(prune.result.flops_keep - 0.5) <= 0.01
+    for stage in ("dense", "pruned", "finetuned"):
+        assert 0.0 <= prune.metrics[f"prune/{stage}_val_acc"] <= 1.0
+    for name, mask in prune.result.block_masks.items():
+        weight = model.get_submodule(name).weight
+        assert (weight[~expand_block_mask(mask, tuple(weight.shape), (8, 8))] == 0).all()
+    saved = list(tmp_path.rglob("prune_result/result.json"))
+    assert len(saved) == 1 and "checkpoints" in str(saved[0])
+    assert PruneResult.load(saved[0].parent).block_masks.keys() == prune.result.block_masks.keys()
+
+
+def test_given_result_is_applied_without_pruning(tmp_path, tiny_vit, batches):
+    from lpl.prune import prune_model
+
+    model = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                          num_heads=2, schedule="constant")
+    result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.3)
+    result.save(tmp_path / "given")
+    callback = BlockPruneCallback(result=str(tmp_path / "given"), evaluate=False, result_path=str(tmp_path / "out"))
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, limit_val_batches=0, callbacks=[callback]).fit(
+        model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    assert callback.result.prune_seconds == pytest.approx(result.prune_seconds)
+    weight = model.model.blocks[0].mlp.fc1.weight
+    mask = expand_block_mask(result.block_masks["model.blocks.0.mlp.fc1"], tuple(weight.shape), (8, 8))
+    assert (weight[~mask] == 0).all()
+    assert (tmp_path / "out" / "result.json").is_file()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(flops_keep=1.5), "flops_keep"),
+    (dict(calib_batches=0), "calib_batches"),
+    (dict(prune_after_steps=-1), "prune_after_steps"),
+    (dict(min_density=0.5, max_density=0.2), "min_density"),
+])
+def test_bad_options_fail_at_construction(kwargs, match):
+    with pytest.raises(LplError, match=match):
+        BlockPruneCallback(**kwargs)
