@@ -25,7 +25,9 @@ Validation: ``val_loss`` and ``val_grad`` = P grad L_val(theta_t). ``probe_valid
 validation gradient on the context (``ctx.val_grad``, never stored); when the recorder calls it BEFORE the pool
 probes of the same step with the same context, each pool batch also stores the exact scalars
 ``val_dot_update`` = <grad L_val(theta_t), Gamma(theta_t, B)> and ``val_dot_precond`` (same for ``precond_grad``).
-The estimator uses them as control variates: a projected inner product <P a, P b> has an error of order
+When the recorder probes the pool first (single process), the full update vectors are kept on the context (up to
+``DOT_CACHE_BYTES``) and ``probe_validation`` returns the same scalars as ``val_dot_update`` / ``val_dot_precond``
+of shape [num_pool_batches] instead. The estimator uses them as control variates: a projected inner product <P a, P b> has an error of order
 |a| |b| / sqrt(k), which swamps the small inner products that decide a loss change; replacing
 <P v_T, P x_{t,B}> by the exact <v_t, x_{t,B}> plus the projected <P (v_T - v_t), P x_{t,B}> shrinks that error to
 the part of v_T that is new since step t.
@@ -33,7 +35,7 @@ the part of v_T that is new since step t.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -67,6 +69,25 @@ class ProbeContext:
     projector: "Projector"
     curvature_rank: int = 0  # r > 0 also records the per-batch curvature factors (r Hessian-vector products)
     val_grad: Tensor | None = None  # full validation gradient, set by probe_validation (kept in memory only)
+    # full (update, precond_grad) of pool batches probed before the validation probe, for the exact dot scalars
+    # (None once over DOT_CACHE_BYTES: then no scalars for this step rather than a partial set)
+    pending_dots: list[tuple[Tensor, Tensor]] | None = field(default_factory=list)
+
+
+DOT_CACHE_BYTES = 1 << 30  # keep at most this much of full vectors for the validation-dot scalars
+
+
+def _may_cache(ctx: ProbeContext, numel: int) -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return False  # each rank probes a share of the pool; only rank 0 sees the validation set
+    if ctx.pending_dots is None:
+        return False
+    if (len(ctx.pending_dots) + 1) * numel * 8 > DOT_CACHE_BYTES:
+        ctx.pending_dots = None
+        return False
+    return True
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
@@ -161,6 +182,13 @@ def _project(ctx: ProbeContext, flat: Tensor) -> Tensor:
     return ctx.projector.project(flat).float()
 
 
+def _project_rows(ctx: ProbeContext, rows: Tensor) -> Tensor:
+    """Project [n, d] rows at once when the projector can (one pass over the generated matrix)."""
+    if hasattr(ctx.projector, "project_batch"):
+        return ctx.projector.project_batch(rows).float()
+    return torch.stack([_project(ctx, row) for row in rows])
+
+
 def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dict[str, Tensor]:
     """Projected quantities of one pool batch at theta_t (see the module docstring for each name)."""
     curvature = ctx.curvature_rank > 0
@@ -170,16 +198,15 @@ def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dic
         grad = _flat([g.detach() for g in grads])
         theta, exp_avg, exp_avg_sq = _state(ctx)
         terms = adam_terms(grad, theta, exp_avg, exp_avg_sq, ctx.adam)
-        out = {
-            "loss": loss.detach().float().reshape(()).cpu(),
-            "grad": _project(ctx, grad),
-            "update": _project(ctx, terms.update),
-            "precond_grad": _project(ctx, terms.precond_grad),
-        }
+        rows = [grad, terms.update, terms.precond_grad]
+        out = {"loss": loss.detach().float().reshape(()).cpu()}
         if ctx.val_grad is not None:
             val_grad = ctx.val_grad.to(grad.device)
             out["val_dot_update"] = (val_grad @ terms.update).reshape(())
             out["val_dot_precond"] = (val_grad @ terms.precond_grad).reshape(())
+        elif _may_cache(ctx, grad.numel()):
+            ctx.pending_dots.append((terms.update, terms.precond_grad))
+        rank = 0
         if curvature:
             def hvp(vector: Tensor) -> Tensor:
                 parts = torch.autograd.grad(
@@ -188,13 +215,16 @@ def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dic
                 return _flat([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(ctx.params, parts)])
 
             basis, images = krylov_factors(hvp, terms.precond_grad, terms.d_precond, ctx.curvature_rank)
-            k = out["grad"].numel()
-            padded = {name: torch.zeros(ctx.curvature_rank, k) for name in ("curv_basis", "curv_precond", "curv_update")}
-            for i in range(basis.shape[0]):  # missing rows stay zero: they contribute nothing to the correction
-                padded["curv_basis"][i] = _project(ctx, basis[i]).cpu()
-                padded["curv_precond"][i] = _project(ctx, terms.d_precond * images[i]).cpu()
-                padded["curv_update"][i] = _project(ctx, terms.d_update * images[i]).cpu()
-            out.update(padded)
+            rank = basis.shape[0]
+            rows += [*basis, *(terms.d_precond * images), *(terms.d_update * images)]
+        projected = _project_rows(ctx, torch.stack(rows)).cpu()
+        out.update(grad=projected[0], update=projected[1], precond_grad=projected[2])
+        if curvature:
+            # missing rows (Krylov space exhausted) stay zero: they contribute nothing to the correction
+            for i, name in enumerate(("curv_basis", "curv_precond", "curv_update")):
+                padded = torch.zeros(ctx.curvature_rank, projected.shape[1])
+                padded[:rank] = projected[3 + i * rank : 3 + (i + 1) * rank]
+                out[name] = padded
     return {name: value.detach().cpu() for name, value in out.items()}
 
 
@@ -208,4 +238,9 @@ def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[
         loss = val_loss()
         grad = _flat([g.detach() for g in _gradients(loss, ctx.params, create_graph=False)])
     ctx.val_grad = grad
-    return {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}
+    out = {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}
+    if ctx.pending_dots:
+        out["val_dot_update"] = torch.stack([grad @ update for update, _ in ctx.pending_dots]).cpu()
+        out["val_dot_precond"] = torch.stack([grad @ precond for _, precond in ctx.pending_dots]).cpu()
+        ctx.pending_dots.clear()
+    return out

@@ -152,3 +152,18 @@ def test_validation_first_gives_exact_dot_scalars():
     exact = probe_pool_batch(ProbeContext(0, params, adam, Identity()), lambda: _loss(model, batches[0]))
     assert probed["val_dot_update"].item() == pytest.approx((ctx.val_grad @ exact["update"]).item(), rel=1e-5)
     assert probed["val_dot_precond"].item() == pytest.approx((ctx.val_grad @ exact["precond_grad"]).item(), rel=1e-5)
+
+
+def test_pool_first_then_validation_gives_the_dot_scalars_per_batch():
+    model, batches = _problem(5)
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    dim = sum(p.numel() for p in params)
+    ctx = ProbeContext(0, params, adam, DenseProjector(dim, 8))
+    pool = [probe_pool_batch(ctx, lambda b=b: _loss(model, b)) for b in batches]
+    val = probe_validation(ctx, lambda: _loss(model, batches[0]))
+    exact = [probe_pool_batch(ProbeContext(0, params, adam, Identity()), lambda b=b: _loss(model, b)) for b in batches]
+    assert "val_dot_update" not in pool[0] and val["val_dot_update"].shape == (len(batches),)
+    torch.testing.assert_close(val["val_dot_update"], torch.stack([ctx.val_grad @ e["update"] for e in exact]))
+    torch.testing.assert_close(val["val_dot_precond"], torch.stack([ctx.val_grad @ e["precond_grad"] for e in exact]))

@@ -1,0 +1,382 @@
+"""Order estimation against true retraining: accuracy per method, projection size and drift; speed; curriculum; map.
+
+For each task and learning rate: record a reference run of T steps with TrainOrderRecorder at every proj_dim (and in
+full space for small models), truly retrain 16 random orders plus the reversed and the sorted-by-difficulty (easy
+first, by each batch's initial loss) orders, and compare every method's estimated final validation loss with the
+retrained one (Spearman, Pearson, mean absolute error) against the baseline "no change" (predict the reference loss).
+At the medium learning rate it also times estimates against retraining, searches a curriculum (genetic, scored by the
+estimator; its best order is retrained and compared with the median random order) and checks the position map on a
+sampled subset of (batch, position) pairs against retraining.
+
+The method list is fixed in advance (nothing is tuned on these orders); the curriculum and position checks use
+``--select-method`` (default adam_first_order, chosen on the separate digits prototype in DESIGN.md's setting).
+
+CPU note: lpl.order.Projector generates its matrix on the fly, which costs seconds per vector on CPU for these models;
+``--materialise`` (default on CPU) gives the recorder a dense Rademacher matrix of the same distribution drawn once
+(not bit-identical to Projector's, same JL guarantees). The "exact" column uses the identity (small models only).
+
+Usage::
+
+    python benchmarks/order_estimation.py --tasks digits,lm,vit --quick
+    python benchmarks/order_estimation.py --tasks lm --steps 64 --proj-dims 256,1024,4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.utils.data import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lpl.data.base import IndexedDataModule  # noqa: E402
+from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, retrain  # noqa: E402
+from lpl.order.curriculum import search  # noqa: E402
+from lpl.order.position import moved, position_map  # noqa: E402
+from lpl.order.replay import METHODS  # noqa: E402
+from lpl.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+logging.getLogger("lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- tasks
+class _Digits(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i], "index": torch.tensor(i)}
+
+
+class DigitsDataModule(IndexedDataModule):
+    """sklearn's 8x8 digits (DESIGN.md's small Adam task): first 1,437 images train, last 360 validate."""
+
+    def __init__(self, batch_size: int = 48, seed: int = 0, batches=None, order=None, eval_batch_size: int = 360) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        self.save_hyperparameters()
+
+    def build_datasets(self):
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+        return _Digits(x[:1437], y[:1437]), _Digits(x[1437:], y[1437:])
+
+
+class DigitsMLP(L.LightningModule):
+    """64-32-10 tanh MLP (2,410 parameters), AdamW at a constant learning rate."""
+
+    def __init__(self, lr: float = 0.003) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def loss(self, batch):
+        return nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.0)
+
+
+def build_task(name: str, lr: float, steps: int):
+    if name == "digits":
+        return DigitsMLP(lr=lr), DigitsDataModule()
+    if name == "lm":
+        from lpl.data import TextCorpusDataModule
+        from lpl.models import CausalLM
+
+        model = CausalLM(vocab_size=256, dim=64, depth=2, num_heads=4, max_seq_len=32, lr=lr, warmup_steps=4)
+        return model, TextCorpusDataModule(corpus="lee", seq_len=32, batch_size=16, max_train_samples=16 * steps,
+                                           eval_batch_size=128)
+    if name == "vit":
+        from lpl.data import MNIST5kDataModule
+        from lpl.models import ViTClassifier
+
+        model = ViTClassifier("vit_tiny_patch16_224", num_classes=10, img_size=28, patch_size=7, in_chans=1,
+                              embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, lr=lr, warmup_steps=0)
+        return model, MNIST5kDataModule(batch_size=32, val_size=500, eval_batch_size=500)
+    raise SystemExit(f"unknown task {name!r}: choose digits, lm, vit")
+
+
+# ---------------------------------------------------------------- recording
+class _Dense:
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ flat.float()
+
+    def project_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.float() @ self.matrix.T
+
+
+class _Identity:
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.float().clone()
+
+    def project_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.float().clone()
+
+
+class BenchRecorder(TrainOrderRecorder):
+    """TrainOrderRecorder with a materialised projection (CPU speed) or none (exact)."""
+
+    def __init__(self, *args, exact: bool = False, materialise: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exact, self.materialise = exact, materialise
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.exact:
+            self._projector = _Identity()
+        elif self.materialise:
+            d = self._projector.dim_in
+            generator = torch.Generator().manual_seed(self.seed)
+            signs = torch.randint(0, 2, (self.proj_dim, d), generator=generator).float().mul_(2).sub_(1)
+            self._projector = _Dense(signs.div_(math.sqrt(self.proj_dim)))
+
+
+def num_params(task: str, lr: float, steps: int) -> int:
+    model, _ = build_task(task, lr, steps)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool) -> float:
+    """Record (or reuse a complete recording); returns the recording's wall seconds (0 when reused)."""
+    if (path / "manifest.json").exists():
+        try:
+            if Recording.open(path).status == "complete":
+                return 0.0
+        except Exception:  # noqa: BLE001 - an unreadable leftover is recorded again
+            pass
+        shutil.rmtree(path)
+    model, datamodule = build_task(task, lr, steps)
+    exact = proj_dim is None
+    k = sum(p.numel() for p in model.parameters() if p.requires_grad) if exact else proj_dim
+    L.seed_everything(0, verbose=False)
+    recorder = BenchRecorder(path, proj_dim=k, curvature_rank=rank, store_dtype="float32" if exact else "float16",
+                             exact=exact, materialise=materialise)
+    trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[recorder])
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- evaluation
+def metrics(estimate: np.ndarray, truth: np.ndarray) -> dict:
+    return {"spearman": float(spearmanr(estimate, truth)[0]), "pearson": float(pearsonr(estimate, truth)[0]),
+            "mae": float(np.abs(estimate - truth).mean())}
+
+
+def make_orders(path: Path, num_random: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    rec = Recording.open(path)
+    reference = torch.tensor(rec.order)
+    generator = torch.Generator().manual_seed(seed)
+    orders = [reference[torch.randperm(len(reference), generator=generator)] for _ in range(num_random)]
+    names = [f"random{i}" for i in range(num_random)]
+    initial_loss = rec.step(0, names=["loss"])["loss"][reference]
+    orders += [reference.flip(0), reference[initial_loss.argsort()]]
+    names += ["reversed", "easy_first"]
+    return names, torch.stack(orders)
+
+
+def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
+    steps = args.steps
+    dims: list[int | None] = [int(k) for k in args.proj_dims.split(",")]
+    if args.exact or task == "digits":
+        dims = [None] + dims
+    out: dict = {"task": task, "lr": lr, "steps": steps, "num_params": num_params(task, lr, steps), "record_s": {}}
+    paths = {}
+    for k in dims:
+        paths[k] = workdir / f"{task}_lr{lr}_T{steps}_k{k or 'exact'}"
+        out["record_s"][str(k or "exact")] = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise)
+        print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
+    first = paths[dims[-1]]
+    names, orders = make_orders(first, args.orders, seed=1234)
+    truth, retrain_s = [], []
+    for order in orders:
+        start = time.perf_counter()
+        result = retrain(first, order.tolist(), curve_every_n_steps=steps, accelerator="cpu")
+        retrain_s.append(time.perf_counter() - start)
+        truth.append(result.final_loss)
+    truth = np.array(truth)
+    reference = Recording.open(first).probe_scalars["val_loss"][-1]
+    out.update(orders=names, truth=truth.tolist(), reference_loss=reference, retrain_s=float(np.mean(retrain_s)),
+               no_change_mae=float(np.abs(truth - reference).mean()), true_spread=float(truth.std()))
+    print(f"[{task} lr={lr}] retrained {len(orders)} orders, {out['retrain_s']:.2f}s each; "
+          f"no-change MAE {out['no_change_mae']:.4f}", flush=True)
+    out["results"] = {}
+    for k in dims:
+        for method in METHODS:
+            for cv in (True, False):
+                estimator = OrderEstimator.from_recording(paths[k], method=method, control_variates=cv)
+                has_cv = estimator.data.val_dot_update is not None
+                if not cv and not has_cv:
+                    continue
+                estimate = estimator.estimate_many(orders).final_loss.numpy()
+                key = f"{method}{'' if cv or not has_cv else ' (no control variate)'}"
+                out["results"].setdefault(key, {})[str(k or "exact")] = metrics(estimate, truth)
+    if medium:
+        out.update(extras(task, lr, args, paths[dims[-1]], orders, truth, retrain_s))
+    return out
+
+
+def extras(task: str, lr: float, args, path: Path, orders: torch.Tensor, truth: np.ndarray, retrain_s) -> dict:
+    extra: dict = {}
+    estimator = OrderEstimator.from_recording(path, method=args.select_method)
+    estimator.estimate_many(orders[:2])  # warm-up
+    start = time.perf_counter()
+    estimator.estimate(orders[0].tolist())
+    single = time.perf_counter() - start
+    many = orders[torch.randint(0, len(orders), (1024,), generator=torch.Generator().manual_seed(0))]
+    start = time.perf_counter()
+    estimator.estimate_many(many)
+    batched = (time.perf_counter() - start) / len(many)
+    extra["timing"] = {"retrain_s": float(np.mean(retrain_s)), "estimate_s": single, "estimate_batched_s": batched,
+                       "speedup_single": float(np.mean(retrain_s)) / single,
+                       "speedup_batched": float(np.mean(retrain_s)) / batched}
+    print(f"[{task} lr={lr}] timing {extra['timing']}", flush=True)
+    # curriculum: search by estimate, retrain the best, compare with the median random order (first args.orders)
+    start = time.perf_counter()
+    found = search(estimator, budget=args.search_budget, method="genetic", population=64, seed=0)
+    search_s = time.perf_counter() - start
+    best_truth = retrain(path, found.order, curve_every_n_steps=args.steps, accelerator="cpu").final_loss
+    random_truth = truth[: args.orders]
+    extra["curriculum"] = {"estimated": found.score, "retrained": best_truth,
+                           "random_median": float(np.median(random_truth)), "random_min": float(random_truth.min()),
+                           "reference": float(estimator.reference_loss), "search_s": search_s,
+                           "evaluations": found.evaluations}
+    print(f"[{task} lr={lr}] curriculum {extra['curriculum']}", flush=True)
+    # position map on a sampled subset of (batch, position)
+    generator = torch.Generator().manual_seed(99)
+    reference = estimator.reference_order.cpu()
+    nb = len(reference)
+    batches = reference[torch.randperm(nb, generator=generator)[: args.map_batches]].tolist()
+    positions = sorted(torch.randperm(nb, generator=generator)[: args.map_positions].tolist())
+    matrix = position_map(estimator, batches, positions=positions)
+    true = torch.tensor([[float(retrain(path, moved(reference, b, p).tolist(), curve_every_n_steps=args.steps,
+                                        accelerator="cpu", batch_losses=True).batch_losses[b])
+                          for p in positions] for b in batches])
+    centred = lambda m: (m - m.mean(dim=1, keepdim=True)).flatten()  # noqa: E731
+    extra["position_map"] = {
+        "batches": batches, "positions": positions, "estimated": matrix.tolist(), "retrained": true.tolist(),
+        "pearson_raw": float(torch.corrcoef(torch.stack([matrix.flatten(), true.flatten()]))[0, 1]),
+        "pearson_within_batch": float(torch.corrcoef(torch.stack([centred(matrix), centred(true)]))[0, 1]),
+        "spearman_within_batch": float(spearmanr(centred(matrix).numpy(), centred(true).numpy())[0]),
+    }
+    print(f"[{task} lr={lr}] position map within-batch pearson {extra['position_map']['pearson_within_batch']:.3f}",
+          flush=True)
+    return extra
+
+
+# ---------------------------------------------------------------- report
+def report(runs: list[dict], args, command: str) -> str:
+    lines = ["# Order estimation vs true retraining", "", f"Command: `{command}`", "",
+             "Each cell: Spearman / Pearson / MAE of the estimated vs retrained final validation loss over "
+             f"{args.orders} random + reversed + easy-first orders (each truly retrained). Methods are fixed in "
+             "advance; nothing is tuned on these orders. `exact` = full-space quantities (identity projection).", ""]
+    for task in dict.fromkeys(r["task"] for r in runs):
+        task_runs = [r for r in runs if r["task"] == task]
+        first = task_runs[0]
+        lines += [f"## {task} ({first['num_params']:,} parameters, T = {first['steps']} steps, pool = {first['steps']} batches)", ""]
+        lines += ["| lr | reference loss | true spread (std) | no-change MAE | retrain s/order | record s per k |",
+                  "|---|---|---|---|---|---|"]
+        for r in task_runs:
+            rec = ", ".join(f"{k}: {v:.0f}" for k, v in r["record_s"].items())
+            lines.append(f"| {r['lr']} | {r['reference_loss']:.4f} | {r['true_spread']:.4f} | {r['no_change_mae']:.4f} "
+                         f"| {r['retrain_s']:.2f} | {rec} |")
+        lines.append("")
+        dims = list(next(iter(first["results"].values())).keys())
+        for k in dims:
+            lines += [f"### proj_dim = {k}", "", "| method | " + " | ".join(f"lr {r['lr']}" for r in task_runs) + " |",
+                      "|---|" + "---|" * len(task_runs)]
+            lines.append("| no change (MAE) | " + " | ".join(f"- / - / {r['no_change_mae']:.4f}" for r in task_runs) + " |")
+            for method in first["results"]:
+                cells = []
+                for r in task_runs:
+                    m = r["results"].get(method, {}).get(k)
+                    cells.append("n/a" if m is None else f"{m['spearman']:.2f} / {m['pearson']:.2f} / {m['mae']:.4f}")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+        for r in task_runs:
+            if "timing" in r:
+                t = r["timing"]
+                lines += [f"Speed (lr {r['lr']}, method {args.select_method}): retrain {t['retrain_s']:.2f} s/order; "
+                          f"estimate {t['estimate_s'] * 1e3:.1f} ms for one order ({t['speedup_single']:.0f}x), "
+                          f"{t['estimate_batched_s'] * 1e3:.2f} ms/order batched over 1,024 orders "
+                          f"({t['speedup_batched']:.0f}x).", ""]
+                c = r["curriculum"]
+                verdict = "beats" if c["retrained"] < c["random_median"] else "does NOT beat"
+                lines += [f"Curriculum (genetic, {c['evaluations']} estimated orders, {c['search_s']:.1f} s): best order "
+                          f"estimated {c['estimated']:.4f}, retrained {c['retrained']:.4f}: {verdict} the median random "
+                          f"order ({c['random_median']:.4f}; best random {c['random_min']:.4f}; reference "
+                          f"{c['reference']:.4f}).", ""]
+                p = r["position_map"]
+                lines += [f"Position map ({len(p['batches'])} batches x {len(p['positions'])} positions, each retrained): "
+                          f"Pearson {p['pearson_raw']:.2f} raw, {p['pearson_within_batch']:.2f} within batch "
+                          f"(row means removed; Spearman {p['spearman_within_batch']:.2f}).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="digits,lm,vit")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--lrs", default=None, help="per task: 'digits=0.001:0.003:0.01,lm=...'; medium = middle")
+    parser.add_argument("--proj-dims", default="256,1024,4096")
+    parser.add_argument("--exact", action="store_true", help="also the full-space column (small models only)")
+    parser.add_argument("--orders", type=int, default=16)
+    parser.add_argument("--curvature-rank", type=int, default=2)
+    parser.add_argument("--select-method", default="adam_first_order", choices=METHODS)
+    parser.add_argument("--search-budget", type=int, default=2048)
+    parser.add_argument("--map-batches", type=int, default=3)
+    parser.add_argument("--map-positions", type=int, default=4)
+    parser.add_argument("--materialise", action=argparse.BooleanOptionalAction, default=not torch.cuda.is_available())
+    parser.add_argument("--quick", action="store_true", help="T = 24, proj_dims 256,1024, 8 random orders")
+    parser.add_argument("--workdir", default="/tmp/lpl_order_bench")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/order_estimation.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.proj_dims, args.orders, args.search_budget = 24, "256,1024", 8, 1024
+    torch.set_num_threads(2)
+    lrs = {"digits": [0.001, 0.003, 0.01], "lm": [0.001, 0.003, 0.01], "vit": [0.0003, 0.001, 0.003]}
+    if args.lrs:
+        for item in args.lrs.split(","):
+            name, values = item.split("=")
+            lrs[name] = [float(v) for v in values.split(":")]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    command = "python benchmarks/order_estimation.py " + " ".join(sys.argv[1:])
+    for task in args.tasks.split(","):
+        for i, lr in enumerate(lrs[task]):
+            runs.append(run(task, lr, args, workdir, medium=i == len(lrs[task]) // 2))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.out).with_suffix(".json"), runs)
+            atomic_write_text(args.out, report(runs, args, command))
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()

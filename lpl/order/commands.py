@@ -1,0 +1,200 @@
+"""`lpl estimate`, `lpl curriculum`, `lpl position-map`: the order estimator from the command line.
+
+Each ``*_main(argv)`` parses its own arguments, writes JSON/CSV and plots into ``--out``, and raises ``LplError`` on
+bad input (the CLI prints it and exits with code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lpl.order.replay import METHODS
+from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_write_json, atomic_write_text
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
+    parser.add_argument("--method", default="first_order", choices=METHODS, help="estimation method")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="cpu", help="device for the replay (cpu, cuda)")
+
+
+def _estimator(args: argparse.Namespace):
+    from lpl.order.estimator import OrderEstimator
+
+    return OrderEstimator.from_recording(args.recording, method=args.method).to(args.device)
+
+
+def read_orders(spec: str, num_batches: int, seed: int = 0) -> torch.Tensor:
+    """``random:N`` (N random permutations of the pool), or a file: JSON list of orders, or one order per line with
+    batch ids separated by commas or spaces. Returns long [N, L]; all orders must have one length."""
+    if spec.startswith("random:"):
+        try:
+            count = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise LplError(f"--orders {spec!r}: write random:N with a whole number N.") from None
+        if count <= 0:
+            raise LplError(f"--orders {spec!r}: N must be positive.")
+        generator = torch.Generator().manual_seed(seed)
+        return torch.stack([torch.randperm(num_batches, generator=generator) for _ in range(count)])
+    path = Path(spec)
+    if not path.is_file():
+        raise LplError(f"--orders {spec!r} is neither random:N nor a file; pass a JSON list of orders or a text file.")
+    text = path.read_text()
+    try:
+        orders = json.loads(text)
+    except ValueError:
+        try:
+            orders = [[int(x) for x in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
+        except ValueError:
+            raise LplError(f"{path}: each line must list integer batch ids separated by commas or spaces.") from None
+    if not orders or not all(isinstance(o, list) and o and all(isinstance(i, int) for i in o) for o in orders):
+        raise LplError(f"{path} must hold a non-empty list of orders, each a non-empty list of integer batch ids.")
+    if len({len(o) for o in orders}) != 1:
+        raise LplError(f"{path}: all orders must have the same length (found {sorted({len(o) for o in orders})}).")
+    return torch.tensor(orders, dtype=torch.long)
+
+
+def _plot_curves(curves: torch.Tensor, reference: torch.Tensor, path: Path, limit: int = 20) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for curve in curves[:limit]:
+        axis.plot(curve.numpy(), color="tab:blue", alpha=0.3, linewidth=1)
+    axis.plot(reference.numpy(), color="black", linewidth=1.5, label="reference order")
+    axis.set_xlabel("step")
+    axis.set_ylabel("estimated validation loss")
+    axis.legend()
+    figure.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def estimate_main(argv: Sequence[str] | None = None) -> int:
+    """`lpl estimate --recording DIR --orders FILE|random:N --out DIR`: estimates.json, estimates.csv, curves.png."""
+    parser = argparse.ArgumentParser(prog="lpl estimate", description="Estimate the final loss of batch orders.")
+    _common(parser)
+    parser.add_argument("--orders", required=True, help="random:N, or a JSON/text file of orders (batch ids)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
+    parser.add_argument("--batch-size", type=int, default=256, help="orders replayed at once")
+    args = parser.parse_args(argv)
+    estimator = _estimator(args)
+    orders = read_orders(args.orders, estimator.num_batches, args.seed)
+    finals, curves, ends = [], [], []
+    for start in range(0, len(orders), args.batch_size):
+        result = estimator.estimate_many(orders[start : start + args.batch_size])
+        finals.append(result.final_loss.cpu())
+        curves.append(result.loss_curve.cpu())
+        ends.append(result.batch_losses.cpu())
+    final, curve, end = torch.cat(finals), torch.cat(curves), torch.cat(ends)
+    out = Path(args.out)
+    rows = [
+        {"order": o.tolist(), "final_loss": float(f), "loss_curve": c.tolist(), "batch_losses": b.tolist()}
+        for o, f, c, b in zip(orders, final, curve, end)
+    ]
+    atomic_write_json(out / "estimates.json", {
+        "recording": str(args.recording), "method": args.method, "reference_loss": estimator.reference_loss,
+        "estimates": rows,
+    })
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "final_loss", "order"])
+    for i, (o, f) in enumerate(zip(orders, final)):
+        writer.writerow([i, f"{float(f):.6f}", " ".join(map(str, o.tolist()))])
+    atomic_write_text(out / "estimates.csv", buffer.getvalue())
+    reference = estimator.estimate(estimator.reference_order.cpu().tolist()).loss_curve
+    _plot_curves(curve, reference, out / "curves.png")
+    best = int(final.argmin())
+    print(f"{len(orders)} orders estimated ({args.method}); best #{best}: {float(final[best]):.4f}, reference "
+          f"{estimator.reference_loss:.4f}; wrote {out}/estimates.json, estimates.csv, curves.png")
+    return 0
+
+
+def curriculum_main(argv: Sequence[str] | None = None) -> int:
+    """`lpl curriculum --recording DIR --out DIR [--budget N --search genetic|local --verify]`: best_order.json."""
+    from lpl.order.curriculum import SEARCH_METHODS, search
+
+    parser = argparse.ArgumentParser(prog="lpl curriculum", description="Search a batch order by estimated loss.")
+    _common(parser)
+    parser.add_argument("--budget", type=int, default=4096, help="orders scored by the estimator")
+    parser.add_argument("--search", default="genetic", choices=SEARCH_METHODS)
+    parser.add_argument("--population", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
+    args = parser.parse_args(argv)
+    estimator = _estimator(args)
+    result = search(estimator, budget=args.budget, method=args.search, population=args.population, seed=args.seed)
+    summary = {
+        "recording": str(args.recording), "method": args.method, "search": args.search, "order": result.order,
+        "estimated_loss": result.score, "reference_loss": estimator.reference_loss, "history": result.history,
+        "evaluations": result.evaluations,
+    }
+    if args.verify:
+        from lpl.order.retrain import retrain
+
+        summary["retrained_loss"] = retrain(args.recording, result.order, curve_every_n_steps=len(result.order)).final_loss
+    out = Path(args.out)
+    atomic_write_json(out / "best_order.json", summary)
+    _plot_progress(result.history, out / "search.png")
+    print(f"best order estimated {result.score:.4f} (reference {estimator.reference_loss:.4f}) after "
+          f"{result.evaluations} orders; wrote {out}/best_order.json, search.png")
+    return 0
+
+
+def _plot_progress(history: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(history, marker=".")
+    axis.set_xlabel("generation / round")
+    axis.set_ylabel("best estimated loss")
+    figure.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def position_map_main(argv: Sequence[str] | None = None) -> int:
+    """`lpl position-map --recording DIR --out DIR [--batches 0,5,9]`: position_map.csv and position_map.png."""
+    from lpl.order.position import plot_position_map, position_map
+
+    parser = argparse.ArgumentParser(prog="lpl position-map", description="End loss of each batch by its position.")
+    _common(parser)
+    parser.add_argument("--batches", default=None, help="comma-separated pool batch ids (default: all)")
+    args = parser.parse_args(argv)
+    estimator = _estimator(args)
+    batches = None
+    if args.batches:
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            raise LplError(f"--batches {args.batches!r}: give comma-separated integer batch ids.") from None
+    matrix = position_map(estimator, batches)
+    rows = batches if batches is not None else sorted(set(estimator.reference_order.cpu().tolist()))
+    out = Path(args.out)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["batch"] + [f"position_{j}" for j in range(matrix.shape[1])])
+    for batch, row in zip(rows, matrix):
+        writer.writerow([batch] + [f"{float(v):.6f}" for v in row])
+    atomic_write_text(out / "position_map.csv", buffer.getvalue())
+    plot_position_map(matrix, out / "position_map.png", batches=rows)
+    print(f"position map {tuple(matrix.shape)} ({args.method}); wrote {out}/position_map.csv, position_map.png")
+    return 0

@@ -1,0 +1,57 @@
+"""`lpl estimate / curriculum / position-map` implementations on a real recording."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lpl.order.commands import curriculum_main, estimate_main, position_map_main, read_orders
+from lpl.utils.errors import LplError
+from test_estimator_task import NUM_BATCHES, record
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("cli") / "rec", lr=0.003, proj_dim=256, curvature_rank=0)
+
+
+def test_estimate_random_and_file(recording, tmp_path):
+    assert estimate_main(["--recording", str(recording), "--orders", "random:5", "--method", "adam",
+                          "--out", str(tmp_path / "a")]) == 0
+    written = json.loads((tmp_path / "a" / "estimates.json").read_text())
+    assert len(written["estimates"]) == 5 and len(written["estimates"][0]["loss_curve"]) == NUM_BATCHES + 1
+    assert (tmp_path / "a" / "estimates.csv").read_text().count("\n") == 6
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+    orders = tmp_path / "orders.txt"
+    orders.write_text("0 1 2 3 4 5 6 7 8 9\n9,8,7,6,5,4,3,2,1,0\n")
+    estimate_main(["--recording", str(recording), "--orders", str(orders), "--method", "adam", "--out", str(tmp_path / "b")])
+    first = json.loads((tmp_path / "b" / "estimates.json").read_text())["estimates"][0]
+    assert first["final_loss"] == pytest.approx(written["reference_loss"], abs=1e-6)
+
+
+def test_curriculum_and_position_map(recording, tmp_path):
+    curriculum_main(["--recording", str(recording), "--method", "adam", "--budget", "128", "--population", "16",
+                     "--out", str(tmp_path)])
+    best = json.loads((tmp_path / "best_order.json").read_text())
+    assert sorted(best["order"]) == list(range(NUM_BATCHES)) and best["estimated_loss"] <= best["history"][0]
+    position_map_main(["--recording", str(recording), "--method", "adam", "--batches", "0,3", "--out", str(tmp_path)])
+    lines = (tmp_path / "position_map.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("0,") and len(lines[1].split(",")) == NUM_BATCHES + 1
+    assert (tmp_path / "position_map.png").exists()
+
+
+def test_bad_orders(recording, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([[0, 1, 99]]))
+    with pytest.raises(LplError, match="batch id 99"):
+        estimate_main(["--recording", str(recording), "--orders", str(bad), "--method", "adam", "--out", str(tmp_path)])
+    with pytest.raises(LplError, match="neither random:N nor a file"):
+        read_orders("nothing_here.json", 10)
+    ragged = tmp_path / "ragged.json"
+    ragged.write_text(json.dumps([[0, 1], [0]]))
+    with pytest.raises(LplError, match="same length"):
+        read_orders(str(ragged), 10)
+    with pytest.raises(LplError, match="curvature_rank"):
+        estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "first_order",
+                       "--out", str(tmp_path)])
