@@ -5,6 +5,10 @@ here yield *global* batches of sample ids split across ranks: under DDP with wor
 contiguous slice of every global batch, so the union over ranks of step t is the same batch whatever W is.
 Lightning restores a sampler's position on resume only when it has ``state_dict``/``load_state_dict``; both do.
 Use them with ``Trainer(use_distributed_sampler=False)`` (the example configs do).
+
+The position a sampler reports counts the batches it has *yielded*; with DataLoader workers that runs ahead of the
+batches trained (prefetching), so a checkpoint taken mid-epoch would resume a few batches late. ``TrainOrderRecorder``
+rewrites the saved position from Lightning's own count of trained batches (``batch_progress``).
 """
 
 from __future__ import annotations
