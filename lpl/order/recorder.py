@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,6 +19,12 @@ from lpl.order.projection import PROJECTION_KINDS, Projector
 from lpl.order.store import STORE_DTYPES, RecordingWriter, parameter_signature
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
+
+
+# The manifest is rewritten at every probe, checkpoint and the end of training, and otherwise at most this often:
+# an fsynced rewrite per step would cost more than the step on small models. Steps not yet in the manifest at a
+# crash are never behind the last checkpoint, and the resumed run records them again.
+FLUSH_SECONDS = 30.0
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -102,8 +109,9 @@ class TrainOrderRecorder(L.Callback):
         trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=64))
         rec = lpl.order.Recording.open("runs/ref/recording")
 
-    Resuming ``trainer.fit(..., ckpt_path=...)`` with ``resume=True`` continues the same recording from the
-    checkpoint's step. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
+    A kill at any instant leaves a readable recording (see ``lpl.order.store``) that is never behind the last
+    checkpoint. Resuming ``trainer.fit(..., ckpt_path=...)`` with ``resume=True`` continues the same recording from
+    the checkpoint's step, and the checkpoint stores the loader position of the batches actually trained. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
     ``accumulate_grad_batches=1``, automatic optimization, and a train loader whose batch sampler plans its batches
     reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``).
 
@@ -283,6 +291,8 @@ class TrainOrderRecorder(L.Callback):
             })
         if step % self.probe_every_n_steps == 0:
             self._probe(trainer, pl_module, step)
+        elif _rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
+            self._writer.flush()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._writer is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -101,6 +102,7 @@ class RecordingWriter:
         self.root = root
         self.manifest = manifest
         self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
+        self.last_flush = time.monotonic()
 
     @classmethod
     def create(
@@ -218,6 +220,7 @@ class RecordingWriter:
             "total_bytes": probe_bytes + fixed,
         }
         atomic_write_json(self.root / MANIFEST, self.manifest)
+        self.last_flush = time.monotonic()
 
     def finish(self) -> None:
         self.manifest["status"] = "complete"
