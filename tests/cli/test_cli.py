@@ -1,0 +1,109 @@
+"""The `lpl` command: every config fits for 2 steps; bad input exits 2 with a one-line message."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from PIL import Image
+from safetensors.torch import save_file
+
+from lpl.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHORT = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false",
+         "--trainer.accelerator=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # configs write outputs/ relative to the working folder
+
+
+def _fit(config: str, *extra: str) -> None:
+    main(["fit", "--config", str(CONFIGS / config), *SHORT, *extra])
+
+
+def _fake_imagenet(root: Path, classes: int = 2, per_class: int = 2) -> Path:
+    for split in ("train", "val"):
+        for cls in range(classes):
+            folder = root / split / f"n{cls:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (64, 64), color=(40 * i, 90, 30 * cls)).save(folder / f"{i}.JPEG")
+    return root
+
+
+def _error_of(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_mnist_vit_fits_twice_in_the_same_folder(capsys) -> None:
+    _fit("mnist_vit.yaml")
+    _fit("mnist_vit.yaml")  # an existing config.yaml must not stop a second run
+    assert "final validation accuracy" in capsys.readouterr().out
+
+
+def test_lm_text_fits(capsys) -> None:
+    _fit("lm_text.yaml", "--data.init_args.seq_len=32")
+    assert "val/ppl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config,model_name", [("deit_s.yaml", "deit_small_patch16_224"), ("deit_b.yaml", "deit_base_patch16_224")])
+def test_deit_configs_fit_on_an_imagenet_folder(tmp_path, config, model_name) -> None:
+    root = _fake_imagenet(tmp_path / "imagenet")
+    weights = tmp_path / "deit.safetensors"
+    model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    _fit(
+        config, f"--data.init_args.root={root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+        "--data.init_args.eval_batch_size=2", f"--model.init_args.pretrained_path={weights}",
+        "--model.init_args.num_classes=2", "--trainer.precision=32-true", "--trainer.devices=1",
+    )
+
+
+def test_missing_dataset_root_is_one_clear_line(tmp_path, capsys) -> None:
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/none")
+    assert "dataset root" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_not_an_imagenet_folder(tmp_path, capsys) -> None:
+    (tmp_path / "flat").mkdir()
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/flat")
+    assert "not an ImageNet-style folder" in err
+
+
+def test_bad_pretrained_paths(tmp_path, capsys) -> None:
+    root = _fake_imagenet(tmp_path / "imagenet")
+    base = ["fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={root}"]
+    err = _error_of(capsys, *base, f"--model.init_args.pretrained_path={tmp_path}/nope.pth")
+    assert "does not exist" in err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    assert "not a readable weights file" in _error_of(capsys, *base, f"--model.init_args.pretrained_path={junk}")
+    other = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224").state_dict().items()}, str(other))
+    assert "do not match the model" in _error_of(capsys, *base, f"--model.init_args.pretrained_path={other}")
+
+
+def test_unknown_model_and_unknown_key(capsys) -> None:
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit.yaml"), "--model.init_args.model_name=vit_tinny_patch16_224")
+    assert "unknown timm model" in err and "vit_tiny_patch16_224" in err
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit.yaml"), "--model.init_args.embed_dimm=3")
+    assert "embed_dimm" in err
+
+
+def test_ddp_two_processes_fit_the_vit(tmp_path) -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lpl", "fit", "--config", str(CONFIGS / "mnist_vit.yaml"), *SHORT,
+         "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.logger=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final validation accuracy" in result.stdout

@@ -1,0 +1,83 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lpl.models import CausalLM, ViTClassifier
+from lpl.models.lm import apply_rotary, rotary_tables
+from lpl.utils import module_loss
+from lpl.utils.errors import LplError
+
+TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_vit_forward_and_loss_protocol() -> None:
+    model = ViTClassifier(**TINY_VIT)
+    batch = {"image": torch.randn(4, 1, 28, 28), "label": torch.tensor([0, 1, 2, 3]), "index": torch.arange(4)}
+    assert model(batch["image"]).shape == (4, 10)
+    loss = module_loss(model, batch)
+    assert loss.ndim == 0 and loss.requires_grad
+
+
+def test_vit_distillation_uses_teacher_only_in_training() -> None:
+    student, teacher = ViTClassifier(**TINY_VIT), ViTClassifier(**TINY_VIT)
+    batch = {"image": torch.randn(4, 1, 28, 28), "label": torch.tensor([0, 1, 2, 3]), "index": torch.arange(4)}
+    plain = student.loss(batch)
+    student.set_teacher(teacher.model)
+    assert "teacher" not in dict(student.named_modules()) and not any("teacher" in k for k in student.state_dict())
+    assert not torch.allclose(student.loss(batch), plain)
+    student.eval()
+    assert torch.allclose(student.loss(batch), plain)
+
+
+def test_pretrained_path_round_trip_and_errors(tmp_path) -> None:
+    source = ViTClassifier(**TINY_VIT)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    loaded = ViTClassifier(**TINY_VIT, pretrained_path=str(path))
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+    # Lightning checkpoints (state_dict with a "model." prefix) load too
+    ckpt = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": source.state_dict()}, ckpt)
+    ViTClassifier(**TINY_VIT, pretrained_path=str(ckpt))
+
+    with pytest.raises(LplError, match="does not exist"):
+        ViTClassifier(**TINY_VIT, pretrained_path=str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a weights file")
+    with pytest.raises(LplError, match="not a readable weights file"):
+        ViTClassifier(**TINY_VIT, pretrained_path=str(junk))
+    with pytest.raises(LplError, match="shape mismatch"):
+        ViTClassifier(**{**TINY_VIT, "num_classes": 7}, pretrained_path=str(path))
+
+
+def test_unknown_timm_name_suggests_close_names() -> None:
+    with pytest.raises(LplError, match="Did you mean.*deit_small_patch16_224"):
+        ViTClassifier("deit_smal_patch16_224")
+
+
+def test_causal_lm_is_causal_and_learns_loss_shape() -> None:
+    lm = CausalLM(vocab_size=50, dim=32, depth=1, num_heads=2, max_seq_len=16)
+    ids = torch.randint(0, 50, (2, 12))
+    logits = lm(ids)
+    assert logits.shape == (2, 12, 50)
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50
+    # positions before the change see identical prefixes: identical logits
+    assert torch.allclose(lm(changed)[:, :8], logits[:, :8], atol=1e-5)
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "index": torch.arange(2)}
+    assert module_loss(lm, batch).ndim == 0
+    with pytest.raises(LplError, match="max_seq_len"):
+        lm(torch.randint(0, 50, (1, 17)))
+
+
+def test_rotary_preserves_norms_and_relative_positions() -> None:
+    cos, sin = rotary_tables(8, 4)
+    q = torch.randn(1, 1, 8, 4)
+    rotated = apply_rotary(q, cos, sin)
+    assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    # <R_i q, R_j k> depends only on i - j
+    k = torch.randn(4)
+    same_q = apply_rotary(q[..., :1, :].expand(1, 1, 8, 4), cos, sin)[0, 0]
+    same_k = apply_rotary(k.expand(1, 1, 8, 4), cos, sin)[0, 0]
+    assert torch.allclose(same_q[3] @ same_k[1], same_q[6] @ same_k[4], atol=1e-5)
