@@ -134,14 +134,16 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
         f"- load average (1/5/15 min) before: {meta['load_before']}; after: {load_after} "
         "(the machine is shared; every ratio pairs measurements taken back to back, medians of "
         f"{reps} rounds, torch BSR {bsr_reps} rounds; 'CPU time' compares process CPU seconds, which other "
-        "jobs on the machine disturb less than wall time)",
+        "jobs on the machine disturb less than wall time; 'out=' times both products into buffers reused across "
+        "calls, without the page faults of a fresh result)",
         f"- compiled kernel: {'yes' if compiled_kernel_available() else 'NO (torch fallback timed)'}",
         "",
         "## Forward y = x W^T",
         "",
         "| block | density | ours ms | dense F.linear ms | dense GFLOP/s | speedup vs dense | same, CPU time "
+        "| ours, out= ms | dense matmul(out=) ms | speedup, preallocated out "
         "| vs BSR F.linear | vs BSR @ x.T | BSR F.linear / dense | BSR @ x.T / dense | max abs err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in forward_rows:
         bsr_cells = (
@@ -152,6 +154,7 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
         lines.append(
             f"| {r['block']} | {r['density']:.2f} | {r['ours'] * 1e3:.1f} | {r['dense'] * 1e3:.1f} | "
             f"{flops / r['dense'] / 1e9:.1f} | **{r['dense'] / r['ours']:.2f}x** | {r['cpu_speedup']:.2f}x | "
+            f"{r['pre_ours'] * 1e3:.1f} | {r['pre_dense'] * 1e3:.1f} | {r['pre_dense'] / r['pre_ours']:.2f}x | "
             + " | ".join(bsr_cells)
             + f" | {r['error']:.1e} |"
         )
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(tokens=tokens, reps=reps, bsr_reps=bsr_reps, load_before=load_before, command=command, flops=flops,
                 out_features=out_features, in_features=in_features)  # fmt: skip
     forward_rows, backward_rows = [], []
+    out_ours, out_dense = torch.empty(tokens, out_features), torch.empty(tokens, out_features)
     for block in blocks:
         for density in densities:
             dense_w, values, row_ptr, col_idx = random_block_weight(out_features, in_features, block, density, block)
@@ -231,10 +235,18 @@ def main(argv: list[str] | None = None) -> int:
 
             error = (ours() - F.linear(x, dense_w)).abs().max().item()
             ours_t, dense_t = measure_pairs(ours, dense, reps)
+            # Same products into reused buffers: a fresh [M, N] result costs page faults, which on a busy VM
+            # take a large, equal share of both timings; this pair compares the matmuls themselves.
+            pre_t, pre_dense_t = measure_pairs(
+                lambda: block_sparse_linear_cpu(x, values, row_ptr, col_idx, out_features, size, out=out_ours),
+                lambda: torch.matmul(x, w_full.T, out=out_dense),
+                reps,
+            )
             row = {
                 "block": block, "density": density, "error": error,
                 "ours": median_wall(ours_t), "dense": median_wall(dense_t),
                 "cpu_speedup": median_cpu(dense_t) / median_cpu(ours_t),
+                "pre_ours": median_wall(pre_t), "pre_dense": median_wall(pre_dense_t),
             }  # fmt: skip
             if not args.no_bsr:
                 bsr = dense_w.to_sparse_bsr(size)
@@ -247,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             forward_rows.append(row)
             line = (f"fwd  block {block:2d} density {density:.2f}: ours {row['ours'] * 1e3:8.1f} ms, dense "
                     f"{row['dense'] * 1e3:8.1f} ms ({flops / row['dense'] / 1e9:5.1f} GFLOP/s), "
-                    f"speedup {row['dense'] / row['ours']:5.2f}x (CPU time {row['cpu_speedup']:4.2f}x)")  # fmt: skip
+                    f"speedup {row['dense'] / row['ours']:5.2f}x (CPU time {row['cpu_speedup']:4.2f}x; "
+                    f"preallocated out {row['pre_ours'] * 1e3:7.1f} vs {row['pre_dense'] * 1e3:7.1f} ms: "
+                    f"{row['pre_dense'] / row['pre_ours']:4.2f}x)")  # fmt: skip
             if "bsr_linear" in row:
                 line += (f"; vs BSR F.linear {row['bsr_linear'] / row['ours']:6.1f}x, "
                          f"vs bsr@x.T {row['bsr_matmul'] / row['ours']:5.1f}x "

@@ -181,11 +181,13 @@ def _run_matmul(
     nb: int,
     out_features: int,
     bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[M, out_features] = a @ B^T (+ bias) with B given as packed 16-wide strips over output block rows."""
     lib = load_library()
     m, k = a.shape
-    out = torch.empty(m, out_features, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(m, out_features, dtype=torch.float32)
     status = lib.lpl_bs_matmul(
         a.data_ptr(), m, k, a.stride(0), a.stride(1),
         bpack.data_ptr(), ptr.contiguous().data_ptr(), in_blk.contiguous().data_ptr(), ptr.numel() - 1,
@@ -283,6 +285,7 @@ def block_sparse_linear_cpu(
     bias: torch.Tensor | None = None,
     backend: Backend = "auto",
     packed: PackedWeightCPU | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b for a block-CSR weight W [out_features, x2d.shape[1]].
 
@@ -296,9 +299,11 @@ def block_sparse_linear_cpu(
         bias: optional [N].
         backend: "auto", "compiled" or "torch" (see the module docstring).
         packed: optional ``pack_weight_cpu`` result for these values (skips packing; ignored by the torch path).
+        out: optional result buffer [M, N] with x2d's dtype and unit stride along N, written and returned (reusing
+            a buffer skips the page faults of a fresh allocation, which cost a lot on some VMs).
 
     Returns:
-        [M, N] in x2d's dtype.
+        [M, N] in x2d's dtype (``out`` when given).
     """
     br, bc = _check_block_size(block_size)
     _check_dense("x2d", x2d, 2)
@@ -315,17 +320,26 @@ def block_sparse_linear_cpu(
         if bias.shape[0] != out_features:
             raise LplError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
     dtype = _check_same_dtype(x2d=x2d, values=values, bias=bias)
+    if out is not None:
+        _check_dense("out", out, 2)
+        if tuple(out.shape) != (x2d.shape[0], out_features) or out.dtype != dtype or out.stride(1) != 1:
+            raise LplError(
+                f"out must be a [{x2d.shape[0]}, {out_features}] {dtype} tensor with unit stride along dim 1, "
+                f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}."
+            )
 
     if not _resolve_backend(backend, dtype):
         weight = _dense_weight(values, row_ptr, col_idx, (out_features, in_features))
-        return F.linear(x2d, weight, bias)
+        result = F.linear(x2d, weight, bias)
+        return result if out is None else out.copy_(result)
 
     bpack = packed.forward_b if packed is not None else _pack_strips(values, transpose=True)
     bias32 = _as_fp32(bias)
-    out = _run_matmul(
-        _as_fp32(x2d), bpack, row_ptr, col_idx, bc, br, out_features, None if bias32 is None else bias32.contiguous()
-    )
-    return out if dtype == torch.float32 else out.to(dtype)
+    bias32 = None if bias32 is None else bias32.contiguous()
+    if dtype == torch.float32:
+        return _run_matmul(x2d, bpack, row_ptr, col_idx, bc, br, out_features, bias32, out)
+    result = _run_matmul(x2d.float(), bpack, row_ptr, col_idx, bc, br, out_features, bias32).to(dtype)
+    return result if out is None else out.copy_(result)
 
 
 def grad_input_cpu(

@@ -302,3 +302,21 @@ def test_packed_weight_gives_the_same_results():
     with pytest.raises(LplError, match="does not match"):
         cpu.block_sparse_linear_cpu(x[:, :48], v32[:0], torch.zeros(5, dtype=torch.int64),
                                     torch.zeros(0, dtype=torch.int64), out_features, block_size, packed=packed)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_buffer_is_filled_and_returned(backend, dtype):
+    out_features, in_features, block_size = 64, 48, (16, 16)
+    w, values, row_ptr, col_idx, _ = make_weight(out_features, in_features, block_size)
+    x, bias = torch.randn(11, in_features).to(dtype), torch.randn(out_features).to(dtype)
+    storage = torch.full((11, out_features + 5), float("nan"), dtype=dtype)
+    out = storage[:, :out_features]  # rows padded: stride(0) != out_features
+    y = cpu.block_sparse_linear_cpu(x, values.to(dtype), row_ptr, col_idx, out_features, block_size, bias,
+                                    backend=backend, out=out)  # fmt: skip
+    assert y.data_ptr() == out.data_ptr()
+    w_q = _dense_from(values.to(dtype).double(), row_ptr, col_idx, out_features, in_features, block_size)
+    assert_close(out, x.double() @ w_q.T + bias.double(), dtype)
+    assert storage[:, out_features:].isnan().all()
+    with pytest.raises(LplError, match="out must be"):
+        cpu.block_sparse_linear_cpu(x, values.to(dtype), row_ptr, col_idx, out_features, block_size, out=out.T)
