@@ -169,10 +169,10 @@ def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, r
         except Exception:  # noqa: BLE001 - an unreadable leftover is recorded again
             pass
         shutil.rmtree(path)
+    L.seed_everything(0, verbose=False)  # the same initial weights for every proj_dim: one reference run
     model, datamodule = build_task(task, lr, steps)
     exact = proj_dim is None
     k = sum(p.numel() for p in model.parameters() if p.requires_grad) if exact else proj_dim
-    L.seed_everything(0, verbose=False)
     recorder = BenchRecorder(path, proj_dim=k, curvature_rank=rank, store_dtype="float32" if exact else "float16",
                              exact=exact, materialise=materialise)
     trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

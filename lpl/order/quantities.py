@@ -193,7 +193,13 @@ def probe_pool_batch(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> dic
     """Projected quantities of one pool batch at theta_t (see the module docstring for each name)."""
     curvature = ctx.curvature_rank > 0
     with torch.enable_grad():
-        loss = batch_loss()
+        if curvature:  # fused attention kernels have no double backward; the math kernel does
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                loss = batch_loss()
+        else:
+            loss = batch_loss()
         grads = _gradients(loss, ctx.params, create_graph=curvature)
         grad = _flat([g.detach() for g in grads])
         theta, exp_avg, exp_avg_sq = _state(ctx)
