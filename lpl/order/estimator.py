@@ -178,6 +178,39 @@ class OrderEstimator(L.LightningModule):
         return _split(self.estimate_many(orders))
 
 
+def log_estimates(
+    logger: Any, result: ReplayResult, truth: Sequence[float] | None = None, *, prefix: str = "order", step: int = 0
+) -> dict[str, float]:
+    """Log estimates through a Lightning logger (no-op without one): agreement metrics when ``truth`` (retrained
+    final losses) is given, and with a W&B logger an estimated-vs-true scatter and the estimated loss curves."""
+    estimated = result.final_loss.detach().cpu().double()
+    summary = {f"{prefix}/estimated_final_loss_mean": float(estimated.mean())}
+    if truth is not None:
+        true = torch.as_tensor(list(truth), dtype=torch.float64)
+        if true.shape != estimated.shape:
+            raise LplError(f"truth has {true.numel()} losses for {estimated.numel()} estimates; give one per order.")
+        ranks = lambda x: x.argsort().argsort().double()  # noqa: E731 - Spearman = Pearson of ranks (no ties)
+        pearson = torch.corrcoef(torch.stack([estimated, true]))[0, 1]
+        spearman = torch.corrcoef(torch.stack([ranks(estimated), ranks(true)]))[0, 1]
+        summary.update({f"{prefix}/pearson": float(pearson), f"{prefix}/spearman": float(spearman),
+                        f"{prefix}/mae": float((estimated - true).abs().mean())})
+    if logger is None:
+        return summary
+    logger.log_metrics(summary, step=step)
+    experiment = getattr(logger, "experiment", None)
+    if type(logger).__name__ == "WandbLogger" and experiment is not None:
+        import wandb
+
+        if truth is not None:
+            table = wandb.Table(data=[[float(e), float(t)] for e, t in zip(estimated, truth)], columns=["estimated", "true"])
+            experiment.log({f"{prefix}/estimated_vs_true": wandb.plot.scatter(table, "true", "estimated")})
+        curves = result.loss_curve.detach().cpu()[:20]
+        experiment.log({f"{prefix}/loss_curves": wandb.plot.line_series(
+            xs=list(range(curves.shape[1])), ys=curves.tolist(), keys=[f"order {i}" for i in range(len(curves))],
+            title="estimated validation loss", xname="step")})
+    return summary
+
+
 def check_recording_matches_model(recording: Any, model: Any) -> None:
     """Raise LplError when ``recording`` was made for a model whose trainable parameter names or shapes differ."""
     from lpl.order.store import parameter_signature
@@ -192,4 +225,4 @@ def check_recording_matches_model(recording: Any, model: Any) -> None:
         )
 
 
-__all__ = ["OrderEstimate", "OrderEstimator", "replay_data_from_recording", "check_recording_matches_model"]
+__all__ = ["OrderEstimate", "OrderEstimator", "replay_data_from_recording", "check_recording_matches_model", "log_estimates"]

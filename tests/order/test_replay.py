@@ -118,3 +118,23 @@ def test_bad_orders_and_methods_are_clear_errors(task):
     no_curvature = make_task(lr=0.001, curvature_rank=0, steps=3)
     with pytest.raises(LplError, match="curvature_rank"):
         replay(no_curvature.data, torch.arange(3), "first_order")
+
+
+def test_log_estimates_reports_agreement_and_is_optional(task):
+    from lpl.order.estimator import log_estimates
+
+    class Recorder:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((metrics, step))
+
+    orders = torch.stack([torch.randperm(NUM_BATCHES, generator=torch.Generator().manual_seed(s)) for s in range(4)])
+    result = replay(task.data, orders, "adam")
+    truth = result.final_loss.tolist()[::-1]
+    logger = Recorder()
+    summary = log_estimates(logger, result, truth)
+    assert summary["order/spearman"] == pytest.approx(spearmanr(result.final_loss.numpy(), truth)[0])
+    assert logger.logged[0][0] == summary
+    assert "order/mae" not in log_estimates(None, result)
