@@ -1,8 +1,9 @@
 """Device dispatch, autograd and torch.compile support for ``block_sparse_linear``.
 
-The computation is registered as torch.library custom ops (``lpl::block_sparse_linear`` and its two backward pieces)
-with fake implementations, so ``torch.compile`` captures the layer as one opaque node, and with
-``register_autograd`` so fine-tuning runs on the sparse model (dX through the sparse weight, dW only at kept blocks).
+Eager calls go through a plain ``torch.autograd.Function``; under ``torch.compile``/``torch.export`` the same
+computation is reached through torch.library custom ops (``lpl::block_sparse_linear`` and its two backward pieces)
+with fake implementations and ``register_autograd``, so the graph holds one opaque node. Either way fine-tuning runs
+on the sparse model: dX through the sparse weight, dW only at the retained blocks.
 CUDA tensors run the Triton kernels of :mod:`lpl.kernels.triton_ops` (imported on first CUDA call, so CPU-only use
 never imports Triton); CPU tensors run :mod:`lpl.kernels.cpu`.
 """
@@ -64,23 +65,90 @@ def _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Custom ops. Index tensors travel as plain tensors (see KernelIndex); shapes as ints.
-@torch.library.custom_op("lpl::block_sparse_linear", mutates_args=())
-def _linear_op(
-    x2d: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-    row_order: torch.Tensor, block_row: torch.Tensor, col_ptr: torch.Tensor, t_row_idx: torch.Tensor,
-    t_block: torch.Tensor, col_order: torch.Tensor, bias: Optional[torch.Tensor], out_features: int,
-) -> torch.Tensor:
-    block_size = (int(values.shape[1]), int(values.shape[2]))
+# The three computations, dispatched by device. Index tensors travel as plain tensors (see KernelIndex).
+def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_features):
     if _use_triton(x2d.device):
         from . import triton_ops
 
         return triton_ops.bsr_linear(x2d, values, row_ptr, col_idx, row_order, out_features, bias)
     cpu = _cpu_module() if x2d.device.type == "cpu" else None
     if cpu is not None:
+        block_size = (int(values.shape[1]), int(values.shape[2]))
         return cpu.block_sparse_linear_cpu(x2d, values, row_ptr, col_idx, out_features, block_size, bias)
     weight = _reference_dense(values, block_row, col_idx, (out_features, x2d.shape[1]))
     return torch.nn.functional.linear(x2d, weight, bias)
+
+
+def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, in_features):
+    if _use_triton(dy2d.device):
+        from . import triton_ops
+
+        return triton_ops.bsr_grad_input(dy2d, values, col_ptr, t_row_idx, t_block, col_order, in_features)
+    cpu = _cpu_module() if dy2d.device.type == "cpu" else None
+    if cpu is not None:
+        block_size = (int(values.shape[1]), int(values.shape[2]))
+        return cpu.grad_input_cpu(dy2d, values, row_ptr, col_idx, in_features, block_size)
+    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
+
+
+def _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
+    block_size = (block_rows, block_cols)
+    if _use_triton(dy2d.device):
+        from . import triton_ops
+
+        return triton_ops.bsr_grad_values(dy2d, x2d, block_row, col_idx, block_size)
+    cpu = _cpu_module() if dy2d.device.type == "cpu" else None
+    if cpu is not None:
+        return cpu.grad_values_cpu(dy2d, x2d, row_ptr, col_idx, block_size)
+    return _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size)
+
+
+def _backward(ctx, grad_out, grad_input_fn, grad_values_fn):
+    """Gradients for (x2d, values, 8 index tensors, bias, out_features): dX through the sparse weight, dW only at
+    the retained blocks, db = column sums."""
+    x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_input_fn(
+            grad_out, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, x2d.shape[1]
+        )
+    if ctx.needs_input_grad[1]:
+        grad_values = grad_values_fn(grad_out, x2d, row_ptr, col_idx, block_row, int(values.shape[1]),
+                                     int(values.shape[2]))
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        grad_bias = grad_out.sum(0)
+    return grad_x, grad_values, None, None, None, None, None, None, None, None, grad_bias, None
+
+
+def _save(ctx, x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, bias):
+    ctx.save_for_backward(x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order)
+    ctx.has_bias = bias is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eager path: a plain autograd.Function (a few microseconds of Python per call, no torch.compile machinery).
+class _BlockSparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, values, row_ptr, col_idx, row_order, block_row, col_ptr, t_row_idx, t_block, col_order,
+                bias, out_features):
+        _save(ctx, x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, bias)
+        return _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, _grad_input_impl, _grad_values_impl)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled path: torch.library custom ops with fake implementations, so torch.compile / export see one opaque node.
+@torch.library.custom_op("lpl::block_sparse_linear", mutates_args=())
+def _linear_op(
+    x2d: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    row_order: torch.Tensor, block_row: torch.Tensor, col_ptr: torch.Tensor, t_row_idx: torch.Tensor,
+    t_block: torch.Tensor, col_order: torch.Tensor, bias: Optional[torch.Tensor], out_features: int,
+) -> torch.Tensor:
+    return _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_features)
 
 
 @_linear_op.register_fake
@@ -94,15 +162,8 @@ def _grad_input_op(
     block_row: torch.Tensor, col_ptr: torch.Tensor, t_row_idx: torch.Tensor, t_block: torch.Tensor,
     col_order: torch.Tensor, in_features: int,
 ) -> torch.Tensor:
-    block_size = (int(values.shape[1]), int(values.shape[2]))
-    if _use_triton(dy2d.device):
-        from . import triton_ops
-
-        return triton_ops.bsr_grad_input(dy2d, values, col_ptr, t_row_idx, t_block, col_order, in_features)
-    cpu = _cpu_module() if dy2d.device.type == "cpu" else None
-    if cpu is not None:
-        return cpu.grad_input_cpu(dy2d, values, row_ptr, col_idx, in_features, block_size)
-    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
+    return _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order,
+                            in_features)
 
 
 @_grad_input_op.register_fake
@@ -115,15 +176,7 @@ def _grad_values_op(
     dy2d: torch.Tensor, x2d: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, block_row: torch.Tensor,
     block_rows: int, block_cols: int,
 ) -> torch.Tensor:
-    block_size = (block_rows, block_cols)
-    if _use_triton(dy2d.device):
-        from . import triton_ops
-
-        return triton_ops.bsr_grad_values(dy2d, x2d, block_row, col_idx, block_size)
-    cpu = _cpu_module() if dy2d.device.type == "cpu" else None
-    if cpu is not None:
-        return cpu.grad_values_cpu(dy2d, x2d, row_ptr, col_idx, block_size)
-    return _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size)
+    return _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols)
 
 
 @_grad_values_op.register_fake
@@ -132,29 +185,13 @@ def _(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, values, row_ptr, col_idx, row_order, block_row, col_ptr, t_row_idx, t_block, col_order, bias, _ = inputs
-    ctx.save_for_backward(x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order)
-    ctx.has_bias = bias is not None
+    x2d, values, row_ptr, col_idx, _, block_row, col_ptr, t_row_idx, t_block, col_order, bias, _ = inputs
+    _save(ctx, x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, bias)
 
 
-def _backward(ctx, grad_out):
-    x2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order = ctx.saved_tensors
-    grad_out = grad_out.contiguous()
-    grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _grad_input_op(
-            grad_out, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, x2d.shape[1]
-        )
-    if ctx.needs_input_grad[1]:
-        grad_values = _grad_values_op(
-            grad_out, x2d, row_ptr, col_idx, block_row, int(values.shape[1]), int(values.shape[2])
-        )
-    if ctx.has_bias and ctx.needs_input_grad[10]:
-        grad_bias = grad_out.sum(0)
-    return grad_x, grad_values, None, None, None, None, None, None, None, None, grad_bias, None
-
-
-_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_op.register_autograd(
+    lambda ctx, grad_out: _backward(ctx, grad_out, _grad_input_op, _grad_values_op), setup_context=_setup_context
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +212,9 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     index = w.kernel_index
-    y2d = _linear_op(
+    # Under torch.compile/export the custom op (with its fake); in eager mode the lighter autograd.Function.
+    apply = _linear_op if torch.compiler.is_compiling() else _BlockSparseLinearFunction.apply
+    y2d = apply(
         x2d, w.values, w.row_ptr, w.col_idx, index.row_order, index.block_row, index.col_ptr, index.t_row_idx,
         index.t_block, index.col_order, bias, out_features,
     )

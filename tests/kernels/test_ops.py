@@ -53,6 +53,14 @@ def test_torch_compile_fullgraph_matches_eager(rel_err):
     eager_dx, eager_dv = x.grad.clone(), layer.values.grad.clone()
     x.grad = None
     layer.values.grad = None
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(str(graph_module.code))
+        return graph_module.forward
+
+    torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+    assert any("torch.ops.lpl.block_sparse_linear" in code for code in graphs)  # one opaque custom-op node
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out = compiled(x)
     out.sum().backward()
