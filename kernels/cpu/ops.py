@@ -25,9 +25,8 @@ from ._build import load_error, load_library
 
 Backend = Literal["auto", "compiled", "torch"]
 
-# Retained-K chunk (floats of one 16-wide strip of B) that stays in L1 while a token tile streams through it.
+# Retained input width per pass over a token tile: 256 k-steps x 16 floats = 16 KiB of B stay in L1 meanwhile.
 _L1_K_CHUNK = 256
-_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,7 +410,7 @@ def grad_values_cpu(
     status = load_library().lpl_bs_grad_values(
         dy32.data_ptr(), dy32.shape[0], out_features, dy32.stride(0), dy32.stride(1),
         x32.data_ptr(), in_features, x32.stride(0), x32.stride(1),
-        row_ptr.data_ptr(), col_idx.data_ptr(), n_rows, nnz,
+        row_ptr.contiguous().data_ptr(), col_idx.contiguous().data_ptr(), n_rows, nnz,
         br, bc, out.data_ptr(), 0, ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     if status != 0:
