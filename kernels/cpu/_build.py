@@ -34,13 +34,21 @@ _ptr = ctypes.c_void_p
 
 
 def cache_dir() -> Path:
-    """Folder that holds the compiled libraries."""
+    """Folder that holds the compiled libraries (a per-user temp folder when the usual one is not writable)."""
     root = os.environ.get("LPL_CACHE_DIR")
     if root:
-        return Path(root) / "cpu_kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "lpl" / "cpu_kernels"
+        preferred = Path(root) / "cpu_kernels"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        preferred = (Path(xdg) if xdg else Path.home() / ".cache") / "lpl" / "cpu_kernels"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"lpl-{uid}" / "cpu_kernels"
 
 
 def _find_compiler() -> str | None:

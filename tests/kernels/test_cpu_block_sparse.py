@@ -320,3 +320,10 @@ def test_out_buffer_is_filled_and_returned(backend, dtype):
     assert storage[:, out_features:].isnan().all()
     with pytest.raises(LplError, match="out must be"):
         cpu.block_sparse_linear_cpu(x, values.to(dtype), row_ptr, col_idx, out_features, block_size, out=out.T)
+
+
+def test_unwritable_cache_dir_falls_back_to_temp(monkeypatch, tmp_path):
+    blocked = tmp_path / "file_not_dir"
+    blocked.write_text("")
+    monkeypatch.setenv("LPL_CACHE_DIR", str(blocked))
+    assert _build.cache_dir().parent.name.startswith("lpl-")
