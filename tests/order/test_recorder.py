@@ -112,6 +112,42 @@ def test_recorder_stores_whatever_the_quantities_return(tmp_path, monkeypatch):
     assert rec.probe_scalars["v"] == [pytest.approx(float(rec.step(t)["v"])) for t in (0, 3, 6)]
 
 
+class Snapshot(L.Callback):
+    """Placed before and after the recorder: what a probe must leave exactly as it found it."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        optimizer_state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizers[0].state.items()}
+        self.states.append((
+            [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()],
+            [m.training for m in pl_module.modules()],
+            torch.get_rng_state(),
+            optimizer_state,
+        ))
+
+
+def test_probe_restores_grads_modes_rng_and_leaves_the_optimizer_alone(tmp_path, monkeypatch):
+    def meddling_probe(ctx, batch_loss):  # everything a careless probe could disturb
+        for p in ctx.params:
+            p.grad = torch.full_like(p, 7.0)
+        torch.rand(100)
+        return {"loss": batch_loss().detach()}
+
+    monkeypatch.setattr(quantities, "probe_pool_batch", meddling_probe)
+    before, after = Snapshot(), Snapshot()
+    recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=8)
+    _fit(TinyNet(dropout=0.5), [before, recorder, after], max_steps=4)
+    assert len(before.states) == len(after.states) == 4
+    for (grads_a, modes_a, rng_a, opt_a), (grads_b, modes_b, rng_b, opt_b) in zip(before.states, after.states):
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+        assert modes_a == modes_b and all(modes_b)
+        assert torch.equal(rng_a, rng_b)
+        assert opt_a.keys() == opt_b.keys()
+        assert all(torch.equal(v, opt_b[p][k]) for p, s in opt_a.items() for k, v in s.items())
+
+
 # ---- bad input
 def test_refuses_optimizer_that_is_not_adam(tmp_path):
     with pytest.raises(LplError, match="optimizer is SGD"):
