@@ -80,7 +80,7 @@ class Projector:
         columns = max(_BITS_PER_WORD, _CHUNK_ELEMENTS // self.proj_dim)
         self.chunk_columns = columns - columns % _BITS_PER_WORD
         self._row_keys: dict[tuple[str, int], torch.Tensor] = {}
-        self._sign_tables: dict[str, torch.Tensor] = {}
+        self._sign_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"Projector(dim_in={self.dim_in}, proj_dim={self.proj_dim}, seed={self.seed}, kind={self.kind!r})"
@@ -110,10 +110,11 @@ class Projector:
         offset = start - first_word * _BITS_PER_WORD
         if self.kind == "rademacher":
             hashes = self._words(first_word, num_words, device, salt=0)
-            table = self._sign_tables.get(str(device))
-            if table is None:
-                table = self._sign_tables[str(device)] = _sign_table(device) * self.scale
-            byte_values = (hashes[:, :, None] >> torch.tensor([0, 8, 16, 24], device=device)) & 0xFF
+            if str(device) not in self._sign_tables:  # per device, so no host-to-device copy per block on GPU
+                shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=device)
+                self._sign_tables[str(device)] = (_sign_table(device) * self.scale, shifts)
+            table, shifts = self._sign_tables[str(device)]
+            byte_values = (hashes[:, :, None] >> shifts) & 0xFF
             # a table lookup per byte turns 8 hash bits into 8 scaled signs at memory-copy speed
             signs = torch.nn.functional.embedding(byte_values, table).reshape(self.proj_dim, num_words * _BITS_PER_WORD)
             return signs[:, offset : offset + stop - start]
