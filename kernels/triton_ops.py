@@ -36,11 +36,11 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["density_bucket"])
 def _bsr_matmul_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr,
     seg_ptr, kblock_ptr, block_id_ptr, order_ptr,
-    M, N, K, num_segments,
+    M, N, K, num_segments, density_bucket,
     stride_am, stride_ak, stride_om, stride_on, stride_wk, stride_wn,
     HAS_BIAS: tl.constexpr, HAS_BLOCK_ID: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -176,7 +176,9 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _bsr_matmul_tuned = triton.autotune(
     configs=_matmul_configs(),
-    key=["M", "N", "K", "num_segments", "BLOCK_N", "BLOCK_K", "EVEN_K", "INPUT_PRECISION"],
+    # density_bucket (retained share of blocks in eighths) is only a tuning key: loop lengths change the best tiles
+    key=["M", "N", "K", "num_segments", "density_bucket", "BLOCK_N", "BLOCK_K", "EVEN_K", "HAS_BIAS", "HAS_BLOCK_ID",
+         "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_bsr_matmul_kernel)
 
@@ -203,10 +205,11 @@ def _launch_matmul(a, w_values, bias, out, seg_ptr, kblock, block_id, order, n_o
     num_segments = seg_ptr.numel() - 1
     if m == 0 or num_segments == 0:
         return out
+    density_bucket = round(8 * kblock.numel() / (num_segments * triton.cdiv(k_in, block_k)))
     args = (
         a, w_values, bias if bias is not None else out, out,
         seg_ptr, kblock, block_id if block_id is not None else kblock, order,
-        m, n_out, k_in, num_segments,
+        m, n_out, k_in, num_segments, density_bucket,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), strides_w[0], strides_w[1],
     )
     flags = dict(

@@ -53,7 +53,8 @@ print(json.dumps(reports))
 
 MATMUL_TYPES = dict(a_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", seg_ptr="*i64",
                     kblock_ptr="*i64", block_id_ptr="*i64", order_ptr="*i64", M="i32", N="i32", K="i32",
-                    num_segments="i32", stride_am="i32", stride_om="i32", stride_wk="i32", stride_wn="i32")
+                    num_segments="i32", density_bucket="i32", stride_am="i32", stride_om="i32", stride_wk="i32",
+                    stride_wn="i32")
 MATMUL_DIVISIBLE = ["a_ptr", "w_ptr", "bias_ptr", "out_ptr", "seg_ptr", "kblock_ptr", "block_id_ptr", "order_ptr",
                     "stride_am", "stride_om", "N", "K"]
 
