@@ -57,7 +57,7 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
 PY
 
 say "2. kernel tests (compiled)"
-timeout 150 python -m pytest tests/kernels -q -x -p no:cacheprovider --ignore-glob='tests/kernels/test_cpu_*' \
+timeout 150 python -m pytest tests/kernels -q -x -p no:cacheprovider --ignore-glob="tests/kernels/test_cpu_*" \
   --deselect tests/kernels/test_calibrate.py::test_cpu_calibration_and_validation_run_on_the_real_kernel 2>&1 | tail -15 | tee -a "$LOG"
 
 say "3. kernel benchmark"

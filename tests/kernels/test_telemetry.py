@@ -65,3 +65,15 @@ def test_no_nvidia_gpu_is_said_clearly():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_real_pynvml_on_a_machine_without_gpu_is_unavailable():
     assert PowerMeter.available() is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_real_energy_counter_on_a_gpu():
+    meter = PowerMeter()
+    try:
+        assert 0 < meter.measure_idle(1.0) < 2000
+        x = torch.randn(4096, 4096, device="cuda")
+        reading = meter.measure(lambda: x @ x, items=1, min_seconds=1.0, warmup=1)
+        assert reading.mean_power_w >= 0.5 * meter.idle_power_w and reading.items >= 1
+    finally:
+        meter.close()
