@@ -261,15 +261,17 @@ class TrainOrderRecorder(L.Callback):
                 raise LplError(
                     f"{self.dirpath} already holds a recording; pass resume=True to continue it or choose a new dirpath."
                 )
+            initial = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()} if start == 0 else None
             if exists:
                 self._writer = RecordingWriter.resume(self.dirpath, header, self._pool, self._order, start)
+                if initial is not None:  # restarted from scratch: this run's own theta_0
+                    self._writer.write_initial_state(initial)
             elif start > 0:
                 raise LplError(
                     f"the run resumes at step {start} but {self.dirpath} holds no recording; "
                     "record from the start or point dirpath at the original recording."
                 )
             else:
-                initial = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()}
                 self._writer = RecordingWriter.create(self.dirpath, header, self._pool, self._order, initial)
         except LplError as refusal:
             return str(refusal)

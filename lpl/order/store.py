@@ -123,10 +123,14 @@ class RecordingWriter:
         manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
         pool_info = _write_file(root, POOL_FILE, _serialise(pool_tensors(batches, order)))
         manifest["pool"] = {**pool_info, "num_batches": len(batches)}
-        manifest["initial_state"] = _write_file(root, INITIAL_STATE_FILE, _serialise(initial_state))
         writer = cls(root, manifest)
-        writer.flush()
+        writer.write_initial_state(initial_state)
         return writer
+
+    def write_initial_state(self, initial_state: Mapping[str, torch.Tensor]) -> None:
+        """(Re)write the weights before step 0, e.g. when a resumed recording restarts from the beginning."""
+        self.manifest["initial_state"] = _write_file(self.root, INITIAL_STATE_FILE, _serialise(initial_state))
+        self.flush()
 
     @classmethod
     def resume(

@@ -222,3 +222,15 @@ def test_bad_arguments():
         TrainOrderRecorder("x", probe_every_n_steps=0)
     with pytest.raises(LplError, match="store_dtype"):
         TrainOrderRecorder("x", store_dtype="int8")
+
+
+def test_resume_without_checkpoint_restarts_the_recording_with_this_runs_weights(tmp_path):
+    _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=2)], max_steps=4)
+    torch.manual_seed(123)
+    model = TinyNet()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    _fit(model, [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=2, resume=True)], max_steps=4)
+    rec = Recording.open(tmp_path / "rec")
+    rec.verify()
+    assert rec.status == "complete" and rec.recorded_steps == 4 and rec.probe_steps == [0, 2, 4]
+    assert all(torch.equal(v, initial[k]) for k, v in rec.initial_state().items())
