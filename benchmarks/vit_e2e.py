@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
               "- images/s measured side by side in this run (CPU: interleaved rounds; GPU: CUDA-graph replays of the "
               "whole forward unless --eager, timed with CUDA events)", "",
               "| model | FLOPs kept (Linear) | dense img/s | sparse img/s | speedup | dense J/img | sparse J/img | "
-              "energy ratio | max rel. err vs masked dense |",
+              "energy ratio | rel. err vs masked dense |",
               "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     from lpl.utils.io import atomic_write_text
