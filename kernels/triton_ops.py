@@ -49,8 +49,8 @@ def _bsr_matmul_kernel(
     """out[m, s*BLOCK_N + n] = sum over stored blocks p of segment s: a[m, kblock[p]*BLOCK_K + k] * Wp[k, n].
 
     SWAP_AB computes the transposed tile out^T = Wp^T a^T instead: the weight block becomes the MMA's M side
-    (64 rows fill one Hopper warpgroup MMA) and the token tile its N side (up to 256), the instruction shape cuBLAS
-    itself uses; the plain orientation serves small blocks (M side = tokens).
+    (64 rows fill one Hopper warpgroup MMA) and the token tile its N side (up to 256: the widest MMA shape); the
+    plain orientation serves small blocks (M side = tokens).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
