@@ -38,8 +38,8 @@ def _helper(name: str) -> Callable[[list[str]], int | None]:
     return getattr(importlib.import_module(module_name), function)
 
 
-def run_lightning_cli(args: list[str] | None = None):
-    """Build and run the LightningCLI (subclass mode: any LightningModule / LightningDataModule by class path)."""
+def run_lightning_cli(args: list[str] | None = None, run: bool = True):
+    """Build (and with ``run``, run) the LightningCLI: any LightningModule / LightningDataModule by class path."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -69,6 +69,7 @@ def run_lightning_cli(args: list[str] | None = None):
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -13,7 +13,7 @@ import torchmetrics
 from torch import nn
 
 from lpl.models.optim import configure_adam
-from lpl.models.weights import load_pretrained
+from lpl.utils.weights import load_pretrained
 from lpl.utils.errors import LplError
 
 
@@ -32,7 +32,8 @@ def create_timm_model(model_name: str, **kwargs: Any) -> nn.Module:
 class ViTClassifier(L.LightningModule):
     """Image classification with a timm ViT (or any timm model), AdamW and a warm-up/cosine schedule.
 
-    Size arguments left as ``None`` keep the timm defaults of ``model_name``. ``pretrained_path`` loads local
+    Size arguments left as ``None`` keep the timm defaults of ``model_name``; ``model_kwargs`` passes any other
+    timm argument (e.g. ``{"global_pool": "avg"}``). ``pretrained_path`` loads local
     weights (safetensors, or a state dict read with ``weights_only=True``). With a ``teacher`` (a frozen module,
     e.g. the dense model during pruned fine-tuning), the loss mixes in soft distillation:
     ``(1 - alpha) * CE + alpha * T^2 * KL(student/T || teacher/T)``.
@@ -56,6 +57,7 @@ class ViTClassifier(L.LightningModule):
         num_heads: int | None = None,
         mlp_ratio: float | None = None,
         drop_path_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
         pretrained_path: str | None = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
@@ -80,7 +82,10 @@ class ViTClassifier(L.LightningModule):
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         )
         self.model = create_timm_model(
-            model_name, drop_path_rate=drop_path_rate, **{k: v for k, v in sizes.items() if v is not None}
+            model_name,
+            drop_path_rate=drop_path_rate,
+            **{k: v for k, v in sizes.items() if v is not None},
+            **(model_kwargs or {}),
         )
         if pretrained_path:
             load_pretrained(self.model, pretrained_path)

@@ -13,8 +13,12 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file without unpickling arbitrary objects; unwrap Lightning / DeiT checkpoint layouts."""
+def read_state_dict(path: str | Path, strip_prefixes: bool = True) -> dict[str, torch.Tensor]:
+    """Read a weights file without unpickling arbitrary objects; unwrap Lightning / DeiT checkpoint layouts.
+
+    With ``strip_prefixes``, a prefix shared by every key (``model.``, ``module.``, ``_orig_mod.``) is removed so a
+    LightningModule's checkpoint loads into the bare network it wraps.
+    """
     path = Path(path)
     if not path.is_file():
         raise LplError(f"pretrained_path {str(path)!r} does not exist; give the path of a local .safetensors or .pth file.")
@@ -35,7 +39,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LplError(f"pretrained_path {str(path)!r} holds no state dict of tensors.")
-    for prefix in _PREFIXES:
+    for prefix in _PREFIXES if strip_prefixes else ():
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     return state

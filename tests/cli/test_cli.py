@@ -107,3 +107,16 @@ def test_ddp_two_processes_fit_the_vit(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final validation accuracy" in result.stdout
+
+
+def test_prune_command_saves_a_result(tmp_path, capsys) -> None:
+    from lpl.prune import PruneResult
+
+    out = tmp_path / "result"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--config", str(CONFIGS / "mnist_vit.yaml"), "--flops_keep", "0.5", "--calib_batches", "2",
+              "--out", str(out), "--model.init_args.embed_dim=64", "--trainer.logger=false"])
+    assert exit_info.value.code == 0
+    result = PruneResult.load(out)
+    assert abs(result.flops_keep - 0.5) <= 0.01
+    assert "predicted speedup" in capsys.readouterr().out
