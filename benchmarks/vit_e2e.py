@@ -71,11 +71,8 @@ def cuda_graph(fn):
 
 
 def predicted_energy_per_image(model: torch.nn.Module, masks: dict, block: int, tokens: int, batch: int,
-                               dtype: torch.dtype, device: torch.device) -> float:
+                               dtype: torch.dtype, profile) -> float:
     """Cost-model energy of the model's Linear layers for one batch, per image (dense layers: predict_dense)."""
-    from lpl.prune.hardware import default_profile
-
-    profile = default_profile("cuda" if device.type == "cuda" else "cpu")
     total = 0.0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -102,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-batch-size", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=None, help="seconds of timing rounds per model")
     parser.add_argument("--energy-s", type=float, default=5.0, help="GPU: seconds per NVML energy measurement")
+    parser.add_argument("--profile", help="HardwareProfile JSON for predicted energy (default: the analytic one)")
     parser.add_argument("--eager", action="store_true", help="GPU: time eager forwards instead of CUDA graphs")
     parser.add_argument("--out", default=str(_HERE / "results"))
     args = parser.parse_args(argv)
@@ -122,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
             meter.measure_idle(2.0)
         except PowerMeterUnavailable as error:
             energy_note = str(error)
-    energy_kind = "measured (NVML, idle-subtracted)" if meter else "model-predicted (cost model, Linear layers)"
+    from lpl.prune.hardware import HardwareProfile, default_profile
+
+    profile = HardwareProfile.load(args.profile) if args.profile else default_profile(device.type)
+    energy_kind = ("measured (NVML, idle-subtracted)" if meter
+                   else f"model-predicted (cost model '{profile.name}', Linear layers only)")
 
     lines = ["# End to end: DeiT dense vs block-pruned + exported (lpl.kernels)", ""]
     lines += bench.environment_lines(device, sys.argv)
@@ -163,9 +165,9 @@ def main(argv: list[str] | None = None) -> None:
                 dense_j = meter.measure(runs["dense"], batch, min_seconds=args.energy_s).joules_per_item
                 sparse_j = meter.measure(runs["sparse"], batch, min_seconds=args.energy_s).joules_per_item
             else:
-                dense_j = predicted_energy_per_image(dense, {}, args.block, batch * 197, batch, dtype, device)
+                dense_j = predicted_energy_per_image(dense, {}, args.block, batch * 197, batch, dtype, profile)
                 sparse_j = predicted_energy_per_image(dense, result.block_masks, args.block, batch * 197, batch,
-                                                      dtype, device)
+                                                      dtype, profile)
         dense_ips, sparse_ips = 1000.0 * batch / ms["dense"], 1000.0 * batch / ms["sparse"]
         row = (f"| {name} | {result.flops_keep:.3f} | {dense_ips:.1f} | {sparse_ips:.1f} | "
                f"{sparse_ips / dense_ips:.2f}x | {dense_j:.4g} | {sparse_j:.4g} | {dense_j / sparse_j:.2f}x | "

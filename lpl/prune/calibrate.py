@@ -155,8 +155,20 @@ def calibrate(
     base.dense_flops_per_s = 2.0 * max(tokens) * shape[0] * shape[1] / dense_s
     if device.type == "cuda" and measure_power:
         _measure_power(base, x, weight, device)
-    name = f"calibrated-{device.type}-" + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    return fit_profile(timings, dtype, base, name)
+    return fit_profile(timings, dtype, base, f"calibrated-{_device_name(device)}")
+
+
+def _device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3', or the CPU model with the number of torch threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu {model} {torch.get_num_threads()}t"
 
 
 def _measure_power(profile: HardwareProfile, x: torch.Tensor, weight: torch.Tensor, device: torch.device) -> None:
@@ -208,8 +220,10 @@ def validate_profile(
 def report_markdown(profile: HardwareProfile, rows: list[dict]) -> str:
     errors = [abs(r["error"]) for r in rows]
     lines = [f"# Cost model {profile.name}: predicted vs measured latency per layer", "",
-             f"- launch_s {profile.launch_s:.3g}, row_s {profile.row_s:.3g}, tile_m {profile.tile_m}, "
-             f"block_s {profile.block_s}, dense {profile.dense_flops_per_s / 1e12:.2f} TFLOP/s",
+             f"- launch_s {profile.launch_s:.3g}, row_s {profile.row_s:.3g}, tile_m {profile.tile_m}, block_s "
+             f"{ {key: float(f'{value:.3g}') for key, value in profile.block_s.items()} }, "
+             f"dense {profile.dense_flops_per_s / 1e9:.1f} GFLOP/s, power idle/active {profile.idle_power_w:.0f}/"
+             f"{profile.active_power_w:.0f} W",
              f"- |error|: median {100 * statistics.median(errors):.1f}%, max {100 * max(errors):.1f}%; "
              f"within 15%: {sum(e <= 0.15 for e in errors)}/{len(errors)}", "",
              "| layer | density | tokens | predicted ms | measured ms | error |", "|---|---|---|---|---|---|"]
