@@ -80,22 +80,37 @@ def fit_profile(
     timings: Sequence[Timing], dtype: torch.dtype, base: HardwareProfile, name: str
 ) -> HardwareProfile:
     """Non-negative least squares on relative error of ``launch_s``, ``row_s`` and one ``block_s`` per block size."""
-    from scipy.optimize import nnls
-
     sizes = sorted({t.block_size for t in timings})
-    rows, targets = [], []
+    rows = []
     for t in timings:
         tiles = math.ceil(t.tokens / base.tile_m)
         features = [1.0, tiles * t.rows_launched] + [tiles * t.retained_blocks * (t.block_size == s) for s in sizes]
         rows.append([f / t.seconds for f in features])  # divide by the target: relative error
-        targets.append(1.0)
-    coefficients, _ = nnls(torch.tensor(rows, dtype=torch.float64).numpy(), torch.tensor(targets).numpy())
-    launch_s, row_s, *block_s = (float(c) for c in coefficients)
+    launch_s, row_s, *block_s = _nonnegative_least_squares(torch.tensor(rows, dtype=torch.float64),
+                                                           torch.ones(len(rows), dtype=torch.float64))
     return HardwareProfile(
         name=name, device_type=base.device_type, tile_m=base.tile_m, launch_s=launch_s, row_s=row_s,
         block_s={**base.block_s, **{block_key(s, dtype): b for s, b in zip(sizes, block_s)}},
         dense_flops_per_s=base.dense_flops_per_s, idle_power_w=base.idle_power_w, active_power_w=base.active_power_w,
     )
+
+
+def _nonnegative_least_squares(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """argmin ||a x - b|| subject to x >= 0, exactly, by trying every support set (a has only a few columns)."""
+    columns = a.shape[1]
+    best, best_residual = [0.0] * columns, float(b.norm())
+    for support_bits in range(1, 1 << columns):
+        support = [j for j in range(columns) if support_bits >> j & 1]
+        solution = torch.linalg.lstsq(a[:, support], b[:, None]).solution[:, 0]
+        if bool((solution < 0).any()):
+            continue
+        residual = float((a[:, support] @ solution - b).norm())
+        if residual < best_residual:
+            best = [0.0] * columns
+            for j, value in zip(support, solution.tolist()):
+                best[j] = value
+            best_residual = residual
+    return best
 
 
 def _measure_layer(kernels, shape, mask, block_size, tokens, dtype, device, generator, repeats) -> float:

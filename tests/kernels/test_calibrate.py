@@ -39,3 +39,16 @@ def test_cpu_calibration_and_validation_run_on_the_real_kernel():
                             layers={"tiny": (128, 96)}, repeats=2)
     assert len(rows) == 1 and rows[0]["measured_s"] > 0 and rows[0]["predicted_s"] > 0
     assert "| tiny |" in report_markdown(profile, rows)
+
+
+def test_nonnegative_least_squares_matches_a_brute_force_check():
+    from lpl.prune.calibrate import _nonnegative_least_squares
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(30, 3, generator=generator, dtype=torch.float64)
+    b = a @ torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)  # the unconstrained optimum has a negative entry
+    x = torch.tensor(_nonnegative_least_squares(a, b), dtype=torch.float64)
+    assert bool((x >= 0).all())
+    residual = float((a @ x - b).norm())
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 3, 31, dtype=torch.float64)] * 3, indexing="ij"), -1)
+    assert residual <= float((grid.reshape(-1, 3) @ a.T - b).norm(dim=1).min()) + 1e-9
