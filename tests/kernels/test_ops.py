@@ -15,8 +15,13 @@ def _weight(shape=(100, 70), block_size=(32, 16), seed=0, dtype=torch.float32):
     return BlockSparseWeight.from_dense(torch.randn(shape, generator=generator), mask, block_size).to(dtype=dtype)
 
 
+@pytest.mark.parametrize("cpu_path", ["kernels.cpu", "torch fallback"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_forward_and_backward_match_dense_masked_matmul(dtype, rel_err, tolerance):
+def test_cpu_forward_and_backward_match_dense_masked_matmul(dtype, cpu_path, rel_err, tolerance, monkeypatch):
+    from lpl.kernels import ops
+
+    if cpu_path == "torch fallback":  # what runs where kernels/cpu cannot be imported
+        monkeypatch.setattr(ops, "_cpu_module", lambda: None)
     sparse = _weight(dtype=dtype)
     values = sparse.values.clone().requires_grad_(True)
     sparse.values = values
