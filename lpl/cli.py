@@ -73,6 +73,17 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
     )
 
 
+def _user_error(error: BaseException) -> LplError | None:
+    """The LplError behind ``error``: jsonargparse wraps errors raised while instantiating classes."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LplError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _default_wandb_offline()
@@ -81,8 +92,11 @@ def main(argv: list[str] | None = None) -> None:
             code = _helper(argv[0])(argv[1:])
             sys.exit(code or 0)
         run_lightning_cli(argv)
-    except LplError as error:
-        print(f"lpl: error: {error}", file=sys.stderr)
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        print(f"lpl: error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -68,13 +68,15 @@ def test_deit_configs_fit_on_an_imagenet_folder(tmp_path, config, model_name) ->
 
 
 def test_missing_dataset_root_is_one_clear_line(tmp_path, capsys) -> None:
-    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/none")
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/none",
+                    "--model.init_args.pretrained_path=null")
     assert "dataset root" in err and "does not exist" in err and "Traceback" not in err
 
 
 def test_not_an_imagenet_folder(tmp_path, capsys) -> None:
     (tmp_path / "flat").mkdir()
-    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/flat")
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/flat",
+                    "--model.init_args.pretrained_path=null")
     assert "not an ImageNet-style folder" in err
 
 
