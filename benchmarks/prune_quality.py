@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import sys
 import time
@@ -38,11 +39,13 @@ VIT = dict(model_name="vit_tiny_patch16_224", img_size=28, patch_size=7, in_chan
            embed_dim=128, depth=4, num_heads=4)
 PATTERNS = ["*.qkv", "*.proj", "*.fc1", "*.fc2"]
 METHODS = {
-    "taylor2+hardware": dict(importance="taylor2", allocation="hardware"),
-    "taylor1+uniform": dict(importance="taylor1", allocation="uniform"),
-    "magnitude+uniform": dict(importance="magnitude", allocation="uniform"),
-    "magnitude-global": dict(importance="magnitude", allocation="global"),
-    "OBD-global": dict(importance="obd", allocation="global"),
+    "taylor2+hardware": dict(importance="taylor2", allocation="hardware", stages=2),
+    "taylor2+hardware 1 round": dict(importance="taylor2", allocation="hardware", stages=1),
+    "taylor1+uniform": dict(importance="taylor1", allocation="uniform", stages=1),
+    "magnitude+uniform": dict(importance="magnitude", allocation="uniform", stages=1),
+    "magnitude-global": dict(importance="magnitude", allocation="global", stages=1),
+    "OBD-global": dict(importance="obd", allocation="global", stages=1),
+    "OBD-global 2 rounds": dict(importance="obd", allocation="global", stages=2),
 }
 
 
@@ -90,8 +93,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS) + ["ModelPruning-L1"])
     parser.add_argument("--train-epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-keeps", type=float, nargs="*", default=None, help="default: all --keeps")
+    parser.add_argument("--finetune-methods", nargs="*", default=None, help="default: all --methods")
     parser.add_argument("--calib-batches", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "prune_quality.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,38 +115,43 @@ def main() -> None:
     rows = []
     for keep in args.keeps:
         for method in args.methods:
+            tune = args.finetune_epochs if ((args.finetune_keeps is None or keep in args.finetune_keeps) and
+                                            (args.finetune_methods is None or method in args.finetune_methods)) else 0
             model = copy.deepcopy(dense)
             if method == "ModelPruning-L1":
                 pruning = ModelPruning("l1_unstructured", amount=1.0 - keep, use_global_unstructured=True,
                                        parameters_to_prune=[(model.get_submodule(n), "weight")
                                                             for n, m in model.named_modules()
                                                             if n.endswith((".qkv", ".proj", ".fc1", ".fc2"))])
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 pruning.apply_pruning(1.0 - keep)
                 seconds, speedup = time.perf_counter() - started, float("nan")
+                cpu_seconds = time.process_time() - cpu_started
                 before = accuracy(model, datamodule)
-                if args.finetune_epochs:
-                    finetune(model, dense, datamodule, args.finetune_epochs, callbacks=[])
-                after = accuracy(model, datamodule) if args.finetune_epochs else float("nan")
+                if tune:
+                    finetune(model, dense, datamodule, tune, callbacks=[])
+                after = accuracy(model, datamodule) if tune else float("nan")
                 achieved = keep
             else:
+                cpu_started = time.process_time()
                 result = prune_model(model, calib, block_size=(16, 16), flops_keep=keep, include=PATTERNS,
                                      **METHODS[method])
+                cpu_seconds = time.process_time() - cpu_started
                 seconds, speedup, achieved = result.prune_seconds, result.predicted_speedup, result.flops_keep
                 apply_masks(model, result)
                 before = accuracy(model, datamodule)
-                if args.finetune_epochs:
-                    finetune(model, dense, datamodule, args.finetune_epochs,
+                if tune:
+                    finetune(model, dense, datamodule, tune,
                              callbacks=[BlockPruneCallback(result=result, evaluate=False,
                                                            result_path=str(ROOT / ".cache" / "ft_result"))])
-                after = accuracy(model, datamodule) if args.finetune_epochs else float("nan")
-            rows.append((keep, method, achieved, before, after, speedup, seconds))
+                after = accuracy(model, datamodule) if tune else float("nan")
+            rows.append((keep, method, achieved, before, after, speedup, seconds, cpu_seconds))
             print(f"keep {keep:.2f} {method:18s} achieved {achieved:.4f} before {before:6.2f} after {after:6.2f} "
-                  f"speedup {speedup:.2f} prune {seconds:.1f} s", flush=True)
+                  f"speedup {speedup:.2f} prune {seconds:.1f} s wall {cpu_seconds:.1f} s cpu", flush=True)
 
     correlation = None
     if "taylor2+hardware" in args.methods:
-        result = prune_model(dense, calib, block_size=(16, 16), flops_keep=0.5, include=PATTERNS)
+        result = prune_model(dense, calib, block_size=(16, 16), flops_keep=0.5, include=PATTERNS, stages=1)
         correlation = curve_check(dense, calib[:8], result)
 
     lines = [
@@ -154,17 +164,22 @@ def main() -> None:
         f"{args.calib_batches} calibration batches of 64 training images (task loss). Fine-tune: "
         f"{args.finetune_epochs} epochs AdamW lr 5e-4 cosine, soft distillation from the dense model, masks fixed.",
         "",
-        "| FLOPs kept (target) | method | achieved | acc before FT | acc after FT | predicted speedup | prune s |",
-        "|---|---|---|---|---|---|---|",
+        "| FLOPs kept (target) | method | achieved | acc before FT | acc after FT | predicted speedup | prune s (wall) "
+        "| prune s (CPU) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for keep, method, achieved, before, after, speedup, seconds in rows:
-        lines.append(f"| {keep:.2f} | {method} | {achieved:.4f} | {before:.2f} | {after:.2f} | {speedup:.2f} | "
-                     f"{seconds:.1f} |")
+    for keep, method, achieved, before, after, speedup, seconds, cpu_seconds in rows:
+        after_text = "-" if after != after else f"{after:.2f}"  # NaN: not fine-tuned
+        speed_text = "-" if speedup != speedup else f"{speedup:.2f}"
+        lines.append(f"| {keep:.2f} | {method} | {achieved:.4f} | {before:.2f} | {after_text} | {speed_text} | "
+                     f"{seconds:.1f} | {cpu_seconds:.1f} |")
     if correlation is not None:
         lines += ["", f"taylor2 predicted distortion vs real loss increase of the pruned layer (calibration data, "
                       f"6 points per layer, 16 layers): Spearman pooled {correlation[0]:.3f}, mean within-layer "
                       f"{correlation[1]:.3f}."]
-    lines += ["", "Predicted speedup: dense vs block-sparse latency of the pruned layers under the analytic CPU "
+    lines += ["", f"Load average while this ran: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine); "
+                  "wall times are inflated by that, CPU times are the process's own.",
+              "", "Predicted speedup: dense vs block-sparse latency of the pruned layers under the analytic CPU "
                   "cost model (lpl.prune.hardware.default_profile('cpu')), not a measurement. ModelPruning gives no "
                   "speedup (unstructured)."]
     args.out.parent.mkdir(parents=True, exist_ok=True)

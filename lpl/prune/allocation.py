@@ -94,14 +94,16 @@ def allocate_uniform(density: list[torch.Tensor], flops: list[torch.Tensor], all
 def allocate_global(
     scores: list[torch.Tensor], orders: list[torch.Tensor], block_flops: list[torch.Tensor],
     density: list[torch.Tensor], min_density: float, max_density: float, budget: float,
+    allowed: list[torch.Tensor] | None = None,
 ) -> list[int]:
     """Remove blocks in one global ascending order of score per FLOP until kept FLOPs reach the budget.
 
     ``orders`` are the per-layer removal orders (ascending score), ``block_flops`` each block's FLOPs; the result
     is the number of blocks removed per layer (layers never go below ``min_density``, and start at most at
-    ``max_density``).
+    ``max_density``; ``allowed`` narrows the points further, e.g. to keep earlier removals).
     """
-    allowed = [allowed_points(d, min_density, max_density) for d in density]
+    if allowed is None:
+        allowed = [allowed_points(d, min_density, max_density) for d in density]
     flops = [torch.cat([f.sum().reshape(1), f.sum() - torch.cumsum(f[o], 0)]) for f, o in zip(block_flops, orders)]
     check_feasible(flops, allowed, budget)
     removed = [int(torch.nonzero(a).flatten()[0]) for a in allowed]  # first point within max_density

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points
-from lpl.prune.blocks import block_elements, block_grid, check_block_size
+from lpl.prune.blocks import block_elements, block_grid, check_block_size, expand_block_mask
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
@@ -75,12 +76,15 @@ def prune_model(
     cost_model: HardwareProfile | None = None,
     loss: str | LossFn = "auto",
     calib_batches: int | None = None,
+    stages: int = 2,
 ) -> PruneResult:
     """Choose block masks for the Linear layers of ``model`` keeping ``flops_keep`` of their FLOPs.
 
     Post-training: one calibration pass (``loss``: the task loss when the model defines one, else the label-free
-    logit energy), then per-layer distortion curves (``importance``), then the allocation to the budget. The
-    model's weights are not changed; apply the result with ``apply_masks``.
+    logit energy), then per-layer distortion curves (``importance``), then the allocation to the budget.
+    ``stages`` > 1 repeats this on budgets flops_keep^(1/stages), flops_keep^(2/stages), ..., each round
+    recalibrated with the blocks of the previous rounds zeroed (their removal is final). The model's weights are
+    not changed; apply the result with ``apply_masks``.
 
     Example::
 
@@ -100,45 +104,90 @@ def prune_model(
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
 
-    stats = collect_statistics(model, layers, calib_dataloader, block_size, loss_fn,
-                               with_gram=importance == "taylor2", max_batches=calib_batches)
-    curves: dict[str, LayerCurve] = {}
-    scores: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        stat = stats[name]
-        if importance == "taylor2":
-            order, distortion = taylor2_curve(stat.first, stat.gram)
-            scores[name] = 0.5 * stat.gram.diagonal() - stat.first
-        else:
-            scores[name] = block_scores(stat, layer.weight, importance)
-            order, distortion = additive_curve(scores[name])
-        curves[name] = build_curve(order, distortion, stat.shape, block_size, stat.tokens_per_sample, profile,
-                                   max(1, round(stat.tokens_per_batch)), layer.weight.dtype)
-
+    if stages < 1:
+        raise LplError(f"stages must be >= 1, got {stages}.")
+    batches = calib_dataloader if stages == 1 else list(_take(calib_dataloader, calib_batches))
     names = list(layers)
-    flops = [curves[n].flops for n in names]
-    density = [curves[n].density for n in names]
-    allowed = [allowed_points(d, min_density, max_density) for d in density]
-    total = sum(float(f[0]) for f in flops)
-    budget = float(flops_keep) * total
-    if allocation == "uniform":
-        removed = allocate_uniform(density, flops, allowed, budget)
-    elif allocation == "global":
-        block_flops = [2.0 * stats[n].tokens_per_sample * block_elements(stats[n].shape, block_size).flatten().double()
-                       for n in names]
-        removed = allocate_global([scores[n] for n in names], [curves[n].order for n in names], block_flops,
-                                  density, min_density, max_density, budget)
-    else:
-        removed = allocate_dp(hardware_objectives([curves[n] for n in names], float(flops_keep), lambda_power),
-                              flops, allowed, budget)
-
-    masks = {n: curves[n].mask(r, block_grid(stats[n].shape, block_size)) for n, r in zip(names, removed)}
-    masks = broadcast_masks(masks)
+    masks: dict[str, torch.Tensor] = {}
+    # Rounds on a geometric schedule of budgets, each recalibrated on the model pruned so far: the curvature is
+    # measured where the model actually is, which the one-shot quadratic model cannot see at high sparsity.
+    for round_number in range(1, stages + 1):
+        round_keep = float(flops_keep) ** (round_number / stages)
+        with _pruned_weights(layers, masks, block_size):
+            stats = collect_statistics(model, layers, batches, block_size, loss_fn,
+                                       with_gram=importance == "taylor2", max_batches=calib_batches)
+        curves, scores = _curves(layers, stats, masks, importance, block_size, profile)
+        flops = [curves[n].flops for n in names]
+        density = [curves[n].density for n in names]
+        allowed = [allowed_points(d, min_density, max_density) for d in density]
+        for n, ok in zip(names, allowed):  # earlier rounds' removals are final
+            ok[: int((~masks[n]).sum()) if n in masks else 0] = False
+        total = sum(float(f[0]) for f in flops)
+        if round_number < stages:  # intermediate budgets stay inside what the density limits can reach
+            reachable = sum(float(f[ok].max()) for f, ok in zip(flops, allowed) if ok.any()) / total
+            round_keep = min(round_keep, reachable)
+        budget = round_keep * total
+        if allocation == "uniform":
+            removed = allocate_uniform(density, flops, allowed, budget)
+        elif allocation == "global":
+            block_flops = [2.0 * stats[n].tokens_per_sample
+                           * block_elements(stats[n].shape, block_size).flatten().double() for n in names]
+            removed = allocate_global([scores[n] for n in names], [curves[n].order for n in names], block_flops,
+                                      density, min_density, max_density, budget, allowed=allowed)
+        else:
+            removed = allocate_dp(hardware_objectives([curves[n] for n in names], round_keep, lambda_power),
+                                  flops, allowed, budget)
+        masks = broadcast_masks({n: curves[n].mask(r, block_grid(stats[n].shape, block_size))
+                                 for n, r in zip(names, removed)})
     return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,
                      options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
                                   min_density=min_density, max_density=max_density, profile=profile.name,
+                                  stages=stages,
                                   loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
                      started=started)
+
+
+def _take(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
+    for number, batch in enumerate(batches):
+        if limit is not None and number >= limit:
+            return
+        yield batch
+
+
+@contextlib.contextmanager
+def _pruned_weights(layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor], block_size: tuple[int, int]):
+    """Zero the masked blocks for the duration of the block; the original weights come back after."""
+    saved = {n: layers[n].weight.detach().clone() for n in masks}
+    try:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                weight = layers[name].weight
+                weight.mul_(expand_block_mask(mask, tuple(weight.shape), block_size).to(weight.device, weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
+
+
+def _curves(
+    layers: dict[str, nn.Linear], stats: dict, masks: dict[str, torch.Tensor], importance: str,
+    block_size: tuple[int, int], profile: HardwareProfile,
+) -> tuple[dict[str, LayerCurve], dict[str, torch.Tensor]]:
+    """Distortion curve and block scores of every layer; blocks pruned in earlier rounds come first."""
+    curves, scores = {}, {}
+    for name, layer in layers.items():
+        stat = stats[name]
+        forced = ~masks[name].flatten() if name in masks else None
+        if importance == "taylor2":
+            order, distortion = taylor2_curve(stat.first, stat.gram, forced)
+            scores[name] = 0.5 * stat.gram.diagonal() - stat.first
+        else:
+            scores[name] = block_scores(stat, layer.weight, importance)
+            order, distortion = additive_curve(scores[name], forced)
+        curves[name] = build_curve(order, distortion, stat.shape, block_size, stat.tokens_per_sample, profile,
+                                   max(1, round(stat.tokens_per_batch)), layer.weight.dtype)
+    return curves, scores
 
 
 def hardware_objectives(curves: list[LayerCurve], flops_keep: float, lambda_power: float) -> list[torch.Tensor]:

@@ -36,33 +36,42 @@ class LayerCurve:
         return keep.reshape(grid)
 
 
-def taylor2_curve(first: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def taylor2_curve(
+    first: torch.Tensor, gram: torch.Tensor, forced: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy order and exact second-order distortion of removing blocks one at a time.
 
     With S the removed set, delta(S) = -sum_{k in S} first_k + 1/2 sum_{k, l in S} gram_kl. Adding block k raises
     it by -first_k + (gram 1_S)_k + 1/2 gram_kk: the incremental update keeps gram 1_S (O(K) per step), picks the
-    block with the smallest increase, and accumulates the exact delta (cross terms included).
+    block with the smallest increase, and accumulates the exact delta (cross terms included). Blocks in ``forced``
+    (already pruned in an earlier round) are removed first.
     """
     first, gram = first.double(), gram.double()
     size = first.numel()
     cross = torch.zeros(size, dtype=torch.float64)
     removed = torch.zeros(size, dtype=torch.bool)
+    pending_forced = forced.flatten().clone() if forced is not None else torch.zeros(size, dtype=torch.bool)
     own = 0.5 * gram.diagonal() - first
     order = torch.empty(size, dtype=torch.long)
     distortion = torch.zeros(size + 1, dtype=torch.float64)
     for step in range(size):
-        increase = (own + cross).masked_fill(removed, float("inf"))
+        blocked = removed | ~pending_forced if pending_forced.any() else removed
+        increase = (own + cross).masked_fill(blocked, float("inf"))
         block = int(torch.argmin(increase))
         order[step] = block
         distortion[step + 1] = distortion[step] + increase[block]
         removed[block] = True
+        pending_forced[block] = False
         cross += gram[:, block]
     return order, distortion
 
 
-def additive_curve(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order by ascending score; the distortion of removing a set is the sum of its scores."""
-    order = torch.argsort(scores.double(), stable=True)
+def additive_curve(scores: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order by ascending score (``forced`` blocks first); the distortion of a set is the sum of its scores."""
+    key = scores.double().clone()
+    if forced is not None:
+        key[forced.flatten()] = -float("inf")
+    order = torch.argsort(key, stable=True)
     distortion = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(scores.double()[order], 0)])
     return order, distortion
 
@@ -96,6 +105,7 @@ def build_curve(
     costs = np.array(
         [profile.predict_counts(int(b), int(r), tokens_per_call, block_size, dtype) for b, r in zip(kept_blocks, rows_launched)]
     )
+    costs[0] = profile.predict_dense(shape[0], shape[1], tokens_per_call, dtype)  # an unpruned layer stays dense
     return LayerCurve(
         order=order,
         distortion=distortion,
