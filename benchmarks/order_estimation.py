@@ -47,7 +47,7 @@ from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, retrain  # 
 from lpl.order.curriculum import search  # noqa: E402
 from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
-from lpl.order.replay import METHODS, ReplayData  # noqa: E402
+from lpl.order.replay import CURVATURE_METHODS, METHODS, ReplayData  # noqa: E402
 from lpl.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -253,7 +253,7 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
         for method in METHODS:
             for cv in (True, False):
                 has_cv = datas[k].val_dot_update is not None
-                if not cv and not has_cv:
+                if (not cv and not has_cv) or (method in CURVATURE_METHODS and datas[k].curv_basis is None):
                     continue
                 estimator = OrderEstimator(datas[k], method=method, control_variates=cv)
                 estimate = estimator.estimate_many(orders).final_loss.numpy()
