@@ -41,6 +41,7 @@ PATTERNS = ["*.qkv", "*.proj", "*.fc1", "*.fc2"]
 METHODS = {
     "taylor2+hardware": dict(importance="taylor2", allocation="hardware", stages=2),
     "taylor2+hardware 1 round": dict(importance="taylor2", allocation="hardware", stages=1),
+    "taylor2+hardware no first-order": dict(importance="taylor2", allocation="hardware", stages=2, first_order=False),
     "taylor1+uniform": dict(importance="taylor1", allocation="uniform", stages=1),
     "magnitude+uniform": dict(importance="magnitude", allocation="uniform", stages=1),
     "magnitude-global": dict(importance="magnitude", allocation="global", stages=1),

@@ -77,13 +77,16 @@ def prune_model(
     loss: str | LossFn = "auto",
     calib_batches: int | None = None,
     stages: int = 2,
+    first_order: bool = True,
 ) -> PruneResult:
     """Choose block masks for the Linear layers of ``model`` keeping ``flops_keep`` of their FLOPs.
 
     Post-training: one calibration pass (``loss``: the task loss when the model defines one, else the label-free
     logit energy), then per-layer distortion curves (``importance``), then the allocation to the budget.
     ``stages`` > 1 repeats this on budgets flops_keep^(1/stages), flops_keep^(2/stages), ..., each round
-    recalibrated with the blocks of the previous rounds zeroed (their removal is final). The model's weights are
+    recalibrated with the blocks of the previous rounds zeroed (their removal is final). ``first_order=False``
+    drops the gradient term of taylor2 (OBD's assumption of a minimum): measured better at mild pruning, worse at
+    heavy pruning (benchmarks/results/prune_quality.md). The model's weights are
     not changed; apply the result with ``apply_masks``.
 
     Example::
@@ -116,6 +119,9 @@ def prune_model(
         with _pruned_weights(layers, masks, block_size):
             stats = collect_statistics(model, layers, batches, block_size, loss_fn,
                                        with_gram=importance == "taylor2", max_batches=calib_batches)
+        if not first_order:
+            for stat in stats.values():
+                stat.first = torch.zeros_like(stat.first)
         curves, scores = _curves(layers, stats, masks, importance, block_size, profile)
         flops = [curves[n].flops for n in names]
         density = [curves[n].density for n in names]
@@ -142,7 +148,7 @@ def prune_model(
     return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,
                      options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
                                   min_density=min_density, max_density=max_density, profile=profile.name,
-                                  stages=stages,
+                                  stages=stages, first_order=first_order,
                                   loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
                      started=started)
 

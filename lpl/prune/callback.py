@@ -42,6 +42,7 @@ class BlockPruneCallback(Callback):
             as in ``prune_model``.
         cost_model: a HardwareProfile, the path of a saved one (JSON), or None for the analytic default.
         calib_batches: number of training batches used for calibration.
+        stages, first_order: as in ``prune_model`` (calibration rounds; taylor2's gradient term).
         distill: fine-tune against the dense model's logits (soft distillation).
         prune_after_steps: prune after this many optimizer steps (0: at fit start, on the loaded weights).
         evaluate: report validation loss/accuracy of the dense and the pruned model (needs a datamodule).
@@ -62,6 +63,8 @@ class BlockPruneCallback(Callback):
         exclude: Sequence[str] | None = None,
         cost_model: HardwareProfile | str | None = None,
         calib_batches: int = 32,
+        stages: int = 2,
+        first_order: bool = True,
         distill: bool = False,
         prune_after_steps: int = 0,
         evaluate: bool = True,
@@ -72,13 +75,16 @@ class BlockPruneCallback(Callback):
         check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density)
         if calib_batches <= 0:
             raise LplError(f"calib_batches must be positive, got {calib_batches}.")
+        if stages < 1:
+            raise LplError(f"stages must be >= 1, got {stages}.")
         if prune_after_steps < 0:
             raise LplError(f"prune_after_steps must be >= 0, got {prune_after_steps}.")
         self.options = dict(
             block_size=tuple(block_size), flops_keep=flops_keep, importance=importance, allocation=allocation,
             lambda_power=lambda_power, min_density=min_density, max_density=max_density,
             include=list(include) if include is not None else None,
-            exclude=list(exclude) if exclude is not None else None,
+            exclude=list(exclude) if exclude is not None else None, stages=stages,
+            first_order=first_order,
         )
         self.cost_model = HardwareProfile.load(cost_model) if isinstance(cost_model, (str, Path)) else cost_model
         self.calib_batches = calib_batches

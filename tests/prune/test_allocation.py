@@ -62,3 +62,15 @@ def test_more_pruning_predicts_more_speed_and_less_energy(tiny_vit, batches):
 def test_allowed_points_follow_density():
     density = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
     assert allowed_points(density, 0.25, 0.75).tolist() == [False, True, True, True, False]
+
+
+def test_rounds_keep_earlier_removals_and_meet_the_budget(tiny_vit, batches):
+    one = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3, stages=1)
+    two = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3, stages=2)
+    assert abs(two.flops_keep - 0.3) <= 0.01 and abs(one.flops_keep - 0.3) <= 0.01
+    assert two.options["stages"] == 2
+    plain = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3, first_order=False)
+    assert abs(plain.flops_keep - 0.3) <= 0.01 and plain.options["first_order"] is False
+    weights = {n: tiny_vit.get_submodule(n).weight.detach().clone() for n in two.block_masks}
+    prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3, stages=3)
+    assert all(torch.equal(tiny_vit.get_submodule(n).weight, w) for n, w in weights.items())  # weights untouched

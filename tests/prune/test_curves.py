@@ -137,3 +137,14 @@ def test_measured_layer_distortion_agrees_with_prediction():
     assert (output_change > 0).all()
     assert torch.equal(model.layer.weight, weight_before)
     assert rank_correlation(distortion[[1, 3, 5, 7]].float(), loss_up) == pytest.approx(1.0)
+
+
+def test_forced_blocks_come_first_and_cost_nothing_once_zero():
+    generator = torch.Generator().manual_seed(5)
+    c = torch.randn(30, 6, generator=generator, dtype=torch.float64)
+    c[:, [1, 4]] = 0.0  # blocks already zeroed contribute nothing
+    forced = torch.zeros(6, dtype=torch.bool)
+    forced[[1, 4]] = True
+    order, distortion = taylor2_curve(c.mean(0), c.T @ c / 30, forced)
+    assert set(order[:2].tolist()) == {1, 4}
+    assert distortion[2] == 0.0
