@@ -12,10 +12,24 @@ from lpl.utils.errors import LplError
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning treats as stateful, so its batch sampler's position survives a checkpoint."""
+    """A DataLoader that Lightning treats as stateful, so its batch sampler's position survives a checkpoint.
+
+    Workers and Lightning's prefetching fetcher draw batches ahead of training, so the sampler's own count runs
+    ahead of the steps taken; with ``trainer`` set (the DataModules do), the saved position is the number of batches
+    Lightning actually trained in this epoch, so a resume neither skips nor repeats a batch.
+    """
+
+    trainer: Any = None
 
     def state_dict(self) -> dict[str, Any]:
-        return self.batch_sampler.state_dict()
+        state = self.batch_sampler.state_dict()
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return state
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trained >= trainer.num_training_batches:
+            return {**state, "epoch": trainer.current_epoch + 1, "consumed": 0}
+        return {**state, "epoch": trainer.current_epoch, "consumed": trained}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_sampler.load_state_dict(state)
@@ -80,7 +94,9 @@ class IndexedDataModule(L.LightningDataModule):
         return OrderedBatchSampler(batches, self.order)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler(), **self.loader_kwargs())
+        loader = ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler(), **self.loader_kwargs())
+        loader.trainer = self.trainer
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

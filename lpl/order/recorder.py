@@ -312,23 +312,6 @@ class TrainOrderRecorder(L.Callback):
         # the checkpoint must never be ahead of the recording, or a resume would leave a gap
         if self._writer is not None and _rank_and_world()[0] == 0:
             self._writer.flush()
-        self._pin_loader_position(trainer, checkpoint)
-
-    @staticmethod
-    def _pin_loader_position(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
-        """Store the batch position Lightning trained up to, not how far the loader's prefetching pulled the sampler.
-
-        DataLoader workers (and Lightning's fetcher) draw batches ahead of training, so the sampler's own count can
-        run ahead of the steps taken; resuming from it would skip batches.
-        """
-        states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-        if not states or not isinstance(states[0], dict) or "consumed" not in states[0]:
-            return
-        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if trained >= trainer.num_training_batches:
-            states[0].update(epoch=trainer.current_epoch + 1, consumed=0)
-        else:
-            states[0].update(epoch=trainer.current_epoch, consumed=trained)
 
     # ---- probing
     def _check_batch(self, batch: Any, step: int) -> None:
