@@ -58,12 +58,13 @@ def test_lm_text_fits(capsys) -> None:
 def test_deit_configs_fit_on_an_imagenet_folder(tmp_path, config, model_name) -> None:
     root = _fake_imagenet(tmp_path / "imagenet")
     weights = tmp_path / "deit.safetensors"
-    model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    model = timm.create_model(model_name, pretrained=False, num_classes=2, img_size=64)  # 16 tokens: fast on CPU
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     _fit(
         config, f"--data.init_args.root={root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
         "--data.init_args.eval_batch_size=2", f"--model.init_args.pretrained_path={weights}",
-        "--model.init_args.num_classes=2", "--trainer.precision=32-true", "--trainer.devices=1",
+        "--model.init_args.num_classes=2", "--model.init_args.img_size=64", "--data.init_args.img_size=64",
+        "--trainer.precision=32-true", "--trainer.devices=1",
     )
 
 
