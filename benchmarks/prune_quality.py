@@ -39,9 +39,10 @@ VIT = dict(model_name="vit_tiny_patch16_224", img_size=28, patch_size=7, in_chan
            embed_dim=128, depth=4, num_heads=4)
 PATTERNS = ["*.qkv", "*.proj", "*.fc1", "*.fc2"]
 METHODS = {
-    "taylor2+hardware": dict(importance="taylor2", allocation="hardware", stages=2),
-    "taylor2+hardware 1 round": dict(importance="taylor2", allocation="hardware", stages=1),
-    "taylor2+hardware no first-order": dict(importance="taylor2", allocation="hardware", stages=2, first_order=False),
+    "taylor2+hardware": dict(importance="taylor2", allocation="hardware", stages=2, first_order=False),
+    "taylor2+hardware first-order": dict(importance="taylor2", allocation="hardware", stages=2, first_order=True),
+    "taylor2+hardware 1 round first-order": dict(importance="taylor2", allocation="hardware", stages=1,
+                                                 first_order=True),
     "taylor1+uniform": dict(importance="taylor1", allocation="uniform", stages=1),
     "magnitude+uniform": dict(importance="magnitude", allocation="uniform", stages=1),
     "magnitude-global": dict(importance="magnitude", allocation="global", stages=1),
@@ -152,7 +153,8 @@ def main() -> None:
 
     correlation = None
     if "taylor2+hardware" in args.methods:
-        result = prune_model(dense, calib, block_size=(16, 16), flops_keep=0.5, include=PATTERNS, stages=1)
+        result = prune_model(dense, calib, block_size=(16, 16), flops_keep=0.5, include=PATTERNS, stages=1,
+                             first_order=True)
         correlation = curve_check(dense, calib[:8], result)
 
     lines = [

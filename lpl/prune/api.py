@@ -77,16 +77,17 @@ def prune_model(
     loss: str | LossFn = "auto",
     calib_batches: int | None = None,
     stages: int = 2,
-    first_order: bool = True,
+    first_order: bool = False,
 ) -> PruneResult:
     """Choose block masks for the Linear layers of ``model`` keeping ``flops_keep`` of their FLOPs.
 
     Post-training: one calibration pass (``loss``: the task loss when the model defines one, else the label-free
     logit energy), then per-layer distortion curves (``importance``), then the allocation to the budget.
     ``stages`` > 1 repeats this on budgets flops_keep^(1/stages), flops_keep^(2/stages), ..., each round
-    recalibrated with the blocks of the previous rounds zeroed (their removal is final). ``first_order=False``
-    drops the gradient term of taylor2 (OBD's assumption of a minimum): measured better at mild pruning, worse at
-    heavy pruning (benchmarks/results/prune_quality.md). The model's weights are
+    recalibrated with the blocks of the previous rounds zeroed (their removal is final). ``first_order=True``
+    adds taylor2's gradient term -g.W; on the demo ViT it made the allocation much worse at 70-50% kept and was not
+    better at 35-25% (benchmarks/results/prune_quality*.md), so the default drops it (OBD's assumption that the
+    trained model sits at a minimum) and keeps the full per-sample Fisher with its cross terms. The model's weights are
     not changed; apply the result with ``apply_masks``.
 
     Example::

@@ -64,7 +64,7 @@ class BlockPruneCallback(Callback):
         cost_model: HardwareProfile | str | None = None,
         calib_batches: int = 32,
         stages: int = 2,
-        first_order: bool = True,
+        first_order: bool = False,
         distill: bool = False,
         prune_after_steps: int = 0,
         evaluate: bool = True,
