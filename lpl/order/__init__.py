@@ -22,8 +22,8 @@ _EXPORTS = {
     # estimation (estimator engineer: add your names below, one line each)
     "OrderEstimator": "lpl.order.estimator",
     "OrderEstimate": "lpl.order.estimator",
-    "retrain": "lpl.order.retrain",
-    "RetrainResult": "lpl.order.retrain",
+    "retrain": "lpl.order.retraining",
+    "RetrainResult": "lpl.order.retraining",
     "position_map": "lpl.order.position",
 }
 

@@ -143,7 +143,7 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
         "evaluations": result.evaluations,
     }
     if args.verify:
-        from lpl.order.retrain import retrain
+        from lpl.order.retraining import retrain
 
         summary["retrained_loss"] = retrain(args.recording, result.order, curve_every_n_steps=len(result.order)).final_loss
     out = Path(args.out)

@@ -123,7 +123,8 @@ class TrainOrderRecorder(L.Callback):
         store_dtype: "float16", "bfloat16" or "float32" for projected vectors (scalars stay float32).
         resume: continue an existing recording of the same run (checked: model, seed, proj_dim, pool).
         projection_kind: "rademacher" or "gaussian".
-        curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each).
+        curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each),
+            which the estimator's first/second-order methods need (default 2); 0 records only first-order terms.
     """
 
     def __init__(
@@ -135,7 +136,7 @@ class TrainOrderRecorder(L.Callback):
         store_dtype: str = "float16",
         resume: bool = False,
         projection_kind: str = "rademacher",
-        curvature_rank: int = 0,
+        curvature_rank: int = 2,
     ) -> None:
         if proj_dim <= 0:
             raise LplError(f"proj_dim must be positive, got {proj_dim}.")

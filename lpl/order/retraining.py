@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,13 +168,3 @@ def retrain(
         pool = [collate([datamodule.train_set[i] for i in batch]) for batch in recording.batches]
         ends = torch.tensor([validation_loss(model, [batch]) for batch in pool])
     return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds, batch_losses=ends)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds ``lpl.order.retrain`` to the module; calling it must still retrain."""
-
-    def __call__(self, path: str | Path, order: Sequence[int], **kwargs: Any) -> RetrainResult:
-        return retrain(path, order, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
