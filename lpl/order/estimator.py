@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lpl.order.replay import CURVATURE_METHODS, METHODS, ReplayData, ReplayResult, check_orders, replay
+from lpl.order.replay import ReplayData, ReplayResult, check_method, replay
 from lpl.utils.errors import LplError
 
 # per-batch names the replay reads from every probe, and the optional ones
@@ -108,13 +108,7 @@ class OrderEstimator(L.LightningModule):
 
     def __init__(self, data: ReplayData, method: str = "first_order", control_variates: bool = True) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise LplError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-        if method in CURVATURE_METHODS and data.curv_basis is None:
-            raise LplError(
-                f"method {method!r} needs per-batch curvature factors, which this recording lacks; record with "
-                "TrainOrderRecorder(curvature_rank=2) (or more), or use method 'adam' or 'zeroth_order'."
-            )
+        check_method(data, method)
         self.method = method
         self.control_variates = control_variates
         self._scalars = {"betas": data.betas, "weight_decay": data.weight_decay, "decoupled": data.decoupled}

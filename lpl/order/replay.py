@@ -128,13 +128,8 @@ def check_orders(orders: Tensor, num_batches: int, num_steps: int) -> Tensor:
     return orders
 
 
-def replay(
-    data: ReplayData, orders: Tensor, method: str = "first_order", control_variates: bool = True
-) -> ReplayResult:
-    """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L].
-
-    ``control_variates`` uses the exact validation-dot scalars when the recording has them.
-    """
+def check_method(data: ReplayData, method: str) -> None:
+    """Fail clearly on an unknown method or one the recording lacks data for (and say which option records it)."""
     if method not in METHODS:
         raise LplError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if method in CURVATURE_METHODS and data.curv_basis is None:
@@ -142,6 +137,16 @@ def replay(
             f"method {method!r} needs per-batch curvature factors, which this recording lacks; record with "
             "TrainOrderRecorder(curvature_rank=2) (or more), or use method 'adam' or 'zeroth_order'."
         )
+
+
+def replay(
+    data: ReplayData, orders: Tensor, method: str = "first_order", control_variates: bool = True
+) -> ReplayResult:
+    """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L].
+
+    ``control_variates`` uses the exact validation-dot scalars when the recording has them.
+    """
+    check_method(data, method)
     orders = check_orders(orders, data.num_batches, data.num_steps)
     n, length = orders.shape
     device = data.update.device
