@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from lpl.prune.importance import IMPORTANCES
+
 from lpl.utils.errors import LplError
 
 
@@ -22,12 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="prune_result", help="folder for the PruneResult")
     parser.add_argument("--flops_keep", type=float, default=0.5)
     parser.add_argument("--block_size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"))
-    parser.add_argument("--importance", default="taylor2", choices=("taylor2", "taylor1", "magnitude"))
+    parser.add_argument("--importance", default="taylor2", choices=IMPORTANCES)
     parser.add_argument("--allocation", default="hardware", choices=("hardware", "uniform", "global"))
     parser.add_argument("--lambda_power", type=float, default=1.0)
     parser.add_argument("--min_density", type=float, default=0.05)
     parser.add_argument("--max_density", type=float, default=1.0)
     parser.add_argument("--calib_batches", type=int, default=32)
+    parser.add_argument("--stages", type=int, default=2, help="calibration rounds on shrinking budgets")
+    parser.add_argument("--first_order", action="store_true", help="add taylor2's gradient term")
+    parser.add_argument("--loss", default="auto", choices=("auto", "task", "logit_energy"),
+                        help="calibration loss; auto: the module's task loss when it defines one, else the logit energy")
     parser.add_argument("--include", nargs="*", default=None, help="glob patterns on Linear module names")
     parser.add_argument("--exclude", nargs="*", default=None)
     return parser
@@ -54,7 +60,8 @@ def prune_main(argv: list[str]) -> int:
         model, datamodule.train_dataloader(), block_size=tuple(args.block_size), flops_keep=args.flops_keep,
         importance=args.importance, allocation=args.allocation, lambda_power=args.lambda_power,
         min_density=args.min_density, max_density=args.max_density, include=args.include,
-        exclude=args.exclude, calib_batches=args.calib_batches,
+        exclude=args.exclude, calib_batches=args.calib_batches, stages=args.stages, first_order=args.first_order,
+        loss=args.loss,
     )
     result.save(args.out)
     print(
