@@ -49,6 +49,10 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
+        # Lightning stops drawing after the epoch's last batch, so the generator below may never finish: a new
+        # epoch must start from its first batch (a restored mid-epoch position keeps its own epoch number).
+        if epoch != self.epoch:
+            self._consumed = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
