@@ -61,6 +61,9 @@ class _ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = _rank_and_world()
         batches = self.global_batches(self.epoch)
+        if self._consumed >= len(batches):  # the last pass stopped after its final batch without exhausting us
+            self.epoch, self._consumed = self.epoch + 1, 0
+            batches = self.global_batches(self.epoch)
         start, self._consumed = self._consumed, 0
         for position in range(start, len(batches)):
             self._consumed = position + 1
