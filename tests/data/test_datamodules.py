@@ -100,3 +100,14 @@ def test_imagefolder_reads_imagenet_layout(tmp_path) -> None:
     assert batch["image"].shape == (4, 3, 32, 32)
     val = next(iter(dm.val_dataloader()))
     assert val["label"].tolist() == [0] * 4 + [1] * 4
+
+
+def test_epochs_stay_full_when_the_loader_stops_at_the_last_batch() -> None:
+    # Lightning draws exactly len(sampler) batches per epoch and never exhausts the iterator.
+    sampler = SeededBatchSampler(num_samples=20, batch_size=4, seed=0)
+    epochs = []
+    for _ in range(3):
+        iterator = iter(sampler)
+        epochs.append([next(iterator) for _ in range(len(sampler))])
+    assert all(len(epoch) == 5 for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]  # each epoch reshuffled, none empty or repeated
