@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a session that has an NVIDIA GPU (prepared without one; GPU figures are not measured until
-# this runs). Stages, each under its own time limit, in priority order:
+# One-shot GPU check for a session that has an NVIDIA GPU. Stages, in priority order, each under its own time limit
+# and all under one deadline (GPU_CHECK_SECONDS, default 560 s from the start), so that the run ends inside a
+# 10-minute lease with whatever it measured:
 #   1. sanity: one compiled forward/backward against the dense reference (fails fast on a broken stack)
-#   2. kernel tests compiled on the GPU (tests/kernels without the interpreter; the CPU-path tests are skipped)
-#   3. benchmarks/kernels.py --preset gpu-check   (DeiT-B qkv/proj/fc1/fc2, 64x197 tokens, bf16, blocks 32/64)
+#   2. benchmarks/kernels.py --preset gpu-check   (DeiT-B qkv/proj/fc1/fc2, 64x197 tokens, bf16, blocks 32/64)
+#   3. benchmarks/prune_time.py                   (prune_model wall time, DeiT-S 16x16 and DeiT-B 32x32)
 #   4. benchmarks/vit_e2e.py                      (DeiT-S/B dense vs pruned+exported, images/s, NVML J/image)
-#   5. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
-# Results land in benchmarks/results/ (file names carry the device) and, when $OUT is set (device tool), are copied
-# there too. Whole run: about 8 minutes on an H100 (mostly Triton autotuning); run with a 10-minute limit.
+#   5. kernel tests compiled on the GPU (tests/kernels without the interpreter; the CPU-path tests are skipped)
+#   6. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
+# Results land in benchmarks/results/ (file names carry the device); when $OUT is set (device tool) they are also
+# packed into $OUT/gpu_results.tar beside the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ! command -v python >/dev/null; then  # images that only have python3
+  mkdir -p /tmp/lpl-shim && ln -sf "$(command -v python3)" /tmp/lpl-shim/python && export PATH="/tmp/lpl-shim:$PATH"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 RESULTS=benchmarks/results
@@ -23,19 +29,29 @@ PY
 LOG="$RESULTS/gpu_check_${SLUG}.log"
 : > "$LOG"
 say() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
-copy_out() { if [ -n "${OUT:-}" ]; then cp "$RESULTS"/*"${SLUG}"* "$OUT"/ 2>/dev/null; cp "$LOG" "$OUT"/ 2>/dev/null; fi; }
+copy_out() {
+  if [ -n "${OUT:-}" ]; then
+    tar -cf "$OUT/gpu_results.tar" "$RESULTS"/*"${SLUG}"* 2>/dev/null
+    cp "$LOG" "$OUT"/ 2>/dev/null
+  fi
+}
 trap copy_out EXIT
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
+# limit STAGE_SECONDS: the stage's own limit, cut to what is left before the deadline
+# (at least 1: GNU timeout reads 0 as "no limit")
+limit() { local left=$(( DEADLINE - $(date +%s) - 5 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "no CUDA device visible to torch: nothing to check (GPU figures stay unmeasured)"; exit 1
 fi
 # lpl.kernels is the top-level kernels/ folder (pyproject package-dir); install the checkout without dependencies.
-python -c "import lpl.kernels" 2>/dev/null || pip install --quiet --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
+python -c "import lpl.kernels" 2>/dev/null || python -m pip install --quiet --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
+python -c "import lpl.kernels" 2>/dev/null || ln -s ../kernels lpl/kernels  # no pip there: link the package in place
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv >>"$LOG" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'tf32', torch.backends.cuda.matmul.allow_tf32)" 2>&1 | tee -a "$LOG"
 
 say "1. sanity"
-timeout 120 python - <<'PY' 2>&1 | tee -a "$LOG" || { say "sanity failed: stopping"; exit 1; }
+timeout "$(limit 90)" python - <<'PY' 2>&1 | tee -a "$LOG" || { say "sanity failed: stopping"; exit 1; }
 import torch
 from lpl.kernels import BlockSparseWeight, block_sparse_linear
 torch.manual_seed(0)
@@ -56,20 +72,19 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
     assert err < 2e-2 and dx_err < 2e-2
 PY
 
-say "2. kernel tests (compiled)"
-timeout 150 python -m pytest tests/kernels -q -x -p no:cacheprovider --ignore-glob="tests/kernels/test_cpu_*" \
-  --deselect tests/kernels/test_calibrate.py::test_cpu_calibration_and_validation_run_on_the_real_kernel 2>&1 | tail -15 | tee -a "$LOG"
+say "2. kernel benchmark"
+timeout "$(limit 200)" python benchmarks/kernels.py --preset gpu-check 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error|error" | tail -45
 
-say "3. kernel benchmark"
-timeout 240 python benchmarks/kernels.py --preset gpu-check 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error|error" | tail -45
+say "3. prune time"
+timeout "$(limit 120)" python benchmarks/prune_time.py --models deit_s deit_b --device cuda --repeats 2 2>&1 | tee -a "$LOG" | tail -4
 
 say "4. ViT end to end"
-if python -c "import timm" 2>/dev/null; then
-  timeout 150 python benchmarks/vit_e2e.py --energy-s 4 --budget-s 3 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error" 
-else
-  say "timm is not installed here: end-to-end benchmark skipped"
-fi
+timeout "$(limit 120)" python benchmarks/vit_e2e.py --energy-s 4 --budget-s 3 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error"
 
-say "5. cost-model calibration"
-timeout 150 python -m lpl.prune.calibrate --device cuda --out "$RESULTS" --repeats 5 2>&1 | tee -a "$LOG" | head -8
+say "5. kernel tests (compiled)"
+timeout "$(limit 100)" python -m pytest tests/kernels -q -x -p no:cacheprovider --ignore-glob="tests/kernels/test_cpu_*" \
+  --deselect tests/kernels/test_calibrate.py::test_cpu_calibration_and_validation_run_on_the_real_kernel 2>&1 | tail -15 | tee -a "$LOG"
+
+say "6. cost-model calibration"
+timeout "$(limit 120)" python -m lpl.prune.calibrate --device cuda --out "$RESULTS" --repeats 5 2>&1 | tee -a "$LOG" | head -8
 say "done"

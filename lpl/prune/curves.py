@@ -46,24 +46,30 @@ def taylor2_curve(
     block with the smallest increase, and accumulates the exact delta (cross terms included). Blocks in ``forced``
     (already pruned in an earlier round) are removed first.
     """
-    first, gram = first.double(), gram.double()
-    size = first.numel()
-    cross = torch.zeros(size, dtype=torch.float64)
-    removed = torch.zeros(size, dtype=torch.bool)
-    pending_forced = forced.flatten().clone() if forced is not None else torch.zeros(size, dtype=torch.bool)
-    own = 0.5 * gram.diagonal() - first
-    order = torch.empty(size, dtype=torch.long)
-    distortion = torch.zeros(size + 1, dtype=torch.float64)
+    # numpy, not torch: the loop is K sequential steps over K-vectors, where per-op dispatch cost dominates.
+    gram_np = gram.detach().double().cpu().numpy()
+    gram_np = 0.5 * (gram_np + gram_np.T)  # only the symmetric part enters delta(S); rows are contiguous
+    own = 0.5 * np.diagonal(gram_np) - first.detach().double().cpu().numpy()
+    size = own.size
+    forced_np = forced.flatten().cpu().numpy() if forced is not None else np.zeros(size, dtype=bool)
+    num_forced = int(forced_np.sum())
+    cross = np.zeros(size)
+    # +inf marks blocks that cannot be chosen: removed ones, and unforced ones while forced ones remain.
+    penalty = np.where(forced_np, 0.0, np.inf) if num_forced else np.zeros(size)
+    increase = np.empty(size)
+    order = np.empty(size, dtype=np.int64)
+    distortion = np.zeros(size + 1)
     for step in range(size):
-        blocked = removed | ~pending_forced if pending_forced.any() else removed
-        increase = (own + cross).masked_fill(blocked, float("inf"))
-        block = int(torch.argmin(increase))
+        if step == num_forced and num_forced:
+            penalty[~forced_np] = 0.0
+        np.add(own, cross, out=increase)
+        increase += penalty
+        block = int(increase.argmin())
         order[step] = block
         distortion[step + 1] = distortion[step] + increase[block]
-        removed[block] = True
-        pending_forced[block] = False
-        cross += gram[:, block]
-    return order, distortion
+        penalty[block] = np.inf
+        cross += gram_np[block]
+    return torch.from_numpy(order), torch.from_numpy(distortion)
 
 
 def additive_curve(scores: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,19 +98,13 @@ def build_curve(
     removed_elements = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(elements[order], 0)])
     kept_elements = elements.sum() - removed_elements
     # Block rows still launched after j removals: a row stops once its last block is removed.
-    row_of_block = order // cols
-    per_row = torch.full((rows,), cols, dtype=torch.long)
-    rows_launched = np.empty(order.numel() + 1, dtype=np.int64)
-    rows_launched[0] = rows
-    alive = rows
-    for step, row in enumerate(row_of_block.tolist()):
-        per_row[row] -= 1
-        alive -= int(per_row[row] == 0)
-        rows_launched[step + 1] = alive
+    position = np.empty(order.numel(), dtype=np.int64)
+    position[order.numpy()] = np.arange(order.numel())
+    last_removal = position.reshape(rows, cols).max(axis=1)
+    rows_launched = rows - np.bincount(last_removal + 1, minlength=order.numel() + 1).cumsum()
     kept_blocks = np.arange(order.numel(), -1, -1)
-    costs = np.array(
-        [profile.predict_counts(int(b), int(r), tokens_per_call, block_size, dtype) for b, r in zip(kept_blocks, rows_launched)]
-    )
+    latency, energy = profile.predict_counts(kept_blocks, rows_launched, tokens_per_call, block_size, dtype)
+    costs = np.stack([latency, energy], axis=1)
     costs[0] = profile.predict_dense(shape[0], shape[1], tokens_per_call, dtype)  # an unpruned layer stays dense
     return LayerCurve(
         order=order,

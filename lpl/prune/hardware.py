@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 
 from lpl.utils.errors import LplError
@@ -72,14 +73,15 @@ class HardwareProfile:
         flops = 2.0 * self.tile_m * block_size[0] * block_size[1]
         return flops / (self.dense_flops_per_s * _DEFAULT_BLOCK_EFFICIENCY)
 
-    def _energy(self, latency_s: float) -> float:
-        busy = max(latency_s - self.launch_s, 0.0)
-        return min(latency_s, self.launch_s) * self.idle_power_w + busy * self.active_power_w
+    def _energy(self, latency_s: float | np.ndarray) -> float | np.ndarray:
+        busy = np.maximum(latency_s - self.launch_s, 0.0)
+        return np.minimum(latency_s, self.launch_s) * self.idle_power_w + busy * self.active_power_w
 
     def predict_counts(
-        self, retained_blocks: int, rows_launched: int, tokens: int, block_size: tuple[int, int], dtype: torch.dtype | str
-    ) -> tuple[float, float]:
-        """(latency_s, energy_j) from block counts: the vectorisable core of ``predict``."""
+        self, retained_blocks: int | np.ndarray, rows_launched: int | np.ndarray, tokens: int,
+        block_size: tuple[int, int], dtype: torch.dtype | str,
+    ) -> tuple[float | np.ndarray, float | np.ndarray]:
+        """(latency_s, energy_j) from block counts; element-wise over arrays of counts (a whole curve at once)."""
         token_tiles = math.ceil(tokens / self.tile_m)
         latency = self.launch_s + token_tiles * (
             self.row_s * rows_launched + self.seconds_per_block(block_size, dtype) * retained_blocks
@@ -92,14 +94,15 @@ class HardwareProfile:
         """(latency_s, energy_j) of ``y = x W^T`` for ``tokens`` rows of x and W kept where ``block_mask`` [R, C]."""
         mask = block_mask.bool()
         rows_launched = int(mask.any(dim=1).sum())
-        return self.predict_counts(int(mask.sum()), rows_launched, tokens, block_size, dtype)
+        latency, energy = self.predict_counts(int(mask.sum()), rows_launched, tokens, block_size, dtype)
+        return float(latency), float(energy)
 
     def predict_dense(
         self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype | str
     ) -> tuple[float, float]:
         """(latency_s, energy_j) of the dense matmul: the baseline of predicted speedups."""
         latency = self.launch_s + 2.0 * tokens * out_features * in_features / self.dense_flops_per_s
-        return latency, self._energy(latency)
+        return latency, float(self._energy(latency))
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, asdict(self))
