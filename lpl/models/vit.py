@@ -112,7 +112,10 @@ class ViTClassifier(L.LightningModule):
         return self._loss(logits, batch)
 
     def _loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        # Label smoothing and distillation are training regularisers: in eval mode this is the plain task loss,
+        # the same number validation logs (pruning calibration and evaluation run in eval mode).
+        smoothing = self.hparams.label_smoothing if self.training else 0.0
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=smoothing)
         if self.teacher is None or not self.training:
             return loss
         with torch.no_grad():

@@ -211,7 +211,8 @@ class BlockPruneCallback(Callback):
         scalars = {"prune/flops_keep": result.flops_keep, "prune/predicted_speedup": result.predicted_speedup,
                    "prune/predicted_energy_ratio": result.predicted_energy_ratio,
                    "prune/seconds": result.prune_seconds, **self.metrics}
-        rank_zero_info(f"BlockPruneCallback: {self._format_metrics()}")
+        rank_zero_info(f"BlockPruneCallback: kept {result.flops_keep:.3f} of the prunable FLOPs, predicted speedup "
+                       f"{result.predicted_speedup:.2f}x; {self._format_metrics()}")
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:

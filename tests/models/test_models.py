@@ -29,6 +29,16 @@ def test_vit_distillation_uses_teacher_only_in_training() -> None:
     assert torch.allclose(student.loss(batch), plain)
 
 
+def test_vit_label_smoothing_only_in_training() -> None:
+    model = ViTClassifier(label_smoothing=0.2, **TINY_VIT)
+    batch = {"image": torch.randn(6, 1, 28, 28), "label": torch.randint(0, 10, (6,)), "index": torch.arange(6)}
+    logits = model(batch["image"])
+    plain = torch.nn.functional.cross_entropy(logits, batch["label"])
+    smoothed = torch.nn.functional.cross_entropy(logits, batch["label"], label_smoothing=0.2)
+    torch.testing.assert_close(model.eval().loss(batch), plain)  # the number validation logs
+    torch.testing.assert_close(model.train().loss(batch), smoothed)
+
+
 def test_pretrained_path_round_trip_and_errors(tmp_path) -> None:
     source = ViTClassifier(**TINY_VIT)
     path = tmp_path / "w.safetensors"
