@@ -162,7 +162,8 @@ def num_params(task: str, lr: float, steps: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool) -> float:
+def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool,
+           val_rank: int = 8) -> float:
     """Record (or reuse a complete recording); returns the recording's wall seconds (0 when reused)."""
     if (path / "manifest.json").exists():
         try:
@@ -175,7 +176,8 @@ def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, r
     model, datamodule = build_task(task, lr, steps)
     exact = proj_dim is None
     k = sum(p.numel() for p in model.parameters() if p.requires_grad) if exact else proj_dim
-    recorder = BenchRecorder(path, proj_dim=k, curvature_rank=rank, store_dtype="float32" if exact else "float16",
+    recorder = BenchRecorder(path, proj_dim=k, curvature_rank=rank, val_curvature_rank=val_rank,
+                             store_dtype="float32" if exact else "float16",
                              exact=exact, materialise=materialise)
     trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -210,7 +212,8 @@ def project_data(data: ReplayData, proj_dim: int, seed: int = 0) -> ReplayData:
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randint(0, 2, (proj_dim, d), generator=generator).float().mul_(2).sub_(1).div_(math.sqrt(proj_dim))
     fields = {}
-    for name in ("update", "precond_grad", "grad", "val_grad", "curv_basis", "curv_update", "curv_precond"):
+    for name in ("update", "precond_grad", "grad", "val_grad", "curv_basis", "curv_update", "curv_precond",
+                 "val_curv_basis"):
         value = getattr(data, name)
         if value is not None:
             fields[name] = (value.float() @ matrix.T).half()
@@ -225,8 +228,9 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
                  "projections": "derived from the full-space recording" if derive else "recorded per proj_dim"}
     paths = {}
     for k in [None] if derive else dims:
-        paths[k] = workdir / f"{task}_lr{lr}_T{steps}_k{k or 'exact'}"
-        out["record_s"][str(k or "exact")] = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise)
+        paths[k] = workdir / f"{task}_lr{lr}_T{steps}_k{k or 'exact'}_r{args.curvature_rank}_v{args.val_curvature_rank}"
+        out["record_s"][str(k or "exact")] = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise,
+                                                    args.val_curvature_rank)
         print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
     if derive:
         exact = replay_data_from_recording(Recording.open(paths[None]))
@@ -251,14 +255,19 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
     out["results"] = {}
     for k in dims:
         for method in METHODS:
-            for cv in (True, False):
-                has_cv = datas[k].val_dot_update is not None
-                if (not cv and not has_cv) or (method in CURVATURE_METHODS and datas[k].curv_basis is None):
+            has_cv = datas[k].val_dot_update is not None
+            has_quadratic = datas[k].val_curv_basis is not None
+            variants = [("", True, True)]
+            if has_cv:
+                variants.append((" (no control variate)", False, True))
+            if has_quadratic:
+                variants.append((" (linear loss)", True, False))
+            for suffix, cv, quadratic in variants:
+                if method in CURVATURE_METHODS and datas[k].curv_basis is None:
                     continue
-                estimator = OrderEstimator(datas[k], method=method, control_variates=cv)
+                estimator = OrderEstimator(datas[k], method=method, control_variates=cv, quadratic=quadratic)
                 estimate = estimator.estimate_many(orders).final_loss.numpy()
-                key = f"{method}{'' if cv or not has_cv else ' (no control variate)'}"
-                out["results"].setdefault(key, {})[str(k or "exact")] = metrics(estimate, truth)
+                out["results"].setdefault(method + suffix, {})[str(k or "exact")] = metrics(estimate, truth)
     if medium:
         selected = OrderEstimator(datas[dims[-1]], method=args.select_method)
         out.update(extras(task, lr, args, first, selected, orders, truth, retrain_s))
@@ -372,6 +381,7 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="also the full-space column (small models only)")
     parser.add_argument("--orders", type=int, default=16)
     parser.add_argument("--curvature-rank", type=int, default=2)
+    parser.add_argument("--val-curvature-rank", type=int, default=8, help="validation Hessian Krylov dimension")
     parser.add_argument("--select-method", default="adam_first_order", choices=METHODS)
     parser.add_argument("--search-budget", type=int, default=2048)
     parser.add_argument("--map-batches", type=int, default=3)

@@ -86,6 +86,8 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
         curv_precond=stack("curv_precond"),
         val_dot_update=stack("val_dot_update"),
         val_dot_precond=stack("val_dot_precond"),
+        val_curv_basis=stack("val_curv_basis"),
+        val_curv_matrix=stack("val_curv_matrix"),
     )
 
 
@@ -104,13 +106,17 @@ class OrderEstimator(L.LightningModule):
     ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
     curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
     projected preconditioned gradients) or "adam_first_order" (adam plus the curvature correction).
+    ``quadratic`` adds 1/2 Delta^T H_val Delta to the linearised validation loss when the recording holds the
+    validation curvature (``TrainOrderRecorder(val_curvature_rank=m)``).
     """
 
-    def __init__(self, data: ReplayData, method: str = "first_order", control_variates: bool = True) -> None:
+    def __init__(self, data: ReplayData, method: str = "first_order", control_variates: bool = True,
+                 quadratic: bool = True) -> None:
         super().__init__()
         check_method(data, method)
         self.method = method
         self.control_variates = control_variates
+        self.quadratic = quadratic
         self._scalars = {"betas": data.betas, "weight_decay": data.weight_decay, "decoupled": data.decoupled}
         self._tensor_names = []
         for name, value in vars(data).items():
@@ -120,7 +126,8 @@ class OrderEstimator(L.LightningModule):
 
     @classmethod
     def from_recording(
-        cls, path: str | Path, method: str = "first_order", control_variates: bool = True, model: Any = None
+        cls, path: str | Path, method: str = "first_order", control_variates: bool = True, model: Any = None,
+        quadratic: bool = True,
     ) -> "OrderEstimator":
         """Open and verify the recording at ``path``; with ``model``, also check it was recorded for that model."""
         from lpl.order.store import Recording
@@ -129,12 +136,14 @@ class OrderEstimator(L.LightningModule):
         recording.verify()
         if model is not None:
             check_recording_matches_model(recording, model)
-        return cls(replay_data_from_recording(recording), method=method, control_variates=control_variates)
+        return cls(replay_data_from_recording(recording), method=method, control_variates=control_variates,
+                   quadratic=quadratic)
 
     @property
     def data(self) -> ReplayData:
         tensors = {name: getattr(self, name) for name in self._tensor_names}
-        for optional in ("curv_basis", "curv_update", "curv_precond", "val_dot_update", "val_dot_precond"):
+        for optional in ("curv_basis", "curv_update", "curv_precond", "val_dot_update", "val_dot_precond",
+                         "val_curv_basis", "val_curv_matrix"):
             tensors.setdefault(optional, None)
         return ReplayData(**tensors, **self._scalars)
 
@@ -153,7 +162,7 @@ class OrderEstimator(L.LightningModule):
 
     def estimate_many(self, orders: Tensor | Sequence[Sequence[int]]) -> ReplayResult:
         """Batched estimates for ``orders`` [N, L] (all of one length)."""
-        return replay(self.data, torch.as_tensor(orders), self.method, self.control_variates)
+        return replay(self.data, torch.as_tensor(orders), self.method, self.control_variates, self.quadratic)
 
     def estimate(self, order: Sequence[int] | Tensor) -> OrderEstimate:
         """Estimate for one order: a sequence of pool batch ids (a permutation, or repeats and omissions)."""

@@ -68,6 +68,7 @@ class ProbeContext:
     adam: AdamSnapshot
     projector: "Projector"
     curvature_rank: int = 0  # r > 0 also records the per-batch curvature factors (r Hessian-vector products)
+    val_curvature_rank: int = 0  # m > 0 also records the validation Hessian on an m-dim Krylov space (m HVPs)
     val_grad: Tensor | None = None  # full validation gradient, set by probe_validation (kept in memory only)
     # full (update, precond_grad) of pool batches probed before the validation probe, for the exact dot scalars
     # (None once over DOT_CACHE_BYTES: then no scalars for this step rather than a partial set)
@@ -238,13 +239,41 @@ def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[
     """``val_loss`` and ``val_grad`` (projected gradient of the validation loss) at theta_t.
 
     Also sets ``ctx.val_grad`` (full, in memory) so that later ``probe_pool_batch`` calls on ``ctx`` add the exact
-    ``val_dot_*`` scalars.
+    ``val_dot_*`` scalars. With ``ctx.val_curvature_rank = m > 0`` it also records the validation Hessian restricted
+    to the Krylov space Q of H_val started at the validation gradient (where a Lanczos run finds the top curvature
+    directions): ``val_curv_basis`` = [P q_i] and ``val_curv_matrix`` = Q H_val Q^T (m x m), so the estimator can add
+    1/2 <Delta, H_val Delta> ~ 1/2 (Q Delta)^T (Q H Q^T) (Q Delta) to its linearised loss.
     """
+    curvature = ctx.val_curvature_rank > 0
     with torch.enable_grad():
-        loss = val_loss()
-        grad = _flat([g.detach() for g in _gradients(loss, ctx.params, create_graph=False)])
+        if curvature:  # fused attention kernels have no double backward; the math kernel does
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                loss = val_loss()
+        else:
+            loss = val_loss()
+        grads = _gradients(loss, ctx.params, create_graph=curvature)
+        grad = _flat([g.detach() for g in grads])
+        if curvature:
+            def hvp(vector: Tensor) -> Tensor:
+                parts = torch.autograd.grad(
+                    grads, ctx.params, grad_outputs=_unflat(vector, ctx.params), retain_graph=True, allow_unused=True
+                )
+                return _flat([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(ctx.params, parts)])
+
+            basis, images = krylov_factors(hvp, grad, torch.ones_like(grad), ctx.val_curvature_rank)
     ctx.val_grad = grad
     out = {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}
+    if curvature:
+        rank, m = basis.shape[0], ctx.val_curvature_rank
+        # rows beyond an exhausted Krylov space stay zero: they add nothing to the quadratic term
+        out["val_curv_basis"] = torch.zeros(m, out["val_grad"].numel())
+        out["val_curv_matrix"] = torch.zeros(m, m)
+        if rank:
+            restricted = basis @ images.T
+            out["val_curv_basis"][:rank] = _project_rows(ctx, basis).cpu()
+            out["val_curv_matrix"][:rank, :rank] = (0.5 * (restricted + restricted.T)).cpu()
     if ctx.pending_dots:
         out["val_dot_update"] = torch.stack([grad @ update for update, _ in ctx.pending_dots]).cpu()
         out["val_dot_precond"] = torch.stack([grad @ precond for _, precond in ctx.pending_dots]).cpu()

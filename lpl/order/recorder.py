@@ -125,6 +125,9 @@ class TrainOrderRecorder(L.Callback):
         projection_kind: "rademacher" or "gaussian".
         curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each),
             which the estimator's first/second-order methods need (default 2); 0 records only first-order terms.
+        val_curvature_rank: m > 0 also records the validation Hessian on an m-dimensional Krylov space (m
+            Hessian-vector products on the validation set per probe; default 8), which adds the quadratic term
+            1/2 Delta^T H_val Delta to every estimate; 0 keeps the estimator's loss linear.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class TrainOrderRecorder(L.Callback):
         resume: bool = False,
         projection_kind: str = "rademacher",
         curvature_rank: int = 2,
+        val_curvature_rank: int = 8,
     ) -> None:
         if proj_dim <= 0:
             raise LplError(f"proj_dim must be positive, got {proj_dim}.")
@@ -148,6 +152,8 @@ class TrainOrderRecorder(L.Callback):
             raise LplError(f"projection_kind must be one of {PROJECTION_KINDS}, got {projection_kind!r}.")
         if curvature_rank < 0:
             raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
+        if val_curvature_rank < 0:
+            raise LplError(f"val_curvature_rank must be >= 0, got {val_curvature_rank}.")
         self.dirpath = Path(dirpath)
         self.proj_dim = proj_dim
         self.seed = seed
@@ -156,6 +162,7 @@ class TrainOrderRecorder(L.Callback):
         self.resume = resume
         self.projection_kind = projection_kind
         self.curvature_rank = curvature_rank
+        self.val_curvature_rank = val_curvature_rank
         self._writer: RecordingWriter | None = None
         self._projector: Projector | None = None
         self._pool: list[list[int]] = []
@@ -367,7 +374,7 @@ class TrainOrderRecorder(L.Callback):
         rng = capture_rng()
         context = quantities.ProbeContext(
             step=step, params=params, adam=self._adam_snapshot(trainer, params, step), projector=self._projector,
-            curvature_rank=self.curvature_rank,
+            curvature_rank=self.curvature_rank, val_curvature_rank=self.val_curvature_rank,
         )
         forward = trainer.precision_plugin.forward_context
         positions = list(range(rank, len(self._pool), world))

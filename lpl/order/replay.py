@@ -57,6 +57,9 @@ class ReplayData:
     curv_precond: Tensor | None = None
     val_dot_update: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), Gamma(theta_t, B)>
     val_dot_precond: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), precond_grad(theta_t, B)>
+    # validation Hessian on a Krylov subspace Q (orthonormal rows): H_val ~ Q^T (Q H_val Q^T) Q, stored projected
+    val_curv_basis: Tensor | None = None  # [P, m, k] P q_i
+    val_curv_matrix: Tensor | None = None  # [P, m, m] q_i^T H_val q_j
 
     @property
     def num_steps(self) -> int:
@@ -140,11 +143,13 @@ def check_method(data: ReplayData, method: str) -> None:
 
 
 def replay(
-    data: ReplayData, orders: Tensor, method: str = "first_order", control_variates: bool = True
+    data: ReplayData, orders: Tensor, method: str = "first_order", control_variates: bool = True,
+    quadratic: bool = True,
 ) -> ReplayResult:
     """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L].
 
-    ``control_variates`` uses the exact validation-dot scalars when the recording has them.
+    ``control_variates`` uses the exact validation-dot scalars when the recording has them. ``quadratic`` adds
+    1/2 Delta^T H_val Delta to the validation loss when the recording has the validation curvature.
     """
     check_method(data, method)
     orders = check_orders(orders, data.num_batches, data.num_steps)
@@ -176,9 +181,18 @@ def replay(
         coeff = torch.einsum("nrk,nk->nr", basis, d)
         return torch.einsum("nr,nrk->nk", coeff, _at(factors, where, ids))
 
+    use_quadratic = quadratic and data.val_curv_basis is not None
+
+    def val_loss(where: tuple[int, int, float], d: Tensor) -> Tensor:
+        loss = _at(data.val_loss, where) + d @ _at(data.val_grad, where) + shadow
+        if use_quadratic:
+            coords = torch.einsum("mk,nk->nm", _at(data.val_curv_basis, where), d)
+            loss = loss + 0.5 * torch.einsum("nm,ml,nl->n", coords, _at(data.val_curv_matrix, where), coords)
+        return loss
+
     for t in range(length):
         where = interp(t)
-        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where) + shadow
+        curve[:, t] = val_loss(where, delta)
         ids = orders[:, t]
         ref = int(data.reference_order[t])
         lr = float(data.lr[t])
@@ -219,6 +233,6 @@ def replay(
                     step_diff = step_diff + 0.5 * share[:, None] * change
         delta = delta - lr * (step_diff + decay * delta)
     end = interp(length)
-    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end) + shadow
+    curve[:, length] = val_loss(end, delta)
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
     return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses)

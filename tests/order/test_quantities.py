@@ -139,6 +139,50 @@ def test_validation_probe():
     assert set(out) == {"val_loss", "val_grad"}
 
 
+def test_validation_curvature_is_the_hessian_on_a_krylov_space_and_full_rank_gives_the_exact_quadratic():
+    model, batches = _problem(6)
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    dim = sum(p.numel() for p in params)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def loss_at(vector):
+        chunks, offset = [], 0
+        for p in params:
+            chunks.append(vector[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        x, y = batches[1]
+        return nn.functional.cross_entropy(torch.tanh(x @ chunks[0].T + chunks[1]) @ chunks[2].T + chunks[3], y)
+
+    hessian = torch.autograd.functional.hessian(loss_at, flat)
+    out = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=4), lambda: _loss(model, batches[1]))
+    basis, matrix = out["val_curv_basis"], out["val_curv_matrix"]
+    assert basis.shape == (4, dim) and matrix.shape == (4, 4)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(matrix, basis @ hessian @ basis.T, atol=1e-5, rtol=1e-4)
+    assert basis[0] @ out["val_grad"] == pytest.approx(float(out["val_grad"].norm()), rel=1e-5)  # starts at the gradient
+
+    # a Krylov space of full dimension holds the whole Hessian: the quadratic term is exact for any displacement
+    full = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=dim),
+                            lambda: _loss(model, batches[1]))
+    rank = int((full["val_curv_basis"].norm(dim=1) > 0).sum())
+    delta = torch.randn(dim) * 1e-2
+    coords = full["val_curv_basis"] @ delta
+    if rank == dim:
+        assert float(coords @ full["val_curv_matrix"] @ coords) == pytest.approx(float(delta @ hessian @ delta), rel=1e-3)
+    else:  # the Krylov space closed early (an invariant subspace): exact on it
+        span = full["val_curv_basis"][:rank]
+        inside = span.T @ (span @ delta)
+        assert float(coords @ full["val_curv_matrix"] @ coords) == pytest.approx(float(inside @ hessian @ inside), rel=1e-3)
+
+    projector = DenseProjector(dim, 16)
+    projected = probe_validation(ProbeContext(0, params, adam, projector, val_curvature_rank=4),
+                                 lambda: _loss(model, batches[1]))
+    torch.testing.assert_close(projected["val_curv_basis"], basis @ projector.matrix.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(projected["val_curv_matrix"], matrix, rtol=1e-4, atol=1e-6)
+
+
 def test_validation_first_gives_exact_dot_scalars():
     model, batches = _problem(4)
     params = list(model.parameters())

@@ -41,6 +41,25 @@ def test_zeroth_order_is_the_sum_of_update_differences(task):
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_quadratic_term_adds_half_the_validation_curvature_along_the_displacement():
+    task = make_task(lr=0.001, curvature_rank=0, val_curvature_rank=6)
+    data = task.data
+    order = torch.randperm(NUM_BATCHES, generator=torch.Generator().manual_seed(0))
+    delta = sum(
+        float(data.lr[t]) * (data.update[t, t] - data.update[t, int(order[t])]) for t in range(NUM_BATCHES)
+    )
+    coords = data.val_curv_basis[-1] @ delta
+    linear = data.val_loss[-1] + data.val_grad[-1] @ delta
+    expected = linear + 0.5 * coords @ data.val_curv_matrix[-1] @ coords
+    got = replay(data, order, "zeroth_order", control_variates=False).final_loss
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert (expected - linear).item() > 0  # the validation loss is near a minimum: curvature raises it
+    unchanged = replay(data, order, "zeroth_order", control_variates=False, quadratic=False).final_loss
+    assert unchanged.item() == pytest.approx(linear.item(), abs=1e-6)
+    # the reference order has no displacement, so the quadratic term leaves it exact
+    torch.testing.assert_close(replay(data, torch.arange(NUM_BATCHES), "adam").final_loss, data.val_loss[-1:].float())
+
+
 def test_adam_momentum_gets_a_swap_right_where_the_papers_term_does_not(slow_task):
     """At a tiny learning rate first-order replay is nearly exact: the only error left is the model.
     The paper's term gives each batch only (1 - beta1) of its weight; rebuilding the momentum gives all of it."""

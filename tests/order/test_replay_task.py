@@ -62,7 +62,7 @@ def _snapshot(optimizer, params, step):
 
 def make_task(
     lr: float = 0.003, curvature_rank: int = 2, probe_every: int = 1, proj_dim: int | None = None,
-    weight_decay: float = 0.0, steps: int = NUM_BATCHES,
+    weight_decay: float = 0.0, steps: int = NUM_BATCHES, val_curvature_rank: int = 0,
 ) -> TinyTask:
     torch.set_num_threads(1)
     x, y, batches, val = _digits()
@@ -89,7 +89,8 @@ def make_task(
             with torch.no_grad():
                 curve.append(val_loss(model).item())
             if record and (t % probe_every == 0 or t == len(order)):
-                ctx = ProbeContext(t, params, _snapshot(optimizer, params, t), projector, curvature_rank)
+                ctx = ProbeContext(t, params, _snapshot(optimizer, params, t), projector, curvature_rank,
+                                   val_curvature_rank=val_curvature_rank)
                 val_probe = probe_validation(ctx, lambda: val_loss(model))
                 pool = [probe_pool_batch(ctx, lambda b=b: batch_loss(model, b)) for b in range(NUM_BATCHES)]
                 probes.append((t, pool, val_probe))
@@ -122,6 +123,8 @@ def make_task(
         curv_basis=per_batch("curv_basis"), curv_update=per_batch("curv_update"),
         curv_precond=per_batch("curv_precond"),
         val_dot_update=per_batch("val_dot_update"), val_dot_precond=per_batch("val_dot_precond"),
+        val_curv_basis=torch.stack([v["val_curv_basis"] for _, _, v in probes]) if val_curvature_rank else None,
+        val_curv_matrix=torch.stack([v["val_curv_matrix"] for _, _, v in probes]) if val_curvature_rank else None,
     )
 
     def retrain(order):
