@@ -172,6 +172,38 @@ def krylov_factors(
     return torch.stack(basis), torch.stack(images)
 
 
+def top_curvature(hvp: Callable[[Tensor], Tensor], start: Tensor, keep: int, steps: int) -> tuple[Tensor, Tensor]:
+    """The ``keep`` Ritz pairs of largest |eigenvalue| from ``steps`` Lanczos steps of H started at ``start``.
+
+    Returns (vectors [keep', d] orthonormal, eigenvalues [keep']) with keep' <= keep when the Krylov space closes
+    early. Only the basis is held (``steps`` x d), not the Hessian images.
+    """
+    basis: list[Tensor] = []
+    restricted = start.new_zeros(steps, steps)
+    v = start
+    for i in range(steps):
+        for u in basis:  # Gram-Schmidt twice keeps the basis orthonormal in fp32
+            v = v - (u @ v) * u
+        for u in basis:
+            v = v - (u @ v) * u
+        norm = v.norm()
+        if not torch.isfinite(norm) or norm <= 1e-12 * max(1.0, float(start.norm())):
+            break
+        u = v / norm
+        hu = hvp(u)
+        basis.append(u)
+        restricted[: i + 1, i] = torch.stack([b @ hu for b in basis])
+        v = hu
+    size = len(basis)
+    if not size:
+        return start.new_zeros(0, start.numel()), start.new_zeros(0)
+    upper = restricted[:size, :size].double()  # column i holds q_j . H q_i for j <= i
+    values, vectors = torch.linalg.eigh(upper + upper.T - torch.diag(upper.diagonal()))
+    top = values.abs().argsort(descending=True)[:keep]
+    ritz = vectors[:, top].T.to(start.dtype) @ torch.stack(basis)
+    return ritz, values[top].to(start.dtype)
+
+
 def _state(ctx: ProbeContext) -> tuple[Tensor, Tensor, Tensor]:
     theta = _flat([p.detach() for p in ctx.params])
     exp_avg = _flat(ctx.adam.exp_avg).to(theta.device)
@@ -262,18 +294,17 @@ def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[
                 )
                 return _flat([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(ctx.params, parts)])
 
-            basis, images = krylov_factors(hvp, grad, torch.ones_like(grad), ctx.val_curvature_rank)
+            vectors, values = top_curvature(hvp, grad, ctx.val_curvature_rank, 4 * ctx.val_curvature_rank)
     ctx.val_grad = grad
     out = {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}
     if curvature:
-        rank, m = basis.shape[0], ctx.val_curvature_rank
+        rank, m = vectors.shape[0], ctx.val_curvature_rank
         # rows beyond an exhausted Krylov space stay zero: they add nothing to the quadratic term
         out["val_curv_basis"] = torch.zeros(m, out["val_grad"].numel())
         out["val_curv_matrix"] = torch.zeros(m, m)
         if rank:
-            restricted = basis @ images.T
-            out["val_curv_basis"][:rank] = _project_rows(ctx, basis).cpu()
-            out["val_curv_matrix"][:rank, :rank] = (0.5 * (restricted + restricted.T)).cpu()
+            out["val_curv_basis"][:rank] = _project_rows(ctx, vectors).cpu()
+            out["val_curv_matrix"][:rank, :rank] = torch.diag(values).cpu()
     if ctx.pending_dots:
         out["val_dot_update"] = torch.stack([grad @ update for update, _ in ctx.pending_dots]).cpu()
         out["val_dot_precond"] = torch.stack([grad @ precond for _, precond in ctx.pending_dots]).cpu()

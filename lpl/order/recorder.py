@@ -125,9 +125,9 @@ class TrainOrderRecorder(L.Callback):
         projection_kind: "rademacher" or "gaussian".
         curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each),
             which the estimator's first/second-order methods need (default 2); 0 records only first-order terms.
-        val_curvature_rank: m > 0 also records the validation Hessian on an m-dimensional Krylov space (m
-            Hessian-vector products on the validation set per probe; default 8), which adds the quadratic term
-            1/2 Delta^T H_val Delta to every estimate; 0 keeps the estimator's loss linear.
+        val_curvature_rank: m > 0 also records the validation loss's top-m curvature directions (4m
+            Hessian-vector products on the validation set per probe, 4m full-size vectors in memory while probing),
+            for the optional quadratic term 1/2 Delta^T H_val Delta of the estimate; default 0 (off).
     """
 
     def __init__(
@@ -140,7 +140,7 @@ class TrainOrderRecorder(L.Callback):
         resume: bool = False,
         projection_kind: str = "rademacher",
         curvature_rank: int = 2,
-        val_curvature_rank: int = 8,
+        val_curvature_rank: int = 0,
     ) -> None:
         if proj_dim <= 0:
             raise LplError(f"proj_dim must be positive, got {proj_dim}.")

@@ -57,9 +57,9 @@ class ReplayData:
     curv_precond: Tensor | None = None
     val_dot_update: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), Gamma(theta_t, B)>
     val_dot_precond: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), precond_grad(theta_t, B)>
-    # validation Hessian on a Krylov subspace Q (orthonormal rows): H_val ~ Q^T (Q H_val Q^T) Q, stored projected
+    # top validation curvature: H_val ~ Q^T M Q with orthonormal rows q_i (stored projected) and M = Q H_val Q^T
     val_curv_basis: Tensor | None = None  # [P, m, k] P q_i
-    val_curv_matrix: Tensor | None = None  # [P, m, m] q_i^T H_val q_j
+    val_curv_matrix: Tensor | None = None  # [P, m, m] (diagonal: the Ritz values)
 
     @property
     def num_steps(self) -> int:

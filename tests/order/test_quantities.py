@@ -139,7 +139,7 @@ def test_validation_probe():
     assert set(out) == {"val_loss", "val_grad"}
 
 
-def test_validation_curvature_is_the_hessian_on_a_krylov_space_and_full_rank_gives_the_exact_quadratic():
+def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_gives_the_exact_quadratic():
     model, batches = _problem(6)
     params = list(model.parameters())
     zeros = [torch.zeros_like(p) for p in params]
@@ -160,8 +160,10 @@ def test_validation_curvature_is_the_hessian_on_a_krylov_space_and_full_rank_giv
     basis, matrix = out["val_curv_basis"], out["val_curv_matrix"]
     assert basis.shape == (4, dim) and matrix.shape == (4, 4)
     torch.testing.assert_close(basis @ basis.T, torch.eye(4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(matrix, basis @ hessian @ basis.T, atol=1e-5, rtol=1e-4)
-    assert basis[0] @ out["val_grad"] == pytest.approx(float(out["val_grad"].norm()), rel=1e-5)  # starts at the gradient
+    torch.testing.assert_close(matrix, basis @ hessian @ basis.T, atol=1e-5, rtol=1e-4)  # Ritz pairs: diagonal
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    top = eigenvalues[eigenvalues.abs().argsort(descending=True)[:4]]
+    torch.testing.assert_close(matrix.diagonal().sort().values, top.sort().values, rtol=0.05, atol=1e-4)
 
     # a Krylov space of full dimension holds the whole Hessian: the quadratic term is exact for any displacement
     full = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=dim),
