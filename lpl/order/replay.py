@@ -77,11 +77,13 @@ class ReplayData:
 @dataclass
 class ReplayResult:
     """Estimates for N orders: ``final_loss`` [N], ``loss_curve`` [N, steps + 1] (validation loss before each step
-    and after the last), ``batch_losses`` [N, num_batches] (each pool batch's loss at the end)."""
+    and after the last), ``batch_losses`` [N, num_batches] (each pool batch's loss at the end) and
+    ``displacement`` [N, k]: the projected P (gamma_T - theta_T), where each order ends relative to the reference."""
 
     final_loss: Tensor
     loss_curve: Tensor
     batch_losses: Tensor
+    displacement: Tensor | None = None
 
 
 class _Interpolator:
@@ -235,4 +237,5 @@ def replay(
     end = interp(length)
     curve[:, length] = val_loss(end, delta)
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
-    return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses)
+    return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses,
+                        displacement=delta)
