@@ -86,8 +86,8 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
         curv_precond=stack("curv_precond"),
         val_dot_update=stack("val_dot_update"),
         val_dot_precond=stack("val_dot_precond"),
-        val_curv_basis=stack("val_curv_basis"),
-        val_curv_matrix=stack("val_curv_matrix"),
+        val_curv_basis=steps[-1].get("val_curv_basis"),
+        val_curv_matrix=steps[-1].get("val_curv_matrix"),
     )
 
 

@@ -125,9 +125,9 @@ class TrainOrderRecorder(L.Callback):
         projection_kind: "rademacher" or "gaussian".
         curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each),
             which the estimator's first/second-order methods need (default 2); 0 records only first-order terms.
-        val_curvature_rank: m > 0 also records the validation loss's top-m curvature directions (4m
-            Hessian-vector products on the validation set per probe, 4m full-size vectors in memory while probing),
-            for the optional quadratic term 1/2 Delta^T H_val Delta of the estimate; default 0 (off).
+        val_curvature_rank: m > 0 also records the validation loss's top-m curvature directions at the end of the
+            run (4m Hessian-vector products on the validation set, once, with 4m full-size vectors in memory), for
+            the quadratic term 1/2 Delta^T H_val Delta of the final estimate; default 0 (off).
     """
 
     def __init__(
@@ -374,7 +374,9 @@ class TrainOrderRecorder(L.Callback):
         rng = capture_rng()
         context = quantities.ProbeContext(
             step=step, params=params, adam=self._adam_snapshot(trainer, params, step), projector=self._projector,
-            curvature_rank=self.curvature_rank, val_curvature_rank=self.val_curvature_rank,
+            curvature_rank=self.curvature_rank,
+            # the quadratic term corrects the final estimate: its validation HVPs are spent once, at t = T
+            val_curvature_rank=self.val_curvature_rank if step == self._total_steps else 0,
         )
         forward = trainer.precision_plugin.forward_context
         positions = list(range(rank, len(self._pool), world))

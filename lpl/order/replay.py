@@ -57,9 +57,9 @@ class ReplayData:
     curv_precond: Tensor | None = None
     val_dot_update: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), Gamma(theta_t, B)>
     val_dot_precond: Tensor | None = None  # [P, nb] exact <grad L_val(theta_t), precond_grad(theta_t, B)>
-    # top validation curvature: H_val ~ Q^T M Q with orthonormal rows q_i (stored projected) and M = Q H_val Q^T
-    val_curv_basis: Tensor | None = None  # [P, m, k] P q_i
-    val_curv_matrix: Tensor | None = None  # [P, m, m] (diagonal: the Ritz values)
+    # top validation curvature at theta_T: H_val ~ Q^T M Q, orthonormal rows q_i (stored projected), M = Q H_val Q^T
+    val_curv_basis: Tensor | None = None  # [m, k] P q_i
+    val_curv_matrix: Tensor | None = None  # [m, m] (diagonal: the Ritz values)
 
     @property
     def num_steps(self) -> int:
@@ -151,7 +151,8 @@ def replay(
     """Estimate final validation loss, loss curve and per-batch end losses for each row of ``orders`` [N, L].
 
     ``control_variates`` uses the exact validation-dot scalars when the recording has them. ``quadratic`` adds
-    1/2 Delta^T H_val Delta to the validation loss when the recording has the validation curvature.
+    1/2 Delta_T^T H_val Delta_T to the final validation loss when the recording has the validation curvature (the
+    loss curve before the last point stays linear).
     """
     check_method(data, method)
     orders = check_orders(orders, data.num_batches, data.num_steps)
@@ -185,16 +186,9 @@ def replay(
 
     use_quadratic = quadratic and data.val_curv_basis is not None
 
-    def val_loss(where: tuple[int, int, float], d: Tensor) -> Tensor:
-        loss = _at(data.val_loss, where) + d @ _at(data.val_grad, where) + shadow
-        if use_quadratic:
-            coords = torch.einsum("mk,nk->nm", _at(data.val_curv_basis, where), d)
-            loss = loss + 0.5 * torch.einsum("nm,ml,nl->n", coords, _at(data.val_curv_matrix, where), coords)
-        return loss
-
     for t in range(length):
         where = interp(t)
-        curve[:, t] = val_loss(where, delta)
+        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where) + shadow
         ids = orders[:, t]
         ref = int(data.reference_order[t])
         lr = float(data.lr[t])
@@ -235,7 +229,10 @@ def replay(
                     step_diff = step_diff + 0.5 * share[:, None] * change
         delta = delta - lr * (step_diff + decay * delta)
     end = interp(length)
-    curve[:, length] = val_loss(end, delta)
+    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end) + shadow
+    if use_quadratic and length == data.num_steps:  # the curvature was measured at theta_T
+        coords = delta @ data.val_curv_basis.float().T
+        curve[:, length] += 0.5 * torch.einsum("nm,ml,nl->n", coords, data.val_curv_matrix.float(), coords)
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
     return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses,
                         displacement=delta)

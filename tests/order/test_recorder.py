@@ -217,7 +217,24 @@ def test_refuses_another_recording_unless_resume_and_then_checks_it_matches(tmp_
     assert manifest["status"] == "complete"  # a refused resume leaves the recording as it was
 
 
+def test_validation_curvature_is_recorded_once_at_the_end_and_used_by_the_estimator(tmp_path):
+    from lpl.order import OrderEstimator
+
+    _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=16, probe_every_n_steps=2, val_curvature_rank=3)])
+    recording = Recording.open(tmp_path / "rec")
+    assert "val_curv_basis" not in recording.step(0) and "val_curv_basis" not in recording.step(4)
+    final = recording.step(6)
+    assert final["val_curv_basis"].shape == (3, 16) and final["val_curv_matrix"].shape == (3, 3)
+    order = list(reversed(range(6)))
+    quadratic = OrderEstimator.from_recording(tmp_path / "rec", method="zeroth_order").estimate(order)
+    linear = OrderEstimator.from_recording(tmp_path / "rec", method="zeroth_order", quadratic=False).estimate(order)
+    torch.testing.assert_close(quadratic.loss_curve[:-1], linear.loss_curve[:-1])  # only the final point changes
+    assert quadratic.final_loss != linear.final_loss
+
+
 def test_bad_arguments():
+    with pytest.raises(LplError, match="val_curvature_rank"):
+        TrainOrderRecorder("x", val_curvature_rank=-1)
     with pytest.raises(LplError, match="probe_every_n_steps"):
         TrainOrderRecorder("x", probe_every_n_steps=0)
     with pytest.raises(LplError, match="store_dtype"):

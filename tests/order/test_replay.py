@@ -48,9 +48,9 @@ def test_quadratic_term_adds_half_the_validation_curvature_along_the_displacemen
     delta = sum(
         float(data.lr[t]) * (data.update[t, t] - data.update[t, int(order[t])]) for t in range(NUM_BATCHES)
     )
-    coords = data.val_curv_basis[-1] @ delta
+    coords = data.val_curv_basis @ delta
     linear = data.val_loss[-1] + data.val_grad[-1] @ delta
-    expected = linear + 0.5 * coords @ data.val_curv_matrix[-1] @ coords
+    expected = linear + 0.5 * coords @ data.val_curv_matrix @ coords
     got = replay(data, order, "zeroth_order", control_variates=False).final_loss
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
     assert (expected - linear).item() > 0  # the validation loss is near a minimum: curvature raises it

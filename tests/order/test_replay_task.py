@@ -90,7 +90,7 @@ def make_task(
                 curve.append(val_loss(model).item())
             if record and (t % probe_every == 0 or t == len(order)):
                 ctx = ProbeContext(t, params, _snapshot(optimizer, params, t), projector, curvature_rank,
-                                   val_curvature_rank=val_curvature_rank)
+                                   val_curvature_rank=val_curvature_rank if t == len(order) else 0)
                 val_probe = probe_validation(ctx, lambda: val_loss(model))
                 pool = [probe_pool_batch(ctx, lambda b=b: batch_loss(model, b)) for b in range(NUM_BATCHES)]
                 probes.append((t, pool, val_probe))
@@ -123,8 +123,7 @@ def make_task(
         curv_basis=per_batch("curv_basis"), curv_update=per_batch("curv_update"),
         curv_precond=per_batch("curv_precond"),
         val_dot_update=per_batch("val_dot_update"), val_dot_precond=per_batch("val_dot_precond"),
-        val_curv_basis=torch.stack([v["val_curv_basis"] for _, _, v in probes]) if val_curvature_rank else None,
-        val_curv_matrix=torch.stack([v["val_curv_matrix"] for _, _, v in probes]) if val_curvature_rank else None,
+        val_curv_basis=probes[-1][2].get("val_curv_basis"), val_curv_matrix=probes[-1][2].get("val_curv_matrix"),
     )
 
     def retrain(order):
