@@ -37,6 +37,19 @@ def _loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def _hessian(params, batch):
+    """The loss Hessian of the _problem network over its flat parameters, by brute-force autograd."""
+    def loss_at(vector):
+        chunks, offset = [], 0
+        for p in params:
+            chunks.append(vector[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        x, y = batch
+        return nn.functional.cross_entropy(torch.tanh(x @ chunks[0].T + chunks[1]) @ chunks[2].T + chunks[3], y)
+
+    return torch.autograd.functional.hessian(loss_at, torch.cat([p.detach().reshape(-1) for p in params]))
+
+
 def _snapshot(optimizer, params, step, decoupled):
     group = optimizer.param_groups[0]
     states = [optimizer.state.get(p, {}) for p in params]
@@ -99,19 +112,8 @@ def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected
     torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
 
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def loss_at(vector):
-        chunks, offset = [], 0
-        for p in params:
-            chunks.append(vector[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        x, y = batches[0]
-        h = torch.tanh(x @ chunks[0].T + chunks[1])
-        return nn.functional.cross_entropy(h @ chunks[2].T + chunks[3], y)
-
-    hessian = torch.autograd.functional.hessian(loss_at, flat)
-    leaf = flat.clone().requires_grad_()
-    grad = torch.autograd.grad(loss_at(leaf), leaf)[0]
+    hessian = _hessian(params, batches[0])
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(_loss(model, batches[0]), params)])
     terms = adam_terms(grad.detach(), flat.detach(), torch.zeros(dim), torch.zeros(dim), adam)
     expected = terms.d_update * (hessian @ basis.T).T
     torch.testing.assert_close(exact["curv_update"], expected, rtol=1e-4, atol=1e-5)
@@ -145,17 +147,7 @@ def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_giv
     zeros = [torch.zeros_like(p) for p in params]
     adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
     dim = sum(p.numel() for p in params)
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def loss_at(vector):
-        chunks, offset = [], 0
-        for p in params:
-            chunks.append(vector[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        x, y = batches[1]
-        return nn.functional.cross_entropy(torch.tanh(x @ chunks[0].T + chunks[1]) @ chunks[2].T + chunks[3], y)
-
-    hessian = torch.autograd.functional.hessian(loss_at, flat)
+    hessian = _hessian(params, batches[1])
     out = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=4), lambda: _loss(model, batches[1]))
     basis, matrix = out["val_curv_basis"], out["val_curv_matrix"]
     assert basis.shape == (4, dim) and matrix.shape == (4, 4)
