@@ -40,9 +40,15 @@ def check_feasible(flops: list[torch.Tensor], allowed: list[torch.Tensor], budge
 
 
 def allocate_dp(
-    objectives: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float
+    objectives: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float,
+    strict: bool = True,
 ) -> list[int]:
-    """Point index per layer minimising sum(objective) with total flops in [budget - 0.5% total, budget]."""
+    """Point index per layer minimising sum(objective) with total flops in [budget - 0.5% total, budget].
+
+    When block granularity leaves that window empty (few, large blocks), ``strict`` raises an error naming the
+    nearest reachable share below the budget; otherwise the allocation takes that nearest share (intermediate
+    rounds of a multi-round prune only need to land near their budget).
+    """
     check_feasible(flops, allowed, budget)
     total = sum(float(f[0]) for f in flops)
     unit = total / (1000.0 * len(flops))
@@ -71,9 +77,17 @@ def allocate_dp(
         choices.append((new_choice, units, candidates))
         best = new_best
     window = best[low : top + 1]
-    if not np.isfinite(window).any():
-        raise LplError("the FLOPs budget cannot be met within the per-layer densities; change flops_keep or densities.")
-    used = low + int(np.argmin(window))
+    if np.isfinite(window).any():
+        used = low + int(np.argmin(window))
+    else:
+        reachable = np.flatnonzero(np.isfinite(best))
+        if strict or not len(reachable):
+            nearest = f"; the nearest reachable share below it is {reachable[-1] * unit / total:.3f}" if len(reachable) else ""
+            raise LplError(
+                f"flops_keep={budget / total:.3f} cannot be met within 0.5% at this block granularity (too few, too large "
+                f"blocks){nearest}: use smaller blocks or that flops_keep."
+            )
+        used = int(reachable[-1])
     picks = []
     for new_choice, units, candidates in reversed(choices):
         point = int(new_choice[used])
@@ -83,12 +97,12 @@ def allocate_dp(
 
 
 def allocate_uniform(density: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor],
-                     budget: float) -> list[int]:
+                     budget: float, strict: bool = True) -> list[int]:
     """Every layer as close as possible to the same density, total FLOPs still on budget."""
     total = sum(float(f[0]) for f in flops)
     target = budget / total
     objectives = [(d.double() - target).square() * float(f[0]) / total for d, f in zip(density, flops)]
-    return allocate_dp(objectives, flops, allowed, budget)
+    return allocate_dp(objectives, flops, allowed, budget, strict=strict)
 
 
 def allocate_global(

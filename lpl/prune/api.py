@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import time
+import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -119,7 +120,15 @@ def prune_model(
         round_keep = float(flops_keep) ** (round_number / stages)
         with _pruned_weights(layers, masks, block_size):
             stats = collect_statistics(model, layers, batches, block_size, loss_fn,
-                                       with_gram=importance == "taylor2", max_batches=calib_batches)
+                                       with_gram=importance == "taylor2", max_batches=calib_batches,
+                                       skip_uncalled=include is None)
+        if len(stats) < len(layers):  # default selection: layers the forward never calls stay dense
+            skipped = [n for n in layers if n not in stats]
+            warnings.warn(f"prune_model: {len(skipped)} Linear layers are never called as modules in the forward "
+                          f"pass (e.g. {skipped[:2]}): left dense. Pass include=/exclude= to choose layers yourself.",
+                          stacklevel=2)
+            layers = {n: layers[n] for n in stats}
+            names = list(layers)
         if not first_order:
             for stat in stats.values():
                 stat.first = torch.zeros_like(stat.first)
@@ -134,8 +143,9 @@ def prune_model(
             reachable = sum(float(f[ok].max()) for f, ok in zip(flops, allowed) if ok.any()) / total
             round_keep = min(round_keep, reachable)
         budget = round_keep * total
+        final = round_number == stages
         if allocation == "uniform":
-            removed = allocate_uniform(density, flops, allowed, budget)
+            removed = allocate_uniform(density, flops, allowed, budget, strict=final)
         elif allocation == "global":
             block_flops = [2.0 * stats[n].tokens_per_sample
                            * block_elements(stats[n].shape, block_size).flatten().double() for n in names]
@@ -143,7 +153,7 @@ def prune_model(
                                       density, min_density, max_density, budget, allowed=allowed)
         else:
             removed = allocate_dp(hardware_objectives([curves[n] for n in names], round_keep, lambda_power),
-                                  flops, allowed, budget)
+                                  flops, allowed, budget, strict=final)
         masks = broadcast_masks({n: curves[n].mask(r, block_grid(stats[n].shape, block_size))
                                  for n, r in zip(names, removed)})
     return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,

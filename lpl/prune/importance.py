@@ -113,9 +113,15 @@ def collect_statistics(
     loss_fn: LossFn,
     with_gram: bool = True,
     max_batches: int | None = None,
+    skip_uncalled: bool = False,
 ) -> dict[str, LayerStatistics]:
-    """One forward/backward per calibration batch; returns statistics reduced over batches (and ranks)."""
+    """One forward/backward per calibration batch; returns statistics reduced over batches (and ranks).
+
+    A layer whose forward is never called (a model that reads ``layer.weight`` through ``F.linear`` itself) is an
+    error, or with ``skip_uncalled`` left out of the result (the caller keeps it dense).
+    """
     device = next(model.parameters()).device
+    layers = dict(layers)
     captured: dict[str, dict[str, torch.Tensor]] = {}
 
     def make_hook(name: str):
@@ -150,8 +156,11 @@ def collect_statistics(
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
                 missing = [name for name in layers if name not in captured]
-                if missing:
-                    raise LplError(f"layers {missing[:3]} were not called in the forward pass; exclude them.")
+                if missing and (not skip_uncalled or len(missing) == len(layers) or number > 0):
+                    raise LplError(f"layers {missing[:3]} were not called in the forward pass (the model uses their "
+                                   "weights without calling the module); exclude them.")
+                for name in missing:
+                    del layers[name], sums[name]
                 outputs = [captured[name]["y"] for name in layers]
                 if not loss.requires_grad:
                     raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")

@@ -69,3 +69,42 @@ def test_saved_result_on_a_model_with_other_layers_or_shapes(tiny_vit, batches, 
         apply_masks(other_names, loaded)
     with pytest.raises(LplError, match="not a saved PruneResult"):
         PruneResult.load(tmp_path / "missing")
+
+
+class WeightReadDirectly(nn.Module):
+    """Like EVA's fused qkv: one Linear's weight is used through F.linear, so the module itself is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(16, 32)
+        self.side = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        h = h + nn.functional.linear(h, self.side.weight)
+        return self.fc2(h)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+
+def test_layers_never_called_as_modules_stay_dense_by_default_and_are_an_error_when_named():
+    batches = [{"x": torch.randn(8, 16), "y": torch.randint(0, 8, (8,))} for _ in range(2)]
+    model = WeightReadDirectly()
+    with pytest.warns(UserWarning, match="never called as modules"):
+        result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5)
+    assert set(result.block_masks) == {"fc1", "fc2"}
+    with pytest.raises(LplError, match="not called in the forward"):
+        prune_model(model, batches, block_size=(8, 8), include=["fc1", "side"])
+
+
+def test_budget_finer_than_the_block_granularity_names_the_nearest_reachable_share():
+    batches = [{"x": torch.randn(8, 16), "y": torch.randint(0, 8, (8,))} for _ in range(2)]
+    model = WeightReadDirectly()  # fc1 + fc2: 12 blocks of 8x8, so shares move in steps of 1/12
+    with pytest.raises(LplError, match=r"block granularity.*nearest reachable share below it is 0\.58"):
+        prune_model(model, batches, block_size=(8, 8), flops_keep=0.6, include=["fc1", "fc2"])
+    for stages in (1, 2, 3):  # intermediate rounds land near their budgets; the last one meets it
+        result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, include=["fc1", "fc2"], stages=stages)
+        assert result.flops_keep == pytest.approx(0.5)
