@@ -168,7 +168,6 @@ def collect_statistics(
             for (name, layer), dy in zip(layers.items(), grads):
                 x = captured[name]["x"]
                 dy = torch.zeros_like(captured[name]["y"]) if dy is None else dy.detach()
-                n = x.shape[0]
                 acc = sums[name]
                 batch_grad = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
                 acc["grad"] += batch_grad

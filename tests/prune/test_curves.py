@@ -1,6 +1,5 @@
 """Distortion curves against brute force: zeroing blocks for real and measuring the loss."""
 
-import itertools
 
 import pytest
 import torch
