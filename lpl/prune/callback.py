@@ -178,16 +178,23 @@ class BlockPruneCallback(Callback):
         pl_module.eval()  # also turns distillation off: plain task loss
         total_loss = correct = count = 0.0
         has_labels = False
+        outputs: list[Any] = []  # the module's own forward output inside its loss: logits without a second forward
+        handle = pl_module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         try:
             for batch in trainer.datamodule.val_dataloader():
                 batch = move_to_device(batch, pl_module.device)
                 size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
+                outputs.clear()
                 total_loss += float(module_loss(pl_module, batch)) * size
                 if isinstance(batch, dict) and "label" in batch:
                     has_labels = True
-                    correct += float((pl_module(model_inputs(batch)).argmax(-1) == batch["label"]).sum())
+                    logits = outputs[0] if len(outputs) == 1 and isinstance(outputs[0], torch.Tensor) else None
+                    if logits is None or logits.shape[0] != batch["label"].shape[0]:
+                        logits = pl_module(model_inputs(batch))
+                    correct += float((logits.argmax(-1) == batch["label"]).sum())
                 count += size
         finally:
+            handle.remove()
             pl_module.train(was_training)
         if not count:
             return {}

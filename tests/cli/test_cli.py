@@ -49,6 +49,17 @@ def test_mnist_vit_fits_twice_in_the_same_folder(capsys) -> None:
     assert "final validation accuracy" in capsys.readouterr().out
 
 
+def test_readme_prune_demo_prunes_fine_tunes_and_logs(capsys) -> None:
+    """The README's main command, shortened: prune after the first step, W&B offline logger as configured."""
+    _fit("mnist_vit_prune.yaml", "--trainer.callbacks.init_args.prune_after_steps=1",
+         "--trainer.callbacks.init_args.calib_batches=2")
+    captured = capsys.readouterr()
+    out = captured.out + captured.err  # the callback reports through Lightning's rank-zero logger
+    assert "BlockPruneCallback: kept 0.50" in out and "predicted speedup" in out
+    assert "finetuned_val_acc" in out and "final validation accuracy" in out
+    assert list(Path("outputs/mnist_vit_prune").rglob("prune_result/*.safetensors"))
+
+
 def test_lm_text_fits(capsys) -> None:
     _fit("lm_text.yaml", "--data.init_args.seq_len=32")
     assert "val/ppl" in capsys.readouterr().out

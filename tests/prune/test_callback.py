@@ -36,6 +36,16 @@ def test_train_then_prune_with_distillation_logs_and_saves(tmp_path):
     assert abs(prune.result.flops_keep - 0.5) <= 0.01
     for stage in ("dense", "pruned", "finetuned"):
         assert 0.0 <= prune.metrics[f"prune/{stage}_val_acc"] <= 1.0
+    # the final numbers are the fine-tuned model's own: plain loss and accuracy over the whole validation set
+    data = trainer.datamodule
+    model.eval()
+    with torch.no_grad():
+        val = list(data.val_dataloader())
+        logits = torch.cat([model(b["image"]) for b in val])
+        labels = torch.cat([b["label"] for b in val])
+    assert prune.metrics["prune/finetuned_val_acc"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert prune.metrics["prune/finetuned_val_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
     for name, mask in prune.result.block_masks.items():
         weight = model.get_submodule(name).weight
         assert (weight[~expand_block_mask(mask, tuple(weight.shape), (8, 8))] == 0).all()
