@@ -7,6 +7,7 @@ Two searches: ``genetic`` (the paper's: order crossover, swap/insertion mutation
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,16 @@ class SearchResult:
 
 
 def _score(estimator: Any, orders: Tensor, chunk: int = 512) -> Tensor:
-    return torch.cat([estimator.estimate_many(orders[i : i + chunk]).final_loss.cpu() for i in range(0, len(orders), chunk)])
+    """Estimated final losses; a non-finite estimate (a diverging replay) ranks last instead of poisoning the min."""
+    scores = torch.cat([estimator.estimate_many(orders[i : i + chunk]).final_loss.cpu()
+                        for i in range(0, len(orders), chunk)])
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        warnings.warn(f"curriculum: {int(bad.sum())} of {len(scores)} orders got a non-finite estimate (the replay "
+                      f"diverges for them); they rank last. A steadier method (e.g. 'first_order') may fit better.",
+                      stacklevel=3)
+        scores = scores.masked_fill(bad, float("inf"))
+    return scores
 
 
 def order_crossover(a: Tensor, b: Tensor, generator: torch.Generator) -> Tensor:

@@ -106,6 +106,10 @@ class OrderEstimator(L.LightningModule):
     ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
     curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
     projected preconditioned gradients) or "adam_first_order" (adam plus the curvature correction).
+    The adam variants read each batch's preconditioned gradient with the reference run's second moment and keep it in
+    the rebuilt momentum: where a coordinate's second moment is near zero (embeddings of rare tokens, say) that term
+    is up to sqrt(t) times what Adam really applies later, and on the demo LM their estimates diverge; the paper's
+    update-term methods (``zeroth_order``, ``first_order``) stay bounded there.
     ``quadratic`` adds 1/2 Delta^T H_val Delta to the linearised validation loss when the recording holds the
     validation curvature (``TrainOrderRecorder(val_curvature_rank=m)``).
     """

@@ -177,7 +177,12 @@ class RecordingWriter:
     def _to_store(self, tensor: torch.Tensor, per_item_numel: int) -> torch.Tensor:
         # scalars (losses) stay fp32: fp16's 3 significant digits are too coarse for loss differences
         if tensor.is_floating_point() and per_item_numel > 1:
-            return tensor.to(self.store_dtype)
+            stored = tensor.to(self.store_dtype)
+            if torch.isfinite(stored).all() or not torch.isfinite(tensor).all():
+                return stored
+            # out of the store dtype's range (e.g. Adam's sensitivity where v ~ 0): keep this tensor in fp32
+            # rather than write infinities; the reader casts every tensor to fp32 anyway
+            return tensor.float()
         return tensor.float() if tensor.is_floating_point() else tensor
 
     def write_probe_shard(

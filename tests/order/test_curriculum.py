@@ -37,6 +37,22 @@ def test_found_order_beats_the_median_random_order_when_retrained(task, method):
     assert task.retrain(result.order)[0] < np.median(random_truth)
 
 
+def test_non_finite_estimates_rank_last_with_a_warning(task):
+    class Diverging:
+        """An estimator whose replay blows up for orders starting with batch 0."""
+
+        num_batches = NUM_BATCHES
+
+        def estimate_many(self, orders):
+            inner = OrderEstimator(task.data, method="first_order").estimate_many(orders)
+            inner.final_loss[orders[:, 0] == 0] = float("nan")
+            return inner
+
+    with pytest.warns(UserWarning, match="non-finite"):
+        result = search(Diverging(), budget=256, method="local", population=32, seed=0)
+    assert np.isfinite(result.score) and result.order[0] != 0
+
+
 def test_search_input_errors(task):
     estimator = OrderEstimator(task.data, method="adam")
     with pytest.raises(LplError, match="unknown search method"):

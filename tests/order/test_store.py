@@ -66,6 +66,18 @@ def test_roundtrip_reads_what_was_written(tmp_path):
     assert manifest["sizes"]["total_bytes"] == sum(f["bytes"] for f in rec.files())
 
 
+def test_values_beyond_float16_range_are_kept_in_float32_not_written_as_infinity(tmp_path):
+    writer = RecordingWriter.create(tmp_path, _header(), BATCHES, ORDER, {"w": torch.ones(3, 2), "b": torch.zeros(3)})
+    big = [{"loss": torch.tensor(1.0), "grad": torch.tensor([1e6, -3.0, 0.5, 7e4]) + p} for p in range(3)]
+    shard = writer.write_probe_shard(0, 0, big, [0, 1, 2], {"val_loss": torch.tensor(1.0), "val_grad": torch.ones(4)})
+    writer.add_probe(0, [shard], {"val_loss": 1.0})
+    writer.flush()
+    step = Recording.open(tmp_path).step(0)
+    assert torch.isfinite(step["grad"]).all() and step["grad"].dtype == torch.float32
+    assert torch.equal(step["grad"], torch.stack([torch.tensor([1e6, -3.0, 0.5, 7e4]) + p for p in range(3)]))
+    assert step["val_grad"].dtype == torch.float16  # in range: the store dtype
+
+
 def test_shards_of_several_ranks_merge_into_pool_order(tmp_path):
     _record(tmp_path / "one")
     _record(tmp_path / "two", world=2)
