@@ -6,6 +6,7 @@ turns a recording (``lpl.order.Recording``) into the replay's stacked tensors.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -166,7 +167,15 @@ class OrderEstimator(L.LightningModule):
 
     def estimate_many(self, orders: Tensor | Sequence[Sequence[int]]) -> ReplayResult:
         """Batched estimates for ``orders`` [N, L] (all of one length)."""
-        return replay(self.data, torch.as_tensor(orders), self.method, self.control_variates, self.quadratic)
+        result = replay(self.data, torch.as_tensor(orders), self.method, self.control_variates, self.quadratic)
+        diverged = ~torch.isfinite(result.final_loss)
+        if diverged.any():
+            warnings.warn(
+                f"OrderEstimator: the {self.method!r} replay diverged (non-finite loss) for {int(diverged.sum())} of "
+                f"{len(diverged)} orders: its corrections grow without bound along them. A steadier method "
+                "('first_order' or 'zeroth_order') or a recording with smaller learning rates fits better.",
+                stacklevel=2)
+        return result
 
     def estimate(self, order: Sequence[int] | Tensor) -> OrderEstimate:
         """Estimate for one order: a sequence of pool batch ids (a permutation, or repeats and omissions)."""

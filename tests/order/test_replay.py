@@ -157,3 +157,16 @@ def test_log_estimates_reports_agreement_and_is_optional(task):
     assert summary["order/spearman"] == pytest.approx(spearmanr(result.final_loss.numpy(), truth)[0])
     assert logger.logged[0][0] == summary
     assert "order/mae" not in log_estimates(None, result)
+
+
+def test_a_diverging_replay_warns_instead_of_returning_silent_nans(task):
+    import dataclasses
+
+    from lpl.order.estimator import OrderEstimator
+
+    runaway = dataclasses.replace(task.data, lr=task.data.lr * 1e7)  # corrections amplify at every step
+    estimator = OrderEstimator(runaway, method="first_order")
+    orders = torch.stack([torch.randperm(NUM_BATCHES, generator=torch.Generator().manual_seed(s)) for s in range(4)])
+    with pytest.warns(UserWarning, match="diverged"):
+        result = estimator.estimate_many(orders)
+    assert not torch.isfinite(result.final_loss).all()
