@@ -50,6 +50,13 @@ def _hessian(params, batch):
     return torch.autograd.functional.hessian(loss_at, torch.cat([p.detach().reshape(-1) for p in params]))
 
 
+def _fresh_adam(model):
+    """The model's parameters and the Adam state before its first step (zero moments)."""
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    return params, AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, [z.clone() for z in zeros])
+
+
 def _snapshot(optimizer, params, step, decoupled):
     group = optimizer.param_groups[0]
     states = [optimizer.state.get(p, {}) for p in params]
@@ -129,9 +136,7 @@ def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected
 
 def test_validation_probe():
     model, batches = _problem(3)
-    params = list(model.parameters())
-    zeros = [torch.zeros_like(p) for p in params]
-    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    params, adam = _fresh_adam(model)
     out = probe_validation(ProbeContext(0, params, adam, Identity()), lambda: _loss(model, batches[1]))
     model.zero_grad()
     loss = _loss(model, batches[1])
@@ -143,9 +148,7 @@ def test_validation_probe():
 
 def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_gives_the_exact_quadratic():
     model, batches = _problem(6)
-    params = list(model.parameters())
-    zeros = [torch.zeros_like(p) for p in params]
-    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    params, adam = _fresh_adam(model)
     dim = sum(p.numel() for p in params)
     hessian = _hessian(params, batches[1])
     out = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=4), lambda: _loss(model, batches[1]))
@@ -179,9 +182,7 @@ def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_giv
 
 def test_validation_first_gives_exact_dot_scalars():
     model, batches = _problem(4)
-    params = list(model.parameters())
-    zeros = [torch.zeros_like(p) for p in params]
-    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    params, adam = _fresh_adam(model)
     dim = sum(p.numel() for p in params)
     ctx = ProbeContext(0, params, adam, DenseProjector(dim, 8))
     assert "val_dot_update" not in probe_pool_batch(ctx, lambda: _loss(model, batches[0]))
@@ -194,9 +195,7 @@ def test_validation_first_gives_exact_dot_scalars():
 
 def test_pool_first_then_validation_gives_the_dot_scalars_per_batch():
     model, batches = _problem(5)
-    params = list(model.parameters())
-    zeros = [torch.zeros_like(p) for p in params]
-    adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, zeros)
+    params, adam = _fresh_adam(model)
     dim = sum(p.numel() for p in params)
     ctx = ProbeContext(0, params, adam, DenseProjector(dim, 8))
     pool = [probe_pool_batch(ctx, lambda b=b: _loss(model, b)) for b in batches]
