@@ -46,7 +46,7 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
 
 
 def check_options(flops_keep: float, importance: str, allocation: str, lambda_power: float,
-                  min_density: float, max_density: float) -> None:
+                  min_density: float, max_density: float, stages: int) -> None:
     if not 0.0 < float(flops_keep) <= 1.0:
         raise LplError(f"flops_keep must be in (0, 1], got {flops_keep}.")
     if importance not in IMPORTANCES:
@@ -59,6 +59,8 @@ def check_options(flops_keep: float, importance: str, allocation: str, lambda_po
         raise LplError(f"min_density must be in [0, 1] and max_density in (0, 1], got {min_density}, {max_density}.")
     if min_density > max_density:
         raise LplError(f"min_density {min_density} is larger than max_density {max_density}; swap or fix them.")
+    if stages < 1:
+        raise LplError(f"stages must be >= 1, got {stages}.")
 
 
 def prune_model(
@@ -97,7 +99,7 @@ def prune_model(
         print(result.flops_keep, result.predicted_speedup)
     """
     started = time.perf_counter()
-    check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density)
+    check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
     if not any(p.requires_grad for p in model.parameters()):
         raise LplError("the model has no trainable weights (requires_grad is False everywhere); calibration needs "
                        "gradients: call model.requires_grad_(True) first.")
@@ -109,8 +111,6 @@ def prune_model(
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
 
-    if stages < 1:
-        raise LplError(f"stages must be >= 1, got {stages}.")
     batches = calib_dataloader if stages == 1 else list(_take(calib_dataloader, calib_batches))
     names = list(layers)
     masks: dict[str, torch.Tensor] = {}

@@ -72,11 +72,9 @@ class BlockPruneCallback(Callback):
         result: PruneResult | str | None = None,
     ) -> None:
         super().__init__()
-        check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density)
+        check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
         if calib_batches <= 0:
             raise LplError(f"calib_batches must be positive, got {calib_batches}.")
-        if stages < 1:
-            raise LplError(f"stages must be >= 1, got {stages}.")
         if prune_after_steps < 0:
             raise LplError(f"prune_after_steps must be >= 0, got {prune_after_steps}.")
         self.options = dict(

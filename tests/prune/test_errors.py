@@ -108,3 +108,12 @@ def test_budget_finer_than_the_block_granularity_names_the_nearest_reachable_sha
     for stages in (1, 2, 3):  # intermediate rounds land near their budgets; the last one meets it
         result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, include=["fc1", "fc2"], stages=stages)
         assert result.flops_keep == pytest.approx(0.5)
+
+
+def test_stages_below_one(tiny_vit, batches):
+    from lpl.prune import BlockPruneCallback
+
+    with pytest.raises(LplError, match="stages must be >= 1"):
+        prune_model(tiny_vit, batches, stages=0)
+    with pytest.raises(LplError, match="stages must be >= 1"):
+        BlockPruneCallback(stages=0)
