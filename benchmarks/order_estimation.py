@@ -163,7 +163,7 @@ def num_params(task: str, lr: float, steps: int) -> int:
 
 
 def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool,
-           val_rank: int = 8) -> float:
+           val_rank: int) -> float:
     """Record (or reuse a complete recording); returns the recording's wall seconds (0 when reused)."""
     if (path / "manifest.json").exists():
         try:
@@ -381,7 +381,7 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="also the full-space column (small models only)")
     parser.add_argument("--orders", type=int, default=16)
     parser.add_argument("--curvature-rank", type=int, default=2)
-    parser.add_argument("--val-curvature-rank", type=int, default=8, help="validation Hessian Krylov dimension")
+    parser.add_argument("--val-curvature-rank", type=int, default=8, help="top validation curvature directions recorded at the end (0: none)")
     parser.add_argument("--select-method", default="adam_first_order", choices=METHODS)
     parser.add_argument("--search-budget", type=int, default=2048)
     parser.add_argument("--map-batches", type=int, default=3)

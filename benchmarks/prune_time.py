@@ -13,7 +13,9 @@ go to benchmarks/results/prune_time_<device>.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +23,15 @@ import torch
 
 from lpl.models import ViTClassifier
 from lpl.prune import prune_model
+from lpl.utils.io import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("lpl_kernel_benchmark", _HERE / "kernels.py")
+bench = importlib.util.module_from_spec(_spec)  # for device_slug, shared by every benchmark's file names
+sys.modules[_spec.name] = bench
+_spec.loader.exec_module(bench)
+
+RESULTS = _HERE / "results"
 # name -> (ViTClassifier arguments, block size, image shape, calibration batch size)
 MODELS = {
     "demo_vit": (dict(model_name="vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
@@ -81,18 +90,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        label = torch.cuda.get_device_name(device)
-    else:
-        label = f"cpu-{torch.get_num_threads()}t"
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     rows = []
     for name in args.models:
         row = time_model(name, args, device)
         rows.append(row)
         print(f"{name}: {row['seconds']:.1f} s (spread {row['spread']:.1f} s) for {row['images']} calibration images, "
               f"kept {row['flops_keep']:.3f} of FLOPs, predicted speedup {row['speedup']:.2f}x", flush=True)
-    slug = "-".join("".join(c if c.isalnum() else "-" for c in label.lower()).split("-")).strip("-")
-    slug = "-".join(p for p in slug.split("-") if p)
     lines = [f"# prune_model wall time on {label}", "",
              f"taylor2 + hardware allocation, {args.stages} calibration rounds, flops_keep {args.flops_keep}, "
              f"{args.calib_batches} calibration batches, median of {args.repeats} after a warm-up; torch "
@@ -102,8 +106,8 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['block']}x{r['block']} | {r['images']} | {r['seconds']:.1f} | {r['spread']:.1f} | "
               f"{r['flops_keep']:.3f} | {r['speedup']:.2f}x |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"prune_time_{slug}.md"
-    path.write_text("\n".join(lines) + "\n")
+    path = args.out / f"prune_time_{bench.device_slug(device)}.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"written {path}")
 
 

@@ -68,7 +68,7 @@ class ProbeContext:
     adam: AdamSnapshot
     projector: "Projector"
     curvature_rank: int = 0  # r > 0 also records the per-batch curvature factors (r Hessian-vector products)
-    val_curvature_rank: int = 0  # m > 0 also records the validation Hessian on an m-dim Krylov space (m HVPs)
+    val_curvature_rank: int = 0  # m > 0 also records the validation loss's top-m curvature (4m HVPs)
     val_grad: Tensor | None = None  # full validation gradient, set by probe_validation (kept in memory only)
     # full (update, precond_grad) of pool batches probed before the validation probe, for the exact dot scalars
     # (None once over DOT_CACHE_BYTES: then no scalars for this step rather than a partial set)
