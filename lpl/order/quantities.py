@@ -283,7 +283,7 @@ def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[
     validation gradient, stored as ``val_curv_basis`` = [P q_i] and ``val_curv_matrix`` = diag(lambda), so the
     estimator can add 1/2 <Delta, H_val Delta> ~ 1/2 sum_i lambda_i <P q_i, P Delta>^2 to its linearised loss.
     (A Krylov space of only m steps missed most of the top curvature on the digits task and made estimates worse;
-    the top-m Ritz pairs of 4m steps matched the exact Hessian's there.)
+    extra Lanczos steps let the kept Ritz pairs converge to the top eigenpairs.)
     """
     curvature = ctx.val_curvature_rank > 0
     with torch.enable_grad():
