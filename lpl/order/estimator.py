@@ -67,6 +67,19 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
 
     manifest = recording.manifest
     adam = manifest.get("optimizer", {})
+    swap_tables = swap_curvature = None
+    sensitivity = recording.sensitivity() if callable(getattr(recording, "sensitivity", None)) else None
+    if sensitivity is not None:
+        tensors, _ = sensitivity
+        swap_tables, swap_curvature = tensors.get("tables"), tensors.get("curvature")
+        expected = (num_steps, len(recording.batches))
+        if swap_tables is None or swap_curvature is None or tuple(swap_tables.shape[1:]) != expected or (
+            swap_curvature.numel() != swap_tables.shape[0] - 1
+        ):
+            raise LplError(
+                f"the sensitivity tables of {recording.root} do not match the recording (expected [1 + m, "
+                f"{expected[0]}, {expected[1]}]); build them again with record_sensitivities."
+            )
     scalars = recording.scalars
     lr = torch.as_tensor(scalars["lr"], dtype=torch.float64)[:num_steps]
     return ReplayData(
@@ -89,6 +102,8 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
         val_dot_precond=stack("val_dot_precond"),
         val_curv_basis=steps[-1].get("val_curv_basis"),
         val_curv_matrix=steps[-1].get("val_curv_matrix"),
+        swap_tables=swap_tables,
+        swap_curvature=swap_curvature,
     )
 
 
@@ -106,7 +121,9 @@ class OrderEstimator(L.LightningModule):
 
     ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
     curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
-    projected preconditioned gradients) or "adam_first_order" (adam plus the curvature correction).
+    projected preconditioned gradients), "adam_first_order" (adam plus the curvature correction) or "adjoint" (the
+    final loss from the exact sensitivity tables that ``lpl.order.adjoint.record_sensitivities`` adds to a
+    recording; complete orders only).
     The adam variants read each batch's preconditioned gradient with the reference run's second moment and keep it in
     the rebuilt momentum: where a coordinate's second moment is near zero (embeddings of rare tokens, say) that term
     is up to sqrt(t) times what Adam really applies later, and on the demo LM their estimates diverge; the paper's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -89,6 +90,25 @@ def plan_pool(batch_sampler: Any, batches_per_epoch: int, total_steps: int) -> t
             order.append(index[key])
         epoch += 1
     return pool, order
+
+
+def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
+    """A closure computing the sample-weighted mean ``module_loss`` over ``loader``, differentiable (the caller
+    chooses eval or train mode); ``forward`` is the precision context to run each batch in."""
+    def val_loss() -> torch.Tensor:
+        total, count = None, 0
+        for batch in loader:
+            batch = move_data_to_device(batch, module.device)
+            size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
+            with forward():
+                loss = module_loss(module, batch) * size
+            total = loss if total is None else total + loss
+            count += size
+        if total is None:
+            raise LplError("the validation loader is empty; TrainOrderRecorder needs validation data to probe.")
+        return total / count
+
+    return val_loss
 
 
 class TrainOrderRecorder(L.Callback):
@@ -387,7 +407,7 @@ class TrainOrderRecorder(L.Callback):
             val_loader = self._val_loader(trainer)
             val_outputs = None
             if val_loader is not None:
-                val_outputs = quantities.probe_validation(context, self._val_loss_fn(val_loader, pl_module, forward))
+                val_outputs = quantities.probe_validation(context, validation_loss_fn(val_loader, pl_module, forward))
             outputs = []
             for position in positions:
                 batch = self._pool_batch(trainer, pl_module, position)
@@ -412,20 +432,3 @@ class TrainOrderRecorder(L.Callback):
             scalars = {name: float(v) for name, v in (val_outputs or {}).items() if v.numel() == 1}
             self._writer.add_probe(step, shards, scalars)
             self._writer.flush()
-
-    @staticmethod
-    def _val_loss_fn(loader: Any, pl_module: L.LightningModule, forward: Callable) -> Callable[[], torch.Tensor]:
-        def val_loss() -> torch.Tensor:
-            total, count = None, 0
-            for batch in loader:
-                batch = move_data_to_device(batch, pl_module.device)
-                size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
-                with forward():
-                    loss = module_loss(pl_module, batch) * size
-                total = loss if total is None else total + loss
-                count += size
-            if total is None:
-                raise LplError("the validation loader is empty; TrainOrderRecorder needs validation data to probe.")
-            return total / count
-
-        return val_loss

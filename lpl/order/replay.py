@@ -17,6 +17,8 @@ Methods:
 - ``adam``: each order's own first moment, rebuilt exactly from the batches' preconditioned gradients (momentum is
   linear), instead of the reference run's m_{t-1} that the paper's term reuses.
 - ``adam_first_order``: ``adam`` plus the per-batch first-order curvature correction of the preconditioned gradients.
+- ``adjoint``: the final validation loss from exact adjoint sensitivity tables (``lpl.order.adjoint``), no
+  projection involved; the loss curve before the last step and the per-batch end losses come from ``zeroth_order``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from lpl.utils.errors import LplError
 
-METHODS = ("zeroth_order", "first_order", "second_order", "adam", "adam_first_order")
+METHODS = ("zeroth_order", "first_order", "second_order", "adam", "adam_first_order", "adjoint")
 CURVATURE_METHODS = ("first_order", "second_order", "adam_first_order")
 
 
@@ -60,6 +62,9 @@ class ReplayData:
     # top validation curvature at theta_T: H_val ~ Q^T M Q, orthonormal rows q_i (stored projected), M = Q H_val Q^T
     val_curv_basis: Tensor | None = None  # [m, k] P q_i
     val_curv_matrix: Tensor | None = None  # [m, m] (diagonal: the Ritz values)
+    # adjoint sensitivity tables (lpl.order.adjoint): [1 + m, T, nb], table 0 for the validation gradient
+    swap_tables: Tensor | None = None
+    swap_curvature: Tensor | None = None  # [m] Ritz values of the tables' curvature directions
 
     @property
     def num_steps(self) -> int:
@@ -142,6 +147,11 @@ def check_method(data: ReplayData, method: str) -> None:
             f"method {method!r} needs per-batch curvature factors, which this recording lacks; record with "
             "TrainOrderRecorder(curvature_rank=2) (or more), or use method 'adam' or 'zeroth_order'."
         )
+    if method == "adjoint" and data.swap_tables is None:
+        raise LplError(
+            "method 'adjoint' needs the recording's sensitivity tables, which it lacks; build them once with "
+            "lpl.order.adjoint.record_sensitivities(path) (CLI: `lpl sensitivity --recording DIR`)."
+        )
 
 
 def replay(
@@ -156,6 +166,8 @@ def replay(
     """
     check_method(data, method)
     orders = check_orders(orders, data.num_batches, data.num_steps)
+    if method == "adjoint":
+        return _replay_adjoint(data, orders, control_variates, quadratic)
     n, length = orders.shape
     device = data.update.device
     orders = orders.to(device)
@@ -236,3 +248,20 @@ def replay(
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
     return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses,
                         displacement=delta)
+
+
+def _replay_adjoint(data: ReplayData, orders: Tensor, control_variates: bool, quadratic: bool) -> ReplayResult:
+    from lpl.order.adjoint import estimate_from_tables
+
+    if orders.shape[1] != data.num_steps:
+        raise LplError(
+            f"method 'adjoint' scores complete orders of {data.num_steps} steps (its tables describe the final "
+            f"weights); got {orders.shape[1]} steps: use another method for shorter orders."
+        )
+    result = replay(data, orders, "zeroth_order", control_variates, quadratic)
+    tables = data.swap_tables.float() if quadratic else data.swap_tables[:1].float()
+    final = estimate_from_tables(tables, data.swap_curvature.float(), float(data.val_loss[-1]), orders,
+                                 data.reference_order)
+    result.final_loss = final
+    result.loss_curve[:, -1] = final
+    return result

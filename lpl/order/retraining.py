@@ -95,19 +95,54 @@ def validation_loss(module: L.LightningModule, loader: Any) -> float:
 
 
 class _LossCurve(L.Callback):
-    """Validation loss before every n-th step and after the last; stops after ``stop_after`` steps."""
+    """Validation loss before every n-th step (the last point is filled in by ``retrain``)."""
 
-    def __init__(self, loader: Any, every: int, stop_after: int) -> None:
-        self.loader, self.every, self.stop_after = loader, every, stop_after
-        self.curve = torch.full((stop_after + 1,), math.nan, dtype=torch.float64)
+    def __init__(self, every: int, steps: int) -> None:
+        self.every = every
+        self.curve = torch.full((steps + 1,), math.nan, dtype=torch.float64)
+        self.loader: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loader = trainer.datamodule.val_dataloader()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every == 0:
             self.curve[step] = validation_loss(pl_module, self.loader)
 
+
+def fit_in_order(
+    recording: Any, model: L.LightningModule, datamodule: L.LightningDataModule, steps: int,
+    callbacks: list[L.Callback], accelerator: str = "auto", trainer_kwargs: Mapping[str, Any] | None = None,
+) -> float:
+    """Train ``model`` (from ``rebuild``) for ``steps`` steps under the recording's seed and schedule; returns
+    the seconds spent. The schedule's length is the recorded number of steps, whatever ``steps`` is."""
+    import time
+
+    seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
+    L.seed_everything(seed, verbose=False)
+    datamodule.setup("fit")
+    settings = dict(
+        accelerator=accelerator, devices=1, max_epochs=-1, max_steps=recording.num_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[_StopAfter(steps), *callbacks],
+    )
+    settings.update(trainer_kwargs or {})
+    trainer = L.Trainer(**settings)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    if trainer.global_step != steps:
+        raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
+    return seconds
+
+
+class _StopAfter(L.Callback):
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step >= self.stop_after:
+        if trainer.global_step >= self.steps:
             trainer.should_stop = True
 
 
@@ -131,8 +166,6 @@ def retrain(
         truth = retrain("runs/ref/recording", order=list(reversed(range(64))))
         print(truth.final_loss, truth.loss_curve[-1])
     """
-    import time
-
     from lpl.order.store import Recording
 
     recording = Recording.open(path)
@@ -145,22 +178,8 @@ def retrain(
         raise LplError(f"curve_every_n_steps must be positive, got {curve_every_n_steps}.")
     steps = int(order_tensor.numel())
     model, datamodule = rebuild(recording, order_tensor.tolist())
-    seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
-    L.seed_everything(seed, verbose=False)
-    datamodule.setup("fit")
-    curve = _LossCurve(datamodule.val_dataloader(), curve_every_n_steps, steps)
-    settings = dict(
-        accelerator=accelerator, devices=1, max_epochs=-1, max_steps=recording.num_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[curve],
-    )
-    settings.update(trainer_kwargs or {})
-    trainer = L.Trainer(**settings)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - start
-    if trainer.global_step != steps:
-        raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
+    curve = _LossCurve(curve_every_n_steps, steps)
+    seconds = fit_in_order(recording, model, datamodule, steps, [curve], accelerator, trainer_kwargs)
     curve.curve[steps] = validation_loss(model, datamodule.val_dataloader())
     ends = None
     if batch_losses:

@@ -7,6 +7,7 @@ Layout::
     initial_state.safetensors          the module's state_dict before the first step
     probes/t000012_r0.safetensors      what rank 0 probed at step 12 ("pool.<name>" stacked over its pool batches,
                                        "pool_positions", and on rank 0 "val.<name>")
+    sensitivity.safetensors            optional, added to a complete recording by ``lpl.order.record_sensitivities``
 
 Every file is written to a temporary name, fsynced and renamed (``lpl.utils.io``); the manifest is rewritten last,
 so it only ever names complete files, and files it does not name (from a step cut short) are ignored and later
@@ -33,6 +34,7 @@ MANIFEST = "manifest.json"
 POOL_FILE = "pool.safetensors"
 INITIAL_STATE_FILE = "initial_state.safetensors"
 PROBE_DIR = "probes"
+SENSITIVITY_FILE = "sensitivity.safetensors"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 POOL_PREFIX, VAL_PREFIX = "pool.", "val."
 # fields that must agree for a resumed run to continue an existing recording
@@ -164,6 +166,7 @@ class RecordingWriter:
         manifest["steps"] = manifest["steps"][:from_step]
         manifest["probes"] = [p for p in manifest["probes"] if p["t"] < from_step]
         manifest["status"] = "recording"
+        manifest.pop("sensitivity", None)  # built from the steps being replaced
         manifest["world_size"] = header.get("world_size", manifest.get("world_size"))
         writer = cls(root, manifest)
         writer.flush()
@@ -379,9 +382,26 @@ class Recording:
         """The module's state_dict before the first training step."""
         return self._read_all(self.manifest["initial_state"])
 
+    def sensitivity(self) -> tuple[dict[str, torch.Tensor], Mapping[str, Any]] | None:
+        """The adjoint sensitivity tables and their manifest entry, or None when they were never built."""
+        info = self.manifest.get("sensitivity")
+        if not info:
+            return None
+        return self._read_all(info), info
+
+    def write_sensitivity(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+        """Add the sensitivity tables to a complete recording (file first, then the manifest, both atomically)."""
+        if self.status != "complete":
+            raise RecordingError(f"{self.root} is not complete (status {self.status!r}); finish the run first.")
+        entry = _write_file(self.root, SENSITIVITY_FILE, _serialise(tensors))
+        self.manifest["sensitivity"] = {**dict(info), **entry}
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
     def files(self) -> list[Mapping[str, Any]]:
         """Every file the manifest names, with its sha256 and size."""
         infos = [self.manifest["pool"], self.manifest["initial_state"]]
+        if self.manifest.get("sensitivity"):
+            infos.append(self.manifest["sensitivity"])
         return infos + [shard for probe in self.manifest["probes"] for shard in probe["shards"]]
 
     def verify(self) -> None:

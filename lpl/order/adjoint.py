@@ -1,0 +1,293 @@
+"""Adjoint sensitivity tables: the final validation loss of any order as a sum of T exact scalars.
+
+The projected replay methods (``lpl.order.replay``) carry each order's displacement Delta_t = gamma_t - theta_t
+through k-dimensional projections, where Adam's coordinate-wise nonlinearity cannot be applied. This module keeps
+the nonlinearity where it matters and makes everything else linear, so that the loss of an order decomposes:
+
+1. **Swap effects, exact** (nonlinear). Feeding pool batch b's gradient at step t instead of the reference run's
+   changes Adam's moments at every later step s >= t by beta1^(s-t) (1 - beta1) (g_b - g_t) and
+   beta2^(s-t) (1 - beta2) (g_b^2 - g_t^2). Its effect on every later update, u_s(t, b) - u_s, is computed exactly,
+   square roots included; it stays bounded where a coordinate's second moment is ~0 (a linearisation of Adam there
+   is off by orders of magnitude).
+2. **Propagation, linear**. A displacement delta theta_s changes later gradients through the reference batch's own
+   Hessian H_s; that change enters the momentum and the update divided by the reference run's denominator
+   (the second moment's response to it is dropped). The map is linear, so its adjoint runs backwards once:
+   a_T = w (the validation gradient, or a curvature direction), and for s = T-1 .. 0 with
+   c_s = lr_s / ((1 - beta1^(s+1)) (sqrt(v_hat_{s+1}) + eps)),
+   b~ = b_{s+1} - c_s a_{s+1};  a_s = (1 - lr_s wd) a_{s+1} + (1 - beta1) H_s b~;  b_s = beta1 b~.
+3. **Tables**. ``table[t, b] = sum_{s >= t} a_{s+1} . (-lr_s) (u_s(t, b) - u_s)``: the first-order change of
+   <w, theta_T> when batch b replaces step t's batch. An order l then ends at
+   <w, Delta_T> ~ sum_t (table[t, l_t] - table[t, r_t]), and the final loss estimate is
+   L(theta_T) + sum_t (table_0[t, l_t] - table_0[t, r_t]) + 1/2 sum_i lambda_i coord_i^2 with coord_i from the
+   table of the i-th top validation-curvature direction q_i (Ritz value lambda_i).
+
+Orders are scored by T gathers per table: millions of orders per second, with no projection noise. Building the
+tables costs one re-run of the reference training (states kept in host memory: 3 (T + 1) d floats), T x (1 + m)
+Hessian-vector products, T x num_batches gradients, and O(T^2 num_batches d) elementwise work.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lpl.utils.errors import LplError
+from lpl.utils.loss import module_loss
+
+
+@dataclass
+class Trajectory:
+    """The reference run's flat parameters and Adam moments before each step t = 0..T (index T: after the last).
+
+    ``theta``, ``exp_avg``, ``exp_avg_sq``: [T + 1, d]; ``lr``: [T]; the rest are Adam's hyperparameters.
+    """
+
+    theta: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    lr: Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled: bool
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.lr.numel())
+
+    def bias_corrections(self, s: int) -> tuple[float, float]:
+        """Adam's (1 - beta1^(s+1), 1 - beta2^(s+1)) at step s (torch counts steps from 1)."""
+        beta1, beta2 = self.betas
+        return 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
+
+    def update(self, s: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
+        """Adam's direction m_hat / (sqrt(v_hat) + eps) at step s from moments after the step (any leading dims)."""
+        bc1, bc2 = self.bias_corrections(s)
+        return (exp_avg / bc1) / ((exp_avg_sq.clamp_min(0.0) / bc2).sqrt() + self.eps)
+
+
+def adjoint_vectors(trajectory: Trajectory, hvp: Callable[[int, Tensor], Tensor], targets: Tensor) -> Tensor:
+    """a_{s+1} for s = 0..T-1 ([T, n, d]): the sensitivity of <targets_i, theta_T> to a displacement added to
+    theta_{s+1}, through the linearised Adam map of the module docstring.
+
+    ``hvp(s, x)`` returns H_s x for x [n, d], H_s the Hessian of the reference batch's loss at theta_s (without
+    weight decay: coupled weight decay is added here).
+    """
+    beta1 = trajectory.betas[0]
+    a = targets.clone()
+    b = torch.zeros_like(a)
+    out = a.new_empty((trajectory.num_steps, *a.shape))
+    for s in reversed(range(trajectory.num_steps)):
+        out[s] = a
+        lr = float(trajectory.lr[s])
+        bc1, bc2 = trajectory.bias_corrections(s)
+        scale = lr / (bc1 * ((trajectory.exp_avg_sq[s + 1].clamp_min(0.0) / bc2).sqrt() + trajectory.eps))
+        b_tilde = b - scale * a
+        curvature = hvp(s, b_tilde)
+        if trajectory.weight_decay and not trajectory.decoupled:
+            curvature = curvature + trajectory.weight_decay * b_tilde
+        keep = 1.0 - lr * trajectory.weight_decay if trajectory.decoupled else 1.0
+        a = keep * a + (1.0 - beta1) * curvature
+        b = beta1 * b_tilde
+    return out
+
+
+def swap_tables(trajectory: Trajectory, batch_grads: Callable[[int], Tensor], adjoints: Tensor,
+                progress: Callable[[int], None] | None = None) -> Tensor:
+    """``table[i, t, b]`` = sum_{s >= t} a_{s+1,i} . (-lr_s) (u_s(t, b) - u_s) ([n, T, num_batches]).
+
+    ``batch_grads(t)`` returns every pool batch's loss gradient at theta_t ([num_batches, d], without weight decay);
+    ``adjoints`` is ``adjoint_vectors``' output. u_s(t, b) is Adam's update at step s when batch b's gradient
+    replaced the reference one at step t, all else as in the reference run (exact, square roots included).
+    """
+    beta1, beta2 = trajectory.betas
+    steps = trajectory.num_steps
+    m, v = trajectory.exp_avg, trajectory.exp_avg_sq
+    base = torch.stack([trajectory.update(s, m[s + 1], v[s + 1]) for s in range(steps)])
+    tables = None
+    for t in range(steps):
+        grads = batch_grads(t)
+        if trajectory.weight_decay and not trajectory.decoupled:
+            grads = grads + trajectory.weight_decay * trajectory.theta[t]
+        # the gradient the reference run fed Adam at step t, read back from its moments (exact up to rounding)
+        trained = (m[t + 1] - beta1 * m[t]) / (1.0 - beta1)
+        trained_sq = ((v[t + 1] - beta2 * v[t]) / (1.0 - beta2)).clamp_min(0.0)
+        dm = (1.0 - beta1) * (grads - trained)
+        dv = (1.0 - beta2) * (grads * grads - trained_sq)
+        if tables is None:
+            tables = grads.new_zeros(adjoints.shape[1], steps, grads.shape[0])
+        for s in range(t, steps):
+            swapped = trajectory.update(s, m[s + 1] + beta1 ** (s - t) * dm, v[s + 1] + beta2 ** (s - t) * dv)
+            change = swapped - base[s]
+            tables[:, t] -= float(trajectory.lr[s]) * (adjoints[s] @ change.T)
+        if progress is not None:
+            progress(t)
+    return tables
+
+
+def estimate_from_tables(tables: Tensor, curvature: Tensor, reference_loss: float, orders: Tensor,
+                         reference_order: Tensor) -> Tensor:
+    """Final validation loss of each order [N, T]: table 0 is the validation gradient's, tables 1..m the curvature
+    directions' with Ritz values ``curvature`` [m]."""
+    steps = torch.arange(orders.shape[1], device=orders.device)
+    moved = tables[:, steps, orders] - tables[:, steps, reference_order.to(orders.device)][:, None]  # [n, N, T]
+    change = moved.sum(-1)
+    loss = reference_loss + change[0]
+    if tables.shape[0] > 1:
+        loss = loss + 0.5 * (curvature.to(change)[:, None] * change[1:] ** 2).sum(0)
+    return loss
+
+
+# ---------------------------------------------------------------- building the tables for a recording
+class _StateCapture(L.Callback):
+    """Flat parameters and Adam moments before every training step and after the last one."""
+
+    def __init__(self) -> None:
+        self.theta: list[Tensor] = []
+        self.exp_avg: list[Tensor] = []
+        self.exp_avg_sq: list[Tensor] = []
+
+    def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        state = trainer.optimizers[0].state
+        self.theta.append(_flat([p.detach() for p in params]))
+        self.exp_avg.append(_flat([state.get(p, {}).get("exp_avg", torch.zeros_like(p)) for p in params]))
+        self.exp_avg_sq.append(_flat([state.get(p, {}).get("exp_avg_sq", torch.zeros_like(p)) for p in params]))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._capture(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._capture(trainer, pl_module)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _load(theta: Tensor, params: list[Tensor]) -> None:
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.copy_(theta[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def record_sensitivities(
+    path: str | Path, *, curvature_rank: int = 8, accelerator: str = "auto", verbose: bool = True,
+) -> Path:
+    """Build the adjoint sensitivity tables of a complete recording and add them to it (method "adjoint").
+
+    Re-runs the reference training from the recording (checked against its final validation loss), then computes
+    the tables described in the module docstring: the validation gradient's and those of the top
+    ``curvature_rank`` validation-curvature directions at theta_T (4 m Lanczos steps). Runs in one process on one
+    device, whatever the recording run used. Returns the sensitivity file's path.
+
+    Example::
+
+        record_sensitivities("runs/ref/recording")
+        estimator = OrderEstimator.from_recording("runs/ref/recording", method="adjoint")
+    """
+    from lpl.order import quantities
+    from lpl.order.recorder import validation_loss_fn
+    from lpl.order.retraining import fit_in_order, rebuild, validation_loss
+    from lpl.order.store import SENSITIVITY_FILE, Recording
+
+    if curvature_rank < 0:
+        raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
+    recording = Recording.open(path)
+    if recording.status != "complete":
+        raise LplError(f"{recording.root} is not a complete recording (status {recording.status!r}); finish the run.")
+    recording.verify()
+    steps = recording.num_steps
+    say = rank_zero_info if verbose else (lambda *_: None)
+    start = time.perf_counter()
+
+    model, datamodule = rebuild(recording, recording.order)
+    capture = _StateCapture()
+    fit_in_order(recording, model, datamodule, steps, [capture], accelerator)
+    device = model.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    val_loader = datamodule.val_dataloader()
+    rerun_loss = validation_loss(model, val_loader)
+    recorded = recording.probe_scalars.get("val_loss", [None])[-1]
+    if recorded is not None and abs(rerun_loss - recorded) > 1e-3 * max(1.0, abs(recorded)):
+        warnings.warn(
+            f"re-running the reference training ended at validation loss {rerun_loss:.6f}, the recording says "
+            f"{recorded:.6f}: training is not reproducible here (nondeterministic kernels, another device or "
+            "library version); the tables describe the re-run.",
+            stacklevel=2,
+        )
+    optimizer = recording.manifest.get("optimizer", {})
+    trajectory = Trajectory(
+        theta=torch.stack(capture.theta), exp_avg=torch.stack(capture.exp_avg),
+        exp_avg_sq=torch.stack(capture.exp_avg_sq),
+        lr=torch.as_tensor(recording.scalars["lr"][:steps], dtype=torch.float64),
+        betas=tuple(float(b) for b in optimizer.get("betas", (0.9, 0.999))), eps=float(optimizer.get("eps", 1e-8)),
+        weight_decay=float(optimizer.get("weight_decay", 0.0)), decoupled=bool(optimizer.get("decoupled", True)),
+    )
+    say(f"record_sensitivities: re-ran {steps} steps ({time.perf_counter() - start:.1f} s)")
+
+    collate = datamodule.train_dataloader().collate_fn
+    pool = [move_data_to_device(collate([datamodule.train_set[i] for i in batch]), device) for batch in recording.batches]
+    reference = recording.order
+    model.eval()
+
+    def gradients_at(theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool) -> tuple[Tensor, list[Tensor]]:
+        _load(theta, params)
+        with torch.enable_grad():
+            _, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
+        return _flat(grads), grads
+
+    def batch_loss(b: int) -> Callable[[], Tensor]:
+        return lambda: module_loss(model, pool[b])
+
+    # targets at theta_T: the validation gradient and the top curvature directions
+    val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_loss_fn(val_loader, model), curvature_rank > 0)
+    targets, curvature = val_grad[None], val_grad.new_zeros(0)
+    if curvature_rank:
+        with torch.enable_grad():
+            hvp_val = quantities._hessian_vector_product(val_grads, params)
+            directions, curvature = quantities.top_curvature(hvp_val, val_grad, curvature_rank, 4 * curvature_rank)
+        targets = torch.cat([targets, directions])
+    del val_grads
+
+    def hvp(s: int, vectors: Tensor) -> Tensor:
+        _, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True)
+        with torch.enable_grad():
+            product = quantities._hessian_vector_product(grads, params)
+            return torch.stack([product(row) for row in vectors])
+
+    adjoints = adjoint_vectors(trajectory, hvp, targets)
+    say(f"record_sensitivities: adjoint pass, {targets.shape[0]} vectors ({time.perf_counter() - start:.1f} s)")
+
+    def batch_grads(t: int) -> Tensor:
+        return torch.stack([gradients_at(trajectory.theta[t], batch_loss(b), False)[0] for b in range(len(pool))])
+
+    every = max(1, steps // 10)
+
+    def progress(t: int) -> None:
+        if (t + 1) % every == 0 or t + 1 == steps:
+            say(f"record_sensitivities: swap tables {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
+
+    with torch.no_grad():
+        tables = swap_tables(trajectory, batch_grads, adjoints, progress)
+    _load(trajectory.theta[-1], params)
+    if not torch.isfinite(tables).all():
+        raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
+    seconds = time.perf_counter() - start
+    recording.write_sensitivity(
+        {"tables": tables.float().cpu(), "curvature": curvature.float().cpu()},
+        {"curvature_rank": int(curvature.numel()), "rerun_val_loss": rerun_loss, "seconds": seconds},
+    )
+    say(f"record_sensitivities: wrote {recording.root / SENSITIVITY_FILE} ({seconds:.1f} s)")
+    return recording.root / SENSITIVITY_FILE
