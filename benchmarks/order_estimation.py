@@ -9,7 +9,8 @@ estimator; its best order is retrained and compared with the median random order
 sampled subset of (batch, position) pairs against retraining.
 
 The method list is fixed in advance (nothing is tuned on these orders); the curriculum and position checks use
-``--select-method`` (default adam_first_order, chosen on the separate digits prototype in DESIGN.md's setting).
+``--select-method`` (default adjoint). The adjoint method's tables (``lpl.order.adjoint``) involve no projection: its
+rows are the same in every proj_dim section.
 
 CPU note: lpl.order.Projector generates its matrix on the fly, which costs seconds per vector on CPU for these models;
 ``--materialise`` (default on CPU) gives the recorder a dense Rademacher matrix of the same distribution drawn once
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from lpl.data.base import IndexedDataModule  # noqa: E402
 from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, retrain  # noqa: E402
+from lpl.order.adjoint import record_sensitivities  # noqa: E402
 from lpl.order.curriculum import search  # noqa: E402
 from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
@@ -232,13 +234,24 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
         out["record_s"][str(k or "exact")] = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise,
                                                     args.val_curvature_rank)
         print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
+    first = next(iter(paths.values()))
+    if args.adjoint_rank >= 0:  # one set of tables (they involve no projection), shared by every proj_dim
+        rec = Recording.open(first)
+        if rec.sensitivity() is None or rec.manifest["sensitivity"]["curvature_rank"] > args.adjoint_rank:
+            record_sensitivities(first, curvature_rank=args.adjoint_rank, accelerator="cpu", verbose=False)
+        info = Recording.open(first).manifest["sensitivity"]
+        out["sensitivity_s"] = info["seconds"]
+        print(f"[{task} lr={lr}] sensitivity tables in {info['seconds']:.0f}s", flush=True)
+        tables = Recording.open(first).sensitivity()[0]
     if derive:
         exact = replay_data_from_recording(Recording.open(paths[None]))
         datas = {None: exact, **{k: project_data(exact, k, seed=k) for k in dims}}
         dims = [None] + dims
     else:
         datas = {k: replay_data_from_recording(Recording.open(paths[k])) for k in dims}
-    first = next(iter(paths.values()))
+    if args.adjoint_rank >= 0:
+        datas = {k: dataclasses.replace(d, swap_tables=tables["tables"], swap_curvature=tables["curvature"])
+                 for k, d in datas.items()}
     names, orders = make_orders(first, args.orders, seed=1234)
     truth, retrain_s = [], []
     for order in orders:
@@ -262,6 +275,10 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
                 variants.append((" (no control variate)", False, True))
             if has_quadratic:
                 variants.append((" (linear loss)", True, False))
+            if method == "adjoint":  # no projection and no control variate in its final loss
+                if datas[k].swap_tables is None:
+                    continue
+                variants = [("", True, True)] + ([(" (linear loss)", True, False)] if args.adjoint_rank > 0 else [])
             for suffix, cv, quadratic in variants:
                 if method in CURVATURE_METHODS and datas[k].curv_basis is None:
                     continue
@@ -333,12 +350,12 @@ def report(runs: list[dict], args, command: str) -> str:
         first = task_runs[0]
         lines += [f"## {task} ({first['num_params']:,} parameters, T = {first['steps']} steps, pool = {first['steps']} "
                   f"batches; projections {first['projections']})", ""]
-        lines += ["| lr | reference loss | true spread (std) | no-change MAE | retrain s/order | record s per k |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| lr | reference loss | true spread (std) | no-change MAE | retrain s/order | record s per k | "
+                  "sensitivity tables s |", "|---|---|---|---|---|---|---|"]
         for r in task_runs:
             rec = ", ".join(f"{k}: {v:.0f}" for k, v in r["record_s"].items())
             lines.append(f"| {r['lr']} | {r['reference_loss']:.4f} | {r['true_spread']:.4f} | {r['no_change_mae']:.4f} "
-                         f"| {r['retrain_s']:.2f} | {rec} |")
+                         f"| {r['retrain_s']:.2f} | {rec} | {r.get('sensitivity_s', float('nan')):.0f} |")
         lines.append("")
         dims = list(next(iter(first["results"].values())).keys())
         for k in dims:
@@ -382,7 +399,9 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=16)
     parser.add_argument("--curvature-rank", type=int, default=2)
     parser.add_argument("--val-curvature-rank", type=int, default=8, help="top validation curvature directions recorded at the end (0: none)")
-    parser.add_argument("--select-method", default="adam_first_order", choices=METHODS)
+    parser.add_argument("--adjoint-rank", type=int, default=8,
+                        help="curvature directions of the adjoint sensitivity tables (-1: do not build them)")
+    parser.add_argument("--select-method", default="adjoint", choices=METHODS)
     parser.add_argument("--search-budget", type=int, default=2048)
     parser.add_argument("--map-batches", type=int, default=3)
     parser.add_argument("--map-positions", type=int, default=4)

@@ -18,7 +18,8 @@ Methods:
   linear), instead of the reference run's m_{t-1} that the paper's term reuses.
 - ``adam_first_order``: ``adam`` plus the per-batch first-order curvature correction of the preconditioned gradients.
 - ``adjoint``: the final validation loss from exact adjoint sensitivity tables (``lpl.order.adjoint``), no
-  projection involved; the loss curve before the last step and the per-batch end losses come from ``zeroth_order``.
+  projection involved; the loss curve before the last step and the per-batch end losses come from ``first_order``
+  (``zeroth_order`` when the recording has no curvature factors).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from lpl.utils.errors import LplError
 
-METHODS = ("zeroth_order", "first_order", "second_order", "adam", "adam_first_order", "adjoint")
+PROJECTED_METHODS = ("zeroth_order", "first_order", "second_order", "adam", "adam_first_order")
+METHODS = PROJECTED_METHODS + ("adjoint",)
 CURVATURE_METHODS = ("first_order", "second_order", "adam_first_order")
 
 
@@ -258,7 +260,8 @@ def _replay_adjoint(data: ReplayData, orders: Tensor, control_variates: bool, qu
             f"method 'adjoint' scores complete orders of {data.num_steps} steps (its tables describe the final "
             f"weights); got {orders.shape[1]} steps: use another method for shorter orders."
         )
-    result = replay(data, orders, "zeroth_order", control_variates, quadratic)
+    projected = "first_order" if data.curv_basis is not None else "zeroth_order"
+    result = replay(data, orders, projected, control_variates, quadratic)
     tables = data.swap_tables.float() if quadratic else data.swap_tables[:1].float()
     final = estimate_from_tables(tables, data.swap_curvature.float(), float(data.val_loss[-1]), orders,
                                  data.reference_order)

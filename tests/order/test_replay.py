@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from lpl.order.replay import METHODS, replay
+from lpl.order.replay import PROJECTED_METHODS, replay
 from lpl.utils.errors import LplError
 from test_replay_task import NUM_BATCHES, make_task
 
@@ -22,7 +22,7 @@ def slow_task():
     return make_task(lr=1e-4, curvature_rank=2)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PROJECTED_METHODS)
 def test_reference_order_reproduces_the_recording(task, method):
     result = replay(task.data, torch.arange(NUM_BATCHES), method)
     torch.testing.assert_close(result.final_loss, task.data.val_loss[-1:].float())
