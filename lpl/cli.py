@@ -18,6 +18,7 @@ HELPER_COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("lpl.order.commands", "estimate_main"),
     "curriculum": ("lpl.order.commands", "curriculum_main"),
     "position-map": ("lpl.order.commands", "position_map_main"),
+    "sensitivity": ("lpl.order.commands", "sensitivity_main"),
 }
 
 

@@ -25,6 +25,7 @@ _EXPORTS = {
     "retrain": "lpl.order.retraining",
     "RetrainResult": "lpl.order.retraining",
     "position_map": "lpl.order.position",
+    "record_sensitivities": "lpl.order.adjoint",
 }
 
 __all__ = sorted(_EXPORTS)

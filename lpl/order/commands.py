@@ -1,4 +1,4 @@
-"""`lpl estimate`, `lpl curriculum`, `lpl position-map`: the order estimator from the command line.
+"""`lpl estimate`, `lpl curriculum`, `lpl position-map`, `lpl sensitivity`: the order estimator from the command line.
 
 Each ``*_main(argv)`` parses its own arguments, writes JSON/CSV and plots into ``--out``, and raises ``LplError`` on
 bad input (the CLI prints it and exits with code 2).
@@ -197,4 +197,20 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out / "position_map.csv", buffer.getvalue())
     plot_position_map(matrix, out / "position_map.png", batches=rows)
     print(f"position map {tuple(matrix.shape)} ({args.method}); wrote {out}/position_map.csv, position_map.png")
+    return 0
+
+
+def sensitivity_main(argv: Sequence[str] | None = None) -> int:
+    """`lpl sensitivity --recording DIR`: add the adjoint sensitivity tables to a recording (method "adjoint")."""
+    from lpl.order.adjoint import record_sensitivities
+
+    parser = argparse.ArgumentParser(
+        prog="lpl sensitivity", description="Build the adjoint sensitivity tables of a complete recording."
+    )
+    parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
+    parser.add_argument("--curvature-rank", type=int, default=8, help="top validation-curvature directions (0: none)")
+    parser.add_argument("--accelerator", default="auto", help="device for the re-run and the tables (cpu, gpu, auto)")
+    args = parser.parse_args(argv)
+    path = record_sensitivities(args.recording, curvature_rank=args.curvature_rank, accelerator=args.accelerator)
+    print(f"wrote {path}; estimate with --method adjoint")
     return 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from lpl.order.commands import curriculum_main, estimate_main, position_map_main, read_orders
+from lpl.order.commands import curriculum_main, estimate_main, position_map_main, read_orders, sensitivity_main
 from lpl.utils.errors import LplError
 from test_estimator_task import NUM_BATCHES, record
 
@@ -55,3 +56,16 @@ def test_bad_orders(recording, tmp_path):
     with pytest.raises(LplError, match="curvature_rank"):
         estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "first_order",
                        "--out", str(tmp_path)])
+
+
+def test_sensitivity_then_adjoint_estimates(recording, tmp_path):
+    path = shutil.copytree(recording, tmp_path / "rec")
+    assert sensitivity_main(["--recording", str(path), "--curvature-rank", "2", "--accelerator", "cpu"]) == 0
+    estimate_main(["--recording", str(path), "--orders", "random:3", "--method", "adjoint", "--out", str(tmp_path / "a")])
+    written = json.loads((tmp_path / "a" / "estimates.json").read_text())
+    finals = [e["final_loss"] for e in written["estimates"]]
+    assert len(finals) == 3 and len(set(finals)) == 3 and all(f == e["loss_curve"][-1] for f, e in zip(finals, written["estimates"]))
+    with pytest.raises(SystemExit):  # argparse refuses a rank that is not a number
+        sensitivity_main(["--recording", str(path), "--curvature-rank", "x"])
+    with pytest.raises(LplError, match="curvature_rank"):
+        sensitivity_main(["--recording", str(path), "--curvature-rank", "-1"])
