@@ -204,6 +204,11 @@ def record_sensitivities(
 
     if curvature_rank < 0:
         raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        raise LplError(
+            "record_sensitivities runs in one process and writes into the recording: call it on global rank 0 only "
+            "(or afterwards with `lpl sensitivity --recording DIR`)."
+        )
     recording = Recording.open(path)
     if recording.status != "complete":
         raise LplError(f"{recording.root} is not a complete recording (status {recording.status!r}); finish the run.")
