@@ -210,7 +210,9 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
     parser.add_argument("--curvature-rank", type=int, default=8, help="top validation-curvature directions (0: none)")
     parser.add_argument("--accelerator", default="auto", help="device for the re-run and the tables (cpu, gpu, auto)")
+    parser.add_argument("--check-orders", type=int, default=2, help="random orders retrained to check the tables")
     args = parser.parse_args(argv)
-    path = record_sensitivities(args.recording, curvature_rank=args.curvature_rank, accelerator=args.accelerator)
+    path = record_sensitivities(args.recording, curvature_rank=args.curvature_rank, accelerator=args.accelerator,
+                                check_orders=args.check_orders)
     print(f"wrote {path}; estimate with --method adjoint")
     return 0

@@ -111,6 +111,14 @@ def test_adjoint_tables_from_a_recording(recording, tmp_path):
     rec.verify()
     tables, info = rec.sensitivity()
     assert tables["tables"].shape == (5, NUM_BATCHES, NUM_BATCHES) and info["curvature_rank"] == 4
+    for check in info["checks"]:  # the built-in ground-truth check: here the estimates beat "no change"
+        assert check["retrained"] == pytest.approx(retrain(recording, check["order"]).final_loss, abs=1e-6)
+    assert len(info["checks"]) == 2
+    from lpl.order.adjoint import _check_against_retraining
+
+    with pytest.warns(UserWarning, match="do not trust method 'adjoint'"):  # tables 50x off fail the check
+        _check_against_retraining(path, 50 * tables["tables"], tables["curvature"], rec.probe_scalars["val_loss"][-1],
+                                  rec.order, 1, "cpu")
     assert info["rerun_val_loss"] == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-5)
     estimator = OrderEstimator.from_recording(path, method="adjoint")
     assert estimator.estimate(rec.order).final_loss == pytest.approx(estimator.reference_loss, abs=1e-6)
