@@ -10,8 +10,11 @@ the nonlinearity where it matters and makes everything else linear, so that the 
    square roots included; it stays bounded where a coordinate's second moment is ~0 (a linearisation of Adam there
    is off by orders of magnitude).
 2. **Propagation, linear**. A displacement delta theta_s changes later gradients through the reference batch's own
-   Hessian H_s; that change enters the momentum and the update divided by the reference run's denominator
-   (the second moment's response to it is dropped). The map is linear, so its adjoint runs backwards once:
+   Hessian H_s; that change enters the momentum and the update divided by a fixed denominator (the second moment's
+   response to it is dropped): the larger of the reference run's second moment and the one an average order sees
+   (every step feeding the pool-mean squared gradient). With the reference run's alone, coordinates that its
+   batches left at v ~ 0 (rare tokens, say) amplified the propagated change without bound on the demo LM and ViT.
+   The map is linear, so its adjoint runs backwards once:
    a_T = w (the validation gradient, or a curvature direction), and for s = T-1 .. 0 with
    c_s = lr_s / ((1 - beta1^(s+1)) (sqrt(v_hat_{s+1}) + eps)),
    b~ = b_{s+1} - c_s a_{s+1};  a_s = (1 - lr_s wd) a_{s+1} + (1 - beta1) H_s b~;  b_s = beta1 b~.
@@ -43,12 +46,17 @@ from torch import Tensor
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
 
+# pool gradients at every step are kept in memory below this size (else computed twice)
+GRADIENT_CACHE_BYTES = 2 << 30
+
 
 @dataclass
 class Trajectory:
     """The reference run's flat parameters and Adam moments before each step t = 0..T (index T: after the last).
 
     ``theta``, ``exp_avg``, ``exp_avg_sq``: [T + 1, d]; ``lr``: [T]; the rest are Adam's hyperparameters.
+    ``pool_sq`` [T, d], optional: Adam's second moment after each step had every step fed the pool-mean squared
+    gradient (the second moment an average order sees); the propagation divides by the larger of the two.
     """
 
     theta: Tensor
@@ -59,6 +67,7 @@ class Trajectory:
     eps: float
     weight_decay: float
     decoupled: bool
+    pool_sq: Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -68,6 +77,11 @@ class Trajectory:
         """Adam's (1 - beta1^(s+1), 1 - beta2^(s+1)) at step s (torch counts steps from 1)."""
         beta1, beta2 = self.betas
         return 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
+
+    def propagation_second_moment(self, s: int) -> Tensor:
+        """The second moment after step s that divides the propagated momentum (see ``pool_sq``)."""
+        own = self.exp_avg_sq[s + 1].clamp_min(0.0)
+        return own if self.pool_sq is None else torch.maximum(own, self.pool_sq[s])
 
     def update(self, s: int, exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
         """Adam's direction m_hat / (sqrt(v_hat) + eps) at step s from moments after the step (any leading dims)."""
@@ -90,7 +104,7 @@ def adjoint_vectors(trajectory: Trajectory, hvp: Callable[[int, Tensor], Tensor]
         out[s] = a
         lr = float(trajectory.lr[s])
         bc1, bc2 = trajectory.bias_corrections(s)
-        scale = lr / (bc1 * ((trajectory.exp_avg_sq[s + 1].clamp_min(0.0) / bc2).sqrt() + trajectory.eps))
+        scale = lr / (bc1 * ((trajectory.propagation_second_moment(s) / bc2).sqrt() + trajectory.eps))
         b_tilde = b - scale * a
         curvature = hvp(s, b_tilde)
         if trajectory.weight_decay and not trajectory.decoupled:
@@ -269,6 +283,25 @@ def record_sensitivities(
         targets = torch.cat([targets, directions])
     del val_grads
 
+    def batch_grads(t: int) -> Tensor:
+        return torch.stack([gradients_at(trajectory.theta[t], batch_loss(b), False)[0] for b in range(len(pool))])
+
+    # the second moment an average order sees; pool gradients are kept for the tables when they fit in memory
+    keep = steps * len(pool) * trajectory.theta.shape[1] * trajectory.theta.element_size() <= GRADIENT_CACHE_BYTES
+    kept: list[Tensor] = []
+    beta2 = trajectory.betas[1]
+    pool_sq, rows = torch.zeros_like(trajectory.theta[0]), []
+    for t in range(steps):
+        grads = batch_grads(t)
+        if keep:
+            kept.append(grads)
+        if trajectory.weight_decay and not trajectory.decoupled:
+            grads = grads + trajectory.weight_decay * trajectory.theta[t]
+        pool_sq = beta2 * pool_sq + (1.0 - beta2) * (grads * grads).mean(0)
+        rows.append(pool_sq)
+    trajectory.pool_sq = torch.stack(rows)
+    say(f"record_sensitivities: pool gradients at {steps} steps ({time.perf_counter() - start:.1f} s)")
+
     def hvp(s: int, vectors: Tensor) -> Tensor:
         _, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True)
         with torch.enable_grad():
@@ -278,9 +311,6 @@ def record_sensitivities(
     adjoints = adjoint_vectors(trajectory, hvp, targets)
     say(f"record_sensitivities: adjoint pass, {targets.shape[0]} vectors ({time.perf_counter() - start:.1f} s)")
 
-    def batch_grads(t: int) -> Tensor:
-        return torch.stack([gradients_at(trajectory.theta[t], batch_loss(b), False)[0] for b in range(len(pool))])
-
     every = max(1, steps // 10)
 
     def progress(t: int) -> None:
@@ -288,7 +318,7 @@ def record_sensitivities(
             say(f"record_sensitivities: swap tables {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
 
     with torch.no_grad():
-        tables = swap_tables(trajectory, batch_grads, adjoints, progress)
+        tables = swap_tables(trajectory, kept.__getitem__ if keep else batch_grads, adjoints, progress)
     _load(trajectory.theta[-1], params)
     if not torch.isfinite(tables).all():
         raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
