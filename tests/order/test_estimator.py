@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from lpl.order import OrderEstimate, OrderEstimator, Recording, retrain
 from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_write_json
 from test_estimator_task import NUM_BATCHES, TinyClassifier, record
 
 
@@ -117,8 +118,12 @@ def test_adjoint_tables_from_a_recording(recording, tmp_path):
     from lpl.order.adjoint import _check_against_retraining
 
     with pytest.warns(UserWarning, match="do not trust method 'adjoint'"):  # tables 50x off fail the check
-        _check_against_retraining(path, 50 * tables["tables"], tables["curvature"], rec.probe_scalars["val_loss"][-1],
-                                  rec.order, 1, "cpu")
+        failed = _check_against_retraining(path, 50 * tables["tables"], tables["curvature"],
+                                           rec.probe_scalars["val_loss"][-1], rec.order, 1, "cpu")
+    rec.manifest["sensitivity"]["checks"] = failed  # as if the recorded check had failed: loading warns again
+    atomic_write_json(path / "manifest.json", rec.manifest)
+    with pytest.warns(UserWarning, match="does not hold for this run"):
+        OrderEstimator.from_recording(path, method="adjoint")
     assert info["rerun_val_loss"] == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-5)
     estimator = OrderEstimator.from_recording(path, method="adjoint")
     assert estimator.estimate(rec.order).final_loss == pytest.approx(estimator.reference_loss, abs=1e-6)
