@@ -115,6 +115,20 @@ def adjoint_vectors(trajectory: Trajectory, hvp: Callable[[int, Tensor], Tensor]
     return out
 
 
+def pool_second_moment(trajectory: Trajectory, batch_grads: Callable[[int], Tensor]) -> Tensor:
+    """``Trajectory.pool_sq`` [T, d]: Adam's second-moment recursion fed, at each step t, the mean over pool batches
+    of the squared gradient at theta_t (coupled weight decay included), i.e. what an average order sees."""
+    beta2 = trajectory.betas[1]
+    second, rows = torch.zeros_like(trajectory.theta[0]), []
+    for t in range(trajectory.num_steps):
+        grads = batch_grads(t)
+        if trajectory.weight_decay and not trajectory.decoupled:
+            grads = grads + trajectory.weight_decay * trajectory.theta[t]
+        second = beta2 * second + (1.0 - beta2) * (grads * grads).mean(0)
+        rows.append(second)
+    return torch.stack(rows)
+
+
 def swap_tables(trajectory: Trajectory, batch_grads: Callable[[int], Tensor], adjoints: Tensor,
                 progress: Callable[[int], None] | None = None) -> Tensor:
     """``table[i, t, b]`` = sum_{s >= t} a_{s+1,i} . (-lr_s) (u_s(t, b) - u_s) ([n, T, num_batches]).
@@ -286,20 +300,17 @@ def record_sensitivities(
     def batch_grads(t: int) -> Tensor:
         return torch.stack([gradients_at(trajectory.theta[t], batch_loss(b), False)[0] for b in range(len(pool))])
 
-    # the second moment an average order sees; pool gradients are kept for the tables when they fit in memory
+    # pool gradients at every step: the second moment an average order sees, and the tables' inputs when they fit
     keep = steps * len(pool) * trajectory.theta.shape[1] * trajectory.theta.element_size() <= GRADIENT_CACHE_BYTES
     kept: list[Tensor] = []
-    beta2 = trajectory.betas[1]
-    pool_sq, rows = torch.zeros_like(trajectory.theta[0]), []
-    for t in range(steps):
+
+    def remembered(t: int) -> Tensor:
         grads = batch_grads(t)
         if keep:
             kept.append(grads)
-        if trajectory.weight_decay and not trajectory.decoupled:
-            grads = grads + trajectory.weight_decay * trajectory.theta[t]
-        pool_sq = beta2 * pool_sq + (1.0 - beta2) * (grads * grads).mean(0)
-        rows.append(pool_sq)
-    trajectory.pool_sq = torch.stack(rows)
+        return grads
+
+    trajectory.pool_sq = pool_second_moment(trajectory, remembered)
     say(f"record_sensitivities: pool gradients at {steps} steps ({time.perf_counter() - start:.1f} s)")
 
     def hvp(s: int, vectors: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 from sklearn.datasets import load_digits
 from torch import nn
 
-from lpl.order.adjoint import Trajectory, adjoint_vectors, estimate_from_tables, swap_tables
+from lpl.order.adjoint import Trajectory, adjoint_vectors, estimate_from_tables, pool_second_moment, swap_tables
 
 NUM_BATCHES, BATCH_SIZE = 10, 32
 
@@ -142,6 +142,8 @@ def test_tables_equal_the_forward_linear_model(weight_decay, decoupled, pool):
     _, trajectory = task.train(list(range(steps)))
     if pool:
         trajectory.pool_sq = _pool_second_moment(task, trajectory)
+        grads = lambda t: torch.stack([task.grad(trajectory.theta[t], b) for b in range(NUM_BATCHES)])  # noqa: E731
+        torch.testing.assert_close(pool_second_moment(trajectory, grads), trajectory.pool_sq)
     targets = torch.randn(2, trajectory.theta.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     tables = _tables(task, trajectory, targets)
     assert tables.shape == (2, steps, NUM_BATCHES)
