@@ -236,13 +236,12 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
         print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
     first = next(iter(paths.values()))
     if args.adjoint_rank >= 0:  # one set of tables (they involve no projection), shared by every proj_dim
-        rec = Recording.open(first)
-        if rec.sensitivity() is None or rec.manifest["sensitivity"]["curvature_rank"] > args.adjoint_rank:
+        built = Recording.open(first).manifest.get("sensitivity")
+        if built is None or built["curvature_rank"] > args.adjoint_rank:
             record_sensitivities(first, curvature_rank=args.adjoint_rank, accelerator="cpu", verbose=False)
-        info = Recording.open(first).manifest["sensitivity"]
+        tables, info = Recording.open(first).sensitivity()
         out["sensitivity_s"] = info["seconds"]
         print(f"[{task} lr={lr}] sensitivity tables in {info['seconds']:.0f}s", flush=True)
-        tables = Recording.open(first).sensitivity()[0]
     if derive:
         exact = replay_data_from_recording(Recording.open(paths[None]))
         datas = {None: exact, **{k: project_data(exact, k, seed=k) for k in dims}}

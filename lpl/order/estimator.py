@@ -113,9 +113,9 @@ def _warn_if_sensitivity_failed_its_check(recording: Any) -> None:
     checks = info.get("checks") or []
     if not checks:
         return
-    reference = float(recording.probe_scalars["val_loss"][-1])
-    error = sum(abs(c["estimated"] - c["retrained"]) for c in checks) / len(checks)
-    no_change = sum(abs(reference - c["retrained"]) for c in checks) / len(checks)
+    from lpl.order.adjoint import check_errors
+
+    error, no_change = check_errors(checks, float(recording.probe_scalars["val_loss"][-1]))
     if not error <= no_change:
         warnings.warn(
             f"the sensitivity tables of {recording.root} missed the {len(checks)} retrained check orders by {error:.4g} "
