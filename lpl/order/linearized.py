@@ -1,0 +1,106 @@
+"""Linearised Adam replay: every order trained again by Adam itself, on gradients linearised about the reference run.
+
+An order l feeds Adam, at step s, pool batch l_s's gradient at the weights gamma_s = theta_s + Delta_s it has
+reached. Around the reference run's weights theta_s that gradient is, to first order,
+
+    g_{l_s}(gamma_s) ~ g_{l_s}(theta_s) + H_s Delta_s,
+
+with g_b(theta_s) stored exactly for every pool batch b and step s, and H_s the Hessian of the reference batch's
+loss at theta_s kept as its top-k eigenpairs (one rank-k factor per step, order independent). Adam then runs as
+it is, in full space, with each order's own first and second moments, square roots included: the coordinate-wise
+nonlinearity that projected replays cannot apply and that the adjoint tables (``lpl.order.adjoint``) linearise.
+Delta_{s+1} = (1 - lr_s wd) Delta_s - lr_s (u_s(l) - u_s(ref)) with u = m_hat / (sqrt(v_hat) + eps).
+
+Losses are read off at the reference weights: the validation loss after step s is L_val(theta_s) + <grad
+L_val(theta_s), Delta_s>, plus 1/2 sum_i lambda_i <q_i, Delta_T>^2 on the top validation-curvature directions at
+the end; each pool batch's loss after the order is L_b(theta_L) + <g_b(theta_L), Delta_L>.
+
+Cost per order: T x (d-sized Adam step + 2 k d for the curvature), batched over orders; storage: T x num_batches x d
+pool gradients (the bulk), T x k x d Hessian factors, (T + 1) x d validation gradients (and T x d reference weights
+for Adam with coupled weight decay). Build it with
+``lpl.order.record_sensitivities(path, hessian_rank=k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# orders replayed together: bounds the [orders, d] state tensors at this many elements each
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class LinearizedRun:
+    """Everything the replay needs, independent of the order (T steps, nb pool batches, d parameters)."""
+
+    pool_grads: Tensor  # [T + 1, nb, d] g_b(theta_t), each pool batch's loss gradient at the reference weights
+    pool_losses: Tensor  # [T + 1, nb] L_b(theta_t)
+    hessian_vectors: Tensor  # [T, k, d] top eigenvectors of the reference batch's Hessian at theta_t
+    hessian_values: Tensor  # [T, k]
+    reference_updates: Tensor  # [T, d] the reference run's Adam direction m_hat / (sqrt(v_hat) + eps)
+    val_losses: Tensor  # [T + 1] L_val(theta_t)
+    val_grads: Tensor  # [T + 1, d]
+    val_directions: Tensor  # [m, d] top validation-curvature directions at theta_T (orthonormal)
+    val_curvature: Tensor  # [m] their Ritz values
+    lr: Tensor  # [T]
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    coupled_decay: Tensor | None = None  # [T, d] weight_decay * theta_t, what Adam without the W adds to gradients
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.lr.numel())
+
+
+@dataclass
+class LinearizedEstimate:
+    """``final_loss`` [N], ``loss_curve`` [N, L + 1] (validation loss before each step and after the last),
+    ``batch_losses`` [N, nb] (each pool batch's loss after the order), ``displacement`` [N, d] (Delta_L)."""
+
+    final_loss: Tensor
+    loss_curve: Tensor
+    batch_losses: Tensor
+    displacement: Tensor
+
+
+def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True) -> LinearizedEstimate:
+    """Replay each row of ``orders`` [N, L] (pool batch ids, L <= T) with Adam on linearised gradients."""
+    chunk = max(1, CHUNK_ELEMENTS // run.pool_grads.shape[-1])
+    parts = [_replay_chunk(run, orders[i : i + chunk], quadratic) for i in range(0, orders.shape[0], chunk)]
+    return LinearizedEstimate(*(torch.cat(fields) for fields in zip(*(vars(p).values() for p in parts))))
+
+
+def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> LinearizedEstimate:
+    beta1, beta2 = run.betas
+    n, length = orders.shape
+    dtype = run.pool_grads.dtype if run.pool_grads.is_floating_point() else torch.float32
+    dtype = torch.promote_types(dtype, torch.float32)
+    delta = run.pool_grads.new_zeros(n, run.pool_grads.shape[-1], dtype=dtype)
+    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
+    curve = delta.new_empty(n, length + 1)
+    for s in range(length):
+        curve[:, s] = run.val_losses[s] + delta @ run.val_grads[s].to(dtype)
+        grads = run.pool_grads[s][orders[:, s]].to(dtype)
+        vectors = run.hessian_vectors[s].to(dtype)
+        grads = grads + ((delta @ vectors.T) * run.hessian_values[s].to(dtype)) @ vectors
+        if run.coupled_decay is not None:
+            grads = grads + run.coupled_decay[s].to(dtype) + run.weight_decay * delta
+        exp_avg = beta1 * exp_avg + (1.0 - beta1) * grads
+        exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grads * grads
+        bc1, bc2 = 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
+        update = (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + run.eps)
+        lr = float(run.lr[s])
+        keep = 1.0 - lr * run.weight_decay if run.decoupled else 1.0
+        delta = keep * delta - lr * (update - run.reference_updates[s].to(dtype))
+    final = run.val_losses[length] + delta @ run.val_grads[length].to(dtype)
+    if quadratic and length == run.num_steps and run.val_curvature.numel():  # the curvature was measured at theta_T
+        coords = delta @ run.val_directions.to(dtype).T
+        final = final + 0.5 * (coords * coords * run.val_curvature.to(dtype)).sum(-1)
+    curve[:, length] = final
+    batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
+    return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)

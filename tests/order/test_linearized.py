@@ -1,0 +1,161 @@
+"""Linearised Adam replay against brute-force Adam retraining: exact on a quadratic task, close on an MLP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from test_adjoint import NUM_BATCHES, Task
+
+from lpl.order.linearized import LinearizedRun, replay_linearized
+from lpl.order.quantities import top_curvature
+
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+class Regression:
+    """Least squares where every batch shares one design matrix (so one Hessian): gradients are exactly linear in the
+    weights and the linearised replay must equal retraining."""
+
+    def __init__(self, weight_decay: float, decoupled: bool, lr: float = 0.05) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 5, generator=generator, dtype=torch.float64)
+        self.targets = torch.randn(NUM_BATCHES, 16, generator=generator, dtype=torch.float64)
+        self.val_x = torch.randn(20, 5, generator=generator, dtype=torch.float64)
+        self.val_y = torch.randn(20, generator=generator, dtype=torch.float64)
+        self.theta0 = torch.randn(5, generator=generator, dtype=torch.float64)
+        self.hessian = self.x.T @ self.x / 16
+        self.lr, self.weight_decay, self.decoupled = lr, weight_decay, decoupled
+
+    def loss(self, theta: torch.Tensor, b: int) -> torch.Tensor:
+        return 0.5 * ((self.x @ theta - self.targets[b]) ** 2).mean()
+
+    def grad(self, theta: torch.Tensor, b: int) -> torch.Tensor:
+        return self.x.T @ (self.x @ theta - self.targets[b]) / 16
+
+    def val_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((self.val_x @ theta - self.val_y) ** 2).mean()
+
+    def train(self, order: list[int]) -> list[torch.Tensor]:
+        """Weights before each step and after the last, trained by torch's Adam(W)."""
+        theta = self.theta0.clone().requires_grad_(True)
+        kind = torch.optim.AdamW if self.decoupled else torch.optim.Adam
+        optimizer = kind([theta], lr=self.lr, betas=BETAS, eps=EPS, weight_decay=self.weight_decay)
+        out = []
+        for b in order:
+            out.append(theta.detach().clone())
+            optimizer.zero_grad()
+            self.loss(theta, b).backward()
+            optimizer.step()
+        return out + [theta.detach().clone()]
+
+    def run(self, reference: list[int]) -> LinearizedRun:
+        weights = self.train(reference)
+        steps = len(reference)
+        values, vectors = torch.linalg.eigh(self.hessian)
+        val_hessian = self.val_x.T @ self.val_x / 20
+        val_values, val_vectors = torch.linalg.eigh(val_hessian)
+        # the reference run's Adam directions, recomputed from its own gradients
+        m, v, updates = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), []
+        decay = [self.weight_decay * w for w in weights[:steps]] if not self.decoupled else None
+        for s, b in enumerate(reference):
+            g = self.grad(weights[s], b) + (decay[s] if decay else 0.0)
+            m, v = BETAS[0] * m + (1 - BETAS[0]) * g, BETAS[1] * v + (1 - BETAS[1]) * g * g
+            bc1, bc2 = 1 - BETAS[0] ** (s + 1), 1 - BETAS[1] ** (s + 1)
+            updates.append((m / bc1) / ((v / bc2).sqrt() + EPS))
+        return LinearizedRun(
+            pool_grads=torch.stack([torch.stack([self.grad(w, b) for b in range(NUM_BATCHES)]) for w in weights]),
+            pool_losses=torch.stack([torch.stack([self.loss(w, b) for b in range(NUM_BATCHES)]) for w in weights]),
+            hessian_vectors=vectors.T.expand(steps, 5, 5), hessian_values=values.expand(steps, 5),
+            reference_updates=torch.stack(updates),
+            val_losses=torch.stack([self.val_loss(w) for w in weights]),
+            val_grads=torch.stack([self.val_x.T @ (self.val_x @ w - self.val_y) / 20 for w in weights]),
+            val_directions=val_vectors.T, val_curvature=val_values,
+            lr=torch.full((steps,), self.lr, dtype=torch.float64), betas=BETAS, eps=EPS,
+            weight_decay=self.weight_decay, decoupled=self.decoupled,
+            coupled_decay=torch.stack(decay) if decay else None,
+        )
+
+
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, True), (0.1, True), (0.1, False)])
+def test_exact_when_gradients_are_linear(weight_decay, decoupled):
+    task = Regression(weight_decay, decoupled)
+    reference = list(range(NUM_BATCHES))
+    run = task.run(reference)
+    generator = torch.Generator().manual_seed(1)
+    orders = torch.stack([torch.randperm(NUM_BATCHES, generator=generator) for _ in range(3)])
+    orders = torch.cat([orders, torch.randint(0, NUM_BATCHES, (2, NUM_BATCHES), generator=generator)])  # repeats
+    got = replay_linearized(run, orders)
+    reference_weights = task.train(reference)
+    for i, order in enumerate(orders.tolist()):
+        weights = task.train(order)
+        true_delta = weights[-1] - reference_weights[-1]
+        torch.testing.assert_close(got.displacement[i], true_delta, rtol=1e-9, atol=1e-12)
+        assert true_delta.abs().max() > 1e-3  # orders really differ
+        # a quadratic validation loss with its full curvature: the final loss is exact
+        assert got.final_loss[i].item() == pytest.approx(task.val_loss(weights[-1]).item(), rel=1e-9)
+        # curve and batch losses: first order about the reference weights at each step
+        for s in (0, NUM_BATCHES // 2):
+            expected = run.val_losses[s] + run.val_grads[s] @ (weights[s] - reference_weights[s])
+            assert got.loss_curve[i, s].item() == pytest.approx(expected.item(), rel=1e-9)
+        expected = run.pool_losses[-1] + run.pool_grads[-1] @ true_delta
+        torch.testing.assert_close(got.batch_losses[i], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_shorter_orders_replay_their_own_steps():
+    task = Regression(0.0, True)
+    reference = list(range(NUM_BATCHES))
+    run = task.run(reference)
+    order = [3, 3, 1, 0]
+    got = replay_linearized(run, torch.tensor([order]))
+    true_delta = task.train(order)[-1] - task.train(reference)[len(order)]
+    torch.testing.assert_close(got.displacement[0], true_delta, rtol=1e-9, atol=1e-12)
+    assert got.loss_curve.shape == (1, len(order) + 1)
+    # no quadratic term before the end: the curvature belongs to theta_T
+    expected = run.val_losses[len(order)] + run.val_grads[len(order)] @ true_delta
+    assert got.final_loss.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_reference_order_is_exact_and_chunks_agree(monkeypatch):
+    task = Regression(0.0, True)
+    reference = list(range(NUM_BATCHES))
+    run = task.run(reference)
+    same = replay_linearized(run, torch.tensor([reference]))
+    assert same.displacement.abs().max() < 1e-12
+    assert same.final_loss.item() == pytest.approx(run.val_losses[-1].item(), rel=1e-12)
+    orders = torch.stack([torch.randperm(NUM_BATCHES) for _ in range(5)])
+    whole = replay_linearized(run, orders)
+    monkeypatch.setattr("lpl.order.linearized.CHUNK_ELEMENTS", 2 * 5)  # two orders per chunk
+    torch.testing.assert_close(replay_linearized(run, orders).final_loss, whole.final_loss)
+
+
+def test_mlp_estimates_track_retraining():
+    """Nonlinear gradients, low-rank Hessians: ranks orders like retraining and beats "no change" by far."""
+    task = Task(lr=0.003)
+    reference = list(range(NUM_BATCHES))
+    final, trajectory = task.train(reference)
+    steps = trajectory.num_steps
+    rank = 8
+    factors = [top_curvature(lambda x, s=s: task.hvp(trajectory.theta[s], s, x), task.grad(trajectory.theta[s], s),
+                             rank, 3 * rank) for s in range(steps)]
+    weights = trajectory.theta
+    run = LinearizedRun(
+        pool_grads=torch.stack([torch.stack([task.grad(w, b) for b in range(NUM_BATCHES)]) for w in weights]),
+        pool_losses=torch.zeros(steps + 1, NUM_BATCHES, dtype=torch.float64),
+        hessian_vectors=torch.stack([f[0] for f in factors]), hessian_values=torch.stack([f[1] for f in factors]),
+        reference_updates=torch.stack([trajectory.update(s, trajectory.exp_avg[s + 1], trajectory.exp_avg_sq[s + 1])
+                                       for s in range(steps)]),
+        val_losses=torch.full((steps + 1,), final, dtype=torch.float64),  # only the end point is read below
+        val_grads=torch.stack([task.grad(w, None) for w in weights]),
+        val_directions=torch.zeros(0, weights.shape[1], dtype=torch.float64),
+        val_curvature=torch.zeros(0, dtype=torch.float64),
+        lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=0.0, decoupled=True,
+    )
+    generator = torch.Generator().manual_seed(3)
+    orders = torch.stack([torch.randperm(NUM_BATCHES, generator=generator) for _ in range(10)])
+    estimate = replay_linearized(run, orders).final_loss.numpy()
+    truth = np.array([task.train(o.tolist())[0] for o in orders])
+    no_change = np.abs(truth - final).mean()
+    assert spearmanr(estimate, truth)[0] > 0.8
+    assert np.abs(estimate - truth).mean() < 0.5 * no_change
