@@ -9,8 +9,9 @@ estimator; its best order is retrained and compared with the median random order
 sampled subset of (batch, position) pairs against retraining.
 
 The method list is fixed in advance (nothing is tuned on these orders); the curriculum and position checks use
-``--select-method`` (default adjoint). The adjoint method's tables (``lpl.order.adjoint``) involve no projection: its
-rows are the same in every proj_dim section.
+``--select-method`` (default linearized). The full-space methods (``linearized``: ``lpl.order.linearized``;
+``adjoint``: ``lpl.order.adjoint``, both built by ``record_sensitivities``) involve no projection: their rows are the
+same in every proj_dim section.
 
 CPU note: lpl.order.Projector generates its matrix on the fly, which costs seconds per vector on CPU for these models;
 ``--materialise`` (default on CPU) gives the recorder a dense Rademacher matrix of the same distribution drawn once
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from lpl.data.base import IndexedDataModule  # noqa: E402
 from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, retrain  # noqa: E402
 from lpl.order.adjoint import record_sensitivities  # noqa: E402
+from lpl.order.linearized import linearized_from_tensors  # noqa: E402
 from lpl.order.curriculum import search  # noqa: E402
 from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
@@ -235,13 +237,16 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
                                                     args.val_curvature_rank)
         print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
     first = next(iter(paths.values()))
-    if args.adjoint_rank >= 0:  # one set of tables (they involve no projection), shared by every proj_dim
+    if args.adjoint_rank >= 0:  # one set of full-space data (no projection involved), shared by every proj_dim
         built = Recording.open(first).manifest.get("sensitivity")
-        if built is None or built["curvature_rank"] > args.adjoint_rank:
-            record_sensitivities(first, curvature_rank=args.adjoint_rank, accelerator="cpu", verbose=False)
+        if built is None or built["curvature_rank"] > args.adjoint_rank or (
+                built.get("hessian_rank", 0) != args.hessian_rank):
+            record_sensitivities(first, curvature_rank=args.adjoint_rank, hessian_rank=args.hessian_rank,
+                                 accelerator="cpu", verbose=False)
         tables, info = Recording.open(first).sensitivity()
+        linearized = linearized_from_tensors(tables, info.get("linearized", {}))
         out["sensitivity_s"] = info["seconds"]
-        print(f"[{task} lr={lr}] sensitivity tables in {info['seconds']:.0f}s", flush=True)
+        print(f"[{task} lr={lr}] sensitivity data in {info['seconds']:.0f}s", flush=True)
     if derive:
         exact = replay_data_from_recording(Recording.open(paths[None]))
         datas = {None: exact, **{k: project_data(exact, k, seed=k) for k in dims}}
@@ -249,8 +254,8 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
     else:
         datas = {k: replay_data_from_recording(Recording.open(paths[k])) for k in dims}
     if args.adjoint_rank >= 0:
-        datas = {k: dataclasses.replace(d, swap_tables=tables["tables"], swap_curvature=tables["curvature"])
-                 for k, d in datas.items()}
+        datas = {k: dataclasses.replace(d, swap_tables=tables["tables"], swap_curvature=tables["curvature"],
+                                        linearized=linearized) for k, d in datas.items()}
     names, orders = make_orders(first, args.orders, seed=1234)
     truth, retrain_s = [], []
     for order in orders:
@@ -274,8 +279,8 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
                 variants.append((" (no control variate)", False, True))
             if has_quadratic:
                 variants.append((" (linear loss)", True, False))
-            if method == "adjoint":  # no projection and no control variate in its final loss
-                if datas[k].swap_tables is None:
+            if method in ("adjoint", "linearized"):  # no projection and no control variate in their final loss
+                if (datas[k].swap_tables if method == "adjoint" else datas[k].linearized) is None:
                     continue
                 variants = [("", True, True)] + ([(" (linear loss)", True, False)] if args.adjoint_rank > 0 else [])
             for suffix, cv, quadratic in variants:
@@ -399,8 +404,11 @@ def main() -> None:
     parser.add_argument("--curvature-rank", type=int, default=2)
     parser.add_argument("--val-curvature-rank", type=int, default=8, help="top validation curvature directions recorded at the end (0: none)")
     parser.add_argument("--adjoint-rank", type=int, default=8,
-                        help="curvature directions of the adjoint sensitivity tables (-1: do not build them)")
-    parser.add_argument("--select-method", default="adjoint", choices=METHODS)
+                        help="validation-curvature directions of the full-space sensitivity data (-1: do not build "
+                             "them)")
+    parser.add_argument("--hessian-rank", type=int, default=16,
+                        help="eigenpairs of each reference batch's Hessian for method linearized (0: none)")
+    parser.add_argument("--select-method", default="linearized", choices=METHODS)
     parser.add_argument("--search-budget", type=int, default=2048)
     parser.add_argument("--map-batches", type=int, default=3)
     parser.add_argument("--map-positions", type=int, default=4)

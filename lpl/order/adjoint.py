@@ -44,11 +44,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lpl.order.linearized import LinearizedRun, linearized_scalars, linearized_tensors, replay_linearized
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
 
 # pool gradients at every step are kept in memory below this size (else computed twice)
 GRADIENT_CACHE_BYTES = 2 << 30
+# the linearised replay's stored pool gradients ((T + 1) x num_batches x d float32) are refused above this size
+LINEARIZED_MAX_BYTES = 8 << 30
 
 
 @dataclass
@@ -214,20 +217,26 @@ def _load(theta: Tensor, params: list[Tensor]) -> None:
 
 
 def record_sensitivities(
-    path: str | Path, *, curvature_rank: int = 8, accelerator: str = "auto", check_orders: int = 2,
-    verbose: bool = True,
+    path: str | Path, *, curvature_rank: int = 8, hessian_rank: int = 16, accelerator: str = "auto",
+    check_orders: int = 2, verbose: bool = True,
 ) -> Path:
-    """Build the adjoint sensitivity tables of a complete recording and add them to it (method "adjoint").
+    """Build the full-space sensitivity data of a complete recording and add them to it (methods "adjoint" and
+    "linearized").
 
     Re-runs the reference training from the recording (checked against its final validation loss), then computes
-    the tables described in the module docstring: the validation gradient's and those of the top
-    ``curvature_rank`` validation-curvature directions at theta_T (4 m Lanczos steps). Runs in one process on one
+    the adjoint tables described in the module docstring: the validation gradient's and those of the top
+    ``curvature_rank`` validation-curvature directions at theta_T (4 m Lanczos steps). With ``hessian_rank`` k > 0
+    it also stores what the linearised Adam replay (``lpl.order.linearized``) needs: every pool batch's loss and
+    gradient at every reference step, the validation loss and gradient there, and the top-k eigenpairs of each
+    reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d floats, refused above
+    ``LINEARIZED_MAX_BYTES``. Then retrains ``check_orders`` random orders as a ground-truth check of both
+    methods, kept in the manifest (a warning when one does worse than "no change"). Runs in one process on one
     device, whatever the recording run used. Returns the sensitivity file's path.
 
     Example::
 
         record_sensitivities("runs/ref/recording")
-        estimator = OrderEstimator.from_recording("runs/ref/recording", method="adjoint")
+        estimator = OrderEstimator.from_recording("runs/ref/recording", method="linearized")
     """
     from lpl.order import quantities
     from lpl.order.recorder import validation_loss_fn
@@ -236,6 +245,8 @@ def record_sensitivities(
 
     if curvature_rank < 0:
         raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
+    if hessian_rank < 0:
+        raise LplError(f"hessian_rank must be >= 0 (0: adjoint tables only), got {hessian_rank}.")
     if check_orders < 0:
         raise LplError(f"check_orders must be >= 0, got {check_orders}.")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -252,6 +263,8 @@ def record_sensitivities(
     start = time.perf_counter()
 
     model, datamodule = rebuild(recording, recording.order)
+    if hessian_rank:
+        _check_linearized_size(sum(p.numel() for p in model.parameters() if p.requires_grad), recording, steps)
     capture = _StateCapture()
     fit_in_order(recording, model, datamodule, steps, [capture], accelerator)
     device = model.device
@@ -281,17 +294,17 @@ def record_sensitivities(
     reference = recording.order
     model.eval()
 
-    def gradients_at(theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool) -> tuple[Tensor, list[Tensor]]:
+    def gradients_at(theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool) -> tuple[float, Tensor, list[Tensor]]:
         _load(theta, params)
         with torch.enable_grad():
-            _, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
-        return _flat(grads), grads
+            loss, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
+        return float(loss.detach()), _flat(grads), grads
 
     def batch_loss(b: int) -> Callable[[], Tensor]:
         return lambda: module_loss(model, pool[b])
 
     # targets at theta_T: the validation gradient and the top curvature directions
-    val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_loss_fn(val_loader, model), curvature_rank > 0)
+    _, val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_loss_fn(val_loader, model), curvature_rank > 0)
     targets, curvature = val_grad[None], val_grad.new_zeros(0)
     if curvature_rank:
         with torch.enable_grad():
@@ -300,11 +313,17 @@ def record_sensitivities(
         targets = torch.cat([targets, directions])
     del val_grads
 
-    def batch_grads(t: int) -> Tensor:
-        return torch.stack([gradients_at(trajectory.theta[t], batch_loss(b), False)[0] for b in range(len(pool))])
+    pool_losses: dict[int, Tensor] = {}
 
-    # pool gradients at every step: the second moment an average order sees, and the tables' inputs when they fit
-    keep = steps * len(pool) * trajectory.theta.shape[1] * trajectory.theta.element_size() <= GRADIENT_CACHE_BYTES
+    def batch_grads(t: int) -> Tensor:
+        results = [gradients_at(trajectory.theta[t], batch_loss(b), False) for b in range(len(pool))]
+        pool_losses[t] = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
+        return torch.stack([grad for _, grad, _ in results])
+
+    # pool gradients at every step: the second moment an average order sees, the tables' inputs when they fit, and
+    # the linearised replay's (always kept then)
+    size = steps * len(pool) * trajectory.theta.shape[1] * trajectory.theta.element_size()
+    keep = hessian_rank > 0 or size <= GRADIENT_CACHE_BYTES
     kept: list[Tensor] = []
 
     def remembered(t: int) -> Tensor:
@@ -316,10 +335,15 @@ def record_sensitivities(
     trajectory.pool_sq = pool_second_moment(trajectory, remembered)
     say(f"record_sensitivities: pool gradients at {steps} steps ({time.perf_counter() - start:.1f} s)")
 
+    def reference_hessian(s: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The reference batch's gradient at theta_s and v -> H_s v."""
+        _, grad, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True)
+        product = quantities._hessian_vector_product(grads, params)
+        return grad, product
+
     def hvp(s: int, vectors: Tensor) -> Tensor:
-        _, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True)
         with torch.enable_grad():
-            product = quantities._hessian_vector_product(grads, params)
+            product = reference_hessian(s)[1]
             return torch.stack([product(row) for row in vectors])
 
     adjoints = adjoint_vectors(trajectory, hvp, targets)
@@ -333,35 +357,72 @@ def record_sensitivities(
 
     with torch.no_grad():
         tables = swap_tables(trajectory, kept.__getitem__ if keep else batch_grads, adjoints, progress)
-    _load(trajectory.theta[-1], params)
     if not torch.isfinite(tables).all():
         raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
-    seconds = time.perf_counter() - start
+    tensors = {"tables": tables.float().cpu(), "curvature": curvature.float().cpu()}
+    info: dict[str, Any] = {"curvature_rank": int(curvature.numel()), "hessian_rank": hessian_rank,
+                            "rerun_val_loss": rerun_loss}
     reference_loss = recorded if recorded is not None else rerun_loss
-    checks = _check_against_retraining(recording.root, tables, curvature, reference_loss, reference, check_orders,
+    estimators = {"adjoint": lambda orders: estimate_from_tables(tables.cpu(), curvature.cpu(), reference_loss, orders,
+                                                                 torch.tensor(reference))}
+    if hessian_rank:
+        kept.append(batch_grads(steps))  # at theta_T too: each batch's loss after a complete order
+        validation = [gradients_at(theta, validation_loss_fn(val_loader, model), False) for theta in trajectory.theta]
+        factors = []
+        for s in range(steps):
+            with torch.enable_grad():
+                grad, product = reference_hessian(s)
+                factors.append(_padded(quantities.top_curvature(product, grad, hessian_rank, 3 * hessian_rank),
+                                       hessian_rank))
+            if (s + 1) % every == 0 or s + 1 == steps:
+                say(f"record_sensitivities: reference Hessians {s + 1}/{steps} steps "
+                    f"({time.perf_counter() - start:.1f} s)")
+        run = LinearizedRun(
+            pool_grads=torch.stack(kept).float().cpu(),
+            pool_losses=torch.stack([pool_losses[t] for t in range(steps + 1)]).float(),
+            hessian_vectors=torch.stack([vectors for vectors, _ in factors]).float().cpu(),
+            hessian_values=torch.stack([values for _, values in factors]).float().cpu(),
+            reference_updates=torch.stack([trajectory.update(s, trajectory.exp_avg[s + 1], trajectory.exp_avg_sq[s + 1])
+                                           for s in range(steps)]).float().cpu(),
+            val_losses=torch.tensor([loss for loss, _, _ in validation], dtype=torch.float32),
+            val_grads=torch.stack([grad for _, grad, _ in validation]).float().cpu(),
+            val_directions=targets[1:].float().cpu(), val_curvature=curvature.float().cpu(),
+            lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=trajectory.weight_decay,
+            decoupled=trajectory.decoupled,
+            coupled_decay=None if trajectory.decoupled or not trajectory.weight_decay else
+            (trajectory.weight_decay * trajectory.theta[:-1]).float().cpu(),
+        )
+        del kept[:], validation, factors
+        tensors.update(linearized_tensors(run))
+        info["linearized"] = linearized_scalars(run)
+        estimators["linearized"] = lambda orders: replay_linearized(run, orders).final_loss
+        say(f"record_sensitivities: linearised replay data, Hessian rank {hessian_rank} "
+            f"({time.perf_counter() - start:.1f} s)")
+    _load(trajectory.theta[-1], params)
+    seconds = time.perf_counter() - start
+    checks = _check_against_retraining(recording.root, estimators, reference_loss, reference, check_orders,
                                        accelerator)
-    recording.write_sensitivity(
-        {"tables": tables.float().cpu(), "curvature": curvature.float().cpu()},
-        {"curvature_rank": int(curvature.numel()), "rerun_val_loss": rerun_loss, "seconds": seconds,
-         "checks": checks},
-    )
+    recording.write_sensitivity(tensors, {**info, "seconds": seconds, "checks": checks})
     say(f"record_sensitivities: wrote {recording.root / SENSITIVITY_FILE} ({seconds:.1f} s)")
     return recording.root / SENSITIVITY_FILE
 
 
-def check_errors(checks: list[dict[str, Any]], reference_loss: float) -> tuple[float, float]:
-    """Mean |estimate - truth| of the tables on their retrained check orders, and that of "no change" (predicting
-    ``reference_loss``): the tables hold for a run only where the first is the smaller."""
-    error = sum(abs(c["estimated"] - c["retrained"]) for c in checks) / len(checks)
-    no_change = sum(abs(reference_loss - c["retrained"]) for c in checks) / len(checks)
+def check_errors(checks: list[dict[str, Any]], reference_loss: float, method: str) -> tuple[float, float] | None:
+    """Mean |estimate - truth| of ``method`` on the retrained check orders, and that of "no change" (predicting
+    ``reference_loss``): the method holds for a run only where the first is the smaller. None when not checked."""
+    checked = [c for c in checks if method in c.get("estimates", {})]
+    if not checked:
+        return None
+    error = sum(abs(c["estimates"][method] - c["retrained"]) for c in checked) / len(checked)
+    no_change = sum(abs(reference_loss - c["retrained"]) for c in checked) / len(checked)
     return error, no_change
 
 
 def _check_against_retraining(
-    path: Path, tables: Tensor, curvature: Tensor, reference_loss: float, reference: list[int], count: int,
-    accelerator: str,
+    path: Path, estimators: dict[str, Callable[[Tensor], Tensor]], reference_loss: float, reference: list[int],
+    count: int, accelerator: str,
 ) -> list[dict[str, Any]]:
-    """Retrain ``count`` seeded reorderings of the reference run and compare them with the tables' estimates."""
+    """Retrain ``count`` seeded reorderings of the reference run and compare them with each method's estimates."""
     from lpl.order.retraining import retrain
 
     generator = torch.Generator().manual_seed(0)
@@ -369,16 +430,37 @@ def _check_against_retraining(
     checks = []
     for _ in range(count):
         shuffled = order[torch.randperm(len(order), generator=generator)]
-        estimated = float(estimate_from_tables(tables.cpu(), curvature.cpu(), reference_loss, shuffled[None], order)[0])
+        estimates = {method: float(estimate(shuffled[None])[0]) for method, estimate in estimators.items()}
         retrained = retrain(path, shuffled.tolist(), curve_every_n_steps=len(order), accelerator=accelerator).final_loss
-        checks.append({"order": shuffled.tolist(), "estimated": estimated, "retrained": retrained})
-    if checks:
-        error, no_change = check_errors(checks, reference_loss)
+        checks.append({"order": shuffled.tolist(), "estimates": estimates, "retrained": retrained})
+    for method in estimators if checks else ():
+        error, no_change = check_errors(checks, reference_loss, method)
         if not error <= no_change:
             warnings.warn(
-                f"on {len(checks)} retrained random orders the adjoint estimates miss the true final loss by "
-                f"{error:.4g} on average, more than predicting the reference loss does ({no_change:.4g}): the "
-                "linearisation does not hold for this run; do not trust method 'adjoint' here.",
+                f"on {len(checks)} retrained random orders the {method!r} estimates miss the true final loss by "
+                f"{error:.4g} on average, more than predicting the reference loss does ({no_change:.4g}): its "
+                f"linearisation does not hold for this run; do not trust method {method!r} here.",
                 stacklevel=3,
             )
     return checks
+
+
+def _check_linearized_size(num_params: int, recording: Any, steps: int) -> None:
+    """Refuse, before any work, linearised replay data larger than ``LINEARIZED_MAX_BYTES``."""
+    size = (steps + 1) * len(recording.batches) * num_params * 4
+    if size > LINEARIZED_MAX_BYTES:
+        raise LplError(
+            f"the linearised replay would store {size / 2**30:.1f} GiB of pool gradients ({steps + 1} steps x "
+            f"{len(recording.batches)} batches x {num_params} parameters), above LINEARIZED_MAX_BYTES "
+            f"({LINEARIZED_MAX_BYTES / 2**30:.0f} GiB): pass hessian_rank=0 (CLI: --hessian-rank 0) for the adjoint "
+            "tables only, or record a shorter reference run."
+        )
+
+
+def _padded(pairs: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """Ritz pairs padded with zero pairs to ``rank`` (the Krylov space can close early)."""
+    vectors, values = pairs
+    missing = rank - values.numel()
+    if missing <= 0:
+        return vectors, values
+    return torch.cat([vectors, vectors.new_zeros(missing, vectors.shape[1])]), torch.cat([values, values.new_zeros(missing)])

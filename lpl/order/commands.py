@@ -201,18 +201,24 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
 
 
 def sensitivity_main(argv: Sequence[str] | None = None) -> int:
-    """`lpl sensitivity --recording DIR`: add the adjoint sensitivity tables to a recording (method "adjoint")."""
+    """`lpl sensitivity --recording DIR`: add the full-space sensitivity data to a recording (methods "linearized"
+    and "adjoint")."""
     from lpl.order.adjoint import record_sensitivities
 
     parser = argparse.ArgumentParser(
-        prog="lpl sensitivity", description="Build the adjoint sensitivity tables of a complete recording."
+        prog="lpl sensitivity",
+        description="Build the full-space sensitivity data of a complete recording: the adjoint tables (method "
+                    "adjoint) and the linearised Adam replay's data (method linearized).",
     )
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
     parser.add_argument("--curvature-rank", type=int, default=8, help="top validation-curvature directions (0: none)")
+    parser.add_argument("--hessian-rank", type=int, default=16,
+                        help="eigenpairs kept of each reference batch's Hessian (0: adjoint tables only)")
     parser.add_argument("--accelerator", default="auto", help="device for the re-run and the tables (cpu, gpu, auto)")
-    parser.add_argument("--check-orders", type=int, default=2, help="random orders retrained to check the tables")
+    parser.add_argument("--check-orders", type=int, default=2, help="random orders retrained to check the estimates")
     args = parser.parse_args(argv)
-    path = record_sensitivities(args.recording, curvature_rank=args.curvature_rank, accelerator=args.accelerator,
-                                check_orders=args.check_orders)
-    print(f"wrote {path}; estimate with --method adjoint")
+    path = record_sensitivities(args.recording, curvature_rank=args.curvature_rank, hessian_rank=args.hessian_rank,
+                                accelerator=args.accelerator, check_orders=args.check_orders)
+    methods = "linearized or adjoint" if args.hessian_rank else "adjoint"
+    print(f"wrote {path}; estimate with --method {methods}")
     return 0

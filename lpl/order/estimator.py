@@ -15,8 +15,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lpl.order.linearized import LinearizedRun, linearized_from_tensors
 from lpl.order.replay import ReplayData, ReplayResult, check_method, replay
 from lpl.utils.errors import LplError
+
+_LINEARIZED = "linearized_"  # buffer-name prefix of the linearised replay's tensors
 
 # per-batch names the replay reads from every probe, and the optional ones
 _REQUIRED_BATCH = ("update", "precond_grad", "grad", "loss")
@@ -67,10 +70,15 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
 
     manifest = recording.manifest
     adam = manifest.get("optimizer", {})
-    swap_tables = swap_curvature = None
+    swap_tables = swap_curvature = linearized = None
     sensitivity = recording.sensitivity() if callable(getattr(recording, "sensitivity", None)) else None
     if sensitivity is not None:
-        tensors, _ = sensitivity
+        tensors, info = sensitivity
+        linearized = linearized_from_tensors(tensors, info.get("linearized", {}))
+        if linearized is not None and (linearized.num_steps != num_steps
+                                       or linearized.pool_grads.shape[1] != len(recording.batches)):
+            raise LplError(f"the linearised replay data of {recording.root} do not match the recording; build them "
+                           "again with record_sensitivities.")
         swap_tables, swap_curvature = tensors.get("tables"), tensors.get("curvature")
         expected = (num_steps, len(recording.batches))
         if swap_tables is None or swap_curvature is None or tuple(swap_tables.shape[1:]) != expected or (
@@ -104,23 +112,20 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
         val_curv_matrix=steps[-1].get("val_curv_matrix"),
         swap_tables=swap_tables,
         swap_curvature=swap_curvature,
+        linearized=linearized,
     )
 
 
-def _warn_if_sensitivity_failed_its_check(recording: Any) -> None:
-    """Repeat record_sensitivities' verdict: its tables against the random orders it retrained."""
-    info = recording.manifest.get("sensitivity") or {}
-    checks = info.get("checks") or []
-    if not checks:
-        return
+def _warn_if_sensitivity_failed_its_check(recording: Any, method: str) -> None:
+    """Repeat record_sensitivities' verdict on ``method``: its estimates against the random orders it retrained."""
     from lpl.order.adjoint import check_errors
 
-    error, no_change = check_errors(checks, float(recording.probe_scalars["val_loss"][-1]))
-    if not error <= no_change:
+    info = recording.manifest.get("sensitivity") or {}
+    verdict = check_errors(info.get("checks") or [], float(recording.probe_scalars["val_loss"][-1]), method)
+    if verdict is not None and not verdict[0] <= verdict[1]:
         warnings.warn(
-            f"the sensitivity tables of {recording.root} missed the {len(checks)} retrained check orders by {error:.4g} "
-            f"on average, more than predicting the reference loss does ({no_change:.4g}): method 'adjoint' does not "
-            "hold for this run.",
+            f"method {method!r} missed the retrained check orders of {recording.root} by {verdict[0]:.4g} on average, "
+            f"more than predicting the reference loss does ({verdict[1]:.4g}): it does not hold for this run.",
             stacklevel=3,
         )
 
@@ -158,11 +163,19 @@ class OrderEstimator(L.LightningModule):
         self.control_variates = control_variates
         self.quadratic = quadratic
         self._scalars = {"betas": data.betas, "weight_decay": data.weight_decay, "decoupled": data.decoupled}
-        self._tensor_names = []
-        for name, value in vars(data).items():
+        self._tensor_names = self._register(data, "")
+        self._linearized_scalars = None
+        if data.linearized is not None:  # its tensors become buffers too, so they follow the module's device
+            self._linearized_scalars = {k: v for k, v in vars(data.linearized).items() if not isinstance(v, Tensor)}
+            self._linearized_names = self._register(data.linearized, _LINEARIZED)
+
+    def _register(self, fields: Any, prefix: str) -> list[str]:
+        names = []
+        for name, value in vars(fields).items():
             if isinstance(value, Tensor):
-                self.register_buffer(name, value, persistent=False)
-                self._tensor_names.append(name)
+                self.register_buffer(prefix + name, value, persistent=False)
+                names.append(name)
+        return names
 
     @classmethod
     def from_recording(
@@ -176,8 +189,8 @@ class OrderEstimator(L.LightningModule):
         recording.verify()
         if model is not None:
             check_recording_matches_model(recording, model)
-        if method == "adjoint":
-            _warn_if_sensitivity_failed_its_check(recording)
+        if method in ("adjoint", "linearized"):
+            _warn_if_sensitivity_failed_its_check(recording, method)
         return cls(replay_data_from_recording(recording), method=method, control_variates=control_variates,
                    quadratic=quadratic)
 
@@ -187,7 +200,11 @@ class OrderEstimator(L.LightningModule):
         for optional in ("curv_basis", "curv_update", "curv_precond", "val_dot_update", "val_dot_precond",
                          "val_curv_basis", "val_curv_matrix"):
             tensors.setdefault(optional, None)
-        return ReplayData(**tensors, **self._scalars)
+        linearized = None
+        if self._linearized_scalars is not None:
+            linearized = LinearizedRun(**{name: getattr(self, _LINEARIZED + name) for name in self._linearized_names},
+                                       **self._linearized_scalars)
+        return ReplayData(**tensors, **self._scalars, linearized=linearized)
 
     @property
     def num_batches(self) -> int:

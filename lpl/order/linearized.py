@@ -23,10 +23,14 @@ for Adam with coupled weight decay). Build it with
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+from lpl.utils.errors import LplError
 
 # orders replayed together: bounds the [orders, d] state tensors at this many elements each
 CHUNK_ELEMENTS = 1 << 24
@@ -104,3 +108,31 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
     curve[:, length] = final
     batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
     return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
+
+
+# ---------------------------------------------------------------- storage (inside the recording's sensitivity file)
+_PREFIX = "linearized/"
+
+
+def linearized_tensors(run: LinearizedRun) -> dict[str, Tensor]:
+    """The run's tensors under ``linearized/`` keys, for the sensitivity file."""
+    return {_PREFIX + name: value for name, value in vars(run).items() if isinstance(value, Tensor)}
+
+
+def linearized_scalars(run: LinearizedRun) -> dict[str, Any]:
+    """The run's Adam hyperparameters, for the sensitivity file's manifest entry."""
+    return {"betas": list(run.betas), "eps": run.eps, "weight_decay": run.weight_decay, "decoupled": run.decoupled}
+
+
+def linearized_from_tensors(tensors: Mapping[str, Tensor], scalars: Mapping[str, Any]) -> LinearizedRun | None:
+    """Rebuild a ``LinearizedRun`` from ``linearized_tensors`` and ``linearized_scalars``; None when absent."""
+    fields = {key[len(_PREFIX):]: value for key, value in tensors.items() if key.startswith(_PREFIX)}
+    if not fields:
+        return None
+    required = [f.name for f in dataclasses.fields(LinearizedRun) if f.type == "Tensor"]
+    missing = [name for name in required if name not in fields]
+    if missing or not scalars:
+        raise LplError(f"the linearised replay data lack {', '.join(missing) or 'their Adam hyperparameters'}; "
+                       "build them again with record_sensitivities.")
+    return LinearizedRun(**fields, betas=tuple(scalars["betas"]), eps=float(scalars["eps"]),
+                         weight_decay=float(scalars["weight_decay"]), decoupled=bool(scalars["decoupled"]))

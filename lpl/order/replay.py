@@ -17,6 +17,8 @@ Methods:
 - ``adam``: each order's own first moment, rebuilt exactly from the batches' preconditioned gradients (momentum is
   linear), instead of the reference run's m_{t-1} that the paper's term reuses.
 - ``adam_first_order``: ``adam`` plus the per-batch first-order curvature correction of the preconditioned gradients.
+- ``linearized``: each order trained again by Adam in full space on gradients linearised about the reference run
+  (``lpl.order.linearized``), no projection involved; loss curve, final and per-batch losses all from it.
 - ``adjoint``: the final validation loss from exact adjoint sensitivity tables (``lpl.order.adjoint``), no
   projection involved; the loss curve before the last step and the per-batch end losses come from ``first_order``
   (``zeroth_order`` when the recording has no curvature factors).
@@ -29,10 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lpl.order.linearized import LinearizedRun, replay_linearized
 from lpl.utils.errors import LplError
 
 PROJECTED_METHODS = ("zeroth_order", "first_order", "second_order", "adam", "adam_first_order")
-METHODS = PROJECTED_METHODS + ("adjoint",)
+METHODS = PROJECTED_METHODS + ("linearized", "adjoint")
 CURVATURE_METHODS = ("first_order", "second_order", "adam_first_order")
 
 
@@ -67,6 +70,7 @@ class ReplayData:
     # adjoint sensitivity tables (lpl.order.adjoint): [1 + m, T, nb], table 0 for the validation gradient
     swap_tables: Tensor | None = None
     swap_curvature: Tensor | None = None  # [m] Ritz values of the tables' curvature directions
+    linearized: LinearizedRun | None = None  # the linearised Adam replay's data (lpl.order.linearized)
 
     @property
     def num_steps(self) -> int:
@@ -85,7 +89,8 @@ class ReplayData:
 class ReplayResult:
     """Estimates for N orders: ``final_loss`` [N], ``loss_curve`` [N, steps + 1] (validation loss before each step
     and after the last), ``batch_losses`` [N, num_batches] (each pool batch's loss at the end) and
-    ``displacement`` [N, k]: the projected P (gamma_T - theta_T), where each order ends relative to the reference."""
+    ``displacement`` [N, k]: the projected P (gamma_T - theta_T), where each order ends relative to the reference
+    (None for the full-space methods)."""
 
     final_loss: Tensor
     loss_curve: Tensor
@@ -154,6 +159,11 @@ def check_method(data: ReplayData, method: str) -> None:
             "method 'adjoint' needs the recording's sensitivity tables, which it lacks; build them once with "
             "lpl.order.adjoint.record_sensitivities(path) (CLI: `lpl sensitivity --recording DIR`)."
         )
+    if method == "linearized" and data.linearized is None:
+        raise LplError(
+            "method 'linearized' needs the recording's linearised replay data, which it lacks; build them once with "
+            "lpl.order.adjoint.record_sensitivities(path, hessian_rank=16) (CLI: `lpl sensitivity --recording DIR`)."
+        )
 
 
 def replay(
@@ -170,6 +180,11 @@ def replay(
     orders = check_orders(orders, data.num_batches, data.num_steps)
     if method == "adjoint":
         return _replay_adjoint(data, orders, control_variates, quadratic)
+    if method == "linearized":
+        run = data.linearized
+        result = replay_linearized(run, orders.to(run.pool_grads.device), quadratic)
+        return ReplayResult(final_loss=result.final_loss, loss_curve=result.loss_curve,
+                            batch_losses=result.batch_losses)
     n, length = orders.shape
     device = data.update.device
     orders = orders.to(device)

@@ -69,3 +69,15 @@ def test_sensitivity_then_adjoint_estimates(recording, tmp_path):
         sensitivity_main(["--recording", str(path), "--curvature-rank", "x"])
     with pytest.raises(LplError, match="curvature_rank"):
         sensitivity_main(["--recording", str(path), "--curvature-rank", "-1"])
+    with pytest.raises(LplError, match="hessian_rank"):
+        sensitivity_main(["--recording", str(path), "--hessian-rank", "-1"])
+    estimate_main(["--recording", str(path), "--orders", "random:2", "--method", "linearized", "--out", str(tmp_path / "b")])
+    written = json.loads((tmp_path / "b" / "estimates.json").read_text())
+    assert len(written["estimates"]) == 2 and len(written["estimates"][0]["loss_curve"]) == NUM_BATCHES + 1
+
+
+def test_sensitivity_refuses_linearized_data_too_large_to_store(recording, tmp_path, monkeypatch):
+    monkeypatch.setattr("lpl.order.adjoint.LINEARIZED_MAX_BYTES", 1000)
+    with pytest.raises(LplError, match="hessian_rank=0"):
+        sensitivity_main(["--recording", str(recording), "--accelerator", "cpu"])
+    assert not (recording / "sensitivity.safetensors").exists()  # refused before writing anything
