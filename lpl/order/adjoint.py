@@ -367,7 +367,7 @@ def record_sensitivities(
                                                                  torch.tensor(reference))}
     if hessian_rank:
         kept.append(batch_grads(steps))  # at theta_T too: each batch's loss after a complete order
-        validation = [gradients_at(theta, validation_loss_fn(val_loader, model), False) for theta in trajectory.theta]
+        validation = [gradients_at(theta, validation_loss_fn(val_loader, model), False)[:2] for theta in trajectory.theta]
         factors = []
         for s in range(steps):
             with torch.enable_grad():
@@ -384,8 +384,8 @@ def record_sensitivities(
             hessian_values=torch.stack([values for _, values in factors]).float().cpu(),
             reference_updates=torch.stack([trajectory.update(s, trajectory.exp_avg[s + 1], trajectory.exp_avg_sq[s + 1])
                                            for s in range(steps)]).float().cpu(),
-            val_losses=torch.tensor([loss for loss, _, _ in validation], dtype=torch.float32),
-            val_grads=torch.stack([grad for _, grad, _ in validation]).float().cpu(),
+            val_losses=torch.tensor([loss for loss, _ in validation], dtype=torch.float32),
+            val_grads=torch.stack([grad for _, grad in validation]).float().cpu(),
             val_directions=targets[1:].float().cpu(), val_curvature=curvature.float().cpu(),
             lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=trajectory.weight_decay,
             decoupled=trajectory.decoupled,

@@ -144,9 +144,11 @@ class OrderEstimator(L.LightningModule):
 
     ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
     curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
-    projected preconditioned gradients), "adam_first_order" (adam plus the curvature correction) or "adjoint" (the
-    final loss from the exact sensitivity tables that ``lpl.order.adjoint.record_sensitivities`` adds to a
-    recording; complete orders only).
+    projected preconditioned gradients), "adam_first_order" (adam plus the curvature correction), "linearized" (each
+    order trained again by Adam in full space on gradients linearised about the reference run: the most accurate
+    where the linearisation holds) or "adjoint" (the final loss from exact sensitivity tables; complete orders
+    only). The last two need the full-space data that ``lpl.order.record_sensitivities`` adds to a recording (CLI
+    `lpl sensitivity`); it checks them against two retrained orders, and loading warns when they failed that check.
     The adam variants read each batch's preconditioned gradient with the reference run's second moment and keep it in
     the rebuilt momentum: where a coordinate's second moment is near zero (embeddings of rare tokens, say) that term
     is up to sqrt(t) times what Adam really applies later, and on the demo LM their estimates diverge; the paper's
