@@ -24,6 +24,7 @@ for Adam with coupled weight decay). Build it with
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -89,18 +90,20 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
     curve = delta.new_empty(n, length + 1)
     for s in range(length):
         curve[:, s] = run.val_losses[s] + delta @ run.val_grads[s].to(dtype)
-        grads = run.pool_grads[s][orders[:, s]].to(dtype)
+        grads = run.pool_grads[s].index_select(0, orders[:, s]).to(dtype)
         vectors = run.hessian_vectors[s].to(dtype)
-        grads = grads + ((delta @ vectors.T) * run.hessian_values[s].to(dtype)) @ vectors
+        grads.addmm_((delta @ vectors.T).mul_(run.hessian_values[s].to(dtype)), vectors)
         if run.coupled_decay is not None:
-            grads = grads + run.coupled_decay[s].to(dtype) + run.weight_decay * delta
-        exp_avg = beta1 * exp_avg + (1.0 - beta1) * grads
-        exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grads * grads
+            grads.add_(run.coupled_decay[s].to(dtype)).add_(delta, alpha=run.weight_decay)
+        # Adam's step, in place (the state tensors are [orders, d]: memory traffic dominates)
+        exp_avg.mul_(beta1).add_(grads, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
         bc1, bc2 = 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
-        update = (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + run.eps)
+        denominator = torch.sqrt(exp_avg_sq, out=grads).div_(math.sqrt(bc2)).add_(run.eps)
         lr = float(run.lr[s])
-        keep = 1.0 - lr * run.weight_decay if run.decoupled else 1.0
-        delta = keep * delta - lr * (update - run.reference_updates[s].to(dtype))
+        if run.decoupled and run.weight_decay:
+            delta.mul_(1.0 - lr * run.weight_decay)
+        delta.addcdiv_(exp_avg, denominator, value=-lr / bc1).add_(run.reference_updates[s].to(dtype), alpha=lr)
     final = run.val_losses[length] + delta @ run.val_grads[length].to(dtype)
     if quadratic and length == run.num_steps and run.val_curvature.numel():  # the curvature was measured at theta_T
         coords = delta @ run.val_directions.to(dtype).T
