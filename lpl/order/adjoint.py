@@ -44,6 +44,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lpl.order import quantities
 from lpl.order.linearized import LinearizedRun, linearized_scalars, linearized_tensors, replay_linearized
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
@@ -238,7 +239,6 @@ def record_sensitivities(
         record_sensitivities("runs/ref/recording")
         estimator = OrderEstimator.from_recording("runs/ref/recording", method="linearized")
     """
-    from lpl.order import quantities
     from lpl.order.recorder import validation_loss_fn
     from lpl.order.retraining import fit_in_order, rebuild, validation_loss
     from lpl.order.store import SENSITIVITY_FILE, Recording
@@ -351,9 +351,9 @@ def record_sensitivities(
 
     every = max(1, steps // 10)
 
-    def progress(t: int) -> None:
+    def progress(t: int, what: str = "swap tables") -> None:
         if (t + 1) % every == 0 or t + 1 == steps:
-            say(f"record_sensitivities: swap tables {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
+            say(f"record_sensitivities: {what} {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
 
     with torch.no_grad():
         tables = swap_tables(trajectory, kept.__getitem__ if keep else batch_grads, adjoints, progress)
@@ -367,37 +367,16 @@ def record_sensitivities(
                                                                  torch.tensor(reference))}
     if hessian_rank:
         kept.append(batch_grads(steps))  # at theta_T too: each batch's loss after a complete order
-        validation = [gradients_at(theta, validation_loss_fn(val_loader, model), False)[:2] for theta in trajectory.theta]
-        factors = []
-        for s in range(steps):
-            with torch.enable_grad():
-                grad, product = reference_hessian(s)
-                factors.append(_padded(quantities.top_curvature(product, grad, hessian_rank, 3 * hessian_rank),
-                                       hessian_rank))
-            if (s + 1) % every == 0 or s + 1 == steps:
-                say(f"record_sensitivities: reference Hessians {s + 1}/{steps} steps "
-                    f"({time.perf_counter() - start:.1f} s)")
-        run = LinearizedRun(
-            pool_grads=torch.stack(kept).float().cpu(),
-            pool_losses=torch.stack([pool_losses[t] for t in range(steps + 1)]).float(),
-            hessian_vectors=torch.stack([vectors for vectors, _ in factors]).float().cpu(),
-            hessian_values=torch.stack([values for _, values in factors]).float().cpu(),
-            reference_updates=torch.stack([trajectory.update(s, trajectory.exp_avg[s + 1], trajectory.exp_avg_sq[s + 1])
-                                           for s in range(steps)]).float().cpu(),
-            val_losses=torch.tensor([loss for loss, _ in validation], dtype=torch.float32),
-            val_grads=torch.stack([grad for _, grad in validation]).float().cpu(),
-            val_directions=targets[1:].float().cpu(), val_curvature=curvature.float().cpu(),
-            lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=trajectory.weight_decay,
-            decoupled=trajectory.decoupled,
-            coupled_decay=None if trajectory.decoupled or not trajectory.weight_decay else
-            (trajectory.weight_decay * trajectory.theta[:-1]).float().cpu(),
+        run = _linearized_run(
+            trajectory, kept, torch.stack([pool_losses[t] for t in range(steps + 1)]),
+            [gradients_at(theta, validation_loss_fn(val_loader, model), False)[:2] for theta in trajectory.theta],
+            reference_hessian, hessian_rank, targets[1:], curvature,
+            lambda s: progress(s, f"reference Hessians (rank {hessian_rank})"),
         )
-        del kept[:], validation, factors
+        del kept[:]
         tensors.update(linearized_tensors(run))
         info["linearized"] = linearized_scalars(run)
         estimators["linearized"] = lambda orders: replay_linearized(run, orders).final_loss
-        say(f"record_sensitivities: linearised replay data, Hessian rank {hessian_rank} "
-            f"({time.perf_counter() - start:.1f} s)")
     _load(trajectory.theta[-1], params)
     seconds = time.perf_counter() - start
     checks = _check_against_retraining(recording.root, estimators, reference_loss, reference, check_orders,
@@ -405,6 +384,37 @@ def record_sensitivities(
     recording.write_sensitivity(tensors, {**info, "seconds": seconds, "checks": checks})
     say(f"record_sensitivities: wrote {recording.root / SENSITIVITY_FILE} ({seconds:.1f} s)")
     return recording.root / SENSITIVITY_FILE
+
+
+def _linearized_run(
+    trajectory: Trajectory, pool_grads: list[Tensor], pool_losses: Tensor, validation: list[tuple[float, Tensor]],
+    reference_hessian: Callable[[int], tuple[Tensor, Callable[[Tensor], Tensor]]], rank: int, val_directions: Tensor,
+    val_curvature: Tensor, progress: Callable[[int], None],
+) -> LinearizedRun:
+    """Assemble the linearised replay's data (float32, on the CPU) from the re-run: pool gradients and losses at
+    theta_0..T, validation (loss, gradient) there, and the top-``rank`` eigenpairs of each reference batch's Hessian
+    (``reference_hessian(s)`` gives the batch gradient, a Lanczos start, and v -> H_s v)."""
+    factors = []
+    for s in range(trajectory.num_steps):
+        with torch.enable_grad():
+            grad, product = reference_hessian(s)
+            factors.append(_padded(quantities.top_curvature(product, grad, rank, 3 * rank), rank))
+        progress(s)
+    m, v = trajectory.exp_avg, trajectory.exp_avg_sq
+    coupled = not trajectory.decoupled and trajectory.weight_decay
+    return LinearizedRun(
+        pool_grads=torch.stack(pool_grads).float().cpu(), pool_losses=pool_losses.float(),
+        hessian_vectors=torch.stack([vectors for vectors, _ in factors]).float().cpu(),
+        hessian_values=torch.stack([values for _, values in factors]).float().cpu(),
+        reference_updates=torch.stack([trajectory.update(s, m[s + 1], v[s + 1])
+                                       for s in range(trajectory.num_steps)]).float().cpu(),
+        val_losses=torch.tensor([loss for loss, _ in validation], dtype=torch.float32),
+        val_grads=torch.stack([grad for _, grad in validation]).float().cpu(),
+        val_directions=val_directions.float().cpu(), val_curvature=val_curvature.float().cpu(),
+        lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=trajectory.weight_decay,
+        decoupled=trajectory.decoupled,
+        coupled_decay=(trajectory.weight_decay * trajectory.theta[:-1]).float().cpu() if coupled else None,
+    )
 
 
 def check_errors(checks: list[dict[str, Any]], reference_loss: float, method: str) -> tuple[float, float] | None:
