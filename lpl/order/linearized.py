@@ -33,8 +33,9 @@ from torch import Tensor
 
 from lpl.utils.errors import LplError
 
-# orders replayed together: bounds the [orders, d] state tensors at this many elements each
-CHUNK_ELEMENTS = 1 << 24
+# orders replayed together: [orders, d] state tensors of about this many elements; small enough to stay in cache
+# (2^20-2^22 were fastest at the demo LM's size, 2^24 1.3x slower: benchmarks/linearized_replay_speed.py)
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""Speed of the linearised Adam replay (``lpl.order.linearized``) on synthetic data of a given size.
+
+Times ``replay_linearized`` for one order and batched over many, for several chunk sizes (``CHUNK_ELEMENTS``), side
+by side in one run. The data are random (speed does not depend on the values); the default size is the demo LM's
+(123,200 parameters, T = 64 steps, 64 pool batches, Hessian rank 16).
+
+Usage::
+
+    python benchmarks/linearized_replay_speed.py
+    python benchmarks/linearized_replay_speed.py --params 19658 --orders 256 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import lpl.order.linearized as linearized
+
+
+def synthetic_run(steps: int, batches: int, params: int, rank: int, device: str) -> linearized.LinearizedRun:
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device)
+
+    return linearized.LinearizedRun(
+        pool_grads=randn(steps + 1, batches, params, scale=1e-3), pool_losses=randn(steps + 1, batches).abs(),
+        hessian_vectors=randn(steps, rank, params, scale=params ** -0.5), hessian_values=randn(steps, rank).abs(),
+        reference_updates=randn(steps, params, scale=0.1), val_losses=randn(steps + 1).abs(),
+        val_grads=randn(steps + 1, params, scale=1e-3), val_directions=randn(8, params, scale=params ** -0.5),
+        val_curvature=randn(8).abs(), lr=torch.full((steps,), 3e-3, device=device), betas=(0.9, 0.999), eps=1e-8,
+        weight_decay=0.01, decoupled=True,
+    )
+
+
+def seconds(run: linearized.LinearizedRun, orders: torch.Tensor, repeats: int) -> float:
+    linearized.replay_linearized(run, orders[:1])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if orders.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        linearized.replay_linearized(run, orders)
+        if orders.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=int, default=123_200)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--orders", type=int, default=128, help="orders in the batched measurement")
+    parser.add_argument("--chunks", default="18,20,22,24", help="log2 of CHUNK_ELEMENTS to compare")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    run = synthetic_run(args.steps, args.batches, args.params, args.rank, args.device)
+    generator = torch.Generator().manual_seed(1)
+    orders = torch.stack([torch.randperm(args.batches, generator=generator) for _ in range(args.orders)])
+    orders = orders.to(args.device)
+    print(f"d = {args.params}, T = {args.steps}, {args.batches} batches, rank {args.rank}, {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"one order: {seconds(run, orders[:1], args.repeats) * 1e3:.1f} ms")
+    for log2 in (int(c) for c in args.chunks.split(",")):
+        linearized.CHUNK_ELEMENTS = 1 << log2
+        per_order = seconds(run, orders, args.repeats) / len(orders)
+        print(f"batched over {len(orders)} orders, CHUNK_ELEMENTS = 2^{log2} "
+              f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order")
+
+
+if __name__ == "__main__":
+    main()
