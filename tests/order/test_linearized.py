@@ -86,7 +86,7 @@ def test_exact_when_gradients_are_linear(weight_decay, decoupled):
     generator = torch.Generator().manual_seed(1)
     orders = torch.stack([torch.randperm(NUM_BATCHES, generator=generator) for _ in range(3)])
     orders = torch.cat([orders, torch.randint(0, NUM_BATCHES, (2, NUM_BATCHES), generator=generator)])  # repeats
-    got = replay_linearized(run, orders)
+    got = replay_linearized(run, orders, displacement=True)
     reference_weights = task.train(reference)
     for i, order in enumerate(orders.tolist()):
         weights = task.train(order)
@@ -108,7 +108,7 @@ def test_shorter_orders_replay_their_own_steps():
     reference = list(range(NUM_BATCHES))
     run = task.run(reference)
     order = [3, 3, 1, 0]
-    got = replay_linearized(run, torch.tensor([order]))
+    got = replay_linearized(run, torch.tensor([order]), displacement=True)
     true_delta = task.train(order)[-1] - task.train(reference)[len(order)]
     torch.testing.assert_close(got.displacement[0], true_delta, rtol=1e-9, atol=1e-12)
     assert got.loss_curve.shape == (1, len(order) + 1)
@@ -121,7 +121,7 @@ def test_reference_order_is_exact_and_chunks_agree(monkeypatch):
     task = Regression(0.0, True)
     reference = list(range(NUM_BATCHES))
     run = task.run(reference)
-    same = replay_linearized(run, torch.tensor([reference]))
+    same = replay_linearized(run, torch.tensor([reference]), displacement=True)
     assert same.displacement.abs().max() < 1e-12
     assert same.final_loss.item() == pytest.approx(run.val_losses[-1].item(), rel=1e-12)
     orders = torch.stack([torch.randperm(NUM_BATCHES) for _ in range(5)])
