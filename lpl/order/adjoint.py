@@ -24,7 +24,7 @@ the nonlinearity where it matters and makes everything else linear, so that the 
    L(theta_T) + sum_t (table_0[t, l_t] - table_0[t, r_t]) + 1/2 sum_i lambda_i coord_i^2 with coord_i from the
    table of the i-th top validation-curvature direction q_i (Ritz value lambda_i).
 
-Orders are scored by T gathers per table: millions of orders per second, with no projection noise. Building the
+Orders are scored by T gathers per table, with no projection noise. Building the
 tables costs one re-run of the reference training, T x (1 + m) Hessian-vector products, T x num_batches gradients
 (twice when they do not fit in ``GRADIENT_CACHE_BYTES``) and O(T^2 num_batches d) elementwise work; memory as
 ``record_sensitivities`` says.
