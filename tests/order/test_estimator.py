@@ -142,8 +142,14 @@ def test_sensitivity_data_from_a_recording(recording, tmp_path):
         assert np.abs(estimate - truth).mean() < tolerance * no_change, method
     with pytest.raises(LplError, match="complete orders"):
         OrderEstimator.from_recording(path, method="adjoint").estimate(rec.order[:4])
-    # the linearised replay also gives the curve and per-batch losses, for shorter orders too
+    # the linearised replay also gives the curve and per-batch losses, for shorter orders too, and predicts
+    # through a Trainer like any method (its data are buffers of the module)
     linearized = OrderEstimator.from_recording(path, method="linearized")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    predicted = [e for batch in trainer.predict(linearized, dataloaders=DataLoader(torch.tensor(orders), batch_size=3))
+                 for e in batch]
+    torch.testing.assert_close(torch.tensor([e.final_loss for e in predicted], dtype=torch.float64),
+                               linearized.estimate_many(orders).final_loss.double(), atol=1e-5, rtol=0)
     short = linearized.estimate(orders[0][:4])
     assert short.loss_curve.shape == (5,) and short.batch_losses.shape == (NUM_BATCHES,)
     result = retrain(recording, orders[0], curve_every_n_steps=1)
