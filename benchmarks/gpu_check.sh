@@ -8,6 +8,7 @@
 #   4. benchmarks/vit_e2e.py                      (DeiT-S/B dense vs pruned+exported, images/s, NVML J/image)
 #   5. kernel tests compiled on the GPU (tests/kernels without the interpreter; the CPU-path tests are skipped)
 #   6. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
+#   7. benchmarks/linearized_replay_speed.py      (order estimation's full-space replay at the demo LM's size)
 # Results land in benchmarks/results/ (file names carry the device); when $OUT is set (device tool) they are also
 # packed into $OUT/gpu_results.tar beside the log.
 set -uo pipefail
@@ -87,4 +88,8 @@ timeout "$(limit 100)" python -m pytest tests/kernels -q -x -p no:cacheprovider 
 
 say "6. cost-model calibration"
 timeout "$(limit 120)" python -m lpl.prune.calibrate --device cuda --out "$RESULTS" --repeats 5 2>&1 | tee -a "$LOG" | head -8
+
+say "7. linearised order replay speed"
+timeout "$(limit 60)" python benchmarks/linearized_replay_speed.py --device cuda --orders 1024 --chunks 20,22,24,26 2>&1 \
+  | tee -a "$LOG" | tee "$RESULTS/linearized_replay_speed_${SLUG}.txt"
 say "done"

@@ -355,7 +355,7 @@ def report(runs: list[dict], args, command: str) -> str:
         lines += [f"## {task} ({first['num_params']:,} parameters, T = {first['steps']} steps, pool = {first['steps']} "
                   f"batches; projections {first['projections']})", ""]
         lines += ["| lr | reference loss | true spread (std) | no-change MAE | retrain s/order | record s per k | "
-                  "sensitivity tables s |", "|---|---|---|---|---|---|---|"]
+                  "sensitivity data s |", "|---|---|---|---|---|---|---|"]
         for r in task_runs:
             rec = ", ".join(f"{k}: {v:.0f}" for k, v in r["record_s"].items())
             lines.append(f"| {r['lr']} | {r['reference_loss']:.4f} | {r['true_spread']:.4f} | {r['no_change_mae']:.4f} "
