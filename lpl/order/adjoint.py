@@ -51,8 +51,11 @@ from lpl.utils.loss import module_loss
 
 # pool gradients at every step are kept in memory below this size (else computed twice)
 GRADIENT_CACHE_BYTES = 2 << 30
-# the linearised replay's stored pool gradients ((T + 1) x num_batches x d float32) are refused above this size
+# the linearised replay's stored pool gradients ((T + 1) x num_batches x d) are refused above this size
 LINEARIZED_MAX_BYTES = 8 << 30
+# its d-sized rows (gradients, Hessian factors) are stored in bfloat16: float32's range at half the bytes (the replay
+# computes in float32; rounding the rows left the digits task's estimates unchanged at 4 significant digits)
+STORED_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -229,8 +232,8 @@ def record_sensitivities(
     ``curvature_rank`` validation-curvature directions at theta_T (4 m Lanczos steps). With ``hessian_rank`` k > 0
     it also stores what the linearised Adam replay (``lpl.order.linearized``) needs: every pool batch's loss and
     gradient at every reference step, the validation loss and gradient there, and the top-k eigenpairs of each
-    reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d floats, refused above
-    ``LINEARIZED_MAX_BYTES``. Then retrains ``check_orders`` random orders as a ground-truth check of both
+    reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d bfloat16 values, refused
+    above ``LINEARIZED_MAX_BYTES``. Then retrains ``check_orders`` random orders as a ground-truth check of both
     methods, kept in the manifest (a warning when one does worse than "no change"). Runs in one process on one
     device, whatever the recording run used. Returns the sensitivity file's path.
 
@@ -391,7 +394,8 @@ def _linearized_run(
     reference_hessian: Callable[[int], tuple[Tensor, Callable[[Tensor], Tensor]]], rank: int, val_directions: Tensor,
     val_curvature: Tensor, progress: Callable[[int], None],
 ) -> LinearizedRun:
-    """Assemble the linearised replay's data (float32, on the CPU) from the re-run: pool gradients and losses at
+    """Assemble the linearised replay's data (on the CPU; the d-sized rows as ``STORED_DTYPE``) from the re-run: pool
+    gradients and losses at
     theta_0..T, validation (loss, gradient) there, and the top-``rank`` eigenpairs of each reference batch's Hessian
     (``reference_hessian(s)`` gives the batch gradient, a Lanczos start, and v -> H_s v)."""
     factors = []
@@ -403,13 +407,13 @@ def _linearized_run(
     m, v = trajectory.exp_avg, trajectory.exp_avg_sq
     coupled = not trajectory.decoupled and trajectory.weight_decay
     return LinearizedRun(
-        pool_grads=torch.stack(pool_grads).float().cpu(), pool_losses=pool_losses.float(),
-        hessian_vectors=torch.stack([vectors for vectors, _ in factors]).float().cpu(),
+        pool_grads=torch.stack(pool_grads).to("cpu", STORED_DTYPE), pool_losses=pool_losses.float(),
+        hessian_vectors=torch.stack([vectors for vectors, _ in factors]).to("cpu", STORED_DTYPE),
         hessian_values=torch.stack([values for _, values in factors]).float().cpu(),
         reference_updates=torch.stack([trajectory.update(s, m[s + 1], v[s + 1])
                                        for s in range(trajectory.num_steps)]).float().cpu(),
         val_losses=torch.tensor([loss for loss, _ in validation], dtype=torch.float32),
-        val_grads=torch.stack([grad for _, grad in validation]).float().cpu(),
+        val_grads=torch.stack([grad for _, grad in validation]).to("cpu", STORED_DTYPE),
         val_directions=val_directions.float().cpu(), val_curvature=val_curvature.float().cpu(),
         lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=trajectory.weight_decay,
         decoupled=trajectory.decoupled,
@@ -457,7 +461,7 @@ def _check_against_retraining(
 
 def _check_linearized_size(num_params: int, recording: Any, steps: int) -> None:
     """Refuse, before any work, linearised replay data larger than ``LINEARIZED_MAX_BYTES``."""
-    size = (steps + 1) * len(recording.batches) * num_params * 4
+    size = (steps + 1) * len(recording.batches) * num_params * STORED_DTYPE.itemsize
     if size > LINEARIZED_MAX_BYTES:
         raise LplError(
             f"the linearised replay would store {size / 2**30:.1f} GiB of pool gradients ({steps + 1} steps x "

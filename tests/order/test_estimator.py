@@ -114,6 +114,7 @@ def test_sensitivity_data_from_a_recording(recording, tmp_path):
     tensors, info = rec.sensitivity()
     assert tensors["tables"].shape == (5, NUM_BATCHES, NUM_BATCHES) and info["curvature_rank"] == 4
     assert tensors["linearized/hessian_vectors"].shape[:2] == (NUM_BATCHES, 6)
+    assert tensors["linearized/pool_grads"].dtype == torch.bfloat16  # the bulk, stored at half the bytes
     for check in info["checks"]:  # the built-in ground-truth check, of both methods
         assert check["retrained"] == pytest.approx(retrain(recording, check["order"]).final_loss, abs=1e-6)
         assert set(check["estimates"]) == {"adjoint", "linearized"}
