@@ -53,8 +53,8 @@ from lpl.utils.loss import module_loss
 GRADIENT_CACHE_BYTES = 2 << 30
 # the linearised replay's stored pool gradients ((T + 1) x num_batches x d) are refused above this size
 LINEARIZED_MAX_BYTES = 8 << 30
-# its d-sized rows (gradients, Hessian factors) are stored in bfloat16: float32's range at half the bytes (the replay
-# computes in float32; rounding the rows left the digits task's estimates unchanged at 4 significant digits)
+# its d-sized rows (gradients, Hessian factors) are stored in bfloat16: float32's range at half the file size (they
+# are widened to float32 on load; rounding them left the digits task's estimates unchanged at 4 significant digits)
 STORED_DTYPE = torch.bfloat16
 
 
