@@ -51,7 +51,7 @@ from lpl.utils.loss import module_loss
 
 # pool gradients at every step are kept in memory below this size (else computed twice)
 GRADIENT_CACHE_BYTES = 2 << 30
-# the linearised replay's stored pool gradients ((T + 1) x num_batches x d) are refused above this size
+# the linearised replay's pool gradients ((T + 1) x num_batches x d, float32 in memory) are refused above this size
 LINEARIZED_MAX_BYTES = 8 << 30
 # its d-sized rows (gradients, Hessian factors) are stored in bfloat16: float32's range at half the file size (they
 # are widened to float32 on load; rounding them left the digits task's estimates unchanged at 4 significant digits)
@@ -232,8 +232,8 @@ def record_sensitivities(
     ``curvature_rank`` validation-curvature directions at theta_T (4 m Lanczos steps). With ``hessian_rank`` k > 0
     it also stores what the linearised Adam replay (``lpl.order.linearized``) needs: every pool batch's loss and
     gradient at every reference step, the validation loss and gradient there, and the top-k eigenpairs of each
-    reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d bfloat16 values, refused
-    above ``LINEARIZED_MAX_BYTES``. Then retrains ``check_orders`` random orders as a ground-truth check of both
+    reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d values (bfloat16 on
+    disk, float32 in memory), refused above ``LINEARIZED_MAX_BYTES`` in memory. Then retrains ``check_orders`` random orders as a ground-truth check of both
     methods, kept in the manifest (a warning when one does worse than "no change"). Runs in one process on one
     device, whatever the recording run used. Returns the sensitivity file's path.
 
@@ -460,11 +460,12 @@ def _check_against_retraining(
 
 
 def _check_linearized_size(num_params: int, recording: Any, steps: int) -> None:
-    """Refuse, before any work, linearised replay data larger than ``LINEARIZED_MAX_BYTES``."""
-    size = (steps + 1) * len(recording.batches) * num_params * STORED_DTYPE.itemsize
+    """Refuse, before any work, linearised replay data larger than ``LINEARIZED_MAX_BYTES`` in memory (float32,
+    both while built and once loaded; half that on disk)."""
+    size = (steps + 1) * len(recording.batches) * num_params * 4
     if size > LINEARIZED_MAX_BYTES:
         raise LplError(
-            f"the linearised replay would store {size / 2**30:.1f} GiB of pool gradients ({steps + 1} steps x "
+            f"the linearised replay would hold {size / 2**30:.1f} GiB of pool gradients ({steps + 1} steps x "
             f"{len(recording.batches)} batches x {num_params} parameters), above LINEARIZED_MAX_BYTES "
             f"({LINEARIZED_MAX_BYTES / 2**30:.0f} GiB): pass hessian_rank=0 (CLI: --hessian-rank 0) for the adjoint "
             "tables only, or record a shorter reference run."
