@@ -233,9 +233,10 @@ def record_sensitivities(
     it also stores what the linearised Adam replay (``lpl.order.linearized``) needs: every pool batch's loss and
     gradient at every reference step, the validation loss and gradient there, and the top-k eigenpairs of each
     reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d values (bfloat16 on
-    disk, float32 in memory), refused above ``LINEARIZED_MAX_BYTES`` in memory. Then retrains ``check_orders`` random orders as a ground-truth check of both
-    methods, kept in the manifest (a warning when one does worse than "no change"). Runs in one process on one
-    device, whatever the recording run used. Returns the sensitivity file's path.
+    disk, float32 in memory), refused above ``LINEARIZED_MAX_BYTES`` in memory. Then retrains ``check_orders``
+    random orders as a ground-truth check of both methods, kept in the manifest (a warning when one does worse than
+    "no change"). Runs in one process on one device, whatever the recording run used. Returns the sensitivity file's
+    path.
 
     Example::
 
@@ -297,7 +298,10 @@ def record_sensitivities(
     reference = recording.order
     model.eval()
 
-    def gradients_at(theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool) -> tuple[float, Tensor, list[Tensor]]:
+    def gradients_at(
+        theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool
+    ) -> tuple[float, Tensor, list[Tensor]]:
+        """The loss, its flat gradient and the per-parameter gradients (with their graph when ``curvature``)."""
         _load(theta, params)
         with torch.enable_grad():
             loss, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
@@ -307,7 +311,8 @@ def record_sensitivities(
         return lambda: module_loss(model, pool[b])
 
     # targets at theta_T: the validation gradient and the top curvature directions
-    _, val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_loss_fn(val_loader, model), curvature_rank > 0)
+    validation_fn = validation_loss_fn(val_loader, model)
+    _, val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_fn, curvature_rank > 0)
     targets, curvature = val_grad[None], val_grad.new_zeros(0)
     if curvature_rank:
         with torch.enable_grad():
@@ -372,7 +377,7 @@ def record_sensitivities(
         kept.append(batch_grads(steps))  # at theta_T too: each batch's loss after a complete order
         run = _linearized_run(
             trajectory, kept, torch.stack([pool_losses[t] for t in range(steps + 1)]),
-            [gradients_at(theta, validation_loss_fn(val_loader, model), False)[:2] for theta in trajectory.theta],
+            [gradients_at(theta, validation_fn, False)[:2] for theta in trajectory.theta],
             reference_hessian, hessian_rank, targets[1:], curvature,
             lambda s: progress(s, f"reference Hessians (rank {hessian_rank})"),
         )
@@ -394,10 +399,10 @@ def _linearized_run(
     reference_hessian: Callable[[int], tuple[Tensor, Callable[[Tensor], Tensor]]], rank: int, val_directions: Tensor,
     val_curvature: Tensor, progress: Callable[[int], None],
 ) -> LinearizedRun:
-    """Assemble the linearised replay's data (on the CPU; the d-sized rows as ``STORED_DTYPE``) from the re-run: pool
-    gradients and losses at
-    theta_0..T, validation (loss, gradient) there, and the top-``rank`` eigenpairs of each reference batch's Hessian
-    (``reference_hessian(s)`` gives the batch gradient, a Lanczos start, and v -> H_s v)."""
+    """Assemble the linearised replay's data (on the CPU; the d-sized rows as ``STORED_DTYPE``) from the re-run:
+    pool gradients and losses at theta_0..T, validation (loss, gradient) there, and the top-``rank`` eigenpairs of
+    each reference batch's Hessian (``reference_hessian(s)`` gives the batch gradient, the Lanczos start, and
+    v -> H_s v)."""
     factors = []
     for s in range(trajectory.num_steps):
         with torch.enable_grad():
@@ -478,4 +483,5 @@ def _padded(pairs: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
     missing = rank - values.numel()
     if missing <= 0:
         return vectors, values
-    return torch.cat([vectors, vectors.new_zeros(missing, vectors.shape[1])]), torch.cat([values, values.new_zeros(missing)])
+    return (torch.cat([vectors, vectors.new_zeros(missing, vectors.shape[1])]),
+            torch.cat([values, values.new_zeros(missing)]))

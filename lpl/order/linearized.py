@@ -16,8 +16,9 @@ L_val(theta_s), Delta_s>, plus 1/2 sum_i lambda_i <q_i, Delta_T>^2 on the top va
 the end; each pool batch's loss after the order is L_b(theta_L) + <g_b(theta_L), Delta_L>.
 
 Cost per order: T x (d-sized Adam step + 2 k d for the curvature), batched over orders, in float32 (rows stored
-narrower are widened on load); storage: (T + 1) x num_batches x d pool gradients (the bulk; bfloat16 on disk), T x k x d Hessian factors, (T + 1) x d validation gradients (and T x d
-reference weights for Adam with coupled weight decay). Build it with
+narrower are widened on load); storage: (T + 1) x num_batches x d pool gradients (the bulk; bfloat16 on disk),
+T x k x d Hessian factors, (T + 1) x d validation gradients (and T x d reference weights for Adam with coupled
+weight decay). Build it with
 ``lpl.order.record_sensitivities(path, hessian_rank=k)``, which also checks it against retrained orders: the
 linearisation holds only while orders stay near the reference trajectory (it does on the digits task at every
 learning rate we measured, not on the demo LM or ViT at T = 64).
@@ -147,8 +148,8 @@ def linearized_from_tensors(tensors: Mapping[str, Tensor], scalars: Mapping[str,
     if missing or not scalars:
         raise LplError(f"the linearised replay data lack {', '.join(missing) or 'their Adam hyperparameters'}; "
                        "build them again with record_sensitivities.")
-    # rows stored in a narrow dtype are widened once here: converting them at every replay step costs more (2x for
-    # one order at the demo LM's size on CPU, benchmarks/linearized_replay_speed.py) than the memory it saves
+    # rows stored in a narrow dtype are widened once here: converting them at every replay step instead made one
+    # order at the demo LM's size about 2x slower on CPU (a scratch check, not a repo benchmark)
     fields = {name: value.float() if value.is_floating_point() and value.itemsize < 4 else value
               for name, value in fields.items()}
     return LinearizedRun(**fields, betas=tuple(scalars["betas"]), eps=float(scalars["eps"]),
