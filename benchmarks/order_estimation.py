@@ -86,12 +86,15 @@ class DigitsDataModule(IndexedDataModule):
 
 
 class DigitsMLP(L.LightningModule):
-    """64-32-10 tanh MLP (2,410 parameters), AdamW at a constant learning rate."""
+    """64-32-10 tanh MLP (2,410 parameters), AdamW at a constant learning rate; ``norm`` adds BatchNorm after the
+    hidden layer and ``dropout`` Dropout after its activation (task digits_bn_dropout: layers whose training mode
+    matters)."""
 
-    def __init__(self, lr: float = 0.003) -> None:
+    def __init__(self, lr: float = 0.003, norm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        layers = [nn.Linear(64, 32)] + ([nn.BatchNorm1d(32)] if norm else []) + [nn.Tanh()]
+        self.net = nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout else []), nn.Linear(32, 10))
 
     def loss(self, batch):
         return nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
@@ -106,6 +109,8 @@ class DigitsMLP(L.LightningModule):
 def build_task(name: str, lr: float, steps: int):
     if name == "digits":
         return DigitsMLP(lr=lr), DigitsDataModule()
+    if name == "digits_bn_dropout":
+        return DigitsMLP(lr=lr, norm=True, dropout=0.1), DigitsDataModule()
     if name == "lm":
         from lpl.data import TextCorpusDataModule
         from lpl.models import CausalLM
@@ -120,7 +125,7 @@ def build_task(name: str, lr: float, steps: int):
         model = ViTClassifier("vit_tiny_patch16_224", num_classes=10, img_size=28, patch_size=7, in_chans=1,
                               embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, lr=lr, warmup_steps=0)
         return model, MNIST5kDataModule(batch_size=32, val_size=500, eval_batch_size=500)
-    raise SystemExit(f"unknown task {name!r}: choose digits, lm, vit")
+    raise SystemExit(f"unknown task {name!r}: choose digits, digits_bn_dropout, lm, vit")
 
 
 # ---------------------------------------------------------------- recording
@@ -227,7 +232,7 @@ def project_data(data: ReplayData, proj_dim: int, seed: int = 0) -> ReplayData:
 def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
     steps = args.steps
     dims: list[int | None] = [int(k) for k in args.proj_dims.split(",")]
-    derive = args.exact or task == "digits"  # record in full space once, project offline to every proj_dim
+    derive = args.exact or task.startswith("digits")  # record in full space once, project offline to every proj_dim
     out: dict = {"task": task, "lr": lr, "steps": steps, "num_params": num_params(task, lr, steps), "record_s": {},
                  "projections": "derived from the full-space recording" if derive else "recorded per proj_dim"}
     paths = {}
@@ -420,7 +425,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.proj_dims, args.orders, args.search_budget = 24, "256,1024", 8, 1024
     torch.set_num_threads(2)
-    lrs = {"digits": [0.001, 0.003, 0.01], "lm": [0.001, 0.003, 0.01], "vit": [0.0003, 0.001, 0.003]}
+    lrs = {"digits": [0.001, 0.003, 0.01], "digits_bn_dropout": [0.001, 0.003, 0.01], "lm": [0.001, 0.003, 0.01], "vit": [0.0003, 0.001, 0.003]}
     if args.lrs:
         for item in args.lrs.split(","):
             name, values = item.split("=")

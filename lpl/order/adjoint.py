@@ -32,6 +32,7 @@ tables costs one re-run of the reference training, T x (1 + m) Hessian-vector pr
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from torch import Tensor
 
 from lpl.order import quantities
 from lpl.order.linearized import LinearizedRun, linearized_scalars, linearized_tensors, replay_linearized
+from lpl.order.recorder import as_in_training, capture_rng
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
 
@@ -56,6 +58,9 @@ LINEARIZED_MAX_BYTES = 8 << 30
 # its d-sized rows (gradients, Hessian factors) are stored in bfloat16: float32's range at half the file size (they
 # are widened to float32 on load; rounding them left the digits task's estimates unchanged at 4 significant digits)
 STORED_DTYPE = torch.bfloat16
+# the reference order's own linearised replay may drift this fraction of |theta_T - theta_0| (bfloat16 rounding of
+# the stored rows) before a warning says the stored gradients are not training's
+REPLAY_DRIFT_TOLERANCE = 0.01
 
 
 @dataclass
@@ -187,12 +192,15 @@ def estimate_from_tables(tables: Tensor, curvature: Tensor, reference_loss: floa
 
 # ---------------------------------------------------------------- building the tables for a recording
 class _StateCapture(L.Callback):
-    """Flat parameters and Adam moments before every training step and after the last one."""
+    """Flat parameters and Adam moments before every training step and after the last one; the RNG states every step
+    started from and the modules' training modes, to compute gradients exactly as training did."""
 
     def __init__(self) -> None:
         self.theta: list[Tensor] = []
         self.exp_avg: list[Tensor] = []
         self.exp_avg_sq: list[Tensor] = []
+        self.rng: list[dict[str, Any]] = []
+        self.modes: list[bool] = []
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = [p for p in pl_module.parameters() if p.requires_grad]
@@ -203,6 +211,8 @@ class _StateCapture(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._capture(trainer, pl_module)
+        self.rng.append(capture_rng())
+        self.modes = self.modes or [m.training for m in pl_module.modules()]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._capture(trainer, pl_module)
@@ -299,16 +309,29 @@ def record_sensitivities(
     model.eval()
 
     def gradients_at(
-        theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool
+        theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool, step: int | None = None
     ) -> tuple[float, Tensor, list[Tensor]]:
-        """The loss, its flat gradient and the per-parameter gradients (with their graph when ``curvature``)."""
+        """The loss, its flat gradient and the per-parameter gradients (with their graph when ``curvature``): as the
+        training step ``step`` < T computed them (its modes and RNG state), else in eval mode, as validation."""
         _load(theta, params)
-        with torch.enable_grad():
+        as_trained = as_in_training(model, capture.modes, capture.rng[step]) if step is not None else None
+        with as_trained or contextlib.nullcontext(), torch.enable_grad():
             loss, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
         return float(loss.detach()), _flat(grads), grads
 
     def batch_loss(b: int) -> Callable[[], Tensor]:
         return lambda: module_loss(model, pool[b])
+
+    def eval_losses(t: int) -> Tensor:
+        _load(trajectory.theta[t], params)
+        with torch.no_grad():
+            return torch.tensor([float(module_loss(model, batch)) for batch in pool], dtype=torch.float64)
+
+    # Training steps see the model in its training modes (dropout, BatchNorm on batch statistics), validation and
+    # the pool batches' losses after an order (what `retrain` measures) in eval mode: both kinds of probe are needed
+    # only when the two differ, which a model with neither layer never does.
+    train_loss = gradients_at(trajectory.theta[0], batch_loss(0), False, step=0)[0]
+    modes_differ = train_loss != eval_losses(0)[0].item()
 
     # targets at theta_T: the validation gradient and the top curvature directions
     validation_fn = validation_loss_fn(val_loader, model)
@@ -324,8 +347,11 @@ def record_sensitivities(
     pool_losses: dict[int, Tensor] = {}
 
     def batch_grads(t: int) -> Tensor:
-        results = [gradients_at(trajectory.theta[t], batch_loss(b), False) for b in range(len(pool))]
-        pool_losses[t] = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
+        """Every pool batch's gradient at theta_t: as training step t would compute it (t < T), in eval mode at T."""
+        step = t if t < steps else None
+        results = [gradients_at(trajectory.theta[t], batch_loss(b), False, step) for b in range(len(pool))]
+        losses = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
+        pool_losses[t] = eval_losses(t) if modes_differ and step is not None else losses
         return torch.stack([grad for _, grad, _ in results])
 
     # pool gradients at every step: the second moment an average order sees, the tables' inputs when they fit, and
@@ -345,7 +371,7 @@ def record_sensitivities(
 
     def reference_hessian(s: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """The reference batch's gradient at theta_s and v -> H_s v."""
-        _, grad, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True)
+        _, grad, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True, step=s)
         product = quantities._hessian_vector_product(grads, params)
         return grad, product
 
@@ -384,6 +410,7 @@ def record_sensitivities(
         del kept[:]
         tensors.update(linearized_tensors(run))
         info["linearized"] = linearized_scalars(run)
+        info["reference_replay_drift"] = _warn_on_replay_drift(run, reference, trajectory)
         estimators["linearized"] = lambda orders: replay_linearized(run, orders).final_loss
     _load(trajectory.theta[-1], params)
     seconds = time.perf_counter() - start
@@ -424,6 +451,23 @@ def _linearized_run(
         decoupled=trajectory.decoupled,
         coupled_decay=(trajectory.weight_decay * trajectory.theta[:-1]).float().cpu() if coupled else None,
     )
+
+
+def _warn_on_replay_drift(run: LinearizedRun, reference: list[int], trajectory: Trajectory) -> float:
+    """|Delta_T| of the reference order's own linearised replay over |theta_T - theta_0|: zero up to the stored
+    rows' rounding when the stored gradients are those training fed Adam; a warning above ``REPLAY_DRIFT_TOLERANCE``."""
+    delta = replay_linearized(run, torch.tensor([reference]), quadratic=False, displacement=True).displacement[0]
+    trained = (trajectory.theta[-1] - trajectory.theta[0]).float().norm().cpu()
+    drift = float(delta.norm() / trained.clamp_min(torch.finfo(torch.float32).tiny))
+    if drift > REPLAY_DRIFT_TOLERANCE:
+        warnings.warn(
+            f"the linearised replay of the reference order itself drifts {drift:.2%} of the distance the run "
+            "trained: the stored pool gradients are not the ones training fed Adam (the module's `loss(batch)` "
+            "differs from its training_step, or training clips or accumulates gradients, or draws random numbers "
+            "outside the RNG states captured at each step); the 'linearized' estimates carry that error.",
+            stacklevel=3,
+        )
+    return drift
 
 
 def check_errors(checks: list[dict[str, Any]], reference_loss: float, method: str) -> tuple[float, float] | None:

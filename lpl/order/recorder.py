@@ -7,7 +7,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import lightning as L
 import numpy as np
@@ -57,6 +57,43 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+
+
+@contextlib.contextmanager
+def as_in_training(model: torch.nn.Module, modes: list[bool], rng: Mapping[str, Any]) -> Iterator[None]:
+    """Run the enclosed forward as a training step did: every module in its training mode (BatchNorm on batch
+    statistics) and the step's RNG state (the same dropout masks); modes are put back afterwards, and buffers are
+    never touched: the forward updates copies (swapped back, not copied back, so a graph kept for Hessian-vector
+    products stays valid)."""
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    saved = [m.training for m in model.modules()]
+    for module, mode in zip(model.modules(), modes):
+        module.training = mode
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer.clone()
+    restore_rng(rng)
+    try:
+        yield
+    finally:
+        for module, mode in zip(model.modules(), saved):
+            module.training = mode
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
+
+
+def step_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generator states a training step on ``device`` draws its dropout masks from."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_step_rng_state(states: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """Put back ``step_rng_state``'s generators (the CUDA one only on a CUDA device, where it was recorded)."""
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _class_path(obj: Any) -> str:
@@ -119,8 +156,9 @@ class TrainOrderRecorder(L.Callback):
     (this rank's share under DDP: full global batches, interleaved over ranks) are probed through
     ``lpl.order.quantities`` and what they return is stored; once more after the last step (t = T). Every step also records its batch, learning rate and Adam hyperparameters; the
     initial weights and the classes and hyperparameters needed to rebuild the module and datamodule are stored once.
-    Probes run in eval mode (no dropout) on the unwrapped module and leave no trace: gradients, modes and RNG states
-    are restored and the optimizer is only read.
+    Probes run on the unwrapped module and leave no trace: gradients, modes, buffers and RNG states are restored and
+    the optimizer is only read. Pool batches are probed as the step would train them (training modes, the step's
+    dropout masks, BatchNorm on batch statistics), except after the last step, and validation in eval mode.
 
     Example::
 
@@ -313,6 +351,8 @@ class TrainOrderRecorder(L.Callback):
         step = trainer.global_step
         self._check_batch(batch, step)
         if _rank_and_world()[0] == 0:
+            if step == 0:
+                self._writer.write_rng_state(step_rng_state(pl_module.device))
             group = trainer.optimizers[0].param_groups[0]
             betas = group["betas"]
             self._writer.add_step(step, {
@@ -416,7 +456,11 @@ class TrainOrderRecorder(L.Callback):
                     with forward():
                         return module_loss(pl_module, batch)
 
-                outputs.append(quantities.probe_pool_batch(context, batch_loss))
+                # before a step, the gradient that step would feed Adam (training modes, its dropout masks); after
+                # the last one, the batch's loss in eval mode, as retraining measures it
+                as_trained = as_in_training(pl_module, modes, rng) if step < self._total_steps else None
+                with as_trained or contextlib.nullcontext():
+                    outputs.append(quantities.probe_pool_batch(context, batch_loss))
         finally:
             for module, mode in zip(pl_module.modules(), modes):
                 module.training = mode

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from lpl.order.recorder import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
@@ -75,8 +76,10 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
 
 
 def validation_loss(module: L.LightningModule, loader: Any) -> float:
-    """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode (as the recorder measures it)."""
+    """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode (as the recorder measures it). Leaves no
+    trace: iterating a loader draws from the global RNG, which training's next dropout masks come from."""
     modes = [m.training for m in module.modules()]
+    rng = capture_rng()
     module.eval()
     total, count = 0.0, 0
     try:
@@ -89,6 +92,7 @@ def validation_loss(module: L.LightningModule, loader: Any) -> float:
     finally:
         for m, mode in zip(module.modules(), modes):
             m.training = mode
+        restore_rng(rng)
     if count == 0:
         raise LplError("the validation loader is empty; retraining needs validation data to measure the loss.")
     return total / count
@@ -122,10 +126,12 @@ def fit_in_order(
     seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
     L.seed_everything(seed, verbose=False)
     datamodule.setup("fit")
+    rng = recording.rng_state()
+    first = [_StopAfter(steps)] + ([_StartFromRecordedRng(rng)] if rng is not None else [])
     settings = dict(
         accelerator=accelerator, devices=1, max_epochs=-1, max_steps=recording.num_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[_StopAfter(steps), *callbacks],
+        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks],
     )
     settings.update(trainer_kwargs or {})
     trainer = L.Trainer(**settings)
@@ -135,6 +141,17 @@ def fit_in_order(
     if trainer.global_step != steps:
         raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
     return seconds
+
+
+class _StartFromRecordedRng(L.Callback):
+    """The first step starts from the reference run's RNG states: every step then draws the same dropout masks."""
+
+    def __init__(self, states: Mapping[str, torch.Tensor]) -> None:
+        self.states = states
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == 0:
+            set_step_rng_state(self.states, pl_module.device)
 
 
 class _StopAfter(L.Callback):

@@ -5,6 +5,7 @@ Layout::
     manifest.json                      what the run was, which steps are complete, sha256 and size of every file
     pool.safetensors                   the pool: sample ids of every batch, and the batch trained at each step
     initial_state.safetensors          the module's state_dict before the first step
+    rng_state.safetensors              the RNG states the first training step started from (dropout masks)
     probes/t000012_r0.safetensors      what rank 0 probed at step 12 ("pool.<name>" stacked over its pool batches,
                                        "pool_positions", and on rank 0 "val.<name>")
     sensitivity.safetensors            optional, added to a complete recording by ``lpl.order.record_sensitivities``
@@ -33,6 +34,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 POOL_FILE = "pool.safetensors"
 INITIAL_STATE_FILE = "initial_state.safetensors"
+RNG_STATE_FILE = "rng_state.safetensors"
 PROBE_DIR = "probes"
 SENSITIVITY_FILE = "sensitivity.safetensors"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -132,6 +134,12 @@ class RecordingWriter:
     def write_initial_state(self, initial_state: Mapping[str, torch.Tensor]) -> None:
         """(Re)write the weights before step 0, e.g. when a resumed recording restarts from the beginning."""
         self.manifest["initial_state"] = _write_file(self.root, INITIAL_STATE_FILE, _serialise(initial_state))
+        self.flush()
+
+    def write_rng_state(self, states: Mapping[str, torch.Tensor]) -> None:
+        """The RNG states the first training step started from ("torch", and "cuda" for a CUDA run), so that
+        retraining draws the same dropout masks step for step."""
+        self.manifest["rng_state"] = _write_file(self.root, RNG_STATE_FILE, _serialise(states))
         self.flush()
 
     @classmethod
@@ -382,6 +390,11 @@ class Recording:
         """The module's state_dict before the first training step."""
         return self._read_all(self.manifest["initial_state"])
 
+    def rng_state(self) -> dict[str, torch.Tensor] | None:
+        """The RNG states the first training step started from, or None (recorded before they were stored)."""
+        info = self.manifest.get("rng_state")
+        return self._read_all(info) if info else None
+
     def sensitivity(self) -> tuple[dict[str, torch.Tensor], Mapping[str, Any]] | None:
         """The adjoint sensitivity tables and their manifest entry, or None when they were never built."""
         info = self.manifest.get("sensitivity")
@@ -400,8 +413,7 @@ class Recording:
     def files(self) -> list[Mapping[str, Any]]:
         """Every file the manifest names, with its sha256 and size."""
         infos = [self.manifest["pool"], self.manifest["initial_state"]]
-        if self.manifest.get("sensitivity"):
-            infos.append(self.manifest["sensitivity"])
+        infos += [self.manifest[name] for name in ("rng_state", "sensitivity") if self.manifest.get(name)]
         return infos + [shard for probe in self.manifest["probes"] for shard in probe["shards"]]
 
     def verify(self) -> None:

@@ -43,10 +43,14 @@ class TinyDigits(IndexedDataModule):
 
 
 class TinyClassifier(L.LightningModule):
-    def __init__(self, hidden: int = 16, lr: float = 0.003, weight_decay: float = 0.0) -> None:
+    """64-hidden-10 tanh MLP; ``norm`` adds BatchNorm and ``dropout`` Dropout (layers whose training mode matters)."""
+
+    def __init__(self, hidden: int = 16, lr: float = 0.003, weight_decay: float = 0.0, dropout: float = 0.0,
+                 norm: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden) if norm else nn.Identity(), nn.Tanh(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, 10))
 
     def loss(self, batch):
         return nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
@@ -62,7 +66,7 @@ class TinyClassifier(L.LightningModule):
 
 
 def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: int = 2, probe_every: int = 1,
-           hidden: int = 16) -> Path:
+           model: L.LightningModule | None = None, **model_kwargs) -> Path:
     from lpl.order import TrainOrderRecorder
 
     torch.set_num_threads(1)
@@ -72,5 +76,13 @@ def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: i
     trainer = L.Trainer(max_steps=NUM_BATCHES, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[recorder])
-    trainer.fit(TinyClassifier(hidden=hidden, lr=lr), datamodule=TinyDigits())
+    trainer.fit(model or TinyClassifier(lr=lr, **model_kwargs), datamodule=TinyDigits())
     return path
+
+
+class PenalisedClassifier(TinyClassifier):
+    """Trains on its loss plus a weight penalty that ``loss(batch)`` leaves out: gradients probed from ``loss`` are
+    not the ones training fed Adam."""
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch) + 0.05 * sum(p.pow(2).sum() for p in self.parameters())

@@ -1,0 +1,54 @@
+"""Models whose training mode matters (dropout, BatchNorm): retraining and the full-space sensitivity data follow
+the reference run exactly, and a loss that differs from training's is reported."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from lpl.order import OrderEstimator, Recording, retrain
+from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, record_sensitivities
+from test_estimator_task import PenalisedClassifier, record
+
+
+@pytest.fixture(scope="module")
+def noisy_recording(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("order") / "noisy", proj_dim=64, curvature_rank=0, dropout=0.3, norm=True)
+
+
+def test_retraining_draws_the_reference_runs_dropout_masks(noisy_recording):
+    rec = Recording.open(noisy_recording)
+    assert set(rec.rng_state()) == {"torch"}
+    truth = retrain(noisy_recording, rec.order)
+    torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)
+    del rec.manifest["rng_state"]  # a recording made before RNG states were stored still retrains
+    assert rec.rng_state() is None
+
+
+def test_sensitivity_data_hold_the_gradients_training_computed(noisy_recording, tmp_path):
+    path = shutil.copytree(noisy_recording, tmp_path / "rec")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*reference order itself drifts")
+        record_sensitivities(path, curvature_rank=2, hessian_rank=4, accelerator="cpu", check_orders=0, verbose=False)
+    rec = Recording.open(path)
+    rec.verify()
+    # pool gradients in training mode with each step's dropout masks: the reference order replays to itself
+    # (probed in eval mode instead, BatchNorm on running statistics and no dropout, it drifted over half the distance
+    # the run trained)
+    assert rec.manifest["sensitivity"]["reference_replay_drift"] < REPLAY_DRIFT_TOLERANCE / 10
+    estimator = OrderEstimator.from_recording(path, method="linearized")
+    assert estimator.estimate(rec.order).final_loss == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-4)
+    # the pool batches' losses after an order are eval-mode losses, as retrain(batch_losses=True) measures them
+    truth = retrain(path, rec.order, batch_losses=True)
+    torch.testing.assert_close(estimator.estimate(rec.order).batch_losses.double(), truth.batch_losses.double(),
+                               atol=1e-4, rtol=0)
+
+
+def test_a_loss_that_is_not_trainings_is_reported(tmp_path):
+    path = record(tmp_path / "rec", proj_dim=64, curvature_rank=0, model=PenalisedClassifier())
+    with pytest.warns(UserWarning, match="reference order itself drifts"):
+        record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
+    assert Recording.open(path).manifest["sensitivity"]["reference_replay_drift"] > REPLAY_DRIFT_TOLERANCE
