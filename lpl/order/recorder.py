@@ -171,7 +171,8 @@ class TrainOrderRecorder(L.Callback):
     checkpoint. Resuming ``trainer.fit(..., ckpt_path=...)`` with ``resume=True`` continues the same recording from
     the checkpoint's step, and the checkpoint stores the loader position of the batches actually trained. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
     ``accumulate_grad_batches=1``, automatic optimization, and a train loader whose batch sampler plans its batches
-    reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``).
+    reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``); no
+    gradient clipping.
 
     Args:
         dirpath: folder of the recording (see ``lpl.order.store``).
@@ -244,6 +245,12 @@ class TrainOrderRecorder(L.Callback):
             raise LplError(
                 f"TrainOrderRecorder supports accumulate_grad_batches=1 (one batch per optimizer step), got "
                 f"{trainer.accumulate_grad_batches}; use a larger batch_size instead."
+            )
+        if trainer.gradient_clip_val:
+            raise LplError(
+                f"TrainOrderRecorder does not support gradient clipping (gradient_clip_val={trainer.gradient_clip_val}): "
+                "the order estimates and retraining assume Adam sees each batch's own gradient; record the reference "
+                "run with gradient_clip_val=None."
             )
         if not pl_module.automatic_optimization:
             raise LplError("TrainOrderRecorder supports automatic optimization only (one optimizer step per batch).")

@@ -159,6 +159,12 @@ def test_refuses_gradient_accumulation(tmp_path):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], accumulate_grad_batches=2)
 
 
+def test_refuses_gradient_clipping(tmp_path):
+    with pytest.raises(LplError, match="gradient clipping"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], gradient_clip_val=1.0)
+    assert not (tmp_path / "rec" / "manifest.json").exists()
+
+
 class TwoOptimizers(TinyNet):
     def __init__(self):
         super().__init__()
