@@ -201,6 +201,7 @@ class _StateCapture(L.Callback):
         self.exp_avg_sq: list[Tensor] = []
         self.rng: list[dict[str, Any]] = []
         self.modes: list[bool] = []
+        self.forward: Callable[[], Any] = contextlib.nullcontext  # the precision context training ran in
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = [p for p in pl_module.parameters() if p.requires_grad]
@@ -213,6 +214,7 @@ class _StateCapture(L.Callback):
         self._capture(trainer, pl_module)
         self.rng.append(capture_rng())
         self.modes = self.modes or [m.training for m in pl_module.modules()]
+        self.forward = trainer.precision_plugin.forward_context
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._capture(trainer, pl_module)
@@ -284,7 +286,7 @@ def record_sensitivities(
     device = model.device
     params = [p for p in model.parameters() if p.requires_grad]
     val_loader = datamodule.val_dataloader()
-    rerun_loss = validation_loss(model, val_loader)
+    rerun_loss = validation_loss(model, val_loader, capture.forward)
     recorded = recording.probe_scalars.get("val_loss", [None])[-1]
     if recorded is not None and abs(rerun_loss - recorded) > 1e-3 * max(1.0, abs(recorded)):
         warnings.warn(
@@ -320,11 +322,15 @@ def record_sensitivities(
         return float(loss.detach()), _flat(grads), grads
 
     def batch_loss(b: int) -> Callable[[], Tensor]:
-        return lambda: module_loss(model, pool[b])
+        def loss() -> Tensor:
+            with capture.forward():
+                return module_loss(model, pool[b])
+
+        return loss
 
     def eval_losses(t: int) -> Tensor:
         _load(trajectory.theta[t], params)
-        with torch.no_grad():
+        with torch.no_grad(), capture.forward():
             return torch.tensor([float(module_loss(model, batch)) for batch in pool], dtype=torch.float64)
 
     # Training steps see the model in its training modes (dropout, BatchNorm on batch statistics), validation and
@@ -334,7 +340,7 @@ def record_sensitivities(
     modes_differ = train_loss != eval_losses(0)[0].item()
 
     # targets at theta_T: the validation gradient and the top curvature directions
-    validation_fn = validation_loss_fn(val_loader, model)
+    validation_fn = validation_loss_fn(val_loader, model, capture.forward)
     _, val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_fn, curvature_rank > 0)
     targets, curvature = val_grad[None], val_grad.new_zeros(0)
     if curvature_rank:

@@ -312,6 +312,7 @@ class TrainOrderRecorder(L.Callback):
             "datamodule": _rebuild_info(trainer.datamodule),
             "projection": {"seed": self.seed, "proj_dim": self.proj_dim, "kind": self.projection_kind},
             "store_dtype": self.store_dtype,
+            "precision": str(trainer.precision),  # retraining and the sensitivity data compute as training did
             "num_steps": self._total_steps,
             "probe_every_n_steps": self.probe_every_n_steps,
             "curvature_rank": self.curvature_rank,

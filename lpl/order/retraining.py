@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -75,9 +76,10 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
     return model, datamodule
 
 
-def validation_loss(module: L.LightningModule, loader: Any) -> float:
-    """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode (as the recorder measures it). Leaves no
-    trace: iterating a loader draws from the global RNG, which training's next dropout masks come from."""
+def validation_loss(module: L.LightningModule, loader: Any, forward: Callable[[], Any] = contextlib.nullcontext) -> float:
+    """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode, each batch in the precision context
+    ``forward`` (as the recorder measures it). Leaves no trace: iterating a loader draws from the global RNG, which
+    training's next dropout masks come from."""
     modes = [m.training for m in module.modules()]
     rng = capture_rng()
     module.eval()
@@ -87,7 +89,8 @@ def validation_loss(module: L.LightningModule, loader: Any) -> float:
             for batch in loader:
                 batch = move_data_to_device(batch, module.device)
                 size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
-                total += float(module_loss(module, batch)) * size
+                with forward():
+                    total += float(module_loss(module, batch)) * size
                 count += size
     finally:
         for m, mode in zip(module.modules(), modes):
@@ -105,22 +108,25 @@ class _LossCurve(L.Callback):
         self.every = every
         self.curve = torch.full((steps + 1,), math.nan, dtype=torch.float64)
         self.loader: Any = None
+        self.forward: Callable[[], Any] = contextlib.nullcontext  # the run's precision context
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.loader = trainer.datamodule.val_dataloader()
+        self.forward = trainer.precision_plugin.forward_context
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every == 0:
-            self.curve[step] = validation_loss(pl_module, self.loader)
+            self.curve[step] = validation_loss(pl_module, self.loader, self.forward)
 
 
 def fit_in_order(
     recording: Any, model: L.LightningModule, datamodule: L.LightningDataModule, steps: int,
     callbacks: list[L.Callback], accelerator: str = "auto", trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
-    """Train ``model`` (from ``rebuild``) for ``steps`` steps under the recording's seed and schedule; returns
-    the seconds spent. The schedule's length is the recorded number of steps, whatever ``steps`` is."""
+    """Train ``model`` (from ``rebuild``) for ``steps`` steps under the recording's seed, RNG state, precision and
+    schedule (``trainer_kwargs`` override the Trainer's settings); returns the seconds spent. The schedule's length
+    is the recorded number of steps, whatever ``steps`` is."""
     import time
 
     seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
@@ -129,7 +135,8 @@ def fit_in_order(
     rng = recording.rng_state()
     first = [_StopAfter(steps)] + ([_StartFromRecordedRng(rng)] if rng is not None else [])
     settings = dict(
-        accelerator=accelerator, devices=1, max_epochs=-1, max_steps=recording.num_steps, logger=False,
+        accelerator=accelerator, devices=1, precision=recording.manifest.get("precision", "32-true"),
+        max_epochs=-1, max_steps=recording.num_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks],
     )
@@ -197,10 +204,10 @@ def retrain(
     model, datamodule = rebuild(recording, order_tensor.tolist())
     curve = _LossCurve(curve_every_n_steps, steps)
     seconds = fit_in_order(recording, model, datamodule, steps, [curve], accelerator, trainer_kwargs)
-    curve.curve[steps] = validation_loss(model, datamodule.val_dataloader())
+    curve.curve[steps] = validation_loss(model, datamodule.val_dataloader(), curve.forward)
     ends = None
     if batch_losses:
         collate = datamodule.train_dataloader().collate_fn
         pool = [collate([datamodule.train_set[i] for i in batch]) for batch in recording.batches]
-        ends = torch.tensor([validation_loss(model, [batch]) for batch in pool])
+        ends = torch.tensor([validation_loss(model, [batch], curve.forward) for batch in pool])
     return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds, batch_losses=ends)

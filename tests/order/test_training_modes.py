@@ -1,5 +1,5 @@
-"""Models whose training mode matters (dropout, BatchNorm): retraining and the full-space sensitivity data follow
-the reference run exactly, and a loss that differs from training's is reported."""
+"""Models whose training mode matters (dropout, BatchNorm) and mixed precision: retraining and the full-space
+sensitivity data follow the reference run exactly, and a loss that differs from training's is reported."""
 
 from __future__ import annotations
 
@@ -52,3 +52,14 @@ def test_a_loss_that_is_not_trainings_is_reported(tmp_path):
     with pytest.warns(UserWarning, match="reference order itself drifts"):
         record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
     assert Recording.open(path).manifest["sensitivity"]["reference_replay_drift"] > REPLAY_DRIFT_TOLERANCE
+
+
+def test_mixed_precision_runs_are_retrained_and_probed_in_their_precision(tmp_path):
+    path = record(tmp_path / "rec", proj_dim=64, curvature_rank=0, precision="bf16-mixed")
+    rec = Recording.open(path)
+    assert rec.manifest["precision"] == "bf16-mixed"
+    truth = retrain(path, rec.order)
+    torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)
+    record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
+    # probed in float32 instead, the gradients were not bf16 training's: the drift was near the tolerance
+    assert Recording.open(path).manifest["sensitivity"]["reference_replay_drift"] < REPLAY_DRIFT_TOLERANCE / 10
