@@ -1,7 +1,7 @@
 """Speed of the linearised Adam replay (``lpl.order.linearized``) on synthetic data of a given size.
 
-Times ``replay_linearized`` for one order and batched over many, for several chunk sizes (``CHUNK_ELEMENTS``), side
-by side in one run. The data are random (speed does not depend on the values); the default size is the demo LM's
+Times ``replay_linearized`` for one order and batched over many, for several chunk sizes (``CHUNK_ELEMENTS``) and
+with torch's fused Adam kernel or the eager fallback (``--adam fused,eager``), side by side in one run. The data are random (speed does not depend on the values); the default size is the demo LM's
 (123,200 parameters, T = 64 steps, 64 pool batches, Hessian rank 16).
 
 Usage::
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="18,20,22,24", help="log2 of CHUNK_ELEMENTS to compare")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--adam", default="fused,eager", help="Adam step implementations to compare")
     args = parser.parse_args()
     run = synthetic_run(args.steps, args.batches, args.params, args.rank, args.device)
     generator = torch.Generator().manual_seed(1)
@@ -67,12 +68,19 @@ def main() -> None:
     orders = orders.to(args.device)
     print(f"d = {args.params}, T = {args.steps}, {args.batches} batches, rank {args.rank}, {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"one order: {seconds(run, orders[:1], args.repeats) * 1e3:.1f} ms")
-    for log2 in (int(c) for c in args.chunks.split(",")):
-        linearized.CHUNK_ELEMENTS = 1 << log2
-        per_order = seconds(run, orders, args.repeats) / len(orders)
-        print(f"batched over {len(orders)} orders, CHUNK_ELEMENTS = 2^{log2} "
-              f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order")
+    kernels = dict(linearized._FUSED_ADAM)
+    for adam in args.adam.split(","):
+        if adam == "fused" and kernels[run.decoupled] is None:
+            print("fused: this torch has no fused Adam kernel")
+            continue
+        linearized._FUSED_ADAM.update(kernels if adam == "fused" else {True: None, False: None})
+        linearized.CHUNK_ELEMENTS = 1 << 20
+        print(f"[{adam} Adam] one order: {seconds(run, orders[:1], args.repeats) * 1e3:.1f} ms")
+        for log2 in (int(c) for c in args.chunks.split(",")):
+            linearized.CHUNK_ELEMENTS = 1 << log2
+            per_order = seconds(run, orders, args.repeats) / len(orders)
+            print(f"[{adam} Adam] batched over {len(orders)} orders, CHUNK_ELEMENTS = 2^{log2} "
+                  f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order")
 
 
 if __name__ == "__main__":

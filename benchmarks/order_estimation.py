@@ -171,9 +171,29 @@ def num_params(task: str, lr: float, steps: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def warm_up(model: L.LightningModule, datamodule: L.LightningDataModule, steps: int) -> None:
+    """``steps`` steps of ordinary training (the model's own optimizer and schedule) on the task's whole train set in
+    a seeded shuffle of its own, so that the recorded run starts from trained weights (with a fresh Adam)."""
+    hparams = {**datamodule.hparams, "batches": None, "order": None}
+    if "max_train_samples" in hparams:  # the LM's pool is a prefix of its corpus: warm up on all of it
+        hparams["max_train_samples"] = None
+    full = type(datamodule)(**hparams)
+    full.setup("fit")
+    size, batch = len(full.train_set), int(hparams["batch_size"])
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.randperm(size, generator=generator) for _ in range(steps * batch // size + 1)])
+    warm = type(datamodule)(**{**hparams, "batches": ids[: steps * batch].view(steps, batch).tolist(),
+                               "order": list(range(steps))})
+    trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer.fit(model, datamodule=warm)
+
+
 def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool,
-           val_rank: int) -> float:
-    """Record (or reuse a complete recording); returns the recording's wall seconds (0 when reused)."""
+           val_rank: int, warm_steps: int = 0) -> float:
+    """Record (or reuse a complete recording), after ``warm_steps`` of warm-up training when > 0; returns the
+    recording's wall seconds (0 when reused)."""
     if (path / "manifest.json").exists():
         try:
             if Recording.open(path).status == "complete":
@@ -183,6 +203,8 @@ def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, r
         shutil.rmtree(path)
     L.seed_everything(0, verbose=False)  # the same initial weights for every proj_dim: one reference run
     model, datamodule = build_task(task, lr, steps)
+    if warm_steps:
+        warm_up(model, datamodule, warm_steps)
     exact = proj_dim is None
     k = sum(p.numel() for p in model.parameters() if p.requires_grad) if exact else proj_dim
     recorder = BenchRecorder(path, proj_dim=k, curvature_rank=rank, val_curvature_rank=val_rank,
@@ -234,12 +256,15 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
     dims: list[int | None] = [int(k) for k in args.proj_dims.split(",")]
     derive = args.exact or task.startswith("digits")  # record in full space once, project offline to every proj_dim
     out: dict = {"task": task, "lr": lr, "steps": steps, "num_params": num_params(task, lr, steps), "record_s": {},
+                 "warm_start_steps": args.warm_start_steps,
                  "projections": "derived from the full-space recording" if derive else "recorded per proj_dim"}
     paths = {}
     for k in [None] if derive else dims:
-        paths[k] = workdir / f"{task}_lr{lr}_T{steps}_k{k or 'exact'}_r{args.curvature_rank}_v{args.val_curvature_rank}"
+        warm = f"_w{args.warm_start_steps}" if args.warm_start_steps else ""
+        paths[k] = workdir / (f"{task}_lr{lr}_T{steps}{warm}_k{k or 'exact'}_r{args.curvature_rank}"
+                              f"_v{args.val_curvature_rank}")
         out["record_s"][str(k or "exact")] = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise,
-                                                    args.val_curvature_rank)
+                                                    args.val_curvature_rank, args.warm_start_steps)
         print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
     first = next(iter(paths.values()))
     if args.adjoint_rank >= 0:  # one set of full-space data (no projection involved), shared by every proj_dim
@@ -357,8 +382,10 @@ def report(runs: list[dict], args, command: str) -> str:
     for task in dict.fromkeys(r["task"] for r in runs):
         task_runs = [r for r in runs if r["task"] == task]
         first = task_runs[0]
+        warm = (f", recorded after {first['warm_start_steps']} warm-up steps" if first.get("warm_start_steps")
+                else ", recorded from initialisation")
         lines += [f"## {task} ({first['num_params']:,} parameters, T = {first['steps']} steps, pool = {first['steps']} "
-                  f"batches; projections {first['projections']})", ""]
+                  f"batches{warm}; projections {first['projections']})", ""]
         lines += ["| lr | reference loss | true spread (std) | no-change MAE | retrain s/order | record s per k | "
                   "sensitivity data s |", "|---|---|---|---|---|---|---|"]
         for r in task_runs:
@@ -406,6 +433,9 @@ def main() -> None:
     parser.add_argument("--proj-dims", default="256,1024,4096")
     parser.add_argument("--exact", action="store_true", help="also the full-space column (small models only)")
     parser.add_argument("--orders", type=int, default=16)
+    parser.add_argument("--warm-start-steps", type=int, default=0,
+                        help="train this many steps (own shuffle of the whole train set) before the recorded run, "
+                             "which then starts from trained weights with a fresh Adam (0: from initialisation)")
     parser.add_argument("--curvature-rank", type=int, default=2)
     parser.add_argument("--val-curvature-rank", type=int, default=8, help="top validation curvature directions recorded at the end (0: none)")
     parser.add_argument("--adjoint-rank", type=int, default=8,

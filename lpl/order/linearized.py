@@ -92,7 +92,6 @@ def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True
 
 
 def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> LinearizedEstimate:
-    beta1, beta2 = run.betas
     n, length = orders.shape
     dtype = run.pool_grads.dtype if run.pool_grads.is_floating_point() else torch.float32
     dtype = torch.promote_types(dtype, torch.float32)
@@ -104,17 +103,11 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
         grads = run.pool_grads[s].index_select(0, orders[:, s]).to(dtype)
         vectors = run.hessian_vectors[s].to(dtype)
         grads.addmm_((delta @ vectors.T).mul_(run.hessian_values[s].to(dtype)), vectors)
-        if run.coupled_decay is not None:
-            grads.add_(run.coupled_decay[s].to(dtype)).add_(delta, alpha=run.weight_decay)
-        # Adam's step, in place (the state tensors are [orders, d]: memory traffic dominates)
-        exp_avg.mul_(beta1).add_(grads, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
-        bc1, bc2 = 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
-        denominator = torch.sqrt(exp_avg_sq, out=grads).div_(math.sqrt(bc2)).add_(run.eps)
+        if run.coupled_decay is not None:  # Adam adds weight_decay * (theta_s + Delta_s): the step adds the second
+            grads.add_(run.coupled_decay[s].to(dtype))
         lr = float(run.lr[s])
-        if run.decoupled and run.weight_decay:
-            delta.mul_(1.0 - lr * run.weight_decay)
-        delta.addcdiv_(exp_avg, denominator, value=-lr / bc1).add_(run.reference_updates[s].to(dtype), alpha=lr)
+        _adam_step(delta, grads, exp_avg, exp_avg_sq, s, lr, run)
+        delta.add_(run.reference_updates[s].to(dtype), alpha=lr)
     final = run.val_losses[length] + delta @ run.val_grads[length].to(dtype)
     if quadratic and length == run.num_steps and run.val_curvature.numel():  # the curvature was measured at theta_T
         coords = delta @ run.val_directions.to(dtype).T
@@ -122,6 +115,32 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
     curve[:, length] = final
     batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
     return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
+
+
+# torch's fused Adam kernels (one pass over the state per step; what torch.optim.Adam(fused=True) calls), when present
+_FUSED_ADAM = {True: getattr(torch, "_fused_adamw_", None), False: getattr(torch, "_fused_adam_", None)}
+
+
+def _adam_step(delta: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: int, lr: float,
+               run: LinearizedRun) -> None:
+    """Adam's step s (0-based) on ``delta`` as the parameter, in place: moments from ``grads`` (overwritten), weight
+    decay on ``delta`` (decoupled: shrink it; coupled: add weight_decay * delta to the gradient)."""
+    beta1, beta2 = run.betas
+    fused = _FUSED_ADAM[run.decoupled] if delta.device.type in ("cpu", "cuda") else None
+    if fused is not None:
+        step = torch.tensor(float(s + 1), device=delta.device)
+        fused([delta], [grads], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
+              weight_decay=run.weight_decay, eps=run.eps, amsgrad=False, maximize=False)
+        return
+    if run.weight_decay and not run.decoupled:
+        grads.add_(delta, alpha=run.weight_decay)
+    exp_avg.lerp_(grads, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
+    bc1, bc2 = 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
+    denominator = torch.sqrt(exp_avg_sq, out=grads).div_(math.sqrt(bc2)).add_(run.eps)
+    if run.decoupled and run.weight_decay:
+        delta.mul_(1.0 - lr * run.weight_decay)
+    delta.addcdiv_(exp_avg, denominator, value=-lr / bc1)
 
 
 # ---------------------------------------------------------------- storage (inside the recording's sensitivity file)

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import spearmanr
 from test_adjoint import NUM_BATCHES, Task
 
+from lpl.order import linearized
 from lpl.order.linearized import LinearizedRun, replay_linearized
 from lpl.order.quantities import top_curvature
 
@@ -78,8 +79,13 @@ class Regression:
         )
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_adam", "eager_adam"])
 @pytest.mark.parametrize("weight_decay,decoupled", [(0.0, True), (0.1, True), (0.1, False)])
-def test_exact_when_gradients_are_linear(weight_decay, decoupled):
+def test_exact_when_gradients_are_linear(weight_decay, decoupled, fused, monkeypatch):
+    if fused:
+        assert linearized._FUSED_ADAM[decoupled] is not None, "this torch has no fused Adam kernel"
+    else:  # the fallback for devices or torch builds without torch's fused kernel
+        monkeypatch.setitem(linearized._FUSED_ADAM, decoupled, None)
     task = Regression(weight_decay, decoupled)
     reference = list(range(NUM_BATCHES))
     run = task.run(reference)
