@@ -203,7 +203,8 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
 def sensitivity_main(argv: Sequence[str] | None = None) -> int:
     """`lpl sensitivity --recording DIR`: add the full-space sensitivity data to a recording (methods "linearized"
     and "adjoint")."""
-    from lpl.order.adjoint import record_sensitivities
+    from lpl.order.adjoint import check_errors, record_sensitivities
+    from lpl.order.store import Recording
 
     parser = argparse.ArgumentParser(
         prog="lpl sensitivity",
@@ -221,4 +222,15 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> int:
                                 accelerator=args.accelerator, check_orders=args.check_orders)
     methods = "linearized or adjoint" if args.hessian_rank else "adjoint"
     print(f"wrote {path}; estimate with --method {methods}")
+    recording = Recording.open(args.recording)
+    info, reference_loss = recording.manifest["sensitivity"], recording.probe_scalars["val_loss"][-1]
+    for method in methods.split(" or "):
+        errors = check_errors(info["checks"], reference_loss, method)
+        if errors is not None:
+            verdict = "holds" if errors[0] <= errors[1] else "does NOT hold"
+            print(f"check on {len(info['checks'])} retrained orders: {method} misses by {errors[0]:.4g} on average, "
+                  f"'no change' by {errors[1]:.4g}: it {verdict} for this run")
+    if "reference_replay_drift" in info:
+        print(f"the reference order replays to itself within {info['reference_replay_drift']:.2%} of the distance "
+              "trained (stored gradients vs training's)")
     return 0

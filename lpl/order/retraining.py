@@ -76,7 +76,9 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
     return model, datamodule
 
 
-def validation_loss(module: L.LightningModule, loader: Any, forward: Callable[[], Any] = contextlib.nullcontext) -> float:
+def validation_loss(
+    module: L.LightningModule, loader: Any, forward: Callable[[], Any] = contextlib.nullcontext
+) -> float:
     """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode, each batch in the precision context
     ``forward`` (as the recorder measures it). Leaves no trace: iterating a loader draws from the global RNG, which
     training's next dropout masks come from."""

@@ -58,9 +58,12 @@ def test_bad_orders(recording, tmp_path):
                        "--out", str(tmp_path)])
 
 
-def test_sensitivity_then_adjoint_estimates(recording, tmp_path):
+def test_sensitivity_then_adjoint_estimates(recording, tmp_path, capsys):
     path = shutil.copytree(recording, tmp_path / "rec")
     assert sensitivity_main(["--recording", str(path), "--curvature-rank", "2", "--accelerator", "cpu"]) == 0
+    printed = capsys.readouterr().out  # the built-in retraining check and the self-replay, for both methods
+    assert "check on 2 retrained orders: linearized misses by" in printed and "adjoint misses by" in printed
+    assert "replays to itself within" in printed
     estimate_main(["--recording", str(path), "--orders", "random:3", "--method", "adjoint", "--out", str(tmp_path / "a")])
     written = json.loads((tmp_path / "a" / "estimates.json").read_text())
     finals = [e["final_loss"] for e in written["estimates"]]
