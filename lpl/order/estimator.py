@@ -117,10 +117,19 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
 
 
 def _warn_if_sensitivity_failed_its_check(recording: Any, method: str) -> None:
-    """Repeat record_sensitivities' verdict on ``method``: its estimates against the random orders it retrained."""
-    from lpl.order.adjoint import check_errors
+    """Repeat record_sensitivities' verdicts on ``method``: its estimates against the random orders it retrained,
+    and (linearized) the reference order's own replay."""
+    from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, check_errors
 
     info = recording.manifest.get("sensitivity") or {}
+    drift = info.get("reference_replay_drift")
+    if method == "linearized" and drift is not None and drift > REPLAY_DRIFT_TOLERANCE:
+        warnings.warn(
+            f"the reference order of {recording.root} replays {drift:.2%} of the distance trained away from itself: "
+            "the stored gradients are not the ones training fed Adam, and every 'linearized' estimate carries that "
+            "error (see the warning record_sensitivities gave).",
+            stacklevel=3,
+        )
     verdict = check_errors(info.get("checks") or [], float(recording.probe_scalars["val_loss"][-1]), method)
     if verdict is not None and not verdict[0] <= verdict[1]:
         warnings.warn(

@@ -52,6 +52,8 @@ def test_a_loss_that_is_not_trainings_is_reported(tmp_path):
     with pytest.warns(UserWarning, match="reference order itself drifts"):
         record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
     assert Recording.open(path).manifest["sensitivity"]["reference_replay_drift"] > REPLAY_DRIFT_TOLERANCE
+    with pytest.warns(UserWarning, match="replays .* away from itself"):  # and again whenever it is used
+        OrderEstimator.from_recording(path, method="linearized")
 
 
 def test_mixed_precision_runs_are_retrained_and_probed_in_their_precision(tmp_path):
