@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -67,10 +68,15 @@ def as_in_training(model: torch.nn.Module, modes: list[bool], rng: Mapping[str, 
     products stays valid)."""
     buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     saved = [m.training for m in model.modules()]
+    # a probe runs one whole global batch on one rank: its batch statistics are plain BatchNorm's, and SyncBatchNorm
+    # must not all-reduce with ranks that probe other batches (or none)
+    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     for module, mode in zip(model.modules(), modes):
         module.training = mode
     for module, name, buffer in buffers:
         module._buffers[name] = buffer.clone()
+    for module in synced:
+        module.forward = types.MethodType(torch.nn.modules.batchnorm._BatchNorm.forward, module)
     restore_rng(rng)
     try:
         yield
@@ -79,6 +85,8 @@ def as_in_training(model: torch.nn.Module, modes: list[bool], rng: Mapping[str, 
             module.training = mode
         for module, name, buffer in buffers:
             module._buffers[name] = buffer
+        for module in synced:
+            del module.forward
 
 
 def step_rng_state(device: torch.device) -> dict[str, torch.Tensor]:

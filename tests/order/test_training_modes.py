@@ -65,3 +65,36 @@ def test_mixed_precision_runs_are_retrained_and_probed_in_their_precision(tmp_pa
     record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
     # probed in float32 instead, the gradients were not bf16 training's: the drift was near the tolerance
     assert Recording.open(path).manifest["sensitivity"]["reference_replay_drift"] < REPLAY_DRIFT_TOLERANCE / 10
+
+
+def _sync_batchnorm_probe(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.BatchNorm1d(4)
+        synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+        synced.load_state_dict({"0." + k: v for k, v in plain.state_dict().items()})
+        batch = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
+        from lpl.order.recorder import as_in_training, capture_rng
+
+        with as_in_training(synced, [True, True], capture_rng()):  # on CPU, a sync would raise; it must not sync
+            got = synced(batch)
+        torch.save({"got": got, "plain": plain.train()(batch), "running": synced[0].running_mean.clone()},
+                   f"{out}{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sync_batchnorm_probes_do_not_all_reduce_across_ranks(tmp_path):
+    """Under DDP each rank probes whole pool batches of its own: SyncBatchNorm must normalise with that batch's
+    statistics alone, like BatchNorm (an all-reduce would mix two batches, or hang when ranks probe unequal counts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_sync_batchnorm_probe, args=(port, str(tmp_path / "rank")), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}", weights_only=True)
+        torch.testing.assert_close(result["got"], result["plain"])
+        assert torch.equal(result["running"], torch.zeros(4))  # buffers untouched by the probe
