@@ -263,9 +263,13 @@ class TrainOrderRecorder(L.Callback):
         if not pl_module.automatic_optimization:
             raise LplError("TrainOrderRecorder supports automatic optimization only (one optimizer step per batch).")
         groups = optimizer.param_groups
-        keys = ("lr", "betas", "eps", "weight_decay")
-        if any(tuple(g[k] for k in keys) != tuple(groups[0][k] for k in keys) for g in groups):
-            raise LplError("TrainOrderRecorder needs one set of Adam hyperparameters; the optimizer's param groups differ.")
+        differing = [k for k in ("lr", "betas", "eps", "weight_decay") if any(g[k] != groups[0][k] for g in groups)]
+        if differing:
+            raise LplError(
+                f"TrainOrderRecorder needs one set of Adam hyperparameters, but the optimizer's param groups differ in "
+                f"{', '.join(differing)} ({[g[differing[0]] for g in groups]}); use one group (optimizers that exempt "
+                "biases and norms from weight decay do this: record with the same weight_decay for all)."
+            )
         if groups[0].get("amsgrad") or groups[0].get("maximize"):
             raise LplError("TrainOrderRecorder supports plain Adam/AdamW, not amsgrad=True or maximize=True.")
         in_optimizer = {id(p) for g in groups for p in g["params"]}

@@ -159,6 +159,20 @@ def test_refuses_gradient_accumulation(tmp_path):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], accumulate_grad_batches=2)
 
 
+class BiasesWithoutDecay(TinyNet):
+    """The common optimiser setup that exempts biases from weight decay: two groups."""
+
+    def configure_optimizers(self):
+        biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        weights = [p for n, p in self.named_parameters() if not n.endswith("bias")]
+        return torch.optim.AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}], weight_decay=0.01)
+
+
+def test_refuses_param_groups_with_different_hyperparameters(tmp_path):
+    with pytest.raises(LplError, match=r"differ in weight_decay \(\[0.01, 0.0\]\)"):
+        _fit(BiasesWithoutDecay(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)])
+
+
 def test_refuses_gradient_clipping(tmp_path):
     with pytest.raises(LplError, match="gradient clipping"):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], gradient_clip_val=1.0)
