@@ -46,7 +46,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lpl.order import quantities
-from lpl.order.linearized import LinearizedRun, linearized_scalars, linearized_tensors, replay_linearized
+from lpl.order.linearized import (
+    LinearizedRun, has_weight_decay, linearized_scalars, linearized_tensors, replay_linearized,
+)
 from lpl.order.recorder import as_in_training, capture_rng
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
@@ -78,7 +80,7 @@ class Trajectory:
     lr: Tensor
     betas: tuple[float, float]
     eps: float
-    weight_decay: float
+    weight_decay: float | Tensor  # one value, or [d] per coordinate
     decoupled: bool
     pool_sq: Tensor | None = None
 
@@ -98,7 +100,7 @@ class Trajectory:
 
     def fed_gradients(self, t: int, grads: Tensor) -> Tensor:
         """Loss gradients at theta_t as Adam receives them (plus coupled weight decay, for Adam without the W)."""
-        if self.weight_decay and not self.decoupled:
+        if has_weight_decay(self.weight_decay) and not self.decoupled:
             return grads + self.weight_decay * self.theta[t]
         return grads
 
@@ -126,7 +128,7 @@ def adjoint_vectors(trajectory: Trajectory, hvp: Callable[[int, Tensor], Tensor]
         scale = lr / (bc1 * ((trajectory.propagation_second_moment(s) / bc2).sqrt() + trajectory.eps))
         b_tilde = b - scale * a
         curvature = hvp(s, b_tilde)
-        if trajectory.weight_decay and not trajectory.decoupled:
+        if has_weight_decay(trajectory.weight_decay) and not trajectory.decoupled:
             curvature = curvature + trajectory.weight_decay * b_tilde
         keep = 1.0 - lr * trajectory.weight_decay if trajectory.decoupled else 1.0
         a = keep * a + (1.0 - beta1) * curvature
@@ -220,6 +222,15 @@ class _StateCapture(L.Callback):
         self._capture(trainer, pl_module)
 
 
+def _weight_decay(optimizer: dict[str, Any], params: list[Tensor]) -> float | Tensor:
+    """The recorded weight decay: one value, or per coordinate [d] when the param groups had their own."""
+    decays = optimizer.get("weight_decays")
+    if not decays:
+        return float(optimizer.get("weight_decay", 0.0))
+    return torch.cat([torch.full((p.numel(),), float(wd), dtype=p.dtype, device=p.device)
+                      for p, wd in zip(params, decays)])
+
+
 def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
@@ -301,7 +312,7 @@ def record_sensitivities(
         exp_avg_sq=torch.stack(capture.exp_avg_sq),
         lr=torch.as_tensor(recording.scalars["lr"][:steps], dtype=torch.float64),
         betas=tuple(float(b) for b in optimizer.get("betas", (0.9, 0.999))), eps=float(optimizer.get("eps", 1e-8)),
-        weight_decay=float(optimizer.get("weight_decay", 0.0)), decoupled=bool(optimizer.get("decoupled", True)),
+        weight_decay=_weight_decay(optimizer, params), decoupled=bool(optimizer.get("decoupled", True)),
     )
     say(f"record_sensitivities: re-ran {steps} steps ({time.perf_counter() - start:.1f} s)")
 
@@ -443,7 +454,9 @@ def _linearized_run(
             factors.append(_padded(quantities.top_curvature(product, grad, rank, 3 * rank), rank))
         progress(s)
     m, v = trajectory.exp_avg, trajectory.exp_avg_sq
-    coupled = not trajectory.decoupled and trajectory.weight_decay
+    coupled = not trajectory.decoupled and has_weight_decay(trajectory.weight_decay)
+    decay = trajectory.weight_decay
+    decay = decay.float().cpu() if isinstance(decay, Tensor) else decay
     return LinearizedRun(
         pool_grads=torch.stack(pool_grads).to("cpu", STORED_DTYPE), pool_losses=pool_losses.float(),
         hessian_vectors=torch.stack([vectors for vectors, _ in factors]).to("cpu", STORED_DTYPE),
@@ -453,7 +466,7 @@ def _linearized_run(
         val_losses=torch.tensor([loss for loss, _ in validation], dtype=torch.float32),
         val_grads=torch.stack([grad for _, grad in validation]).to("cpu", STORED_DTYPE),
         val_directions=val_directions.float().cpu(), val_curvature=val_curvature.float().cpu(),
-        lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=trajectory.weight_decay,
+        lr=trajectory.lr, betas=trajectory.betas, eps=trajectory.eps, weight_decay=decay,
         decoupled=trajectory.decoupled,
         coupled_decay=(trajectory.weight_decay * trajectory.theta[:-1]).float().cpu() if coupled else None,
     )

@@ -97,6 +97,7 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
         betas=tuple(float(b) for b in adam.get("betas", (0.9, 0.999))),
         weight_decay=float(adam.get("weight_decay", 0.0)),
         decoupled=bool(adam.get("decoupled", True)),
+        weight_decay_per_group=bool(adam.get("weight_decays")),
         update=stack("update"),
         precond_grad=stack("precond_grad"),
         grad=stack("grad"),
@@ -173,7 +174,8 @@ class OrderEstimator(L.LightningModule):
         self.method = method
         self.control_variates = control_variates
         self.quadratic = quadratic
-        self._scalars = {"betas": data.betas, "weight_decay": data.weight_decay, "decoupled": data.decoupled}
+        self._scalars = {"betas": data.betas, "weight_decay": data.weight_decay, "decoupled": data.decoupled,
+                         "weight_decay_per_group": data.weight_decay_per_group}
         self._tensor_names = self._register(data, "")
         self._linearized_scalars = None
         if data.linearized is not None:  # its tensors become buffers too, so they follow the module's device

@@ -57,7 +57,7 @@ class LinearizedRun:
     lr: Tensor  # [T]
     betas: tuple[float, float]
     eps: float
-    weight_decay: float
+    weight_decay: float | Tensor  # one value, or [d] per parameter coordinate (param groups with their own decay)
     decoupled: bool
     coupled_decay: Tensor | None = None  # [T, d] weight_decay * theta_t, what Adam without the W adds to gradients
 
@@ -117,6 +117,11 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
     return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
 
 
+def has_weight_decay(weight_decay: float | Tensor) -> bool:
+    """Whether any parameter decays (``weight_decay`` one value, or one per coordinate)."""
+    return bool(torch.as_tensor(weight_decay).ne(0).any())
+
+
 # torch's fused Adam kernels (one pass over the state per step; what torch.optim.Adam(fused=True) calls), when present
 _FUSED_ADAM = {True: getattr(torch, "_fused_adamw_", None), False: getattr(torch, "_fused_adam_", None)}
 
@@ -126,20 +131,22 @@ def _adam_step(delta: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     """Adam's step s (0-based) on ``delta`` as the parameter, in place: moments from ``grads`` (overwritten), weight
     decay on ``delta`` (decoupled: shrink it; coupled: add weight_decay * delta to the gradient)."""
     beta1, beta2 = run.betas
-    fused = _FUSED_ADAM[run.decoupled] if delta.device.type in ("cpu", "cuda") else None
+    per_coordinate = isinstance(run.weight_decay, Tensor)  # the fused kernels take one value
+    fused = _FUSED_ADAM[run.decoupled] if delta.device.type in ("cpu", "cuda") and not per_coordinate else None
     if fused is not None:
         step = torch.tensor(float(s + 1), device=delta.device)
         fused([delta], [grads], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
               weight_decay=run.weight_decay, eps=run.eps, amsgrad=False, maximize=False)
         return
-    if run.weight_decay and not run.decoupled:
-        grads.add_(delta, alpha=run.weight_decay)
+    decay = run.weight_decay.to(delta) if per_coordinate else run.weight_decay
+    if has_weight_decay(decay) and not run.decoupled:
+        grads.addcmul_(delta, decay) if per_coordinate else grads.add_(delta, alpha=decay)
     exp_avg.lerp_(grads, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
     bc1, bc2 = 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
     denominator = torch.sqrt(exp_avg_sq, out=grads).div_(math.sqrt(bc2)).add_(run.eps)
-    if run.decoupled and run.weight_decay:
-        delta.mul_(1.0 - lr * run.weight_decay)
+    if run.decoupled and has_weight_decay(decay):
+        delta.mul_(1.0 - lr * decay)
     delta.addcdiv_(exp_avg, denominator, value=-lr / bc1)
 
 
@@ -153,8 +160,10 @@ def linearized_tensors(run: LinearizedRun) -> dict[str, Tensor]:
 
 
 def linearized_scalars(run: LinearizedRun) -> dict[str, Any]:
-    """The run's Adam hyperparameters, for the sensitivity file's manifest entry."""
-    return {"betas": list(run.betas), "eps": run.eps, "weight_decay": run.weight_decay, "decoupled": run.decoupled}
+    """The run's Adam hyperparameters, for the sensitivity file's manifest entry (a per-coordinate weight decay is
+    one of ``linearized_tensors``)."""
+    decay = None if isinstance(run.weight_decay, Tensor) else run.weight_decay
+    return {"betas": list(run.betas), "eps": run.eps, "weight_decay": decay, "decoupled": run.decoupled}
 
 
 def linearized_from_tensors(tensors: Mapping[str, Tensor], scalars: Mapping[str, Any]) -> LinearizedRun | None:
@@ -171,5 +180,7 @@ def linearized_from_tensors(tensors: Mapping[str, Tensor], scalars: Mapping[str,
     # order at the demo LM's size about 2x slower on CPU (a scratch check, not a repo benchmark)
     fields = {name: value.float() if value.is_floating_point() and value.itemsize < 4 else value
               for name, value in fields.items()}
+    decay = fields.pop("weight_decay", None)
     return LinearizedRun(**fields, betas=tuple(scalars["betas"]), eps=float(scalars["eps"]),
-                         weight_decay=float(scalars["weight_decay"]), decoupled=bool(scalars["decoupled"]))
+                         weight_decay=decay if decay is not None else float(scalars["weight_decay"]),
+                         decoupled=bool(scalars["decoupled"]))

@@ -263,12 +263,13 @@ class TrainOrderRecorder(L.Callback):
         if not pl_module.automatic_optimization:
             raise LplError("TrainOrderRecorder supports automatic optimization only (one optimizer step per batch).")
         groups = optimizer.param_groups
-        differing = [k for k in ("lr", "betas", "eps", "weight_decay") if any(g[k] != groups[0][k] for g in groups)]
+        # weight decay may differ between groups (biases and norms often have none): the full-space methods take
+        # it per parameter; lr, betas and eps are one set in every method
+        differing = [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
         if differing:
             raise LplError(
-                f"TrainOrderRecorder needs one set of Adam hyperparameters, but the optimizer's param groups differ in "
-                f"{', '.join(differing)} ({[g[differing[0]] for g in groups]}); use one group (optimizers that exempt "
-                "biases and norms from weight decay do this: record with the same weight_decay for all)."
+                f"TrainOrderRecorder needs one lr, betas and eps for every parameter, but the optimizer's param groups "
+                f"differ in {', '.join(differing)} ({[g[differing[0]] for g in groups]}); use one value for all."
             )
         if groups[0].get("amsgrad") or groups[0].get("maximize"):
             raise LplError("TrainOrderRecorder supports plain Adam/AdamW, not amsgrad=True or maximize=True.")
@@ -319,6 +320,8 @@ class TrainOrderRecorder(L.Callback):
     ) -> dict[str, Any]:
         """What identifies the run in the manifest: model, rebuild info, projection, optimizer, schedule of probes."""
         group = optimizer.param_groups[0]
+        decay = {id(p): float(g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        decays = [decay[id(p)] for _, p in pl_module.named_parameters() if p.requires_grad]
         return {
             "model": {**signature, **(_rebuild_info(pl_module) or {})},
             "datamodule": _rebuild_info(trainer.datamodule),
@@ -335,6 +338,8 @@ class TrainOrderRecorder(L.Callback):
                 "betas": list(group["betas"]),
                 "eps": group["eps"],
                 "weight_decay": group["weight_decay"],
+                # per trainable parameter (named_parameters order), only when the groups' weight decays differ
+                **({"weight_decays": decays} if len(set(decays)) > 1 else {}),
                 "decoupled": self._decoupled(optimizer),
             },
         }

@@ -26,6 +26,8 @@ Methods:
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,8 @@ class ReplayData:
     swap_tables: Tensor | None = None
     swap_curvature: Tensor | None = None  # [m] Ritz values of the tables' curvature directions
     linearized: LinearizedRun | None = None  # the linearised Adam replay's data (lpl.order.linearized)
+    # the run's param groups had weight decays of their own, which only the full-space methods apply
+    weight_decay_per_group: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -149,6 +153,13 @@ def check_method(data: ReplayData, method: str) -> None:
     """Fail clearly on an unknown method or one the recording lacks data for (and say which option records it)."""
     if method not in METHODS:
         raise LplError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if data.weight_decay_per_group and method in PROJECTED_METHODS:
+        raise LplError(
+            f"method {method!r} applies one weight decay to every parameter, but this run's param groups had their own "
+            "(say none for biases and norms); use method 'linearized' or 'adjoint' after "
+            "lpl.order.adjoint.record_sensitivities(path) (CLI: `lpl sensitivity --recording DIR`), or record a run "
+            "with one weight decay."
+        )
     if method in CURVATURE_METHODS and data.curv_basis is None:
         raise LplError(
             f"method {method!r} needs per-batch curvature factors, which this recording lacks; record with "
@@ -276,7 +287,10 @@ def _replay_adjoint(data: ReplayData, orders: Tensor, control_variates: bool, qu
             f"weights); got {orders.shape[1]} steps: use another method for shorter orders."
         )
     projected = "first_order" if data.curv_basis is not None else "zeroth_order"
-    result = replay(data, orders, projected, control_variates, quadratic)
+    # the curve and batch losses come from a projected replay (with the first param group's weight decay for all,
+    # when the groups had their own); the final loss from the exact tables
+    result = replay(dataclasses.replace(data, weight_decay_per_group=False), orders, projected, control_variates,
+                    quadratic)
     tables = data.swap_tables.float() if quadratic else data.swap_tables[:1].float()
     final = estimate_from_tables(tables, data.swap_curvature.float(), float(data.val_loss[-1]), orders,
                                  data.reference_order)

@@ -81,6 +81,21 @@ def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: i
     return path
 
 
+class BiasesWithoutDecay(TinyClassifier):
+    """The common optimiser setup: weight decay on weights only (two param groups); Adam's coupled decay or AdamW's."""
+
+    def __init__(self, decoupled: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def configure_optimizers(self):
+        biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        weights = [p for n, p in self.named_parameters() if not n.endswith("bias")]
+        groups = [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+        cls = torch.optim.AdamW if self.hparams.decoupled else torch.optim.Adam
+        return cls(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
 class PenalisedClassifier(TinyClassifier):
     """Trains on its loss plus a weight penalty that ``loss(batch)`` leaves out: gradients probed from ``loss`` are
     not the ones training fed Adam."""

@@ -19,7 +19,8 @@ class Regression:
     """Least squares where every batch shares one design matrix (so one Hessian): gradients are exactly linear in the
     weights and the linearised replay must equal retraining."""
 
-    def __init__(self, weight_decay: float, decoupled: bool, lr: float = 0.05) -> None:
+    def __init__(self, weight_decay: float | tuple[float, float], decoupled: bool, lr: float = 0.05) -> None:
+        """``weight_decay`` one value, or one for each of two param groups (weights 0-1 and 2-4)."""
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(16, 5, generator=generator, dtype=torch.float64)
         self.targets = torch.randn(NUM_BATCHES, 16, generator=generator, dtype=torch.float64)
@@ -27,7 +28,10 @@ class Regression:
         self.val_y = torch.randn(20, generator=generator, dtype=torch.float64)
         self.theta0 = torch.randn(5, generator=generator, dtype=torch.float64)
         self.hessian = self.x.T @ self.x / 16
-        self.lr, self.weight_decay, self.decoupled = lr, weight_decay, decoupled
+        self.lr, self.decoupled = lr, decoupled
+        self.group_decays = weight_decay if isinstance(weight_decay, tuple) else (weight_decay, weight_decay)
+        self.weight_decay = (torch.tensor([weight_decay[0]] * 2 + [weight_decay[1]] * 3, dtype=torch.float64)
+                             if isinstance(weight_decay, tuple) else weight_decay)
 
     def loss(self, theta: torch.Tensor, b: int) -> torch.Tensor:
         return 0.5 * ((self.x @ theta - self.targets[b]) ** 2).mean()
@@ -39,17 +43,18 @@ class Regression:
         return 0.5 * ((self.val_x @ theta - self.val_y) ** 2).mean()
 
     def train(self, order: list[int]) -> list[torch.Tensor]:
-        """Weights before each step and after the last, trained by torch's Adam(W)."""
-        theta = self.theta0.clone().requires_grad_(True)
+        """Weights before each step and after the last, trained by torch's Adam(W) (two param groups)."""
+        first, second = (self.theta0[:2].clone().requires_grad_(True), self.theta0[2:].clone().requires_grad_(True))
         kind = torch.optim.AdamW if self.decoupled else torch.optim.Adam
-        optimizer = kind([theta], lr=self.lr, betas=BETAS, eps=EPS, weight_decay=self.weight_decay)
+        optimizer = kind([{"params": [first], "weight_decay": self.group_decays[0]},
+                          {"params": [second], "weight_decay": self.group_decays[1]}], lr=self.lr, betas=BETAS, eps=EPS)
         out = []
         for b in order:
-            out.append(theta.detach().clone())
+            out.append(torch.cat([first, second]).detach())
             optimizer.zero_grad()
-            self.loss(theta, b).backward()
+            self.loss(torch.cat([first, second]), b).backward()
             optimizer.step()
-        return out + [theta.detach().clone()]
+        return out + [torch.cat([first, second]).detach()]
 
     def run(self, reference: list[int]) -> LinearizedRun:
         weights = self.train(reference)
@@ -80,7 +85,8 @@ class Regression:
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_adam", "eager_adam"])
-@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, True), (0.1, True), (0.1, False)])
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, True), (0.1, True), (0.1, False), ((0.3, 0.0), True),
+                                                    ((0.3, 0.0), False)])
 def test_exact_when_gradients_are_linear(weight_decay, decoupled, fused, monkeypatch):
     if fused:
         assert linearized._FUSED_ADAM[decoupled] is not None, "this torch has no fused Adam kernel"

@@ -11,7 +11,8 @@ import torch
 
 from lpl.order import OrderEstimator, Recording, retrain
 from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, record_sensitivities
-from test_estimator_task import PenalisedClassifier, record
+from lpl.utils.errors import LplError
+from test_estimator_task import BiasesWithoutDecay, PenalisedClassifier, record
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +99,27 @@ def test_sync_batchnorm_probes_do_not_all_reduce_across_ranks(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}", weights_only=True)
         torch.testing.assert_close(result["got"], result["plain"])
         assert torch.equal(result["running"], torch.zeros(4))  # buffers untouched by the probe
+
+
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam_coupled"])
+def test_param_groups_with_their_own_weight_decay(decoupled, tmp_path):
+    """Biases without weight decay (two param groups): recorded per parameter, replayed exactly by the full-space
+    methods, refused by the projected ones."""
+    model = BiasesWithoutDecay(decoupled=decoupled, lr=0.01, weight_decay=0.5)
+    path = record(tmp_path / "rec", proj_dim=64, curvature_rank=0, model=model)
+    rec = Recording.open(path)
+    decays = rec.manifest["optimizer"]["weight_decays"]
+    assert decays == [0.5 if name.endswith("weight") else 0.0 for name, _ in model.named_parameters()]
+    with pytest.raises(LplError, match="param groups had their own"):
+        OrderEstimator.from_recording(path, method="first_order")
+    record_sensitivities(path, curvature_rank=2, hessian_rank=4, accelerator="cpu", check_orders=0, verbose=False)
+    # with the first group's decay for every parameter instead, the reference order did not replay to itself
+    assert Recording.open(path).manifest["sensitivity"]["reference_replay_drift"] < REPLAY_DRIFT_TOLERANCE / 10
+    for method in ("linearized", "adjoint"):
+        estimator = OrderEstimator.from_recording(path, method=method)
+        assert estimator.estimate(rec.order).final_loss == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(rec.order), generator=generator).tolist()
+    estimate = OrderEstimator.from_recording(path, method="linearized").estimate(order).final_loss
+    truth = retrain(path, order).final_loss
+    assert abs(estimate - truth) < abs(rec.probe_scalars["val_loss"][-1] - truth) + 1e-3
