@@ -131,14 +131,16 @@ def _adam_step(delta: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     """Adam's step s (0-based) on ``delta`` as the parameter, in place: moments from ``grads`` (overwritten), weight
     decay on ``delta`` (decoupled: shrink it; coupled: add weight_decay * delta to the gradient)."""
     beta1, beta2 = run.betas
-    per_coordinate = isinstance(run.weight_decay, Tensor)  # the fused kernels take one value
-    fused = _FUSED_ADAM[run.decoupled] if delta.device.type in ("cpu", "cuda") and not per_coordinate else None
+    per_coordinate = isinstance(run.weight_decay, Tensor)
+    decay = run.weight_decay.to(delta) if per_coordinate else run.weight_decay
+    fused = _FUSED_ADAM[run.decoupled] if delta.device.type in ("cpu", "cuda") else None
     if fused is not None:
+        if per_coordinate:  # the fused kernels take one value: decay here (AdamW shrinks before its step), then step
+            delta.mul_(1.0 - lr * decay) if run.decoupled else grads.addcmul_(delta, decay)
         step = torch.tensor(float(s + 1), device=delta.device)
         fused([delta], [grads], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
-              weight_decay=run.weight_decay, eps=run.eps, amsgrad=False, maximize=False)
+              weight_decay=0.0 if per_coordinate else decay, eps=run.eps, amsgrad=False, maximize=False)
         return
-    decay = run.weight_decay.to(delta) if per_coordinate else run.weight_decay
     if has_weight_decay(decay) and not run.decoupled:
         grads.addcmul_(delta, decay) if per_coordinate else grads.add_(delta, alpha=decay)
     exp_avg.lerp_(grads, 1.0 - beta1)
