@@ -27,7 +27,6 @@ Methods:
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 
 import torch
