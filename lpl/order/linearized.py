@@ -131,24 +131,23 @@ def _adam_step(delta: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     """Adam's step s (0-based) on ``delta`` as the parameter, in place: moments from ``grads`` (overwritten), weight
     decay on ``delta`` (decoupled: shrink it; coupled: add weight_decay * delta to the gradient)."""
     beta1, beta2 = run.betas
-    per_coordinate = isinstance(run.weight_decay, Tensor)
-    decay = run.weight_decay.to(delta) if per_coordinate else run.weight_decay
     fused = _FUSED_ADAM[run.decoupled] if delta.device.type in ("cpu", "cuda") else None
+    # the fused kernels apply one weight decay value themselves; anything else is decayed here, before the step
+    # (AdamW shrinks the parameter before its update, Adam adds the decay to the gradient)
+    per_coordinate = isinstance(run.weight_decay, Tensor)  # recorded only when some param groups decay
+    in_kernel = fused is not None and not per_coordinate
+    if not in_kernel and (per_coordinate or run.weight_decay):
+        decay = torch.as_tensor(run.weight_decay, dtype=delta.dtype, device=delta.device)
+        delta.mul_(1.0 - lr * decay) if run.decoupled else grads.addcmul_(delta, decay)
     if fused is not None:
-        if per_coordinate:  # the fused kernels take one value: decay here (AdamW shrinks before its step), then step
-            delta.mul_(1.0 - lr * decay) if run.decoupled else grads.addcmul_(delta, decay)
         step = torch.tensor(float(s + 1), device=delta.device)
         fused([delta], [grads], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
-              weight_decay=0.0 if per_coordinate else decay, eps=run.eps, amsgrad=False, maximize=False)
+              weight_decay=run.weight_decay if in_kernel else 0.0, eps=run.eps, amsgrad=False, maximize=False)
         return
-    if has_weight_decay(decay) and not run.decoupled:
-        grads.addcmul_(delta, decay) if per_coordinate else grads.add_(delta, alpha=decay)
     exp_avg.lerp_(grads, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1.0 - beta2)
     bc1, bc2 = 1.0 - beta1 ** (s + 1), 1.0 - beta2 ** (s + 1)
     denominator = torch.sqrt(exp_avg_sq, out=grads).div_(math.sqrt(bc2)).add_(run.eps)
-    if run.decoupled and has_weight_decay(decay):
-        delta.mul_(1.0 - lr * decay)
     delta.addcdiv_(exp_avg, denominator, value=-lr / bc1)
 
 
