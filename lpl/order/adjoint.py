@@ -33,6 +33,7 @@ tables costs one re-run of the reference training, T x (1 + m) Hessian-vector pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lpl.order import quantities
+from lpl.order import norm_statistics, quantities
 from lpl.order.linearized import (
     LinearizedRun, has_weight_decay, linearized_scalars, linearized_tensors, replay_linearized,
 )
@@ -63,6 +64,8 @@ STORED_DTYPE = torch.bfloat16
 # the reference order's own linearised replay may drift this fraction of |theta_T - theta_0| (bfloat16 rounding of
 # the stored rows) before a warning says the stored gradients are not training's
 REPLAY_DRIFT_TOLERANCE = 0.01
+# top curvature directions of the final validation loss in the BatchNorm running statistics (second-order readout)
+NORM_CURVATURE_RANK = 32
 
 
 @dataclass
@@ -203,6 +206,8 @@ class _StateCapture(L.Callback):
         self.exp_avg_sq: list[Tensor] = []
         self.rng: list[dict[str, Any]] = []
         self.modes: list[bool] = []
+        self.running: list[Tensor] = []  # BatchNorm running statistics, as theta
+        self.momenta: list[Tensor] = []  # the weight each step gives its batch statistics in them
         self.forward: Callable[[], Any] = contextlib.nullcontext  # the precision context training ran in
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -211,9 +216,11 @@ class _StateCapture(L.Callback):
         self.theta.append(_flat([p.detach() for p in params]))
         self.exp_avg.append(_flat([state.get(p, {}).get("exp_avg", torch.zeros_like(p)) for p in params]))
         self.exp_avg_sq.append(_flat([state.get(p, {}).get("exp_avg_sq", torch.zeros_like(p)) for p in params]))
+        self.running.append(norm_statistics.running_statistics(pl_module))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._capture(trainer, pl_module)
+        self.momenta.append(norm_statistics.step_momenta(pl_module))
         self.rng.append(capture_rng())
         self.modes = self.modes or [m.training for m in pl_module.modules()]
         self.forward = trainer.precision_plugin.forward_context
@@ -321,16 +328,44 @@ def record_sensitivities(
     reference = recording.order
     model.eval()
 
+    def load_step(t: int) -> None:
+        """The reference run's weights and BatchNorm running statistics before step t (after the last at T)."""
+        _load(trajectory.theta[t], params)
+        norm_statistics.load_running_statistics(model, capture.running[t].to(device))
+
     def gradients_at(
-        theta: Tensor, loss_fn: Callable[[], Tensor], curvature: bool, step: int | None = None
+        t: int, loss_fn: Callable[[], Tensor], curvature: bool, training: bool = False
     ) -> tuple[float, Tensor, list[Tensor]]:
-        """The loss, its flat gradient and the per-parameter gradients (with their graph when ``curvature``): as the
-        training step ``step`` < T computed them (its modes and RNG state), else in eval mode, as validation."""
-        _load(theta, params)
-        as_trained = as_in_training(model, capture.modes, capture.rng[step]) if step is not None else None
+        """The loss at the reference step t, its flat gradient and the per-parameter gradients (with their graph
+        when ``curvature``): as training step t < T computed them (``training``: its modes and RNG state), else in
+        eval mode with step t's running statistics, as validation."""
+        load_step(t)
+        as_trained = as_in_training(model, capture.modes, capture.rng[t]) if training else None
         with as_trained or contextlib.nullcontext(), torch.enable_grad():
             loss, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
         return float(loss.detach()), _flat(grads), grads
+
+    def norm_curvature() -> tuple[Tensor, Tensor]:
+        """The top curvature of the final validation loss in the running statistics: ([m, C] orthonormal directions,
+        [m] Ritz values), m <= ``NORM_CURVATURE_RANK``, on the CPU."""
+        load_step(steps)
+        running = capture.running[steps].to(device).requires_grad_()
+        with norm_statistics.differentiable_running_statistics(model, running), torch.enable_grad():
+            (grad,) = torch.autograd.grad(validation_fn(), running, create_graph=True)
+
+            def hvp(vector: Tensor) -> Tensor:
+                return torch.autograd.grad(grad, running, vector, retain_graph=True)[0].detach()
+
+            rank = min(NORM_CURVATURE_RANK, running.numel())
+            vectors, values = quantities.top_curvature(hvp, grad.detach(), rank, min(running.numel(), 3 * rank))
+        return vectors.float().cpu(), values.float().cpu()
+
+    def norm_gradient(t: int, loss_fn: Callable[[], Tensor]) -> Tensor:
+        """The eval-mode loss's gradient in the BatchNorm running statistics at step t ([C], on the CPU)."""
+        load_step(t)
+        running = capture.running[t].to(device).requires_grad_()
+        with norm_statistics.differentiable_running_statistics(model, running), torch.enable_grad():
+            return torch.autograd.grad(loss_fn(), running)[0].float().cpu()
 
     def batch_loss(b: int) -> Callable[[], Tensor]:
         def loss() -> Tensor:
@@ -340,19 +375,19 @@ def record_sensitivities(
         return loss
 
     def eval_losses(t: int) -> Tensor:
-        _load(trajectory.theta[t], params)
+        load_step(t)
         with torch.no_grad(), capture.forward():
             return torch.tensor([float(module_loss(model, batch)) for batch in pool], dtype=torch.float64)
 
     # Training steps see the model in its training modes (dropout, BatchNorm on batch statistics), validation and
     # the pool batches' losses after an order (what `retrain` measures) in eval mode: both kinds of probe are needed
     # only when the two differ, which a model with neither layer never does.
-    train_loss = gradients_at(trajectory.theta[0], batch_loss(0), False, step=0)[0]
+    train_loss = gradients_at(0, batch_loss(0), False, training=True)[0]
     modes_differ = train_loss != eval_losses(0)[0].item()
 
     # targets at theta_T: the validation gradient and the top curvature directions
     validation_fn = validation_loss_fn(val_loader, model, capture.forward)
-    _, val_grad, val_grads = gradients_at(trajectory.theta[-1], validation_fn, curvature_rank > 0)
+    _, val_grad, val_grads = gradients_at(steps, validation_fn, curvature_rank > 0)
     targets, curvature = val_grad[None], val_grad.new_zeros(0)
     if curvature_rank:
         with torch.enable_grad():
@@ -362,13 +397,19 @@ def record_sensitivities(
     del val_grads
 
     pool_losses: dict[int, Tensor] = {}
+    batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each pool batch yields at step t
 
     def batch_grads(t: int) -> Tensor:
         """Every pool batch's gradient at theta_t: as training step t would compute it (t < T), in eval mode at T."""
-        step = t if t < steps else None
-        results = [gradients_at(trajectory.theta[t], batch_loss(b), False, step) for b in range(len(pool))]
+        training = t < steps
+        with norm_statistics.BatchStatistics(model) as statistics:
+            results, stats = [], []
+            for b in range(len(pool)):
+                results.append(gradients_at(t, batch_loss(b), False, training))
+                stats.append(statistics.take())
+        batch_stats[t] = torch.stack(stats)
         losses = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
-        pool_losses[t] = eval_losses(t) if modes_differ and step is not None else losses
+        pool_losses[t] = eval_losses(t) if modes_differ and training else losses
         return torch.stack([grad for _, grad, _ in results])
 
     # pool gradients at every step: the second moment an average order sees, the tables' inputs when they fit, and
@@ -388,7 +429,7 @@ def record_sensitivities(
 
     def reference_hessian(s: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """The reference batch's gradient at theta_s and v -> H_s v."""
-        _, grad, grads = gradients_at(trajectory.theta[s], batch_loss(reference[s]), True, step=s)
+        _, grad, grads = gradients_at(s, batch_loss(reference[s]), True, training=True)
         product = quantities._hessian_vector_product(grads, params)
         return grad, product
 
@@ -410,26 +451,46 @@ def record_sensitivities(
         tables = swap_tables(trajectory, kept.__getitem__ if keep else batch_grads, adjoints, progress)
     if not torch.isfinite(tables).all():
         raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
-    tensors = {"tables": tables.float().cpu(), "curvature": curvature.float().cpu()}
-    info: dict[str, Any] = {"curvature_rank": int(curvature.numel()), "hessian_rank": hessian_rank,
-                            "rerun_val_loss": rerun_loss}
+    norm_data: dict[str, Tensor] = {}
+    num_tables, table_curvature = tables.shape[0], curvature
+    if norm_statistics.tracked_norms(model):  # the order's BatchNorm running statistics (lpl.order.norm_statistics)
+        norm_data = {
+            "norm_stats": torch.stack([batch_stats[t] - batch_stats[t][reference[t]] for t in range(steps)]),
+            "norm_momenta": torch.stack(capture.momenta),
+            "val_norm_grads": torch.stack([norm_gradient(t, validation_fn) for t in range(steps + 1)]),
+        }
+        norm_data["norm_directions"], norm_data["norm_curvature"] = norm_curvature()
+        # as tables: batch b at step t moves the final statistics by its weight there times its statistics; the
+        # validation gradient's table gains its first-order effect, and the curvature directions get tables of
+        # their own (the final loss adds 1/2 lambda coord^2 for each, as for the weights' directions)
+        weights = norm_statistics.final_weights(norm_data["norm_momenta"])
+        moved = norm_data["norm_stats"] * weights[:, None]  # [T, nb, C]
+        tables[0] += (moved @ norm_data["val_norm_grads"][-1]).to(tables)
+        tables = torch.cat([tables, (moved @ norm_data["norm_directions"].T).permute(2, 0, 1).to(tables)])
+        table_curvature = torch.cat([curvature, norm_data["norm_curvature"].to(curvature)])
+    tensors = {"tables": tables.float().cpu(), "curvature": table_curvature.float().cpu()}
+    info: dict[str, Any] = {"curvature_rank": num_tables - 1, "hessian_rank": hessian_rank,
+                            "norm_curvature_rank": tables.shape[0] - num_tables, "rerun_val_loss": rerun_loss}
     reference_loss = recorded if recorded is not None else rerun_loss
-    estimators = {"adjoint": lambda orders: estimate_from_tables(tables.cpu(), curvature.cpu(), reference_loss, orders,
-                                                                 torch.tensor(reference))}
+    estimators = {"adjoint": lambda orders: estimate_from_tables(tables.cpu(), table_curvature.cpu(), reference_loss,
+                                                                 orders, torch.tensor(reference))}
     if hessian_rank:
         kept.append(batch_grads(steps))  # at theta_T too: each batch's loss after a complete order
         run = _linearized_run(
             trajectory, kept, torch.stack([pool_losses[t] for t in range(steps + 1)]),
-            [gradients_at(theta, validation_fn, False)[:2] for theta in trajectory.theta],
+            [gradients_at(t, validation_fn, False)[:2] for t in range(steps + 1)],
             reference_hessian, hessian_rank, targets[1:], curvature,
             lambda s: progress(s, f"reference Hessians (rank {hessian_rank})"),
         )
+        if norm_data:
+            pool_norm_grads = torch.stack([norm_gradient(steps, batch_loss(b)) for b in range(len(pool))])
+            run = dataclasses.replace(run, **norm_data, pool_norm_grads=pool_norm_grads)
         del kept[:]
         tensors.update(linearized_tensors(run))
         info["linearized"] = linearized_scalars(run)
         info["reference_replay_drift"] = _warn_on_replay_drift(run, reference, trajectory)
         estimators["linearized"] = lambda orders: replay_linearized(run, orders).final_loss
-    _load(trajectory.theta[-1], params)
+    load_step(steps)
     seconds = time.perf_counter() - start
     checks = _check_against_retraining(recording.root, estimators, reference_loss, reference, check_orders,
                                        accelerator)

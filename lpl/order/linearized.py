@@ -13,7 +13,10 @@ Delta_{s+1} = (1 - lr_s wd) Delta_s - lr_s (u_s(l) - u_s(ref)) with u = m_hat / 
 
 Losses are read off at the reference weights: the validation loss after step s is L_val(theta_s) + <grad
 L_val(theta_s), Delta_s>, plus 1/2 sum_i lambda_i <q_i, Delta_T>^2 on the top validation-curvature directions at
-the end; each pool batch's loss after the order is L_b(theta_L) + <g_b(theta_L), Delta_L>.
+the end; each pool batch's loss after the order is L_b(theta_L) + <g_b(theta_L), Delta_L>. A model with BatchNorm
+also carries the order's running statistics (``lpl.order.norm_statistics``): each step averages in the statistics
+its batch has at the reference weights, and the losses read off their difference from the reference's through
+their gradients (batch losses: for complete orders).
 
 Cost per order: T x (d-sized Adam step + 2 k d for the curvature), batched over orders, in float32 (rows stored
 narrower are widened on load); storage: (T + 1) x num_batches x d pool gradients (the bulk; bfloat16 on disk),
@@ -60,6 +63,13 @@ class LinearizedRun:
     weight_decay: float | Tensor  # one value, or [d] per parameter coordinate (param groups with their own decay)
     decoupled: bool
     coupled_decay: Tensor | None = None  # [T, d] weight_decay * theta_t, what Adam without the W adds to gradients
+    # BatchNorm running statistics (lpl.order.norm_statistics; C of them), for models that track them:
+    norm_stats: Tensor | None = None  # [T, nb, C] x_t(b) - x_t(ref_t): batch statistics step t would average in
+    norm_momenta: Tensor | None = None  # [T, C] the weight step t gives them
+    val_norm_grads: Tensor | None = None  # [T + 1, C] gradient of L_val(theta_t) in the running statistics
+    pool_norm_grads: Tensor | None = None  # [nb, C] each pool batch's loss gradient in them at theta_T
+    norm_directions: Tensor | None = None  # [m, C] top curvature of L_val(theta_T) in them (orthonormal)
+    norm_curvature: Tensor | None = None  # [m] its Ritz values
 
     @property
     def num_steps(self) -> int:
@@ -98,8 +108,15 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
     delta = run.pool_grads.new_zeros(n, run.pool_grads.shape[-1], dtype=dtype)
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     curve = delta.new_empty(n, length + 1)
+    norms = run.norm_stats is not None
+    # each order's running statistics minus the reference's, r_s(l) - r_s(ref)
+    norm_shift = delta.new_zeros(n, run.norm_stats.shape[-1] if norms else 0)
     for s in range(length):
         curve[:, s] = run.val_losses[s] + delta @ run.val_grads[s].to(dtype)
+        if norms:
+            curve[:, s] += norm_shift @ run.val_norm_grads[s].to(dtype)
+            momenta = run.norm_momenta[s].to(dtype)
+            norm_shift.mul_(1.0 - momenta).addcmul_(run.norm_stats[s].index_select(0, orders[:, s]).to(dtype), momenta)
         grads = run.pool_grads[s].index_select(0, orders[:, s]).to(dtype)
         vectors = run.hessian_vectors[s].to(dtype)
         grads.addmm_((delta @ vectors.T).mul_(run.hessian_values[s].to(dtype)), vectors)
@@ -109,11 +126,18 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
         _adam_step(delta, grads, exp_avg, exp_avg_sq, s, lr, run)
         delta.add_(run.reference_updates[s].to(dtype), alpha=lr)
     final = run.val_losses[length] + delta @ run.val_grads[length].to(dtype)
+    if norms:
+        final = final + norm_shift @ run.val_norm_grads[length].to(dtype)
+        if quadratic and length == run.num_steps and run.norm_curvature is not None and run.norm_curvature.numel():
+            coords = norm_shift @ run.norm_directions.to(dtype).T
+            final = final + 0.5 * (coords * coords * run.norm_curvature.to(dtype)).sum(-1)
     if quadratic and length == run.num_steps and run.val_curvature.numel():  # the curvature was measured at theta_T
         coords = delta @ run.val_directions.to(dtype).T
         final = final + 0.5 * (coords * coords * run.val_curvature.to(dtype)).sum(-1)
     curve[:, length] = final
     batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
+    if norms and length == run.num_steps:  # their sensitivity to the statistics is stored at theta_T only
+        batch_losses += norm_shift @ run.pool_norm_grads.to(dtype).T
     return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
 
 
