@@ -263,7 +263,10 @@ def record_sensitivities(
     it also stores what the linearised Adam replay (``lpl.order.linearized``) needs: every pool batch's loss and
     gradient at every reference step, the validation loss and gradient there, and the top-k eigenpairs of each
     reference batch's Hessian (3 k Lanczos steps per step); that is (T + 1) x num_batches x d values (bfloat16 on
-    disk, float32 in memory), refused above ``LINEARIZED_MAX_BYTES`` in memory. Then retrains ``check_orders``
+    disk, float32 in memory), refused above ``LINEARIZED_MAX_BYTES`` in memory. A model with BatchNorm also gets its
+    running statistics modelled (``lpl.order.norm_statistics``: every pool batch's batch statistics at each step, the
+    validation loss's gradient in them at each step and its top ``NORM_CURVATURE_RANK`` curvature at the end; T + 1
+    validation backward passes and up to 3 x that rank Hessian-vector products more). Then retrains ``check_orders``
     random orders as a ground-truth check of both methods, kept in the manifest (a warning when one does worse than
     "no change"). Runs in one process on one device, whatever the recording run used. Returns the sensitivity file's
     path.
