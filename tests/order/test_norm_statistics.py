@@ -51,6 +51,18 @@ def test_recorded_statistics_and_weights_rebuild_batchnorms_updates():
     torch.testing.assert_close(rebuilt, running_statistics(model).double(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_layer_frozen_in_eval_mode_during_training_contributes_nothing():
+    model = _model()
+    model[1].eval()  # fine-tuning often freezes BatchNorm: its statistics stay as loaded
+    before = running_statistics(model)
+    with BatchStatistics(model) as statistics:
+        momenta = step_momenta(model)
+        model(torch.randn(6, 2, 4, 4, dtype=torch.double))
+        stats = statistics.take()
+    assert (momenta[:6] == 0).all() and (stats[:6] == 0).all() and (momenta[6:] > 0).all()
+    torch.testing.assert_close(running_statistics(model)[:6], before[:6], rtol=0, atol=0)
+
+
 def test_the_eval_loss_is_differentiable_in_the_running_statistics():
     model = _model().eval()
     x = torch.randn(7, 2, 4, 4, dtype=torch.double)
