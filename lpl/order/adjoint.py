@@ -460,7 +460,9 @@ def record_sensitivities(
         norm_data = {
             "norm_stats": torch.stack([batch_stats[t] - batch_stats[t][reference[t]] for t in range(steps)]),
             "norm_momenta": torch.stack(capture.momenta),
-            "val_norm_grads": torch.stack([norm_gradient(t, validation_fn) for t in range(steps + 1)]),
+            # at every step for the linearised replay's curve, else the tables need the last only
+            "val_norm_grads": torch.stack([norm_gradient(t, validation_fn)
+                                           for t in (range(steps + 1) if hessian_rank else [steps])]),
         }
         norm_data["norm_directions"], norm_data["norm_curvature"] = norm_curvature()
         # as tables: batch b at step t moves the final statistics by its weight there times its statistics; the

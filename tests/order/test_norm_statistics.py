@@ -3,6 +3,8 @@ loss is differentiable in them, and the full-space estimates follow the order's 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -111,6 +113,17 @@ def test_estimates_follow_the_orders_running_statistics(frozen_weights_recording
         batch_change = torch.stack([t.batch_losses - reference_batches for t in truths])
         batch_error = torch.stack([e.batch_losses.double() - t.batch_losses for e, t in zip(estimates, truths)])
         assert batch_error.abs().mean() < 0.5 * batch_change.abs().mean()
+
+
+def test_adjoint_tables_alone_carry_the_statistics(frozen_weights_recording, tmp_path):
+    """Built without the linearised replay's data (hessian_rank=0), the tables hold the same statistics terms."""
+    path = shutil.copytree(frozen_weights_recording, tmp_path / "rec")
+    record_sensitivities(path, curvature_rank=0, hessian_rank=0, accelerator="cpu", check_orders=0, verbose=False)
+    order = list(reversed(Recording.open(path).order))
+    alone = OrderEstimator.from_recording(path, method="adjoint").estimate(order).final_loss
+    beside = OrderEstimator.from_recording(frozen_weights_recording, method="adjoint").estimate(order).final_loss
+    assert alone == pytest.approx(beside, abs=1e-6)
+    assert alone != pytest.approx(OrderEstimator.from_recording(path, method="adjoint").reference_loss, abs=1e-4)
 
 
 def test_loss_curves_use_each_steps_running_statistics(tmp_path):
