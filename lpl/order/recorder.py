@@ -293,6 +293,12 @@ class TrainOrderRecorder(L.Callback):
     # ---- hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = self._check_trainer(trainer, pl_module)
+        if trainer.global_step == 0 and any(optimizer.state.values()):
+            raise LplError(
+                "the optimizer already holds Adam state (moments of an earlier run) before the first step: a recording "
+                "starts from a fresh Adam, as retraining and every estimate assume; load the model's weights only and "
+                "let the Trainer build a new optimizer (or continue an existing recording with resume=True)."
+            )
         sampler = self._batch_sampler(trainer)
         total = trainer.estimated_stepping_batches
         if total == float("inf"):

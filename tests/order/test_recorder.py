@@ -178,6 +178,23 @@ def test_refuses_gradient_clipping(tmp_path):
     assert not (tmp_path / "rec" / "manifest.json").exists()
 
 
+class WarmAdam(TinyNet):
+    """Adam loaded with an earlier run's moments before the first step (a manual optimizer-state load)."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        for p in self.parameters():
+            config["optimizer"].state[p] = {"step": torch.tensor(5.0), "exp_avg": torch.ones_like(p),
+                                            "exp_avg_sq": torch.ones_like(p)}
+        return config
+
+
+def test_refuses_an_optimizer_with_earlier_moments(tmp_path):
+    with pytest.raises(LplError, match="already holds Adam state"):
+        _fit(WarmAdam(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)])
+    assert not (tmp_path / "rec" / "manifest.json").exists()
+
+
 class TwoOptimizers(TinyNet):
     def __init__(self):
         super().__init__()
