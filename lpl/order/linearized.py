@@ -16,7 +16,7 @@ L_val(theta_s), Delta_s>, plus 1/2 sum_i lambda_i <q_i, Delta_T>^2 on the top va
 the end; each pool batch's loss after the order is L_b(theta_L) + <g_b(theta_L), Delta_L>. A model with BatchNorm
 also carries the order's running statistics (``lpl.order.norm_statistics``): each step averages in the statistics
 its batch has at the reference weights, and the losses read off their difference from the reference's through
-their gradients (batch losses: for complete orders).
+their gradients (batch losses: for complete orders) and, for the final loss, the top curvature in them.
 
 Cost per order: T x (d-sized Adam step + 2 k d for the curvature), batched over orders, in float32 (rows stored
 narrower are widened on load); storage: (T + 1) x num_batches x d pool gradients (the bulk; bfloat16 on disk),

@@ -9,7 +9,8 @@ layer (in ``model.modules()`` order) its running mean, then its running variance
 An order l that reaches step s has running statistics r_s(l) = (1 - mu_s) r_{s-1}(l) + mu_s x_s(l_s), x_s(b) the
 statistics batch b yields in training mode at step s. With x_s(b) taken at the reference weights theta_s (zeroth
 order in the displacement), r_L(l) - r_L(ref) is a sum over steps of recorded C-sized vectors, and the loss reads
-it off through its gradient with respect to the running statistics (``differentiable_running_statistics``).
+it off through its gradient and top curvature with respect to the running statistics
+(``differentiable_running_statistics``).
 """
 
 from __future__ import annotations
