@@ -88,6 +88,7 @@ def test_the_eval_loss_is_differentiable_in_the_running_statistics():
 def frozen_weights_recording(tmp_path_factory):
     """BatchNorm model trained at lr 0: the weights never move, so the order acts through the running statistics
     alone."""
+    torch.manual_seed(0)  # record() seeds after the model is built
     path = record(tmp_path_factory.mktemp("order") / "frozen", proj_dim=64, curvature_rank=0, model=FastNorms(lr=0.0))
     record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
     return path
@@ -105,13 +106,14 @@ def test_estimates_follow_the_orders_running_statistics(frozen_weights_recording
     change = torch.tensor([t.final_loss - estimator.reference_loss for t in truths])
     estimated_change = torch.tensor([e.final_loss - estimator.reference_loss for e in estimates])
     assert change.abs().mean() > 5e-4  # the order matters, through the statistics only
-    # the statistics are rebuilt exactly; the loss reads them off to first order: most of the change, not all (a
-    # scratch check found 60-70% here), and no change at all without them
-    assert (estimated_change - change).abs().mean() < 0.5 * change.abs().mean()
+    # the statistics are rebuilt exactly and the final loss reads them off to second order (a scratch check over 5
+    # initialisations: errors 1-4% of the change; to first order only, 30-300%); without them the error is the change
+    assert (estimated_change - change).abs().mean() < 0.2 * change.abs().mean()
     if method == "linearized":
         reference_batches = estimator.estimate(reference.tolist()).batch_losses.double()
         batch_change = torch.stack([t.batch_losses - reference_batches for t in truths])
         batch_error = torch.stack([e.batch_losses.double() - t.batch_losses for e, t in zip(estimates, truths)])
+        # the batch losses read the statistics off to first order only
         assert batch_error.abs().mean() < 0.5 * batch_change.abs().mean()
 
 
