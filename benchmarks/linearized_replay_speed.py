@@ -4,17 +4,27 @@ Times ``replay_linearized`` for one order and batched over many, for several chu
 with torch's fused Adam kernel or the eager fallback (``--adam fused,eager``), side by side in one run. The data are random (speed does not depend on the values); the default size is the demo LM's
 (123,200 parameters, T = 64 steps, 64 pool batches, Hessian rank 16).
 
+With ``--retrain-demo-lm`` it also records the demo LM itself (T steps on the same device, a small projection: only
+its retraining is timed) and retrains a few random orders of it, so the speed-up over retraining is measured side by
+side in the same run (the issue's criterion: per order, estimate vs retrain).
+
 Usage::
 
     python benchmarks/linearized_replay_speed.py
+    python benchmarks/linearized_replay_speed.py --retrain-demo-lm --chunks 20 --adam fused
     python benchmarks/linearized_replay_speed.py --params 19658 --orders 256 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import lightning as L
 import torch
 
 import lpl.order.linearized as linearized
@@ -50,6 +60,42 @@ def seconds(run: linearized.LinearizedRun, orders: torch.Tensor, repeats: int) -
     return best
 
 
+def demo_lm_retrain_seconds(steps: int, device: str, orders: int = 3) -> tuple[float, int, int]:
+    """Record the demo LM (benchmarks/order_estimation.py's task "lm") for ``steps`` steps on ``device`` and time
+    ``retrain`` of ``orders`` random orders there; returns (mean seconds per retrain, parameters, pool batches)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from order_estimation import build_task
+
+    from lpl.order import Recording, TrainOrderRecorder, retrain
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "rec"
+        L.seed_everything(0, verbose=False)
+        model, datamodule = build_task("lm", 0.003, steps)
+        trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                            callbacks=[TrainOrderRecorder(path, proj_dim=16, curvature_rank=0)])
+        trainer.fit(model, datamodule=datamodule)
+        recording = Recording.open(path)
+        reference = torch.tensor(recording.order)
+        generator = torch.Generator().manual_seed(0)
+        retrain(path, reference.tolist(), curve_every_n_steps=steps, accelerator=accelerator)  # warm-up
+        start = time.perf_counter()
+        for _ in range(orders):
+            order = reference[torch.randperm(len(reference), generator=generator)]
+            retrain(path, order.tolist(), curve_every_n_steps=steps, accelerator=accelerator)
+        seconds = (time.perf_counter() - start) / orders
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return seconds, params, len(recording.batches)
+
+
+def ratio(retrain_s: float | None, estimate_s: float) -> str:
+    return "" if retrain_s is None else f" ({retrain_s / estimate_s:.0f}x faster than retraining)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=int, default=123_200)
@@ -61,7 +107,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--adam", default="fused,eager", help="Adam step implementations to compare")
+    parser.add_argument("--retrain-demo-lm", action="store_true",
+                        help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()
+    retrain_s = None
+    if args.retrain_demo_lm:
+        retrain_s, args.params, args.batches = demo_lm_retrain_seconds(args.steps, args.device)
+        print(f"demo LM, T = {args.steps}, {args.device}: retrain {retrain_s:.2f} s/order (mean of 3 random orders)")
     run = synthetic_run(args.steps, args.batches, args.params, args.rank, args.device)
     generator = torch.Generator().manual_seed(1)
     orders = torch.stack([torch.randperm(args.batches, generator=generator) for _ in range(args.orders)])
@@ -75,12 +127,15 @@ def main() -> None:
             continue
         linearized._FUSED_ADAM.update(kernels if adam == "fused" else {True: None, False: None})
         linearized.CHUNK_ELEMENTS = 1 << 20
-        print(f"[{adam} Adam] one order: {seconds(run, orders[:1], args.repeats) * 1e3:.1f} ms")
+        single = seconds(run, orders[:1], args.repeats)
+        print(f"[{adam} Adam] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")
         for log2 in (int(c) for c in args.chunks.split(",")):
             linearized.CHUNK_ELEMENTS = 1 << log2
             per_order = seconds(run, orders, args.repeats) / len(orders)
             print(f"[{adam} Adam] batched over {len(orders)} orders, CHUNK_ELEMENTS = 2^{log2} "
-                  f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order")
+                  f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order"
+                  f"{ratio(retrain_s, per_order)}")
+
 
 
 if __name__ == "__main__":
