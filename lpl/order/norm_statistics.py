@@ -72,15 +72,20 @@ def final_weights(momenta: Tensor) -> Tensor:
 class BatchStatistics:
     """Hooks that keep, per tracked BatchNorm layer, the statistics the last training-mode forward fed its running
     averages (batch mean, unbiased batch variance, as BatchNorm's update uses them). Use as a context manager and
-    call ``take()`` after each forward: the flat [C] vector (zeros for layers in eval mode or not called)."""
+    call ``take()`` after each forward: the flat [C] vector (zeros for layers in eval mode or not called).
+    ``repeated`` names the layers some forward called more than once (several updates per step: not modelled)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.norms = tracked_norms(model)
+        self.repeated: set[str] = set()
+        self._names = {id(m): name for name, m in model.named_modules()}
         self._latest: dict[int, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, module: _BatchNorm, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
         if module.training:
+            if id(module) in self._latest:
+                self.repeated.add(self._names[id(module)])
             x = inputs[0].detach().float()
             dims = [0, *range(2, x.dim())]  # every dimension but the channels (dim 1)
             self._latest[id(module)] = torch.cat([x.mean(dims), x.var(dims, correction=1)])

@@ -26,6 +26,15 @@ class FastNorms(TinyClassifier):
         self.net[1].momentum = 0.5
 
 
+class SharedNorm(TinyClassifier):
+    """One BatchNorm applied twice per forward."""
+
+    def __init__(self, norm: bool = True, **kwargs) -> None:
+        super().__init__(norm=True, **kwargs)
+        self.net = nn.Sequential(nn.Linear(64, 16), self.net[1], nn.Tanh(), nn.Linear(16, 16), self.net[1],
+                                 nn.Tanh(), nn.Linear(16, 10))
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 5),
@@ -63,6 +72,22 @@ def test_a_layer_frozen_in_eval_mode_during_training_contributes_nothing():
         stats = statistics.take()
     assert (momenta[:6] == 0).all() and (stats[:6] == 0).all() and (momenta[6:] > 0).all()
     torch.testing.assert_close(running_statistics(model)[:6], before[:6], rtol=0, atol=0)
+
+
+def test_a_layer_called_twice_per_forward_is_reported():
+    norm = nn.BatchNorm1d(3)
+    model = nn.Sequential(norm, nn.Tanh(), norm)  # the same layer twice: two running-statistics updates per step
+    with BatchStatistics(model) as statistics:
+        model(torch.randn(5, 3))
+        statistics.take()
+    assert statistics.repeated == {"0"}
+
+
+def test_record_sensitivities_warns_and_keeps_the_reference_statistics_for_a_layer_called_twice(tmp_path):
+    path = record(tmp_path / "shared", proj_dim=64, curvature_rank=0, model=SharedNorm())
+    with pytest.warns(UserWarning, match=r"BatchNorm layer\(s\) \['net.1'\] run more than once"):
+        record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
+    assert OrderEstimator.from_recording(path, method="linearized").data.linearized.norm_stats is None
 
 
 def test_the_eval_loss_is_differentiable_in_the_running_statistics():
