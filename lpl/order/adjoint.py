@@ -401,7 +401,8 @@ def record_sensitivities(
 
     pool_losses: dict[int, Tensor] = {}
     batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each pool batch yields at step t
-    repeated_norms: set[str] = set()  # BatchNorm layers a forward calls more than once
+    irregular_norms: set[str] = set()  # BatchNorm layers some forward calls more than once, or not at all
+    unused_norms: list[set[str]] = []  # per pool pass, the layers no forward called
 
     def batch_grads(t: int) -> Tensor:
         """Every pool batch's gradient at theta_t: as training step t would compute it (t < T), in eval mode at T."""
@@ -412,7 +413,9 @@ def record_sensitivities(
                 results.append(gradients_at(t, batch_loss(b), False, training))
                 stats.append(statistics.take())
         batch_stats[t] = torch.stack(stats)
-        repeated_norms.update(statistics.repeated)
+        if training:
+            irregular_norms.update(statistics.irregular())
+            unused_norms.append(statistics.never_called())
         losses = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
         pool_losses[t] = eval_losses(t) if modes_differ and training else losses
         return torch.stack([grad for _, grad, _ in results])
@@ -458,17 +461,21 @@ def record_sensitivities(
         raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
     norm_data: dict[str, Tensor] = {}
     num_tables, table_curvature = tables.shape[0], curvature
-    if repeated_norms:
+    if irregular_norms:
         warnings.warn(
-            f"BatchNorm layer(s) {sorted(repeated_norms)} run more than once per forward pass, so each step updates "
-            "their running statistics several times: the estimates keep the reference run's statistics instead of "
-            "modelling each order's.",
+            f"BatchNorm layer(s) {sorted(irregular_norms)} do not run exactly once per training forward pass, so a "
+            "step does not update their running statistics once: the estimates keep the reference run's statistics "
+            "instead of modelling each order's.",
             stacklevel=2,
         )
     elif norm_statistics.tracked_norms(model):  # the order's BatchNorm running statistics (lpl.order.norm_statistics)
+        momenta = torch.stack(capture.momenta)
+        columns = norm_statistics.layer_columns(model)
+        for name in set.intersection(*unused_norms) if unused_norms else ():  # defined, never run: never updated
+            momenta[:, columns[name]] = 0.0
         norm_data = {
             "norm_stats": torch.stack([batch_stats[t] - batch_stats[t][reference[t]] for t in range(steps)]),
-            "norm_momenta": torch.stack(capture.momenta),
+            "norm_momenta": momenta,
             # at every step for the linearised replay's curve, else the tables need the last only
             "val_norm_grads": torch.stack([norm_gradient(t, validation_fn)
                                            for t in (range(steps + 1) if hessian_rank else [steps])]),

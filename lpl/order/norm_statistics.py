@@ -59,6 +59,16 @@ def step_momenta(model: torch.nn.Module) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+def layer_columns(model: torch.nn.Module) -> dict[str, slice]:
+    """Each tracked layer's columns (running mean and variance) in the flat ``running_statistics`` vector."""
+    columns, offset = {}, 0
+    names = {id(m): name for name, m in model.named_modules()}
+    for module in tracked_norms(model):
+        columns[names[id(module)]] = slice(offset, offset + 2 * module.num_features)
+        offset += 2 * module.num_features
+    return columns
+
+
 def final_weights(momenta: Tensor) -> Tensor:
     """[T, C]: the weight of step t's batch statistics in the running statistics after the last step,
     mu_t prod_{r > t} (1 - mu_r), from ``momenta`` [T, C] (each step's ``step_momenta``)."""
@@ -73,27 +83,40 @@ class BatchStatistics:
     """Hooks that keep, per tracked BatchNorm layer, the statistics the last training-mode forward fed its running
     averages (batch mean, unbiased batch variance, as BatchNorm's update uses them). Use as a context manager and
     call ``take()`` after each forward: the flat [C] vector (zeros for layers in eval mode or not called).
-    ``repeated`` names the layers some forward called more than once (several updates per step: not modelled)."""
+    ``irregular()`` names the layers that did not run in training mode once in every forward (several updates in a
+    step, or updates in some steps only: not modelled); ``never_called()`` those no forward ran in training mode
+    (their statistics never change)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.norms = tracked_norms(model)
-        self.repeated: set[str] = set()
         self._names = {id(m): name for name, m in model.named_modules()}
+        self._repeated: set[str] = set()
+        self._forwards = 0
+        self._calls = {self._names[id(m)]: 0 for m in self.norms}  # forwards that ran each layer in training mode
         self._latest: dict[int, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, module: _BatchNorm, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
         if module.training:
             if id(module) in self._latest:
-                self.repeated.add(self._names[id(module)])
+                self._repeated.add(self._names[id(module)])
             x = inputs[0].detach().float()
             dims = [0, *range(2, x.dim())]  # every dimension but the channels (dim 1)
             self._latest[id(module)] = torch.cat([x.mean(dims), x.var(dims, correction=1)])
 
     def take(self) -> Tensor:
         parts = [self._latest.pop(id(m), None) for m in self.norms]
+        self._forwards += 1
+        for module, part in zip(self.norms, parts):
+            self._calls[self._names[id(module)]] += part is not None
         return torch.cat([torch.zeros(2 * m.num_features) if p is None else p.cpu()
                           for m, p in zip(self.norms, parts)]) if parts else torch.zeros(0)
+
+    def irregular(self) -> set[str]:
+        return self._repeated | {name for name, calls in self._calls.items() if 0 < calls < self._forwards}
+
+    def never_called(self) -> set[str]:
+        return {name for name, calls in self._calls.items() if calls == 0}
 
     def __enter__(self) -> "BatchStatistics":
         self._handles = [m.register_forward_hook(self._hook) for m in self.norms]

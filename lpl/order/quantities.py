@@ -222,9 +222,15 @@ def _loss_and_gradients(
 
 def _hessian_vector_product(grads: list[Tensor], params: list[Tensor]) -> Callable[[Tensor], Tensor]:
     """v -> H v (flat) through the graph of ``grads`` (computed with create_graph=True)."""
+    # a gradient without a graph (a parameter the loss does not use, or enters only linearly) has no curvature
+    curved = [i for i, g in enumerate(grads) if g.requires_grad]
+
     def hvp(vector: Tensor) -> Tensor:
-        parts = torch.autograd.grad(grads, params, grad_outputs=_unflat(vector, params), retain_graph=True,
-                                    allow_unused=True)
+        if not curved:
+            return torch.zeros_like(vector)
+        pieces = _unflat(vector, params)
+        parts = torch.autograd.grad([grads[i] for i in curved], params, grad_outputs=[pieces[i] for i in curved],
+                                    retain_graph=True, allow_unused=True)
         return _flat([torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, parts)])
 
     return hvp

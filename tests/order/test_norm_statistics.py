@@ -4,6 +4,7 @@ loss is differentiable in them, and the full-space estimates follow the order's 
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -33,6 +34,14 @@ class SharedNorm(TinyClassifier):
         super().__init__(norm=True, **kwargs)
         self.net = nn.Sequential(nn.Linear(64, 16), self.net[1], nn.Tanh(), nn.Linear(16, 16), self.net[1],
                                  nn.Tanh(), nn.Linear(16, 10))
+
+
+class SpareNorm(TinyClassifier):
+    """A BatchNorm the forward never uses (a spare head, say) beside one it does."""
+
+    def __init__(self, norm: bool = True, **kwargs) -> None:
+        super().__init__(norm=True, **kwargs)
+        self.spare = nn.BatchNorm1d(4)
 
 
 def _model() -> nn.Module:
@@ -74,20 +83,35 @@ def test_a_layer_frozen_in_eval_mode_during_training_contributes_nothing():
     torch.testing.assert_close(running_statistics(model)[:6], before[:6], rtol=0, atol=0)
 
 
-def test_a_layer_called_twice_per_forward_is_reported():
-    norm = nn.BatchNorm1d(3)
-    model = nn.Sequential(norm, nn.Tanh(), norm)  # the same layer twice: two running-statistics updates per step
+def test_layers_that_do_not_run_once_per_forward_are_reported():
+    model = nn.Module()
+    model.twice, model.unused = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
     with BatchStatistics(model) as statistics:
-        model(torch.randn(5, 3))
+        model.twice(model.twice(torch.randn(5, 3)))  # two running-statistics updates in one step
         statistics.take()
-    assert statistics.repeated == {"0"}
+    assert statistics.irregular() == {"twice"} and statistics.never_called() == {"unused"}
+    with BatchStatistics(model) as statistics:  # "unused" run in one forward only: updated in some steps only
+        model.twice(torch.randn(5, 3))
+        statistics.take()
+        model.unused(model.twice(torch.randn(5, 3)))
+        statistics.take()
+    assert statistics.irregular() == {"unused"} and statistics.never_called() == set()
 
 
 def test_record_sensitivities_warns_and_keeps_the_reference_statistics_for_a_layer_called_twice(tmp_path):
     path = record(tmp_path / "shared", proj_dim=64, curvature_rank=0, model=SharedNorm())
-    with pytest.warns(UserWarning, match=r"BatchNorm layer\(s\) \['net.1'\] run more than once"):
+    with pytest.warns(UserWarning, match=r"BatchNorm layer\(s\) \['net.1'\] do not run exactly once"):
         record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
     assert OrderEstimator.from_recording(path, method="linearized").data.linearized.norm_stats is None
+
+
+def test_a_layer_no_forward_runs_is_modelled_as_never_updated(tmp_path):
+    path = record(tmp_path / "spare", proj_dim=64, curvature_rank=0, model=SpareNorm())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="BatchNorm layer")
+        record_sensitivities(path, curvature_rank=0, hessian_rank=2, accelerator="cpu", check_orders=0, verbose=False)
+    run = OrderEstimator.from_recording(path, method="linearized").data.linearized
+    assert (run.norm_momenta[:, 32:] == 0).all() and (run.norm_momenta[:, :32] > 0).all()  # net.1 first, spare last
 
 
 def test_the_eval_loss_is_differentiable_in_the_running_statistics():
