@@ -2,24 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from lpl.utils.errors import LplError
 
+_LOGGING_METHODS = ("log", "log_dict")
+
+
+@contextlib.contextmanager
+def _logging_silenced(module: nn.Module) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` as no-ops on ``module``: a probe's loss must not reach the run's metrics, and
+    Lightning refuses logging from most hooks probes run in (``on_train_end``, say) or outside ``fit``."""
+    shadowed = [name for name in _LOGGING_METHODS if name in vars(module)]
+    saved = {name: vars(module)[name] for name in shadowed}
+    for name in _LOGGING_METHODS:
+        object.__setattr__(module, name, _ignore)
+    try:
+        yield
+    finally:
+        for name in _LOGGING_METHODS:
+            if name in saved:
+                object.__setattr__(module, name, saved[name])
+            else:
+                object.__delattr__(module, name)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
 
 def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     """Scalar training loss of ``module`` on ``batch``.
 
     Uses ``module.loss(batch)`` when the module defines it (every ``lpl`` example does), else
-    ``module.training_step(batch, 0)``, which may return a tensor or a dict holding ``"loss"``.
+    ``module.training_step(batch, 0)``, which may return a tensor or a dict holding ``"loss"``. Whatever either
+    logs with ``self.log`` is dropped: these are probes, not training steps.
     """
     if callable(getattr(module, "loss", None)):
-        out = module.loss(batch)
+        with _logging_silenced(module):
+            out = module.loss(batch)
     elif callable(getattr(module, "training_step", None)):
-        out = module.training_step(batch, 0)
+        with _logging_silenced(module):
+            out = module.training_step(batch, 0)
     else:
         raise LplError(
             f"{type(module).__name__} has neither a `loss(batch)` method nor a `training_step`; "

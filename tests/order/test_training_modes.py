@@ -8,11 +8,23 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from lpl.order import OrderEstimator, Recording, retrain
 from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, record_sensitivities
 from lpl.utils.errors import LplError
-from test_estimator_task import BiasesWithoutDecay, PenalisedClassifier, record
+from test_estimator_task import BiasesWithoutDecay, PenalisedClassifier, TinyClassifier, record
+
+
+class LoggingClassifier(TinyClassifier):
+    """No ``loss(batch)``: the training_step, which logs with ``self.log`` (the most common LightningModule)."""
+
+    loss = None
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+        self.log("train_loss", loss)
+        return {"loss": loss}
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +135,13 @@ def test_param_groups_with_their_own_weight_decay(decoupled, tmp_path):
     estimate = OrderEstimator.from_recording(path, method="linearized").estimate(order).final_loss
     truth = retrain(path, order).final_loss
     assert abs(estimate - truth) < abs(rec.probe_scalars["val_loss"][-1] - truth) + 1e-3
+
+
+def test_a_module_that_logs_in_training_step_is_recorded_probed_and_retrained(tmp_path):
+    # probes call training_step from hooks where Lightning refuses self.log (on_train_end, after fit): it is
+    # silenced there, and only there
+    path = record(tmp_path / "rec", proj_dim=64, curvature_rank=2, model=LoggingClassifier())
+    record_sensitivities(path, curvature_rank=2, hessian_rank=2, accelerator="cpu", check_orders=1, verbose=False)
+    rec = Recording.open(path)
+    truth = retrain(path, rec.order)
+    torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)

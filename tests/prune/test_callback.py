@@ -81,3 +81,35 @@ def test_given_result_is_applied_without_pruning(tmp_path, tiny_vit, batches):
 def test_bad_options_fail_at_construction(kwargs, match):
     with pytest.raises(LplError, match=match):
         BlockPruneCallback(**kwargs)
+
+
+class LoggingViT(L.LightningModule):
+    """The most common LightningModule: no ``loss(batch)``, a training_step that logs with ``self.log``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+
+        self.model = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                                       embed_dim=32, depth=1, num_heads=2, pretrained=False)
+
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(self.model(batch["image"]), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_a_module_that_logs_in_training_step_is_pruned_at_fit_start(tmp_path):
+    torch.manual_seed(0)
+    model = LoggingViT()
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[prune])
+    trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    assert abs(prune.result.flops_keep - 0.5) <= 0.01
+    assert "log" not in vars(model)  # the probes' silencing is undone: training logged as usual
+    assert "train_loss" in trainer.callback_metrics
