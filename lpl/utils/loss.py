@@ -40,7 +40,8 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
 
     Uses ``module.loss(batch)`` when the module defines it (every ``lpl`` example does), else
     ``module.training_step(batch, 0)``, which may return a tensor or a dict holding ``"loss"``. Whatever either
-    logs with ``self.log`` is dropped: these are probes, not training steps.
+    logs with ``self.log`` is dropped: these are probes, not training steps. Other side effects of a training_step
+    (a torchmetrics update, a counter) happen on probes too: a module with such a step should define ``loss``.
     """
     if callable(getattr(module, "loss", None)):
         with _logging_silenced(module):
