@@ -36,6 +36,11 @@ def _import(class_path: str) -> type:
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError):
+        if module_name == "__main__":
+            raise LplError(
+                f"cannot import {class_path!r}: the recording was made from a script that defined {name} itself; move "
+                "it into an importable module (or run this from that script) to rebuild the run."
+            ) from None
         raise LplError(f"cannot import {class_path!r}, which the recording names; install the package that defines it.") from None
 
 

@@ -145,3 +145,15 @@ def test_a_module_that_logs_in_training_step_is_recorded_probed_and_retrained(tm
     rec = Recording.open(path)
     truth = retrain(path, rec.order)
     torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)
+
+
+def test_a_model_class_that_cannot_be_imported_is_a_clear_error(noisy_recording):
+    from lpl.order.retraining import rebuild
+
+    rec = Recording.open(noisy_recording)
+    rec.manifest["model"]["class_path"] = "__main__.ScriptModel"  # defined in the recording script itself
+    with pytest.raises(LplError, match="made from a script that defined ScriptModel"):
+        rebuild(rec, rec.order)
+    rec.manifest["model"]["class_path"] = "not_installed_package.Model"
+    with pytest.raises(LplError, match="install the package"):
+        rebuild(rec, rec.order)
