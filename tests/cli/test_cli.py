@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# lightning binds its log handler to the sys.stderr of the moment it is first imported: here, not inside a test,
+# whose captured stream is closed afterwards ("--- Logging error ---" tracebacks in later tests' stderr)
+import lightning  # noqa: F401
 import pytest
 import timm
 from PIL import Image
