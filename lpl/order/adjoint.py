@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -348,12 +348,23 @@ def record_sensitivities(
             loss, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
         return float(loss.detach()), _flat(grads), grads
 
+    @contextlib.contextmanager
+    def differentiable_statistics_at(t: int) -> Iterator[Tensor]:
+        """Step t's weights, and its BatchNorm running statistics as a leaf tensor eval-mode losses differentiate."""
+        load_step(t)
+        running = capture.running[t].to(device).requires_grad_()
+        with norm_statistics.differentiable_running_statistics(model, running), torch.enable_grad():
+            yield running
+
+    def norm_gradient(t: int, loss_fn: Callable[[], Tensor]) -> Tensor:
+        """The eval-mode loss's gradient in the BatchNorm running statistics at step t ([C], on the CPU)."""
+        with differentiable_statistics_at(t) as running:
+            return torch.autograd.grad(loss_fn(), running)[0].float().cpu()
+
     def norm_curvature() -> tuple[Tensor, Tensor]:
         """The top curvature of the final validation loss in the running statistics: ([m, C] orthonormal directions,
         [m] Ritz values), m <= ``NORM_CURVATURE_RANK``, on the CPU."""
-        load_step(steps)
-        running = capture.running[steps].to(device).requires_grad_()
-        with norm_statistics.differentiable_running_statistics(model, running), torch.enable_grad():
+        with differentiable_statistics_at(steps) as running:
             (grad,) = torch.autograd.grad(validation_fn(), running, create_graph=True)
 
             def hvp(vector: Tensor) -> Tensor:
@@ -362,13 +373,6 @@ def record_sensitivities(
             rank = min(NORM_CURVATURE_RANK, running.numel())
             vectors, values = quantities.top_curvature(hvp, grad.detach(), rank, min(running.numel(), 3 * rank))
         return vectors.float().cpu(), values.float().cpu()
-
-    def norm_gradient(t: int, loss_fn: Callable[[], Tensor]) -> Tensor:
-        """The eval-mode loss's gradient in the BatchNorm running statistics at step t ([C], on the CPU)."""
-        load_step(t)
-        running = capture.running[t].to(device).requires_grad_()
-        with norm_statistics.differentiable_running_statistics(model, running), torch.enable_grad():
-            return torch.autograd.grad(loss_fn(), running)[0].float().cpu()
 
     def batch_loss(b: int) -> Callable[[], Tensor]:
         def loss() -> Tensor:
@@ -400,22 +404,20 @@ def record_sensitivities(
     del val_grads
 
     pool_losses: dict[int, Tensor] = {}
-    batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each pool batch yields at step t
-    irregular_norms: set[str] = set()  # BatchNorm layers some forward calls more than once, or not at all
-    unused_norms: list[set[str]] = []  # per pool pass, the layers no forward called
+    batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each pool batch yields at step t < T
+    statistics = norm_statistics.BatchStatistics(model)  # over every training-mode pool forward
 
     def batch_grads(t: int) -> Tensor:
         """Every pool batch's gradient at theta_t: as training step t would compute it (t < T), in eval mode at T."""
         training = t < steps
-        with norm_statistics.BatchStatistics(model) as statistics:
-            results, stats = [], []
+        results, stats = [], []
+        with statistics if training else contextlib.nullcontext():
             for b in range(len(pool)):
                 results.append(gradients_at(t, batch_loss(b), False, training))
-                stats.append(statistics.take())
-        batch_stats[t] = torch.stack(stats)
+                if training:
+                    stats.append(statistics.take())
         if training:
-            irregular_norms.update(statistics.irregular())
-            unused_norms.append(statistics.never_called())
+            batch_stats[t] = torch.stack(stats)
         losses = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
         pool_losses[t] = eval_losses(t) if modes_differ and training else losses
         return torch.stack([grad for _, grad, _ in results])
@@ -461,9 +463,9 @@ def record_sensitivities(
         raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
     norm_data: dict[str, Tensor] = {}
     num_tables, table_curvature = tables.shape[0], curvature
-    if irregular_norms:
+    if statistics.irregular():
         warnings.warn(
-            f"BatchNorm layer(s) {sorted(irregular_norms)} do not run exactly once per training forward pass, so a "
+            f"BatchNorm layer(s) {sorted(statistics.irregular())} do not run exactly once per training forward pass, so a "
             "step does not update their running statistics once: the estimates keep the reference run's statistics "
             "instead of modelling each order's.",
             stacklevel=2,
@@ -471,7 +473,7 @@ def record_sensitivities(
     elif norm_statistics.tracked_norms(model):  # the order's BatchNorm running statistics (lpl.order.norm_statistics)
         momenta = torch.stack(capture.momenta)
         columns = norm_statistics.layer_columns(model)
-        for name in set.intersection(*unused_norms) if unused_norms else ():  # defined, never run: never updated
+        for name in statistics.never_called():  # defined, never run: never updated
             momenta[:, columns[name]] = 0.0
         norm_data = {
             "norm_stats": torch.stack([batch_stats[t] - batch_stats[t][reference[t]] for t in range(steps)]),

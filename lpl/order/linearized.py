@@ -128,17 +128,21 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
     final = run.val_losses[length] + delta @ run.val_grads[length].to(dtype)
     if norms:
         final = final + norm_shift @ run.val_norm_grads[length].to(dtype)
-        if quadratic and length == run.num_steps and run.norm_curvature is not None and run.norm_curvature.numel():
-            coords = norm_shift @ run.norm_directions.to(dtype).T
-            final = final + 0.5 * (coords * coords * run.norm_curvature.to(dtype)).sum(-1)
-    if quadratic and length == run.num_steps and run.val_curvature.numel():  # the curvature was measured at theta_T
-        coords = delta @ run.val_directions.to(dtype).T
-        final = final + 0.5 * (coords * coords * run.val_curvature.to(dtype)).sum(-1)
+    if quadratic and length == run.num_steps:  # the curvatures were measured at theta_T
+        final = final + _quadratic(delta, run.val_directions, run.val_curvature)
+        if norms and run.norm_curvature is not None:
+            final = final + _quadratic(norm_shift, run.norm_directions, run.norm_curvature)
     curve[:, length] = final
     batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
     if norms and length == run.num_steps:  # their sensitivity to the statistics is stored at theta_T only
         batch_losses += norm_shift @ run.pool_norm_grads.to(dtype).T
     return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
+
+
+def _quadratic(shift: Tensor, directions: Tensor, curvature: Tensor) -> Tensor:
+    """1/2 sum_i lambda_i <q_i, shift>^2 per row of ``shift``, from orthonormal ``directions`` q and their Ritz values."""
+    coords = shift @ directions.to(shift.dtype).T
+    return 0.5 * (coords * coords * curvature.to(shift.dtype)).sum(-1)
 
 
 def has_weight_decay(weight_decay: float | Tensor) -> bool:

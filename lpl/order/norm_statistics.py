@@ -23,9 +23,20 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def _tracked_layers(model: torch.nn.Module) -> list[tuple[str, _BatchNorm, slice]]:
+    """(name, layer, its columns in the flat vector) of every BatchNorm layer (any dimension, SyncBatchNorm
+    included) that keeps running statistics."""
+    layers, offset = [], 0
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            layers.append((name, module, slice(offset, offset + 2 * module.num_features)))
+            offset += 2 * module.num_features
+    return layers
+
+
 def tracked_norms(model: torch.nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers (any dimension, SyncBatchNorm included) that keep running statistics."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    return [module for _, module, _ in _tracked_layers(model)]
 
 
 def running_statistics(model: torch.nn.Module) -> Tensor:
@@ -61,12 +72,7 @@ def step_momenta(model: torch.nn.Module) -> Tensor:
 
 def layer_columns(model: torch.nn.Module) -> dict[str, slice]:
     """Each tracked layer's columns (running mean and variance) in the flat ``running_statistics`` vector."""
-    columns, offset = {}, 0
-    names = {id(m): name for name, m in model.named_modules()}
-    for module in tracked_norms(model):
-        columns[names[id(module)]] = slice(offset, offset + 2 * module.num_features)
-        offset += 2 * module.num_features
-    return columns
+    return {name: columns for name, _, columns in _tracked_layers(model)}
 
 
 def final_weights(momenta: Tensor) -> Tensor:
@@ -88,11 +94,12 @@ class BatchStatistics:
     (their statistics never change)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.norms = tracked_norms(model)
-        self._names = {id(m): name for name, m in model.named_modules()}
+        layers = _tracked_layers(model)
+        self.norms = [module for _, module, _ in layers]
+        self._names = {id(module): name for name, module, _ in layers}
         self._repeated: set[str] = set()
         self._forwards = 0
-        self._calls = {self._names[id(m)]: 0 for m in self.norms}  # forwards that ran each layer in training mode
+        self._calls = {name: 0 for name, _, _ in layers}  # forwards that ran each layer in training mode
         self._latest: dict[int, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -133,15 +140,13 @@ def differentiable_running_statistics(model: torch.nn.Module, flat: Tensor) -> I
     """Eval-mode BatchNorm outputs computed from ``flat`` (a ``running_statistics`` vector that may require grad),
     so a loss is differentiable in the running statistics (torch's kernel is not). Training-mode layers are left
     alone (they normalise with batch statistics)."""
-    offsets, offset = {}, 0
-    for module in tracked_norms(model):
-        offsets[id(module)] = offset
-        offset += 2 * module.num_features
+    layers = _tracked_layers(model)
+    starts = {id(module): columns.start for _, module, columns in layers}
 
     def hook(module: _BatchNorm, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if module.training:
             return None
-        x, start, channels = inputs[0], offsets[id(module)], module.num_features
+        x, start, channels = inputs[0], starts[id(module)], module.num_features
         shape = [1, channels] + [1] * (x.dim() - 2)
         mean = flat[start : start + channels].to(x.dtype).view(shape)
         var = flat[start + channels : start + 2 * channels].to(x.dtype).view(shape)
@@ -150,7 +155,7 @@ def differentiable_running_statistics(model: torch.nn.Module, flat: Tensor) -> I
             y = y * module.weight.view(shape) + module.bias.view(shape)
         return y.to(output.dtype)
 
-    handles = [m.register_forward_hook(hook) for m in tracked_norms(model)]
+    handles = [module.register_forward_hook(hook) for _, module, _ in layers]
     try:
         yield
     finally:

@@ -17,8 +17,7 @@ _LOGGING_METHODS = ("log", "log_dict")
 def _logging_silenced(module: nn.Module) -> Iterator[None]:
     """``self.log`` / ``self.log_dict`` as no-ops on ``module``: a probe's loss must not reach the run's metrics, and
     Lightning refuses logging from most hooks probes run in (``on_train_end``, say) or outside ``fit``."""
-    shadowed = [name for name in _LOGGING_METHODS if name in vars(module)]
-    saved = {name: vars(module)[name] for name in shadowed}
+    saved = {name: vars(module)[name] for name in _LOGGING_METHODS if name in vars(module)}
     for name in _LOGGING_METHODS:
         object.__setattr__(module, name, _ignore)
     try:
@@ -44,16 +43,16 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     (a torchmetrics update, a counter) happen on probes too: a module with such a step should define ``loss``.
     """
     if callable(getattr(module, "loss", None)):
-        with _logging_silenced(module):
-            out = module.loss(batch)
+        step, args = module.loss, (batch,)
     elif callable(getattr(module, "training_step", None)):
-        with _logging_silenced(module):
-            out = module.training_step(batch, 0)
+        step, args = module.training_step, (batch, 0)
     else:
         raise LplError(
             f"{type(module).__name__} has neither a `loss(batch)` method nor a `training_step`; "
             "add `def loss(self, batch) -> Tensor` returning the scalar training loss."
         )
+    with _logging_silenced(module):
+        out = step(*args)
     if isinstance(out, dict):
         out = out.get("loss")
     if not isinstance(out, torch.Tensor) or out.ndim != 0:
