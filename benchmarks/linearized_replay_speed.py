@@ -1,7 +1,9 @@
 """Speed of the linearised Adam replay (``lpl.order.linearized``) on synthetic data of a given size.
 
-Times ``replay_linearized`` for one order and batched over many, for several chunk sizes (``CHUNK_ELEMENTS``) and
-with torch's fused Adam kernel or the eager fallback (``--adam fused,eager``), side by side in one run. The data are random (speed does not depend on the values); the default size is the demo LM's
+Times ``replay_linearized`` for one order and batched over many, for several chunk sizes, along each path side by
+side in one run (``--paths``): ``compiled`` (the C kernel ``lpl.kernels.cpu.adam_replay_cpu``, CPU float32; chunk
+sizes set ``KERNEL_CHUNK_ELEMENTS``), ``fused`` (torch ops with torch's fused Adam kernel) and ``eager`` (torch ops
+only; chunk sizes set ``CHUNK_ELEMENTS``). The data are random (speed does not depend on the values); the default size is the demo LM's
 (123,200 parameters, T = 64 steps, 64 pool batches, Hessian rank 16).
 
 With ``--retrain-demo-lm`` it also records the demo LM itself (T steps on the same device, a small projection: only
@@ -11,7 +13,7 @@ side in the same run (the issue's criterion: per order, estimate vs retrain).
 Usage::
 
     python benchmarks/linearized_replay_speed.py
-    python benchmarks/linearized_replay_speed.py --retrain-demo-lm --chunks 20 --adam fused
+    python benchmarks/linearized_replay_speed.py --retrain-demo-lm --chunks 20,22 --paths compiled,fused
     python benchmarks/linearized_replay_speed.py --params 19658 --orders 256 --device cuda
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -103,10 +106,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--orders", type=int, default=128, help="orders in the batched measurement")
-    parser.add_argument("--chunks", default="18,20,22,24", help="log2 of CHUNK_ELEMENTS to compare")
+    parser.add_argument("--chunks", default="18,20,22,24", help="log2 of the chunk sizes to compare")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--adam", default="fused,eager", help="Adam step implementations to compare")
+    parser.add_argument("--paths", default="compiled,fused,eager",
+                        help="replay paths to compare: compiled (C kernel, CPU), fused, eager (torch ops)")
     parser.add_argument("--retrain-demo-lm", action="store_true",
                         help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()
@@ -120,22 +124,31 @@ def main() -> None:
     orders = orders.to(args.device)
     print(f"d = {args.params}, T = {args.steps}, {args.batches} batches, rank {args.rank}, {args.device}, "
           f"{torch.get_num_threads()} threads")
-    kernels = dict(linearized._FUSED_ADAM)
-    for adam in args.adam.split(","):
-        if adam == "fused" and kernels[run.decoupled] is None:
-            print("fused: this torch has no fused Adam kernel")
-            continue
-        linearized._FUSED_ADAM.update(kernels if adam == "fused" else {True: None, False: None})
-        linearized.CHUNK_ELEMENTS = 1 << 20
+    fused_adam = dict(linearized._FUSED_ADAM)
+    for path in args.paths.split(","):
+        if path == "compiled":
+            os.environ.pop("LPL_CPU_KERNEL", None)
+            if not linearized._compiled_kernel_applies(run, torch.float32):
+                print("compiled: not available here (CPU float32 data and a C compiler needed)")
+                continue
+            chunk_name = "KERNEL_CHUNK_ELEMENTS"
+        elif path in ("fused", "eager"):
+            os.environ["LPL_CPU_KERNEL"] = "torch"
+            if path == "fused" and fused_adam[run.decoupled] is None:
+                print("fused: this torch has no fused Adam kernel")
+                continue
+            linearized._FUSED_ADAM.update(fused_adam if path == "fused" else {True: None, False: None})
+            chunk_name = "CHUNK_ELEMENTS"
+        else:
+            parser.error(f"unknown path {path!r}: use compiled, fused or eager")
         single = seconds(run, orders[:1], args.repeats)
-        print(f"[{adam} Adam] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")
+        print(f"[{path}] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")
         for log2 in (int(c) for c in args.chunks.split(",")):
-            linearized.CHUNK_ELEMENTS = 1 << log2
+            setattr(linearized, chunk_name, 1 << log2)
             per_order = seconds(run, orders, args.repeats) / len(orders)
-            print(f"[{adam} Adam] batched over {len(orders)} orders, CHUNK_ELEMENTS = 2^{log2} "
+            print(f"[{path}] batched over {len(orders)} orders, {chunk_name} = 2^{log2} "
                   f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order"
                   f"{ratio(retrain_s, per_order)}")
-
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ Public functions (contract in docs/architecture.md, "Block-sparse weights"):
 ``block_sparse_linear_cpu`` (y = x W^T + b), ``grad_input_cpu`` (dX = dY W), ``grad_values_cpu`` (dW at the
 retained blocks), ``compiled_kernel_available``, and ``pack_weight_cpu`` -> ``PackedWeightCPU`` (lay a weight out
 once; pass it as ``packed=`` to skip the per-call packing, e.g. in inference).
+
+Also ``adam_replay_cpu`` / ``adam_replay_available``: the fast CPU path of ``lpl.order.linearized`` (a compiled
+kernel that replays many training orders with Adam at once).
 """
 
+from .adam_replay import adam_replay_available, adam_replay_cpu
 from .ops import (
     PackedWeightCPU,
     block_sparse_linear_cpu,
@@ -17,6 +21,8 @@ from .ops import (
 
 __all__ = [
     "PackedWeightCPU",
+    "adam_replay_available",
+    "adam_replay_cpu",
     "block_sparse_linear_cpu",
     "compiled_kernel_available",
     "grad_input_cpu",

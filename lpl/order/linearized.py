@@ -37,11 +37,15 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from lpl.kernels.cpu import adam_replay_available, adam_replay_cpu
 from lpl.utils.errors import LplError
 
-# orders replayed together: [orders, d] state tensors of about this many elements; small enough to stay in cache
-# (2^20-2^22 were fastest at the demo LM's size, 2^24 1.3x slower: benchmarks/linearized_replay_speed.py)
+# orders replayed together: [orders, d] state tensors of about this many elements (benchmarks/linearized_replay_speed.py
+# at the demo LM's size). Torch path: small enough to stay in cache (2^20-2^22 fastest, 2^24 1.3x slower). Compiled
+# kernel: it streams the state once a step whatever its size, and more orders share each load of the Hessian factors
+# (2^22 about 1.2x faster than 2^20, no gain beyond).
 CHUNK_ELEMENTS = 1 << 20
+KERNEL_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -91,9 +95,16 @@ class LinearizedEstimate:
 def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True,
                       displacement: bool = False) -> LinearizedEstimate:
     """Replay each row of ``orders`` [N, L] (pool batch ids, L <= T) with Adam on linearised gradients.
-    ``displacement`` also returns each order's Delta_L ([N, d]: large for many orders of a big model)."""
-    chunk = max(1, CHUNK_ELEMENTS // run.pool_grads.shape[-1])
-    parts = [_replay_chunk(run, orders[i : i + chunk], quadratic) for i in range(0, orders.shape[0], chunk)]
+    ``displacement`` also returns each order's Delta_L ([N, d]: large for many orders of a big model).
+
+    float32 data on CPU run the compiled kernel ``lpl.kernels.cpu.adam_replay_cpu`` (same math, one pass over the
+    state per step); other devices and dtypes, or ``LPL_CPU_KERNEL=torch``, run Adam steps of torch ops."""
+    dtype = run.pool_grads.dtype if run.pool_grads.is_floating_point() else torch.float32
+    dtype = torch.promote_types(dtype, torch.float32)
+    compiled = _compiled_kernel_applies(run, dtype)
+    chunk = max(1, (KERNEL_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS) // run.pool_grads.shape[-1])
+    parts = [_replay_chunk(run, orders[i : i + chunk], quadratic, dtype, compiled)
+             for i in range(0, orders.shape[0], chunk)]
     return LinearizedEstimate(
         final_loss=torch.cat([p.final_loss for p in parts]), loss_curve=torch.cat([p.loss_curve for p in parts]),
         batch_losses=torch.cat([p.batch_losses for p in parts]),
@@ -101,22 +112,48 @@ def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True
     )
 
 
-def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> LinearizedEstimate:
+def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool, dtype: torch.dtype,
+                  compiled: bool) -> LinearizedEstimate:
     n, length = orders.shape
-    dtype = run.pool_grads.dtype if run.pool_grads.is_floating_point() else torch.float32
-    dtype = torch.promote_types(dtype, torch.float32)
-    delta = run.pool_grads.new_zeros(n, run.pool_grads.shape[-1], dtype=dtype)
-    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
-    curve = delta.new_empty(n, length + 1)
-    norms = run.norm_stats is not None
-    # each order's running statistics minus the reference's, r_s(l) - r_s(ref)
-    norm_shift = delta.new_zeros(n, run.norm_stats.shape[-1] if norms else 0)
-    for s in range(length):
-        curve[:, s] = run.val_losses[s] + delta @ run.val_grads[s].to(dtype)
-        if norms:
+    delta, val_dots = _displacements(run, orders, dtype, compiled)
+    curve = run.val_losses[: length + 1].to(dtype) + val_dots.to(dtype)
+    norm_shift = None
+    if run.norm_stats is not None:  # each order's running statistics minus the reference's, r_s(l) - r_s(ref)
+        norm_shift = delta.new_zeros(n, run.norm_stats.shape[-1])
+        for s in range(length):
             curve[:, s] += norm_shift @ run.val_norm_grads[s].to(dtype)
             momenta = run.norm_momenta[s].to(dtype)
             norm_shift.mul_(1.0 - momenta).addcmul_(run.norm_stats[s].index_select(0, orders[:, s]).to(dtype), momenta)
+        curve[:, length] += norm_shift @ run.val_norm_grads[length].to(dtype)
+    final = curve[:, length].clone()
+    if quadratic and length == run.num_steps:  # the curvatures were measured at theta_T
+        final = final + _quadratic(delta, run.val_directions, run.val_curvature)
+        if norm_shift is not None and run.norm_curvature is not None:
+            final = final + _quadratic(norm_shift, run.norm_directions, run.norm_curvature)
+    curve[:, length] = final
+    batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
+    if norm_shift is not None and length == run.num_steps:  # their sensitivity to the statistics: at theta_T only
+        batch_losses += norm_shift @ run.pool_norm_grads.to(dtype).T
+    return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
+
+
+def _displacements(run: LinearizedRun, orders: Tensor, dtype: torch.dtype,
+                   compiled: bool) -> tuple[Tensor, Tensor]:
+    """Each order's Delta_L [N, d] and <Delta_s, val_grads[s]> [N, L + 1] for s = 0..L, by the compiled CPU kernel
+    or by Adam steps of torch ops."""
+    if compiled:
+        decay = run.weight_decay
+        return adam_replay_cpu(
+            run.pool_grads, run.hessian_vectors, run.hessian_values.float().contiguous(), run.reference_updates,
+            run.val_grads, run.lr.float().contiguous(), orders.cpu(), betas=run.betas, eps=run.eps,
+            weight_decay=decay.float().contiguous() if isinstance(decay, Tensor) else float(decay),
+            decoupled=run.decoupled, coupled_decay=run.coupled_decay)
+    n, length = orders.shape
+    delta = run.pool_grads.new_zeros(n, run.pool_grads.shape[-1], dtype=dtype)
+    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
+    val_dots = delta.new_empty(n, length + 1)
+    for s in range(length):
+        val_dots[:, s] = delta @ run.val_grads[s].to(dtype)
         grads = run.pool_grads[s].index_select(0, orders[:, s]).to(dtype)
         vectors = run.hessian_vectors[s].to(dtype)
         grads.addmm_((delta @ vectors.T).mul_(run.hessian_values[s].to(dtype)), vectors)
@@ -125,18 +162,18 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool) -> Linear
         lr = float(run.lr[s])
         _adam_step(delta, grads, exp_avg, exp_avg_sq, s, lr, run)
         delta.add_(run.reference_updates[s].to(dtype), alpha=lr)
-    final = run.val_losses[length] + delta @ run.val_grads[length].to(dtype)
-    if norms:
-        final = final + norm_shift @ run.val_norm_grads[length].to(dtype)
-    if quadratic and length == run.num_steps:  # the curvatures were measured at theta_T
-        final = final + _quadratic(delta, run.val_directions, run.val_curvature)
-        if norms and run.norm_curvature is not None:
-            final = final + _quadratic(norm_shift, run.norm_directions, run.norm_curvature)
-    curve[:, length] = final
-    batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
-    if norms and length == run.num_steps:  # their sensitivity to the statistics is stored at theta_T only
-        batch_losses += norm_shift @ run.pool_norm_grads.to(dtype).T
-    return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
+    val_dots[:, length] = delta @ run.val_grads[length].to(dtype)
+    return delta, val_dots
+
+
+def _compiled_kernel_applies(run: LinearizedRun, dtype: torch.dtype) -> bool:
+    """float32 CPU data laid out as the kernel reads them (no copies of the large tensors), and the kernel built."""
+    large = [run.pool_grads, run.hessian_vectors, run.reference_updates, run.val_grads]
+    large += [run.coupled_decay] if run.coupled_decay is not None else []
+    if dtype != torch.float32 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+                                     for t in large):
+        return False
+    return adam_replay_available()
 
 
 def _quadratic(shift: Tensor, directions: Tensor, curvature: Tensor) -> Tensor:

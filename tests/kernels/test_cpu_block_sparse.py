@@ -213,9 +213,9 @@ def test_env_var_forces_the_torch_path(monkeypatch):
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(_build, "_library", None)
-    monkeypatch.setattr(_build, "_load_error", None)
-    monkeypatch.setattr(_build, "_warned", False)
+    monkeypatch.setattr(_build.BLOCK_SPARSE, "library", None)
+    monkeypatch.setattr(_build.BLOCK_SPARSE, "load_error", None)
+    monkeypatch.setattr(_build.BLOCK_SPARSE, "warned", False)
     monkeypatch.setattr(_build, "_find_compiler", lambda: None)
     monkeypatch.setenv("LPL_CACHE_DIR", str(tmp_path))
     w, values, row_ptr, col_idx, _ = make_weight(48, 40, (16, 16))
@@ -231,8 +231,8 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 
 
 def test_library_is_built_into_the_cache_atomically(monkeypatch, tmp_path):
-    monkeypatch.setattr(_build, "_library", None)
-    monkeypatch.setattr(_build, "_load_error", None)
+    monkeypatch.setattr(_build.BLOCK_SPARSE, "library", None)
+    monkeypatch.setattr(_build.BLOCK_SPARSE, "load_error", None)
     monkeypatch.setenv("LPL_CACHE_DIR", str(tmp_path))
     assert cpu.compiled_kernel_available()
     files = sorted(p.name for p in (tmp_path / "cpu_kernels").iterdir())

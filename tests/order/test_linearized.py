@@ -171,3 +171,34 @@ def test_mlp_estimates_track_retraining():
     no_change = np.abs(truth - final).mean()
     assert spearmanr(estimate, truth)[0] > 0.8
     assert np.abs(estimate - truth).mean() < 0.5 * no_change
+
+
+def _float32(run: LinearizedRun) -> LinearizedRun:
+    return LinearizedRun(**{name: value.float() if isinstance(value, torch.Tensor) else value
+                            for name, value in vars(run).items()})
+
+
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.1, True), (0.1, False), ((0.3, 0.0), True), ((0.3, 0.0), False)])
+def test_float32_on_cpu_runs_the_compiled_kernel_and_agrees(weight_decay, decoupled, monkeypatch):
+    """float32 data on CPU take the compiled kernel (lpl.kernels.cpu.adam_replay_cpu): same estimates as the exact
+    float64 replay to float32 rounding, in whole and in chunks."""
+    if not linearized.adam_replay_available():
+        pytest.skip("no C compiler: the kernel cannot be built")
+    task = Regression(weight_decay, decoupled)
+    run = task.run(list(range(NUM_BATCHES)))
+    generator = torch.Generator().manual_seed(2)
+    orders = torch.randint(0, NUM_BATCHES, (6, NUM_BATCHES), generator=generator)
+    exact = replay_linearized(run, orders, displacement=True)
+    calls = []
+    kernel = linearized.adam_replay_cpu
+    monkeypatch.setattr(linearized, "adam_replay_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    got = replay_linearized(_float32(run), orders, displacement=True)
+    assert calls
+    for name in ("final_loss", "loss_curve", "batch_losses", "displacement"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(exact, name), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(linearized, "KERNEL_CHUNK_ELEMENTS", 2 * 5)  # two orders per chunk
+    torch.testing.assert_close(replay_linearized(_float32(run), orders).final_loss, got.final_loss)
+    monkeypatch.setenv("LPL_CPU_KERNEL", "torch")  # the torch path on the same float32 data
+    calls.clear()
+    torch.testing.assert_close(replay_linearized(_float32(run), orders).final_loss, got.final_loss, rtol=1e-5, atol=1e-6)
+    assert not calls
