@@ -2,9 +2,11 @@
 
 Times ``replay_linearized`` for one order and batched over many, for several chunk sizes, along each path side by
 side in one run (``--paths``): ``compiled`` (the C kernel ``lpl.kernels.cpu.adam_replay_cpu``, CPU float32; chunk
-sizes set ``KERNEL_CHUNK_ELEMENTS``), ``fused`` (torch ops with torch's fused Adam kernel) and ``eager`` (torch ops
-only; chunk sizes set ``CHUNK_ELEMENTS``). The data are random (speed does not depend on the values); the default size is the demo LM's
-(123,200 parameters, T = 64 steps, 64 pool batches, Hessian rank 16).
+sizes set ``KERNEL_CHUNK_ELEMENTS``), ``compiled-bf16`` (the same with the d-sized rows in bfloat16, as
+``OrderEstimator`` holds a recording's data when the kernel runs), ``fused`` (torch ops with torch's fused Adam
+kernel) and ``eager`` (torch ops only; chunk sizes set ``CHUNK_ELEMENTS``). The data are random (speed does not
+depend on the values); the default size is the demo LM's (123,200 parameters, T = 64 steps, 64 pool batches, Hessian
+rank 16).
 
 With ``--retrain-demo-lm`` it also records the demo LM itself (T steps on the same device, a small projection: only
 its retraining is timed) and retrains a few random orders of it, so the speed-up over retraining is measured side by
@@ -20,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -31,6 +34,7 @@ import lightning as L
 import torch
 
 import lpl.order.linearized as linearized
+from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
 
 
 def synthetic_run(steps: int, batches: int, params: int, rank: int, device: str) -> linearized.LinearizedRun:
@@ -109,8 +113,8 @@ def main() -> None:
     parser.add_argument("--chunks", default="18,20,22,24", help="log2 of the chunk sizes to compare")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--paths", default="compiled,fused,eager",
-                        help="replay paths to compare: compiled (C kernel, CPU), fused, eager (torch ops)")
+    parser.add_argument("--paths", default="compiled,compiled-bf16,fused,eager",
+                        help="replay paths to compare: compiled, compiled-bf16 (C kernel, CPU), fused, eager (torch ops)")
     parser.add_argument("--retrain-demo-lm", action="store_true",
                         help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()
@@ -125,11 +129,16 @@ def main() -> None:
     print(f"d = {args.params}, T = {args.steps}, {args.batches} batches, rank {args.rank}, {args.device}, "
           f"{torch.get_num_threads()} threads")
     fused_adam = dict(linearized._FUSED_ADAM)
-    for path in args.paths.split(","):
-        if path == "compiled":
+    paths = args.paths.split(",")
+    runs = {}
+    if "compiled-bf16" in paths:
+        narrow = {name: getattr(run, name).bfloat16() for name in NARROW_INPUTS if getattr(run, name) is not None}
+        runs["compiled-bf16"] = dataclasses.replace(run, **narrow)
+    for path in paths:
+        if path in ("compiled", "compiled-bf16"):
             os.environ.pop("LPL_CPU_KERNEL", None)
             if not linearized._compiled_kernel_applies(run, torch.float32):
-                print("compiled: not available here (CPU float32 data and a C compiler needed)")
+                print(f"{path}: not available here (CPU data and a C compiler needed)")
                 continue
             chunk_name = "KERNEL_CHUNK_ELEMENTS"
         elif path in ("fused", "eager"):
@@ -140,12 +149,13 @@ def main() -> None:
             linearized._FUSED_ADAM.update(fused_adam if path == "fused" else {True: None, False: None})
             chunk_name = "CHUNK_ELEMENTS"
         else:
-            parser.error(f"unknown path {path!r}: use compiled, fused or eager")
-        single = seconds(run, orders[:1], args.repeats)
+            parser.error(f"unknown path {path!r}: use compiled, compiled-bf16, fused or eager")
+        path_run = runs.get(path, run)
+        single = seconds(path_run, orders[:1], args.repeats)
         print(f"[{path}] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")
         for log2 in (int(c) for c in args.chunks.split(",")):
             setattr(linearized, chunk_name, 1 << log2)
-            per_order = seconds(run, orders, args.repeats) / len(orders)
+            per_order = seconds(path_run, orders, args.repeats) / len(orders)
             print(f"[{path}] batched over {len(orders)} orders, {chunk_name} = 2^{log2} "
                   f"({max(1, (1 << log2) // args.params)} orders per chunk): {per_order * 1e3:.1f} ms/order"
                   f"{ratio(retrain_s, per_order)}")

@@ -116,7 +116,8 @@ def _declare_adam_replay(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lpl_adam_replay.argtypes = [
         _ptr, _i64, _i64, _ptr, _ptr,  # pool_grads, nb, d, vectors, values
         _i64, _i64, _ptr, _ptr,  # k, num_steps, ref_updates, val_grads
-        _ptr, _ptr, ctypes.c_float, ctypes.c_int,  # coupled_decay, decay_per_coord, decay, decoupled
+        _ptr, ctypes.c_int, _ptr, ctypes.c_float, ctypes.c_int,  # coupled_decay, bf16_mask, decay_per_coord, decay,
+        # decoupled
         _ptr, ctypes.c_double, ctypes.c_double, ctypes.c_double,  # lr, beta1, beta2, eps
         _ptr, _i64, _i64,  # orders, n, length
         _ptr, _ptr, _ptr, _ptr, ctypes.c_int,  # delta, exp_avg, exp_avg_sq, val_dots, nthreads

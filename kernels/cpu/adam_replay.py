@@ -30,9 +30,15 @@ def adam_replay_available() -> bool:
     return ADAM_REPLAY.load() is not None
 
 
+# the d-sized rows may be bfloat16 (as the sensitivity file stores them: half the memory and the memory traffic)
+NARROW_INPUTS = ("pool_grads", "hessian_vectors", "reference_updates", "val_grads", "coupled_decay")
+
+
 def _check(name: str, tensor: Tensor, shape: tuple[int | None, ...]) -> None:
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
-        raise LplError(f"adam_replay_cpu: {name} must be a contiguous float32 CPU tensor, got {tensor.dtype} on "
+    dtypes = (torch.float32, torch.bfloat16) if name in NARROW_INPUTS else (torch.float32,)
+    if tensor.device.type != "cpu" or tensor.dtype not in dtypes or not tensor.is_contiguous():
+        kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise LplError(f"adam_replay_cpu: {name} must be a contiguous {kinds} CPU tensor, got {tensor.dtype} on "
                        f"{tensor.device}{'' if tensor.is_contiguous() else ' (not contiguous)'}.")
     if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
         expected = ", ".join("*" if want is None else str(want) for want in shape)
@@ -47,7 +53,8 @@ def adam_replay_cpu(pool_grads: Tensor, hessian_vectors: Tensor, hessian_values:
 
     Shapes (T steps, nb pool batches, d parameters, rank k): ``pool_grads`` [>= L, nb, d], ``hessian_vectors``
     [T, k, d], ``hessian_values`` [T, k], ``reference_updates`` [T, d], ``val_grads`` [>= L + 1, d], ``lr`` [T],
-    ``weight_decay`` a number or [d], ``coupled_decay`` [T, d] (Adam's weight_decay * theta_s) or None.
+    ``weight_decay`` a number or [d], ``coupled_decay`` [T, d] (Adam's weight_decay * theta_s) or None. All
+    float32; the d-sized rows (``NARROW_INPUTS``) may be bfloat16 instead, widened exactly as the kernel reads them.
     Returns (Delta_L [n, d], <Delta_s, val_grads[s]> for s = 0..L as float64 [n, L + 1]).
     """
     if ADAM_REPLAY.load() is None:
@@ -80,10 +87,14 @@ def adam_replay_cpu(pool_grads: Tensor, hessian_vectors: Tensor, hessian_values:
     delta = torch.zeros(n, dim)
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     val_dots = torch.zeros(n, length + 1, dtype=torch.float64)
+    if n == 0:
+        return delta, val_dots
     status = ADAM_REPLAY.library.lpl_adam_replay(
         pool_grads.data_ptr(), batches, dim, hessian_vectors.data_ptr(), hessian_values.data_ptr(), rank, steps,
         reference_updates.data_ptr(), val_grads.data_ptr(),
         None if coupled_decay is None else coupled_decay.data_ptr(),
+        sum(1 << bit for bit, t in enumerate((pool_grads, hessian_vectors, reference_updates, val_grads, coupled_decay))
+            if t is not None and t.dtype == torch.bfloat16),
         weight_decay.data_ptr() if per_coordinate else None, ctypes.c_float(0.0 if per_coordinate else weight_decay),
         int(decoupled), lr.data_ptr(), float(betas[0]), float(betas[1]), float(eps), orders.data_ptr(), n, length,
         delta.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), val_dots.data_ptr(), torch.get_num_threads(),

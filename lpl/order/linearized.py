@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lpl.kernels.cpu import adam_replay_available, adam_replay_cpu
+from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
 from lpl.utils.errors import LplError
 
 # orders replayed together: [orders, d] state tensors of about this many elements (benchmarks/linearized_replay_speed.py
@@ -167,11 +168,11 @@ def _displacements(run: LinearizedRun, orders: Tensor, dtype: torch.dtype,
 
 
 def _compiled_kernel_applies(run: LinearizedRun, dtype: torch.dtype) -> bool:
-    """float32 CPU data laid out as the kernel reads them (no copies of the large tensors), and the kernel built."""
-    large = [run.pool_grads, run.hessian_vectors, run.reference_updates, run.val_grads]
-    large += [run.coupled_decay] if run.coupled_decay is not None else []
-    if dtype != torch.float32 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
-                                     for t in large):
+    """CPU data laid out as the kernel reads them (float32, the d-sized rows float32 or bfloat16; no copies of the
+    large tensors), and the kernel built."""
+    large = [getattr(run, name) for name in NARROW_INPUTS if getattr(run, name) is not None]
+    if dtype != torch.float32 or any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
+                                     or not t.is_contiguous() for t in large):
         return False
     return adam_replay_available()
 
@@ -242,10 +243,12 @@ def linearized_from_tensors(tensors: Mapping[str, Tensor], scalars: Mapping[str,
     if missing or not scalars:
         raise LplError(f"the linearised replay data lack {', '.join(missing) or 'their Adam hyperparameters'}; "
                        "build them again with record_sensitivities.")
-    # rows stored in a narrow dtype are widened once here: converting them at every replay step instead made one
-    # order at the demo LM's size about 2x slower on CPU (a scratch check, not a repo benchmark)
-    fields = {name: value.float() if value.is_floating_point() and value.itemsize < 4 else value
-              for name, value in fields.items()}
+    # rows stored in a narrow dtype are widened once here, except the d-sized rows the compiled CPU kernel reads
+    # narrow as they are (half the memory). Torch ops converting them at every replay step instead made one order at
+    # the demo LM's size about 2x slower on CPU (a scratch check, not a repo benchmark).
+    keep_narrow = NARROW_INPUTS if adam_replay_available() else ()
+    fields = {name: value.float() if value.is_floating_point() and value.itemsize < 4 and name not in keep_narrow
+              else value for name, value in fields.items()}
     decay = fields.pop("weight_decay", None)
     return LinearizedRun(**fields, betas=tuple(scalars["betas"]), eps=float(scalars["eps"]),
                          weight_decay=decay if decay is not None else float(scalars["weight_decay"]),

@@ -174,3 +174,25 @@ def test_unavailable_kernel_is_reported(monkeypatch, tmp_path):
 def test_environment_can_force_the_torch_path(monkeypatch):
     monkeypatch.setenv("LPL_CPU_KERNEL", "torch")
     assert not cpu.adam_replay_available()
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_bfloat16_rows_are_read_exactly_as_their_float32_widening(decoupled):
+    """The sensitivity file stores the d-sized rows in bfloat16: fed as they are, the kernel gives bit for bit what
+    it gives on their float32 widening (the widening is exact), and needs half the memory."""
+    data = make_data(2100, 5, 6, 4)
+    f32 = {name: value.float().contiguous() for name, value in data.items()}
+    narrow = {name: f32[name].bfloat16() for name in ("pool_grads", "hessian_vectors", "reference_updates", "val_grads")}
+    narrow["coupled"] = (0.1 * f32["theta"]).bfloat16()
+    wide = {name: value.float() for name, value in narrow.items()}
+    orders = torch.randint(0, 4, (5, 6), generator=torch.Generator().manual_seed(3))
+
+    def replay(rows):
+        return cpu.adam_replay_cpu(
+            rows["pool_grads"], rows["hessian_vectors"], f32["hessian_values"], rows["reference_updates"],
+            rows["val_grads"], f32["lr"], orders, betas=BETAS, eps=EPS, weight_decay=0.1, decoupled=decoupled,
+            coupled_decay=None if decoupled else rows["coupled"])
+
+    got, want = replay(narrow), replay(wide)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert want[0].abs().max() > 1e-3

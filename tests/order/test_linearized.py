@@ -202,3 +202,27 @@ def test_float32_on_cpu_runs_the_compiled_kernel_and_agrees(weight_decay, decoup
     calls.clear()
     torch.testing.assert_close(replay_linearized(_float32(run), orders).final_loss, got.final_loss, rtol=1e-5, atol=1e-6)
     assert not calls
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no_kernel"])
+def test_stored_rows_stay_bfloat16_only_for_the_kernel(kernel, monkeypatch):
+    """Loaded from the sensitivity file (d-sized rows in bfloat16): the kernel reads them narrow (half the memory),
+    torch ops get them widened once; both give the same estimates."""
+    if kernel and not linearized.adam_replay_available():
+        pytest.skip("no C compiler: the kernel cannot be built")
+    task = Regression((0.3, 0.0), False)
+    run = _float32(task.run(list(range(NUM_BATCHES))))
+    stored = {key: value.bfloat16() if key.split("/")[-1] in linearized.NARROW_INPUTS else value
+              for key, value in linearized.linearized_tensors(run).items()}
+    monkeypatch.setattr(linearized, "adam_replay_available", lambda: kernel)
+    loaded = linearized.linearized_from_tensors(stored, linearized.linearized_scalars(run))
+    narrow = {name: getattr(loaded, name).dtype for name in linearized.NARROW_INPUTS if getattr(loaded, name) is not None}
+    assert set(narrow.values()) == {torch.bfloat16 if kernel else torch.float32}
+    assert loaded.hessian_values.dtype == loaded.lr.dtype == torch.float32
+    orders = torch.randint(0, NUM_BATCHES, (4, NUM_BATCHES), generator=torch.Generator().manual_seed(5))
+    widened = LinearizedRun(**{name: value.float() if isinstance(value, torch.Tensor) else value
+                               for name, value in vars(loaded).items()})
+    monkeypatch.setenv("LPL_CPU_KERNEL", "torch")
+    expected = replay_linearized(widened, orders).final_loss
+    monkeypatch.delenv("LPL_CPU_KERNEL")
+    torch.testing.assert_close(replay_linearized(loaded, orders).final_loss, expected, rtol=1e-5, atol=1e-6)

@@ -28,14 +28,16 @@
 #define MAX_THREADS 256
 
 typedef struct {
-    const float* pool_grads;      /* [*, nb, d] */
+    /* the large inputs are float32 or bfloat16 (bit set in bf16_mask: BF16_*), widened tile by tile */
+    const void* pool_grads;       /* [*, nb, d] */
     int64_t nb, d;
-    const float* vectors;         /* [T, k, d] */
+    const void* vectors;          /* [T, k, d] */
     const float* values;          /* [T, k] */
     int64_t k, num_steps;
-    const float* ref_updates;     /* [T, d] */
-    const float* val_grads;       /* [T + 1, d] */
-    const float* coupled_decay;   /* [T, d] or NULL: weight_decay * theta_s, added to the gradient (Adam, not W) */
+    const void* ref_updates;      /* [T, d] */
+    const void* val_grads;        /* [T + 1, d] */
+    const void* coupled_decay;    /* [T, d] or NULL: weight_decay * theta_s, added to the gradient (Adam, not W) */
+    int bf16_mask;
     const float* decay_per_coord; /* [d] or NULL (then `decay` for every coordinate) */
     float decay;
     int decoupled;
@@ -49,7 +51,7 @@ typedef struct {
     double* val_dots;             /* [n, length + 1] out */
     int nthreads;
     double* partials;             /* [2][nthreads][n][k + 1]: Delta V^T and <Delta, val_grad> per thread */
-    float* scratch;               /* [nthreads][n k + GROUP TILE]: each thread's coefficients and gradient tiles */
+    float* scratch;               /* [nthreads][scratch_floats]: each thread's coefficients and widened tiles */
     pthread_barrier_t barrier;
     /* start gate: the threads run only once all of them exist (a barrier missing a thread would never open) */
     pthread_mutex_t lock;
@@ -182,13 +184,38 @@ static void add_dots4(const float* restrict x0, const float* restrict x1, const 
     }
 }
 
-static int64_t scratch_floats(const replay_args* a) { return a->n * a->k + GROUP * TILE; }
+enum { BF16_POOL = 1, BF16_VECTORS = 2, BF16_REF = 4, BF16_VAL = 8, BF16_COUPLED = 16 };
+
+/* dst[j] = src[offset + j] as float32, from float32 or bfloat16 (the top half of a float32: exact) */
+static void widen(float* restrict dst, const void* src, int bf16, int64_t offset, int64_t n) {
+    if (!bf16) {
+        memcpy(dst, (const float*)src + offset, sizeof(float) * (size_t)n);
+        return;
+    }
+    const uint16_t* restrict half = (const uint16_t*)src + offset;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        union { uint32_t bits; float value; } cast;
+        cast.bits = (uint32_t)half[j] << 16;
+        dst[j] = cast.value;
+    }
+}
+
+/* per thread: coefficients [n k], gradient tiles [GROUP][TILE], V_s and V_{s+1} tiles [k][TILE] each, and the
+ * reference update, next validation gradient and coupled decay tiles [TILE] each */
+static int64_t scratch_floats(const replay_args* a) { return a->n * a->k + (GROUP + 2 * a->k + 3) * TILE; }
 
 static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t end) {
     const int64_t d = a->d, k = a->k, n = a->n;
     float* coeff = a->scratch + thread_id * scratch_floats(a);
     float* grad[GROUP];
     for (int q = 0; q < GROUP; ++q) grad[q] = coeff + n * k + q * TILE;
+    float* vs = grad[GROUP - 1] + TILE;  /* V_s tile [k][TILE] */
+    float* vn = vs + k * TILE;            /* V_{s+1} tile */
+    float* ref = vn + k * TILE;
+    float* val_next = ref + TILE;
+    float* cd = val_next + TILE;
+    const int mask = a->bf16_mask;
     for (int64_t s = 0; s < a->length; ++s) {
         const int64_t current = s & 1, next = current ^ 1;
         /* this step's curvature coefficients lambda_r <Delta_s, v_r>, summed over the threads' ranges */
@@ -211,25 +238,29 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
         const float step_size = (float)(lr / bc1), inv_bc2_sqrt = (float)(1.0 / sqrt(bc2));
         const float b2 = (float)a->beta2, eps = (float)a->eps;
         const float one_minus_b1 = (float)(1.0 - a->beta1), one_minus_b2 = (float)(1.0 - a->beta2);
-        const float* vs = a->vectors + s * k * d;
         const int have_next = s + 1 < a->length;  /* V_{s+1} is read only by a step that runs */
-        const float* vn = have_next ? a->vectors + (s + 1) * k * d : NULL;
-        const float* val_next = a->val_grads + (s + 1) * d;
-        const float* u_ref = a->ref_updates + s * d;
-        const float* coupled = a->coupled_decay ? a->coupled_decay + s * d : NULL;
+        const int coupled = a->coupled_decay != NULL;
 
         for (int64_t j0 = begin; j0 < end; j0 += TILE) {
             const int64_t w = (end - j0 < TILE) ? end - j0 : TILE;
+            /* this tile of the step's shared rows, widened once for all orders */
+            for (int64_t r = 0; r < k; ++r) {
+                widen(vs + r * TILE, a->vectors, mask & BF16_VECTORS, (s * k + r) * d + j0, w);
+                if (have_next) widen(vn + r * TILE, a->vectors, mask & BF16_VECTORS, ((s + 1) * k + r) * d + j0, w);
+            }
+            widen(ref, a->ref_updates, mask & BF16_REF, s * d + j0, w);
+            widen(val_next, a->val_grads, mask & BF16_VAL, (s + 1) * d + j0, w);
+            if (coupled) widen(cd, a->coupled_decay, mask & BF16_COUPLED, s * d + j0, w);
             for (int64_t i0 = 0; i0 < n; i0 += GROUP) {
                 const int64_t group = n - i0 < GROUP ? n - i0 : GROUP;
                 for (int64_t q = 0; q < group; ++q) {
                     const int64_t batch = a->orders[(i0 + q) * a->length + s];
-                    memcpy(grad[q], a->pool_grads + (s * a->nb + batch) * d + j0, sizeof(float) * (size_t)w);
+                    widen(grad[q], a->pool_grads, mask & BF16_POOL, (s * a->nb + batch) * d + j0, w);
                 }
                 if (group == GROUP) {
-                    add_combination4(grad[0], grad[1], grad[2], grad[3], coeff + i0 * k, k, vs + j0, d, k, w);
+                    add_combination4(grad[0], grad[1], grad[2], grad[3], coeff + i0 * k, k, vs, TILE, k, w);
                 } else {
-                    for (int64_t q = 0; q < group; ++q) add_combination(grad[q], coeff + (i0 + q) * k, vs + j0, d, k, w);
+                    for (int64_t q = 0; q < group; ++q) add_combination(grad[q], coeff + (i0 + q) * k, vs, TILE, k, w);
                 }
                 for (int64_t q = 0; q < group; ++q) {
                     const int64_t i = i0 + q;
@@ -238,7 +269,6 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
                     float* restrict m = a->exp_avg + i * d + j0;
                     float* restrict v = a->exp_avg_sq + i * d + j0;
                     if (coupled) {  /* Adam adds weight_decay * (theta_s + Delta_s) to the gradient */
-                        const float* restrict cd = coupled + j0;
                         if (a->decay_per_coord) {
                             const float* restrict wd = a->decay_per_coord + j0;
 #pragma omp simd
@@ -256,7 +286,6 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
 #pragma omp simd
                         for (int64_t j = 0; j < w; ++j) delta[j] *= shrink;
                     }
-                    const float* restrict ref = u_ref + j0;
 #pragma omp simd
                     for (int64_t j = 0; j < w; ++j) {
                         const float mj = m[j] + one_minus_b1 * (g[j] - m[j]);
@@ -274,15 +303,15 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
                         x[q] = a->delta + (i0 + q) * d + j0;
                         out[q] = partial_slot(a, next, thread_id, i0 + q);
                     }
-                    if (have_next) add_dots4(x[0], x[1], x[2], x[3], vn + j0, d, k, w, out[0], out[1], out[2], out[3]);
-                    add_dots4(x[0], x[1], x[2], x[3], val_next + j0, 0, 1, w, out[0] + k, out[1] + k, out[2] + k,
+                    if (have_next) add_dots4(x[0], x[1], x[2], x[3], vn, TILE, k, w, out[0], out[1], out[2], out[3]);
+                    add_dots4(x[0], x[1], x[2], x[3], val_next, 0, 1, w, out[0] + k, out[1] + k, out[2] + k,
                               out[3] + k);
                 } else {
                     for (int64_t q = 0; q < group; ++q) {
                         const float* x = a->delta + (i0 + q) * d + j0;
                         double* out = partial_slot(a, next, thread_id, i0 + q);
-                        if (have_next) add_dots(x, vn + j0, d, k, w, out);
-                        add_dots(x, val_next + j0, 0, 1, w, out + k);
+                        if (have_next) add_dots(x, vn, TILE, k, w, out);
+                        add_dots(x, val_next, 0, 1, w, out + k);
                     }
                 }
             }
@@ -322,9 +351,9 @@ static void* thread_main(void* p) {
     return NULL;
 }
 
-int lpl_adam_replay(const float* pool_grads, int64_t nb, int64_t d, const float* vectors, const float* values,
-                    int64_t k, int64_t num_steps, const float* ref_updates, const float* val_grads,
-                    const float* coupled_decay, const float* decay_per_coord, float decay, int decoupled,
+int lpl_adam_replay(const void* pool_grads, int64_t nb, int64_t d, const void* vectors, const float* values,
+                    int64_t k, int64_t num_steps, const void* ref_updates, const void* val_grads,
+                    const void* coupled_decay, int bf16_mask, const float* decay_per_coord, float decay, int decoupled,
                     const float* lr, double beta1, double beta2, double eps, const int64_t* orders, int64_t n,
                     int64_t length, float* delta, float* exp_avg, float* exp_avg_sq, double* val_dots,
                     int nthreads) {
@@ -332,6 +361,7 @@ int lpl_adam_replay(const float* pool_grads, int64_t nb, int64_t d, const float*
     memset(&a, 0, sizeof a);
     a.pool_grads = pool_grads; a.nb = nb; a.d = d; a.vectors = vectors; a.values = values; a.k = k;
     a.num_steps = num_steps; a.ref_updates = ref_updates; a.val_grads = val_grads; a.coupled_decay = coupled_decay;
+    a.bf16_mask = bf16_mask;
     a.decay_per_coord = decay_per_coord; a.decay = decay; a.decoupled = decoupled; a.lr = lr; a.beta1 = beta1;
     a.beta2 = beta2; a.eps = eps; a.orders = orders; a.n = n; a.length = length; a.delta = delta;
     a.exp_avg = exp_avg; a.exp_avg_sq = exp_avg_sq; a.val_dots = val_dots;
