@@ -201,8 +201,35 @@ static void widen(float* restrict dst, const void* src, int bf16, int64_t offset
     }
 }
 
-/* per thread: coefficients [n k], gradient tiles [GROUP][TILE], V_s and V_{s+1} tiles [k][TILE] each, and the
- * reference update, next validation gradient and coupled decay tiles [TILE] each */
+/* rows[r][0..n) for r < nrows (rows `stride` elements apart from `offset`) as float32: in place when the input
+ * is float32 (returns a pointer into it, rows `stride` apart), else widened into dst (rows TILE apart), four rows
+ * per pass so that four memory streams are in flight. *row_stride receives the stride of what is returned. */
+static const float* tile_rows(float* restrict dst, const void* src, int bf16, int64_t offset, int64_t stride,
+                              int64_t nrows, int64_t n, int64_t* row_stride) {
+    if (!bf16) {
+        *row_stride = stride;
+        return (const float*)src + offset;
+    }
+    const uint16_t* base = (const uint16_t*)src + offset;
+    int64_t r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+        const uint16_t *h0 = base + r * stride, *h1 = h0 + stride, *h2 = h1 + stride, *h3 = h2 + stride;
+        float *d0 = dst + r * TILE, *d1 = d0 + TILE, *d2 = d1 + TILE, *d3 = d2 + TILE;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+            union { uint32_t bits; float value; } c0, c1, c2, c3;
+            c0.bits = (uint32_t)h0[j] << 16, c1.bits = (uint32_t)h1[j] << 16;
+            c2.bits = (uint32_t)h2[j] << 16, c3.bits = (uint32_t)h3[j] << 16;
+            d0[j] = c0.value, d1[j] = c1.value, d2[j] = c2.value, d3[j] = c3.value;
+        }
+    }
+    for (; r < nrows; ++r) widen(dst + r * TILE, src, 1, offset + r * stride, n);
+    *row_stride = TILE;
+    return dst;
+}
+
+/* per thread: coefficients [n k], gradient tiles [GROUP][TILE], and for bfloat16 inputs their widened V_s and
+ * V_{s+1} tiles [k][TILE] each and the reference update, next validation gradient and coupled decay tiles */
 static int64_t scratch_floats(const replay_args* a) { return a->n * a->k + (GROUP + 2 * a->k + 3) * TILE; }
 
 static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t end) {
@@ -210,11 +237,11 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
     float* coeff = a->scratch + thread_id * scratch_floats(a);
     float* grad[GROUP];
     for (int q = 0; q < GROUP; ++q) grad[q] = coeff + n * k + q * TILE;
-    float* vs = grad[GROUP - 1] + TILE;  /* V_s tile [k][TILE] */
-    float* vn = vs + k * TILE;            /* V_{s+1} tile */
-    float* ref = vn + k * TILE;
-    float* val_next = ref + TILE;
-    float* cd = val_next + TILE;
+    float* vs_tile = grad[GROUP - 1] + TILE;  /* widened V_s tile [k][TILE] */
+    float* vn_tile = vs_tile + k * TILE;      /* widened V_{s+1} tile */
+    float* ref_tile = vn_tile + k * TILE;
+    float* val_tile = ref_tile + TILE;
+    float* cd_tile = val_tile + TILE;
     const int mask = a->bf16_mask;
     for (int64_t s = 0; s < a->length; ++s) {
         const int64_t current = s & 1, next = current ^ 1;
@@ -243,14 +270,16 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
 
         for (int64_t j0 = begin; j0 < end; j0 += TILE) {
             const int64_t w = (end - j0 < TILE) ? end - j0 : TILE;
-            /* this tile of the step's shared rows, widened once for all orders */
-            for (int64_t r = 0; r < k; ++r) {
-                widen(vs + r * TILE, a->vectors, mask & BF16_VECTORS, (s * k + r) * d + j0, w);
-                if (have_next) widen(vn + r * TILE, a->vectors, mask & BF16_VECTORS, ((s + 1) * k + r) * d + j0, w);
-            }
-            widen(ref, a->ref_updates, mask & BF16_REF, s * d + j0, w);
-            widen(val_next, a->val_grads, mask & BF16_VAL, (s + 1) * d + j0, w);
-            if (coupled) widen(cd, a->coupled_decay, mask & BF16_COUPLED, s * d + j0, w);
+            /* this tile of the step's shared rows (float32 read in place, bfloat16 widened once for all orders) */
+            int64_t vs_stride, vn_stride = 0, unused;
+            const float* vs = tile_rows(vs_tile, a->vectors, mask & BF16_VECTORS, s * k * d + j0, d, k, w, &vs_stride);
+            const float* vn = have_next ? tile_rows(vn_tile, a->vectors, mask & BF16_VECTORS, (s + 1) * k * d + j0, d,
+                                                    k, w, &vn_stride) : NULL;
+            const float* ref = tile_rows(ref_tile, a->ref_updates, mask & BF16_REF, s * d + j0, 0, 1, w, &unused);
+            const float* val_next = tile_rows(val_tile, a->val_grads, mask & BF16_VAL, (s + 1) * d + j0, 0, 1, w,
+                                              &unused);
+            const float* cd = coupled ? tile_rows(cd_tile, a->coupled_decay, mask & BF16_COUPLED, s * d + j0, 0, 1, w,
+                                                  &unused) : NULL;
             for (int64_t i0 = 0; i0 < n; i0 += GROUP) {
                 const int64_t group = n - i0 < GROUP ? n - i0 : GROUP;
                 for (int64_t q = 0; q < group; ++q) {
@@ -258,9 +287,9 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
                     widen(grad[q], a->pool_grads, mask & BF16_POOL, (s * a->nb + batch) * d + j0, w);
                 }
                 if (group == GROUP) {
-                    add_combination4(grad[0], grad[1], grad[2], grad[3], coeff + i0 * k, k, vs, TILE, k, w);
+                    add_combination4(grad[0], grad[1], grad[2], grad[3], coeff + i0 * k, k, vs, vs_stride, k, w);
                 } else {
-                    for (int64_t q = 0; q < group; ++q) add_combination(grad[q], coeff + (i0 + q) * k, vs, TILE, k, w);
+                    for (int64_t q = 0; q < group; ++q) add_combination(grad[q], coeff + (i0 + q) * k, vs, vs_stride, k, w);
                 }
                 for (int64_t q = 0; q < group; ++q) {
                     const int64_t i = i0 + q;
@@ -303,14 +332,14 @@ static void replay_range(replay_args* a, int thread_id, int64_t begin, int64_t e
                         x[q] = a->delta + (i0 + q) * d + j0;
                         out[q] = partial_slot(a, next, thread_id, i0 + q);
                     }
-                    if (have_next) add_dots4(x[0], x[1], x[2], x[3], vn, TILE, k, w, out[0], out[1], out[2], out[3]);
+                    if (have_next) add_dots4(x[0], x[1], x[2], x[3], vn, vn_stride, k, w, out[0], out[1], out[2], out[3]);
                     add_dots4(x[0], x[1], x[2], x[3], val_next, 0, 1, w, out[0] + k, out[1] + k, out[2] + k,
                               out[3] + k);
                 } else {
                     for (int64_t q = 0; q < group; ++q) {
                         const float* x = a->delta + (i0 + q) * d + j0;
                         double* out = partial_slot(a, next, thread_id, i0 + q);
-                        if (have_next) add_dots(x, vn, TILE, k, w, out);
+                        if (have_next) add_dots(x, vn, vn_stride, k, w, out);
                         add_dots(x, val_next, 0, 1, w, out + k);
                     }
                 }
