@@ -18,10 +18,11 @@ also carries the order's running statistics (``lpl.order.norm_statistics``): eac
 its batch has at the reference weights, and the losses read off their difference from the reference's through
 their gradients (batch losses: for complete orders) and, for the final loss, the top curvature in them.
 
-Cost per order: T x (d-sized Adam step + 2 k d for the curvature), batched over orders, in float32 (rows stored
-narrower are widened on load); storage: (T + 1) x num_batches x d pool gradients (the bulk; bfloat16 on disk),
-T x k x d Hessian factors, (T + 1) x d validation gradients (and T x d reference weights for Adam with coupled
-weight decay). Build it with
+Cost per order: T x (d-sized Adam step + 2 k d for the curvature), batched over orders, in float32; on CPU a
+compiled kernel (``lpl.kernels.cpu.adam_replay_cpu``) makes it one pass over each order's state per step.
+Storage: (T + 1) x num_batches x d pool gradients (the bulk), T x k x d Hessian factors, (T + 1) x d validation
+gradients (and T x d reference weights for Adam with coupled weight decay); the d-sized rows are bfloat16 on disk,
+kept so in memory when the kernel reads them and widened to float32 on load otherwise. Build it with
 ``lpl.order.record_sensitivities(path, hessian_rank=k)``, which also checks it against retrained orders: the
 linearisation holds only while orders stay near the reference trajectory (it does on the digits task at every
 learning rate we measured, not on the demo LM or ViT at T = 64).
@@ -98,8 +99,9 @@ def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True
     """Replay each row of ``orders`` [N, L] (pool batch ids, L <= T) with Adam on linearised gradients.
     ``displacement`` also returns each order's Delta_L ([N, d]: large for many orders of a big model).
 
-    float32 data on CPU run the compiled kernel ``lpl.kernels.cpu.adam_replay_cpu`` (same math, one pass over the
-    state per step); other devices and dtypes, or ``LPL_CPU_KERNEL=torch``, run Adam steps of torch ops."""
+    float32 data on CPU (the d-sized rows float32 or bfloat16) run the compiled kernel
+    ``lpl.kernels.cpu.adam_replay_cpu`` (same math, one pass over the state per step); other devices and dtypes, or
+    ``LPL_CPU_KERNEL=torch``, run Adam steps of torch ops."""
     dtype = run.pool_grads.dtype if run.pool_grads.is_floating_point() else torch.float32
     dtype = torch.promote_types(dtype, torch.float32)
     compiled = _compiled_kernel_applies(run, dtype)
@@ -247,8 +249,9 @@ def linearized_from_tensors(tensors: Mapping[str, Tensor], scalars: Mapping[str,
     # narrow as they are (half the memory). Torch ops converting them at every replay step instead made one order at
     # the demo LM's size about 2x slower on CPU (a scratch check, not a repo benchmark).
     keep_narrow = NARROW_INPUTS if adam_replay_available() else ()
-    fields = {name: value.float() if value.is_floating_point() and value.itemsize < 4 and name not in keep_narrow
-              else value for name, value in fields.items()}
+    fields = {name: value.float() if value.is_floating_point() and value.itemsize < 4
+              and not (name in keep_narrow and value.dtype == torch.bfloat16) else value
+              for name, value in fields.items()}
     decay = fields.pop("weight_decay", None)
     return LinearizedRun(**fields, betas=tuple(scalars["betas"]), eps=float(scalars["eps"]),
                          weight_decay=decay if decay is not None else float(scalars["weight_decay"]),
