@@ -131,13 +131,13 @@ def main() -> None:
     fused_adam = dict(linearized._FUSED_ADAM)
     paths = args.paths.split(",")
     runs = {}
-    if "compiled-bf16" in paths:
+    if "compiled-bf16" in paths and args.device == "cpu":
         narrow = {name: getattr(run, name).bfloat16() for name in NARROW_INPUTS if getattr(run, name) is not None}
         runs["compiled-bf16"] = dataclasses.replace(run, **narrow)
     for path in paths:
         if path in ("compiled", "compiled-bf16"):
             os.environ.pop("LPL_CPU_KERNEL", None)
-            if not linearized._compiled_kernel_applies(run, torch.float32):
+            if path not in runs and path != "compiled" or not linearized._compiled_kernel_applies(run, torch.float32):
                 print(f"{path}: not available here (CPU data and a C compiler needed)")
                 continue
             chunk_name = "KERNEL_CHUNK_ELEMENTS"
