@@ -1,5 +1,6 @@
 /*
- * Linearised Adam replay on CPU, fp32, for lpl.kernels.cpu.adam_replay (the math: lpl/order/linearized.py).
+ * Linearised Adam replay on CPU for lpl.kernels.cpu.adam_replay (the math: lpl/order/linearized.py). Arithmetic in
+ * float32; the large d-sized inputs may be float32 (read in place) or bfloat16 (widened exactly, tile by tile).
  *
  * One entry point, called through ctypes with the GIL released:
  *
