@@ -71,7 +71,7 @@ def demo_lm_retrain_seconds(steps: int, device: str, orders: int = 3) -> tuple[f
     """Record the demo LM (benchmarks/order_estimation.py's task "lm") for ``steps`` steps on ``device`` and time
     ``retrain`` of ``orders`` random orders there; returns (mean seconds per retrain, parameters, pool batches)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from order_estimation import build_task
+    from order_estimation import build_task, quiet_trainer
 
     from lpl.order import Recording, TrainOrderRecorder, retrain
 
@@ -81,11 +81,8 @@ def demo_lm_retrain_seconds(steps: int, device: str, orders: int = 3) -> tuple[f
         path = Path(workdir) / "rec"
         L.seed_everything(0, verbose=False)
         model, datamodule = build_task("lm", 0.003, steps)
-        trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-                            callbacks=[TrainOrderRecorder(path, proj_dim=16, curvature_rank=0)])
-        trainer.fit(model, datamodule=datamodule)
+        recorder = TrainOrderRecorder(path, proj_dim=16, curvature_rank=0)
+        quiet_trainer(steps, callbacks=[recorder], accelerator=accelerator).fit(model, datamodule=datamodule)
         recording = Recording.open(path)
         reference = torch.tensor(recording.order)
         generator = torch.Generator().manual_seed(0)

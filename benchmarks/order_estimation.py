@@ -179,6 +179,15 @@ def num_params(task: str, lr: float, steps: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def quiet_trainer(steps: int, callbacks: list | None = None, accelerator: str = "cpu") -> L.Trainer:
+    """A Trainer for exactly ``steps`` steps of the task's pool, with nothing else (no logger, checkpoints,
+    validation or progress bar): how every benchmark run trains."""
+    return L.Trainer(max_steps=steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                     callbacks=callbacks or [])
+
+
 def warm_up(model: L.LightningModule, datamodule: L.LightningDataModule, steps: int) -> None:
     """``steps`` steps of ordinary training (the model's own optimizer and schedule) on the task's whole train set in
     a seeded shuffle of its own, so that the recorded run starts from trained weights (with a fresh Adam)."""
@@ -192,10 +201,7 @@ def warm_up(model: L.LightningModule, datamodule: L.LightningDataModule, steps: 
     ids = torch.cat([torch.randperm(size, generator=generator) for _ in range(steps * batch // size + 1)])
     warm = type(datamodule)(**{**hparams, "batches": ids[: steps * batch].view(steps, batch).tolist(),
                                "order": list(range(steps))})
-    trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False)
-    trainer.fit(model, datamodule=warm)
+    quiet_trainer(steps).fit(model, datamodule=warm)
 
 
 def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool,
@@ -218,9 +224,7 @@ def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, r
     recorder = BenchRecorder(path, proj_dim=k, curvature_rank=rank, val_curvature_rank=val_rank,
                              store_dtype="float32" if exact else "float16",
                              exact=exact, materialise=materialise)
-    trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[recorder])
+    trainer = quiet_trainer(steps, callbacks=[recorder])
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     return time.perf_counter() - start
