@@ -41,3 +41,24 @@ def rel_err():
 def tolerance() -> dict:
     """Relative-error bounds per dtype against a float64 reference."""
     return dict(_TOLERANCE)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """``fresh_library(library, compiler=True)``: a ``kernels/cpu/_build.CompiledLibrary`` as if never loaded in this
+    process, building into a temporary cache, and without a C compiler when ``compiler`` is False."""
+    try:
+        from lpl.kernels.cpu import _build
+    except ImportError:  # package not installed: run from the repo root with PYTHONPATH
+        from kernels.cpu import _build
+
+    def reset(library, compiler: bool = True):
+        monkeypatch.setattr(library, "library", None)
+        monkeypatch.setattr(library, "load_error", None)
+        monkeypatch.setattr(library, "warned", False)
+        monkeypatch.setenv("LPL_CACHE_DIR", str(tmp_path))
+        if not compiler:
+            monkeypatch.setattr(_build, "_find_compiler", lambda: None)
+        return tmp_path
+
+    return reset

@@ -153,12 +153,8 @@ def test_bad_input_is_refused(change, message):
         cpu.adam_replay_cpu(**args, betas=BETAS, eps=EPS, decoupled=True)
 
 
-def test_unavailable_kernel_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setattr(_build.ADAM_REPLAY, "library", None)
-    monkeypatch.setattr(_build.ADAM_REPLAY, "load_error", None)
-    monkeypatch.setattr(_build.ADAM_REPLAY, "warned", False)
-    monkeypatch.setattr(_build, "_find_compiler", lambda: None)
-    monkeypatch.setenv("LPL_CACHE_DIR", str(tmp_path))
+def test_unavailable_kernel_is_reported(fresh_library):
+    fresh_library(_build.ADAM_REPLAY, compiler=False)
     with pytest.warns(RuntimeWarning, match="linearised Adam replay kernel unavailable"):
         assert not cpu.adam_replay_available()
     with warnings.catch_warnings():

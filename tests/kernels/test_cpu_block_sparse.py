@@ -212,12 +212,8 @@ def test_env_var_forces_the_torch_path(monkeypatch):
     assert_close(y, x.double() @ w.T, torch.float32)
 
 
-def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(_build.BLOCK_SPARSE, "library", None)
-    monkeypatch.setattr(_build.BLOCK_SPARSE, "load_error", None)
-    monkeypatch.setattr(_build.BLOCK_SPARSE, "warned", False)
-    monkeypatch.setattr(_build, "_find_compiler", lambda: None)
-    monkeypatch.setenv("LPL_CACHE_DIR", str(tmp_path))
+def test_no_compiler_falls_back_with_one_warning(fresh_library):
+    fresh_library(_build.BLOCK_SPARSE, compiler=False)
     w, values, row_ptr, col_idx, _ = make_weight(48, 40, (16, 16))
     x = torch.randn(9, 40)
     with pytest.warns(RuntimeWarning, match="pure-torch fallback"):
@@ -230,10 +226,8 @@ def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
         cpu.block_sparse_linear_cpu(x, values.float(), row_ptr, col_idx, 48, (16, 16), backend="compiled")
 
 
-def test_library_is_built_into_the_cache_atomically(monkeypatch, tmp_path):
-    monkeypatch.setattr(_build.BLOCK_SPARSE, "library", None)
-    monkeypatch.setattr(_build.BLOCK_SPARSE, "load_error", None)
-    monkeypatch.setenv("LPL_CACHE_DIR", str(tmp_path))
+def test_library_is_built_into_the_cache_atomically(fresh_library):
+    tmp_path = fresh_library(_build.BLOCK_SPARSE)
     assert cpu.compiled_kernel_available()
     files = sorted(p.name for p in (tmp_path / "cpu_kernels").iterdir())
     assert len(files) == 1 and files[0].startswith("block_sparse_") and files[0].endswith(".so")
