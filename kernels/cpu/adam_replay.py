@@ -1,7 +1,8 @@
 """Linearised Adam replay on CPU: many orders at once, one pass over their state per step (compiled C kernel).
 
 The math and the pure-torch path live in ``lpl.order.linearized``; this is its fast CPU path
-(kernels/cpu/csrc/adam_replay.c), used there for float32 data on CPU when a C compiler is available.
+(kernels/cpu/csrc/adam_replay.c), used there for CPU data (float32, the d-sized rows float32 or bfloat16) when a C
+compiler is available.
 ``LPL_CPU_KERNEL=torch`` forces the torch path.
 
 Example::
