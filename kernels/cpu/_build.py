@@ -1,9 +1,10 @@
 """Compile the C kernels at first use and load them with ctypes.
 
-Each source in ``csrc/`` is one ``CompiledLibrary`` (``BLOCK_SPARSE``, ``ADAM_REPLAY``). Its shared library is cached under ``$LPL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lpl`` or ``~/.cache/lpl``) in
-``cpu_kernels/``, named by a hash of the source, compiler, flags and CPU, and written under a temporary name then
-renamed, so concurrent processes (pytest-xdist, DDP ranks) never load a half-written file. Without a working C
-compiler the caller falls back to the pure-torch path; ``load_library`` says so once through ``warnings``.
+Each source in ``csrc/`` is one ``CompiledLibrary`` (``BLOCK_SPARSE``, ``ADAM_REPLAY``). Its shared library is
+cached under ``$LPL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lpl`` or ``~/.cache/lpl``) in ``cpu_kernels/``, named by
+a hash of the source, compiler, flags and CPU, and written under a temporary name then renamed, so concurrent
+processes (pytest-xdist, DDP ranks) never load a half-written file. Without a working C compiler the caller falls
+back to the pure-torch path; ``CompiledLibrary.load`` says so once through ``warnings``.
 """
 
 from __future__ import annotations
@@ -115,9 +116,9 @@ def _declare_adam_replay(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lpl_adam_replay.restype = ctypes.c_int
     lib.lpl_adam_replay.argtypes = [
         _ptr, _i64, _i64, _ptr, _ptr,  # pool_grads, nb, d, vectors, values
-        _i64, _i64, _ptr, _ptr,  # k, num_steps, ref_updates, val_grads
-        _ptr, ctypes.c_int, _ptr, ctypes.c_float, ctypes.c_int,  # coupled_decay, bf16_mask, decay_per_coord, decay,
-        # decoupled
+        _i64, _ptr, _ptr,  # k, ref_updates, val_grads
+        _ptr, ctypes.c_int,  # coupled_decay, bf16_mask
+        _ptr, ctypes.c_float, ctypes.c_int,  # decay_per_coord, decay, decoupled
         _ptr, ctypes.c_double, ctypes.c_double, ctypes.c_double,  # lr, beta1, beta2, eps
         _ptr, _i64, _i64,  # orders, n, length
         _ptr, _ptr, _ptr, _ptr, ctypes.c_int,  # delta, exp_avg, exp_avg_sq, val_dots, nthreads

@@ -31,7 +31,8 @@ def adam_replay_available() -> bool:
     return ADAM_REPLAY.load() is not None
 
 
-# the d-sized rows may be bfloat16 (as the sensitivity file stores them: half the memory and the memory traffic)
+# the d-sized rows may be bfloat16 (as the sensitivity file stores them: half the memory and the memory traffic);
+# bit i of the kernel's bf16_mask flags the i-th of them
 NARROW_INPUTS = ("pool_grads", "hessian_vectors", "reference_updates", "val_grads", "coupled_decay")
 
 
@@ -90,12 +91,14 @@ def adam_replay_cpu(pool_grads: Tensor, hessian_vectors: Tensor, hessian_values:
     val_dots = torch.zeros(n, length + 1, dtype=torch.float64)
     if n == 0:
         return delta, val_dots
+    rows = dict(pool_grads=pool_grads, hessian_vectors=hessian_vectors, reference_updates=reference_updates,
+                val_grads=val_grads, coupled_decay=coupled_decay)
+    bf16_mask = sum(1 << bit for bit, name in enumerate(NARROW_INPUTS)
+                    if rows[name] is not None and rows[name].dtype == torch.bfloat16)
     status = ADAM_REPLAY.library.lpl_adam_replay(
-        pool_grads.data_ptr(), batches, dim, hessian_vectors.data_ptr(), hessian_values.data_ptr(), rank, steps,
+        pool_grads.data_ptr(), batches, dim, hessian_vectors.data_ptr(), hessian_values.data_ptr(), rank,
         reference_updates.data_ptr(), val_grads.data_ptr(),
-        None if coupled_decay is None else coupled_decay.data_ptr(),
-        sum(1 << bit for bit, t in enumerate((pool_grads, hessian_vectors, reference_updates, val_grads, coupled_decay))
-            if t is not None and t.dtype == torch.bfloat16),
+        None if coupled_decay is None else coupled_decay.data_ptr(), bf16_mask,
         weight_decay.data_ptr() if per_coordinate else None, ctypes.c_float(0.0 if per_coordinate else weight_decay),
         int(decoupled), lr.data_ptr(), float(betas[0]), float(betas[1]), float(eps), orders.data_ptr(), n, length,
         delta.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), val_dots.data_ptr(), torch.get_num_threads(),

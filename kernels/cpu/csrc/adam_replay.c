@@ -34,7 +34,7 @@ typedef struct {
     int64_t nb, d;
     const void* vectors;          /* [T, k, d] */
     const float* values;          /* [T, k] */
-    int64_t k, num_steps;
+    int64_t k;
     const void* ref_updates;      /* [T, d] */
     const void* val_grads;        /* [T + 1, d] */
     const void* coupled_decay;    /* [T, d] or NULL: weight_decay * theta_s, added to the gradient (Adam, not W) */
@@ -185,6 +185,7 @@ static void add_dots4(const float* restrict x0, const float* restrict x1, const 
     }
 }
 
+/* bits of bf16_mask, in the order of lpl.kernels.cpu.adam_replay.NARROW_INPUTS */
 enum { BF16_POOL = 1, BF16_VECTORS = 2, BF16_REF = 4, BF16_VAL = 8, BF16_COUPLED = 16 };
 
 /* dst[j] = src[offset + j] as float32, from float32 or bfloat16 (the top half of a float32: exact) */
@@ -382,7 +383,7 @@ static void* thread_main(void* p) {
 }
 
 int lpl_adam_replay(const void* pool_grads, int64_t nb, int64_t d, const void* vectors, const float* values,
-                    int64_t k, int64_t num_steps, const void* ref_updates, const void* val_grads,
+                    int64_t k, const void* ref_updates, const void* val_grads,
                     const void* coupled_decay, int bf16_mask, const float* decay_per_coord, float decay, int decoupled,
                     const float* lr, double beta1, double beta2, double eps, const int64_t* orders, int64_t n,
                     int64_t length, float* delta, float* exp_avg, float* exp_avg_sq, double* val_dots,
@@ -390,7 +391,7 @@ int lpl_adam_replay(const void* pool_grads, int64_t nb, int64_t d, const void* v
     replay_args a;
     memset(&a, 0, sizeof a);
     a.pool_grads = pool_grads; a.nb = nb; a.d = d; a.vectors = vectors; a.values = values; a.k = k;
-    a.num_steps = num_steps; a.ref_updates = ref_updates; a.val_grads = val_grads; a.coupled_decay = coupled_decay;
+    a.ref_updates = ref_updates; a.val_grads = val_grads; a.coupled_decay = coupled_decay;
     a.bf16_mask = bf16_mask;
     a.decay_per_coord = decay_per_coord; a.decay = decay; a.decoupled = decoupled; a.lr = lr; a.beta1 = beta1;
     a.beta2 = beta2; a.eps = eps; a.orders = orders; a.n = n; a.length = length; a.delta = delta;
