@@ -127,27 +127,29 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     fused_adam = dict(linearized._FUSED_ADAM)
     paths = args.paths.split(",")
-    runs = {}
+    unknown = set(paths) - {"compiled", "compiled-bf16", "fused", "eager"}
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}: use compiled, compiled-bf16, fused or eager")
+    # the run each path replays: the bfloat16 rows are made only where the kernel could read them
+    runs = dict.fromkeys(("compiled", "fused", "eager"), run)
     if "compiled-bf16" in paths and args.device == "cpu":
         narrow = {name: getattr(run, name).bfloat16() for name in NARROW_INPUTS if getattr(run, name) is not None}
         runs["compiled-bf16"] = dataclasses.replace(run, **narrow)
     for path in paths:
-        if path in ("compiled", "compiled-bf16"):
+        if path.startswith("compiled"):
             os.environ.pop("LPL_CPU_KERNEL", None)
-            if path not in runs and path != "compiled" or not linearized._compiled_kernel_applies(run, torch.float32):
+            if path not in runs or not linearized._compiled_kernel_applies(runs[path], torch.float32):
                 print(f"{path}: not available here (CPU data and a C compiler needed)")
                 continue
             chunk_name = "KERNEL_CHUNK_ELEMENTS"
-        elif path in ("fused", "eager"):
+        else:
             os.environ["LPL_CPU_KERNEL"] = "torch"
             if path == "fused" and fused_adam[run.decoupled] is None:
                 print("fused: this torch has no fused Adam kernel")
                 continue
             linearized._FUSED_ADAM.update(fused_adam if path == "fused" else {True: None, False: None})
             chunk_name = "CHUNK_ELEMENTS"
-        else:
-            parser.error(f"unknown path {path!r}: use compiled, compiled-bf16, fused or eager")
-        path_run = runs.get(path, run)
+        path_run = runs[path]
         single = seconds(path_run, orders[:1], args.repeats)
         print(f"[{path}] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")
         for log2 in (int(c) for c in args.chunks.split(",")):
