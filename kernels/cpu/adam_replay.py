@@ -36,10 +36,18 @@ def adam_replay_available() -> bool:
 NARROW_INPUTS = ("pool_grads", "hessian_vectors", "reference_updates", "val_grads", "coupled_decay")
 
 
+def _dtypes(name: str) -> tuple[torch.dtype, ...]:
+    return (torch.float32, torch.bfloat16) if name in NARROW_INPUTS else (torch.float32,)
+
+
+def reads_in_place(name: str, tensor: Tensor) -> bool:
+    """Whether the kernel takes ``tensor`` as its input ``name`` as it is: on the CPU, contiguous, a dtype it reads."""
+    return tensor.device.type == "cpu" and tensor.dtype in _dtypes(name) and tensor.is_contiguous()
+
+
 def _check(name: str, tensor: Tensor, shape: tuple[int | None, ...]) -> None:
-    dtypes = (torch.float32, torch.bfloat16) if name in NARROW_INPUTS else (torch.float32,)
-    if tensor.device.type != "cpu" or tensor.dtype not in dtypes or not tensor.is_contiguous():
-        kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+    if not reads_in_place(name, tensor):
+        kinds = " or ".join(str(d).removeprefix("torch.") for d in _dtypes(name))
         raise LplError(f"adam_replay_cpu: {name} must be a contiguous {kinds} CPU tensor, got {tensor.dtype} on "
                        f"{tensor.device}{'' if tensor.is_contiguous() else ' (not contiguous)'}.")
     if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):

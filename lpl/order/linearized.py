@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from lpl.kernels.cpu import adam_replay_available, adam_replay_cpu
-from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
+from lpl.kernels.cpu.adam_replay import NARROW_INPUTS, reads_in_place
 from lpl.utils.errors import LplError
 
 # orders replayed together: [orders, d] state tensors of about this many elements (benchmarks/linearized_replay_speed.py
@@ -172,9 +172,8 @@ def _displacements(run: LinearizedRun, orders: Tensor, dtype: torch.dtype,
 def _compiled_kernel_applies(run: LinearizedRun, dtype: torch.dtype) -> bool:
     """CPU data laid out as the kernel reads them (float32, the d-sized rows float32 or bfloat16; no copies of the
     large tensors), and the kernel built."""
-    large = [getattr(run, name) for name in NARROW_INPUTS if getattr(run, name) is not None]
-    if dtype != torch.float32 or any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
-                                     or not t.is_contiguous() for t in large):
+    large = {name: getattr(run, name) for name in NARROW_INPUTS if getattr(run, name) is not None}
+    if dtype != torch.float32 or not all(reads_in_place(name, tensor) for name, tensor in large.items()):
         return False
     return adam_replay_available()
 
