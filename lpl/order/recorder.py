@@ -479,19 +479,22 @@ class TrainOrderRecorder(L.Callback):
             val_outputs = None
             if val_loader is not None:
                 val_outputs = quantities.probe_validation(context, validation_loss_fn(val_loader, pl_module, forward))
-            outputs = []
-            for position in positions:
-                batch = self._pool_batch(trainer, pl_module, position)
+            # before a step, the gradient that step would feed Adam (training modes, its dropout masks); after the
+            # last one, the batch's loss in eval mode, as retraining measures it
+            as_trained = step < self._total_steps
 
-                def batch_loss(batch: Any = batch) -> torch.Tensor:
-                    with forward():
-                        return module_loss(pl_module, batch)
+            def batch_losses() -> Iterator[Callable[[], torch.Tensor]]:
+                for position in positions:
+                    batch = self._pool_batch(trainer, pl_module, position)
 
-                # before a step, the gradient that step would feed Adam (training modes, its dropout masks); after
-                # the last one, the batch's loss in eval mode, as retraining measures it
-                as_trained = as_in_training(pl_module, modes, rng) if step < self._total_steps else None
-                with as_trained or contextlib.nullcontext():
-                    outputs.append(quantities.probe_pool_batch(context, batch_loss))
+                    def batch_loss(batch: Any = batch) -> torch.Tensor:
+                        with as_in_training(pl_module, modes, rng) if as_trained else contextlib.nullcontext():
+                            with forward():
+                                return module_loss(pl_module, batch)
+
+                    yield batch_loss
+
+            outputs = quantities.probe_pool_batches(context, batch_losses())
         finally:
             for module, mode in zip(pl_module.modules(), modes):
                 module.training = mode

@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from lpl.order.quantities import AdamSnapshot, ProbeContext, adam_terms, probe_pool_batch, probe_validation
+from lpl.order import quantities
+from lpl.order.projection import Projector
+from lpl.order.quantities import (
+    AdamSnapshot, ProbeContext, adam_terms, probe_pool_batch, probe_pool_batches, probe_validation,
+)
 
 
 class DenseProjector:
@@ -204,3 +208,35 @@ def test_pool_first_then_validation_gives_the_dot_scalars_per_batch():
     assert "val_dot_update" not in pool[0] and val["val_dot_update"].shape == (len(batches),)
     torch.testing.assert_close(val["val_dot_update"], torch.stack([ctx.val_grad @ e["update"] for e in exact]))
     torch.testing.assert_close(val["val_dot_precond"], torch.stack([ctx.val_grad @ e["precond_grad"] for e in exact]))
+
+
+class CountingProjector(Projector):
+    """The seeded projector, counting the passes over its generated matrix."""
+
+    passes = 0
+
+    def project_batch(self, rows):
+        self.passes += 1
+        return super().project_batch(rows)
+
+
+@pytest.mark.parametrize("batches_per_pass, passes", [(None, 1), (1, 4), (2, 2)])
+def test_pool_batches_projected_together_equal_one_at_a_time(monkeypatch, batches_per_pass, passes):
+    model, batches = _problem(6)
+    params, adam = _fresh_adam(model)
+    dim = sum(p.numel() for p in params)
+    single = [probe_pool_batch(ProbeContext(0, params, adam, Projector(dim, 16), curvature_rank=4),
+                               lambda b=b: _loss(model, b)) for b in batches]
+    ranks = {int(one["curv_basis"].abs().sum(1).gt(0).sum()) for one in single}
+    assert len(ranks) == 1  # every batch has as many rows: 3 + 3 rank
+    if batches_per_pass is not None:
+        rows_bytes = (3 + 3 * ranks.pop()) * dim * 4
+        monkeypatch.setattr(quantities, "PROJECTION_GROUP_BYTES", batches_per_pass * rows_bytes)
+    projector = CountingProjector(dim, 16)
+    grouped = probe_pool_batches(ProbeContext(0, params, adam, projector, curvature_rank=4),
+                                 (lambda b=b: _loss(model, b) for b in batches))
+    assert projector.passes == passes and len(grouped) == len(batches)
+    for one, together in zip(single, grouped):
+        assert one.keys() == together.keys()
+        for name in one:
+            torch.testing.assert_close(together[name], one[name], rtol=1e-5, atol=1e-6)

@@ -101,7 +101,7 @@ def test_recorder_stores_whatever_the_quantities_return(tmp_path, monkeypatch):
         seen_steps.append(ctx.step)
         return {"double_loss": 2 * batch_loss().detach(), "adam_step": torch.full((3,), float(ctx.adam.step))}
 
-    monkeypatch.setattr(quantities, "probe_pool_batch", fake_pool)
+    monkeypatch.setattr(quantities, "probe_pool_batches", lambda ctx, losses: [fake_pool(ctx, f) for f in losses])
     monkeypatch.setattr(quantities, "probe_validation", lambda ctx, val_loss: {"v": val_loss().detach()})
     _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=3)])
     rec = Recording.open(tmp_path / "rec")
@@ -135,7 +135,7 @@ def test_probe_restores_grads_modes_rng_and_leaves_the_optimizer_alone(tmp_path,
         torch.rand(100)
         return {"loss": batch_loss().detach()}
 
-    monkeypatch.setattr(quantities, "probe_pool_batch", meddling_probe)
+    monkeypatch.setattr(quantities, "probe_pool_batches", lambda ctx, losses: [meddling_probe(ctx, f) for f in losses])
     before, after = Snapshot(), Snapshot()
     recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=8)
     _fit(TinyNet(dropout=0.5), [before, recorder, after], max_steps=4)
