@@ -108,10 +108,19 @@ def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+# what LightningCLI adds to the hyperparameters of the classes it builds (how it built them), not constructor arguments
+CLI_HPARAMS = ("_class_path", "_instantiator")
+
+
+def constructor_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``hparams`` without LightningCLI's own entries: the arguments that rebuild the object."""
+    return {k: v for k, v in hparams.items() if k not in CLI_HPARAMS}
+
+
 def _rebuild_info(obj: Any) -> dict[str, Any] | None:
     if obj is None:
         return None
-    hparams = dict(getattr(obj, "hparams", {}) or {})
+    hparams = constructor_hparams(getattr(obj, "hparams", {}) or {})
     safe = _json_safe(hparams)
     lost = sorted(k for k, v in hparams.items() if v is not None and safe[str(k)] is None)
     return {"class_path": _class_path(obj), "hparams": safe, "hparams_not_stored": lost}

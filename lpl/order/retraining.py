@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lpl.order.recorder import capture_rng, restore_rng, set_step_rng_state
+from lpl.order.recorder import capture_rng, constructor_hparams, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss
@@ -61,7 +61,13 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
                 f"{info['class_path']} hyperparameters {info['hparams_not_stored']} could not be stored as JSON, so the "
                 "run cannot be rebuilt; pass them as plain numbers, strings or lists."
             )
-    model = _import(model_info["class_path"])(**model_info["hparams"])
+    try:  # recordings made before LightningCLI's entries were left out at record time still hold them
+        model = _import(model_info["class_path"])(**constructor_hparams(model_info["hparams"]))
+    except TypeError as error:
+        raise LplError(
+            f"{model_info['class_path']} cannot be built again from its recorded hyperparameters ({error}): its "
+            "self.hparams must be the arguments of its __init__ (call self.save_hyperparameters() there, unchanged)."
+        ) from None
     named = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
     if parameter_signature(named)["param_hash"] != model_info.get("param_hash"):
         raise LplError(
@@ -69,7 +75,7 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
             "parameters (names or shapes differ): the recording was made for another model or another code version."
         )
     model.load_state_dict(recording.initial_state())
-    hparams = dict(data_info["hparams"])
+    hparams = constructor_hparams(data_info["hparams"])
     hparams.update(batches=recording.batches, order=[int(i) for i in order])
     try:
         datamodule = _import(data_info["class_path"])(**hparams)

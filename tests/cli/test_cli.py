@@ -146,3 +146,17 @@ def test_prune_command_saves_a_result(tmp_path, capsys) -> None:
     result = PruneResult.load(out)
     assert abs(result.flops_keep - 0.5) <= 0.01
     assert "predicted speedup" in capsys.readouterr().out
+
+
+def test_a_run_recorded_through_the_cli_is_retrained_exactly() -> None:
+    from lpl.order import Recording, retrain
+
+    _fit("mnist_vit.yaml", "--trainer.logger=false", "--trainer.callbacks+=lpl.order.TrainOrderRecorder",
+         "--trainer.callbacks.dirpath=rec", "--trainer.callbacks.proj_dim=16", "--trainer.callbacks.curvature_rank=0",
+         "--model.init_args.embed_dim=32", "--model.init_args.depth=1", "--model.init_args.num_heads=2",
+         "--data.init_args.val_size=64")
+    recording = Recording.open("rec")
+    # LightningCLI adds how it built each class to its hyperparameters: not constructor arguments
+    assert not {"_class_path", "_instantiator"} & set(recording.manifest["model"]["hparams"])
+    result = retrain("rec", recording.order, curve_every_n_steps=len(recording.order), accelerator="cpu")
+    assert result.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
