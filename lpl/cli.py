@@ -19,6 +19,7 @@ HELPER_COMMANDS: dict[str, tuple[str, str]] = {
     "curriculum": ("lpl.order.commands", "curriculum_main"),
     "position-map": ("lpl.order.commands", "position_map_main"),
     "sensitivity": ("lpl.order.commands", "sensitivity_main"),
+    "check-methods": ("lpl.order.commands", "check_methods_main"),
 }
 
 

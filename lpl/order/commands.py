@@ -1,4 +1,5 @@
-"""`lpl estimate`, `lpl curriculum`, `lpl position-map`, `lpl sensitivity`: the order estimator from the command line.
+"""`lpl estimate`, `lpl curriculum`, `lpl position-map`, `lpl sensitivity`, `lpl check-methods`: the order estimator
+from the command line.
 
 Each ``*_main(argv)`` parses its own arguments, writes JSON/CSV and plots into ``--out``, and raises ``LplError`` on
 bad input (the CLI prints it and exits with code 2).
@@ -233,4 +234,48 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> int:
     if "reference_replay_drift" in info:
         print(f"the reference order replays to itself within {info['reference_replay_drift']:.2%} of the distance "
               "trained (stored gradients vs training's)")
+    return 0
+
+
+def check_methods_main(argv: Sequence[str] | None = None) -> int:
+    """`lpl check-methods --recording DIR --orders random:N --out DIR`: every method against retrained orders
+    (check.json, check.csv, check.png)."""
+    from lpl.order.checking import check_methods, plot_check
+    from lpl.order.store import Recording
+
+    parser = argparse.ArgumentParser(
+        prog="lpl check-methods",
+        description="Retrain a few orders and score every estimation method against them, next to 'no change'.")
+    parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
+    parser.add_argument("--orders", default="random:8", help="random:N, or a JSON/text file of orders (batch ids)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
+    parser.add_argument("--methods", default=None, help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    recording = Recording.open(args.recording)
+    orders = read_orders(args.orders, len(recording.batches), args.seed)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    check = check_methods(args.recording, orders, methods, accelerator=args.accelerator)
+    out = Path(args.out)
+    atomic_write_json(out / "check.json", {"recording": str(args.recording), **check.to_dict()})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "spearman", "pearson", "mae", "mae_over_no_change"])
+    for method, score in check.scores.items():
+        writer.writerow([method, f"{score.spearman:.4f}", f"{score.pearson:.4f}", f"{score.mae:.6g}",
+                         f"{score.mae / check.no_change_mae:.4f}" if check.no_change_mae else ""])
+    atomic_write_text(out / "check.csv", buffer.getvalue())
+    plot_check(check, out / "check.png")
+    print(f"{len(orders)} retrained orders; 'no change' (reference loss {check.reference_loss:.4f}) misses by "
+          f"{check.no_change_mae:.4g} on average")
+    print(f"{'method':<18} {'spearman':>8} {'pearson':>8} {'mae':>10}  vs no change")
+    for method, score in sorted(check.scores.items(), key=lambda item: item[1].mae):
+        ratio = score.mae / check.no_change_mae if check.no_change_mae else float("nan")
+        print(f"{method:<18} {score.spearman:>8.3f} {score.pearson:>8.3f} {score.mae:>10.4g}  {ratio:.2f}x")
+    for method, why in check.skipped.items():
+        print(f"{method:<18} skipped: {why}")
+    print(f"best: {check.best}" if check.best else "no method beats 'no change' on this run: do not trust the estimates "
+          "here (see benchmarks/linearization_validity.py)")
+    print(f"wrote {out}/check.json, check.csv, check.png")
     return 0

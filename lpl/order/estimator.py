@@ -261,6 +261,29 @@ class OrderEstimator(L.LightningModule):
         return _split(self.estimate_many(orders))
 
 
+def _ranks(values: Tensor) -> Tensor:
+    """Average ranks (ties share the mean of their positions), as Spearman's correlation takes them."""
+    order = values.argsort()
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(len(values), dtype=values.dtype)
+    for value in values.unique()[values.unique(return_counts=True)[1] > 1]:
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def agreement(estimated: Tensor | Sequence[float], true: Tensor | Sequence[float]) -> dict[str, float]:
+    """Spearman and Pearson correlation and mean absolute error of estimated vs true losses (NaN correlations
+    when either side is constant)."""
+    estimated = torch.as_tensor(estimated).detach().cpu().double().reshape(-1)
+    true = torch.as_tensor(list(true) if not isinstance(true, Tensor) else true).detach().cpu().double().reshape(-1)
+    if true.shape != estimated.shape:
+        raise LplError(f"truth has {true.numel()} losses for {estimated.numel()} estimates; give one per order.")
+    pearson = torch.corrcoef(torch.stack([estimated, true]))[0, 1]
+    spearman = torch.corrcoef(torch.stack([_ranks(estimated), _ranks(true)]))[0, 1]
+    return {"spearman": float(spearman), "pearson": float(pearson), "mae": float((estimated - true).abs().mean())}
+
+
 def log_estimates(
     logger: Any, result: ReplayResult, truth: Sequence[float] | None = None, *, prefix: str = "order", step: int = 0
 ) -> dict[str, float]:
@@ -269,14 +292,7 @@ def log_estimates(
     estimated = result.final_loss.detach().cpu().double()
     summary = {f"{prefix}/estimated_final_loss_mean": float(estimated.mean())}
     if truth is not None:
-        true = torch.as_tensor(list(truth), dtype=torch.float64)
-        if true.shape != estimated.shape:
-            raise LplError(f"truth has {true.numel()} losses for {estimated.numel()} estimates; give one per order.")
-        ranks = lambda x: x.argsort().argsort().double()  # noqa: E731 - Spearman = Pearson of ranks (no ties)
-        pearson = torch.corrcoef(torch.stack([estimated, true]))[0, 1]
-        spearman = torch.corrcoef(torch.stack([ranks(estimated), ranks(true)]))[0, 1]
-        summary.update({f"{prefix}/pearson": float(pearson), f"{prefix}/spearman": float(spearman),
-                        f"{prefix}/mae": float((estimated - true).abs().mean())})
+        summary.update({f"{prefix}/{name}": value for name, value in agreement(estimated, truth).items()})
     if logger is None:
         return summary
     logger.log_metrics(summary, step=step)
@@ -308,4 +324,7 @@ def check_recording_matches_model(recording: Any, model: Any) -> None:
         )
 
 
-__all__ = ["OrderEstimate", "OrderEstimator", "replay_data_from_recording", "check_recording_matches_model", "log_estimates"]
+__all__ = [
+    "OrderEstimate", "OrderEstimator", "replay_data_from_recording", "check_recording_matches_model", "log_estimates",
+    "agreement",
+]

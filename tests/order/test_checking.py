@@ -1,0 +1,80 @@
+"""check_methods and `lpl check-methods`: every method scored against truly retrained orders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+
+from lpl.order import OrderEstimator, retrain
+from lpl.order.checking import check_methods
+from lpl.order.commands import check_methods_main
+from lpl.order.estimator import agreement
+from lpl.utils.errors import LplError
+from test_estimator_task import NUM_BATCHES, record
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("check") / "rec", lr=0.003, proj_dim=256, curvature_rank=0)
+
+
+def _orders(count: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(NUM_BATCHES, generator=generator) for _ in range(count)])
+
+
+def test_agreement_matches_scipy_with_ties():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        true = torch.randn(9, generator=generator, dtype=torch.float64)
+        estimated = (true + torch.randn(9, generator=generator, dtype=torch.float64)).round(decimals=trial % 3 - 1)
+        metrics = agreement(estimated, true.tolist())
+        assert metrics["spearman"] == pytest.approx(spearmanr(estimated, true)[0], abs=1e-9, nan_ok=True)
+        assert metrics["pearson"] == pytest.approx(pearsonr(estimated, true)[0], abs=1e-6, nan_ok=True)
+        assert metrics["mae"] == pytest.approx(float((estimated - true).abs().mean()))
+
+
+def test_scores_every_method_with_data_and_says_why_others_are_skipped(recording):
+    orders = _orders(4)
+    truth = [retrain(recording, order.tolist(), curve_every_n_steps=NUM_BATCHES, accelerator="cpu").final_loss
+             for order in orders]
+    check = check_methods(recording, orders)  # retrains the orders itself
+    assert check.true_losses == pytest.approx(truth, abs=1e-6)
+    assert set(check.scores) == {"zeroth_order", "adam"}  # no curvature factors, no sensitivity data
+    assert "curvature_rank" in check.skipped["first_order"] and "record_sensitivities" in check.skipped["linearized"]
+    for method, score in check.scores.items():
+        estimates = OrderEstimator.from_recording(recording, method=method).estimate_many(orders).final_loss
+        assert score.estimates == pytest.approx(estimates.double().tolist())
+        assert score.mae == pytest.approx(float((estimates.double() - torch.tensor(truth)).abs().mean()), rel=1e-6)
+    no_change = sum(abs(t - check.reference_loss) for t in truth) / len(truth)
+    assert check.no_change_mae == pytest.approx(no_change)
+    better = [m for m, s in check.scores.items() if s.mae < no_change]
+    assert check.best == (min(better, key=lambda m: check.scores[m].mae) if better else None)
+
+
+def test_given_true_losses_skip_retraining_and_bad_input_is_refused(recording):
+    orders = _orders(3, seed=1)
+    check = check_methods(recording, orders, ["adam"], true_losses=[1.0, 2.0, 3.0])
+    assert check.true_losses == [1.0, 2.0, 3.0] and list(check.scores) == ["adam"]
+    with pytest.raises(LplError, match="at least 3 orders"):
+        check_methods(recording, orders[:2], true_losses=[1.0, 2.0])
+    with pytest.raises(LplError, match="unknown method"):
+        check_methods(recording, orders, ["adamw"], true_losses=[1.0, 2.0, 3.0])
+    with pytest.raises(LplError, match="2 values for 3 orders"):
+        check_methods(recording, orders, true_losses=[1.0, 2.0])
+    with pytest.raises(LplError, match="batch id 99"):
+        check_methods(recording, [[99] * 3] * 3, true_losses=[1.0, 2.0, 3.0])
+
+
+def test_command_writes_json_csv_and_plot(recording, tmp_path, capsys):
+    assert check_methods_main(["--recording", str(recording), "--orders", "random:3", "--methods", "zeroth_order,adam",
+                               "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "check.json").read_text())
+    assert len(written["true_losses"]) == 3 and set(written["scores"]) == {"zeroth_order", "adam"}
+    assert (tmp_path / "check.csv").read_text().splitlines()[0] == "method,spearman,pearson,mae,mae_over_no_change"
+    assert (tmp_path / "check.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "3 retrained orders" in printed and "zeroth_order" in printed
