@@ -26,6 +26,7 @@ _EXPORTS = {
     "RetrainResult": "lpl.order.retraining",
     "position_map": "lpl.order.position",
     "record_sensitivities": "lpl.order.adjoint",
+    "check_methods": "lpl.order.checking",
 }
 
 __all__ = sorted(_EXPORTS)
