@@ -27,6 +27,7 @@ from torch import Tensor
 from lpl.order.estimator import OrderEstimator, agreement, log_estimates, replay_data_from_recording
 from lpl.order.replay import METHODS, check_orders
 from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_save_figure
 
 MIN_ORDERS = 3  # fewer orders have no meaningful rank correlation
 
@@ -151,8 +152,4 @@ def plot_check(check: MethodCheck, path: Path) -> None:
     if methods:
         axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
+    atomic_save_figure(figure, path, dpi=110)

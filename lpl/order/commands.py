@@ -18,7 +18,7 @@ import torch
 
 from lpl.order.replay import METHODS
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_write_json, atomic_write_text
+from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -78,10 +78,7 @@ def _plot_curves(curves: torch.Tensor, reference: torch.Tensor, path: Path, limi
     axis.set_ylabel("estimated validation loss")
     axis.legend()
     figure.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(path)
+    atomic_save_figure(figure, path)
 
 
 def estimate_main(argv: Sequence[str] | None = None) -> int:
@@ -166,10 +163,7 @@ def _plot_progress(history: list[float], path: Path) -> None:
     axis.set_xlabel("generation / round")
     axis.set_ylabel("best estimated loss")
     figure.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(path)
+    atomic_save_figure(figure, path)
 
 
 def position_map_main(argv: Sequence[str] | None = None) -> int:

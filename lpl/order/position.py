@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lpl.utils.errors import LplError
+from lpl.utils.io import atomic_save_figure
 
 
 def moved(order: Tensor, batch: int, position: int) -> Tensor:
@@ -83,7 +84,6 @@ def plot_position_map(
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(7, 5))
     shown = matrix - matrix.mean(dim=1, keepdim=True)  # each row's own offset hides the position effect
     image = axis.imshow(shown.numpy(), aspect="auto", cmap="coolwarm", origin="upper")
@@ -96,8 +96,5 @@ def plot_position_map(
     axis.set_title(title + " (row mean removed)", fontsize=9)
     figure.colorbar(image, ax=axis, label="loss - row mean")
     figure.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(path)
+    atomic_save_figure(figure, path)
     return path
