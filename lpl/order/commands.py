@@ -1,22 +1,25 @@
 """`lpl estimate`, `lpl curriculum`, `lpl position-map`, `lpl sensitivity`, `lpl check-methods`: the order estimator
 from the command line.
 
-Each ``*_main(argv)`` parses its own arguments, writes JSON/CSV and plots into ``--out``, and raises ``LplError`` on
-bad input (the CLI prints it and exits with code 2).
+Each ``*_main(argv)`` parses its own arguments, writes JSON/CSV and plots into ``--out`` (and, with ``--wandb
+PROJECT``, logs them to Weights & Biases: offline unless you are logged in), and raises ``LplError`` on bad input (the
+CLI prints it and exits with code 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from lpl.order.replay import METHODS
+from lpl.order.estimator import log_estimates
+from lpl.order.replay import METHODS, ReplayResult
 from lpl.utils.errors import LplError
 from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
@@ -26,6 +29,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="first_order", choices=METHODS, help="estimation method")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="device for the replay (cpu, cuda)")
+    _wandb_option(parser)
+
+
+def _wandb_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb", metavar="PROJECT", default=None,
+                        help="also log to this Weights & Biases project (run files under --out)")
+
+
+@contextlib.contextmanager
+def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
+    """A WandbLogger for ``--wandb PROJECT`` (None without it), finished when the command is done."""
+    if not args.wandb:
+        yield None
+        return
+    from lightning.pytorch.loggers import WandbLogger
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(project=args.wandb, name=name, save_dir=args.out)
+    try:
+        yield logger
+    finally:
+        logger.experiment.finish()
 
 
 def _estimator(args: argparse.Namespace):
@@ -98,6 +123,9 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
         curves.append(result.loss_curve.cpu())
         ends.append(result.batch_losses.cpu())
     final, curve, end = torch.cat(finals), torch.cat(curves), torch.cat(ends)
+    with _wandb_logger(args, "estimate") as logger:
+        log_estimates(logger, ReplayResult(final_loss=final, loss_curve=curve, batch_losses=end),
+                      prefix=f"estimate/{args.method}")
     out = Path(args.out)
     rows = [
         {"order": o.tolist(), "final_loss": float(f), "loss_curve": c.tolist(), "batch_losses": b.tolist()}
@@ -134,16 +162,22 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
     args = parser.parse_args(argv)
     estimator = _estimator(args)
-    result = search(estimator, budget=args.budget, method=args.search, population=args.population, seed=args.seed)
-    summary = {
-        "recording": str(args.recording), "method": args.method, "search": args.search, "order": result.order,
-        "estimated_loss": result.score, "reference_loss": estimator.reference_loss, "history": result.history,
-        "evaluations": result.evaluations,
-    }
-    if args.verify:
-        from lpl.order.retraining import retrain
+    with _wandb_logger(args, "curriculum") as logger:
+        result = search(estimator, budget=args.budget, method=args.search, population=args.population, seed=args.seed,
+                        logger=logger)
+        summary = {
+            "recording": str(args.recording), "method": args.method, "search": args.search, "order": result.order,
+            "estimated_loss": result.score, "reference_loss": estimator.reference_loss, "history": result.history,
+            "evaluations": result.evaluations,
+        }
+        if args.verify:
+            from lpl.order.retraining import retrain
 
-        summary["retrained_loss"] = retrain(args.recording, result.order, curve_every_n_steps=len(result.order)).final_loss
+            retrained = retrain(args.recording, result.order, curve_every_n_steps=len(result.order)).final_loss
+            summary["retrained_loss"] = retrained
+            if logger is not None:
+                logger.log_metrics({"curriculum/retrained_loss": retrained,
+                                    "curriculum/reference_loss": estimator.reference_loss})
     out = Path(args.out)
     atomic_write_json(out / "best_order.json", summary)
     _plot_progress(result.history, out / "search.png")
@@ -181,7 +215,8 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
             raise LplError(f"--batches {args.batches!r}: give comma-separated integer batch ids.") from None
-    matrix = position_map(estimator, batches)
+    with _wandb_logger(args, "position-map") as logger:
+        matrix = position_map(estimator, batches, logger=logger)
     rows = batches if batches is not None else sorted(set(estimator.reference_order.cpu().tolist()))
     out = Path(args.out)
     buffer = io.StringIO()
@@ -246,11 +281,13 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
     parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
     parser.add_argument("--out", required=True, help="output folder")
+    _wandb_option(parser)
     args = parser.parse_args(argv)
     recording = Recording.open(args.recording)
     orders = read_orders(args.orders, len(recording.batches), args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    check = check_methods(args.recording, orders, methods, accelerator=args.accelerator)
+    with _wandb_logger(args, "check-methods") as logger:
+        check = check_methods(args.recording, orders, methods, accelerator=args.accelerator, logger=logger)
     out = Path(args.out)
     atomic_write_json(out / "check.json", {"recording": str(args.recording), **check.to_dict()})
     buffer = io.StringIO()

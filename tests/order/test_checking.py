@@ -69,12 +69,14 @@ def test_given_true_losses_skip_retraining_and_bad_input_is_refused(recording):
         check_methods(recording, [[99] * 3] * 3, true_losses=[1.0, 2.0, 3.0])
 
 
-def test_command_writes_json_csv_and_plot(recording, tmp_path, capsys):
+def test_command_writes_json_csv_plot_and_wandb_scatter(recording, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
     assert check_methods_main(["--recording", str(recording), "--orders", "random:3", "--methods", "zeroth_order,adam",
-                               "--out", str(tmp_path)]) == 0
+                               "--out", str(tmp_path), "--wandb", "lpl-tests"]) == 0
     written = json.loads((tmp_path / "check.json").read_text())
     assert len(written["true_losses"]) == 3 and set(written["scores"]) == {"zeroth_order", "adam"}
     assert (tmp_path / "check.csv").read_text().splitlines()[0] == "method,spearman,pearson,mae,mae_over_no_change"
     assert (tmp_path / "check.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "3 retrained orders" in printed and "zeroth_order" in printed
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/check/adam/estimated_vs_true*.json"))

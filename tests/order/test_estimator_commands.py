@@ -84,3 +84,13 @@ def test_sensitivity_refuses_linearized_data_too_large_to_store(recording, tmp_p
     with pytest.raises(LplError, match="hessian_rank=0"):
         sensitivity_main(["--recording", str(recording), "--accelerator", "cpu"])
     assert not (recording / "sensitivity.safetensors").exists()  # refused before writing anything
+
+
+def test_wandb_option_logs_the_curves_and_the_heatmap(recording, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    estimate_main(["--recording", str(recording), "--orders", "random:3", "--method", "adam", "--out",
+                   str(tmp_path / "e"), "--wandb", "lpl-tests"])
+    assert list((tmp_path / "e" / "wandb").glob("offline-run-*/files/media/table/estimate/adam/loss_curves*.json"))
+    position_map_main(["--recording", str(recording), "--method", "adam", "--batches", "0,3", "--out",
+                       str(tmp_path / "p"), "--wandb", "lpl-tests"])
+    assert list((tmp_path / "p" / "wandb").glob("offline-run-*/files/media/images/order/position_map*.png"))
