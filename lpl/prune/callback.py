@@ -102,6 +102,12 @@ class BlockPruneCallback(Callback):
             self._apply(trainer, pl_module)
         elif self.prune_after_steps == 0:
             self._prune(trainer, pl_module)
+        elif trainer.estimated_stepping_batches < self.prune_after_steps:  # say so now, not after the whole run
+            rank_zero_warn(
+                f"BlockPruneCallback: training ends after {trainer.estimated_stepping_batches} steps, before "
+                f"prune_after_steps={self.prune_after_steps}: nothing will be pruned. Lower prune_after_steps or train "
+                "longer (max_steps / max_epochs)."
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -110,6 +116,8 @@ class BlockPruneCallback(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.result is None:
+            rank_zero_warn(f"BlockPruneCallback: training stopped at step {trainer.global_step}, before "
+                           f"prune_after_steps={self.prune_after_steps}: the model was not pruned.")
             return
         if self.evaluate:
             self.metrics.update(self._evaluate(trainer, pl_module, "finetuned"))

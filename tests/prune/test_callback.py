@@ -72,6 +72,21 @@ def test_given_result_is_applied_without_pruning(tmp_path, tiny_vit, batches):
     assert (tmp_path / "out" / "result.json").is_file()
 
 
+def test_a_run_too_short_to_reach_prune_after_steps_says_so(tmp_path):
+    model = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                          num_heads=2, schedule="constant")
+    prune = BlockPruneCallback(block_size=(8, 8), calib_batches=2, distill=False, prune_after_steps=50)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[prune])
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    messages = [str(w.message) for w in warned]
+    assert any("ends after 2 steps, before prune_after_steps=50" in m for m in messages)
+    assert any("stopped at step 2" in m and "not pruned" in m for m in messages)
+    assert prune.result is None
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(flops_keep=1.5), "flops_keep"),
     (dict(calib_batches=0), "calib_batches"),
