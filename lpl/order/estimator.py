@@ -53,8 +53,9 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
     num_steps = int(recording.num_steps)
     if not probe_steps or probe_steps[-1] != num_steps:
         raise LplError(
-            f"recording {getattr(recording, 'path', '')} has no final probe at step {num_steps} (probes: "
-            f"{probe_steps[-3:]}); it is incomplete: finish the reference run or record it again."
+            f"recording {getattr(recording, 'root', '')} has no final probe at step {num_steps} (its last probes: "
+            f"{probe_steps[-3:]}); it is incomplete: finish the reference run (resume it from a checkpoint with "
+            "TrainOrderRecorder(..., resume=True)) or record it again."
         )
     steps = [recording.step(t) for t in probe_steps]
     missing = [name for name in _REQUIRED_BATCH + ("val_loss", "val_grad") if name not in steps[0]]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lpl.order import quantities
 from lpl.order.projection import PROJECTION_KINDS, Projector
@@ -415,6 +416,11 @@ class TrainOrderRecorder(L.Callback):
                 self._writer.finish()
             else:
                 self._writer.flush()
+                rank_zero_warn(
+                    f"TrainOrderRecorder: training stopped at step {trainer.global_step} of the {self._total_steps} "
+                    f"the recording plans, so {self.dirpath} is incomplete (estimates and retraining need the whole "
+                    "run): resume from a checkpoint with TrainOrderRecorder(..., resume=True), or record again."
+                )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the checkpoint must never be ahead of the recording, or a resume would leave a gap

@@ -1,4 +1,5 @@
 import json
+import re
 
 import lightning as L
 import pytest
@@ -287,3 +288,21 @@ def test_resume_without_checkpoint_restarts_the_recording_with_this_runs_weights
     rec.verify()
     assert rec.status == "complete" and rec.recorded_steps == 4 and rec.probe_steps == [0, 2, 4]
     assert all(torch.equal(v, initial[k]) for k, v in rec.initial_state().items())
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_run_stopped_early_warns_and_its_recording_is_refused_clearly(tmp_path):
+    from lpl.order import OrderEstimator
+
+    with pytest.warns(UserWarning, match="stopped at step 3 of the 6"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, curvature_rank=0), StopAt(3)])
+    with pytest.raises(LplError, match=re.escape(f"recording {tmp_path / 'rec'} has no final probe at step 6")):
+        OrderEstimator.from_recording(tmp_path / "rec", method="zeroth_order")
