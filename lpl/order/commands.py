@@ -53,10 +53,23 @@ def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
         logger.experiment.finish()
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LplError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LplError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LplError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    return device
+
+
 def _estimator(args: argparse.Namespace):
     from lpl.order.estimator import OrderEstimator
 
-    return OrderEstimator.from_recording(args.recording, method=args.method).to(args.device)
+    device = _device(args.device)
+    return OrderEstimator.from_recording(args.recording, method=args.method).to(device)
 
 
 def read_orders(spec: str, num_batches: int, seed: int = 0) -> torch.Tensor:

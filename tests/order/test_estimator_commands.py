@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from lpl.order.commands import curriculum_main, estimate_main, position_map_main, read_orders, sensitivity_main
 from lpl.utils.errors import LplError
@@ -56,6 +57,13 @@ def test_bad_orders(recording, tmp_path):
     with pytest.raises(LplError, match="curvature_rank"):
         estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "first_order",
                        "--out", str(tmp_path)])
+    with pytest.raises(LplError, match="not a device"):
+        estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "adam", "--out",
+                       str(tmp_path), "--device", "gpu0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(LplError, match="no CUDA GPU"):
+            estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "adam", "--out",
+                           str(tmp_path), "--device", "cuda"])
 
 
 def test_sensitivity_then_adjoint_estimates(recording, tmp_path, capsys):
