@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lpl.order.recorder import capture_rng, constructor_hparams, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
@@ -154,7 +155,10 @@ def fit_in_order(
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks],
     )
     settings.update(trainer_kwargs or {})
-    trainer = L.Trainer(**settings)
+    try:
+        trainer = L.Trainer(**settings)
+    except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks, say
+        raise LplError(f"cannot train the recorded model with accelerator={settings['accelerator']!r} here: {error}") from None
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     seconds = time.perf_counter() - start
