@@ -291,7 +291,8 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
     parser.add_argument("--orders", default="random:8", help="random:N, or a JSON/text file of orders (batch ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
-    parser.add_argument("--methods", default=None, help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
     parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
     parser.add_argument("--out", required=True, help="output folder")
     _wandb_option(parser)
@@ -319,7 +320,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
         print(f"{method:<18} {score.spearman:>8.3f} {score.pearson:>8.3f} {score.mae:>10.4g}  {ratio:.2f}x")
     for method, why in check.skipped.items():
         print(f"{method:<18} skipped: {why}")
-    print(f"best: {check.best}" if check.best else "no method beats 'no change' on this run: do not trust the estimates "
-          "here (see benchmarks/linearization_validity.py)")
+    print(f"best: {check.best}" if check.best else "no method beats 'no change' on this run: do not trust the "
+          "estimates here (see benchmarks/linearization_validity.py)")
     print(f"wrote {out}/check.json, check.csv, check.png")
     return 0

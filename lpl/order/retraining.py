@@ -158,7 +158,8 @@ def fit_in_order(
     try:
         trainer = L.Trainer(**settings)
     except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks, say
-        raise LplError(f"cannot train the recorded model with accelerator={settings['accelerator']!r} here: {error}") from None
+        accelerator = settings["accelerator"]
+        raise LplError(f"cannot train the recorded model with accelerator={accelerator!r} here: {error}") from None
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     seconds = time.perf_counter() - start
