@@ -152,6 +152,7 @@ class OrderEstimator(L.LightningModule):
         # many orders at once, batched on the trainer's device:
         loader = DataLoader(torch.stack([torch.randperm(estimator.num_batches) for _ in range(256)]), batch_size=64)
         estimates = [e for batch in Trainer(logger=False).predict(estimator, loader) for e in batch]
+        # under DDP each rank predicts (and returns) its DistributedSampler share of the orders
 
     ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
     curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
