@@ -10,12 +10,22 @@ import torch.nn.functional as F
 from lpl.utils.errors import LplError
 
 
-def check_block_size(block_size: tuple[int, int], shape: tuple[int, int], name: str) -> tuple[int, int]:
-    """Validate ``block_size`` against a weight ``shape``; returns it as a tuple of two ints."""
+def parse_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
+    """``block_size`` as a tuple of two positive ints (rows, cols), or a clear error."""
     if len(tuple(block_size)) != 2 or any(int(b) <= 0 for b in block_size):
         raise LplError(f"block_size must be two positive ints (rows, cols), got {block_size!r}.")
-    br, bc = int(block_size[0]), int(block_size[1])
-    if br > shape[0] or bc > shape[1]:
+    return int(block_size[0]), int(block_size[1])
+
+
+def block_fits(block_size: tuple[int, int], shape: tuple[int, int]) -> bool:
+    """Whether one block of a parsed ``block_size`` fits in a weight of ``shape``."""
+    return block_size[0] <= shape[0] and block_size[1] <= shape[1]
+
+
+def check_block_size(block_size: tuple[int, int], shape: tuple[int, int], name: str) -> tuple[int, int]:
+    """Validate ``block_size`` against a weight ``shape``; returns it as a tuple of two ints."""
+    br, bc = parse_block_size(block_size)
+    if not block_fits((br, bc), shape):
         raise LplError(
             f"block_size {(br, bc)} is larger than layer {name!r} of shape {tuple(shape)}; "
             "use a smaller block or exclude the layer."
