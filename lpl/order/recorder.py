@@ -244,6 +244,7 @@ class TrainOrderRecorder(L.Callback):
         self._projector: Projector | None = None
         self._pool: list[list[int]] = []
         self._order: list[int] = []
+        self._data_checked = False  # the dataset gives the same data for the same sample ids (checked once per fit)
         self._total_steps = 0
 
     # ---- validation of the run
@@ -303,6 +304,7 @@ class TrainOrderRecorder(L.Callback):
     # ---- hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = self._check_trainer(trainer, pl_module)
+        self._data_checked = False
         if trainer.global_step == 0 and any(optimizer.state.values()):
             raise LplError(
                 "the optimizer already holds Adam state (moments of an earlier run) before the first step: a recording "
@@ -391,6 +393,9 @@ class TrainOrderRecorder(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._check_batch(batch, step)
+        if not self._data_checked:
+            self._check_data_repeats(trainer, batch, step)
+            self._data_checked = True
         if _rank_and_world()[0] == 0:
             if step == 0:
                 self._writer.write_rng_state(step_rng_state(pl_module.device))
@@ -445,6 +450,30 @@ class TrainOrderRecorder(L.Callback):
             raise LplError(
                 f"at step {step} the train loader yielded samples {seen[:4]}... but its batch sampler planned "
                 f"{planned_slice[:4]}...; the loader's order is not reproducible (or it did not resume where it stopped)."
+            )
+
+    @staticmethod
+    def _check_data_repeats(trainer: L.Trainer, batch: Mapping[str, Any], step: int) -> None:
+        """Warn when the dataset gives other data for the sample ids the loader just gave (random augmentation, say):
+        probes, retraining and the sensitivity data load pool batches again by id and must see what training saw."""
+        loader = trainer.train_dataloader
+        ids = [int(i) for i in batch["index"].reshape(-1).tolist()]
+        rng = capture_rng()  # loading must not move the RNG streams training draws from
+        try:
+            again = move_data_to_device(loader.collate_fn([loader.dataset[i] for i in ids]), batch["index"].device)
+        finally:
+            restore_rng(rng)
+        differing = sorted(
+            str(key) for key, value in batch.items()
+            if isinstance(value, torch.Tensor) and isinstance(again.get(key), torch.Tensor)
+            and not (value.shape == again[key].shape and torch.equal(value, again[key]))
+        )
+        if differing:
+            rank_zero_warn(
+                f"TrainOrderRecorder: loading the samples of step {step} again gave other {', '.join(differing)} than "
+                "the train loader did (random augmentation in the dataset, or a transform in on_after_batch_transfer?): "
+                "the recorded quantities, retraining and the estimates will not match what training saw. Record with "
+                "deterministic train transforms."
             )
 
     def _adam_snapshot(self, trainer: L.Trainer, params: list[torch.Tensor], step: int) -> quantities.AdamSnapshot:

@@ -306,3 +306,41 @@ def test_a_run_stopped_early_warns_and_its_recording_is_refused_clearly(tmp_path
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, curvature_rank=0), StopAt(3)])
     with pytest.raises(LplError, match=re.escape(f"recording {tmp_path / 'rec'} has no final probe at step 6")):
         OrderEstimator.from_recording(tmp_path / "rec", method="zeroth_order")
+
+
+class NoisyDataModule(TinyDataModule):
+    """Random augmentation in the dataset: the same sample id gives other data each time it is loaded."""
+
+    def build_datasets(self):
+        train, val = super().build_datasets()
+
+        class Noisy(type(train)):
+            def __getitem__(self, i):
+                item = super().__getitem__(i)
+                return {**item, "x": item["x"] + 0.1 * torch.randn_like(item["x"])}
+
+        noisy = Noisy.__new__(Noisy)
+        noisy.__dict__.update(train.__dict__)
+        return noisy, val
+
+
+def test_a_dataset_with_random_augmentation_is_flagged_without_moving_training_rngs(tmp_path):
+    torch.manual_seed(1)
+    plain = TinyNet()
+    _fit(plain, [], datamodule=NoisyDataModule())
+    torch.manual_seed(1)
+    recorded = TinyNet()
+    with pytest.warns(UserWarning, match="loading the samples of step 0 again gave other x"):
+        _fit(recorded, [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, curvature_rank=0)],
+             datamodule=NoisyDataModule())
+    for (name, a), b in zip(plain.state_dict().items(), recorded.state_dict().values()):
+        assert torch.equal(a, b), name  # the check and the probes load samples without moving training's RNG
+
+
+def test_deterministic_data_pass_the_repeat_check_silently(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, curvature_rank=0)], max_steps=2)
+    assert not [w for w in caught if "loading the samples" in str(w.message)]
