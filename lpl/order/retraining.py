@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -134,6 +135,20 @@ class _LossCurve(L.Callback):
             self.curve[step] = validation_loss(pl_module, self.loader, self.forward)
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's info messages off (warnings stay) while the block runs."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def fit_in_order(
     recording: Any, model: L.LightningModule, datamodule: L.LightningDataModule, steps: int,
     callbacks: list[L.Callback], accelerator: str = "auto", trainer_kwargs: Mapping[str, Any] | None = None,
@@ -155,14 +170,15 @@ def fit_in_order(
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks],
     )
     settings.update(trainer_kwargs or {})
-    try:
-        trainer = L.Trainer(**settings)
-    except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks, say
-        accelerator = settings["accelerator"]
-        raise LplError(f"cannot train the recorded model with accelerator={accelerator!r} here: {error}") from None
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - start
+    with _quiet_lightning():  # an internal Trainer: its banners ("GPU available", tips) would repeat for every order
+        try:
+            trainer = L.Trainer(**settings)
+        except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks
+            accelerator = settings["accelerator"]
+            raise LplError(f"cannot train the recorded model with accelerator={accelerator!r} here: {error}") from None
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        seconds = time.perf_counter() - start
     if trainer.global_step != steps:
         raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
     return seconds

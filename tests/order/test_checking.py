@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import wandb
 import torch
 from scipy.stats import pearsonr, spearmanr
 
@@ -71,6 +72,7 @@ def test_given_true_losses_skip_retraining_and_bad_input_is_refused(recording):
 
 def test_command_writes_json_csv_plot_and_wandb_scatter(recording, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()  # a run an earlier test left open would take these logs (WandbLogger reuses it)
     assert check_methods_main(["--recording", str(recording), "--orders", "random:3", "--methods", "zeroth_order,adam",
                                "--out", str(tmp_path), "--wandb", "lpl-tests"]) == 0
     written = json.loads((tmp_path / "check.json").read_text())

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import wandb
 import torch
 
 from lpl.order.commands import curriculum_main, estimate_main, position_map_main, read_orders, sensitivity_main
@@ -96,6 +97,7 @@ def test_sensitivity_refuses_linearized_data_too_large_to_store(recording, tmp_p
 
 def test_wandb_option_logs_the_curves_and_the_heatmap(recording, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()  # a run an earlier test left open would take these logs (WandbLogger reuses it)
     estimate_main(["--recording", str(recording), "--orders", "random:3", "--method", "adam", "--out",
                    str(tmp_path / "e"), "--wandb", "lpl-tests"])
     assert list((tmp_path / "e" / "wandb").glob("offline-run-*/files/media/table/estimate/adam/loss_curves*.json"))
