@@ -291,6 +291,9 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
     parser.add_argument("--orders", default="random:8", help="random:N, or a JSON/text file of orders (batch ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
+    parser.add_argument("--reuse", default=None, metavar="CHECK_JSON",
+                        help="the check.json of an earlier check of this recording: score its orders again without "
+                             "retraining them (after `lpl sensitivity`, say)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
     parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
@@ -298,10 +301,15 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     _wandb_option(parser)
     args = parser.parse_args(argv)
     recording = Recording.open(args.recording)
-    orders = read_orders(args.orders, len(recording.batches), args.seed)
+    true_losses = None
+    if args.reuse:
+        orders, true_losses = _earlier_check(args.reuse, recording)
+    else:
+        orders = read_orders(args.orders, len(recording.batches), args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     with _wandb_logger(args, "check-methods") as logger:
-        check = check_methods(args.recording, orders, methods, accelerator=args.accelerator, logger=logger)
+        check = check_methods(args.recording, orders, methods, true_losses=true_losses, accelerator=args.accelerator,
+                              logger=logger)
     out = Path(args.out)
     atomic_write_json(out / "check.json", {"recording": str(args.recording), **check.to_dict()})
     buffer = io.StringIO()
@@ -324,3 +332,18 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
           "estimates here (see benchmarks/linearization_validity.py)")
     print(f"wrote {out}/check.json, check.csv, check.png")
     return 0
+
+
+def _earlier_check(path: str, recording: Any) -> tuple[torch.Tensor, list[float]]:
+    """Orders and retrained losses of an earlier ``check.json``, refused unless it was made for ``recording``."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        orders = torch.tensor(earlier["orders"], dtype=torch.long)
+        true_losses = [float(t) for t in earlier["true_losses"]]
+        reference = float(earlier["reference_loss"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LplError(f"--reuse {path}: not a check.json written by `lpl check-methods` ({error}).") from None
+    if abs(reference - float(recording.probe_scalars["val_loss"][-1])) > 1e-6 * max(1.0, abs(reference)):
+        raise LplError(f"--reuse {path} was made for another recording (reference loss {reference:.6g}, this one's "
+                       f"{float(recording.probe_scalars['val_loss'][-1]):.6g}).")
+    return orders, true_losses

@@ -87,3 +87,24 @@ def test_command_writes_json_csv_plot_and_wandb_scatter(recording, tmp_path, cap
 def test_an_accelerator_the_machine_lacks_is_one_clear_error(recording):
     with pytest.raises(LplError, match="accelerator='tpu'"):
         retrain(recording, list(range(NUM_BATCHES)), accelerator="tpu")
+
+
+def test_command_reuses_an_earlier_check_without_retraining(recording, tmp_path, monkeypatch, capsys):
+    check_methods_main(["--recording", str(recording), "--orders", "random:3", "--methods", "adam",
+                        "--out", str(tmp_path / "first")])
+    first = json.loads((tmp_path / "first" / "check.json").read_text())
+    monkeypatch.setattr("lpl.order.retraining.retrain", lambda *a, **k: pytest.fail("retrained"))
+    check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "first" / "check.json"),
+                        "--methods", "adam,zeroth_order", "--out", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "check.json").read_text())
+    assert again["orders"] == first["orders"] and again["true_losses"] == first["true_losses"]
+    assert again["scores"]["adam"] == first["scores"]["adam"] and "zeroth_order" in again["scores"]
+    other = dict(first, reference_loss=first["reference_loss"] + 1.0)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(LplError, match="made for another recording"):
+        check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "other.json"),
+                            "--out", str(tmp_path)])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(LplError, match="not a check.json"):
+        check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "broken.json"),
+                            "--out", str(tmp_path)])
