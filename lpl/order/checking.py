@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -48,7 +49,7 @@ class MethodCheck:
 
     orders: Tensor  # [N, L]
     true_losses: list[float]
-    reference_loss: float  # the reference run's final validation loss: the "no change" prediction
+    reference_loss: float  # the reference run's validation loss after as many steps: the "no change" prediction
     scores: dict[str, MethodScore] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it could not run on this recording
 
@@ -113,7 +114,7 @@ def check_methods(
         raise LplError("a retrained order ended with a non-finite loss; the run diverges along it, so no estimate "
                        "can be scored there: check with orders that train stably.")
     data = replay_data_from_recording(recording)
-    check = MethodCheck(order_tensor, true_losses, float(recording.probe_scalars["val_loss"][-1]))
+    check = MethodCheck(order_tensor, true_losses, reference_loss_after(recording, order_tensor.shape[1]))
     for method in methods:
         try:
             result = OrderEstimator(data, method=method).estimate_many(order_tensor)
@@ -124,6 +125,14 @@ def check_methods(
         check.scores[method] = MethodScore(result.final_loss.double().cpu().tolist(), **metrics)
         log_estimates(logger, result, true_losses, prefix=f"check/{method}")
     return check
+
+
+def reference_loss_after(recording: Any, steps: int) -> float:
+    """The reference run's validation loss after ``steps`` steps: the "no change" prediction for orders that long
+    (between probes, interpolated linearly as the estimators do)."""
+    probe_steps = [float(t) for t in recording.probe_steps]
+    losses = [float(v) for v in recording.probe_scalars["val_loss"]]
+    return float(np.interp(float(steps), probe_steps, losses))
 
 
 def plot_check(check: MethodCheck, path: Path) -> None:

@@ -336,6 +336,8 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
 
 def _earlier_check(path: str, recording: Any) -> tuple[torch.Tensor, list[float]]:
     """Orders and retrained losses of an earlier ``check.json``, refused unless it was made for ``recording``."""
+    from lpl.order.checking import reference_loss_after
+
     try:
         earlier = json.loads(Path(path).read_text())
         orders = torch.tensor(earlier["orders"], dtype=torch.long)
@@ -343,7 +345,8 @@ def _earlier_check(path: str, recording: Any) -> tuple[torch.Tensor, list[float]
         reference = float(earlier["reference_loss"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise LplError(f"--reuse {path}: not a check.json written by `lpl check-methods` ({error}).") from None
-    if abs(reference - float(recording.probe_scalars["val_loss"][-1])) > 1e-6 * max(1.0, abs(reference)):
+    expected = reference_loss_after(recording, orders.shape[-1]) if orders.ndim == 2 else float("nan")
+    if not abs(reference - expected) <= 1e-6 * max(1.0, abs(reference)):
         raise LplError(f"--reuse {path} was made for another recording (reference loss {reference:.6g}, this one's "
-                       f"{float(recording.probe_scalars['val_loss'][-1]):.6g}).")
+                       f"{expected:.6g}).")
     return orders, true_losses

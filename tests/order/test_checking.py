@@ -108,3 +108,13 @@ def test_command_reuses_an_earlier_check_without_retraining(recording, tmp_path,
     with pytest.raises(LplError, match="not a check.json"):
         check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "broken.json"),
                             "--out", str(tmp_path)])
+
+
+def test_no_change_for_shorter_orders_is_the_reference_loss_after_as_many_steps(recording):
+    from lpl.order import Recording
+
+    orders = _orders(3, seed=2)[:, :6]
+    check = check_methods(recording, orders, ["adam"], true_losses=[1.0, 2.0, 3.0])
+    rec = Recording.open(recording)
+    assert rec.probe_steps[6] == 6 and check.reference_loss == pytest.approx(rec.probe_scalars["val_loss"][6])
+    assert check.reference_loss != pytest.approx(rec.probe_scalars["val_loss"][-1])
