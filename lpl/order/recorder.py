@@ -105,6 +105,15 @@ def set_step_rng_state(states: Mapping[str, torch.Tensor], device: torch.device)
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN (missing values in data)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+
+
 def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -466,7 +475,7 @@ class TrainOrderRecorder(L.Callback):
         differing = sorted(
             str(key) for key, value in batch.items()
             if isinstance(value, torch.Tensor) and isinstance(again.get(key), torch.Tensor)
-            and not (value.shape == again[key].shape and torch.equal(value, again[key]))
+            and not _same_values(value, again[key])
         )
         if differing:
             rank_zero_warn(
