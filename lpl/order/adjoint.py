@@ -402,6 +402,8 @@ def record_sensitivities(
             directions, curvature = quantities.top_curvature(hvp_val, val_grad, curvature_rank, 4 * curvature_rank)
         targets = torch.cat([targets, directions])
     del val_grads
+    say(f"record_sensitivities: validation gradient and {curvature.numel()} curvature directions at the end "
+        f"({time.perf_counter() - start:.1f} s)")
 
     pool_losses: dict[int, Tensor] = {}
     batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each pool batch yields at step t < T
@@ -427,11 +429,17 @@ def record_sensitivities(
     size = steps * len(pool) * trajectory.theta.shape[1] * trajectory.theta.element_size()
     keep = hessian_rank > 0 or size <= GRADIENT_CACHE_BYTES
     kept: list[Tensor] = []
+    every = max(1, steps // 10)
+
+    def progress(t: int, what: str = "swap tables") -> None:
+        if (t + 1) % every == 0 or t + 1 == steps:
+            say(f"record_sensitivities: {what} {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
 
     def remembered(t: int) -> Tensor:
         grads = batch_grads(t)
         if keep:
             kept.append(grads)
+        progress(t, f"pool gradients ({len(pool)} batches)")
         return grads
 
     trajectory.pool_sq = pool_second_moment(trajectory, remembered)
@@ -450,12 +458,6 @@ def record_sensitivities(
 
     adjoints = adjoint_vectors(trajectory, hvp, targets)
     say(f"record_sensitivities: adjoint pass, {targets.shape[0]} vectors ({time.perf_counter() - start:.1f} s)")
-
-    every = max(1, steps // 10)
-
-    def progress(t: int, what: str = "swap tables") -> None:
-        if (t + 1) % every == 0 or t + 1 == steps:
-            say(f"record_sensitivities: {what} {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
 
     with torch.no_grad():
         tables = swap_tables(trajectory, kept.__getitem__ if keep else batch_grads, adjoints, progress)
