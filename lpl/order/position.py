@@ -7,10 +7,12 @@ fading with time; a flat row means the batch's content is learned from the rest 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lpl.utils.errors import LplError
@@ -58,11 +60,15 @@ def position_map(
     orders = torch.stack([moved(reference, batches[i], positions[j]) for i, j in pairs])
     values = torch.empty(len(pairs))
     rows = torch.tensor([batches[i] for i, _ in pairs])
+    started = time.perf_counter()
     for start in range(0, len(pairs), chunk):
         result = estimator.estimate_many(orders[start : start + chunk])
         values[start : start + chunk] = result.batch_losses.cpu()[
             torch.arange(result.batch_losses.shape[0]), rows[start : start + chunk]
         ]
+        if len(pairs) > chunk:  # long maps show progress
+            done = min(start + chunk, len(pairs))
+            rank_zero_info(f"position_map: {done}/{len(pairs)} orders ({time.perf_counter() - started:.1f} s)")
     matrix = values.view(len(batches), len(positions))
     if logger is not None and hasattr(logger, "log_image"):
         import tempfile
