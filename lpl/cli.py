@@ -12,14 +12,16 @@ from typing import Callable
 
 from lpl.utils.errors import LplError
 
-# Method subcommands that are not Trainer entry points: name -> (module, function taking argv).
-HELPER_COMMANDS: dict[str, tuple[str, str]] = {
-    "prune": ("lpl.prune.commands", "prune_main"),
-    "estimate": ("lpl.order.commands", "estimate_main"),
-    "curriculum": ("lpl.order.commands", "curriculum_main"),
-    "position-map": ("lpl.order.commands", "position_map_main"),
-    "sensitivity": ("lpl.order.commands", "sensitivity_main"),
-    "check-methods": ("lpl.order.commands", "check_methods_main"),
+# Method subcommands that are not Trainer entry points: name -> (module, function taking argv, one-line summary).
+HELPER_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prune": ("lpl.prune.commands", "prune_main", "block-prune a trained model's Linear layers, save the result"),
+    "estimate": ("lpl.order.commands", "estimate_main", "estimate the final loss of batch orders from a recording"),
+    "curriculum": ("lpl.order.commands", "curriculum_main", "search a batch order by estimated loss"),
+    "position-map": ("lpl.order.commands", "position_map_main", "end loss of each batch by its position"),
+    "sensitivity": ("lpl.order.commands", "sensitivity_main",
+                    "add full-space data to a recording (methods linearized, adjoint)"),
+    "check-methods": ("lpl.order.commands", "check_methods_main",
+                      "score every estimation method against retrained orders"),
 }
 
 
@@ -36,7 +38,7 @@ def _default_wandb_offline() -> None:
 def _helper(name: str) -> Callable[[list[str]], int | None]:
     import importlib
 
-    module_name, function = HELPER_COMMANDS[name]
+    module_name, function, _ = HELPER_COMMANDS[name]
     return getattr(importlib.import_module(module_name), function)
 
 
@@ -86,14 +88,27 @@ def _user_error(error: BaseException) -> LplError | None:
     return None
 
 
+def _print_helper_commands() -> None:
+    print("\nmethod commands (lpl COMMAND --help for each):")
+    for name, (_, _, summary) in HELPER_COMMANDS.items():
+        print(f"  {name:<15} {summary}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _default_wandb_offline()
     try:
         if argv and argv[0] in HELPER_COMMANDS:
             code = _helper(argv[0])(argv[1:])
             sys.exit(code or 0)
-        run_lightning_cli(argv)
+        try:
+            # from the command line LightningCLI reads sys.argv itself (given them as args too, it warns every run)
+            run_lightning_cli(None if from_command_line else argv)
+        except SystemExit:
+            if not argv or argv[0] in ("-h", "--help"):  # the Trainer commands' help, then ours
+                _print_helper_commands()
+            raise
     except Exception as error:
         user_error = _user_error(error)
         if user_error is None:

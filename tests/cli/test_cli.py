@@ -160,3 +160,13 @@ def test_a_run_recorded_through_the_cli_is_retrained_exactly() -> None:
     assert not {"_class_path", "_instantiator"} & set(recording.manifest["model"]["hparams"])
     result = retrain("rec", recording.order, curve_every_n_steps=len(recording.order), accelerator="cpu")
     assert result.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
+
+
+def test_help_lists_the_method_commands_too(capsys) -> None:
+    from lpl.cli import HELPER_COMMANDS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and all(f"  {name} " in out for name in HELPER_COMMANDS)
