@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable
 
 from lpl.utils.errors import LplError
@@ -66,15 +67,18 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
             if metrics:
                 print(f"{stage} metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
-    return LplCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        # an argument list given on purpose (`lpl prune` builds the CLI from its own): not the mistake it warns of
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return LplCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
 
 
 def _user_error(error: BaseException) -> LplError | None:
