@@ -124,7 +124,22 @@ def check_methods(
         metrics = agreement(result.final_loss, true_losses)
         check.scores[method] = MethodScore(result.final_loss.double().cpu().tolist(), **metrics)
         log_estimates(logger, result, true_losses, prefix=f"check/{method}")
+    _log_summary(logger, check)
     return check
+
+
+def _log_summary(logger: Any, check: MethodCheck) -> None:
+    """With a W&B logger, one table of every scored method next to "no change"."""
+    experiment = getattr(logger, "experiment", None)
+    if type(logger).__name__ != "WandbLogger" or experiment is None:
+        return
+    import wandb
+
+    rows = [[m, s.spearman, s.pearson, s.mae, s.mae / check.no_change_mae if check.no_change_mae else float("nan")]
+            for m, s in sorted(check.scores.items(), key=lambda item: item[1].mae)]
+    rows.append(["no change", float("nan"), float("nan"), check.no_change_mae, 1.0])
+    experiment.log({"check/summary": wandb.Table(
+        columns=["method", "spearman", "pearson", "mae", "mae_over_no_change"], data=rows)})
 
 
 def reference_loss_after(recording: Any, steps: int) -> float:

@@ -82,6 +82,8 @@ def test_command_writes_json_csv_plot_and_wandb_scatter(recording, tmp_path, cap
     printed = capsys.readouterr().out
     assert "3 retrained orders" in printed and "zeroth_order" in printed
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/check/adam/estimated_vs_true*.json"))
+    summary = list(tmp_path.glob("wandb/offline-run-*/files/media/table/check/summary*.json"))
+    assert summary and [row[0] for row in json.loads(summary[0].read_text())["data"]][-1] == "no change"
 
 
 def test_an_accelerator_the_machine_lacks_is_one_clear_error(recording):
