@@ -13,9 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points
-from lpl.prune.blocks import (
-    block_elements, block_fits, block_grid, check_block_size, expand_block_mask, parse_block_size,
-)
+from lpl.prune.blocks import block_elements, block_fits, block_grid, expand_block_mask, parse_block_size
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
@@ -94,8 +92,8 @@ def prune_model(
     better at 35-25% (benchmarks/results/prune_quality*.md), so the default drops it (OBD's assumption that the
     trained model sits at a minimum) and keeps the full per-sample Fisher with its cross terms. The model's weights are
     not changed; apply the result with ``apply_masks``. Layers: ``include`` / ``exclude`` glob patterns on module
-    names; by default every Linear layer but heads, leaving dense (with a warning) those smaller than one block and
-    those the forward never calls as modules.
+    names; by default every Linear layer but heads, leaving dense (with a warning) those the forward never calls as
+    modules. A layer smaller than one block is an error that names it (exclude it, or use a smaller block).
 
     Example::
 
@@ -109,15 +107,15 @@ def prune_model(
                        "gradients: call model.requires_grad_(True) first.")
     layers = select_layers(model, include, exclude)
     block_size = parse_block_size(block_size)
-    if include is None:  # default selection: layers smaller than one block (a small output layer, say) stay dense
-        small = [n for n, layer in layers.items() if not block_fits(block_size, tuple(layer.weight.shape))]
-        if small and len(small) < len(layers):
-            warnings.warn(f"prune_model: {len(small)} Linear layers are smaller than one {block_size} block (e.g. "
-                          f"{small[0]!r} of shape {tuple(layers[small[0]].weight.shape)}): left dense. Pass "
-                          "include=/exclude= to choose layers yourself.", stacklevel=2)
-            layers = {n: layer for n, layer in layers.items() if n not in small}
-    for name, layer in layers.items():
-        block_size = check_block_size(block_size, tuple(layer.weight.shape), name)
+    small = [n for n, layer in layers.items() if not block_fits(block_size, tuple(layer.weight.shape))]
+    if small:
+        shape = tuple(layers[small[0]].weight.shape)
+        excluded = list(exclude) if exclude is not None else list(DEFAULT_EXCLUDE)
+        raise LplError(
+            f"block_size {block_size} is larger than {len(small)} of the selected Linear layers (e.g. {small[0]!r} of "
+            f"shape {shape}); use a smaller block, or leave them dense with exclude={excluded + small[:4]}"
+            f"{' (and the rest)' if len(small) > 4 else ''}."
+        )
     device_type = next(model.parameters()).device.type
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
