@@ -461,15 +461,13 @@ class TrainOrderRecorder(L.Callback):
                 f"{planned_slice[:4]}...; the loader's order is not reproducible (or it did not resume where it stopped)."
             )
 
-    @staticmethod
-    def _check_data_repeats(trainer: L.Trainer, batch: Mapping[str, Any], step: int) -> None:
+    def _check_data_repeats(self, trainer: L.Trainer, batch: Mapping[str, Any], step: int) -> None:
         """Warn when the dataset gives other data for the sample ids the loader just gave (random augmentation, say):
         probes, retraining and the sensitivity data load pool batches again by id and must see what training saw."""
-        loader = trainer.train_dataloader
         ids = [int(i) for i in batch["index"].reshape(-1).tolist()]
         rng = capture_rng()  # loading must not move the RNG streams training draws from
         try:
-            again = move_data_to_device(loader.collate_fn([loader.dataset[i] for i in ids]), batch["index"].device)
+            again = self._load_samples(trainer, ids, batch["index"].device)
         finally:
             restore_rng(rng)
         differing = sorted(
@@ -499,10 +497,14 @@ class TrainOrderRecorder(L.Callback):
             exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
         )
 
-    def _pool_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> Any:
+    @staticmethod
+    def _load_samples(trainer: L.Trainer, ids: list[int], device: torch.device) -> Any:
+        """The train dataset's samples ``ids``, collated as the train loader does, on ``device``."""
         loader = trainer.train_dataloader
-        items = [loader.dataset[i] for i in self._pool[position]]
-        return move_data_to_device(loader.collate_fn(items), pl_module.device)
+        return move_data_to_device(loader.collate_fn([loader.dataset[i] for i in ids]), device)
+
+    def _pool_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> Any:
+        return self._load_samples(trainer, self._pool[position], pl_module.device)
 
     @staticmethod
     def _val_loader(trainer: L.Trainer) -> Any:
