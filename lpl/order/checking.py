@@ -57,6 +57,14 @@ class MethodCheck:
     def no_change_mae(self) -> float:
         return sum(abs(t - self.reference_loss) for t in self.true_losses) / len(self.true_losses)
 
+    def mae_over_no_change(self, method: str) -> float:
+        """A scored method's error as a multiple of "no change"'s (NaN when "no change" is exact)."""
+        return self.scores[method].mae / self.no_change_mae if self.no_change_mae else float("nan")
+
+    def ranked(self) -> list[tuple[str, MethodScore]]:
+        """The scored methods, smallest error first."""
+        return sorted(self.scores.items(), key=lambda item: item[1].mae)
+
     @property
     def best(self) -> str | None:
         """The method with the smallest error among those that beat "no change"; None when none does."""
@@ -135,8 +143,7 @@ def _log_summary(logger: Any, check: MethodCheck) -> None:
         return
     import wandb
 
-    rows = [[m, s.spearman, s.pearson, s.mae, s.mae / check.no_change_mae if check.no_change_mae else float("nan")]
-            for m, s in sorted(check.scores.items(), key=lambda item: item[1].mae)]
+    rows = [[m, s.spearman, s.pearson, s.mae, check.mae_over_no_change(m)] for m, s in check.ranked()]
     rows.append(["no change", float("nan"), float("nan"), check.no_change_mae, 1.0])
     experiment.log({"check/summary": wandb.Table(
         columns=["method", "spearman", "pearson", "mae", "mae_over_no_change"], data=rows)})

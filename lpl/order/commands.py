@@ -316,16 +316,17 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     writer = csv.writer(buffer)
     writer.writerow(["method", "spearman", "pearson", "mae", "mae_over_no_change"])
     for method, score in check.scores.items():
+        ratio = check.mae_over_no_change(method)
         writer.writerow([method, f"{score.spearman:.4f}", f"{score.pearson:.4f}", f"{score.mae:.6g}",
-                         f"{score.mae / check.no_change_mae:.4f}" if check.no_change_mae else ""])
+                         f"{ratio:.4f}" if check.no_change_mae else ""])
     atomic_write_text(out / "check.csv", buffer.getvalue())
     plot_check(check, out / "check.png")
     print(f"{len(orders)} retrained orders; 'no change' (reference loss {check.reference_loss:.4f}) misses by "
           f"{check.no_change_mae:.4g} on average")
     print(f"{'method':<18} {'spearman':>8} {'pearson':>8} {'mae':>10}  vs no change")
-    for method, score in sorted(check.scores.items(), key=lambda item: item[1].mae):
-        ratio = score.mae / check.no_change_mae if check.no_change_mae else float("nan")
-        print(f"{method:<18} {score.spearman:>8.3f} {score.pearson:>8.3f} {score.mae:>10.4g}  {ratio:.2f}x")
+    for method, score in check.ranked():
+        print(f"{method:<18} {score.spearman:>8.3f} {score.pearson:>8.3f} {score.mae:>10.4g}  "
+              f"{check.mae_over_no_change(method):.2f}x")
     for method, why in check.skipped.items():
         print(f"{method:<18} skipped: {why}")
     print(f"best: {check.best}" if check.best else "no method beats 'no change' on this run: do not trust the "

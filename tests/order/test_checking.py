@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import wandb
 import torch
+import wandb
 from scipy.stats import pearsonr, spearmanr
 
 from lpl.order import OrderEstimator, retrain
