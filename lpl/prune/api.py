@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points
-from lpl.prune.blocks import block_elements, block_fits, block_grid, expand_block_mask, parse_block_size
+from lpl.prune.blocks import block_elements, block_grid, check_block_size, expand_block_mask
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
@@ -106,16 +106,8 @@ def prune_model(
         raise LplError("the model has no trainable weights (requires_grad is False everywhere); calibration needs "
                        "gradients: call model.requires_grad_(True) first.")
     layers = select_layers(model, include, exclude)
-    block_size = parse_block_size(block_size)
-    small = [n for n, layer in layers.items() if not block_fits(block_size, tuple(layer.weight.shape))]
-    if small:
-        shape = tuple(layers[small[0]].weight.shape)
-        excluded = list(exclude) if exclude is not None else list(DEFAULT_EXCLUDE)
-        raise LplError(
-            f"block_size {block_size} is larger than {len(small)} of the selected Linear layers (e.g. {small[0]!r} of "
-            f"shape {shape}); use a smaller block, or leave them dense with exclude={excluded + small[:4]}"
-            f"{' (and the rest)' if len(small) > 4 else ''}."
-        )
+    block_size = check_block_size(block_size, {n: tuple(layer.weight.shape) for n, layer in layers.items()},
+                                  exclude if exclude is not None else DEFAULT_EXCLUDE)
     device_type = next(model.parameters()).device.type
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +18,18 @@ def parse_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
     return int(block_size[0]), int(block_size[1])
 
 
-def block_fits(block_size: tuple[int, int], shape: tuple[int, int]) -> bool:
-    """Whether one block of a parsed ``block_size`` fits in a weight of ``shape``."""
-    return block_size[0] <= shape[0] and block_size[1] <= shape[1]
-
-
-def check_block_size(block_size: tuple[int, int], shape: tuple[int, int], name: str) -> tuple[int, int]:
-    """Validate ``block_size`` against a weight ``shape``; returns it as a tuple of two ints."""
+def check_block_size(block_size: tuple[int, int], shapes: Mapping[str, tuple[int, int]],
+                     excluded: Sequence[str] = ()) -> tuple[int, int]:
+    """Validate ``block_size`` against the weight ``shapes`` of the layers to prune (by name); returns it as a tuple
+    of two ints. The error names the layers one block does not fit and the exclude patterns (``excluded``, the ones
+    in effect, plus those layers) that leave them dense."""
     br, bc = parse_block_size(block_size)
-    if not block_fits((br, bc), shape):
+    small = [name for name, (rows, cols) in shapes.items() if br > rows or bc > cols]
+    if small:
         raise LplError(
-            f"block_size {(br, bc)} is larger than layer {name!r} of shape {tuple(shape)}; "
-            "use a smaller block or exclude the layer."
+            f"block_size {(br, bc)} is larger than {len(small)} of the selected Linear layers (e.g. {small[0]!r} of "
+            f"shape {tuple(shapes[small[0]])}); use a smaller block, or leave them dense with "
+            f"exclude={list(excluded) + small[:4]}{' (and the rest)' if len(small) > 4 else ''}."
         )
     return br, bc
 

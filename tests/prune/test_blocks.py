@@ -32,4 +32,4 @@ def test_expand_mask_and_density_count_ragged_blocks_by_true_size():
 @pytest.mark.parametrize("bad", [(0, 16), (16, -1), (17, 16), (16, 21)])
 def test_bad_block_sizes(bad):
     with pytest.raises(LplError):
-        check_block_size(bad, (16, 20), "layer")
+        check_block_size(bad, {"layer": (16, 20)})
