@@ -268,7 +268,8 @@ def _ranks(values: Tensor) -> Tensor:
     order = values.argsort()
     ranks = torch.empty_like(values)
     ranks[order] = torch.arange(len(values), dtype=values.dtype)
-    for value in values.unique()[values.unique(return_counts=True)[1] > 1]:
+    unique, counts = values.unique(return_counts=True)
+    for value in unique[counts > 1]:
         tied = values == value
         ranks[tied] = ranks[tied].mean()
     return ranks
