@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import ModelPruning
 from lpl.data.mnist import MNIST5kDataModule
 from lpl.models import ViTClassifier
 from lpl.prune import BlockPruneCallback, apply_masks, prune_model
-from lpl.prune.curves import measure_layer_distortion, rank_correlation
+from lpl.prune.curves import measure_layer_distortion
+from lpl.utils.stats import rank_correlation
 from lpl.utils.loss import module_loss
 
 ROOT = Path(__file__).resolve().parent

@@ -18,6 +18,7 @@ from torch import Tensor
 from lpl.order.linearized import LinearizedRun, linearized_from_tensors
 from lpl.order.replay import ReplayData, ReplayResult, check_method, replay
 from lpl.utils.errors import LplError
+from lpl.utils.stats import rank_correlation
 
 _LINEARIZED = "linearized_"  # buffer-name prefix of the linearised replay's tensors
 
@@ -263,18 +264,6 @@ class OrderEstimator(L.LightningModule):
         return _split(self.estimate_many(orders))
 
 
-def _ranks(values: Tensor) -> Tensor:
-    """Average ranks (ties share the mean of their positions), as Spearman's correlation takes them."""
-    order = values.argsort()
-    ranks = torch.empty_like(values)
-    ranks[order] = torch.arange(len(values), dtype=values.dtype)
-    unique, counts = values.unique(return_counts=True)
-    for value in unique[counts > 1]:
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def agreement(estimated: Tensor | Sequence[float], true: Tensor | Sequence[float]) -> dict[str, float]:
     """Spearman and Pearson correlation and mean absolute error of estimated vs true losses (NaN correlations
     when either side is constant)."""
@@ -283,8 +272,9 @@ def agreement(estimated: Tensor | Sequence[float], true: Tensor | Sequence[float
     if true.shape != estimated.shape:
         raise LplError(f"truth has {true.numel()} losses for {estimated.numel()} estimates; give one per order.")
     pearson = torch.corrcoef(torch.stack([estimated, true]))[0, 1]
-    spearman = torch.corrcoef(torch.stack([_ranks(estimated), _ranks(true)]))[0, 1]
-    return {"spearman": float(spearman), "pearson": float(pearson), "mae": float((estimated - true).abs().mean())}
+    constant = bool(estimated.min() == estimated.max()) or bool(true.min() == true.max())
+    spearman = float("nan") if constant else rank_correlation(estimated, true)
+    return {"spearman": spearman, "pearson": float(pearson), "mae": float((estimated - true).abs().mean())}
 
 
 def log_estimates(

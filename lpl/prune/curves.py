@@ -158,10 +158,3 @@ def measure_layer_distortion(
         handle.remove()
         model.train(was_training)
     return torch.tensor(loss_increase), torch.tensor(output_change)
-
-
-def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a.numpy(), b.numpy()).statistic)

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from lpl.prune.blocks import expand_block_mask
-from lpl.prune.curves import measure_layer_distortion, rank_correlation, taylor2_curve
+from lpl.prune.curves import measure_layer_distortion, taylor2_curve
+from lpl.utils.stats import rank_correlation
 from lpl.prune.importance import collect_statistics
 from lpl.utils.loss import module_loss
 
