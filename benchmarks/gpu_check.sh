@@ -3,13 +3,16 @@
 # and all under one deadline (GPU_CHECK_SECONDS, default 560 s from the start), so that the run ends inside a
 # 10-minute lease with whatever it measured:
 #   1. sanity: one compiled forward/backward against the dense reference (fails fast on a broken stack)
-#   2. benchmarks/kernels.py --preset gpu-check   (DeiT-B qkv/proj/fc1/fc2, 64x197 tokens, bf16, blocks 32/64)
-#   3. benchmarks/prune_time.py                   (prune_model wall time, DeiT-S 16x16 and DeiT-B 32x32)
-#   4. benchmarks/vit_e2e.py                      (DeiT-S/B dense vs pruned+exported, images/s, NVML J/image)
-#   5. kernel tests compiled on the GPU (tests/kernels without the interpreter; the CPU-path tests are skipped)
-#   6. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
-#   7. benchmarks/linearized_replay_speed.py      (order estimation's full-space replay at the demo LM's size; with
+#   2. benchmarks/order_device_check.py           (order science end to end on the GPU: record, sensitivities,
+#                                                  retrain, every method scored, estimator on GPU vs CPU)
+#   3. benchmarks/linearized_replay_speed.py      (order estimation's full-space replay at the demo LM's size; with
 #                                                  gensim there, beside retraining the demo LM on the GPU)
+#   4. kernel tests compiled on the GPU (tests/kernels without the interpreter; the CPU-path tests are skipped)
+#   5. benchmarks/kernels.py --preset gpu-check   (DeiT-B qkv/proj/fc1/fc2, 64x197 tokens, bf16, blocks 32/64)
+#   6. benchmarks/vit_e2e.py                      (DeiT-S/B dense vs pruned+exported, images/s, NVML J/image)
+#   7. benchmarks/prune_time.py                   (prune_model wall time, DeiT-S 16x16 and DeiT-B 32x32)
+#   8. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
+# The order stages come first: the kernel stages' figures are on record from an earlier lease (their code unchanged).
 # Results land in benchmarks/results/ (file names carry the device); when $OUT is set (device tool) they are also
 # packed into $OUT/gpu_results.tar beside the log.
 set -uo pipefail
@@ -74,25 +77,29 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
     assert err < 2e-2 and dx_err < 2e-2
 PY
 
-say "2. kernel benchmark"
-timeout "$(limit 200)" python benchmarks/kernels.py --preset gpu-check 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error|error" | tail -45
+say "2. order science on the GPU"
+timeout "$(limit 150)" python benchmarks/order_device_check.py --accelerator gpu 2>&1 | grep -v -i -E "warn|val_dataloader|treespec" \
+  | tee -a "$LOG" | tee "$RESULTS/order_device_check_${SLUG}.txt"
 
-say "3. prune time"
-timeout "$(limit 120)" python benchmarks/prune_time.py --models deit_s deit_b --device cuda --repeats 2 2>&1 | tee -a "$LOG" | tail -4
+say "3. linearised order replay speed"
+# with the demo LM's corpus (gensim) at hand, retrain the demo LM on the GPU too: the speed-up side by side
+RETRAIN=$(python -c "import importlib.util as u, sys; sys.exit(u.find_spec('gensim') is None)" 2>/dev/null && echo --retrain-demo-lm)
+timeout "$(limit 150)" python benchmarks/linearized_replay_speed.py --device cuda --orders 1024 --chunks 20,22,24,26 \
+  --paths fused,eager $RETRAIN 2>&1 | tee -a "$LOG" | tee "$RESULTS/linearized_replay_speed_${SLUG}.txt"
 
-say "4. ViT end to end"
-timeout "$(limit 120)" python benchmarks/vit_e2e.py --energy-s 4 --budget-s 3 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error"
-
-say "5. kernel tests (compiled)"
+say "4. kernel tests (compiled)"
 timeout "$(limit 100)" python -m pytest tests/kernels -q -x -p no:cacheprovider --ignore-glob="tests/kernels/test_cpu_*" \
   --deselect tests/kernels/test_calibrate.py::test_cpu_calibration_and_validation_run_on_the_real_kernel 2>&1 | tail -15 | tee -a "$LOG"
 
-say "6. cost-model calibration"
-timeout "$(limit 120)" python -m lpl.prune.calibrate --device cuda --out "$RESULTS" --repeats 5 2>&1 | tee -a "$LOG" | head -8
+say "5. kernel benchmark"
+timeout "$(limit 200)" python benchmarks/kernels.py --preset gpu-check 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error|error" | tail -45
 
-say "7. linearised order replay speed"
-# with the demo LM's corpus (gensim) at hand, retrain the demo LM on the GPU too: the speed-up side by side
-RETRAIN=$(python -c "import gensim" 2>/dev/null && echo --retrain-demo-lm)
-timeout "$(limit 150)" python benchmarks/linearized_replay_speed.py --device cuda --orders 1024 --chunks 20,22,24,26 \
-  $RETRAIN 2>&1 | tee -a "$LOG" | tee "$RESULTS/linearized_replay_speed_${SLUG}.txt"
+say "6. ViT end to end"
+timeout "$(limit 120)" python benchmarks/vit_e2e.py --energy-s 4 --budget-s 3 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error"
+
+say "7. prune time"
+timeout "$(limit 120)" python benchmarks/prune_time.py --models deit_s deit_b --device cuda --repeats 2 2>&1 | tee -a "$LOG" | tail -4
+
+say "8. cost-model calibration"
+timeout "$(limit 120)" python -m lpl.prune.calibrate --device cuda --out "$RESULTS" --repeats 5 2>&1 | tee -a "$LOG" | head -8
 say "done"
