@@ -155,7 +155,8 @@ def fit_in_order(
 ) -> float:
     """Train ``model`` (from ``rebuild``) for ``steps`` steps under the recording's seed, RNG state, precision and
     schedule (``trainer_kwargs`` override the Trainer's settings); returns the seconds spent. The schedule's length
-    is the recorded number of steps, whatever ``steps`` is."""
+    is the recorded number of steps, whatever ``steps`` is. The model stays on the device it trained on (Lightning
+    moves it to the CPU at the end of ``fit``), so that what is measured after training runs where training ran."""
     import time
 
     seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
@@ -179,6 +180,7 @@ def fit_in_order(
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         seconds = time.perf_counter() - start
+    model.to(trainer.strategy.root_device)
     if trainer.global_step != steps:
         raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
     return seconds
