@@ -4,9 +4,9 @@ Times ``replay_linearized`` for one order and batched over many, for several chu
 side in one run (``--paths``): ``compiled`` (the C kernel ``lpl.kernels.cpu.adam_replay_cpu``, CPU float32; chunk
 sizes set ``KERNEL_CHUNK_ELEMENTS``), ``compiled-bf16`` (the same with the d-sized rows in bfloat16, as
 ``OrderEstimator`` holds a recording's data when the kernel runs), ``fused`` (torch ops with torch's fused Adam
-kernel) and ``eager`` (torch ops only; chunk sizes set ``CHUNK_ELEMENTS``). The data are random (speed does not
-depend on the values); the default size is the demo LM's (123,200 parameters, T = 64 steps, 64 pool batches, Hessian
-rank 16).
+kernel) and ``eager`` (torch ops only; chunk sizes set ``CHUNK_ELEMENTS``, on a GPU ``CUDA_CHUNK_ELEMENTS``). The
+data are random (speed does not depend on the values); the default size is the demo LM's (123,200 parameters, T = 64
+steps, 64 pool batches, Hessian rank 16).
 
 With ``--retrain-demo-lm`` it also records the demo LM itself (T steps on the same device, a small projection: only
 its retraining is timed) and retrains a few random orders of it, so the speed-up over retraining is measured side by
@@ -148,7 +148,7 @@ def main() -> None:
                 print("fused: this torch has no fused Adam kernel")
                 continue
             linearized._FUSED_ADAM.update(fused_adam if path == "fused" else {True: None, False: None})
-            chunk_name = "CHUNK_ELEMENTS"
+            chunk_name = "CUDA_CHUNK_ELEMENTS" if orders.is_cuda else "CHUNK_ELEMENTS"
         path_run = runs[path]
         single = seconds(path_run, orders[:1], args.repeats)
         print(f"[{path}] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")

@@ -45,9 +45,11 @@ from lpl.utils.errors import LplError
 # orders replayed together: [orders, d] state tensors of about this many elements (benchmarks/linearized_replay_speed.py
 # at the demo LM's size). Torch path: small enough to stay in cache (2^20-2^22 fastest, 2^24 1.3x slower). Compiled
 # kernel: it streams the state once a step whatever its size, and more orders share each load of the Hessian factors
-# (2^22 about 1.2x faster than 2^20, no gain beyond).
+# (2^22 about 1.2x faster than 2^20, no gain beyond). CUDA (torch ops): launch-bound, so the more orders per launch the
+# better (H200: 2^20 1.7, 2^22 0.5, 2^24 0.2 ms/order); 2^24 keeps each [orders, d] tensor at 64 MiB of float32.
 CHUNK_ELEMENTS = 1 << 20
 KERNEL_CHUNK_ELEMENTS = 1 << 22
+CUDA_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -105,7 +107,8 @@ def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True
     dtype = run.pool_grads.dtype if run.pool_grads.is_floating_point() else torch.float32
     dtype = torch.promote_types(dtype, torch.float32)
     compiled = _compiled_kernel_applies(run, dtype)
-    chunk = max(1, (KERNEL_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS) // run.pool_grads.shape[-1])
+    elements = KERNEL_CHUNK_ELEMENTS if compiled else CUDA_CHUNK_ELEMENTS if orders.is_cuda else CHUNK_ELEMENTS
+    chunk = max(1, elements // run.pool_grads.shape[-1])
     parts = [_replay_chunk(run, orders[i : i + chunk], quadratic, dtype, compiled)
              for i in range(0, orders.shape[0], chunk)]
     return LinearizedEstimate(
