@@ -44,11 +44,11 @@ def taylor2_curve(
     With S the removed set, delta(S) = -sum_{k in S} first_k + 1/2 sum_{k, l in S} gram_kl. Adding block k raises
     it by -first_k + (gram 1_S)_k + 1/2 gram_kk: the incremental update keeps gram 1_S (O(K) per step), picks the
     block with the smallest increase, and accumulates the exact delta (cross terms included). Blocks in ``forced``
-    (already pruned in an earlier round) are removed first.
+    (already pruned in an earlier round) are removed first. ``gram`` is symmetric (a sum of c c^T, as
+    ``collect_statistics`` builds it): its rows are read as they are, without a symmetrised copy (half the time).
     """
     # numpy, not torch: the loop is K sequential steps over K-vectors, where per-op dispatch cost dominates.
-    gram_np = gram.detach().double().cpu().numpy()
-    gram_np = 0.5 * (gram_np + gram_np.T)  # only the symmetric part enters delta(S); rows are contiguous
+    gram_np = gram.detach().double().cpu().numpy()  # a view of a float64 CPU gram, no copy
     own = 0.5 * np.diagonal(gram_np) - first.detach().double().cpu().numpy()
     size = own.size
     forced_np = forced.flatten().cpu().numpy() if forced is not None else np.zeros(size, dtype=bool)

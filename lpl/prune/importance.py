@@ -100,9 +100,9 @@ def _per_sample_contributions(
     chunk = max(1, _CHUNK_ELEMENTS // weight.numel())
     parts = []
     for start in range(0, n, chunk):
-        grads = torch.bmm(dy3[start : start + chunk].transpose(1, 2), x3[start : start + chunk]) * n
-        parts.append(block_sum(grads * weight, block_size).flatten(1))
-    return torch.cat(parts)
+        grads = torch.bmm(dy3[start : start + chunk].transpose(1, 2), x3[start : start + chunk])
+        parts.append(block_sum(grads.mul_(weight), block_size).flatten(1))  # in place: [chunk, out, in] is large
+    return torch.cat(parts) * n
 
 
 def collect_statistics(
@@ -176,7 +176,7 @@ def collect_statistics(
                 contributions = _per_sample_contributions(x, dy, weights[name], block_size).double()
                 acc["first"] += contributions.sum(0)
                 if with_gram:
-                    acc["gram"] += contributions.T @ contributions
+                    acc["gram"].addmm_(contributions.T, contributions)  # in place: K x K is the big one
             counts += torch.tensor([float(captured[next(iter(layers))]["x"].shape[0]), 1.0], device=device,
                                    dtype=torch.float64)
     finally:
@@ -200,7 +200,7 @@ def collect_statistics(
             tokens_per_sample=float(acc["tokens"]) / samples,
             tokens_per_batch=float(acc["tokens"]) / num_batches,
             first=(acc["first"] / samples).cpu(),
-            gram=(acc["gram"] / samples).cpu() if with_gram else None,
+            gram=acc["gram"].div_(samples).cpu() if with_gram else None,
             grad_mean=(acc["grad"] / num_batches).cpu(),
             grad_sq_mean=(acc["grad_sq"] / num_batches).cpu(),
         )
