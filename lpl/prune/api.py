@@ -6,10 +6,11 @@ import contextlib
 import fnmatch
 import time
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points
@@ -25,6 +26,10 @@ DEFAULT_EXCLUDE = ("*head*",)
 # Weight of the normalised hardware cost against the distortion of the uniform allocation: at a fixed FLOPs
 # budget the hardware term decides between allocations of (nearly) equal distortion.
 HARDWARE_WEIGHT = 0.1
+# taylor2 keeps a K x K float64 Gram matrix per layer of K blocks (DeiT-B's MLP layers at 16x16 blocks: 9,216 blocks,
+# 0.68 GB each, 21 GB for the model). Layers are calibrated in groups whose Grams fit this budget, each group's curves
+# built and its Grams freed before the next group's pass: peak memory stays bounded, at one calibration pass a group.
+GRAM_BYTES_PER_PASS = 2 << 30
 
 
 def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[str, nn.Linear]:
@@ -112,17 +117,16 @@ def prune_model(
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
 
-    batches = calib_dataloader if stages == 1 else list(_take(calib_dataloader, calib_batches))
+    passes = stages * len(gram_groups(layers, block_size)) if importance == "taylor2" else stages
+    batches = calib_dataloader if passes == 1 else list(_take(calib_dataloader, calib_batches))
     names = list(layers)
     masks: dict[str, torch.Tensor] = {}
     # Rounds on a geometric schedule of budgets, each recalibrated on the model pruned so far: the curvature is
     # measured where the model actually is, which the one-shot quadratic model cannot see at high sparsity.
     for round_number in range(1, stages + 1):
         round_keep = float(flops_keep) ** (round_number / stages)
-        with _pruned_weights(layers, masks, block_size):
-            stats = collect_statistics(model, layers, batches, block_size, loss_fn,
-                                       with_gram=importance == "taylor2", max_batches=calib_batches,
-                                       skip_uncalled=include is None)
+        stats, curves, scores = _calibrate(model, layers, batches, masks, block_size, loss_fn, importance,
+                                           first_order, calib_batches, include is None, profile)
         if len(stats) < len(layers):  # default selection: layers the forward never calls stay dense
             skipped = [n for n in layers if n not in stats]
             warnings.warn(f"prune_model: {len(skipped)} Linear layers are never called as modules in the forward "
@@ -130,10 +134,6 @@ def prune_model(
                           stacklevel=2)
             layers = {n: layers[n] for n in stats}
             names = list(layers)
-        if not first_order:
-            for stat in stats.values():
-                stat.first = torch.zeros_like(stat.first)
-        curves, scores = _curves(layers, stats, masks, importance, block_size, profile)
         flops = [curves[n].flops for n in names]
         density = [curves[n].density for n in names]
         allowed = [allowed_points(d, min_density, max_density) for d in density]
@@ -186,6 +186,57 @@ def _pruned_weights(layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor]
         with torch.no_grad():
             for name, weight in saved.items():
                 layers[name].weight.copy_(weight)
+
+
+def gram_groups(layers: Mapping[str, nn.Linear], block_size: tuple[int, int],
+                budget: int | None = None) -> list[list[str]]:
+    """Consecutive groups of layer names whose taylor2 Gram matrices take at most ``budget`` bytes together
+    (default ``GRAM_BYTES_PER_PASS``; a layer larger than that alone)."""
+    budget = GRAM_BYTES_PER_PASS if budget is None else budget
+    groups: list[list[str]] = []
+    used = 0
+    for name, layer in layers.items():
+        rows, cols = block_grid(tuple(layer.weight.shape), block_size)
+        size = (rows * cols) ** 2 * 8
+        if not groups or used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _calibrate(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Any], masks: dict[str, torch.Tensor],
+    block_size: tuple[int, int], loss_fn: LossFn, importance: str, first_order: bool, calib_batches: int | None,
+    skip_uncalled: bool, profile: HardwareProfile,
+) -> tuple[dict, dict[str, LayerCurve], dict[str, torch.Tensor]]:
+    """Statistics, distortion curves and block scores of ``layers`` on the model pruned by ``masks``: one calibration
+    pass per ``gram_groups`` group (taylor2), the group's Grams dropped once its curves are built."""
+    groups = gram_groups(layers, block_size) if importance == "taylor2" else [list(layers)]
+    stats, curves, scores = {}, {}, {}
+    for number, group in enumerate(groups, 1):
+        if len(groups) > 1:
+            rank_zero_info(f"prune_model: calibration pass {number}/{len(groups)} ({len(group)} layers; the "
+                           f"second-order statistics of all {len(layers)} do not fit one pass)")
+        with _pruned_weights(layers, masks, block_size):
+            group_stats = collect_statistics(model, {n: layers[n] for n in group}, batches, block_size, loss_fn,
+                                             with_gram=importance == "taylor2", max_batches=calib_batches,
+                                             skip_uncalled=skip_uncalled)
+        if not first_order:
+            for stat in group_stats.values():
+                stat.first = torch.zeros_like(stat.first)
+        group_curves, group_scores = _curves({n: layers[n] for n in group_stats}, group_stats, masks, importance,
+                                             block_size, profile)
+        for stat in group_stats.values():
+            stat.gram = None  # its curve is built: free the K x K matrix before the next pass
+        stats.update(group_stats)
+        curves.update(group_curves)
+        scores.update(group_scores)
+    if not stats:
+        raise LplError(f"none of the selected Linear layers (e.g. {list(layers)[:3]}) was called in the forward pass "
+                       "(the model uses their weights without calling the modules); select layers it calls.")
+    return stats, curves, scores
 
 
 def _curves(

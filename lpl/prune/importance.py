@@ -118,7 +118,7 @@ def collect_statistics(
     """One forward/backward per calibration batch; returns statistics reduced over batches (and ranks).
 
     A layer whose forward is never called (a model that reads ``layer.weight`` through ``F.linear`` itself) is an
-    error, or with ``skip_uncalled`` left out of the result (the caller keeps it dense).
+    error, or with ``skip_uncalled`` left out of the result (the caller keeps it dense; none called: ``{}``).
     """
     device = next(model.parameters()).device
     layers = dict(layers)
@@ -156,11 +156,13 @@ def collect_statistics(
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
                 missing = [name for name in layers if name not in captured]
-                if missing and (not skip_uncalled or len(missing) == len(layers) or number > 0):
+                if missing and (not skip_uncalled or number > 0):
                     raise LplError(f"layers {missing[:3]} were not called in the forward pass (the model uses their "
                                    "weights without calling the module); exclude them.")
                 for name in missing:
                     del layers[name], sums[name]
+                if not layers:  # none called (skip_uncalled): nothing to measure
+                    break
                 outputs = [captured[name]["y"] for name in layers]
                 if not loss.requires_grad:
                     raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
@@ -190,6 +192,8 @@ def collect_statistics(
             for tensor in acc.values():
                 if tensor.numel():
                     dist.all_reduce(tensor)
+    if not sums:
+        return {}
     samples, num_batches = float(counts[0]), float(counts[1])
     if num_batches == 0:
         raise LplError("the calibration loader yielded no batches; pass a loader with at least one batch.")
