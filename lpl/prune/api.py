@@ -99,6 +99,9 @@ def prune_model(
     not changed; apply the result with ``apply_masks``. Layers: ``include`` / ``exclude`` glob patterns on module
     names; by default every Linear layer but heads, leaving dense (with a warning) those the forward never calls as
     modules. A layer smaller than one block is an error that names it (exclude it, or use a smaller block).
+    Memory: taylor2 holds a K x K float64 Gram matrix per layer of K blocks; when a model's Grams exceed
+    ``GRAM_BYTES_PER_PASS`` (2 GiB) the layers are calibrated in groups, one calibration pass per group (progress is
+    logged), and the calibration batches are kept in memory for the later passes.
 
     Example::
 
