@@ -225,7 +225,8 @@ def _calibrate(
         with _pruned_weights(layers, masks, block_size):
             group_stats = collect_statistics(model, {n: layers[n] for n in group}, batches, block_size, loss_fn,
                                              with_gram=importance == "taylor2", max_batches=calib_batches,
-                                             skip_uncalled=skip_uncalled)
+                                             skip_uncalled=skip_uncalled,
+                                             with_gradients=importance in ("taylor1", "obd"))
         if not first_order:
             for stat in group_stats.values():
                 stat.first = torch.zeros_like(stat.first)

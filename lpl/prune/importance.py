@@ -8,7 +8,7 @@ One pass over the calibration batches records, per layer, everything every impor
   block-removal directions. With it the second-order distortion of removing a set S is exact to evaluate:
   delta(S) = -sum_S first + 1/2 * 1_S^T gram_SS 1_S (see ``curves.taylor2_curve``).
 - ``grad_mean`` / ``grad_sq_mean`` [out, in]: mean and mean square of the per-batch gradients (taylor1, and the
-  diagonal-Fisher OBD baseline).
+  diagonal-Fisher OBD baseline; one more matmul per layer and batch, so collected only when asked for).
 
 Per-sample gradients come from the Linear's input x and output gradient dy captured by hooks (g_i = dy_i^T x_i),
 so one backward per batch suffices. The loss must be a mean of independent per-sample losses (true for the
@@ -45,8 +45,8 @@ class LayerStatistics:
     tokens_per_batch: float
     first: torch.Tensor
     gram: torch.Tensor | None
-    grad_mean: torch.Tensor
-    grad_sq_mean: torch.Tensor
+    grad_mean: torch.Tensor | None
+    grad_sq_mean: torch.Tensor | None
 
 
 def model_inputs(batch: Any) -> Any:
@@ -114,11 +114,14 @@ def collect_statistics(
     with_gram: bool = True,
     max_batches: int | None = None,
     skip_uncalled: bool = False,
+    with_gradients: bool = True,
 ) -> dict[str, LayerStatistics]:
     """One forward/backward per calibration batch; returns statistics reduced over batches (and ranks).
 
     A layer whose forward is never called (a model that reads ``layer.weight`` through ``F.linear`` itself) is an
     error, or with ``skip_uncalled`` left out of the result (the caller keeps it dense; none called: ``{}``).
+    ``with_gram`` / ``with_gradients``: collect the Gram (taylor2) / the per-batch gradient statistics (taylor1, obd);
+    left ``None`` otherwise.
     """
     device = next(model.parameters()).device
     layers = dict(layers)
@@ -138,8 +141,8 @@ def collect_statistics(
             "first": torch.zeros(grids[name][0] * grids[name][1], device=device, dtype=torch.float64),
             "gram": torch.zeros((grids[name][0] * grids[name][1],) * 2, device=device, dtype=torch.float64)
             if with_gram else torch.zeros(0, device=device),
-            "grad": torch.zeros_like(weights[name]),
-            "grad_sq": torch.zeros_like(weights[name]),
+            "grad": torch.zeros_like(weights[name]) if with_gradients else torch.zeros(0, device=device),
+            "grad_sq": torch.zeros_like(weights[name]) if with_gradients else torch.zeros(0, device=device),
             "tokens": torch.zeros((), device=device, dtype=torch.float64),
         }
         for name in layers
@@ -171,9 +174,10 @@ def collect_statistics(
                 x = captured[name]["x"]
                 dy = torch.zeros_like(captured[name]["y"]) if dy is None else dy.detach()
                 acc = sums[name]
-                batch_grad = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                acc["grad"] += batch_grad
-                acc["grad_sq"] += batch_grad.square()
+                if with_gradients:
+                    batch_grad = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                    acc["grad"] += batch_grad
+                    acc["grad_sq"] += batch_grad.square()
                 acc["tokens"] += x.numel() / x.shape[-1]
                 contributions = _per_sample_contributions(x, dy, weights[name], block_size).double()
                 acc["first"] += contributions.sum(0)
@@ -205,8 +209,8 @@ def collect_statistics(
             tokens_per_batch=float(acc["tokens"]) / num_batches,
             first=(acc["first"] / samples).cpu(),
             gram=acc["gram"].div_(samples).cpu() if with_gram else None,
-            grad_mean=(acc["grad"] / num_batches).cpu(),
-            grad_sq_mean=(acc["grad_sq"] / num_batches).cpu(),
+            grad_mean=acc["grad"].div_(num_batches).cpu() if with_gradients else None,
+            grad_sq_mean=acc["grad_sq"].div_(num_batches).cpu() if with_gradients else None,
         )
         for name, acc in sums.items()
     }
