@@ -1,6 +1,7 @@
 """Run by test_ddp.py: BlockPruneCallback under Trainer(devices=2, strategy="ddp") on CPU (gloo).
 
-Each rank writes its masks and its reduced calibration statistics to OUT/rank{r}.safetensors.
+Each rank writes its masks and its reduced calibration statistics to OUT/rank{r}.safetensors. With a second argument
+"grouped" every layer is calibrated in a pass of its own (GRAM_BYTES_PER_PASS = 0).
 """
 
 import sys
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
+import lpl.prune.api
 from lpl.data.mnist import MNIST5kDataModule
 from lpl.models import ViTClassifier
 from lpl.prune import BlockPruneCallback
@@ -48,6 +50,8 @@ class RecordStatistics(Callback):
 
 if __name__ == "__main__":
     out = sys.argv[1]
+    if sys.argv[2:] == ["grouped"]:
+        lpl.prune.api.GRAM_BYTES_PER_PASS = 0
     torch.set_num_threads(1)
     L.seed_everything(0)
     model = tiny_classifier()

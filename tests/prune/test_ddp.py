@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 
-def test_ddp_ranks_reduce_statistics_and_share_masks(tmp_path):
+@pytest.mark.parametrize("passes", ["single", "grouped"])
+def test_ddp_ranks_reduce_statistics_and_share_masks(tmp_path, passes):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), passes], env=env, capture_output=True, text=True,
                          timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert ("calibration pass 1/" in run.stdout + run.stderr) == (passes == "grouped")
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     masks = [k for k in rank0 if k.startswith("mask/")]
     assert masks and all(torch.equal(rank0[k], rank1[k]) for k in masks)
