@@ -4,7 +4,8 @@
 # 10-minute lease with whatever it measured:
 #   1. sanity: one compiled forward/backward against the dense reference (fails fast on a broken stack)
 #   2. benchmarks/order_device_check.py           (order science end to end on the GPU: record, sensitivities,
-#                                                  retrain, every method scored, estimator on GPU vs CPU)
+#                                                  retrain, every method scored, estimator on GPU vs CPU), and
+#                                                  tests/order/test_on_gpu.py (GPU results against the CPU's)
 #   3. benchmarks/linearized_replay_speed.py      (order estimation's full-space replay at the demo LM's size; with
 #                                                  gensim there, beside retraining the demo LM on the GPU)
 #   4. kernel tests compiled on the GPU (tests/kernels without the interpreter; the CPU-path tests are skipped)
@@ -80,6 +81,7 @@ PY
 say "2. order science on the GPU"
 timeout "$(limit 150)" python benchmarks/order_device_check.py --accelerator gpu 2>&1 | grep -v -i -E "warn|val_dataloader|treespec" \
   | tee -a "$LOG" | tee "$RESULTS/order_device_check_${SLUG}.txt"
+timeout "$(limit 90)" python -m pytest tests/order/test_on_gpu.py -q -p no:cacheprovider 2>&1 | tail -3 | tee -a "$LOG"
 
 say "3. linearised order replay speed"
 # with the demo LM's corpus (gensim) at hand, retrain the demo LM on the GPU too: the speed-up side by side
