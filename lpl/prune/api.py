@@ -101,7 +101,8 @@ def prune_model(
     modules. A layer smaller than one block is an error that names it (exclude it, or use a smaller block).
     Memory: taylor2 holds a K x K float64 Gram matrix per layer of K blocks; when a model's Grams exceed
     ``GRAM_BYTES_PER_PASS`` (2 GiB) the layers are calibrated in groups, one calibration pass per group (progress is
-    logged), and the calibration batches are kept in memory for the later passes.
+    logged). ``calib_batches``: how many batches of ``calib_dataloader`` calibrate (None: all of them); whenever more
+    than one pass reads them (``stages`` > 1, grouped layers) they are kept in memory.
 
     Example::
 
@@ -120,8 +121,14 @@ def prune_model(
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
 
+    if calib_batches is not None and calib_batches <= 0:
+        raise LplError(f"calib_batches must be positive (or None: every batch of the loader), got {calib_batches}.")
     passes = stages * len(gram_groups(layers, block_size)) if importance == "taylor2" else stages
-    batches = calib_dataloader if passes == 1 else list(_take(calib_dataloader, calib_batches))
+    if passes > 1:  # every pass reads the same batches: keep them
+        _warn_if_large(calib_dataloader, calib_batches)
+        batches = list(_take(calib_dataloader, calib_batches))
+    else:
+        batches = calib_dataloader
     names = list(layers)
     masks: dict[str, torch.Tensor] = {}
     # Rounds on a geometric schedule of budgets, each recalibrated on the model pruned so far: the curvature is
@@ -166,6 +173,22 @@ def prune_model(
                                   stages=stages, first_order=first_order,
                                   loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
                      started=started)
+
+
+# More calibration batches than this, all kept in memory for the later passes, is most likely a whole training loader
+# passed without calib_batches (LPViT calibrates on about 2,000 images; the callback's default is 32 batches).
+LARGE_CALIBRATION_BATCHES = 256
+
+
+def _warn_if_large(loader: Iterable[Any], limit: int | None) -> None:
+    try:
+        count = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if limit is None and count > LARGE_CALIBRATION_BATCHES:
+        warnings.warn(f"prune_model keeps its calibration batches in memory for its passes, and calib_batches=None "
+                      f"takes all {count} of this loader's: pass calib_batches= (BlockPruneCallback uses 32).",
+                      stacklevel=3)
 
 
 def _take(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:

@@ -1,5 +1,7 @@
 """Every user mistake gets a clear LplError."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,26 @@ def test_stages_below_one(tiny_vit, batches):
         prune_model(tiny_vit, batches, stages=0)
     with pytest.raises(LplError, match="stages must be >= 1"):
         BlockPruneCallback(stages=0)
+
+
+class LongLoader:
+    """Says it has many batches (a whole training loader), yields a few."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return 5000
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_calibration_batch_count_is_checked_and_a_whole_loader_kept_in_memory_warns(tiny_vit, batches):
+    with pytest.raises(LplError, match="calib_batches must be positive"):
+        prune_model(tiny_vit, batches, block_size=(8, 8), calib_batches=0)
+    with pytest.warns(UserWarning, match="calib_batches=None takes all 5000"):
+        prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5, calib_batches=2)
