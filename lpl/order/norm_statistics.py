@@ -137,25 +137,31 @@ class BatchStatistics:
 
 @contextlib.contextmanager
 def differentiable_running_statistics(model: torch.nn.Module, flat: Tensor) -> Iterator[None]:
-    """Eval-mode BatchNorm outputs computed from ``flat`` (a ``running_statistics`` vector that may require grad),
+    """Eval-mode BatchNorm layers normalise with ``flat`` (a ``running_statistics`` vector that may require grad),
     so a loss is differentiable in the running statistics (torch's kernel is not). Training-mode layers are left
-    alone (they normalise with batch statistics)."""
+    alone (they normalise with batch statistics).
+
+    Each layer's own forward still runs (subclasses that add an activation, as timm's ``BatchNormAct2d`` does, keep
+    it): its buffers hold ``flat``'s values, and its input x is replaced by
+    (x - mean) * sqrt(running_var + eps) / sqrt(var + eps) + running_mean with (mean, var) from ``flat``, equal to x
+    in value, so the layer computes what it would, with gradients to ``flat`` through that input. The buffers keep
+    ``flat``'s values afterwards (the graph's backward reads them: restoring them in place would break it)."""
     layers = _tracked_layers(model)
     starts = {id(module): columns.start for _, module, columns in layers}
 
-    def hook(module: _BatchNorm, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+    def hook(module: _BatchNorm, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         if module.training:
             return None
         x, start, channels = inputs[0], starts[id(module)], module.num_features
         shape = [1, channels] + [1] * (x.dim() - 2)
         mean = flat[start : start + channels].to(x.dtype).view(shape)
         var = flat[start + channels : start + 2 * channels].to(x.dtype).view(shape)
-        y = (x - mean) * torch.rsqrt(var + module.eps)
-        if module.affine:
-            y = y * module.weight.view(shape) + module.bias.view(shape)
-        return y.to(output.dtype)
+        buffer_mean = module.running_mean.to(x.dtype).view(shape)
+        buffer_scale = (module.running_var.to(x.dtype).view(shape) + module.eps).sqrt()
+        return ((x - mean) * torch.rsqrt(var + module.eps) * buffer_scale + buffer_mean, *inputs[1:])
 
-    handles = [module.register_forward_hook(hook) for _, module, _ in layers]
+    load_running_statistics(model, flat.detach())
+    handles = [module.register_forward_pre_hook(hook) for _, module, _ in layers]
     try:
         yield
     finally:

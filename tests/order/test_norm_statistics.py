@@ -116,8 +116,20 @@ def test_a_layer_no_forward_runs_is_modelled_as_never_updated(tmp_path):
     assert (run.norm_momenta[:, 32:] == 0).all() and (run.norm_momenta[:, :32] > 0).all()  # net.1 first, spare last
 
 
-def test_the_eval_loss_is_differentiable_in_the_running_statistics():
-    model = _model().eval()
+def _model_with_activation_inside() -> nn.Module:
+    """timm's BatchNormAct2d applies its activation inside the BatchNorm module's forward."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    norm = BatchNormAct2d(3, act_layer=nn.SiLU)
+    norm.running_mean.uniform_(-1.0, 1.0)
+    norm.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), norm, nn.Flatten(), nn.Linear(12, 2)).double()
+
+
+@pytest.mark.parametrize("make_model", [_model, _model_with_activation_inside], ids=["torch", "timm_norm_act"])
+def test_the_eval_loss_is_differentiable_in_the_running_statistics(make_model):
+    model = make_model().eval()
     x = torch.randn(7, 2, 4, 4, dtype=torch.double)
     flat = running_statistics(model).double().requires_grad_()
     with differentiable_running_statistics(model, flat):
