@@ -31,6 +31,7 @@ from lpl.utils.errors import LplError
 from lpl.utils.io import atomic_save_figure
 
 MIN_ORDERS = 3  # fewer orders have no meaningful rank correlation
+LINEAR_LOSS = " (linear loss)"  # suffix of a method scored without the validation curvature's quadratic term
 
 
 @dataclass
@@ -91,7 +92,9 @@ def check_methods(
     """Score ``methods`` (default: every method) on ``orders`` [N, L] of the recording at ``path``.
 
     Each order is retrained once (``retrain``, on ``accelerator``; progress is logged), unless ``true_losses`` gives
-    their retrained final losses already. Methods the recording lacks data for are listed in ``skipped`` with the
+    their retrained final losses already. A method that adds the validation curvature's quadratic term to the final
+    loss is also scored without it, as "<method> (linear loss)" (``OrderEstimator(..., quadratic=False)``, ``lpl
+    estimate --linear-loss``): far from the reference run the quadratic term can overshoot, near it it helps. Methods the recording lacks data for are listed in ``skipped`` with the
     reason (which recorder option or ``record_sensitivities`` call adds it). With a Lightning ``logger`` each method's
     agreement is logged under ``check/<method>`` (W&B: an estimated-vs-true scatter).
     """
@@ -125,13 +128,17 @@ def check_methods(
     check = MethodCheck(order_tensor, true_losses, reference_loss_after(recording, order_tensor.shape[1]))
     for method in methods:
         try:
-            result = OrderEstimator(data, method=method).estimate_many(order_tensor)
+            results = {method: OrderEstimator(data, method=method).estimate_many(order_tensor)}
         except LplError as error:  # data the recording lacks (the error names the option that adds them), or orders
             check.skipped[method] = str(error)  # the method does not take (adjoint: complete orders only)
             continue
-        metrics = agreement(result.final_loss, true_losses)
-        check.scores[method] = MethodScore(result.final_loss.double().cpu().tolist(), **metrics)
-        log_estimates(logger, result, true_losses, prefix=f"check/{method}")
+        linear = OrderEstimator(data, method=method, quadratic=False).estimate_many(order_tensor)
+        if not torch.equal(linear.final_loss, results[method].final_loss):  # it reads the validation curvature
+            results[method + LINEAR_LOSS] = linear
+        for name, result in results.items():
+            metrics = agreement(result.final_loss, true_losses)
+            check.scores[name] = MethodScore(result.final_loss.double().cpu().tolist(), **metrics)
+            log_estimates(logger, result, true_losses, prefix=f"check/{name}")
     _log_summary(logger, check)
     return check
 

@@ -11,7 +11,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from lpl.order import OrderEstimator, retrain
 from lpl.order.checking import check_methods
-from lpl.order.commands import check_methods_main
+from lpl.order.commands import check_methods_main, estimate_main, read_orders
 from lpl.order.estimator import agreement
 from lpl.utils.errors import LplError
 from test_estimator_task import NUM_BATCHES, TinyClassifier, record
@@ -139,3 +139,15 @@ def test_a_model_with_frozen_parameters_is_estimated_as_well_as_retraining_shows
     check = check_methods(path, _orders(8), methods=["linearized"])
     score = check.scores["linearized"]
     assert score.spearman > 0.8 and check.mae_over_no_change("linearized") < 0.5  # measured 0.95 and 0.09
+
+    # the recording has the validation curvature: the linear readout is scored too, and `lpl estimate` gives it
+    linear = OrderEstimator.from_recording(path, method="linearized", quadratic=False).estimate_many(_orders(8))
+    assert check.scores["linearized (linear loss)"].estimates == pytest.approx(linear.final_loss.double().tolist())
+    assert check.scores["linearized (linear loss)"].estimates != pytest.approx(score.estimates, abs=1e-9)
+    estimate_main(["--recording", str(path), "--method", "linearized", "--linear-loss", "--orders", "random:4",
+                   "--out", str(tmp_path / "estimate")])
+    written = json.loads((tmp_path / "estimate" / "estimates.json").read_text())
+    orders = read_orders("random:4", NUM_BATCHES, 0)
+    expected = OrderEstimator.from_recording(path, method="linearized", quadratic=False).estimate_many(orders)
+    assert written["linear_loss"] is True
+    assert [row["final_loss"] for row in written["estimates"]] == pytest.approx(expected.final_loss.tolist())
