@@ -182,7 +182,8 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
         result = search(estimator, budget=args.budget, method=args.search, population=args.population, seed=args.seed,
                         logger=logger)
         summary = {
-            "recording": str(args.recording), "method": args.method, "search": args.search, "order": result.order,
+            "recording": str(args.recording), "method": args.method, "linear_loss": args.linear_loss,
+            "search": args.search, "order": result.order,
             "estimated_loss": result.score, "reference_loss": estimator.reference_loss, "history": result.history,
             "evaluations": result.evaluations,
         }
