@@ -94,9 +94,10 @@ def check_methods(
     Each order is retrained once (``retrain``, on ``accelerator``; progress is logged), unless ``true_losses`` gives
     their retrained final losses already. A method that adds the validation curvature's quadratic term to the final
     loss is also scored without it, as "<method> (linear loss)" (``OrderEstimator(..., quadratic=False)``, ``lpl
-    estimate --linear-loss``): far from the reference run the quadratic term can overshoot, near it it helps. Methods the recording lacks data for are listed in ``skipped`` with the
-    reason (which recorder option or ``record_sensitivities`` call adds it). With a Lightning ``logger`` each method's
-    agreement is logged under ``check/<method>`` (W&B: an estimated-vs-true scatter).
+    estimate --linear-loss``): far from the reference run the quadratic term can overshoot, near it it helps.
+    Methods the recording lacks data for are listed in ``skipped`` with the reason (which recorder option or
+    ``record_sensitivities`` call adds it). With a Lightning ``logger`` each method's agreement is logged under
+    ``check/<method>`` (W&B: an estimated-vs-true scatter).
     """
     from lpl.order.retraining import retrain
     from lpl.order.store import Recording
