@@ -88,12 +88,13 @@ class LinearizedRun:
 class LinearizedEstimate:
     """``final_loss`` [N], ``loss_curve`` [N, L + 1] (validation loss before each step and after the last),
     ``batch_losses`` [N, nb] (each pool batch's loss after the order), ``displacement`` [N, d] (Delta_L, when
-    asked for)."""
+    asked for), ``linear_loss`` [N] (``final_loss`` without the quadratic terms, when they were added)."""
 
     final_loss: Tensor
     loss_curve: Tensor
     batch_losses: Tensor
     displacement: Tensor | None = None
+    linear_loss: Tensor | None = None
 
 
 def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True,
@@ -115,6 +116,7 @@ def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True
         final_loss=torch.cat([p.final_loss for p in parts]), loss_curve=torch.cat([p.loss_curve for p in parts]),
         batch_losses=torch.cat([p.batch_losses for p in parts]),
         displacement=torch.cat([p.displacement for p in parts]) if displacement else None,
+        linear_loss=None if parts[0].linear_loss is None else torch.cat([p.linear_loss for p in parts]),
     )
 
 
@@ -131,7 +133,7 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool, dtype: to
             momenta = run.norm_momenta[s].to(dtype)
             norm_shift.mul_(1.0 - momenta).addcmul_(run.norm_stats[s].index_select(0, orders[:, s]).to(dtype), momenta)
         curve[:, length] += norm_shift @ run.val_norm_grads[length].to(dtype)
-    final = curve[:, length].clone()
+    final = linear_loss = curve[:, length].clone()
     if quadratic and length == run.num_steps:  # the curvatures were measured at theta_T
         final = final + _quadratic(delta, run.val_directions, run.val_curvature)
         if norm_shift is not None and run.norm_curvature is not None:
@@ -140,7 +142,8 @@ def _replay_chunk(run: LinearizedRun, orders: Tensor, quadratic: bool, dtype: to
     batch_losses = run.pool_losses[length].to(dtype) + delta @ run.pool_grads[length].to(dtype).T
     if norm_shift is not None and length == run.num_steps:  # their sensitivity to the statistics: at theta_T only
         batch_losses += norm_shift @ run.pool_norm_grads.to(dtype).T
-    return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta)
+    return LinearizedEstimate(final_loss=final, loss_curve=curve, batch_losses=batch_losses, displacement=delta,
+                              linear_loss=linear_loss if final is not linear_loss else None)
 
 
 def _displacements(run: LinearizedRun, orders: Tensor, dtype: torch.dtype,

@@ -93,12 +93,14 @@ class ReplayResult:
     """Estimates for N orders: ``final_loss`` [N], ``loss_curve`` [N, steps + 1] (validation loss before each step
     and after the last), ``batch_losses`` [N, num_batches] (each pool batch's loss at the end) and
     ``displacement`` [N, k]: the projected P (gamma_T - theta_T), where each order ends relative to the reference
-    (None for the full-space methods)."""
+    (None for the full-space methods); ``linear_loss`` [N]: ``final_loss`` without the validation curvature's
+    quadratic term, when the replay added one (None otherwise), so one replay gives both readouts."""
 
     final_loss: Tensor
     loss_curve: Tensor
     batch_losses: Tensor
     displacement: Tensor | None = None
+    linear_loss: Tensor | None = None
 
 
 class _Interpolator:
@@ -194,7 +196,7 @@ def replay(
         run = data.linearized
         result = replay_linearized(run, orders.to(run.pool_grads.device), quadratic)
         return ReplayResult(final_loss=result.final_loss, loss_curve=result.loss_curve,
-                            batch_losses=result.batch_losses)
+                            batch_losses=result.batch_losses, linear_loss=result.linear_loss)
     n, length = orders.shape
     device = data.update.device
     orders = orders.to(device)
@@ -269,12 +271,14 @@ def replay(
         delta = delta - lr * (step_diff + decay * delta)
     end = interp(length)
     curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end) + shadow
+    linear_loss = None
     if use_quadratic and length == data.num_steps:  # the curvature was measured at theta_T
+        linear_loss = curve[:, length].clone()
         coords = delta @ data.val_curv_basis.float().T
         curve[:, length] += 0.5 * torch.einsum("nm,ml,nl->n", coords, data.val_curv_matrix.float(), coords)
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
     return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses,
-                        displacement=delta)
+                        displacement=delta, linear_loss=linear_loss)
 
 
 def _replay_adjoint(data: ReplayData, orders: Tensor, control_variates: bool, quadratic: bool) -> ReplayResult:
@@ -290,9 +294,14 @@ def _replay_adjoint(data: ReplayData, orders: Tensor, control_variates: bool, qu
     # when the groups had their own); the final loss from the exact tables
     result = replay(dataclasses.replace(data, weight_decay_per_group=False), orders, projected, control_variates,
                     quadratic)
-    tables = data.swap_tables.float() if quadratic else data.swap_tables[:1].float()
-    final = estimate_from_tables(tables, data.swap_curvature.float(), float(data.val_loss[-1]), orders,
-                                 data.reference_order)
-    result.final_loss = final
-    result.loss_curve[:, -1] = final
+    def final_loss(tables: Tensor) -> Tensor:
+        return estimate_from_tables(tables.float(), data.swap_curvature.float(), float(data.val_loss[-1]), orders,
+                                    data.reference_order)
+
+    result.final_loss = result.linear_loss = final_loss(data.swap_tables[:1])
+    if quadratic and data.swap_tables.shape[0] > 1:  # tables 1.. are the validation curvature's directions
+        result.final_loss = final_loss(data.swap_tables)
+    else:
+        result.linear_loss = None
+    result.loss_curve[:, -1] = result.final_loss
     return result

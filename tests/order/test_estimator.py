@@ -160,3 +160,21 @@ def test_sensitivity_data_from_a_recording(recording, tmp_path):
     written.write_bytes(written.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(RecordingError, match="sensitivity"):
         rec.verify()
+
+
+def test_one_replay_gives_the_final_loss_with_and_without_the_quadratic_term(tmp_path):
+    from lpl.order.adjoint import record_sensitivities
+
+    path = record(tmp_path / "rec", proj_dim=128, curvature_rank=2, val_curvature_rank=3)
+    record_sensitivities(path, curvature_rank=3, hessian_rank=4, accelerator="cpu", check_orders=0, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    orders = torch.stack([torch.randperm(NUM_BATCHES, generator=generator) for _ in range(5)])
+    for method in ("first_order", "zeroth_order", "adjoint", "linearized"):
+        both = OrderEstimator.from_recording(path, method=method).estimate_many(orders)
+        linear = OrderEstimator.from_recording(path, method=method, quadratic=False).estimate_many(orders)
+        assert torch.equal(both.linear_loss, linear.final_loss), method
+        assert not torch.equal(both.final_loss, both.linear_loss), method
+        assert linear.linear_loss is None, method
+    # shorter orders end before theta_T, where the curvature was measured: no quadratic term, no second readout
+    short = OrderEstimator.from_recording(path, method="linearized").estimate_many(orders[:, :4])
+    assert short.linear_loss is None

@@ -66,13 +66,14 @@ class TinyClassifier(L.LightningModule):
 
 
 def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: int = 2, probe_every: int = 1,
-           model: L.LightningModule | None = None, precision: str = "32-true", **model_kwargs) -> Path:
+           model: L.LightningModule | None = None, precision: str = "32-true", val_curvature_rank: int = 0,
+           **model_kwargs) -> Path:
     from lpl.order import TrainOrderRecorder
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     recorder = TrainOrderRecorder(path, proj_dim=proj_dim, probe_every_n_steps=probe_every, curvature_rank=curvature_rank,
-                                  store_dtype="float32")
+                                  val_curvature_rank=val_curvature_rank, store_dtype="float32")
     trainer = L.Trainer(max_steps=NUM_BATCHES, max_epochs=1, accelerator="cpu", precision=precision, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
