@@ -13,17 +13,26 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
-    """``16`` -> ``(16, 16)``; ``(32, 16)`` stays; anything not two positive ints raises ``LplError``."""
-    if isinstance(block_size, int) and not isinstance(block_size, bool):
-        pair = (block_size, block_size)
-    else:
-        try:
-            pair = tuple(int(v) for v in block_size)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            raise LplError(f"block_size must be an int or a pair of ints (rows, cols), got {block_size!r}.") from None
-    if len(pair) != 2 or min(pair) <= 0:
-        raise LplError(f"block_size must be two positive ints (rows, cols), got {block_size!r}; e.g. (32, 32).")
-    return pair  # type: ignore[return-value]
+    """``16`` -> ``(16, 16)``; ``(32, 16)`` stays; anything not two positive ints raises ``LplError`` (a float such as
+    4.5 too: truncating it would prune other blocks than asked)."""
+    pair = (block_size, block_size) if _is_int(block_size) else block_size
+    try:
+        pair = tuple(pair)  # type: ignore[arg-type]
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(_is_int(v) and int(v) > 0 for v in pair):
+        raise LplError(f"block_size must be a positive int or two positive ints (rows, cols), got {block_size!r}; "
+                       "e.g. 32 or (32, 32).")
+    return int(pair[0]), int(pair[1])
+
+
+def _is_int(value: object) -> bool:
+    """An integral number (Python, numpy or 0-d torch int), not a bool or a float."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+    return hasattr(value, "__index__")
 
 
 def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int, int]:

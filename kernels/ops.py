@@ -11,6 +11,7 @@ never imports Triton); CPU tensors run :mod:`lpl.kernels.cpu`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -33,8 +34,24 @@ def triton_on_cpu() -> Iterator[None]:
         _triton_on_cpu = previous
 
 
-def _use_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu)
+# The Triton kernels tile a block with tl.arange (power-of-two lengths) and feed it to tl.dot (16 or more per side).
+TRITON_MIN_BLOCK = 16
+
+
+def triton_supports(block_size: tuple[int, int]) -> bool:
+    """Whether the Triton kernels take blocks of this size: both sides powers of two, at least ``TRITON_MIN_BLOCK``."""
+    return all(side >= TRITON_MIN_BLOCK and side & (side - 1) == 0 for side in block_size)
+
+
+def _use_triton(device: torch.device, block_size: tuple[int, int]) -> bool:
+    if not (device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu)):
+        return False
+    if triton_supports(block_size):
+        return True
+    warnings.warn(f"block-sparse layers with {block_size[0]}x{block_size[1]} blocks run as dense matmuls on "
+                  f"{device.type} (no speedup): the Triton kernels take power-of-two block sides of at least "
+                  f"{TRITON_MIN_BLOCK}, e.g. 16x16, 32x32 or 64x64; prune with such a block_size.", stacklevel=2)
+    return False
 
 
 def _cpu_module():
@@ -67,7 +84,7 @@ def _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size):
 # ---------------------------------------------------------------------------------------------------------------
 # The three computations, dispatched by device. Index tensors travel as plain tensors (see KernelIndex).
 def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_features):
-    if _use_triton(x2d.device):
+    if _use_triton(x2d.device, (int(values.shape[1]), int(values.shape[2]))):
         from . import triton_ops
 
         return triton_ops.bsr_linear(x2d, values, row_ptr, col_idx, row_order, out_features, bias)
@@ -80,7 +97,7 @@ def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_
 
 
 def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, in_features):
-    if _use_triton(dy2d.device):
+    if _use_triton(dy2d.device, (int(values.shape[1]), int(values.shape[2]))):
         from . import triton_ops
 
         return triton_ops.bsr_grad_input(dy2d, values, col_ptr, t_row_idx, t_block, col_order, in_features)
@@ -93,7 +110,7 @@ def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_i
 
 def _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
     block_size = (block_rows, block_cols)
-    if _use_triton(dy2d.device):
+    if _use_triton(dy2d.device, block_size):
         from . import triton_ops
 
         return triton_ops.bsr_grad_values(dy2d, x2d, block_row, col_idx, block_size)

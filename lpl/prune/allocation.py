@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -108,31 +109,51 @@ def allocate_uniform(density: list[torch.Tensor], flops: list[torch.Tensor], all
 def allocate_global(
     scores: list[torch.Tensor], orders: list[torch.Tensor], block_flops: list[torch.Tensor],
     density: list[torch.Tensor], min_density: float, max_density: float, budget: float,
-    allowed: list[torch.Tensor] | None = None,
+    allowed: list[torch.Tensor] | None = None, strict: bool = True,
 ) -> list[int]:
     """Remove blocks in one global ascending order of score per FLOP until kept FLOPs reach the budget.
 
     ``orders`` are the per-layer removal orders (ascending score), ``block_flops`` each block's FLOPs; the result
     is the number of blocks removed per layer (layers never go below ``min_density``, and start at most at
-    ``max_density``; ``allowed`` narrows the points further, e.g. to keep earlier removals).
+    ``max_density``; ``allowed`` narrows the points further, e.g. to keep earlier removals). Kept FLOPs land in
+    [budget - 0.5% of the total, budget]: a block that would take them below stops its layer. When block granularity
+    leaves that window empty, ``strict`` raises an error, otherwise the removals go on to just below the budget.
     """
     if allowed is None:
         allowed = [allowed_points(d, min_density, max_density) for d in density]
     flops = [torch.cat([f.sum().reshape(1), f.sum() - torch.cumsum(f[o], 0)]) for f, o in zip(block_flops, orders)]
     check_feasible(flops, allowed, budget)
-    removed = [int(torch.nonzero(a).flatten()[0]) for a in allowed]  # first point within max_density
+    total = sum(float(f[0]) for f in flops)
+    start = [int(torch.nonzero(a).flatten()[0]) for a in allowed]  # first point within max_density
     floor_point = [int(torch.nonzero(a).flatten()[-1]) for a in allowed]  # last point within min_density
-    current = sum(float(f[r]) for f, r in zip(flops, removed))
-    entries = []
-    for layer, (s, o, f) in enumerate(zip(scores, orders, block_flops)):
-        ratio = (s[o] / f[o]).tolist()
-        entries.extend((value, layer, position) for position, value in enumerate(ratio))
-    entries.sort()
-    for _, layer, position in entries:
-        if current <= budget:
-            break
-        if position < removed[layer] or removed[layer] >= floor_point[layer]:
-            continue
-        current -= float(flops[layer][removed[layer]] - flops[layer][removed[layer] + 1])
-        removed[layer] += 1
+    # each layer removes its blocks in its own order; across layers the next block with the least score per FLOP
+    # goes first (a merge: blocks of unequal FLOPs, ragged edges, can rank differently by score and by score per FLOP)
+    ratios = [(s[o] / f[o].clamp_min(1e-30)).tolist() for s, o, f in zip(scores, orders, block_flops)]
+
+    def greedy(lowest: float) -> tuple[list[int], float]:
+        removed = list(start)
+        current = sum(float(f[r]) for f, r in zip(flops, removed))
+        queue = [(ratios[layer][r], layer) for layer, r in enumerate(removed) if r < floor_point[layer]]
+        heapq.heapify(queue)
+        while current > budget and queue:
+            _, layer = heapq.heappop(queue)
+            position = removed[layer]
+            step = float(flops[layer][position] - flops[layer][position + 1])
+            if current - step < lowest:  # this block overshoots the window: the layer keeps the rest
+                continue
+            current -= step
+            removed[layer] = position + 1
+            if removed[layer] < floor_point[layer]:
+                heapq.heappush(queue, (ratios[layer][removed[layer]], layer))
+        return removed, current
+
+    removed, current = greedy(budget - _WINDOW * total)
+    if current > budget * (1 + 1e-12):
+        below, kept = greedy(-math.inf)
+        if strict:
+            raise LplError(
+                f"flops_keep={budget / total:.3f} cannot be met within 0.5% at this block granularity by the global "
+                f"ranking (too few, too large blocks; it reaches {kept / total:.3f}): use smaller blocks, that "
+                "flops_keep, or allocation 'hardware' / 'uniform' (they search every combination of layer densities).")
+        removed = below
     return removed

@@ -47,13 +47,40 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
             f"include={include} / exclude={exclude} match no Linear layer (the model's Linear layers: {examples}); "
             "use glob patterns on module names such as '*.qkv' or '*mlp.fc*'."
         )
-    return chosen
+    return _without_tied_weights(chosen, explicit=include != ["*"])
+
+
+def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
+    """Layers that share one weight (tied) would get one block mask each on a single tensor: an error when the user
+    chose them, left dense with a warning in the default selection."""
+    owners: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        owners.setdefault(id(layer.weight), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if not tied:
+        return layers
+    example = tied[0]
+    if explicit:
+        raise LplError(f"Linear layers {example} share one weight tensor (tied), and block masks are per layer; "
+                       f"leave them dense with exclude={example!r} or include only layers with their own weights.")
+    warnings.warn(f"prune_model: {sum(map(len, tied))} Linear layers share their weights with another (tied, e.g. "
+                  f"{example}): left dense, since block masks are per layer.", stacklevel=3)
+    shared = {name for names in tied for name in names}
+    remaining = {name: layer for name, layer in layers.items() if name not in shared}
+    if not remaining:
+        raise LplError(f"every selected Linear layer shares its weight with another (tied, e.g. {example}); block "
+                       "masks are per layer, so there is nothing to prune.")
+    return remaining
 
 
 def check_options(flops_keep: float, importance: str, allocation: str, lambda_power: float,
                   min_density: float, max_density: float, stages: int) -> None:
+    for name, value in (("flops_keep", flops_keep), ("lambda_power", lambda_power), ("min_density", min_density),
+                        ("max_density", max_density)):
+        if not _is_number(value):
+            raise LplError(f"{name} must be a number, got {value!r}.")
     if not 0.0 < float(flops_keep) <= 1.0:
-        raise LplError(f"flops_keep must be in (0, 1], got {flops_keep}.")
+        raise LplError(f"flops_keep must be a number in (0, 1], got {flops_keep!r}.")
     if importance not in IMPORTANCES:
         raise LplError(f"importance must be one of {IMPORTANCES}, got {importance!r}.")
     if allocation not in ALLOCATIONS:
@@ -64,8 +91,19 @@ def check_options(flops_keep: float, importance: str, allocation: str, lambda_po
         raise LplError(f"min_density must be in [0, 1] and max_density in (0, 1], got {min_density}, {max_density}.")
     if min_density > max_density:
         raise LplError(f"min_density {min_density} is larger than max_density {max_density}; swap or fix them.")
-    if stages < 1:
-        raise LplError(f"stages must be >= 1, got {stages}.")
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise LplError(f"stages must be an int >= 1, got {stages!r}.")
+
+
+def _is_number(value: object) -> bool:
+    """A real number (Python, numpy or a one-element tensor), not a bool or a string."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        return False
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def prune_model(
@@ -161,7 +199,8 @@ def prune_model(
             block_flops = [2.0 * stats[n].tokens_per_sample
                            * block_elements(stats[n].shape, block_size).flatten().double() for n in names]
             removed = allocate_global([scores[n] for n in names], [curves[n].order for n in names], block_flops,
-                                      density, min_density, max_density, budget, allowed=allowed)
+                                      density, min_density, max_density, budget, allowed=allowed,
+                                      strict=final)
         else:
             removed = allocate_dp(hardware_objectives([curves[n] for n in names], round_keep, lambda_power),
                                   flops, allowed, budget, strict=final)

@@ -8,14 +8,13 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from lpl.kernels.format import normalize_block_size
 from lpl.utils.errors import LplError
 
 
-def parse_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
-    """``block_size`` as a tuple of two positive ints (rows, cols), or a clear error."""
-    if len(tuple(block_size)) != 2 or any(int(b) <= 0 for b in block_size):
-        raise LplError(f"block_size must be two positive ints (rows, cols), got {block_size!r}.")
-    return int(block_size[0]), int(block_size[1])
+def parse_block_size(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``block_size`` as a tuple of two positive ints (rows, cols; an int means square blocks), or a clear error."""
+    return normalize_block_size(block_size)  # the kernels' rule, so every entry point agrees
 
 
 def check_block_size(block_size: tuple[int, int], shapes: Mapping[str, tuple[int, int]],

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lpl.prune.api import check_options, prune_model
 from lpl.prune.hardware import HardwareProfile
-from lpl.prune.importance import model_inputs, move_to_device
+from lpl.prune.blocks import parse_block_size
+from lpl.prune.importance import model_inputs
 from lpl.prune.masking import MaskHandle, apply_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
@@ -78,7 +79,8 @@ class BlockPruneCallback(Callback):
         if prune_after_steps < 0:
             raise LplError(f"prune_after_steps must be >= 0, got {prune_after_steps}.")
         self.options = dict(
-            block_size=tuple(block_size), flops_keep=flops_keep, importance=importance, allocation=allocation,
+            block_size=parse_block_size(block_size), flops_keep=flops_keep, importance=importance,
+            allocation=allocation,
             lambda_power=lambda_power, min_density=min_density, max_density=max_density,
             include=list(include) if include is not None else None,
             exclude=list(exclude) if exclude is not None else None, stages=stages,
@@ -170,7 +172,7 @@ class BlockPruneCallback(Callback):
         for batch in loader:
             if len(batches) == self.calib_batches:
                 break
-            batches.append(batch)
+            batches.append(_as_training_sees_it(trainer, pl_module, batch))
         if not batches:
             raise LplError("the training loader yielded no batches, so there is nothing to calibrate pruning on.")
         return batches
@@ -188,7 +190,7 @@ class BlockPruneCallback(Callback):
         handle = pl_module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         try:
             for batch in trainer.datamodule.val_dataloader():
-                batch = move_to_device(batch, pl_module.device)
+                batch = _as_training_sees_it(trainer, pl_module, batch)
                 size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
                 outputs.clear()
                 total_loss += float(module_loss(pl_module, batch)) * size
@@ -230,6 +232,14 @@ class BlockPruneCallback(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
                 log_result_to_wandb(logger, result)
+
+
+def _as_training_sees_it(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:
+    """A loader's batch as the training loop hands it to the module: inputs in the precision's dtype
+    (``precision="bf16-true"`` runs bfloat16 weights), the module's batch-transfer hooks, on its device."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = pl_module.on_before_batch_transfer(batch, 0)
+    return trainer.strategy.batch_to_device(batch, pl_module.device)
 
 
 def log_result_to_wandb(logger: Any, result: PruneResult) -> None:

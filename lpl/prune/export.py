@@ -17,7 +17,8 @@ def to_block_sparse(
 
     ``prune_result`` is a ``PruneResult`` (or any object with ``.block_masks: dict[str, BoolTensor [R, C]]`` and
     ``.block_size: (br, bc)``), a dict ``{"block_masks": ..., "block_size": ...}``, or a plain dict of masks with
-    ``block_size`` given here. Names are module names (``"blocks.0.mlp.fc1"``; a ``".weight"`` suffix is accepted).
+    ``block_size`` given here. Names are module names (``"blocks.0.mlp.fc1"``; a ``".weight"`` suffix is accepted);
+    a submodule of the pruned model works too (``to_block_sparse(lightning_module.model, result)``).
     The model is changed in place and returned; weights, bias, dtype and device are kept, so outputs equal those of
     the masked dense model.
 
@@ -31,8 +32,10 @@ def to_block_sparse(
 
     masks, size = _masks_and_block_size(prune_result, block_size)
     modules = dict(model.named_modules())
+    names = {raw: raw[: -len(".weight")] if raw.endswith(".weight") else raw for raw in masks}
+    prefix = _submodule_prefix(list(names.values()), modules)
     for raw_name, mask in masks.items():
-        name = raw_name[: -len(".weight")] if raw_name.endswith(".weight") else raw_name
+        name = names[raw_name].removeprefix(prefix)
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             found = "missing" if linear is None else f"a {type(linear).__name__}"
@@ -45,6 +48,20 @@ def to_block_sparse(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
     return model
+
+
+def _submodule_prefix(names: list[str], modules: Mapping[str, nn.Module]) -> str:
+    """"" when the masked layers are named as in ``modules``; for a submodule of the pruned model (the network
+    inside a LightningModule: ``to_block_sparse(module.model, result)``) the leading name part that, stripped from
+    every masked name, names this model's Linear layers."""
+    if all(isinstance(modules.get(name), nn.Linear) for name in names):
+        return ""
+    parts = names[0].split(".")
+    for length in range(1, len(parts)):
+        prefix = ".".join(parts[:length]) + "."
+        if all(n.startswith(prefix) and isinstance(modules.get(n.removeprefix(prefix)), nn.Linear) for n in names):
+            return prefix
+    return ""
 
 
 def _masks_and_block_size(prune_result: Any, block_size: Any) -> tuple[Mapping[str, torch.Tensor], Any]:

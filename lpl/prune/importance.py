@@ -91,18 +91,49 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor:
+    """``x`` [..., features] as [samples, rows, features]: each sample's rows (tokens, windows) together.
+
+    Inputs are batch-major ([B, T, C], [B * T, C], Swin's [B * windows, N, C]); a sequence-first [T, B, C] input is
+    recognised by its second dim when its first is not a multiple of the batch."""
+    features = x.shape[-1]
+    if x.ndim >= 3 and x.shape[0] % samples and x.shape[1] == samples:
+        x = x.movedim(1, 0)
+    if x.ndim == 1 or x.shape[0] % samples:
+        raise LplError(f"a Linear layer's input of shape {tuple(x.shape)} cannot be split into the batch's {samples} "
+                       "samples (its leading dim is not a multiple of the batch size); prune_model needs each sample's "
+                       "tokens to compute per-sample gradients: exclude that layer.")
+    return x.reshape(samples, -1, features)
+
+
 def _per_sample_contributions(
     x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, block_size: tuple[int, int]
 ) -> torch.Tensor:
-    """c [n, R*C]: block sums of g_i * W with g_i = n * dy_i^T x_i (dy is the gradient of the batch-mean loss)."""
+    """c [n, R*C]: block sums of g_i * W with g_i = n * dy_i^T x_i, for x, dy [n, rows, features] (dy the gradient
+    of the batch-mean loss)."""
     n = x.shape[0]
-    x3, dy3 = x.reshape(n, -1, x.shape[-1]).float(), dy.reshape(n, -1, dy.shape[-1]).float()
+    x3, dy3 = x.float(), dy.float()
     chunk = max(1, _CHUNK_ELEMENTS // weight.numel())
     parts = []
     for start in range(0, n, chunk):
         grads = torch.bmm(dy3[start : start + chunk].transpose(1, 2), x3[start : start + chunk])
         parts.append(block_sum(grads.mul_(weight), block_size).flatten(1))  # in place: [chunk, out, in] is large
     return torch.cat(parts) * n
+
+
+def batch_samples(batch: Any) -> int:
+    """How many samples a batch holds: the leading dim of its first tensor of one or more dims (dict values, list
+    items), as Lightning counts them."""
+    if isinstance(batch, torch.Tensor) and batch.ndim:
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:  # 0-d tensors (a step count, say) hold no samples
+        try:
+            return batch_samples(value)
+        except LplError:
+            continue
+    raise LplError(f"cannot tell how many samples a calibration batch of type {type(batch).__name__} holds: give "
+                   "batches as tensors, or dicts / tuples of tensors.")
 
 
 def collect_statistics(
@@ -125,11 +156,14 @@ def collect_statistics(
     """
     device = next(model.parameters()).device
     layers = dict(layers)
-    captured: dict[str, dict[str, torch.Tensor]] = {}
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # (input, output) of every call
 
     def make_hook(name: str):
-        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            captured[name] = {"x": inputs[0].detach(), "y": output}
+        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:  # a frozen layer on the input side: still differentiate the loss in it
+                output = output.detach().requires_grad_()
+            captured.setdefault(name, []).append((inputs[0].detach(), output))
+            return output
 
         return hook
 
@@ -154,6 +188,9 @@ def collect_statistics(
         for number, batch in enumerate(batches):
             if max_batches is not None and number >= max_batches:
                 break
+            samples = batch_samples(batch)
+            if samples == 0:  # an empty batch carries no statistics (its mean loss is not even defined)
+                continue
             batch = move_to_device(batch, device)
             captured.clear()
             with torch.enable_grad():
@@ -166,25 +203,30 @@ def collect_statistics(
                     del layers[name], sums[name]
                 if not layers:  # none called (skip_uncalled): nothing to measure
                     break
-                outputs = [captured[name]["y"] for name in layers]
+                outputs = [output for name in layers for _, output in captured[name]]
                 if not loss.requires_grad:
                     raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
-                grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-            for (name, layer), dy in zip(layers.items(), grads):
-                x = captured[name]["x"]
-                dy = torch.zeros_like(captured[name]["y"]) if dy is None else dy.detach()
+                grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+            for name in layers:
                 acc = sums[name]
+                contributions, batch_grad = 0.0, 0.0
+                for x, output in captured[name]:  # a layer called more than once: its gradient sums the calls
+                    dy = next(grads)
+                    dy = torch.zeros_like(output) if dy is None else dy.detach()
+                    if with_gradients:
+                        batch_grad = batch_grad + dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(
+                            -1, x.shape[-1]).float()
+                    acc["tokens"] += x.numel() / x.shape[-1]
+                    contributions = contributions + _per_sample_contributions(
+                        _per_sample_rows(x, samples), _per_sample_rows(dy, samples), weights[name], block_size)
                 if with_gradients:
-                    batch_grad = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
                     acc["grad"] += batch_grad
                     acc["grad_sq"] += batch_grad.square()
-                acc["tokens"] += x.numel() / x.shape[-1]
-                contributions = _per_sample_contributions(x, dy, weights[name], block_size).double()
+                contributions = contributions.double()
                 acc["first"] += contributions.sum(0)
                 if with_gram:
                     acc["gram"].addmm_(contributions.T, contributions)  # in place: K x K is the big one
-            counts += torch.tensor([float(captured[next(iter(layers))]["x"].shape[0]), 1.0], device=device,
-                                   dtype=torch.float64)
+            counts += torch.tensor([float(samples), 1.0], device=device, dtype=torch.float64)
     finally:
         for handle in handles:
             handle.remove()
@@ -200,7 +242,8 @@ def collect_statistics(
         return {}
     samples, num_batches = float(counts[0]), float(counts[1])
     if num_batches == 0:
-        raise LplError("the calibration loader yielded no batches; pass a loader with at least one batch.")
+        raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at least one "
+                       "non-empty batch.")
     return {
         name: LayerStatistics(
             shape=tuple(layers[name].weight.shape),

@@ -22,8 +22,8 @@ class MaskHandle:
 
     def mask_for(self, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         mask = self.masks[param]
-        if mask.device != tensor.device:
-            mask = self.masks[param] = mask.to(tensor.device)
+        if mask.device != tensor.device or mask.dtype != tensor.dtype:  # the model moved or changed precision
+            mask = self.masks[param] = mask.to(tensor.device, tensor.dtype)  # 0 / 1: exact in every dtype
         return mask
 
     @torch.no_grad()
@@ -54,7 +54,7 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -
             continue
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(handle.mask_for(value, param).to(value.dtype))
+                value.mul_(handle.mask_for(value, param))
 
 
 def apply_masks(

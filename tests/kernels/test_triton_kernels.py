@@ -140,3 +140,21 @@ def test_many_tokens_and_grouped_launch_order(triton_device, rel_err, tolerance)
     out = block_sparse_linear(x, sparse, None)
     ref = x.double() @ sparse.to_dense().double().T
     assert rel_err(out, ref) < tolerance[torch.float32]
+
+
+@pytest.mark.parametrize("block_size", [(12, 12), (8, 24), (8, 8), (1, 16)])
+def test_block_sizes_the_kernels_do_not_take_run_dense_with_a_warning(block_size, triton_device, rel_err, tolerance):
+    """Triton tiles need power-of-two sides of 16 or more: other sizes give right results (dense), and say so."""
+    shape = (40, 50)
+    grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
+    generator = torch.Generator().manual_seed(11)
+    mask = torch.rand(grid, generator=generator) < 0.5
+    sparse, generator = _case(shape, block_size, mask, torch.float32, triton_device, seed=11)
+    x = torch.randn(5, shape[1], generator=generator).to(triton_device).requires_grad_()
+    with pytest.warns(UserWarning, match="power-of-two block sides"):
+        out = block_sparse_linear(x, sparse, None)
+        out.sum().backward()
+    dense = sparse.to_dense().double()
+    assert rel_err(out, x.double() @ dense.T) < tolerance[torch.float32]
+    assert rel_err(x.grad, torch.ones(5, shape[0], dtype=torch.float64, device=dense.device) @ dense) < tolerance[
+        torch.float32]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lpl.prune import prune_model
-from lpl.prune.allocation import allocate_dp, allowed_points
+from lpl.prune.allocation import allocate_dp, allocate_global, allowed_points
+from lpl.utils.errors import LplError
 
 
 def random_curves(seed: int, layers: int = 3, points: int = 21):
@@ -74,3 +75,22 @@ def test_rounds_keep_earlier_removals_and_meet_the_budget(tiny_vit, batches):
     weights = {n: tiny_vit.get_submodule(n).weight.detach().clone() for n in two.block_masks}
     prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.3, stages=3)
     assert all(torch.equal(tiny_vit.get_submodule(n).weight, w) for n, w in weights.items())  # weights untouched
+
+
+def test_global_ranking_meets_the_budget_when_blocks_differ_in_flops():
+    """Blocks at ragged edges cost fewer FLOPs: ranked by score per FLOP across layers, each layer still removes its
+    blocks in its own order, and the kept FLOPs land in [budget - 0.5%, budget]."""
+    scores = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 5.0])]
+    orders = [torch.arange(4), torch.arange(2)]
+    block_flops = [torch.tensor([1.0, 1.0, 10.0, 10.0], dtype=torch.float64),
+                   torch.tensor([1.0, 10.0], dtype=torch.float64)]
+    density = [torch.linspace(1, 0, 5), torch.linspace(1, 0, 3)]
+    total = 33.0
+    for budget in (21.0, 20.0, 10.0):
+        removed = allocate_global(scores, orders, block_flops, density, 0.0, 1.0, budget)
+        kept = total - sum(float(f[o[:r]].sum()) for f, o, r in zip(block_flops, orders, removed))
+        assert budget - 0.005 * total <= kept <= budget, (budget, removed)
+    with pytest.raises(LplError, match="global ranking"):  # no prefix of the layers' orders lands on 25 FLOPs
+        allocate_global(scores, orders, block_flops, density, 0.0, 1.0, 25.0)
+    removed = allocate_global(scores, orders, block_flops, density, 0.0, 1.0, 25.0, strict=False)
+    assert total - sum(float(f[o[:r]].sum()) for f, o, r in zip(block_flops, orders, removed)) <= 25.0

@@ -128,3 +128,18 @@ def test_a_module_that_logs_in_training_step_is_pruned_at_fit_start(tmp_path):
     assert abs(prune.result.flops_keep - 0.5) <= 0.01
     assert "log" not in vars(model)  # the probes' silencing is undone: training logged as usual
     assert "train_loss" in trainer.callback_metrics
+
+
+def test_prunes_a_model_trained_in_bf16_true_precision(tmp_path):
+    """The calibration and evaluation batches reach the module as training's do: converted to bfloat16."""
+    torch.manual_seed(0)
+    model = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2,
+                          schedule="constant")
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision="bf16-true", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=2, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[prune])
+    trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=64))
+    assert abs(prune.result.flops_keep - 0.5) <= 0.01
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert {"prune/dense_val_acc", "prune/pruned_val_acc", "prune/finetuned_val_acc"} <= set(prune.metrics)

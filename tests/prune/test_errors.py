@@ -127,10 +127,32 @@ def test_budget_finer_than_the_block_granularity_names_the_nearest_reachable_sha
 def test_stages_below_one(tiny_vit, batches):
     from lpl.prune import BlockPruneCallback
 
-    with pytest.raises(LplError, match="stages must be >= 1"):
-        prune_model(tiny_vit, batches, stages=0)
-    with pytest.raises(LplError, match="stages must be >= 1"):
-        BlockPruneCallback(stages=0)
+    for stages in (0, 2.5):
+        with pytest.raises(LplError, match="stages must be an int >= 1"):
+            prune_model(tiny_vit, batches, stages=stages)
+        with pytest.raises(LplError, match="stages must be an int >= 1"):
+            BlockPruneCallback(stages=stages)
+
+
+@pytest.mark.parametrize("option, value", [("flops_keep", None), ("flops_keep", "0.5"), ("flops_keep", True),
+                                           ("lambda_power", None), ("min_density", "low")])
+def test_options_that_are_not_numbers(tiny_vit, batches, option, value):
+    from lpl.prune import BlockPruneCallback
+
+    with pytest.raises(LplError, match=f"{option} must be a number"):
+        prune_model(tiny_vit, batches, **{option: value})
+    with pytest.raises(LplError, match=f"{option} must be a number"):
+        BlockPruneCallback(**{option: value})
+
+
+def test_block_size_as_one_int_means_square_blocks_and_fractions_are_refused(tiny_vit, batches):
+    from lpl.prune import BlockPruneCallback
+
+    assert prune_model(tiny_vit, batches, block_size=8, flops_keep=0.5, stages=1).block_size == (8, 8)
+    assert BlockPruneCallback(block_size=16).options["block_size"] == (16, 16)
+    for block in ((4.5, 4), "16", (8, True)):
+        with pytest.raises(LplError, match="block_size must be"):
+            prune_model(tiny_vit, batches, block_size=block)
 
 
 class LongLoader:

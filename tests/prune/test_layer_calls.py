@@ -1,0 +1,141 @@
+"""How a layer is called must not change its statistics: twice per forward, on flattened or window-split tokens,
+behind a frozen layer, with empty batches; and layers sharing one weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpl.prune import apply_masks, prune_model, to_block_sparse
+from lpl.prune.api import select_layers
+from lpl.prune.importance import collect_statistics
+from lpl.utils.errors import LplError
+from lpl.utils.loss import module_loss
+
+FEATURES, TOKENS, CLASSES = 16, 4, 8
+
+
+class TokenMLP(nn.Module):
+    """Token features -> mean-pooled logits; ``shared`` runs twice, ``flatten`` feeds fc1 [B * T, C] rows."""
+
+    def __init__(self, shared: bool = False, flatten: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(FEATURES, 32)
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, CLASSES)
+        self.shared, self.flatten = shared, flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        if self.flatten:
+            h = torch.tanh(self.fc1(h.reshape(-1, h.shape[-1]))).reshape(h.shape)
+        else:
+            h = torch.tanh(self.fc1(h))
+        if self.shared:
+            h = torch.tanh(self.fc1(h)) + h
+        return self.fc2(h).mean(1)
+
+    def loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def _batches(count: int = 3, size: int = 6, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, TOKENS, FEATURES, generator=generator), torch.randint(0, CLASSES, (size,),
+                                                                                        generator=generator))
+            for _ in range(count)]
+
+
+def test_a_layer_called_twice_sums_its_calls():
+    model, batches = TokenMLP(shared=True), _batches()
+    layers = select_layers(model, ["fc1"], [])
+    stats = collect_statistics(model, layers, batches, (8, 8), module_loss, with_gram=False)
+    grads = []
+    for batch in batches:
+        model.zero_grad()
+        module_loss(model, batch).backward()
+        grads.append(model.fc1.weight.grad.clone())
+    torch.testing.assert_close(stats["fc1"].grad_mean, torch.stack(grads).mean(0), rtol=1e-4, atol=1e-7)
+    assert stats["fc1"].tokens_per_sample == 2 * TOKENS  # its FLOPs count both calls
+
+
+def test_flattened_tokens_give_the_statistics_of_the_token_tensor():
+    batches = _batches()
+    stats = [collect_statistics(model, select_layers(model, ["fc1"], []), batches, (8, 8), module_loss)["fc1"]
+             for model in (TokenMLP(), TokenMLP(flatten=True))]
+    torch.testing.assert_close(stats[0].gram, stats[1].gram)
+    torch.testing.assert_close(stats[0].first, stats[1].first)
+    assert stats[0].tokens_per_sample == stats[1].tokens_per_sample == TOKENS
+    masks = [prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[]).block_masks
+             for model in (TokenMLP(), TokenMLP(flatten=True))]
+    assert all(torch.equal(masks[0][name], masks[1][name]) for name in masks[0])
+
+
+def test_empty_batches_are_skipped_and_a_frozen_first_layer_is_still_pruned():
+    model = TokenMLP()
+    model.inp.requires_grad_(False)  # its output needs no gradient for training, but calibration measures there
+    batches = _batches()
+    with_empty = batches[:1] + _batches(1, size=0) + batches[1:]
+    result = prune_model(model, with_empty, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert "inp" in result.block_masks
+    reference = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert all(torch.equal(result.block_masks[n], reference.block_masks[n]) for n in result.block_masks)
+    with pytest.raises(LplError, match="no batches"):
+        prune_model(model, _batches(2, size=0), block_size=(8, 8), flops_keep=0.5)
+
+
+class Tied(TokenMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc3 = nn.Linear(32, 32)
+        self.fc3.weight = self.fc1.weight  # tied
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.fc2(torch.tanh(self.fc3(torch.tanh(self.fc1(h))))).mean(1)
+
+
+def test_layers_sharing_a_weight_stay_dense_by_default_and_are_an_error_when_named():
+    model, batches = Tied(), _batches()
+    with pytest.warns(UserWarning, match="share their weights"):
+        result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=["fc2"])
+    assert set(result.block_masks) == {"inp"}
+    with pytest.raises(LplError, match=r"share one weight.*exclude=\['fc1', 'fc3'\]"):
+        prune_model(model, batches, block_size=(8, 8), include=["fc*"])
+
+
+def test_masks_follow_the_model_to_another_dtype():
+    model, batches = TokenMLP(), _batches()
+    result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    apply_masks(model, result, optimizers=[optimizer])
+    model.bfloat16()
+    x, y = batches[0]
+    F.cross_entropy(model(x.bfloat16()).float(), y).backward()
+    optimizer.step()
+    kept = result.block_masks["fc1"].repeat_interleave(8, 0).repeat_interleave(8, 1)
+    assert model.fc1.weight.grad.dtype == torch.bfloat16
+    assert (model.fc1.weight[~kept] == 0).all() and (model.fc1.weight.grad[~kept] == 0).all()
+
+
+def test_a_submodule_of_the_pruned_model_exports():
+    class Wrapper(nn.Module):  # a LightningModule's `.model`, say
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = TokenMLP()
+
+        def forward(self, x):
+            return self.model(x)
+
+    wrapper, batches = Wrapper(), _batches()
+    result = prune_model(wrapper, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert "model.fc1" in result.block_masks
+    apply_masks(wrapper, result)
+    x = batches[0][0]
+    expected = wrapper(x)
+    sparse = to_block_sparse(wrapper.model, result)
+    torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-6)
+    assert type(sparse.fc1).__name__ == "BlockSparseLinear"
