@@ -44,6 +44,7 @@ class _ResumableBatchSampler(Sampler[list[int]]):
     def __init__(self) -> None:
         self.epoch = 0
         self._consumed = 0  # batches of the current epoch already yielded (for mid-epoch resume)
+        self._restored = False  # the position came from load_state_dict: the next pass continues there
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         raise NotImplementedError
@@ -60,10 +61,12 @@ class _ResumableBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = _rank_and_world()
-        batches = self.global_batches(self.epoch)
-        if self._consumed >= len(batches):  # the last pass stopped after its final batch without exhausting us
+        if self._consumed and not self._restored:
+            # the last pass was abandoned (Lightning stops after the epoch's last batch, or earlier under
+            # limit_train_batches, without exhausting us): this pass is the next epoch, from its first batch
             self.epoch, self._consumed = self.epoch + 1, 0
-            batches = self.global_batches(self.epoch)
+        self._restored = False
+        batches = self.global_batches(self.epoch)
         start, self._consumed = self._consumed, 0
         for position in range(start, len(batches)):
             self._consumed = position + 1
@@ -77,6 +80,7 @@ class _ResumableBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self._consumed = int(state["consumed"])
+        self._restored = True
 
 
 class SeededBatchSampler(_ResumableBatchSampler):

@@ -56,3 +56,16 @@ def test_plan_pool_deduplicates_repeated_batches_across_epochs():
     seeded = SeededBatchSampler(12, 4, seed=0)
     pool, order = plan_pool(seeded, batches_per_epoch=2, total_steps=5)  # limit_train_batches cuts epochs to 2
     assert [pool[i] for i in order] == seeded.global_batches(0)[:2] + seeded.global_batches(1)[:2] + seeded.global_batches(2)[:1]
+
+
+def test_an_abandoned_pass_is_followed_by_the_next_epoch_and_a_restored_position_continues():
+    """Lightning stops drawing after limit_train_batches (or the epoch's last batch) without exhausting the
+    sampler: the next pass is the next epoch from its first batch; a position from load_state_dict resumes."""
+    sampler = SeededBatchSampler(num_samples=12, batch_size=3, seed=0)
+    first = iter(sampler)
+    assert [next(first) for _ in range(2)] == sampler.global_batches(0)[:2]
+    assert list(iter(sampler)) == sampler.global_batches(1)
+    state = {"epoch": 2, "consumed": 1}
+    sampler.load_state_dict(state)
+    assert list(iter(sampler)) == sampler.global_batches(2)[1:]
+    assert next(iter(sampler)) == sampler.global_batches(3)[0]
