@@ -277,7 +277,7 @@ def record_sensitivities(
         estimator = OrderEstimator.from_recording("runs/ref/recording", method="linearized")
     """
     from lpl.order.recorder import validation_loss_fn
-    from lpl.order.retraining import fit_in_order, rebuild, validation_loss
+    from lpl.order.retraining import fit_in_order, pool_batches, rebuild, validation_loss
     from lpl.order.store import SENSITIVITY_FILE, Recording
 
     if curvature_rank < 0:
@@ -326,8 +326,7 @@ def record_sensitivities(
     )
     say(f"record_sensitivities: re-ran {steps} steps ({time.perf_counter() - start:.1f} s)")
 
-    collate = datamodule.train_dataloader().collate_fn
-    pool = [move_data_to_device(collate([datamodule.train_set[i] for i in batch]), device) for batch in recording.batches]
+    pool = [move_data_to_device(batch, device) for batch in pool_batches(recording, datamodule)]
     reference = recording.order
     model.eval()
 

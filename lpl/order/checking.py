@@ -105,7 +105,7 @@ def check_methods(
 
     recording = Recording.open(path)
     recording.verify()
-    order_tensor = check_orders(torch.as_tensor(orders), len(recording.batches), recording.num_steps)
+    order_tensor = check_orders(orders, len(recording.batches), recording.num_steps)
     if order_tensor.shape[0] < MIN_ORDERS:
         raise LplError(f"check_methods needs at least {MIN_ORDERS} orders to rank, got {order_tensor.shape[0]}.")
     methods = list(METHODS if methods is None else methods)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lpl.order.linearized import LinearizedRun, linearized_from_tensors
-from lpl.order.replay import ReplayData, ReplayResult, check_method, replay
+from lpl.order.replay import ReplayData, ReplayResult, as_orders, check_method, replay
 from lpl.utils.errors import LplError
 from lpl.utils.stats import rank_correlation
 
@@ -90,14 +90,23 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
                 f"the sensitivity tables of {recording.root} do not match the recording (expected [1 + m, "
                 f"{expected[0]}, {expected[1]}]); build them again with record_sensitivities."
             )
-    scalars = recording.scalars
-    lr = torch.as_tensor(scalars["lr"], dtype=torch.float64)[:num_steps]
+    try:  # Recording.open checked these; other recording objects may hold anything
+        lr = torch.as_tensor(recording.scalars["lr"], dtype=torch.float64)[:num_steps]
+        betas = tuple(float(b) for b in adam.get("betas", (0.9, 0.999)))
+        weight_decay = float(adam.get("weight_decay", 0.0))
+    except (KeyError, TypeError, ValueError) as error:
+        raise LplError(f"recording {getattr(recording, 'root', '')} holds unreadable learning rates or Adam settings "
+                       f"({type(error).__name__}: {error}); its manifest was edited or damaged: record again."
+                       ) from None
+    if len(betas) != 2 or lr.numel() != num_steps:
+        raise LplError(f"recording {getattr(recording, 'root', '')} holds {lr.numel()} learning rates for {num_steps} "
+                       f"steps and betas {betas}; its manifest was edited or damaged: record again.")
     return ReplayData(
         probe_steps=torch.tensor(probe_steps),
         lr=lr,
         reference_order=torch.as_tensor(list(recording.order), dtype=torch.long)[:num_steps],
-        betas=tuple(float(b) for b in adam.get("betas", (0.9, 0.999))),
-        weight_decay=float(adam.get("weight_decay", 0.0)),
+        betas=betas,
+        weight_decay=weight_decay,
         decoupled=bool(adam.get("decoupled", True)),
         weight_decay_per_group=bool(adam.get("weight_decays")),
         update=stack("update"),
@@ -235,9 +244,9 @@ class OrderEstimator(L.LightningModule):
         """The reference run's final validation loss (the "no change" prediction)."""
         return float(self.val_loss[-1])
 
-    def estimate_many(self, orders: Tensor | Sequence[Sequence[int]]) -> ReplayResult:
-        """Batched estimates for ``orders`` [N, L] (all of one length)."""
-        result = replay(self.data, torch.as_tensor(orders), self.method, self.control_variates, self.quadratic)
+    def estimate_many(self, orders: Tensor | Sequence[Sequence[int]] | Sequence[Tensor]) -> ReplayResult:
+        """Batched estimates for ``orders`` [N, L] (all of one length): a tensor, an array, or a list of orders."""
+        result = replay(self.data, as_orders(orders), self.method, self.control_variates, self.quadratic)
         diverged = ~torch.isfinite(result.final_loss)
         if diverged.any():
             warnings.warn(
@@ -249,7 +258,7 @@ class OrderEstimator(L.LightningModule):
 
     def estimate(self, order: Sequence[int] | Tensor) -> OrderEstimate:
         """Estimate for one order: a sequence of pool batch ids (a permutation, or repeats and omissions)."""
-        orders = torch.as_tensor(order)
+        orders = as_orders(order)
         if orders.ndim != 1:
             raise LplError(f"estimate() takes one order (a 1-D list of batch ids), got shape {tuple(orders.shape)}.")
         return _split(self.estimate_many(orders[None]))[0]
@@ -259,8 +268,6 @@ class OrderEstimator(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[OrderEstimate]:
         orders = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 1 else batch
-        if isinstance(orders, (list, tuple)):
-            orders = torch.stack([torch.as_tensor(o) for o in orders])
         return _split(self.estimate_many(orders))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import time
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order import quantities
 from lpl.order.projection import PROJECTION_KINDS, Projector
@@ -133,7 +135,22 @@ def _rebuild_info(obj: Any) -> dict[str, Any] | None:
     hparams = constructor_hparams(getattr(obj, "hparams", {}) or {})
     safe = _json_safe(hparams)
     lost = sorted(k for k, v in hparams.items() if v is not None and safe[str(k)] is None)
-    return {"class_path": _class_path(obj), "hparams": safe, "hparams_not_stored": lost}
+    return {"class_path": _class_path(obj), "hparams": safe, "hparams_not_stored": lost,
+            "hparams_missing": _unsaved_arguments(obj, hparams)}
+
+
+def _unsaved_arguments(obj: Any, hparams: Mapping[str, Any]) -> list[str]:
+    """With no ``hparams`` at all (the class never calls ``self.save_hyperparameters()``), the ``__init__`` arguments
+    that have defaults: rebuilding takes the defaults, whatever the run was given. (Arguments left out on purpose,
+    ``save_hyperparameters(ignore=[...])``, are the class's choice.)"""
+    if hparams:
+        return []
+    try:
+        parameters = inspect.signature(type(obj).__init__).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.name != "self" and p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def plan_pool(batch_sampler: Any, batches_per_epoch: int, total_steps: int) -> tuple[list[list[int]], list[int]]:
@@ -331,6 +348,15 @@ class TrainOrderRecorder(L.Callback):
         self._projector = Projector(signature["num_params"], self.proj_dim, self.seed, self.projection_kind)
         rank, world = _rank_and_world()
         header = self._header(trainer, pl_module, optimizer, signature, world)
+        if self._val_loader(trainer) is None:
+            raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
+                           "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")
+        for info in (header["model"], header["datamodule"] or {}):
+            if info.get("hparams_missing"):
+                rank_zero_warn(
+                    f"TrainOrderRecorder: {info['class_path']} stores no hyperparameters (its __init__ never calls "
+                    "self.save_hyperparameters()), so retraining rebuilds it with the defaults of "
+                    f"{info['hparams_missing']}, whatever this run was given: call it there to retrain faithfully.")
         error = self._open_store(pl_module, header, trainer.global_step) if rank == 0 else None
         if world > 1:  # a refusal on rank 0 must stop every rank, not leave the others waiting in a collective
             errors: list[str | None] = [None] * world
@@ -361,10 +387,10 @@ class TrainOrderRecorder(L.Callback):
             "world_size": world,
             "optimizer": {
                 "name": type(optimizer).__name__,
-                "lr": group["lr"],
-                "betas": list(group["betas"]),
-                "eps": group["eps"],
-                "weight_decay": group["weight_decay"],
+                "lr": float(group["lr"]),  # a tensor lr (torch allows it) is stored as its value
+                "betas": [float(b) for b in group["betas"]],
+                "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]),
                 # per trainable parameter (named_parameters order), only when the groups' weight decays differ
                 **({"weight_decays": decays} if len(set(decays)) > 1 else {}),
                 "decoupled": self._decoupled(optimizer),
@@ -508,9 +534,13 @@ class TrainOrderRecorder(L.Callback):
 
     @staticmethod
     def _val_loader(trainer: L.Trainer) -> Any:
-        if trainer.datamodule is not None and callable(getattr(trainer.datamodule, "val_dataloader", None)):
+        if trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
             return trainer.datamodule.val_dataloader()
-        return trainer.val_dataloaders
+        if trainer.val_dataloaders is not None:
+            return trainer.val_dataloaders
+        # loaders given to fit() or defined by the module: Lightning builds them only when it first validates
+        source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
+        return source.dataloader() if source is not None and source.is_defined() else None
 
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         rank, world = _rank_and_world()

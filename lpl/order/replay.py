@@ -27,7 +27,9 @@ Methods:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,15 +131,46 @@ def _at(x: Tensor, where: tuple[int, int, float], index: Tensor | int | None = N
     return (1.0 - a) * lo.float() + a * hi.float()
 
 
-def check_orders(orders: Tensor, num_batches: int, num_steps: int) -> Tensor:
-    """Validate a [N, L] (or [L]) tensor of pool batch ids; returns it as long [N, L]."""
-    orders = torch.as_tensor(orders)
+# True/False read as batch ids 1/0 is almost surely a mistake (a mask of batches, say)
+_BOOL_ORDERS = "orders hold True/False, not pool batch ids; pass integer ids such as [0, 1, 2] (a mask is no order)."
+
+
+def as_orders(orders: Any) -> Tensor:
+    """Orders as given by a user (a tensor, a numpy array, a list of ids, or a list of such rows, e.g. 1-D tensors of
+    one length) as one integer tensor; raises ``LplError`` for anything that is not integer pool batch ids."""
+    if isinstance(orders, (str, bytes)):
+        raise LplError(f"an order must be a list of integer pool batch ids, got the string {orders!r:.40}; pass e.g. "
+                       "[0, 1, 2].")
+    if isinstance(orders, (list, tuple)):
+        if any(isinstance(o, bool) for o in orders):  # torch would read [0, True] as ids 0, 1
+            raise LplError(_BOOL_ORDERS)
+        if not all(isinstance(o, numbers.Number) for o in orders):
+            # rows (lists, tensors, arrays) one by one: torch cannot build a tensor from a list of 1-D tensors
+            rows = [as_orders(o) for o in orders]
+            shapes = sorted({tuple(row.shape) for row in rows})
+            if len(shapes) > 1:
+                raise LplError(f"orders estimated together must all have one length, got rows of shapes {shapes}; "
+                               "estimate orders of other lengths in separate calls.")
+            return torch.stack(rows)
+    try:
+        tensor = torch.as_tensor(orders)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise LplError(f"orders must be integer pool batch ids (a list, tensor or numpy array), could not read "
+                       f"{type(orders).__name__} ({error}).") from None
+    if tensor.numel() and tensor.dtype == torch.bool:
+        raise LplError(_BOOL_ORDERS)
+    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex()):
+        raise LplError("orders must hold integer pool batch ids.")
+    return tensor
+
+
+def check_orders(orders: Any, num_batches: int, num_steps: int) -> Tensor:
+    """Validate [N, L] (or [L]) pool batch ids (anything ``as_orders`` reads); returns them as long [N, L]."""
+    orders = as_orders(orders)
     if orders.ndim == 1:
         orders = orders[None]
     if orders.ndim != 2 or orders.shape[1] == 0:
         raise LplError(f"an order must be a non-empty list of pool batch ids, got shape {tuple(orders.shape)}.")
-    if orders.is_floating_point():
-        raise LplError("orders must hold integer pool batch ids.")
     orders = orders.long()
     if orders.shape[1] > num_steps:
         raise LplError(

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -58,6 +59,10 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
             "without a LightningDataModule); record the run with trainer.fit(model, datamodule=...)."
         )
     for info in (model_info, data_info):
+        if info.get("hparams_missing"):
+            warnings.warn(f"{info['class_path']} stores no hyperparameters, so it is rebuilt with the defaults of "
+                          f"{info['hparams_missing']}, whatever the recorded run was given; if they differed, retraining "
+                          "is not the recorded run (call self.save_hyperparameters() in its __init__).", stacklevel=3)
         if info.get("hparams_not_stored"):
             raise LplError(
                 f"{info['class_path']} hyperparameters {info['hparams_not_stored']} could not be stored as JSON, so the "
@@ -87,6 +92,12 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
             "that trains explicit batches in an explicit order (every lpl DataModule does)."
         ) from None
     return model, datamodule
+
+
+def pool_batches(recording: Any, datamodule: L.LightningDataModule) -> list[Any]:
+    """Every pool batch of the recording, collated as the datamodule's train loader does (on the CPU)."""
+    loader = datamodule.train_dataloader()
+    return [loader.collate_fn([loader.dataset[i] for i in batch]) for batch in recording.batches]
 
 
 def validation_loss(
@@ -163,7 +174,7 @@ def fit_in_order(
     L.seed_everything(seed, verbose=False)
     datamodule.setup("fit")
     rng = recording.rng_state()
-    first = [_StopAfter(steps)] + ([_StartFromRecordedRng(rng)] if rng is not None else [])
+    first = [_StopAfter(steps), _RecordedOptimizer(recording)] + ([_StartFromRecordedRng(rng)] if rng is not None else [])
     settings = dict(
         accelerator=accelerator, devices=1, precision=recording.manifest.get("precision", "32-true"),
         max_epochs=-1, max_steps=recording.num_steps, logger=False,
@@ -184,6 +195,46 @@ def fit_in_order(
     if trainer.global_step != steps:
         raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
     return seconds
+
+
+class _RecordedOptimizer(L.Callback):
+    """Every step trains with the reference run's learning rate and betas at that step: the schedule belongs to the
+    step, whatever the order (an epoch-stepped scheduler would not step here, where the order is one epoch). The
+    optimizer the module builds must otherwise be the recorded one (its eps, weight decay, kind)."""
+
+    def __init__(self, recording: Any) -> None:
+        self.steps = recording.manifest.get("steps", [])
+        self.recorded = recording.manifest.get("optimizer") or {}
+        self.class_path = (recording.manifest.get("model") or {}).get("class_path", "the module")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        group = optimizer.param_groups[0]
+        built = {"name": type(optimizer).__name__, "eps": float(group["eps"]),
+                 "weight_decay": float(group["weight_decay"])}
+        differing = [f"{key} {built[key]} (recorded {self.recorded[key]})" for key in built
+                     if key in self.recorded and not _same(built[key], self.recorded[key])]
+        if differing:
+            raise LplError(
+                f"{self.class_path} rebuilt from the recording builds another optimizer than the recorded run's: "
+                f"{', '.join(differing)}; its hyperparameters do not rebuild it (call self.save_hyperparameters() in "
+                "its __init__ and record again).")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step >= len(self.steps):
+            return
+        recorded = self.steps[step]
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = float(recorded["lr"])
+            if "beta1" in recorded:
+                group["betas"] = (float(recorded["beta1"]), float(recorded["beta2"]))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
 class _StartFromRecordedRng(L.Callback):
@@ -229,7 +280,10 @@ def retrain(
     from lpl.order.store import Recording
 
     recording = Recording.open(path)
-    order_tensor = check_orders(torch.as_tensor(list(order)), len(recording.batches), recording.num_steps)[0]
+    orders = check_orders(order, len(recording.batches), recording.num_steps)
+    if orders.shape[0] != 1:
+        raise LplError(f"retrain takes one order (a list of pool batch ids), got {orders.shape[0]}; call it per order.")
+    order_tensor = orders[0]
     if max_steps is not None:
         if max_steps <= 0:
             raise LplError(f"max_steps must be positive, got {max_steps}.")
@@ -243,7 +297,5 @@ def retrain(
     curve.curve[steps] = validation_loss(model, datamodule.val_dataloader(), curve.forward)
     ends = None
     if batch_losses:
-        collate = datamodule.train_dataloader().collate_fn
-        pool = [collate([datamodule.train_set[i] for i in batch]) for batch in recording.batches]
-        ends = torch.tensor([validation_loss(model, [batch], curve.forward) for batch in pool])
+        ends = torch.tensor([validation_loss(model, [batch], curve.forward) for batch in pool_batches(recording, datamodule)])
     return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds, batch_losses=ends)

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -88,6 +88,106 @@ def pool_tensors(batches: Sequence[Sequence[int]], order: Sequence[int]) -> dict
     offsets[1:] = torch.cumsum(lengths, 0)
     ids = torch.tensor([int(i) for b in batches for i in b], dtype=torch.int64)
     return {"batch_ids": ids, "batch_offsets": offsets, "order": torch.tensor(list(order), dtype=torch.int64)}
+
+
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "true or false": lambda v: isinstance(v, bool),
+    "a string": lambda v: isinstance(v, str),
+    "a list": lambda v: isinstance(v, list),
+    "an object": lambda v: isinstance(v, dict),
+}
+
+
+def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Check the structure and types of every manifest field a reader uses, as the recorder writes them (in progress,
+    stopped early, resumed or complete, with or without sensitivity data), so that a hand-edited or damaged manifest
+    fails here, naming its bad field, instead of with a TypeError or KeyError deep inside a reader."""
+
+    def bad(field: str, problem: str) -> RecordingError:
+        return RecordingError(f"{path} is damaged or was edited: {field} {problem}; record the run again.")
+
+    def take(entry: Mapping[str, Any], key: str, where: str, kind: str, required: bool = True) -> Any:
+        field = f"{where}.{key}" if where else key
+        if key not in entry:
+            if required:
+                raise bad(field, "is missing")
+            return None
+        value = entry[key]
+        if not _KINDS[kind](value):
+            raise bad(field, f"is {value!r:.60}, not {kind}")
+        return value
+
+    def file_entry(entry: Any, where: str) -> None:
+        if not isinstance(entry, dict):
+            raise bad(where, f"is {entry!r:.60}, not an object")
+        take(entry, "file", where, "a string")
+        take(entry, "sha256", where, "a string")
+        if take(entry, "bytes", where, "an integer") < 0:
+            raise bad(f"{where}.bytes", "is negative")
+
+    status = take(manifest, "status", "", "a string")
+    if status not in ("recording", "complete"):
+        raise bad("status", f"is {status!r}, not 'recording' or 'complete'")
+    num_steps = take(manifest, "num_steps", "", "an integer")
+    if num_steps < 0:
+        raise bad("num_steps", "is negative")
+    if take(manifest, "store_dtype", "", "a string") not in STORE_DTYPES:
+        raise bad("store_dtype", f"is {manifest['store_dtype']!r}, not one of {sorted(STORE_DTYPES)}")
+    take(take(manifest, "projection", "", "an object"), "proj_dim", "projection", "an integer")
+    file_entry(take(manifest, "pool", "", "an object"), "pool")
+    take(manifest["pool"], "num_batches", "pool", "an integer")
+    file_entry(take(manifest, "initial_state", "", "an object"), "initial_state")
+    for name in ("rng_state", "sensitivity"):  # optional: older recordings and those without sensitivity data
+        if manifest.get(name):
+            file_entry(manifest[name], name)
+    if manifest.get("sensitivity"):
+        take(manifest["sensitivity"], "reference_replay_drift", "sensitivity", "a number", required=False)
+
+    # optimizer fields are read with defaults (older recordings lack some), so only their types are checked
+    optimizer = take(manifest, "optimizer", "", "an object", required=False) or {}
+    for key in ("lr", "eps", "weight_decay"):
+        take(optimizer, key, "optimizer", "a number", required=False)
+    take(optimizer, "decoupled", "optimizer", "true or false", required=False)
+    betas = take(optimizer, "betas", "optimizer", "a list", required=False)
+    if betas is not None and (len(betas) != 2 or not all(_KINDS["a number"](b) for b in betas)):
+        raise bad("optimizer.betas", f"is {betas!r:.60}, not two numbers (beta1, beta2)")
+    decays = take(optimizer, "weight_decays", "optimizer", "a list", required=False)
+    if decays is not None and not all(_KINDS["a number"](d) for d in decays):
+        raise bad("optimizer.weight_decays", "holds a value that is not a number")
+
+    steps = take(manifest, "steps", "", "a list")
+    if len(steps) > num_steps or (status == "complete" and len(steps) != num_steps):
+        raise bad("steps", f"lists {len(steps)} training steps for a {status} run of num_steps = {num_steps}")
+    for t, step in enumerate(steps):
+        where = f"steps[{t}]"
+        if not isinstance(step, dict):
+            raise bad(where, f"is {step!r:.60}, not an object")
+        # readers take the per-step scalars as columns named by the first step's fields
+        for key in {"t": None, "lr": None, **steps[0]}:
+            take(step, key, where, "an integer" if key in ("t", "batch") else "a number")
+        if step["t"] != t:
+            raise bad(f"{where}.t", f"is {step['t']}: training steps must be listed once each, in order from 0")
+
+    previous = -1
+    for i, probe in enumerate(take(manifest, "probes", "", "a list")):
+        where = f"probes[{i}]"
+        if not isinstance(probe, dict):
+            raise bad(where, f"is {probe!r:.60}, not an object")
+        t = take(probe, "t", where, "an integer")
+        if not previous < t <= num_steps:
+            raise bad(f"{where}.t", f"is {t}: probed steps must be listed once each, in increasing order, up to "
+                      f"num_steps = {num_steps}")
+        previous = t
+        shards = take(probe, "shards", where, "a list")
+        if not shards:
+            raise bad(f"{where}.shards", "is empty")
+        for j, shard in enumerate(shards):
+            file_entry(shard, f"{where}.shards[{j}]")
+        for key in probe:
+            if key not in ("t", "shards"):
+                take(probe, key, where, "a number")
 
 
 class RecordingWriter:
@@ -279,6 +379,7 @@ class Recording:
                 f"{manifest_path} has schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}, "
                 f"this lpl reads version {SCHEMA_VERSION}; record again with this version."
             )
+        _check_manifest(manifest_path, manifest)
         return cls(root, manifest)
 
     # ---- what the run was
@@ -417,7 +518,8 @@ class Recording:
         return infos + [shard for probe in self.manifest["probes"] for shard in probe["shards"]]
 
     def verify(self) -> None:
-        """Check every file's size and sha256 against the manifest; raises ``RecordingError`` naming the bad file."""
+        """Check every file's size and sha256 against the manifest (its structure was checked by ``open``); raises
+        ``RecordingError`` naming the bad file."""
         for info in self.files():
             path = self._path(info)
             digest = hashlib.sha256()
@@ -426,6 +528,3 @@ class Recording:
                     digest.update(block)
             if digest.hexdigest() != info["sha256"]:
                 raise RecordingError(f"{path} is corrupted: its sha256 does not match the manifest.")
-        steps = [s["t"] for s in self.manifest["steps"]]
-        if steps != list(range(len(steps))):
-            raise RecordingError(f"{self.root / MANIFEST} lists training steps out of order or with gaps.")

@@ -145,3 +145,69 @@ def test_resume_drops_steps_after_the_checkpoint_and_checks_identity(tmp_path):
         writer.add_step(2, {"batch": 2, "lr": 0.3})
     with pytest.raises(RecordingError, match="never recorded"):
         RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 3)
+
+
+def _edit_manifest(root, edit):
+    manifest = json.loads((root / MANIFEST).read_text())
+    edit(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["steps"][2].update(lr="0.3"), r"steps\[2\]\.lr is '0.3', not a number"),
+    (lambda m: m["steps"][2].update(lr=None), r"steps\[2\]\.lr is None, not a number"),
+    (lambda m: m.pop("steps"), "steps is missing"),
+    (lambda m: m["probes"][1]["shards"][0].pop("sha256"), r"probes\[1\]\.shards\[0\]\.sha256 is missing"),
+    (lambda m: m.update(num_steps="six"), "num_steps is 'six', not an integer"),
+    (lambda m: m.update(steps=m["steps"][:2]), "steps lists 2 training steps for a complete run of num_steps = 4"),
+    (lambda m: m.update(steps=m["steps"] + m["steps"][:1]), "steps lists 5 training steps"),
+    (lambda m: m["optimizer"].update(betas=[0.9]), r"optimizer\.betas is \[0\.9\], not two numbers"),
+    (lambda m: m["optimizer"].update(lr="1e-3"), r"optimizer\.lr is '1e-3', not a number"),
+    (lambda m: m.pop("status"), "status is missing"),
+    (lambda m: m.update(status="done"), "status is 'done', not 'recording' or 'complete'"),
+    (lambda m: m["steps"][3].pop("batch"), r"steps\[3\]\.batch is missing"),
+    (lambda m: m["steps"][1].update(t=2), r"steps\[1\]\.t is 2: training steps must be listed once each"),
+    (lambda m: m["probes"].insert(1, m["probes"][0]), r"probes\[1\]\.t is 0: probed steps must be listed once each"),
+    (lambda m: m["probes"][1].update(val_loss="low"), r"probes\[1\]\.val_loss is 'low', not a number"),
+    (lambda m: m["probes"][1].update(shards=[]), r"probes\[1\]\.shards is empty"),
+    (lambda m: m["pool"].pop("num_batches"), "pool.num_batches is missing"),
+    (lambda m: m.update(initial_state="initial_state.safetensors"), "initial_state is 'initial_state.s.*, not"),
+    (lambda m: m["projection"].update(proj_dim=4.0), r"projection\.proj_dim is 4\.0, not an integer"),
+], ids=["lr_str", "lr_null", "no_steps", "shard_no_sha256", "num_steps_str", "steps_cut", "steps_extra",
+        "betas_short", "optimizer_lr_str", "no_status", "status_unknown", "step_field_missing", "steps_out_of_order",
+        "probes_repeated", "probe_scalar_str", "no_shards", "no_num_batches", "file_entry_str", "proj_dim_float"])
+def test_open_refuses_an_edited_manifest_naming_its_bad_field(tmp_path, edit, message):
+    _record(tmp_path)
+    _edit_manifest(tmp_path, edit)
+    with pytest.raises(RecordingError, match=f"manifest.json is damaged or was edited: {message}.*record the run"):
+        Recording.open(tmp_path)
+
+
+def test_manifests_as_the_recorder_writes_them_pass_the_checks(tmp_path):
+    """Full optimizer and step fields, RNG state, sensitivity data, and runs stopped early or resumed."""
+    optimizer = {"name": "AdamW", "lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+                 "weight_decays": [0.01, 0.0], "decoupled": True}
+    writer = RecordingWriter.create(tmp_path, _header(optimizer=optimizer), BATCHES, ORDER,
+                                    {"w": torch.ones(3, 2), "b": torch.zeros(3)})
+    Recording.open(tmp_path).verify()  # created, no step yet
+    writer.write_rng_state({"torch": torch.zeros(4, dtype=torch.uint8)})
+    for t in range(2):
+        writer.add_step(t, {"batch": ORDER[t], "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                            "weight_decay": 0.01})
+    writer.flush()
+    Recording.open(tmp_path).verify()  # stopped early
+    writer = RecordingWriter.resume(tmp_path, _header(optimizer=optimizer), BATCHES, ORDER, 1)
+    for t in range(1, 4):
+        writer.add_step(t, {"batch": ORDER[t], "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                            "weight_decay": 0.01})
+    shard = writer.write_probe_shard(4, 0, [_pool_out(p, 4) for p in range(3)], [0, 1, 2],
+                                     {"val_loss": torch.tensor(1.0), "val_grad": torch.ones(4)})
+    writer.add_probe(4, [shard], {"val_loss": 1.0})
+    writer.finish()
+    Recording.open(tmp_path).write_sensitivity({"tables": torch.zeros(1, 4, 3)}, {
+        "curvature_rank": 0, "hessian_rank": 0, "reference_replay_drift": 0.001, "seconds": 1.5,
+        "checks": [{"order": [1, 0, 2, 2], "estimates": {"adjoint": 1.2}, "retrained": 1.1}]})
+    rec = Recording.open(tmp_path)
+    rec.verify()
+    assert rec.status == "complete" and rec.recorded_steps == 4 and rec.probe_steps == [4]
+    assert rec.sensitivity() is not None and rec.rng_state() is not None

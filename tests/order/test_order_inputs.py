@@ -1,0 +1,96 @@
+"""The forms in which users pass orders to the estimator and check_orders: accepted ones agree, others fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lpl.order import OrderEstimator, Recording
+from lpl.order.estimator import replay_data_from_recording
+from lpl.order.replay import check_orders
+from lpl.utils.errors import LplError
+from test_estimator_task import NUM_BATCHES, record
+
+REFERENCE = list(range(NUM_BATCHES))
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    return record(tmp_path_factory.mktemp("order") / "rec", proj_dim=64, curvature_rank=0)
+
+
+@pytest.fixture(scope="module")
+def estimator(recording):
+    return OrderEstimator.from_recording(recording, method="zeroth_order")
+
+
+@pytest.mark.parametrize("order", [
+    REFERENCE, tuple(REFERENCE), np.arange(NUM_BATCHES), np.arange(NUM_BATCHES, dtype=np.int32),
+    np.arange(NUM_BATCHES, dtype=np.uint8), torch.arange(NUM_BATCHES), torch.arange(NUM_BATCHES, dtype=torch.int32),
+    [torch.tensor(i) for i in REFERENCE], [np.int64(i) for i in REFERENCE],
+], ids=["list", "tuple", "int64", "int32", "uint8", "tensor", "tensor_int32", "list_of_0d_tensors", "numpy_scalars"])
+def test_every_integer_form_of_one_order_gives_the_same_estimate(estimator, order):
+    assert estimator.estimate(order).final_loss == pytest.approx(estimator.estimate(REFERENCE).final_loss)
+
+
+def test_repeated_ids_and_prefixes_are_orders(estimator):
+    assert np.isfinite(estimator.estimate([0] * NUM_BATCHES).final_loss)
+    assert estimator.estimate([3, 3, 1]).loss_curve.shape == (4,)
+
+
+def test_a_list_of_1d_tensors_is_stacked_like_predict_step_does(estimator):
+    orders = [torch.arange(NUM_BATCHES), torch.arange(NUM_BATCHES).flip(0)]
+    expected = estimator.estimate_many(torch.stack(orders)).final_loss
+    assert torch.equal(estimator.estimate_many(orders).final_loss, expected)
+    assert torch.equal(estimator.estimate_many([o.numpy() for o in orders]).final_loss, expected)
+    assert torch.equal(estimator.estimate_many([o.tolist() for o in orders]).final_loss, expected)
+    assert [e.final_loss for e in estimator.predict_step(orders, 0)] == pytest.approx(expected.tolist())
+
+
+@pytest.mark.parametrize("orders, message", [
+    ([[0, 1, 2], [0, 1]], "one length"),
+    ([torch.arange(3), torch.arange(2)], "one length"),
+    ([[0, 1], 2], "one length"),
+    ("012345", "got the string '012345'"),
+    (["0", "1"], "got the string '0'"),
+    ([True, False, True], "True/False"),
+    ([0, True, 2], "True/False"),
+    ([[0, 1], [True, 1]], "True/False"),
+    (np.array([True, False]), "True/False"),
+    (torch.tensor([[True, False]]), "True/False"),
+    ([0.0, 1.0], "integer pool batch ids"),
+    (np.array([[0, 1], [2]], dtype=object), "could not read ndarray"),
+    (None, "could not read NoneType"),
+    ([], "non-empty"),
+    (torch.zeros(2, 2, 3, dtype=torch.long), r"got shape \(2, 2, 3\)"),
+    ([[0] * (NUM_BATCHES + 1)], "longer than"),
+    ([[0, NUM_BATCHES]], f"batch id {NUM_BATCHES}"),
+    ([[0, -1]], "batch id -1"),
+])
+def test_bad_orders_raise_lpl_errors_that_say_what_is_wrong(estimator, orders, message):
+    with pytest.raises(LplError, match=message):
+        estimator.estimate_many(orders)
+    with pytest.raises(LplError, match=message):
+        check_orders(orders, NUM_BATCHES, NUM_BATCHES)
+
+
+@pytest.mark.parametrize("order, message", [
+    ("012345", "got the string"), ([True] * 3, "True/False"), ([0.0, 1.0], "integer pool batch ids"),
+    ([], "non-empty"), ([REFERENCE], r"one order .* got shape \(1, 10\)"), (3, r"one order .* got shape \(\)"),
+    ([0] * (NUM_BATCHES + 1), "longer than"), ([0, NUM_BATCHES], f"batch id {NUM_BATCHES}"), ([0, -1], "batch id -1"),
+])
+def test_bad_single_orders_raise_lpl_errors(estimator, order, message):
+    with pytest.raises(LplError, match=message):
+        estimator.estimate(order)
+
+
+def test_replay_data_refuses_unreadable_learning_rates_of_an_unchecked_recording(recording):
+    opened = Recording.open(recording)
+    opened.manifest["steps"][2]["lr"] = "0.01"  # past Recording.open's checks, as another reader's object may be
+    with pytest.raises(LplError, match="unreadable learning rates.*record again"):
+        replay_data_from_recording(opened)
+    opened.manifest["steps"][2]["lr"] = 0.01
+    opened.manifest["optimizer"]["betas"] = [0.9]
+    with pytest.raises(LplError, match=r"betas \(0.9,\).*record again"):
+        replay_data_from_recording(opened)

@@ -1,0 +1,102 @@
+"""Setups of users' own modules and trainers: retraining reproduces the recorded run, or the recorder refuses."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lpl.data.base import ResumableDataLoader
+from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, retrain
+from lpl.utils.errors import LplError
+from test_estimator_task import TinyClassifier, TinyDigits
+
+
+def _record(path, model, datamodule, **trainer_kwargs):
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    settings = dict(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    num_sanity_val_steps=0, use_distributed_sampler=False)
+    settings.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[TrainOrderRecorder(path, proj_dim=64, store_dtype="float32")], **settings)
+    trainer.fit(model, datamodule=datamodule)
+    return path
+
+
+class EpochScheduled(TinyClassifier):
+    """A step-decay learning rate that steps once an epoch, as most schedules in the wild do."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.3)}
+
+
+def test_a_schedule_stepped_per_epoch_over_two_epochs_is_retrained_as_recorded(tmp_path):
+    path = _record(tmp_path / "rec", EpochScheduled(lr=0.01), TinyDigits(num_train=128), max_steps=-1, max_epochs=2)
+    recording = Recording.open(path)
+    assert recording.scalars["lr"] == pytest.approx([0.01] * 4 + [0.003] * 4)
+    final = recording.probe_scalars["val_loss"][-1]
+    assert retrain(path, recording.order, accelerator="cpu").final_loss == pytest.approx(final, abs=1e-5)
+    assert OrderEstimator.from_recording(path).estimate(recording.order).final_loss == pytest.approx(final, abs=1e-5)
+
+
+class NoHparams(TinyClassifier):
+    """Keeps its arguments itself, without save_hyperparameters: a rebuild cannot know them."""
+
+    def __init__(self, weight_decay: float = 0.0, lr: float = 0.01) -> None:
+        L.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+        self.decay, self.rate = weight_decay, torch.tensor(lr)  # a tensor lr: torch.optim takes it
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.rate, weight_decay=self.decay)
+
+
+def test_a_module_without_saved_hyperparameters_warns_and_its_other_optimizer_is_refused(tmp_path):
+    with pytest.warns(UserWarning, match=r"NoHparams stores no hyperparameters.*\['weight_decay', 'lr'\]"):
+        path = _record(tmp_path / "rec", NoHparams(weight_decay=0.1), TinyDigits())
+    assert Recording.open(path).manifest["optimizer"]["lr"] == pytest.approx(0.01)  # the tensor, stored as a number
+    with pytest.warns(UserWarning, match="rebuilt with the defaults"), pytest.raises(
+            LplError, match=r"another optimizer.*weight_decay 0.0 \(recorded 0.1"):
+        retrain(path, Recording.open(path).order, accelerator="cpu")
+
+
+class DigitsWithoutValidation(TinyDigits):
+    val_dataloader = L.LightningDataModule.val_dataloader  # Lightning's default: not defined
+
+
+class OwnNames(TinyDigits):
+    """Keeps its datasets under its own names and builds the loaders itself."""
+
+    def setup(self, stage=None):
+        if getattr(self, "train_data", None) is None:
+            self.train_data, self.val_data = self.build_datasets()
+        self.train_set = None  # nothing under lpl's names
+
+    def train_batches(self):
+        from lpl.data.samplers import SeededBatchSampler
+
+        return SeededBatchSampler(len(self.train_data), self.batch_size, self.seed).global_batches(0)
+
+    def train_dataloader(self):
+        from lpl.data.samplers import OrderedBatchSampler, SeededBatchSampler
+
+        sampler = (SeededBatchSampler(len(self.train_data), self.batch_size, self.seed) if self.batches is None
+                   else OrderedBatchSampler(self.batches, self.order))
+        return ResumableDataLoader(self.train_data, batch_sampler=sampler)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_data, batch_size=256)
+
+
+def test_validation_data_is_required_and_datasets_are_read_through_the_loaders(tmp_path):
+    with pytest.raises(LplError, match="needs validation data"):
+        _record(tmp_path / "none", TinyClassifier(), DigitsWithoutValidation())
+    path = _record(tmp_path / "own", TinyClassifier(), OwnNames())
+    recording = Recording.open(path)
+    result = retrain(path, recording.order, accelerator="cpu", batch_losses=True)
+    assert result.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
+    assert result.batch_losses.shape == (len(recording.batches),) and torch.isfinite(result.batch_losses).all()
