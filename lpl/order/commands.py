@@ -75,9 +75,10 @@ def _estimator(args: argparse.Namespace):
     return OrderEstimator.from_recording(args.recording, method=args.method, quadratic=not args.linear_loss).to(device)
 
 
-def read_orders(spec: str, num_batches: int, seed: int = 0) -> torch.Tensor:
-    """``random:N`` (N random permutations of the pool), or a file: JSON list of orders, or one order per line with
-    batch ids separated by commas or spaces. Returns long [N, L]; all orders must have one length."""
+def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``random:N`` (N random permutations of the reference order: every batch as often as the run trained it, so
+    a run of several epochs over one pool gets orders of its whole length), or a file: JSON list of orders, or one
+    order per line with batch ids separated by commas or spaces. Returns long [N, L]; all orders of one length."""
     if spec.startswith("random:"):
         try:
             count = int(spec.split(":", 1)[1])
@@ -86,7 +87,8 @@ def read_orders(spec: str, num_batches: int, seed: int = 0) -> torch.Tensor:
         if count <= 0:
             raise LplError(f"--orders {spec!r}: N must be positive.")
         generator = torch.Generator().manual_seed(seed)
-        return torch.stack([torch.randperm(num_batches, generator=generator) for _ in range(count)])
+        items = torch.as_tensor(reference_order, dtype=torch.long).flatten().cpu()
+        return torch.stack([items[torch.randperm(items.numel(), generator=generator)] for _ in range(count)])
     path = Path(spec)
     if not path.is_file():
         raise LplError(f"--orders {spec!r} is neither random:N nor a file; pass a JSON list of orders or a text file.")
@@ -131,7 +133,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="orders replayed at once")
     args = parser.parse_args(argv)
     estimator = _estimator(args)
-    orders = read_orders(args.orders, estimator.num_batches, args.seed)
+    orders = read_orders(args.orders, estimator.reference_order, args.seed)
     finals, curves, ends = [], [], []
     for start in range(0, len(orders), args.batch_size):
         result = estimator.estimate_many(orders[start : start + args.batch_size])
@@ -309,7 +311,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     if args.reuse:
         orders, true_losses = _earlier_check(args.reuse, recording)
     else:
-        orders = read_orders(args.orders, len(recording.batches), args.seed)
+        orders = read_orders(args.orders, recording.order, args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     with _wandb_logger(args, "check-methods") as logger:
         check = check_methods(args.recording, orders, methods, true_losses=true_losses, accelerator=args.accelerator,

@@ -8,6 +8,7 @@ Two searches: ``genetic`` (the paper's: order crossover, swap/insertion mutation
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +45,23 @@ def _score(estimator: Any, orders: Tensor, chunk: int = 512) -> Tensor:
 
 
 def order_crossover(a: Tensor, b: Tensor, generator: torch.Generator) -> Tensor:
-    """OX1 on permutation rows: keep a random slice of each ``a`` row, fill the rest in ``b``'s order. [N, L] each."""
+    """OX1 on rows that order one multiset of batches (a batch may repeat, as in runs of several epochs over one
+    pool): keep a random slice of each ``a`` row, fill the rest in ``b``'s order, each batch as often as it is
+    missing. [N, L] each."""
     n, length = a.shape
     cuts = torch.sort(torch.randint(0, length + 1, (n, 2), generator=generator), dim=1).values
     children = torch.empty_like(a)
     for row in range(n):
         lo, hi = int(cuts[row, 0]), int(cuts[row, 1])
         kept = a[row, lo:hi]
-        rest = b[row][~torch.isin(b[row], kept)]
-        children[row] = torch.cat([rest[:lo], kept, rest[lo:]])
+        missing = Counter(kept.tolist())
+        rest = []
+        for item in b[row].tolist():
+            if missing[item]:
+                missing[item] -= 1
+            else:
+                rest.append(item)
+        children[row] = torch.cat([kept.new_tensor(rest[:lo]), kept, kept.new_tensor(rest[lo:])])
     return children
 
 
@@ -88,7 +97,8 @@ def search(
     batches: list[int] | None = None,
     logger: Any = None,
 ) -> SearchResult:
-    """Search permutations of the pool (or of ``batches``) for the lowest estimated final validation loss.
+    """Search permutations of the reference order (every pool batch as often as the run trained it; or of
+    ``batches``) for the lowest estimated final validation loss.
 
     ``budget``: number of orders scored (the initial random population included). ``logger``: a Lightning logger
     (e.g. WandbLogger) to log the best score per generation; optional.
@@ -100,7 +110,12 @@ def search(
     """
     if method not in SEARCH_METHODS:
         raise LplError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}.")
-    items = torch.tensor(list(range(estimator.num_batches)) if batches is None else list(batches), dtype=torch.long)
+    if batches is not None:
+        items = torch.tensor(list(batches), dtype=torch.long)
+    else:  # the reference order's batches; an estimator that does not hold it orders each pool batch once
+        reference = getattr(estimator, "reference_order", None)
+        items = (torch.arange(estimator.num_batches) if reference is None
+                 else torch.as_tensor(reference, dtype=torch.long).flatten().cpu())
     if items.numel() < 2:
         raise LplError("a curriculum search needs at least two batches to order.")
     if population < 4:

@@ -100,6 +100,10 @@ def step_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return states
 
 
+def _same_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def set_step_rng_state(states: Mapping[str, torch.Tensor], device: torch.device) -> None:
     """Put back ``step_rng_state``'s generators (the CUDA one only on a CUDA device, where it was recorded)."""
     torch.set_rng_state(states["torch"])
@@ -271,6 +275,7 @@ class TrainOrderRecorder(L.Callback):
         self._pool: list[list[int]] = []
         self._order: list[int] = []
         self._data_checked = False  # the dataset gives the same data for the same sample ids (checked once per fit)
+        self._rng_after_step: dict[str, torch.Tensor] | None = None  # the generators as the last step left them
         self._total_steps = 0
 
     # ---- validation of the run
@@ -331,6 +336,7 @@ class TrainOrderRecorder(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = self._check_trainer(trainer, pl_module)
         self._data_checked = False
+        self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
         if trainer.global_step == 0 and any(optimizer.state.values()):
             raise LplError(
                 "the optimizer already holds Adam state (moments of an earlier run) before the first step: a recording "
@@ -432,8 +438,11 @@ class TrainOrderRecorder(L.Callback):
             self._check_data_repeats(trainer, batch, step)
             self._data_checked = True
         if _rank_and_world()[0] == 0:
-            if step == 0:
-                self._writer.write_rng_state(step_rng_state(pl_module.device))
+            states = step_rng_state(pl_module.device)
+            if self._rng_after_step is None or not _same_states(states, self._rng_after_step):
+                # validation, a new epoch's loader or a resume drew from the generators since the last step:
+                # retraining, which runs the steps back to back, starts this step from these states
+                self._writer.write_rng_state(states, step)
             group = trainer.optimizers[0].param_groups[0]
             betas = group["betas"]
             self._writer.add_step(step, {
@@ -444,6 +453,10 @@ class TrainOrderRecorder(L.Callback):
             self._probe(trainer, pl_module, step)
         elif _rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
             self._writer.flush()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if _rank_and_world()[0] == 0:
+            self._rng_after_step = step_rng_state(pl_module.device)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._writer is None:

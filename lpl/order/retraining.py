@@ -173,8 +173,7 @@ def fit_in_order(
     seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
     L.seed_everything(seed, verbose=False)
     datamodule.setup("fit")
-    rng = recording.rng_state()
-    first = [_StopAfter(steps), _RecordedOptimizer(recording)] + ([_StartFromRecordedRng(rng)] if rng is not None else [])
+    first = [_StopAfter(steps), _RecordedOptimizer(recording), _RecordedRng(recording.rng_states())]
     settings = dict(
         accelerator=accelerator, devices=1, precision=recording.manifest.get("precision", "32-true"),
         max_epochs=-1, max_steps=recording.num_steps, logger=False,
@@ -237,15 +236,17 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-class _StartFromRecordedRng(L.Callback):
-    """The first step starts from the reference run's RNG states: every step then draws the same dropout masks."""
+class _RecordedRng(L.Callback):
+    """Steps start from the reference run's RNG states where it stored them (the first step, and steps before which
+    its validation or a new epoch drew from the generators): every step then draws the reference's dropout masks."""
 
-    def __init__(self, states: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         self.states = states
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step == 0:
-            set_step_rng_state(self.states, pl_module.device)
+        states = self.states.get(trainer.global_step)
+        if states is not None:
+            set_step_rng_state(states, pl_module.device)
 
 
 class _StopAfter(L.Callback):

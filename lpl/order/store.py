@@ -5,7 +5,8 @@ Layout::
     manifest.json                      what the run was, which steps are complete, sha256 and size of every file
     pool.safetensors                   the pool: sample ids of every batch, and the batch trained at each step
     initial_state.safetensors          the module's state_dict before the first step
-    rng_state.safetensors              the RNG states the first training step started from (dropout masks)
+    rng_state.safetensors              the RNG states of the first step and of every step something between steps
+                                       drew from them (validation, a new epoch's loader): "<t>/torch", "<t>/cuda"
     probes/t000012_r0.safetensors      what rank 0 probed at step 12 ("pool.<name>" stacked over its pool batches,
                                        "pool_positions", and on rank 0 "val.<name>")
     sensitivity.safetensors            optional, added to a complete recording by ``lpl.order.record_sensitivities``
@@ -142,6 +143,9 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     for name in ("rng_state", "sensitivity"):  # optional: older recordings and those without sensitivity data
         if manifest.get(name):
             file_entry(manifest[name], name)
+    rng_steps = take(manifest.get("rng_state") or {}, "steps", "rng_state", "a list", required=False)
+    if rng_steps is not None and not all(_KINDS["an integer"](t) and 0 <= t <= num_steps for t in rng_steps):
+        raise bad("rng_state.steps", f"is {rng_steps!r:.60}, not steps of the run")
     if manifest.get("sensitivity"):
         take(manifest["sensitivity"], "reference_replay_drift", "sensitivity", "a number", required=False)
 
@@ -236,10 +240,18 @@ class RecordingWriter:
         self.manifest["initial_state"] = _write_file(self.root, INITIAL_STATE_FILE, _serialise(initial_state))
         self.flush()
 
-    def write_rng_state(self, states: Mapping[str, torch.Tensor]) -> None:
-        """The RNG states the first training step started from ("torch", and "cuda" for a CUDA run), so that
-        retraining draws the same dropout masks step for step."""
-        self.manifest["rng_state"] = _write_file(self.root, RNG_STATE_FILE, _serialise(states))
+    def write_rng_state(self, states: Mapping[str, torch.Tensor], step: int = 0) -> None:
+        """The RNG states training step ``step`` started from ("torch", and "cuda" for a CUDA run): step 0's, and
+        those of steps before which something drew from the generators, so that retraining draws the same dropout
+        masks step for step. The file holds every stored step and is rewritten whole (they are few)."""
+        stored = Recording(self.root, self.manifest).rng_states()
+        stored[step] = dict(states)
+        self._write_rng_states(stored)
+
+    def _write_rng_states(self, stored: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        tensors = {f"{t}/{name}": value for t, states in stored.items() for name, value in states.items()}
+        self.manifest["rng_state"] = {**_write_file(self.root, RNG_STATE_FILE, _serialise(tensors)),
+                                      "steps": sorted(stored)}
         self.flush()
 
     @classmethod
@@ -277,6 +289,10 @@ class RecordingWriter:
         manifest.pop("sensitivity", None)  # built from the steps being replaced
         manifest["world_size"] = header.get("world_size", manifest.get("world_size"))
         writer = cls(root, manifest)
+        rng_states = Recording(root, manifest).rng_states()
+        kept = {t: states for t, states in rng_states.items() if t < from_step}
+        if len(kept) < len(rng_states):  # states of the steps being replaced
+            writer._write_rng_states(kept)
         writer.flush()
         return writer
 
@@ -491,10 +507,20 @@ class Recording:
         """The module's state_dict before the first training step."""
         return self._read_all(self.manifest["initial_state"])
 
-    def rng_state(self) -> dict[str, torch.Tensor] | None:
-        """The RNG states the first training step started from, or None (recorded before they were stored)."""
+    def rng_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Step -> the RNG states it started from, for step 0 and every step before which something drew from the
+        generators ({} for recordings made before they were stored; step 0 alone for older ones)."""
         info = self.manifest.get("rng_state")
-        return self._read_all(info) if info else None
+        if not info:
+            return {}
+        tensors = self._read_all(info)
+        if "steps" not in info:  # one state, step 0's, under its bare names
+            return {0: tensors}
+        stored: dict[int, dict[str, torch.Tensor]] = {int(t): {} for t in info["steps"]}
+        for key, value in tensors.items():
+            step, _, name = key.partition("/")
+            stored.setdefault(int(step), {})[name] = value
+        return stored
 
     def sensitivity(self) -> tuple[dict[str, torch.Tensor], Mapping[str, Any]] | None:
         """The adjoint sensitivity tables and their manifest entry, or None when they were never built."""

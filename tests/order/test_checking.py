@@ -9,7 +9,7 @@ import torch
 import wandb
 from scipy.stats import pearsonr, spearmanr
 
-from lpl.order import OrderEstimator, retrain
+from lpl.order import OrderEstimator, Recording, retrain
 from lpl.order.checking import check_methods
 from lpl.order.commands import check_methods_main, estimate_main, read_orders
 from lpl.order.estimator import agreement
@@ -113,8 +113,6 @@ def test_command_reuses_an_earlier_check_without_retraining(recording, tmp_path,
 
 
 def test_no_change_for_shorter_orders_is_the_reference_loss_after_as_many_steps(recording):
-    from lpl.order import Recording
-
     orders = _orders(3, seed=2)[:, :6]
     check = check_methods(recording, orders, ["adam"], true_losses=[1.0, 2.0, 3.0])
     rec = Recording.open(recording)
@@ -147,7 +145,7 @@ def test_a_model_with_frozen_parameters_is_estimated_as_well_as_retraining_shows
     estimate_main(["--recording", str(path), "--method", "linearized", "--linear-loss", "--orders", "random:4",
                    "--out", str(tmp_path / "estimate")])
     written = json.loads((tmp_path / "estimate" / "estimates.json").read_text())
-    orders = read_orders("random:4", NUM_BATCHES, 0)
+    orders = read_orders("random:4", Recording.open(path).order, 0)
     expected = OrderEstimator.from_recording(path, method="linearized", quadratic=False).estimate_many(orders)
     assert written["linear_loss"] is True
     assert [row["final_loss"] for row in written["estimates"]] == pytest.approx(expected.final_loss.tolist())

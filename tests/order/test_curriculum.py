@@ -59,3 +59,22 @@ def test_search_input_errors(task):
         search(estimator, budget=100, method="annealing")
     with pytest.raises(LplError, match="budget"):
         search(estimator, budget=10, population=32)
+
+
+def test_runs_over_one_pool_for_several_epochs_search_orders_of_the_whole_run():
+    """A pool of 3 batches trained twice each: candidates keep every batch twice (crossover and mutation)."""
+
+    class TwoEpochs:
+        num_batches = 3
+        reference_order = torch.tensor([0, 1, 2, 0, 1, 2])
+
+        def estimate_many(self, orders):
+            late = (orders[:, 3:] == 0).sum(1).double()  # batch 0 late in the run scores best
+            return type("Result", (), {"final_loss": -late - 0.01 * orders[:, 0]})()
+
+    generator = torch.Generator().manual_seed(0)
+    parents = torch.stack([TwoEpochs.reference_order[torch.randperm(6, generator=generator)] for _ in range(32)])
+    children = order_crossover(parents, parents.flip(0), generator)
+    assert (children.sort(1).values == torch.tensor([0, 0, 1, 1, 2, 2])).all()
+    result = search(TwoEpochs(), budget=256, population=16, seed=0)
+    assert sorted(result.order) == [0, 0, 1, 1, 2, 2] and result.order[3:].count(0) == 2

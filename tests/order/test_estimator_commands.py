@@ -50,11 +50,11 @@ def test_bad_orders(recording, tmp_path):
     with pytest.raises(LplError, match="batch id 99"):
         estimate_main(["--recording", str(recording), "--orders", str(bad), "--method", "adam", "--out", str(tmp_path)])
     with pytest.raises(LplError, match="neither random:N nor a file"):
-        read_orders("nothing_here.json", 10)
+        read_orders("nothing_here.json", range(10))
     ragged = tmp_path / "ragged.json"
     ragged.write_text(json.dumps([[0, 1], [0]]))
     with pytest.raises(LplError, match="same length"):
-        read_orders(str(ragged), 10)
+        read_orders(str(ragged), range(10))
     with pytest.raises(LplError, match="curvature_rank"):
         estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "first_order",
                        "--out", str(tmp_path)])

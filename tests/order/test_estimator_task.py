@@ -67,6 +67,7 @@ class TinyClassifier(L.LightningModule):
 
 def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: int = 2, probe_every: int = 1,
            model: L.LightningModule | None = None, precision: str = "32-true", val_curvature_rank: int = 0,
+           datamodule: L.LightningDataModule | None = None, trainer_kwargs: dict | None = None,
            **model_kwargs) -> Path:
     from lpl.order import TrainOrderRecorder
 
@@ -74,11 +75,11 @@ def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: i
     L.seed_everything(0, verbose=False)
     recorder = TrainOrderRecorder(path, proj_dim=proj_dim, probe_every_n_steps=probe_every, curvature_rank=curvature_rank,
                                   val_curvature_rank=val_curvature_rank, store_dtype="float32")
-    trainer = L.Trainer(max_steps=NUM_BATCHES, max_epochs=1, accelerator="cpu", precision=precision, logger=False,
-                        enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[recorder])
-    trainer.fit(model or TinyClassifier(lr=lr, **model_kwargs), datamodule=TinyDigits())
+    settings = dict(max_steps=NUM_BATCHES, max_epochs=1, accelerator="cpu", precision=precision, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[recorder])
+    trainer = L.Trainer(**{**settings, **(trainer_kwargs or {})})
+    trainer.fit(model or TinyClassifier(lr=lr, **model_kwargs), datamodule=datamodule or TinyDigits())
     return path
 
 

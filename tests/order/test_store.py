@@ -210,4 +210,15 @@ def test_manifests_as_the_recorder_writes_them_pass_the_checks(tmp_path):
     rec = Recording.open(tmp_path)
     rec.verify()
     assert rec.status == "complete" and rec.recorded_steps == 4 and rec.probe_steps == [4]
-    assert rec.sensitivity() is not None and rec.rng_state() is not None
+    assert rec.sensitivity() is not None and rec.rng_states()
+
+
+def test_rng_states_of_steps_are_kept_until_a_resume_replaces_those_steps(tmp_path):
+    writer = _record(tmp_path, finish=False)
+    states = {t: {"torch": torch.full((4,), t, dtype=torch.uint8)} for t in (0, 2, 3)}
+    for t, state in states.items():
+        writer.write_rng_state(state, t)
+    stored = Recording.open(tmp_path).rng_states()
+    assert list(stored) == [0, 2, 3] and all(torch.equal(stored[t]["torch"], states[t]["torch"]) for t in stored)
+    RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2)  # steps 2.. run again: their states go
+    assert list(Recording.open(tmp_path).rng_states()) == [0]

@@ -12,8 +12,9 @@ from torch import nn
 
 from lpl.order import OrderEstimator, Recording, retrain
 from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, record_sensitivities
+from lpl.order.store import RecordingWriter
 from lpl.utils.errors import LplError
-from test_estimator_task import BiasesWithoutDecay, PenalisedClassifier, TinyClassifier, record
+from test_estimator_task import BiasesWithoutDecay, PenalisedClassifier, TinyClassifier, TinyDigits, record
 
 
 class LoggingClassifier(TinyClassifier):
@@ -34,11 +35,27 @@ def noisy_recording(tmp_path_factory):
 
 def test_retraining_draws_the_reference_runs_dropout_masks(noisy_recording):
     rec = Recording.open(noisy_recording)
-    assert set(rec.rng_state()) == {"torch"}
+    states = rec.rng_states()
+    assert list(states) == [0] and set(states[0]) == {"torch"}  # nothing drew from the generators between steps
     truth = retrain(noisy_recording, rec.order)
     torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)
     del rec.manifest["rng_state"]  # a recording made before RNG states were stored still retrains
-    assert rec.rng_state() is None
+    assert rec.rng_states() == {}
+
+
+def test_validation_and_epochs_between_steps_do_not_change_the_retrained_dropout_masks(tmp_path):
+    """Lightning's validation and each new epoch's loader draw from the global generator between steps; retraining
+    runs the steps back to back, so the recorder stores the states of the steps that follow such draws."""
+    path = record(tmp_path / "rec", proj_dim=32, curvature_rank=0, dropout=0.3, datamodule=TinyDigits(num_train=160),
+                  trainer_kwargs=dict(max_steps=-1, max_epochs=2, val_check_interval=2, limit_val_batches=1))
+    rec = Recording.open(path)
+    states = rec.rng_states()
+    assert rec.num_steps == 10 and 0 in states and 5 in states  # the first step, and the second epoch's first
+    recorded = rec.probe_scalars["val_loss"][-1]
+    assert retrain(path, rec.order).final_loss == pytest.approx(recorded, abs=1e-6)
+    # the states between steps matter: from step 0's alone, training draws other masks
+    RecordingWriter(rec.root, rec.manifest)._write_rng_states({0: states[0]})
+    assert abs(retrain(path, rec.order).final_loss - recorded) > 1e-4
 
 
 def test_sensitivity_data_hold_the_gradients_training_computed(noisy_recording, tmp_path):
