@@ -344,6 +344,12 @@ class TrainOrderRecorder(L.Callback):
                 "let the Trainer build a new optimizer (or continue an existing recording with resume=True)."
             )
         sampler = self._batch_sampler(trainer)
+        loader = trainer.train_dataloader
+        if trainer.global_step > 0 and not callable(getattr(loader, "load_state_dict", None)):
+            raise LplError(
+                f"the run resumes at step {trainer.global_step}, but its train loader ({type(loader).__name__}) keeps "
+                "no position in checkpoints, so training would not continue the recorded order there: build it as "
+                "lpl.data.ResumableDataLoader(dataset, batch_sampler=...), as the lpl DataModules do.")
         total = trainer.estimated_stepping_batches
         if total == float("inf"):
             raise LplError("TrainOrderRecorder needs a finite run: set max_steps or max_epochs.")

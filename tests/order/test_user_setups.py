@@ -100,3 +100,23 @@ def test_validation_data_is_required_and_datasets_are_read_through_the_loaders(t
     result = retrain(path, recording.order, accelerator="cpu", batch_losses=True)
     assert result.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
     assert result.batch_losses.shape == (len(recording.batches),) and torch.isfinite(result.batch_losses).all()
+
+
+class PlainLoader(TinyDigits):
+    """lpl's sampler inside a plain DataLoader: Lightning's checkpoints cannot hold its position."""
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_sampler=self.train_batch_sampler())
+
+
+def test_resuming_with_a_loader_that_keeps_no_position_is_refused(tmp_path):
+    path = tmp_path / "rec"
+    trainer_kwargs = dict(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                          use_distributed_sampler=False, default_root_dir=tmp_path)
+    first = L.Trainer(callbacks=[TrainOrderRecorder(path, proj_dim=32)], **{**trainer_kwargs, "max_steps": 2})
+    first.fit(TinyClassifier(), datamodule=PlainLoader())
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    resumed = L.Trainer(callbacks=[TrainOrderRecorder(path, proj_dim=32, resume=True)], **trainer_kwargs)
+    with pytest.raises(LplError, match="resumes at step 2.*ResumableDataLoader"):
+        resumed.fit(TinyClassifier(), datamodule=PlainLoader(), ckpt_path=tmp_path / "step2.ckpt")
