@@ -177,9 +177,9 @@ def prune_model(
                                            first_order, calib_batches, include is None, profile)
         if len(stats) < len(layers):  # default selection: layers the forward never calls stay dense
             skipped = [n for n in layers if n not in stats]
-            warnings.warn(f"prune_model: {len(skipped)} Linear layers are never called as modules in the forward "
-                          f"pass (e.g. {skipped[:2]}): left dense. Pass include=/exclude= to choose layers yourself.",
-                          stacklevel=2)
+            warnings.warn(f"prune_model: {len(skipped)} Linear layers are left dense (e.g. {skipped[:2]}): the forward "
+                          "never calls them as modules, or feeds them a tensor without rows per sample (a table the "
+                          "batch shares). Pass include=/exclude= to choose layers yourself.", stacklevel=2)
             layers = {n: layers[n] for n in stats}
             names = list(layers)
         flops = [curves[n].flops for n in names]

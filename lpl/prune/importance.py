@@ -91,19 +91,17 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor:
-    """``x`` [..., features] as [samples, rows, features]: each sample's rows (tokens, windows) together.
+def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor | None:
+    """``x`` [..., features] as [samples, rows, features]: each sample's rows (tokens, windows) together; None when
+    its leading dim is not the batch's (a table every sample shares, say: no per-sample gradient exists there).
 
     Inputs are batch-major ([B, T, C], [B * T, C], Swin's [B * windows, N, C]); a sequence-first [T, B, C] input is
     recognised by its second dim when its first is not a multiple of the batch."""
-    features = x.shape[-1]
     if x.ndim >= 3 and x.shape[0] % samples and x.shape[1] == samples:
         x = x.movedim(1, 0)
     if x.ndim == 1 or x.shape[0] % samples:
-        raise LplError(f"a Linear layer's input of shape {tuple(x.shape)} cannot be split into the batch's {samples} "
-                       "samples (its leading dim is not a multiple of the batch size); prune_model needs each sample's "
-                       "tokens to compute per-sample gradients: exclude that layer.")
-    return x.reshape(samples, -1, features)
+        return None
+    return x.reshape(samples, -1, x.shape[-1])
 
 
 def _per_sample_contributions(
@@ -199,7 +197,14 @@ def collect_statistics(
                 if missing and (not skip_uncalled or number > 0):
                     raise LplError(f"layers {missing[:3]} were not called in the forward pass (the model uses their "
                                    "weights without calling the module); exclude them.")
-                for name in missing:
+                shared = [name for name in layers if name not in missing
+                          and any(_per_sample_rows(x, samples) is None for x, _ in captured[name])]
+                if shared and (not skip_uncalled or number > 0):
+                    shape = tuple(captured[shared[0]][0][0].shape)
+                    raise LplError(f"the inputs of layers {shared[:3]} (e.g. of shape {shape}) have no rows per sample "
+                                   f"of the batch's {samples} (their leading dim is not the batch's): per-sample "
+                                   "gradients, which calibration needs, do not exist there; exclude them.")
+                for name in missing + shared:
                     del layers[name], sums[name]
                 if not layers:  # none called (skip_uncalled): nothing to measure
                     break

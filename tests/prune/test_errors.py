@@ -107,7 +107,7 @@ class WeightReadDirectly(nn.Module):
 def test_layers_never_called_as_modules_stay_dense_by_default_and_are_an_error_when_named():
     batches = [{"x": torch.randn(8, 16), "y": torch.randint(0, 8, (8,))} for _ in range(2)]
     model = WeightReadDirectly()
-    with pytest.warns(UserWarning, match="never called as modules"):
+    with pytest.warns(UserWarning, match="never calls them as modules"):
         result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5)
     assert set(result.block_masks) == {"fc1", "fc2"}
     with pytest.raises(LplError, match="not called in the forward"):

@@ -59,6 +59,6 @@ def test_one_pass_per_group_gives_the_masks_of_a_single_pass(tiny_vit, monkeypat
 def test_a_group_of_layers_the_forward_never_calls_stays_dense(monkeypatch):
     monkeypatch.setattr(api, "GRAM_BYTES_PER_PASS", 0)  # "side" (read through F.linear) alone in its pass
     batches = [{"x": torch.randn(8, 16), "y": torch.randint(0, 8, (8,))} for _ in range(2)]
-    with pytest.warns(UserWarning, match="never called as modules"):
+    with pytest.warns(UserWarning, match="never calls them as modules"):
         result = prune_model(WeightReadDirectly(), batches, block_size=(8, 8), flops_keep=0.5)
     assert set(result.block_masks) == {"fc1", "fc2"}

@@ -139,3 +139,25 @@ def test_a_submodule_of_the_pruned_model_exports():
     sparse = to_block_sparse(wrapper.model, result)
     torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-6)
     assert type(sparse.fc1).__name__ == "BlockSparseLinear"
+
+
+class SharedTable(TokenMLP):
+    """A Linear applied to a table every sample shares (as Swin V2's relative-position MLP), added to the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, TOKENS, FEATURES))
+        self.bias_mlp = nn.Linear(FEATURES, 32)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x) + self.bias_mlp(self.table))
+        return self.fc2(torch.tanh(self.fc1(h))).mean(1)
+
+
+def test_a_layer_fed_a_table_the_batch_shares_stays_dense_by_default_and_is_an_error_when_named():
+    model, batches = SharedTable(), _batches()
+    with pytest.warns(UserWarning, match="without rows per sample"):
+        result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert "bias_mlp" not in result.block_masks and "fc1" in result.block_masks
+    with pytest.raises(LplError, match=r"\['bias_mlp'\].*no rows per sample"):
+        prune_model(model, batches, block_size=(8, 8), include=["bias_mlp", "fc1"])
