@@ -114,15 +114,19 @@ class BlockSparseWeight:
             raise LplError(f"weight must be a floating-point tensor, got dtype {weight.dtype}; convert it with .float().")
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         grid = block_grid(shape, block_size)
-        mask = _check_mask(block_mask, grid, shape, block_size).to(weight.device)
+        mask = _check_mask(block_mask, grid, shape, block_size)
         (out_f, in_f), (br, bc), (nr, nc) = shape, block_size, grid
+        if weight.is_meta:  # a layer built without memory (to load weights into later): the structure, no values
+            if mask.is_meta:
+                raise LplError("a block mask on the meta device holds no pattern; give it on the CPU.")
+            values = weight.new_empty(int(mask.sum()), br, bc)  # the pattern stays on the CPU: it has data
+            return cls(*csr_structure(mask.cpu()), values, shape, block_size, mask.cpu())
+        mask = mask.to(weight.device)
         padded = weight.detach().new_zeros(nr * br, nc * bc)
         padded[:out_f, :in_f] = weight.detach()
         blocks = padded.reshape(nr, br, nc, bc).permute(0, 2, 1, 3)  # [R, C, br, bc]
         values = blocks[mask].contiguous()  # row-major over (R, C): CSR order, columns sorted within a row
-        row_ptr = torch.cat([mask.new_zeros(1, dtype=torch.int64), torch.cumsum(mask.sum(1), 0)])
-        col_idx = mask.nonzero()[:, 1].contiguous()
-        return cls(row_ptr, col_idx, values, shape, block_size, mask)
+        return cls(*csr_structure(mask), values, shape, block_size, mask)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out_features, in_features]`` matrix (zeros at pruned blocks)."""
@@ -181,6 +185,12 @@ def _describe(obj: object) -> str:
     if isinstance(obj, torch.Tensor):
         return f"a tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}"
     return f"a {type(obj).__name__}"
+
+
+def csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-CSR ``row_ptr`` and ``col_idx`` (sorted within each block row) of a boolean block mask."""
+    row_ptr = torch.cat([mask.new_zeros(1, dtype=torch.int64), torch.cumsum(mask.sum(1), 0)])
+    return row_ptr, mask.nonzero()[:, 1].contiguous()
 
 
 def _check_mask(

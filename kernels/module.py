@@ -10,7 +10,8 @@ from torch import nn
 
 from lpl.utils.errors import LplError
 
-from .format import BlockSparseWeight, KernelIndex, block_grid, build_kernel_index, normalize_block_size
+from .format import (BlockSparseWeight, KernelIndex, block_grid, build_kernel_index, csr_structure,
+                     normalize_block_size)
 from .ops import block_sparse_linear
 
 _INDEX_BUFFERS = KernelIndex._fields
@@ -46,8 +47,8 @@ class BlockSparseLinear(nn.Module):
             raise LplError(f"in_features and out_features must be positive, got {in_features} and {out_features}.")
         self.block_size = normalize_block_size(block_size)
         grid = block_grid((self.out_features, self.in_features), self.block_size)
-        if block_mask is None:
-            block_mask = torch.ones(grid, dtype=torch.bool)
+        if block_mask is None:  # on the CPU even under a device context: the pattern must hold data
+            block_mask = torch.ones(grid, dtype=torch.bool, device="cpu")
         bound = 1.0 / math.sqrt(self.in_features)
         weight = torch.empty(self.out_features, self.in_features, device=device, dtype=dtype).uniform_(-bound, bound)
         sparse = BlockSparseWeight.from_dense(weight, block_mask, self.block_size)
@@ -74,6 +75,9 @@ class BlockSparseLinear(nn.Module):
             layer.values.copy_(sparse.values)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
+        layer.values.requires_grad_(linear.weight.requires_grad)  # a frozen layer stays frozen
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     def _set_structure(self, block_mask: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
@@ -81,9 +85,14 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("block_mask", block_mask.to(device))
         self.register_buffer("row_ptr", row_ptr.to(device))
         self.register_buffer("col_idx", col_idx.to(device))
-        index = build_kernel_index(self.row_ptr, self.col_idx, int(self.block_mask.shape[1]))
+        self._index_from(row_ptr, col_idx)
+
+    def _index_from(self, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
+        """The kernels' derived index (not saved), computed where the structure has data (a layer on the meta
+        device keeps its pattern's index as meta tensors until weights are loaded)."""
+        index = build_kernel_index(row_ptr, col_idx, int(self.block_mask.shape[1]))
         for name, tensor in zip(_INDEX_BUFFERS, index):
-            self.register_buffer(name, tensor, persistent=False)
+            self.register_buffer(name, tensor.to(self.geometry.device), persistent=False)
 
     @property
     def density(self) -> float:
@@ -127,8 +136,15 @@ class BlockSparseLinear(nn.Module):
                     f"({_geometry_text(expected)}) needs {tuple(self.block_mask.shape)}; the checkpoint is from "
                     f"another layer shape or block size."
                 )
-            if not torch.equal(mask.to(self.block_mask.device, torch.bool), self.block_mask):
-                self._adopt_mask(mask.to(torch.bool), prefix, state_dict)
+            mask = mask.to("cpu", torch.bool)
+            if self.block_mask.is_meta or not torch.equal(mask, self.block_mask.cpu()):
+                self._adopt_mask(mask)
+        pattern = mask if mask is not None else None if self.block_mask.is_meta else self.block_mask.cpu()
+        if pattern is not None:  # row_ptr and col_idx follow from the mask: anything else is damage
+            for key, ours in zip(("row_ptr", "col_idx"), csr_structure(pattern)):
+                theirs = state_dict.get(prefix + key)
+                if theirs is not None and not torch.equal(theirs.cpu(), ours):
+                    raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is corrupt.")
         values = state_dict.get(prefix + "values")
         if values is not None and tuple(values.shape) != tuple(self.values.shape):
             raise LplError(
@@ -137,15 +153,13 @@ class BlockSparseLinear(nn.Module):
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if not self.row_ptr.is_meta:  # load_state_dict(assign=True) may have put new structure tensors in place
+            self._index_from(self.row_ptr, self.col_idx)
 
-    def _adopt_mask(self, mask: torch.Tensor, prefix: str, state_dict) -> None:
-        """Take the checkpoint's sparsity pattern: rebuild the index and resize ``values`` (same geometry)."""
+    def _adopt_mask(self, mask: torch.Tensor) -> None:
+        """Take the checkpoint's sparsity pattern: rebuild the structure and resize ``values`` (same geometry)."""
         placeholder = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
-        sparse = BlockSparseWeight.from_dense(placeholder, mask, self.block_size)
-        for key, ours in (("row_ptr", sparse.row_ptr), ("col_idx", sparse.col_idx)):
-            theirs = state_dict.get(prefix + key)
-            if theirs is not None and not torch.equal(theirs.cpu(), ours):
-                raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is corrupt.")
+        sparse = BlockSparseWeight.from_dense(placeholder, mask.cpu(), self.block_size)
         self.values.data = sparse.values.to(self.values.device)
         self._set_structure(sparse.block_mask, sparse.row_ptr, sparse.col_idx)
 

@@ -29,6 +29,7 @@ def to_block_sparse(
         >>> save_safetensors_atomic(sparse_model.state_dict(), "deit_s_pruned.safetensors")
     """
     from lpl.kernels import BlockSparseLinear
+    from lpl.kernels.format import normalize_block_size
 
     masks, size = _masks_and_block_size(prune_result, block_size)
     modules = dict(model.named_modules())
@@ -37,6 +38,12 @@ def to_block_sparse(
     for raw_name, mask in masks.items():
         name = names[raw_name].removeprefix(prefix)
         linear = modules.get(name)
+        if isinstance(linear, BlockSparseLinear):  # exported before: fine when it is this result's export
+            if linear.block_size != normalize_block_size(size) or not torch.equal(
+                    linear.block_mask.cpu(), torch.as_tensor(mask).cpu().bool()):
+                raise LplError(f"layer {name!r} is already block-sparse with another mask or block size than the "
+                               "prune result's; export the dense model the result was computed for.")
+            continue
         if not isinstance(linear, nn.Linear):
             found = "missing" if linear is None else f"a {type(linear).__name__}"
             raise LplError(
@@ -54,12 +61,17 @@ def _submodule_prefix(names: list[str], modules: Mapping[str, nn.Module]) -> str
     """"" when the masked layers are named as in ``modules``; for a submodule of the pruned model (the network
     inside a LightningModule: ``to_block_sparse(module.model, result)``) the leading name part that, stripped from
     every masked name, names this model's Linear layers."""
-    if all(isinstance(modules.get(name), nn.Linear) for name in names):
+    from lpl.kernels import BlockSparseLinear
+
+    def layer(module: nn.Module | None) -> bool:  # dense, or exported before
+        return isinstance(module, (nn.Linear, BlockSparseLinear))
+
+    if all(layer(modules.get(name)) for name in names):
         return ""
     parts = names[0].split(".")
     for length in range(1, len(parts)):
         prefix = ".".join(parts[:length]) + "."
-        if all(n.startswith(prefix) and isinstance(modules.get(n.removeprefix(prefix)), nn.Linear) for n in names):
+        if all(n.startswith(prefix) and layer(modules.get(n.removeprefix(prefix))) for n in names):
             return prefix
     return ""
 

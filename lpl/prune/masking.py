@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import weakref
+from collections.abc import MutableMapping
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -14,11 +16,27 @@ _HANDLE_ATTR = "_lpl_block_masks"
 
 
 class MaskHandle:
-    """Keeps the masks of one ``apply_masks`` call enforced; ``remove()`` stops it (weights stay as they are)."""
+    """Keeps the masks of one ``apply_masks`` call enforced; ``remove()`` stops it (weights stay as they are).
+
+    Masks are held by weak reference to their weights: a layer replaced later (``to_block_sparse``) frees its dense
+    weight. The handle pickles with the model (``ddp_spawn``, ``torch.save(model)``): an unpickled copy masks its
+    weights' gradients again; optimizers are not pickled with it, so watch them again there.
+    """
 
     def __init__(self, masks: dict[nn.Parameter, torch.Tensor]) -> None:
-        self.masks = masks
+        self.masks = _WeakParameterMap(masks.items())
         self._hooks: list = []
+        self._watch_gradients()
+
+    def _watch_gradients(self) -> None:
+        for param in self.masks:
+            self._hooks.append(param.register_hook(_MaskGradient(self, param)))
+
+    def __getstate__(self) -> dict:
+        return {"masks": dict(self.masks)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["masks"])
 
     def mask_for(self, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         mask = self.masks[param]
@@ -39,12 +57,62 @@ class MaskHandle:
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Re-enforce after every step of ``optimizer`` (covers weight decay and state loaded from checkpoints)."""
         zero_optimizer_state(optimizer, self)
-        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce([opt])))
+        self._hooks.append(optimizer.register_step_post_hook(_EnforceAfterStep(self)))
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+class _WeakParameterMap(MutableMapping):
+    """Parameter -> mask, by identity (tensors compare elementwise, so ``WeakKeyDictionary`` cannot key them),
+    holding each parameter weakly: its entry goes when the parameter does."""
+
+    def __init__(self, items: Iterable[tuple[nn.Parameter, torch.Tensor]] = ()) -> None:
+        self._entries: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        for param, mask in items:
+            self[param] = mask
+
+    def __setitem__(self, param: nn.Parameter, mask: torch.Tensor) -> None:
+        key, entries = id(param), self._entries
+        entries[key] = (weakref.ref(param, lambda _, key=key: entries.pop(key, None)), mask)
+
+    def __getitem__(self, param: nn.Parameter) -> torch.Tensor:
+        ref, mask = self._entries.get(id(param), (None, None))
+        if ref is None or ref() is not param:
+            raise KeyError("parameter without a mask")
+        return mask
+
+    def __delitem__(self, param: nn.Parameter) -> None:
+        self[param]  # noqa: B018 - the KeyError of a parameter without a mask
+        del self._entries[id(param)]
+
+    def __iter__(self) -> Iterator[nn.Parameter]:
+        alive = (ref() for ref, _ in list(self._entries.values()))
+        return iter([param for param in alive if param is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class _MaskGradient:
+    """The gradient hook of one masked weight (a class, not a closure, so that models pickle)."""
+
+    def __init__(self, handle: MaskHandle, param: nn.Parameter) -> None:
+        self.handle, self.param = handle, weakref.ref(param)
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        param = self.param()
+        return grad if param is None or param not in self.handle.masks else grad * self.handle.mask_for(grad, param)
+
+
+class _EnforceAfterStep:
+    def __init__(self, handle: MaskHandle) -> None:
+        self.handle = handle
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.handle.enforce([optimizer])
 
 
 @torch.no_grad()
@@ -83,8 +151,6 @@ def apply_masks(
         masks[weight] = expand_block_mask(block_mask, tuple(weight.shape), result.block_size).to(weight.device,
                                                                                                   weight.dtype)
     handle = MaskHandle(masks)
-    for param in masks:
-        handle._hooks.append(param.register_hook(lambda grad, param=param: grad * handle.mask_for(grad, param)))
     for optimizer in optimizers:
         handle.watch_optimizer(optimizer)
     handle.enforce()

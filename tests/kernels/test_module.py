@@ -74,3 +74,35 @@ def test_autocast_runs_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(4, 70))
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_a_layer_built_on_the_meta_device_takes_its_weights_from_a_state_dict(with_mask):
+    """Build without memory, then load (assign=True, or to_empty + load): the checkpoint's pattern and values."""
+    linear, mask = _masked_linear(4)
+    source = BlockSparseLinear.from_linear(linear, mask, 32)
+    x = torch.randn(3, 70)
+    for assign in (True, False):
+        with torch.device("meta"):
+            layer = BlockSparseLinear(70, 100, 32, block_mask=mask if with_mask else None)
+        assert layer.values.is_meta
+        if not assign:
+            layer = layer.to_empty(device="cpu")
+        layer.load_state_dict(source.state_dict(), assign=assign)
+        assert torch.equal(layer.block_mask.cpu(), mask) and torch.equal(layer(x), source(x))
+
+
+def test_a_state_dict_whose_index_contradicts_its_mask_is_refused():
+    linear, mask = _masked_linear(5)
+    state = BlockSparseLinear.from_linear(linear, mask, 32).state_dict()
+    state["col_idx"] = state["col_idx"].flip(0)
+    for target in (BlockSparseLinear(70, 100, 32, block_mask=mask), BlockSparseLinear(70, 100, 32)):
+        with pytest.raises(LplError, match="col_idx does not match its block_mask"):
+            target.load_state_dict(state)
+
+
+def test_a_frozen_linear_stays_frozen():
+    linear, mask = _masked_linear(6)
+    linear.requires_grad_(False)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    assert not layer.values.requires_grad and not layer.bias.requires_grad

@@ -161,3 +161,37 @@ def test_a_layer_fed_a_table_the_batch_shares_stays_dense_by_default_and_is_an_e
     assert "bias_mlp" not in result.block_masks and "fc1" in result.block_masks
     with pytest.raises(LplError, match=r"\['bias_mlp'\].*no rows per sample"):
         prune_model(model, batches, block_size=(8, 8), include=["bias_mlp", "fc1"])
+
+
+def test_a_masked_model_pickles_and_its_copy_still_masks_gradients():
+    """ddp_spawn and torch.save(model) pickle the module: the mask hooks go along and work in the copy."""
+    import pickle
+
+    model, batches = TokenMLP(), _batches()
+    result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    apply_masks(model, result)
+    copy = pickle.loads(pickle.dumps(model))
+    module_loss(copy, batches[0]).backward()
+    kept = result.block_masks["fc1"].repeat_interleave(8, 0).repeat_interleave(8, 1)
+    assert (copy.fc1.weight.grad[~kept] == 0).all() and (copy.fc1.weight.grad[kept] != 0).any()
+
+
+def test_export_frees_the_dense_weights_and_a_second_export_is_a_no_op():
+    import gc
+    import weakref
+
+    model, batches = TokenMLP(), _batches()
+    result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    handle = apply_masks(model, result)
+    dense = weakref.ref(model.fc1.weight)
+    x = batches[0][0]
+    with torch.no_grad():  # an output's graph would hold the weight
+        expected = model(x)
+    to_block_sparse(model, result)
+    gc.collect()
+    assert dense() is None and len(handle.masks) == 0  # every masked layer was exported
+    again = to_block_sparse(model, result)
+    torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-6)
+    other = prune_model(TokenMLP(seed=1), batches, block_size=(8, 8), flops_keep=0.25, exclude=[])
+    with pytest.raises(LplError, match="already block-sparse with another mask"):
+        to_block_sparse(model, other)
