@@ -38,6 +38,7 @@ except ImportError:  # not installed: use the repo's kernels/ (benchmarks/kernel
     from kernels.cpu import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
 
 from lpl.utils.io import atomic_write_text
+from lpl.utils.errors import run_script
 
 LAYERS = {"fc1": (3072, 768), "fc2": (768, 3072)}  # (out_features, in_features) of DeiT-B's MLP
 
@@ -292,4 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

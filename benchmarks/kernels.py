@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from lpl.utils.errors import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {  # name -> (in_features, out_features)
@@ -309,4 +310,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,6 +39,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 # recordings made by benchmarks/order_estimation.py name its digits task's classes under __main__
 sys.path.insert(0, str(Path(__file__).parent))
 from order_estimation import DigitsDataModule, DigitsMLP  # noqa: E402, F401 - found by rebuild() under __main__
+from lpl.utils.errors import run_script
 
 
 def retrained_states(recording: Recording, order: list[int]) -> tuple[_StateCapture, torch.nn.Module, object]:
@@ -102,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

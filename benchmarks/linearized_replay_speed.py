@@ -35,6 +35,7 @@ import torch
 
 import lpl.order.linearized as linearized
 from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
+from lpl.utils.errors import run_script
 
 
 def synthetic_run(steps: int, batches: int, params: int, rank: int, device: str) -> linearized.LinearizedRun:
@@ -161,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

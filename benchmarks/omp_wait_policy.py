@@ -15,6 +15,8 @@ import statistics
 import subprocess
 import sys
 
+from lpl.utils.errors import run_script
+
 CHILD = r"""
 import time, sys, torch, torch.nn.functional as F
 from lpl.models import ViTClassifier
@@ -56,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -30,6 +30,7 @@ from order_estimation import build_task, quiet_trainer  # noqa: E402
 from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, check_methods, retrain  # noqa: E402
 from lpl.order.adjoint import record_sensitivities  # noqa: E402
 from lpl.order.checking import reference_loss_after  # noqa: E402
+from lpl.utils.errors import run_script
 
 
 def main() -> None:
@@ -86,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

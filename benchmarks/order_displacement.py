@@ -25,6 +25,7 @@ from lpl.order.replay import replay
 from lpl.order.retraining import rebuild
 from lpl.order.store import Recording
 from lpl.utils.loss import module_loss
+from lpl.utils.errors import run_script
 
 _spec = importlib.util.spec_from_file_location("lpl_order_benchmark", Path(__file__).with_name("order_estimation.py"))
 bench = importlib.util.module_from_spec(_spec)  # the digits task, its recorder and its orders
@@ -82,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -53,6 +53,7 @@ from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
 from lpl.order.replay import CURVATURE_METHODS, METHODS, PROJECTED_METHODS, ReplayData  # noqa: E402
 from lpl.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from lpl.utils.errors import run_script
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -489,4 +490,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -28,6 +28,7 @@ from lpl.models import ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, check_methods
 from lpl.order.adjoint import record_sensitivities
 from lpl.utils.io import atomic_write_text
+from lpl.utils.errors import run_script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

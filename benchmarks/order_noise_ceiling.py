@@ -35,6 +35,7 @@ from lpl.order.retraining import fit_in_order, rebuild, validation_loss
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 sys.path.insert(0, str(Path(__file__).parent))
 from order_estimation import DigitsDataModule, DigitsMLP, make_orders, metrics  # noqa: E402, F401 - rebuild() finds them
+from lpl.utils.errors import run_script
 
 
 class _PrecisionContext(L.Callback):
@@ -98,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

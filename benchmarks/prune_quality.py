@@ -36,6 +36,7 @@ from lpl.prune import BlockPruneCallback, apply_masks, prune_model
 from lpl.prune.curves import measure_layer_distortion
 from lpl.utils.stats import rank_correlation
 from lpl.utils.loss import module_loss
+from lpl.utils.errors import run_script
 
 ROOT = Path(__file__).resolve().parent
 # The demo recipe of configs/mnist_vit.yaml (93.3% validation accuracy through `lpl fit`).
@@ -241,4 +242,4 @@ def curve_check(model: ViTClassifier, calib: list, result) -> tuple[float, float
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,6 +24,7 @@ import torch
 from lpl.models import ViTClassifier
 from lpl.prune import prune_model
 from lpl.utils.io import atomic_write_text
+from lpl.utils.errors import run_script
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("lpl_kernel_benchmark", _HERE / "kernels.py")
@@ -112,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,6 +23,7 @@ import torch
 from lpl.data import MNIST5kDataModule, TextCorpusDataModule
 from lpl.models import CausalLM, ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, quantities
+from lpl.utils.errors import run_script
 
 
 class StepTimer(L.Callback):
@@ -177,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lpl.utils.errors import run_script
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("lpl_kernel_benchmark", _HERE / "kernels.py")
@@ -179,4 +180,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

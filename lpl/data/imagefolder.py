@@ -16,15 +16,26 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 def check_imagenet_layout(root: Path) -> None:
     """Fail early, with what to fix, when ``root`` is not an ImageNet-style folder."""
     if not root.is_dir():
-        raise LplError(f"dataset root {str(root)!r} does not exist; set data.init_args.root to your ImageNet folder.")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise LplError(f"dataset root {str(root)!r} {state}; set data.init_args.root to your ImageNet folder.")
+    names = {}
     for split in ("train", "val"):
         split_dir = root / split
-        classes = [d for d in split_dir.iterdir() if d.is_dir()] if split_dir.is_dir() else []
+        classes = sorted(d for d in split_dir.iterdir() if d.is_dir()) if split_dir.is_dir() else []
         if not classes:
             raise LplError(
                 f"{str(root)!r} is not an ImageNet-style folder: expected {split}/<class>/<image> under it "
                 f"(found no class folders in {str(split_dir)!r})."
             )
+        empty = [d.name for d in classes if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.rglob("*"))]
+        if empty:
+            raise LplError(f"class folder(s) {empty[:3]} in {str(split_dir)!r} hold no images "
+                           f"({', '.join(sorted(IMAGE_SUFFIXES))}); remove them or add images.")
+        names[split] = [d.name for d in classes]
+    if names["train"] != names["val"]:  # labels are class indices in sorted order: the splits must agree
+        only = sorted(set(names["train"]) ^ set(names["val"]))
+        raise LplError(f"train/ and val/ of {str(root)!r} hold different classes (e.g. {only[:3]} in one only), so one "
+                       "label would name two classes; give both splits the same class folders.")
 
 
 class IndexedImageFolder(Dataset):

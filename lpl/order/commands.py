@@ -21,13 +21,13 @@ import torch
 from lpl.order.estimator import log_estimates
 from lpl.order.replay import METHODS, ReplayResult
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text, output_dir, positive_int
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
     parser.add_argument("--method", default="first_order", choices=METHODS, help="estimation method")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=output_dir, help="output folder")
     parser.add_argument("--device", default="cpu", help="device for the replay (cpu, cuda)")
     parser.add_argument("--linear-loss", action="store_true",
                         help="read the final loss off linearly, without the validation curvature's quadratic term "
@@ -130,8 +130,11 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     _common(parser)
     parser.add_argument("--orders", required=True, help="random:N, or a JSON/text file of orders (batch ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
-    parser.add_argument("--batch-size", type=int, default=256, help="orders replayed at once")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="orders replayed at once")
     args = parser.parse_args(argv)
+    from lpl.order.checking import reference_loss_after
+    from lpl.order.store import Recording
+
     estimator = _estimator(args)
     orders = read_orders(args.orders, estimator.reference_order, args.seed)
     finals, curves, ends = [], [], []
@@ -149,9 +152,12 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
         {"order": o.tolist(), "final_loss": float(f), "loss_curve": c.tolist(), "batch_losses": b.tolist()}
         for o, f, c, b in zip(orders, final, curve, end)
     ]
+    # orders shorter than the run end after fewer steps: "no change" is the reference run's loss there
+    steps = orders.shape[1]
+    reference_loss = reference_loss_after(Recording.open(args.recording), steps)
     atomic_write_json(out / "estimates.json", {
         "recording": str(args.recording), "method": args.method, "linear_loss": args.linear_loss,
-        "reference_loss": estimator.reference_loss, "estimates": rows,
+        "reference_loss": reference_loss, "estimates": rows,
     })
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -159,11 +165,11 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     for i, (o, f) in enumerate(zip(orders, final)):
         writer.writerow([i, f"{float(f):.6f}", " ".join(map(str, o.tolist()))])
     atomic_write_text(out / "estimates.csv", buffer.getvalue())
-    reference = estimator.estimate(estimator.reference_order.cpu().tolist()).loss_curve
+    reference = estimator.estimate(estimator.reference_order[:steps].cpu().tolist()).loss_curve
     _plot_curves(curve, reference, out / "curves.png")
     best = int(final.argmin())
     print(f"{len(orders)} orders estimated ({args.method}); best #{best}: {float(final[best]):.4f}, reference "
-          f"{estimator.reference_loss:.4f}; wrote {out}/estimates.json, estimates.csv, curves.png")
+          f"{reference_loss:.4f} (after {steps} steps); wrote {out}/estimates.json, estimates.csv, curves.png")
     return 0
 
 
@@ -303,7 +309,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
     parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=output_dir, help="output folder")
     _wandb_option(parser)
     args = parser.parse_args(argv)
     recording = Recording.open(args.recording)

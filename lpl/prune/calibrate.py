@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from lpl.prune.hardware import HardwareProfile, block_key, default_profile
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, run_script
 
 DEIT_LAYERS = {  # name -> (out_features, in_features)
     "deit_b.qkv": (2304, 768), "deit_b.proj": (768, 768), "deit_b.fc1": (3072, 768), "deit_b.fc2": (768, 3072),
@@ -266,4 +266,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -95,12 +95,17 @@ class BlockPruneCallback(Callback):
         self.result = PruneResult.load(result) if isinstance(result, (str, Path)) else result
         self.metrics: dict[str, float] = {}
         self._handle: MaskHandle | None = None
+        self._restored = False  # the result came from a checkpoint (weights pruned already), not from the user
 
     # ---- hooks -------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.result is not None:  # resumed from a checkpoint: the weights are pruned already, re-apply the masks
+        if self._restored:  # resumed from a checkpoint: the weights are pruned already, re-apply the masks
             if self.distill:
                 rank_zero_warn("BlockPruneCallback: resumed run fine-tunes without distillation (no dense teacher).")
+            self._apply(trainer, pl_module)
+        elif self.result is not None:  # a given result: the model is still dense, so it can teach its pruned self
+            if self.distill:
+                self._set_teacher(pl_module)
             self._apply(trainer, pl_module)
         elif self.prune_after_steps == 0:
             self._prune(trainer, pl_module)
@@ -137,18 +142,14 @@ class BlockPruneCallback(Callback):
         if state_dict:
             self.result = PruneResult.from_state(state_dict["tensors"], state_dict["meta"])
             self.metrics = dict(state_dict.get("metrics", {}))
+            self._restored = True
 
     # ---- steps -------------------------------------------------------------------------------------------------
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.evaluate:
             self.metrics.update(self._evaluate(trainer, pl_module, "dense"))
         if self.distill:
-            if not callable(getattr(pl_module, "set_teacher", None)) or not isinstance(
-                getattr(pl_module, "model", None), torch.nn.Module
-            ):
-                raise LplError(f"distill=True needs {type(pl_module).__name__} to have set_teacher(module) and a "
-                               "`.model` network (as lpl.models.ViTClassifier); or use distill=False.")
-            pl_module.set_teacher(copy.deepcopy(pl_module.model))
+            self._set_teacher(pl_module)
         self.result = prune_model(pl_module, self._calibration_batches(trainer, pl_module),
                                   cost_model=self.cost_model, **self.options)
         self._apply(trainer, pl_module)
@@ -159,6 +160,16 @@ class BlockPruneCallback(Callback):
             f"{self.result.predicted_speedup:.2f}x, energy ratio {self.result.predicted_energy_ratio:.2f} "
             f"({self.result.prune_seconds:.1f} s); {self._format_metrics()}"
         )
+
+    @staticmethod
+    def _set_teacher(pl_module: L.LightningModule) -> None:
+        """The dense network, copied before pruning, as the distillation teacher."""
+        if not callable(getattr(pl_module, "set_teacher", None)) or not isinstance(
+            getattr(pl_module, "model", None), torch.nn.Module
+        ):
+            raise LplError(f"distill=True needs {type(pl_module).__name__} to have set_teacher(module) and a "
+                           "`.model` network (as lpl.models.ViTClassifier); or use distill=False.")
+        pl_module.set_teacher(copy.deepcopy(pl_module.model))
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)

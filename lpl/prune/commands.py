@@ -11,6 +11,7 @@ import argparse
 from lpl.prune.importance import IMPORTANCES
 
 from lpl.utils.errors import LplError
+from lpl.utils.io import output_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="LightningCLI config naming the model and data")
     parser.add_argument("--ckpt_path", help="Lightning checkpoint or weights file of the trained model")
-    parser.add_argument("--out", default="prune_result", help="folder for the PruneResult")
+    parser.add_argument("--out", default="prune_result", type=output_dir, help="folder for the PruneResult")
     parser.add_argument("--flops_keep", type=float, default=0.5)
     parser.add_argument("--block_size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"))
     parser.add_argument("--importance", default="taylor2", choices=IMPORTANCES)
@@ -48,13 +49,17 @@ def prune_main(argv: list[str]) -> int:
     cli = run_lightning_cli(["--config", args.config, *passthrough], run=False)
     model, datamodule = cli.model, cli.datamodule
     if args.ckpt_path:
-        state = read_state_dict(args.ckpt_path, strip_prefixes=False)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        state = read_state_dict(args.ckpt_path, strip_prefixes=False, what="--ckpt_path")
+        ours = model.state_dict()
+        missing = [k for k in ours if k not in state]
+        unexpected = [k for k in state if k not in ours]
+        reshaped = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+        if missing or unexpected or reshaped:
             raise LplError(
                 f"{args.ckpt_path!r} does not match the config's model (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); pass the checkpoint of a run made with this config."
+                f"{unexpected[:3]}, other shapes {reshaped[:3]}); pass the checkpoint of a run made with this config."
             )
+        model.load_state_dict(state)
     datamodule.setup("fit")
     result = prune_model(
         model, datamodule.train_dataloader(), block_size=tuple(args.block_size), flops_keep=args.flops_keep,

@@ -1,8 +1,25 @@
 """User-facing errors: one or two lines that say what was wrong and what to do."""
 
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
 
 class LplError(ValueError):
     """A mistake in user input (a config value, a file, an argument).
 
     The CLI prints the message alone (no traceback) and exits with code 2.
     """
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``: a user mistake ends it with its message alone (exit code 2), as the ``lpl`` command
+    does, and an int it returns is the exit code."""
+    try:
+        code = main()
+    except LplError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -24,6 +24,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def output_dir(text: str) -> Path:
+    """An argparse ``type`` for output folders: refused at parse time (before any work) when a file is in the way."""
+    import argparse
+
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r}: {str(part)!r} is a file, not a folder; choose another path.")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts that must be at least 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}.")
+    return value
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename, fsync the folder."""
     path = Path(path)

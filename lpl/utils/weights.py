@@ -13,15 +13,16 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
-def read_state_dict(path: str | Path, strip_prefixes: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, strip_prefixes: bool = True, what: str = "pretrained_path") -> dict[str, torch.Tensor]:
     """Read a weights file without unpickling arbitrary objects; unwrap Lightning / DeiT checkpoint layouts.
 
     With ``strip_prefixes``, a prefix shared by every key (``model.``, ``module.``, ``_orig_mod.``) is removed so a
-    LightningModule's checkpoint loads into the bare network it wraps.
+    LightningModule's checkpoint loads into the bare network it wraps. ``what`` names the path in errors (the option
+    the user set).
     """
     path = Path(path)
     if not path.is_file():
-        raise LplError(f"pretrained_path {str(path)!r} does not exist; give the path of a local .safetensors or .pth file.")
+        raise LplError(f"{what} {str(path)!r} does not exist; give the path of a local .safetensors, .pth or .ckpt file.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -31,14 +32,14 @@ def read_state_dict(path: str | Path, strip_prefixes: bool = True) -> dict[str, 
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any parse failure means "not a weights file"
         raise LplError(
-            f"pretrained_path {str(path)!r} is not a readable weights file ({type(error).__name__}); "
+            f"{what} {str(path)!r} is not a readable weights file ({type(error).__name__}); "
             "expected safetensors or a PyTorch state dict saved with torch.save."
         ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LplError(f"pretrained_path {str(path)!r} holds no state dict of tensors.")
+        raise LplError(f"{what} {str(path)!r} holds no state dict of tensors.")
     for prefix in _PREFIXES if strip_prefixes else ():
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}

@@ -1,6 +1,7 @@
 """The `lpl` command: every config fits for 2 steps; bad input exits 2 with a one-line message."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,31 @@ def test_prune_command_saves_a_result(tmp_path, capsys) -> None:
     result = PruneResult.load(out)
     assert abs(result.flops_keep - 0.5) <= 0.01
     assert "predicted speedup" in capsys.readouterr().out
+
+
+def test_prune_command_refuses_a_checkpoint_of_another_model_and_an_output_path_taken_by_a_file(tmp_path, capsys):
+    from lpl.models import ViTClassifier
+    from lpl.utils.io import save_safetensors_atomic
+
+    other = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=5, embed_dim=64, depth=1, num_heads=2)
+    save_safetensors_atomic({f"model.{k}": v for k, v in other.model.state_dict().items()}, tmp_path / "other.safetensors")
+    base = ["prune", "--config", str(CONFIGS / "mnist_vit.yaml"), "--model.init_args.embed_dim=64",
+            "--model.init_args.depth=1", "--trainer.logger=false"]
+    for extra, message in ((["--ckpt_path", str(tmp_path / "other.safetensors")], "other shapes"),
+                           (["--ckpt_path", str(tmp_path / "none.ckpt")], "--ckpt_path .* does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *extra, "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--out", str(tmp_path / "taken" / "result")])
+    assert exit_info.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_python_m_lpl_names_itself_lpl() -> None:
+    done = subprocess.run([sys.executable, "-m", "lpl", "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: lpl [options] fit")
 
 
 def test_a_run_recorded_through_the_cli_is_retrained_exactly() -> None:

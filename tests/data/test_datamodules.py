@@ -102,6 +102,22 @@ def test_imagefolder_reads_imagenet_layout(tmp_path) -> None:
     assert val["label"].tolist() == [0] * 4 + [1] * 4
 
 
+def test_imagefolder_class_folders_without_images_or_differing_between_splits_are_refused(tmp_path) -> None:
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog", "owl")), ("val", ("cat", "owl"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.png")
+    with pytest.raises(LplError, match=r"different classes \(e.g. \['dog'\]"):  # labels would mean two classes
+        ImageFolderDataModule(root=str(tmp_path))
+    (tmp_path / "val" / "dog").mkdir()
+    with pytest.raises(LplError, match=r"\['dog'\] .* hold no images"):
+        ImageFolderDataModule(root=str(tmp_path))
+    with pytest.raises(LplError, match="is a file, not a folder"):
+        ImageFolderDataModule(root=str(tmp_path / "train" / "cat" / "0.png"))
+
+
 def test_epochs_stay_full_when_the_loader_stops_at_the_last_batch() -> None:
     # Lightning draws exactly len(sampler) batches per epoch and never exhausts the iterator.
     sampler = SeededBatchSampler(num_samples=20, batch_size=4, seed=0)

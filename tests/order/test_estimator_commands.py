@@ -33,6 +33,33 @@ def test_estimate_random_and_file(recording, tmp_path):
     assert first["final_loss"] == pytest.approx(written["reference_loss"], abs=1e-6)
 
 
+def test_shorter_orders_are_compared_with_the_reference_after_as_many_steps(recording, tmp_path, capsys):
+    from lpl.order import Recording
+    from lpl.order.checking import reference_loss_after
+
+    prefix = Recording.open(recording).order[:4]
+    (tmp_path / "orders.json").write_text(json.dumps([prefix]))
+    estimate_main(["--recording", str(recording), "--orders", str(tmp_path / "orders.json"), "--method", "adam",
+                   "--out", str(tmp_path / "out")])
+    written = json.loads((tmp_path / "out" / "estimates.json").read_text())
+    after = reference_loss_after(Recording.open(recording), 4)
+    assert written["reference_loss"] == pytest.approx(after)
+    assert written["estimates"][0]["final_loss"] == pytest.approx(after, abs=1e-6)  # the reference's own prefix
+    assert "(after 4 steps)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argument, message", [(["--batch-size", "0"], "must be at least 1"),
+                                               (["--out", "FILE/sub"], "is a file, not a folder")])
+def test_bad_arguments_stop_before_any_work(recording, tmp_path, capsys, argument, message):
+    (tmp_path / "FILE").write_text("")
+    argument = [a.replace("FILE", str(tmp_path / "FILE")) for a in argument]
+    arguments = {"--recording": str(recording), "--orders": "random:2", "--out": str(tmp_path / "out")}
+    arguments.update(dict(zip(argument[::2], argument[1::2])))
+    with pytest.raises(SystemExit) as exit_info:
+        estimate_main([item for pair in arguments.items() for item in pair])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_curriculum_and_position_map(recording, tmp_path):
     curriculum_main(["--recording", str(recording), "--method", "adam", "--budget", "128", "--population", "16",
                      "--out", str(tmp_path)])

@@ -1,5 +1,7 @@
 """BlockPruneCallback inside Trainer.fit: train-then-prune, distillation, logging, saving, bad options."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -61,10 +63,16 @@ def test_given_result_is_applied_without_pruning(tmp_path, tiny_vit, batches):
                           num_heads=2, schedule="constant")
     result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.3)
     result.save(tmp_path / "given")
-    callback = BlockPruneCallback(result=str(tmp_path / "given"), evaluate=False, result_path=str(tmp_path / "out"))
-    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              enable_model_summary=False, limit_val_batches=0, callbacks=[callback]).fit(
-        model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    callback = BlockPruneCallback(result=str(tmp_path / "given"), evaluate=False, result_path=str(tmp_path / "out"),
+                                  distill=True)
+    seen = TeacherSeen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # not taken for a resume ("no dense teacher")
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|isinstance.treespec|log_every_n_steps)")
+        L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  enable_model_summary=False, limit_val_batches=0, callbacks=[callback, seen]).fit(
+            model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    assert seen.teacher_at_step == {0: True, 1: True}  # the dense model, copied before the masks, teaches
     assert callback.result.prune_seconds == pytest.approx(result.prune_seconds)
     weight = model.model.blocks[0].mlp.fc1.weight
     mask = expand_block_mask(result.block_masks["model.blocks.0.mlp.fc1"], tuple(weight.shape), (8, 8))
