@@ -141,6 +141,16 @@ class CausalLM(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # every batch's ids, while they are still on the host (no device sync): one past the vocabulary is an
+        # index error deep in the embedding
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        vocab = self.model.embed.num_embeddings
+        if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise LplError(f"the data hold token ids {int(ids.min())}..{int(ids.max())}, the model's vocabulary has "
+                           f"{vocab}: set model.init_args.vocab_size.")
+        return batch
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self(batch["input_ids"])
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())

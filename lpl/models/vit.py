@@ -108,8 +108,35 @@ class ViTClassifier(L.LightningModule):
         return self.model(images)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._check_data(batch)
         logits = self(batch["image"])
         return self._loss(logits, batch)
+
+    def _check_data(self, batch: dict[str, torch.Tensor]) -> None:
+        """Once: the images fit the network (channels, size), or say which setting to change (instead of a shape
+        error deep inside timm)."""
+        if self.__dict__.get("_data_checked"):
+            return
+        images = batch["image"]
+        convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+        if convs and images.ndim == 4 and images.shape[1] != convs[0].in_channels:
+            raise LplError(f"the data give {images.shape[1]}-channel images, the model takes "
+                           f"{convs[0].in_channels}: set model.init_args.in_chans={images.shape[1]}.")
+        embed = getattr(self.model, "patch_embed", None)
+        size = getattr(embed, "img_size", None)
+        if size is not None and getattr(embed, "strict_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
+            raise LplError(f"the data give {tuple(images.shape[-2:])} images, the model takes {tuple(size)}: set "
+                           f"model.init_args.img_size={images.shape[-1]} (or the data's image size).")
+        self.__dict__["_data_checked"] = True
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # every batch's labels, while they are still on the host (no device sync): one past num_classes is an
+        # index error deep in the loss, and batches may come sorted by class
+        labels = batch.get("label") if isinstance(batch, dict) else None
+        if labels is not None and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.model.num_classes:
+            raise LplError(f"the data hold labels {int(labels.min())}..{int(labels.max())}, the model has "
+                           f"{self.model.num_classes} classes: set model.init_args.num_classes.")
+        return batch
 
     def _loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Label smoothing and distillation are training regularisers: in eval mode this is the plain task loss,
@@ -129,6 +156,7 @@ class ViTClassifier(L.LightningModule):
         return (1.0 - alpha) * loss + alpha * temp * temp * soft
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._check_data(batch)
         logits = self(batch["image"])
         loss = self._loss(logits, batch)
         self.train_acc(logits.detach(), batch["label"])
@@ -137,6 +165,7 @@ class ViTClassifier(L.LightningModule):
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
+        self._check_data(batch)
         logits = self(batch["image"])
         metric(logits, batch["label"])
         self.log(f"{stage}/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True)

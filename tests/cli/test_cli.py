@@ -98,6 +98,18 @@ def test_missing_dataset_root_is_one_clear_line(tmp_path, capsys) -> None:
     assert "dataset root" in err and "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("config, setting, message", [
+    ("mnist_vit.yaml", "--model.init_args.num_classes=5", "labels .* the model has 5 classes"),
+    ("mnist_vit.yaml", "--model.init_args.img_size=32", r"\(28, 28\) images, the model takes \(32, 32\)"),
+    ("mnist_vit.yaml", "--model.init_args.in_chans=3", "1-channel images, the model takes 3"),
+    ("lm_text.yaml", "--model.init_args.vocab_size=100", "token ids .* vocabulary has 100"),
+])
+def test_a_model_that_does_not_fit_the_data_is_one_clear_line(capsys, config, setting, message) -> None:
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / config), *SHORT, "--trainer.logger=false",
+                    "--model.init_args.depth=1", setting)
+    assert re.search(message, err) and "Traceback" not in err
+
+
 def test_not_an_imagenet_folder(tmp_path, capsys) -> None:
     (tmp_path / "flat").mkdir()
     err = _error_of(capsys, "fit", "--config", str(CONFIGS / "deit_s.yaml"), f"--data.init_args.root={tmp_path}/flat",
