@@ -240,6 +240,8 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
             raise LplError(f"--batches {args.batches!r}: give comma-separated integer batch ids.") from None
+        if len(set(batches)) < len(batches):
+            raise LplError(f"--batches {args.batches!r} names a batch twice; list each batch once.")
     with _wandb_logger(args, "position-map") as logger:
         matrix = position_map(estimator, batches, logger=logger)
     rows = batches if batches is not None else sorted(set(estimator.reference_order.cpu().tolist()))
@@ -301,7 +303,8 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
         prog="lpl check-methods",
         description="Retrain a few orders and score every estimation method against them, next to 'no change'.")
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
-    parser.add_argument("--orders", default="random:8", help="random:N, or a JSON/text file of orders (batch ids)")
+    parser.add_argument("--orders", default=None,
+                        help="random:N, or a JSON/text file of orders (batch ids); default random:8")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
     parser.add_argument("--reuse", default=None, metavar="CHECK_JSON",
                         help="the check.json of an earlier check of this recording: score its orders again without "
@@ -315,9 +318,11 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     recording = Recording.open(args.recording)
     true_losses = None
     if args.reuse:
+        if args.orders is not None:
+            raise LplError("--reuse scores the orders of the earlier check; drop --orders (or --reuse to retrain new ones).")
         orders, true_losses = _earlier_check(args.reuse, recording)
     else:
-        orders = read_orders(args.orders, recording.order, args.seed)
+        orders = read_orders(args.orders or "random:8", recording.order, args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     with _wandb_logger(args, "check-methods") as logger:
         check = check_methods(args.recording, orders, methods, true_losses=true_losses, accelerator=args.accelerator,

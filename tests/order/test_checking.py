@@ -110,6 +110,9 @@ def test_command_reuses_an_earlier_check_without_retraining(recording, tmp_path,
     with pytest.raises(LplError, match="not a check.json"):
         check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "broken.json"),
                             "--out", str(tmp_path)])
+    with pytest.raises(LplError, match="drop --orders"):  # it would be ignored
+        check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "first" / "check.json"),
+                            "--orders", "random:5", "--out", str(tmp_path)])
 
 
 def test_no_change_for_shorter_orders_is_the_reference_loss_after_as_many_steps(recording):

@@ -69,6 +69,8 @@ def test_curriculum_and_position_map(recording, tmp_path):
     lines = (tmp_path / "position_map.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[1].startswith("0,") and len(lines[1].split(",")) == NUM_BATCHES + 1
     assert (tmp_path / "position_map.png").exists()
+    with pytest.raises(LplError, match="names a batch twice"):
+        position_map_main(["--recording", str(recording), "--method", "adam", "--batches", "1,1", "--out", str(tmp_path)])
 
 
 def test_bad_orders(recording, tmp_path):
