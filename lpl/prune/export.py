@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from lpl.prune.result import submodule_prefix
 from lpl.utils.errors import LplError
 
 
@@ -34,7 +35,7 @@ def to_block_sparse(
     masks, size = _masks_and_block_size(prune_result, block_size)
     modules = dict(model.named_modules())
     names = {raw: raw[: -len(".weight")] if raw.endswith(".weight") else raw for raw in masks}
-    prefix = _submodule_prefix(list(names.values()), modules)
+    prefix = submodule_prefix(list(names.values()), modules, (nn.Linear, BlockSparseLinear))  # exported before too
     for raw_name, mask in masks.items():
         name = names[raw_name].removeprefix(prefix)
         linear = modules.get(name)
@@ -55,25 +56,6 @@ def to_block_sparse(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
     return model
-
-
-def _submodule_prefix(names: list[str], modules: Mapping[str, nn.Module]) -> str:
-    """"" when the masked layers are named as in ``modules``; for a submodule of the pruned model (the network
-    inside a LightningModule: ``to_block_sparse(module.model, result)``) the leading name part that, stripped from
-    every masked name, names this model's Linear layers."""
-    from lpl.kernels import BlockSparseLinear
-
-    def layer(module: nn.Module | None) -> bool:  # dense, or exported before
-        return isinstance(module, (nn.Linear, BlockSparseLinear))
-
-    if all(layer(modules.get(name)) for name in names):
-        return ""
-    parts = names[0].split(".")
-    for length in range(1, len(parts)):
-        prefix = ".".join(parts[:length]) + "."
-        if all(n.startswith(prefix) and layer(modules.get(n.removeprefix(prefix))) for n in names):
-            return prefix
-    return ""
 
 
 def _masks_and_block_size(prune_result: Any, block_size: Any) -> tuple[Mapping[str, torch.Tensor], Any]:

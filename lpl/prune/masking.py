@@ -141,13 +141,13 @@ def apply_masks(
         ...train...   # pruned blocks stay exactly zero
         handle.remove()
     """
-    result.check_model(model)
+    layers = result.layers_in(model)
     previous = model.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
         previous.remove()
     masks = {}
     for name, block_mask in result.block_masks.items():
-        weight = model.get_submodule(name).weight
+        weight = layers[name].weight
         masks[weight] = expand_block_mask(block_mask, tuple(weight.shape), result.block_size).to(weight.device,
                                                                                                   weight.dtype)
     handle = MaskHandle(masks)

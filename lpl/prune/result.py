@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -61,9 +61,16 @@ class PruneResult:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise LplError unless ``model`` has every masked Linear with the recorded shape."""
+        self.layers_in(model)
+
+    def layers_in(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The masked Linear layers of ``model`` by this result's names: ``model`` is the pruned model, or a
+        submodule of it (the network inside a LightningModule); LplError when names or shapes differ."""
         modules = dict(model.named_modules())
+        prefix = submodule_prefix(list(self.shapes), modules, (nn.Linear,))
+        layers = {}
         for name, shape in self.shapes.items():
-            layer = modules.get(name)
+            layer = modules.get(name.removeprefix(prefix))
             if not isinstance(layer, nn.Linear):
                 close = [n for n, m in modules.items() if isinstance(m, nn.Linear)][:3]
                 raise LplError(
@@ -75,6 +82,8 @@ class PruneResult:
                     f"layer {name!r} has shape {tuple(layer.weight.shape)} but the PruneResult was computed for "
                     f"{tuple(shape)}; load it onto the model it was computed for."
                 )
+            layers[name] = layer
+        return layers
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata): what ``save`` writes and a Lightning checkpoint stores."""
@@ -144,3 +153,16 @@ class PruneResult:
             options=meta["options"],
             prune_seconds=meta["prune_seconds"],
         )
+
+
+def submodule_prefix(names: list[str], modules: Mapping[str, nn.Module], kinds: tuple[type, ...]) -> str:
+    """"" when ``names`` name modules of one of ``kinds`` in ``modules``; for a submodule of the pruned model (the
+    network inside a LightningModule) the leading name part that, stripped from every name, names such modules."""
+    if all(isinstance(modules.get(name), kinds) for name in names):
+        return ""
+    parts = names[0].split(".") if names else []
+    for length in range(1, len(parts)):
+        prefix = ".".join(parts[:length]) + "."
+        if all(n.startswith(prefix) and isinstance(modules.get(n.removeprefix(prefix)), kinds) for n in names):
+            return prefix
+    return ""

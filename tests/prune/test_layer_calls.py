@@ -133,7 +133,7 @@ def test_a_submodule_of_the_pruned_model_exports():
     wrapper, batches = Wrapper(), _batches()
     result = prune_model(wrapper, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
     assert "model.fc1" in result.block_masks
-    apply_masks(wrapper, result)
+    apply_masks(wrapper.model, result)  # the network alone takes the masks too
     x = batches[0][0]
     expected = wrapper(x)
     sparse = to_block_sparse(wrapper.model, result)
