@@ -187,9 +187,11 @@ def _run_matmul(
     m, k = a.shape
     if out is None:
         out = torch.empty(m, out_features, dtype=torch.float32)
+    # contiguous copies bound to names: a temporary's memory would be freed before the C call reads it
+    ptr, in_blk = ptr.contiguous(), in_blk.contiguous()
     status = lib.lpl_bs_matmul(
         a.data_ptr(), m, k, a.stride(0), a.stride(1),
-        bpack.data_ptr(), ptr.contiguous().data_ptr(), in_blk.contiguous().data_ptr(), ptr.numel() - 1,
+        bpack.data_ptr(), ptr.data_ptr(), in_blk.data_ptr(), ptr.numel() - 1,
         kb, nb,
         out.data_ptr(), out_features, out.stride(0), _addr(bias),
         _L1_K_CHUNK, 0, ctypes.c_int(torch.get_num_threads()),
@@ -407,10 +409,11 @@ def grad_values_cpu(
 
     dy32, x32 = _as_fp32(dy2d), _as_fp32(x2d)
     out = torch.zeros(nnz, br, bc, dtype=torch.float32)
+    row_ptr, col_idx = row_ptr.contiguous(), col_idx.contiguous()  # bound: see _run_matmul
     status = load_library().lpl_bs_grad_values(
         dy32.data_ptr(), dy32.shape[0], out_features, dy32.stride(0), dy32.stride(1),
         x32.data_ptr(), in_features, x32.stride(0), x32.stride(1),
-        row_ptr.contiguous().data_ptr(), col_idx.contiguous().data_ptr(), n_rows, nnz,
+        row_ptr.data_ptr(), col_idx.data_ptr(), n_rows, nnz,
         br, bc, out.data_ptr(), 0, ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     if status != 0:

@@ -52,6 +52,9 @@ def allocate_dp(
     """
     check_feasible(flops, allowed, budget)
     total = sum(float(f[0]) for f in flops)
+    most = [int(torch.nonzero(ok).flatten()[0]) for ok in allowed]  # the most each layer may keep
+    if sum(float(f[p]) for f, p in zip(flops, most)) <= budget * (1 + 1e-12):
+        return most  # the budget keeps everything allowed (flops_keep=1): no search, and no rounding at its edge
     unit = total / (1000.0 * len(flops))
     top = int(math.floor(budget / unit + 1e-9))
     low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))

@@ -166,6 +166,24 @@ def test_strided_inputs_and_padding_never_read(backend):
     assert_close(dv, _blocks_of(dy.double().T @ x.double(), row_ptr, col_idx, block_size), torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_index_tensors(backend):
+    """row_ptr / col_idx as strided views (their contiguous copies must outlive the C call that reads them)."""
+    out_features, in_features, block_size = 64, 64, (4, 4)
+    w, values, row_ptr, col_idx, _ = make_weight(out_features, in_features, block_size, density=0.1, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(5, in_features, generator=gen), torch.randn(5, out_features, generator=gen)
+    for _ in range(20):  # a freed copy is overwritten by later allocations: one call may pass by luck
+        strided_ptr = torch.stack([row_ptr, torch.full_like(row_ptr, -7)], 1)[:, 0]
+        strided_idx = torch.stack([col_idx, torch.full_like(col_idx, 99)], 1)[:, 0]
+        assert not strided_ptr.is_contiguous() and not strided_idx.is_contiguous()
+        y = cpu.block_sparse_linear_cpu(x, values.float(), strided_ptr, strided_idx, out_features, block_size,
+                                        backend=backend)
+        assert_close(y, x.double() @ w.T, torch.float32)
+        dv = cpu.grad_values_cpu(dy, x, strided_ptr, strided_idx, block_size, backend=backend)
+        assert_close(dv, _blocks_of(dy.double().T @ x.double(), row_ptr, col_idx, block_size), torch.float32)
+
+
 @pytest.mark.parametrize("m", [0, 1, 5, 6, 7, 200])
 def test_token_counts_and_thread_counts_agree(m):
     out_features, in_features, block_size = 128, 96, (32, 32)

@@ -94,3 +94,17 @@ def test_global_ranking_meets_the_budget_when_blocks_differ_in_flops():
         allocate_global(scores, orders, block_flops, density, 0.0, 1.0, 25.0)
     removed = allocate_global(scores, orders, block_flops, density, 0.0, 1.0, 25.0, strict=False)
     assert total - sum(float(f[o[:r]].sum()) for f, o, r in zip(block_flops, orders, removed)) <= 25.0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_budget_of_everything_keeps_everything(seed):
+    """FLOPs quantised per layer can round the dense total above the budget's units: keep-all must not fail."""
+    generator = torch.Generator().manual_seed(seed)
+    flops = [torch.linspace(float(torch.randint(3, 90, (1,), generator=generator)), 0.0, int(points))
+             for points in torch.randint(2, 6, (3,), generator=generator)]
+    objectives = [torch.rand(len(f), generator=generator, dtype=torch.float64) for f in flops]
+    allowed = [torch.ones(len(f), dtype=torch.bool) for f in flops]
+    total = sum(float(f[0]) for f in flops)
+    assert allocate_dp(objectives, flops, allowed, total) == [0, 0, 0]
+    allowed[1][0] = False  # an earlier round removed blocks there: the most it may keep is point 1
+    assert allocate_dp(objectives, flops, allowed, total - float(flops[1][0] - flops[1][1])) == [0, 1, 0]
