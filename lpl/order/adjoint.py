@@ -42,7 +42,6 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -52,7 +51,7 @@ from lpl.order.linearized import (
 )
 from lpl.order.recorder import as_in_training, capture_rng
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss
+from lpl.utils.loss import module_loss, to_module
 
 # pool gradients at every step are kept in memory below this size (else computed twice)
 GRADIENT_CACHE_BYTES = 2 << 30
@@ -326,7 +325,7 @@ def record_sensitivities(
     )
     say(f"record_sensitivities: re-ran {steps} steps ({time.perf_counter() - start:.1f} s)")
 
-    pool = [move_data_to_device(batch, device) for batch in pool_batches(recording, datamodule)]
+    pool = [to_module(batch, model) for batch in pool_batches(recording, datamodule)]
     reference = recording.order
     model.eval()
 

@@ -15,15 +15,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order import quantities
 from lpl.order.projection import PROJECTION_KINDS, Projector
 from lpl.order.store import STORE_DTYPES, RecordingWriter, parameter_signature
+from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss
+from lpl.utils.loss import module_loss, to_module
 
 
 # The manifest is rewritten at every probe, checkpoint and the end of training, and otherwise at most this often:
@@ -98,6 +98,15 @@ def step_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
+
+
+def _draws_per_sample_randomness(module: torch.nn.Module) -> bool:
+    """Whether training draws masks or batch statistics per sample: dropout or drop-path with a rate, BatchNorm."""
+    for layer in module.modules():
+        rate = getattr(layer, "p", None) if "Dropout" in type(layer).__name__ else getattr(layer, "drop_prob", None)
+        if (isinstance(rate, (int, float)) and rate > 0) or isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            return True
+    return False
 
 
 def _same_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
@@ -183,10 +192,10 @@ def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable
     def val_loss() -> torch.Tensor:
         total, count = None, 0
         for batch in loader:
-            batch = move_data_to_device(batch, module.device)
+            batch = to_module(batch, module)
             size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
-            with forward():
-                loss = module_loss(module, batch) * size
+            with forward():  # summed in float32: a bfloat16 module's losses would round the mean to ~3 digits
+                loss = module_loss(module, batch).float() * size
             total = loss if total is None else total + loss
             count += size
         if total is None:
@@ -276,6 +285,7 @@ class TrainOrderRecorder(L.Callback):
         self._order: list[int] = []
         self._data_checked = False  # the dataset gives the same data for the same sample ids (checked once per fit)
         self._rng_after_step: dict[str, torch.Tensor] | None = None  # the generators as the last step left them
+        self._masks_warned = False
         self._total_steps = 0
 
     # ---- validation of the run
@@ -337,6 +347,7 @@ class TrainOrderRecorder(L.Callback):
         optimizer = self._check_trainer(trainer, pl_module)
         self._data_checked = False
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
+        self._masks_warned = False
         if trainer.global_step == 0 and any(optimizer.state.values()):
             raise LplError(
                 "the optimizer already holds Adam state (moments of an earlier run) before the first step: a recording "
@@ -363,6 +374,12 @@ class TrainOrderRecorder(L.Callback):
         if self._val_loader(trainer) is None:
             raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
                            "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")
+        if world > 1 and _draws_per_sample_randomness(pl_module):
+            rank_zero_warn(
+                "TrainOrderRecorder: under DDP each process draws its own dropout / drop-path masks (and BatchNorm "
+                "statistics) for its share of a batch; retraining and the probes run a whole batch in one process, so "
+                "they draw others: retraining will not reproduce this run exactly and the estimates carry that noise. "
+                "Record on one device to reproduce it.")
         for info in (header["model"], header["datamodule"] or {}):
             if info.get("hparams_missing"):
                 rank_zero_warn(
@@ -440,6 +457,12 @@ class TrainOrderRecorder(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._check_batch(batch, step)
+        if not self._masks_warned and has_masks(pl_module):
+            self._masks_warned = True
+            rank_zero_warn(
+                "TrainOrderRecorder: the model trains with block masks (apply_masks / BlockPruneCallback), which the "
+                "recording does not hold: retrain, record_sensitivities and the checks built on them train it unmasked "
+                "and will not reproduce this run. Record the fine-tuning of the exported model (to_block_sparse).")
         if not self._data_checked:
             self._check_data_repeats(trainer, batch, step)
             self._data_checked = True
@@ -512,7 +535,7 @@ class TrainOrderRecorder(L.Callback):
         ids = [int(i) for i in batch["index"].reshape(-1).tolist()]
         rng = capture_rng()  # loading must not move the RNG streams training draws from
         try:
-            again = self._load_samples(trainer, ids, batch["index"].device)
+            again = self._load_samples(trainer, ids, trainer.lightning_module)
         finally:
             restore_rng(rng)
         differing = sorted(
@@ -543,13 +566,13 @@ class TrainOrderRecorder(L.Callback):
         )
 
     @staticmethod
-    def _load_samples(trainer: L.Trainer, ids: list[int], device: torch.device) -> Any:
-        """The train dataset's samples ``ids``, collated as the train loader does, on ``device``."""
+    def _load_samples(trainer: L.Trainer, ids: list[int], module: L.LightningModule) -> Any:
+        """The train dataset's samples ``ids``, collated as the train loader does, as ``module`` takes them."""
         loader = trainer.train_dataloader
-        return move_data_to_device(loader.collate_fn([loader.dataset[i] for i in ids]), device)
+        return to_module(loader.collate_fn([loader.dataset[i] for i in ids]), module)
 
     def _pool_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> Any:
-        return self._load_samples(trainer, self._pool[position], pl_module.device)
+        return self._load_samples(trainer, self._pool[position], pl_module)
 
     @staticmethod
     def _val_loader(trainer: L.Trainer) -> Any:

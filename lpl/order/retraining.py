@@ -13,13 +13,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lpl.order.recorder import capture_rng, constructor_hparams, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss
+from lpl.utils.loss import module_loss, to_module
 
 
 @dataclass
@@ -113,7 +112,7 @@ def validation_loss(
     try:
         with torch.no_grad():
             for batch in loader:
-                batch = move_data_to_device(batch, module.device)
+                batch = to_module(batch, module)
                 size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
                 with forward():
                     total += float(module_loss(module, batch)) * size

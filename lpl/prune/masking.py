@@ -125,6 +125,11 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -
                 value.mul_(handle.mask_for(value, param))
 
 
+def has_masks(model: nn.Module) -> bool:
+    """Whether ``apply_masks`` keeps block masks on ``model`` (or on a module inside it)."""
+    return any(_HANDLE_ATTR in vars(module) for module in model.modules())
+
+
 def apply_masks(
     model: nn.Module, result: PruneResult, optimizers: Iterable[torch.optim.Optimizer] = ()
 ) -> MaskHandle:

@@ -61,3 +61,25 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
             f"got {type(out).__name__}; return the mean loss of the batch."
         )
     return out
+
+
+def to_module(batch: Any, module: nn.Module) -> Any:
+    """``batch`` on ``module``'s device, its floating tensors in the module's dtype when that is not float32 (a
+    ``precision="bf16-true"`` or ``"64-true"`` run feeds its module so; mixed precision keeps float32 inputs)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    parameter = next(module.parameters(), None)
+    batch = move_data_to_device(batch, parameter.device if parameter is not None else torch.device("cpu"))
+    if parameter is None or parameter.dtype == torch.float32 or not parameter.is_floating_point():
+        return batch
+    return _cast_floating(batch, parameter.dtype)
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _cast_floating(item, dtype) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(item, dtype) for item in value)
+    return value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -120,3 +122,37 @@ def test_resuming_with_a_loader_that_keeps_no_position_is_refused(tmp_path):
     resumed = L.Trainer(callbacks=[TrainOrderRecorder(path, proj_dim=32, resume=True)], **trainer_kwargs)
     with pytest.raises(LplError, match="resumes at step 2.*ResumableDataLoader"):
         resumed.fit(TinyClassifier(), datamodule=PlainLoader(), ckpt_path=tmp_path / "step2.ckpt")
+
+
+def test_a_run_in_bf16_true_precision_records_and_retrains(tmp_path):
+    """The module's weights are bfloat16: probes and retraining feed it bfloat16 inputs, as training does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "other data for the same ids" from a float32 reload
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|isinstance.treespec|log_every_n)")
+        path = _record(tmp_path / "rec", TinyClassifier(lr=0.01), TinyDigits(), precision="bf16-true")
+    recording = Recording.open(path)
+    final = recording.probe_scalars["val_loss"][-1]
+    assert retrain(path, recording.order, accelerator="cpu").final_loss == pytest.approx(final, abs=1e-6)
+    assert OrderEstimator.from_recording(path, method="zeroth_order").estimate(recording.order).final_loss == (
+        pytest.approx(final, abs=1e-6))
+
+
+def test_masked_fine_tuning_warns_that_retraining_does_not_hold_the_masks(tmp_path):
+    from lpl.prune import apply_masks, prune_model
+
+    model = TinyClassifier(lr=0.01)
+    datamodule = TinyDigits()
+    datamodule.setup("fit")
+    result = prune_model(model, [next(iter(datamodule.train_dataloader()))], block_size=8, flops_keep=0.5,
+                         exclude=[], stages=1)
+    apply_masks(model, result)
+    with pytest.warns(UserWarning, match="trains with block masks"):
+        _record(tmp_path / "rec", model, TinyDigits())
+
+
+def test_which_models_draw_randomness_per_sample():
+    from lpl.order.recorder import _draws_per_sample_randomness
+
+    assert not _draws_per_sample_randomness(TinyClassifier())
+    assert _draws_per_sample_randomness(TinyClassifier(dropout=0.1))
+    assert _draws_per_sample_randomness(TinyClassifier(norm=True))
