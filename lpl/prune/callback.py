@@ -18,7 +18,7 @@ from lpl.prune.importance import model_inputs
 from lpl.prune.masking import MaskHandle, apply_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss
+from lpl.utils.loss import eval_mode, module_loss
 
 
 class BlockPruneCallback(Callback):
@@ -193,28 +193,26 @@ class BlockPruneCallback(Callback):
         """Validation loss (and accuracy when batches carry labels) of the module as it is now."""
         if trainer.datamodule is None or not callable(getattr(trainer.datamodule, "val_dataloader", None)):
             return {}
-        was_training = pl_module.training
-        pl_module.eval()  # also turns distillation off: plain task loss
         total_loss = correct = count = 0.0
         has_labels = False
         outputs: list[Any] = []  # the module's own forward output inside its loss: logits without a second forward
         handle = pl_module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         try:
-            for batch in trainer.datamodule.val_dataloader():
-                batch = _as_training_sees_it(trainer, pl_module, batch)
-                size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
-                outputs.clear()
-                total_loss += float(module_loss(pl_module, batch)) * size
-                if isinstance(batch, dict) and "label" in batch:
-                    has_labels = True
-                    logits = outputs[0] if len(outputs) == 1 and isinstance(outputs[0], torch.Tensor) else None
-                    if logits is None or logits.shape[0] != batch["label"].shape[0]:
-                        logits = pl_module(model_inputs(batch))
-                    correct += float((logits.argmax(-1) == batch["label"]).sum())
-                count += size
+            with eval_mode(pl_module):  # eval also turns distillation off: plain task loss
+                for batch in trainer.datamodule.val_dataloader():
+                    batch = _as_training_sees_it(trainer, pl_module, batch)
+                    size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
+                    outputs.clear()
+                    total_loss += float(module_loss(pl_module, batch)) * size
+                    if isinstance(batch, dict) and "label" in batch:
+                        has_labels = True
+                        logits = outputs[0] if len(outputs) == 1 and isinstance(outputs[0], torch.Tensor) else None
+                        if logits is None or logits.shape[0] != batch["label"].shape[0]:
+                            logits = pl_module(model_inputs(batch))
+                        correct += float((logits.argmax(-1) == batch["label"]).sum())
+                    count += size
         finally:
             handle.remove()
-            pl_module.train(was_training)
         if not count:
             return {}
         metrics = {f"prune/{stage}_val_loss": total_loss / count}

@@ -16,6 +16,7 @@ from torch import nn
 from lpl.prune.blocks import block_elements, block_grid, expand_block_mask
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.importance import LossFn, move_to_device
+from lpl.utils.loss import eval_mode
 
 
 @dataclass
@@ -134,27 +135,26 @@ def measure_layer_distortion(
     original = layer.weight.detach().clone()
     outputs: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
-    was_training = model.training
-    model.eval()
     try:
-        dense_outputs, dense_loss = [], 0.0
-        for batch in batches:
-            outputs.clear()
-            dense_loss += float(loss_fn(model, batch))
-            dense_outputs.append(outputs[0])
-        loss_increase, output_change = [], []
-        for block_mask in block_masks:
-            layer.weight.copy_(original * expand_block_mask(block_mask.to(device), tuple(original.shape), block_size))
-            total_loss, total_change, count = 0.0, 0.0, 0
-            for batch, dense in zip(batches, dense_outputs):
+        with eval_mode(model):  # every module's own mode comes back after
+            dense_outputs, dense_loss = [], 0.0
+            for batch in batches:
                 outputs.clear()
-                total_loss += float(loss_fn(model, batch))
-                total_change += float((outputs[0] - dense).float().square().sum())
-                count += dense.numel()
-            loss_increase.append((total_loss - dense_loss) / len(batches))
-            output_change.append(total_change / count)
+                dense_loss += float(loss_fn(model, batch))
+                dense_outputs.append(outputs[0])
+            loss_increase, output_change = [], []
+            for block_mask in block_masks:
+                kept = expand_block_mask(block_mask.to(device), tuple(original.shape), block_size)
+                layer.weight.copy_(original * kept)
+                total_loss, total_change, count = 0.0, 0.0, 0
+                for batch, dense in zip(batches, dense_outputs):
+                    outputs.clear()
+                    total_loss += float(loss_fn(model, batch))
+                    total_change += float((outputs[0] - dense).float().square().sum())
+                    count += dense.numel()
+                loss_increase.append((total_loss - dense_loss) / len(batches))
+                output_change.append(total_change / count)
     finally:
         layer.weight.copy_(original)
         handle.remove()
-        model.train(was_training)
     return torch.tensor(loss_increase), torch.tensor(output_change)

@@ -35,7 +35,8 @@ def to_block_sparse(
     masks, size = _masks_and_block_size(prune_result, block_size)
     modules = dict(model.named_modules())
     names = {raw: raw[: -len(".weight")] if raw.endswith(".weight") else raw for raw in masks}
-    prefix = submodule_prefix(list(names.values()), modules, (nn.Linear, BlockSparseLinear))  # exported before too
+    # dense layers, or layers exported before
+    prefix = submodule_prefix(list(names.values()), modules, (nn.Linear, BlockSparseLinear))
     for raw_name, mask in masks.items():
         name = names[raw_name].removeprefix(prefix)
         linear = modules.get(name)

@@ -18,6 +18,7 @@ a sum, so one all_reduce makes all ranks identical.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from lpl.prune.blocks import block_elements, block_grid, block_sum
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss
+from lpl.utils.loss import eval_mode, module_loss
 
 IMPORTANCES = ("taylor2", "taylor1", "magnitude", "obd")
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -180,9 +181,10 @@ def collect_statistics(
         for name in layers
     }
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # samples, batches
-    was_training = model.training
-    model.eval()  # calibration statistics of the deployed network: no dropout / drop-path
-    try:
+    # calibration statistics of the deployed network: no dropout / drop-path; every module's mode restored after
+    with eval_mode(model), contextlib.ExitStack() as cleanup:
+        for handle in handles:
+            cleanup.callback(handle.remove)
         for number, batch in enumerate(batches):
             if max_batches is not None and number >= max_batches:
                 break
@@ -232,10 +234,6 @@ def collect_statistics(
                 if with_gram:
                     acc["gram"].addmm_(contributions.T, contributions)  # in place: K x K is the big one
             counts += torch.tensor([float(samples), 1.0], device=device, dtype=torch.float64)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
 
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
@@ -247,8 +245,8 @@ def collect_statistics(
         return {}
     samples, num_batches = float(counts[0]), float(counts[1])
     if num_batches == 0:
-        raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at least one "
-                       "non-empty batch.")
+        raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at "
+                       "least one non-empty batch.")
     return {
         name: LayerStatistics(
             shape=tuple(layers[name].weight.shape),

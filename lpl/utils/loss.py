@@ -83,3 +83,16 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_cast_floating(item, dtype) for item in value)
     return value
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block, then every submodule back in its own mode (``module.train(flag)``
+    would set them all alike: a frozen BatchNorm kept in eval inside a training model, say)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

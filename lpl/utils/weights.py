@@ -13,7 +13,8 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
-def read_state_dict(path: str | Path, strip_prefixes: bool = True, what: str = "pretrained_path") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, strip_prefixes: bool = True,
+                    what: str = "pretrained_path") -> dict[str, torch.Tensor]:
     """Read a weights file without unpickling arbitrary objects; unwrap Lightning / DeiT checkpoint layouts.
 
     With ``strip_prefixes``, a prefix shared by every key (``model.``, ``module.``, ``_orig_mod.``) is removed so a

@@ -195,3 +195,11 @@ def test_export_frees_the_dense_weights_and_a_second_export_is_a_no_op():
     other = prune_model(TokenMLP(seed=1), batches, block_size=(8, 8), flops_keep=0.25, exclude=[])
     with pytest.raises(LplError, match="already block-sparse with another mask"):
         to_block_sparse(model, other)
+
+
+def test_pruning_leaves_every_module_in_the_mode_it_had():
+    """A backbone kept in eval mode inside a training wrapper (frozen BatchNorm, say) stays in eval mode."""
+    model, batches = TokenMLP(), _batches()
+    model.fc1.eval()
+    prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert model.training and not model.fc1.training and model.fc2.training
