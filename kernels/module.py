@@ -144,7 +144,8 @@ class BlockSparseLinear(nn.Module):
             for key, ours in zip(("row_ptr", "col_idx"), csr_structure(pattern)):
                 theirs = state_dict.get(prefix + key)
                 if theirs is not None and not torch.equal(theirs.cpu(), ours):
-                    raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is corrupt.")
+                    raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is "
+                                   "corrupt.")
         values = state_dict.get(prefix + "values")
         if values is not None and tuple(values.shape) != tuple(self.values.shape):
             raise LplError(
@@ -158,10 +159,10 @@ class BlockSparseLinear(nn.Module):
 
     def _adopt_mask(self, mask: torch.Tensor) -> None:
         """Take the checkpoint's sparsity pattern: rebuild the structure and resize ``values`` (same geometry)."""
-        placeholder = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
-        sparse = BlockSparseWeight.from_dense(placeholder, mask.cpu(), self.block_size)
-        self.values.data = sparse.values.to(self.values.device)
-        self._set_structure(sparse.block_mask, sparse.row_ptr, sparse.col_idx)
+        mask = mask.cpu()
+        row_ptr, col_idx = csr_structure(mask)
+        self.values.data = self.values.new_zeros(col_idx.numel(), *self.block_size)  # the checkpoint's come next
+        self._set_structure(mask, row_ptr, col_idx)
 
 
 def _geometry_text(geometry: Sequence[int]) -> str:

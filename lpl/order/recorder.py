@@ -9,7 +9,7 @@ import random
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -184,6 +184,11 @@ def plan_pool(batch_sampler: Any, batches_per_epoch: int, total_steps: int) -> t
             order.append(index[key])
         epoch += 1
     return pool, order
+
+
+def collate_samples(loader: Any, ids: Sequence[int]) -> Any:
+    """The samples ``ids`` of ``loader``'s dataset, collated as the loader does (on the CPU)."""
+    return loader.collate_fn([loader.dataset[i] for i in ids])
 
 
 def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
@@ -568,8 +573,7 @@ class TrainOrderRecorder(L.Callback):
     @staticmethod
     def _load_samples(trainer: L.Trainer, ids: list[int], module: L.LightningModule) -> Any:
         """The train dataset's samples ``ids``, collated as the train loader does, as ``module`` takes them."""
-        loader = trainer.train_dataloader
-        return to_module(loader.collate_fn([loader.dataset[i] for i in ids]), module)
+        return to_module(collate_samples(trainer.train_dataloader, ids), module)
 
     def _pool_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> Any:
         return self._load_samples(trainer, self._pool[position], pl_module)

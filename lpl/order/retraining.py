@@ -15,10 +15,10 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lpl.order.recorder import capture_rng, constructor_hparams, restore_rng, set_step_rng_state
+from lpl.order.recorder import capture_rng, collate_samples, constructor_hparams, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss, to_module
+from lpl.utils.loss import eval_mode, module_loss, to_module
 
 
 @dataclass
@@ -96,7 +96,7 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
 def pool_batches(recording: Any, datamodule: L.LightningDataModule) -> list[Any]:
     """Every pool batch of the recording, collated as the datamodule's train loader does (on the CPU)."""
     loader = datamodule.train_dataloader()
-    return [loader.collate_fn([loader.dataset[i] for i in batch]) for batch in recording.batches]
+    return [collate_samples(loader, batch) for batch in recording.batches]
 
 
 def validation_loss(
@@ -105,12 +105,10 @@ def validation_loss(
     """Sample-weighted mean of ``module_loss`` over ``loader`` in eval mode, each batch in the precision context
     ``forward`` (as the recorder measures it). Leaves no trace: iterating a loader draws from the global RNG, which
     training's next dropout masks come from."""
-    modes = [m.training for m in module.modules()]
     rng = capture_rng()
-    module.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(module):
             for batch in loader:
                 batch = to_module(batch, module)
                 size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
@@ -118,8 +116,6 @@ def validation_loss(
                     total += float(module_loss(module, batch)) * size
                 count += size
     finally:
-        for m, mode in zip(module.modules(), modes):
-            m.training = mode
         restore_rng(rng)
     if count == 0:
         raise LplError("the validation loader is empty; retraining needs validation data to measure the loss.")

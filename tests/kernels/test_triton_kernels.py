@@ -13,6 +13,12 @@ from lpl.kernels.ops import triton_on_cpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def _random_mask(shape, block_size, density, generator):
+    """A random block mask for a weight of ``shape`` (ragged edge blocks included)."""
+    grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
+    return torch.rand(grid, generator=generator) < density
+
+
 def _case(shape, block_size, mask, dtype, device, seed):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape, generator=generator)
@@ -75,9 +81,8 @@ def test_forward_matches_dense_masked_matmul(dtype, triton_device, rel_err, tole
 @pytest.mark.parametrize("block_size", [(32, 64), (64, 32), (16, 16)])
 def test_forward_rectangular_and_small_blocks(block_size, triton_device, rel_err, tolerance):
     shape = (96, 80)
-    grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
     generator = torch.Generator().manual_seed(3)
-    mask = torch.rand(grid, generator=generator) < 0.6
+    mask = _random_mask(shape, block_size, 0.6, generator)
     sparse, _ = _case(shape, block_size, mask, torch.float32, triton_device, seed=4)
     x = torch.randn(40, shape[1], generator=generator).to(triton_device)
     out = block_sparse_linear(x, sparse, None)
@@ -146,9 +151,7 @@ def test_many_tokens_and_grouped_launch_order(triton_device, rel_err, tolerance)
 def test_block_sizes_the_kernels_do_not_take_run_dense_with_a_warning(block_size, triton_device, rel_err, tolerance):
     """Triton tiles need power-of-two sides of 16 or more: other sizes give right results (dense), and say so."""
     shape = (40, 50)
-    grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
-    generator = torch.Generator().manual_seed(11)
-    mask = torch.rand(grid, generator=generator) < 0.5
+    mask = _random_mask(shape, block_size, 0.5, torch.Generator().manual_seed(11))
     sparse, generator = _case(shape, block_size, mask, torch.float32, triton_device, seed=11)
     x = torch.randn(5, shape[1], generator=generator).to(triton_device).requires_grad_()
     with pytest.warns(UserWarning, match="power-of-two block sides"):
