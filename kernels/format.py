@@ -9,7 +9,8 @@ import torch
 
 from lpl.utils.errors import LplError
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs as plain torch ops everywhere (for gradient checks and references), the others on the kernels
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
@@ -43,8 +44,8 @@ def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int
 def check_float_dtype(tensor: torch.Tensor, what: str) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
         raise LplError(
-            f"{what} has dtype {tensor.dtype}; block-sparse kernels take float32, float16 or bfloat16: "
-            f"convert it with .float() / .half() / .bfloat16()."
+            f"{what} has dtype {tensor.dtype}; block-sparse layers take float32, float16, bfloat16 "
+            f"or float64: convert it with .float() / .half() / .bfloat16() / .double()."
         )
 
 

@@ -105,14 +105,7 @@ class BlockSparseLinear(nn.Module):
                                  self.block_size, self.block_mask, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.sparse_weight(), self.bias
-        if torch.is_autocast_enabled(x.device.type):  # behave like nn.Linear under autocast
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            weight = BlockSparseWeight(weight.row_ptr, weight.col_idx, weight.values.to(dtype), weight.shape,
-                                       weight.block_size, weight.block_mask, weight._index)
-            bias = bias.to(dtype) if bias is not None else None
-        return block_sparse_linear(x, weight, bias)
+        return block_sparse_linear(x, self.sparse_weight(), self.bias)
 
     def extra_repr(self) -> str:
         br, bc = self.block_size

@@ -43,8 +43,8 @@ def triton_supports(block_size: tuple[int, int]) -> bool:
     return all(side >= TRITON_MIN_BLOCK and side & (side - 1) == 0 for side in block_size)
 
 
-def _use_triton(device: torch.device, block_size: tuple[int, int]) -> bool:
-    if not (device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu)):
+def _use_triton(device: torch.device, block_size: tuple[int, int], dtype: torch.dtype) -> bool:
+    if not (device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu)) or dtype == torch.float64:
         return False
     if triton_supports(block_size):
         return True
@@ -84,7 +84,7 @@ def _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size):
 # ---------------------------------------------------------------------------------------------------------------
 # The three computations, dispatched by device. Index tensors travel as plain tensors (see KernelIndex).
 def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_features):
-    if _use_triton(x2d.device, (int(values.shape[1]), int(values.shape[2]))):
+    if _use_triton(x2d.device, (int(values.shape[1]), int(values.shape[2])), values.dtype):
         from . import triton_ops
 
         return triton_ops.bsr_linear(x2d, values, row_ptr, col_idx, row_order, out_features, bias)
@@ -97,7 +97,7 @@ def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_
 
 
 def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, in_features):
-    if _use_triton(dy2d.device, (int(values.shape[1]), int(values.shape[2]))):
+    if _use_triton(dy2d.device, (int(values.shape[1]), int(values.shape[2])), values.dtype):
         from . import triton_ops
 
         return triton_ops.bsr_grad_input(dy2d, values, col_ptr, t_row_idx, t_block, col_order, in_features)
@@ -110,7 +110,7 @@ def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_i
 
 def _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
     block_size = (block_rows, block_cols)
-    if _use_triton(dy2d.device, block_size):
+    if _use_triton(dy2d.device, block_size, dy2d.dtype):
         from . import triton_ops
 
         return triton_ops.bsr_grad_values(dy2d, x2d, block_row, col_idx, block_size)
@@ -118,6 +118,15 @@ def _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_
     if cpu is not None:
         return cpu.grad_values_cpu(dy2d, x2d, row_ptr, col_idx, block_size)
     return _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size)
+
+
+def _grad_input_differentiable(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order,
+                               in_features):
+    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
+
+
+def _grad_values_differentiable(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
+    return _reference_grad_values(dy2d, x2d, block_row, col_idx, (block_rows, block_cols))
 
 
 def _backward(ctx, grad_out, grad_input_fn, grad_values_fn):
@@ -154,6 +163,8 @@ class _BlockSparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops, so second derivatives are exact
+            return _backward(ctx, grad_out, _grad_input_differentiable, _grad_values_differentiable)
         return _backward(ctx, grad_out, _grad_input_impl, _grad_values_impl)
 
 
@@ -223,6 +234,8 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
         >>> block_sparse_linear(torch.randn(2, 5, 64), w).shape
         torch.Size([2, 5, 64])
     """
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+        x, w, bias = _autocast(x, w, bias)
     _check_inputs(x, w, bias)
     out_features, in_features = w.shape
     x2d = x.reshape(-1, in_features)
@@ -236,6 +249,27 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
         index.t_block, index.col_order, bias, out_features,
     )
     return y2d.reshape(*x.shape[:-1], out_features)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
+def _autocast(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None):
+    """Cast as autocast casts ``F.linear``'s inputs: floating tensors other than float64 to the autocast dtype."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        eligible = tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float64
+        return tensor.to(dtype) if eligible else tensor
+
+    values = cast(w.values)
+    if values is not w.values:
+        w = BlockSparseWeight(w.row_ptr, w.col_idx, values, w.shape, w.block_size, w.block_mask, w._index)
+    return cast(x), w, cast(bias)
 
 
 def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None) -> None:
@@ -257,7 +291,7 @@ def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
     if x.dtype != w.values.dtype:
         raise LplError(
             f"x has dtype {x.dtype} but the block-sparse weight has {w.values.dtype}; cast one of them "
-            f"(e.g. module.to({x.dtype}) or run under torch.autocast)."
+            f"(e.g. module.to({x.dtype}), or run under torch.autocast)."
         )
     if bias is not None:
         if tuple(bias.shape) != (out_features,) or bias.device != x.device or bias.dtype not in FLOAT_DTYPES:

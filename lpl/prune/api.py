@@ -33,8 +33,12 @@ GRAM_BYTES_PER_PASS = 2 << 30
 
 
 def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[str, nn.Linear]:
-    """Linear layers whose names match ``include`` (default: all) and none of ``exclude`` (default: heads)."""
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    """Linear layers whose names match ``include`` (default: all) and none of ``exclude`` (default: heads).
+
+    ``nn.MultiheadAttention``'s ``out_proj`` is never a candidate: the attention reads its weight instead of calling
+    it, so it can neither be calibrated nor run block-sparse."""
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not read_as_weight(model, name)}
     include = list(include) if include is not None else ["*"]
     exclude = list(exclude) if exclude is not None else list(DEFAULT_EXCLUDE)
     chosen = {
@@ -48,6 +52,12 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
             "use glob patterns on module names such as '*.qkv' or '*mlp.fc*'."
         )
     return _without_tied_weights(chosen, explicit=include != ["*"])
+
+
+def read_as_weight(model: nn.Module, name: str) -> bool:
+    """Whether the Linear ``name`` belongs to an ``nn.MultiheadAttention``, which uses its weight without calling it."""
+    parent_name = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention)
 
 
 def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:

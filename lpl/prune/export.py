@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from lpl.prune.api import read_as_weight
 from lpl.prune.result import submodule_prefix
 from lpl.utils.errors import LplError
 
@@ -52,6 +53,9 @@ def to_block_sparse(
                 f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
                 f"export the model the masks were computed for."
             )
+        if read_as_weight(model, name):
+            raise LplError(f"layer {name!r} is the output projection of an nn.MultiheadAttention, which reads its "
+                           "weight directly instead of calling it, so it cannot run block-sparse; leave it dense.")
         sparse = BlockSparseLinear.from_linear(linear, torch.as_tensor(mask), size)
         sparse.train(linear.training)
         parent_name, _, child = name.rpartition(".")

@@ -70,3 +70,23 @@ def test_plain_masks_without_block_size_is_a_clear_error():
     model, masks = _model_and_masks()
     with pytest.raises(LplError, match="needs block_size"):
         to_block_sparse(model, masks)
+
+
+def test_multihead_attention_out_proj_is_not_pruned_nor_exported():
+    """nn.MultiheadAttention reads out_proj's weight without calling it: never selected, and export refuses it."""
+    from lpl.prune.api import select_layers
+
+    class AttentionBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    model = AttentionBlock()
+    assert list(select_layers(model, None, None)) == ["fc"]
+    with pytest.raises(LplError, match="MultiheadAttention"):
+        to_block_sparse(model, {"attn.out_proj": torch.tensor([[True, False], [True, True]])}, block_size=16)
+    assert isinstance(model.attn.out_proj, nn.Linear) and model(torch.randn(2, 5, 32)).shape == (2, 5, 32)

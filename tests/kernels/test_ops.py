@@ -96,3 +96,68 @@ def test_dtype_mismatch_is_a_clear_error():
 def test_bias_of_wrong_shape_is_a_clear_error():
     with pytest.raises(LplError, match=r"bias must be a float tensor of shape \(100,\)"):
         block_sparse_linear(torch.randn(3, 70), _weight(), torch.randn(99))
+
+
+def test_second_derivatives_match_the_dense_masked_layer(rel_err):
+    """create_graph=True backward is differentiable: a gradient penalty and a Hessian-vector product through the
+    block-sparse layer equal those of nn.Linear holding the same (masked) weight."""
+    sparse = _weight()
+    values = sparse.values.clone().requires_grad_(True)
+    sparse.values = values
+    dense = sparse.to_dense().detach().clone().requires_grad_(True)
+    x = torch.randn(6, 70, requires_grad=True)
+
+    def penalised(out):
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return out.sum() + grad_x.square().sum()
+
+    penalised(block_sparse_linear(x, sparse)).backward()
+    sparse_grads = values.grad.clone(), x.grad.clone()
+    x.grad = None
+    penalised(torch.nn.functional.linear(x, dense)).backward()
+    expected_values = BlockSparseWeight.from_dense(dense.grad, sparse.block_mask, sparse.block_size).values
+    assert rel_err(sparse_grads[0], expected_values) < 1e-5
+    assert rel_err(sparse_grads[1], x.grad) < 1e-5
+
+
+def test_float64_runs_and_passes_gradcheck():
+    sparse = _weight(shape=(20, 12), block_size=(8, 8), dtype=torch.float64)
+    sparse.values.requires_grad_(True)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    out = block_sparse_linear(x, sparse, bias)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, x @ sparse.to_dense().T + bias, atol=1e-12)
+
+    def apply(x, values, bias):
+        return block_sparse_linear(x, BlockSparseWeight(sparse.row_ptr, sparse.col_idx, values, sparse.shape,
+                                                        sparse.block_size, sparse.block_mask), bias)
+
+    assert torch.autograd.gradcheck(apply, (x, sparse.values, bias))
+
+
+def test_autocast_casts_inputs_as_it_casts_f_linear():
+    sparse, x = _weight(), torch.randn(4, 70)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block_sparse_linear(x, sparse)
+        reference = torch.nn.functional.linear(x, sparse.to_dense())
+    assert out.dtype == reference.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference.float(), rtol=2e-2, atol=5e-2)
+
+
+def test_weight_gradient_is_bitwise_reproducible_with_two_threads():
+    """dW's token tiles are dealt to threads statically: repeated calls sum in the same order (as dense matmul)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sparse = _weight(shape=(192, 192), block_size=(16, 16))
+        sparse.values.requires_grad_(True)
+        x = torch.randn(4096, 192)
+        grads = set()
+        for _ in range(20):
+            sparse.values.grad = None
+            block_sparse_linear(x, sparse).square().sum().backward()
+            grads.add(sparse.values.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1

@@ -281,7 +281,8 @@ typedef struct {
     float* out;                 /* [nnz][br][bc]: thread 0 accumulates here, others in private buffers */
     float** partial;            /* per-thread [nnz][br][bc] for thread_id >= 1 */
     int64_t MT, Kp, Ip;         /* token tile, x row pitch in the pack, br padded to MR */
-    int64_t ntiles, next_tile;
+    int64_t ntiles;
+    int nthreads;
     int failed;
 } grad_values_job;
 
@@ -298,9 +299,9 @@ static void grad_values_worker(void* ctx, int thread_id) {
         free(xpack); free(dypack);
         return;
     }
-    for (;;) {
-        const int64_t t = __atomic_fetch_add(&j->next_tile, 1, __ATOMIC_RELAXED);
-        if (t >= j->ntiles) break;
+    /* Tiles are dealt to threads statically (not from a shared counter): each partial sum then covers the same
+     * tokens in every call, so dW is bitwise reproducible for a given thread count, as dense matmul is. */
+    for (int64_t t = thread_id; t < j->ntiles; t += j->nthreads) {
         const int64_t m0 = t * MT;
         const int64_t mv = min64(MT, j->M - m0);
         /* x tile, row-major [MT][Kp], zero past K so ragged edge blocks read zeros */
@@ -408,6 +409,7 @@ int lpl_bs_grad_values(const float* dy, int64_t M, int64_t N, int64_t dy_sm, int
     j.MT = mt > 0 ? mt : 256;
     j.ntiles = ceil_div(M, j.MT);
     const int nt = clamp_threads(nthreads, j.ntiles);
+    j.nthreads = nt;
     float* partial[MAX_THREADS];
     memset(partial, 0, sizeof(partial));
     const int64_t total = nnz * br * bc;
