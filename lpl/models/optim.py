@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,8 +34,13 @@ def configure_adam(
         return opt
     if schedule != "cosine":
         raise LplError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
-    total = int(module.trainer.estimated_stepping_batches)
+    # The run's length is read at the first step, not here: reading it while optimizers are configured builds the
+    # train loader before a resumed checkpoint is restored, and Lightning then drops the loader's saved position
+    # (a mid-epoch resume would train the epoch's first batches again). Step 0 needs no length (the curve starts at
+    # 1, or warms up). A plain function, not a callable object: LambdaLR would store an object's attributes (the
+    # module) in checkpoints.
+    total_steps = functools.cache(lambda: int(module.trainer.estimated_stepping_batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: warmup_cosine(step, warmup_steps, total, min_lr_ratio)
+        opt, lambda step: warmup_cosine(step, warmup_steps, total_steps() if step else 0, min_lr_ratio)
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

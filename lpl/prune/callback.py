@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lpl.data.base import restore_loader_position
 from lpl.prune.api import check_options, prune_model
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size
@@ -93,27 +94,37 @@ class BlockPruneCallback(Callback):
         self.evaluate = evaluate
         self.result_path = result_path
         self.result = PruneResult.load(result) if isinstance(result, (str, Path)) else result
+        self._given = self.result  # the user's masks (None: prune), whatever a checkpoint or an earlier fit left
         self.metrics: dict[str, float] = {}
         self._handle: MaskHandle | None = None
-        self._restored = False  # the result came from a checkpoint (weights pruned already), not from the user
 
     # ---- hooks -------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._restored:  # resumed from a checkpoint: the weights are pruned already, re-apply the masks
-            if self.distill:
-                rank_zero_warn("BlockPruneCallback: resumed run fine-tunes without distillation (no dense teacher).")
-            self._apply(trainer, pl_module)
-        elif self.result is not None:  # a given result: the model is still dense, so it can teach its pruned self
+        # What to do follows from the weights: a resumed run, or another fit of a model this callback pruned, has
+        # its pruned blocks at zero already; a result restored by validate/test from some checkpoint, which the
+        # (dense) model in hand does not carry, is dropped.
+        if self.result is not None and self._pruned_already(pl_module):
+            self._continue(trainer, pl_module)
+        elif self._given is not None:  # the user's masks on a dense model: it can teach its pruned self
+            self.result = self._given
             if self.distill:
                 self._set_teacher(pl_module)
             self._apply(trainer, pl_module)
-        elif self.prune_after_steps == 0:
-            self._prune(trainer, pl_module)
-        elif trainer.estimated_stepping_batches < self.prune_after_steps:  # say so now, not after the whole run
+            self._publish(trainer)
+        else:
+            self.result, self.metrics = None, {}
+            if self.prune_after_steps == 0:
+                self._prune(trainer, pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restore_loader_position(trainer)
+        # read here, not at fit start: reading it before a resumed checkpoint is restored loses the loader's position
+        total = trainer.estimated_stepping_batches
+        if self.result is None and total < self.prune_after_steps:  # say so now, not after the whole run
             rank_zero_warn(
-                f"BlockPruneCallback: training ends after {trainer.estimated_stepping_batches} steps, before "
-                f"prune_after_steps={self.prune_after_steps}: nothing will be pruned. Lower prune_after_steps or train "
-                "longer (max_steps / max_epochs)."
+                f"BlockPruneCallback: training ends after {total} steps, before prune_after_steps="
+                f"{self.prune_after_steps}: nothing will be pruned. Lower prune_after_steps or train longer "
+                "(max_steps / max_epochs)."
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -129,8 +140,9 @@ class BlockPruneCallback(Callback):
         if self.evaluate:
             self.metrics.update(self._evaluate(trainer, pl_module, "finetuned"))
         self._log(trainer)
-        if trainer.is_global_zero:
-            self.result.save(self._result_dir(trainer))
+        self._save(trainer)
+        rank_zero_info(f"BlockPruneCallback: kept {self.result.flops_keep:.3f} of the prunable FLOPs, predicted "
+                       f"speedup {self.result.predicted_speedup:.2f}x; {self._format_metrics()}")
 
     def state_dict(self) -> dict[str, Any]:
         if self.result is None:
@@ -142,7 +154,15 @@ class BlockPruneCallback(Callback):
         if state_dict:
             self.result = PruneResult.from_state(state_dict["tensors"], state_dict["meta"])
             self.metrics = dict(state_dict.get("metrics", {}))
-            self._restored = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_evaluated_weights(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_evaluated_weights(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_evaluated_weights(trainer, pl_module)
 
     # ---- steps -------------------------------------------------------------------------------------------------
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -155,6 +175,7 @@ class BlockPruneCallback(Callback):
         self._apply(trainer, pl_module)
         if self.evaluate:
             self.metrics.update(self._evaluate(trainer, pl_module, "pruned"))
+        self._publish(trainer)
         rank_zero_info(
             f"BlockPruneCallback: kept {self.result.flops_keep:.3f} of the prunable FLOPs, predicted speedup "
             f"{self.result.predicted_speedup:.2f}x, energy ratio {self.result.predicted_energy_ratio:.2f} "
@@ -173,6 +194,50 @@ class BlockPruneCallback(Callback):
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)
+
+    def _pruned_already(self, pl_module: L.LightningModule) -> bool:
+        try:
+            return self.result.is_applied(pl_module)
+        except LplError:
+            if self.result is self._given:
+                raise
+            return False  # a result restored from another model's checkpoint: it does not describe this one
+
+    def _continue(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Fine-tune a model that is pruned already (a resume, or another fit): masks again, no new teacher."""
+        if self.distill and getattr(pl_module, "teacher", None) is None:
+            rank_zero_warn(
+                "BlockPruneCallback: the model is pruned already (its pruned blocks are zero: a resumed run, or "
+                "weights loaded from a pruned checkpoint), so there is no dense model to distil from; fine-tuning "
+                "without distillation. To distil, start from the dense weights with result=... .")
+        self._apply(trainer, pl_module)
+
+    def _publish(self, trainer: L.Trainer) -> None:
+        """Save and log the result as soon as it applies (again at fit end, with the fine-tuned figures): a run
+        that stops while fine-tuning keeps its masks and its figures."""
+        self._save(trainer)
+        self._log(trainer, charts=True)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            self.result.save(self._result_dir(trainer))
+
+    def _check_evaluated_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Outside fit, say so when the weights evaluated are not the pruned ones (``ckpt_path="best"`` picking a
+        checkpoint from before pruning, say)."""
+        if trainer.state.fn == "fit" or self.result is None:
+            return
+        try:
+            pruned = self.result.is_applied(pl_module)
+        except LplError:
+            pruned = False
+        if not pruned:
+            stage = getattr(trainer.state.stage, "value", trainer.state.stage)
+            rank_zero_warn(
+                f"BlockPruneCallback: the weights being run ({stage}) are not pruned by this callback's masks (the "
+                "checkpoint evaluated was probably saved before pruning, e.g. ckpt_path='best' with a metric the "
+                "dense model scored best on): these figures are the dense model's. Evaluate a checkpoint saved "
+                "after pruning (ckpt_path='last').")
 
     def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Any]:
         if trainer.datamodule is not None:
@@ -230,16 +295,15 @@ class BlockPruneCallback(Callback):
     def _format_metrics(self) -> str:
         return ", ".join(f"{k.removeprefix('prune/')}={v:.4f}" for k, v in self.metrics.items())
 
-    def _log(self, trainer: L.Trainer) -> None:
+    def _log(self, trainer: L.Trainer, charts: bool = False) -> None:
+        """The result's scalars (and, with ``charts``, W&B's per-layer tables and plots) to every logger."""
         result = self.result
         scalars = {"prune/flops_keep": result.flops_keep, "prune/predicted_speedup": result.predicted_speedup,
                    "prune/predicted_energy_ratio": result.predicted_energy_ratio,
                    "prune/seconds": result.prune_seconds, **self.metrics}
-        rank_zero_info(f"BlockPruneCallback: kept {result.flops_keep:.3f} of the prunable FLOPs, predicted speedup "
-                       f"{result.predicted_speedup:.2f}x; {self._format_metrics()}")
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            if charts and type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
                 log_result_to_wandb(logger, result)
 
 

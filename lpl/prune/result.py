@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lpl.prune.blocks import block_grid
+from lpl.prune.blocks import block_grid, expand_block_mask
 from lpl.utils.errors import LplError
 from lpl.utils.io import atomic_write_json, save_safetensors_atomic
 
@@ -85,6 +85,15 @@ class PruneResult:
             layers[name] = layer
         return layers
 
+    def is_applied(self, model: nn.Module) -> bool:
+        """Whether every block this result prunes is exactly zero in ``model`` (or the network inside it): the model
+        is pruned by it already (masked, or loaded from a pruned checkpoint); LplError when layers differ."""
+        for name, layer in self.layers_in(model).items():
+            kept = expand_block_mask(self.block_masks[name], tuple(layer.weight.shape), self.block_size)
+            if layer.weight.detach().masked_select(~kept.to(layer.weight.device)).any():
+                return False
+        return True
+
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata): what ``save`` writes and a Lightning checkpoint stores."""
         tensors = {f"mask/{name}": mask.to(torch.uint8) for name, mask in self.block_masks.items()}
@@ -121,6 +130,23 @@ class PruneResult:
         if not (path / _META).is_file() or not (path / _TENSORS).is_file():
             raise LplError(f"{path} is not a saved PruneResult (expected {_META} and {_TENSORS} inside).")
         return cls.from_state(load_file(str(path / _TENSORS)), json.loads((path / _META).read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> "PruneResult":
+        """The PruneResult a ``BlockPruneCallback`` stored in a Lightning checkpoint (any taken after pruning)."""
+        path = Path(path)
+        if not path.is_file():
+            raise LplError(f"checkpoint {path} not found.")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated file, or one that is not a checkpoint
+            raise LplError(f"{path} could not be read as a Lightning checkpoint: {error}") from None
+        states = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
+        found = [state for key, state in states.items() if str(key).startswith("BlockPruneCallback") and state]
+        if not found:
+            raise LplError(f"{path} holds no pruning result: it was saved by a run without BlockPruneCallback, "
+                           "before it pruned, or with save_weights_only=True.")
+        return cls.from_state(found[0]["tensors"], found[0]["meta"])
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PruneResult":

@@ -1,0 +1,173 @@
+"""BlockPruneCallback across a run's life: resume before pruning, fitting again, evaluating checkpoints, a crash
+while fine-tuning. What it does follows from the weights in hand, never from state an earlier stage left."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lpl.data.mnist import MNIST5kDataModule
+from lpl.models import ViTClassifier
+from lpl.prune import BlockPruneCallback, PruneResult
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    return ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2,
+                         **kwargs)
+
+
+def _data():
+    return MNIST5kDataModule(batch_size=32, val_size=100)
+
+
+def _trainer(root, callbacks, **kwargs):
+    options = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=root)
+    return L.Trainer(**{**options, **kwargs}, callbacks=callbacks)
+
+
+class FirstSampleOfStep(L.Callback):
+    def __init__(self) -> None:
+        self.ids: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids[trainer.global_step] = int(batch["index"][0])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_mid_epoch_resume_before_pruning_trains_the_batches_of_the_uninterrupted_run(tmp_path, schedule):
+    """The cosine schedule reads the run's length and the callback checks it against prune_after_steps: done before
+    the checkpoint is restored, either made Lightning drop the loader's saved position (steps 6..9 trained other
+    samples, and pruning chose other masks)."""
+    def run(root, ckpt_path=None):
+        order = FirstSampleOfStep()
+        prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, prune_after_steps=7,
+                                   evaluate=False)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=6, save_top_k=-1)
+        trainer = _trainer(root, [order, prune, checkpoints], max_epochs=2, limit_train_batches=5)
+        trainer.fit(_model(schedule=schedule), datamodule=_data(), ckpt_path=ckpt_path)
+        return order.ids, prune.result
+
+    full, full_result = run(tmp_path / "full")
+    resumed, resumed_result = run(tmp_path / "resumed", ckpt_path=tmp_path / "ck" / "epoch=1-step=6.ckpt")
+    assert [resumed[s] for s in range(6, 10)] == [full[s] for s in range(6, 10)]
+    for name, mask in full_result.block_masks.items():
+        assert torch.equal(resumed_result.block_masks[name], mask)
+
+
+class ReadsRunLengthEarly(ViTClassifier):
+    """As Lightning's docs suggest for schedulers: the run's length read while optimizers are configured."""
+
+    def configure_optimizers(self):
+        self.planned_steps = self.trainer.estimated_stepping_batches
+        return super().configure_optimizers()
+
+
+def test_mid_epoch_resume_of_a_module_that_reads_the_run_length_early_keeps_the_loader_position(tmp_path):
+    """Lightning then builds the train loader before restoring the checkpoint and drops its position (Lightning
+    issue #20550): the callback hands it back at train start."""
+    def run(root, ckpt_path=None):
+        order = FirstSampleOfStep()
+        prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, prune_after_steps=7,
+                                   evaluate=False)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=6, save_top_k=-1)
+        torch.manual_seed(0)
+        model = ReadsRunLengthEarly(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                                    num_heads=2, schedule="constant")
+        _trainer(root, [order, prune, checkpoints], max_epochs=2, limit_train_batches=5).fit(
+            model, datamodule=_data(), ckpt_path=ckpt_path)
+        return order.ids
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "ck" / "epoch=1-step=6.ckpt")
+    assert [resumed[s] for s in range(6, 10)] == [full[s] for s in range(6, 10)]
+
+
+def test_fitting_again_keeps_masks_and_the_dense_teacher(tmp_path):
+    model = _model(schedule="constant")
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, distill=True, evaluate=False)
+    _trainer(tmp_path, [prune], max_steps=2, enable_checkpointing=False).fit(model, datamodule=_data())
+    teacher, first = model.teacher, prune.result
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [prune], max_steps=4, enable_checkpointing=False).fit(model, datamodule=_data())
+    assert not any("no dense model to distil from" in str(w.message) for w in warned)
+    assert prune.result is first and model.teacher is teacher  # not re-pruned; not taught by its pruned self
+    assert first.is_applied(model)
+
+
+def test_a_given_result_on_weights_pruned_already_does_not_teach_with_them(tmp_path):
+    model = _model(schedule="constant")
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    _trainer(tmp_path, [prune], max_steps=1, enable_checkpointing=False).fit(model, datamodule=_data())
+    pruned = _model(schedule="constant")
+    pruned.load_state_dict(model.state_dict())  # a fresh module loaded from the pruned checkpoint
+    again = BlockPruneCallback(result=prune.result, distill=True, evaluate=False)
+    with pytest.warns(UserWarning, match="no dense model to distil from"):
+        _trainer(tmp_path, [again], max_steps=1, enable_checkpointing=False).fit(pruned, datamodule=_data())
+    assert pruned.teacher is None
+
+
+def test_a_result_restored_by_validate_does_not_replace_the_callbacks_own_pruning(tmp_path):
+    """validate(ckpt_path=...) restores callback state too: a later fit of a dense model must prune as configured."""
+    trained = _model(schedule="constant")
+    first = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    _trainer(tmp_path, [first, checkpoint], max_steps=2).fit(trained, datamodule=_data())
+    callback = BlockPruneCallback(block_size=(8, 8), flops_keep=0.3, calib_batches=2, distill=True, evaluate=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=1, enable_checkpointing=False)
+    trainer.validate(_model(schedule="constant"), datamodule=_data(), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    dense = _model(schedule="constant")
+    _trainer(tmp_path, [callback], max_steps=1, enable_checkpointing=False).fit(dense, datamodule=_data())
+    assert abs(callback.result.flops_keep - 0.3) <= 0.01
+    assert dense.teacher is not None
+
+
+def test_testing_a_checkpoint_from_before_pruning_warns(tmp_path):
+    model = _model(schedule="constant")
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, prune_after_steps=3,
+                               evaluate=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1)
+    trainer = _trainer(tmp_path, [prune, checkpoint], max_steps=4)
+    trainer.fit(model, datamodule=_data())
+    with pytest.warns(UserWarning, match="not pruned by this callback's masks"):
+        trainer.test(model, datamodule=_data(), ckpt_path=tmp_path / "ck" / "epoch=0-step=2.ckpt")
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        trainer.test(model, datamodule=_data(), ckpt_path=tmp_path / "ck" / "epoch=0-step=4.ckpt")
+    assert not any("not pruned by this callback" in str(w.message) for w in warned)
+
+
+class Crash(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise RuntimeError("simulated failure while fine-tuning")
+
+
+def test_a_run_that_fails_while_fine_tuning_keeps_its_result_and_figures(tmp_path):
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1)
+    trainer = _trainer(tmp_path, [prune, checkpoint, Crash()], max_steps=4,
+                       logger=CSVLogger(tmp_path / "logs", name="run"))
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        trainer.fit(_model(schedule="constant"), datamodule=_data())
+    saved = PruneResult.load(tmp_path / "ck" / "prune_result")
+    from_checkpoint = PruneResult.from_checkpoint(tmp_path / "ck" / "epoch=0-step=1.ckpt")
+    for name, mask in prune.result.block_masks.items():
+        assert torch.equal(saved.block_masks[name], mask) and torch.equal(from_checkpoint.block_masks[name], mask)
+    trainer.logger.save()
+    logged = (tmp_path / "logs" / "run" / "version_0" / "metrics.csv").read_text()
+    assert "prune/flops_keep" in logged and "prune/pruned_val_acc" in logged
+
+
+def test_from_checkpoint_without_a_result_is_a_clear_error(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    _trainer(tmp_path, [checkpoint], max_steps=1).fit(_model(schedule="constant"), datamodule=_data())
+    with pytest.raises(Exception, match="holds no pruning result"):
+        PruneResult.from_checkpoint(tmp_path / "ck" / "last.ckpt")
+    with pytest.raises(Exception, match="not found"):
+        PruneResult.from_checkpoint(tmp_path / "missing.ckpt")
