@@ -567,7 +567,8 @@ def _warn_on_replay_drift(run: LinearizedRun, reference: list[int], trajectory: 
             f"the linearised replay of the reference order itself drifts {drift:.2%} of the distance the run "
             "trained: the stored pool gradients are not the ones training fed Adam (the module's `loss(batch)` "
             "differs from its training_step, or training clips or accumulates gradients, or draws random numbers "
-            "outside the RNG states captured at each step); the 'linearized' estimates carry that error.",
+            "outside the RNG states captured at each step), or the run changed its betas, eps or weight decay during "
+            "training (the replay takes them constant); the 'linearized' estimates carry that error.",
             stacklevel=3,
         )
     return drift

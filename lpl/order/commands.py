@@ -75,6 +75,9 @@ def _estimator(args: argparse.Namespace):
     return OrderEstimator.from_recording(args.recording, method=args.method, quadratic=not args.linear_loss).to(device)
 
 
+MAX_RANDOM_ORDERS = 100_000  # random:N above this is a typo, not a study (the orders alone would fill memory)
+
+
 def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``random:N`` (N random permutations of the reference order: every batch as often as the run trained it, so
     a run of several epochs over one pool gets orders of its whole length), or a file: JSON list of orders, or one
@@ -84,24 +87,32 @@ def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: 
             count = int(spec.split(":", 1)[1])
         except ValueError:
             raise LplError(f"--orders {spec!r}: write random:N with a whole number N.") from None
-        if count <= 0:
-            raise LplError(f"--orders {spec!r}: N must be positive.")
+        if not 0 < count <= MAX_RANDOM_ORDERS:
+            raise LplError(f"--orders {spec!r}: N must be between 1 and {MAX_RANDOM_ORDERS:,}.")
         generator = torch.Generator().manual_seed(seed)
         items = torch.as_tensor(reference_order, dtype=torch.long).flatten().cpu()
-        return torch.stack([items[torch.randperm(items.numel(), generator=generator)] for _ in range(count)])
+        # one permutation per row, drawn at once: argsort of uniform keys
+        return items[torch.rand(count, items.numel(), generator=generator).argsort(dim=1)]
     path = Path(spec)
     if not path.is_file():
         raise LplError(f"--orders {spec!r} is neither random:N nor a file; pass a JSON list of orders or a text file.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not content
+    except UnicodeDecodeError:
+        raise LplError(f"{path} is not UTF-8 text; save the orders as UTF-8 (JSON or one order per line).") from None
     try:
         orders = json.loads(text)
     except ValueError:
+        orders = None
+    if not isinstance(orders, list):  # not JSON, or a bare number: one order per line
         try:
             orders = [[int(x) for x in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
         except ValueError:
             raise LplError(f"{path}: each line must list integer batch ids separated by commas or spaces.") from None
-    if not orders or not all(isinstance(o, list) and o and all(isinstance(i, int) for i in o) for o in orders):
-        raise LplError(f"{path} must hold a non-empty list of orders, each a non-empty list of integer batch ids.")
+    is_id = lambda i: type(i) is int and 0 <= i < 2**62  # noqa: E731 (bools are ints to Python, not ids)
+    if not orders or not all(isinstance(o, list) and o and all(is_id(i) for i in o) for o in orders):
+        raise LplError(f"{path} must hold a non-empty list of orders, each a non-empty list of batch ids (whole "
+                       "numbers from 0).")
     if len({len(o) for o in orders}) != 1:
         raise LplError(f"{path}: all orders must have the same length (found {sorted({len(o) for o in orders})}).")
     return torch.tensor(orders, dtype=torch.long)
@@ -135,8 +146,8 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     from lpl.order.checking import reference_loss_after
     from lpl.order.store import Recording
 
+    orders = read_orders(args.orders, Recording.open(args.recording).order, args.seed)  # before the slow load
     estimator = _estimator(args)
-    orders = read_orders(args.orders, estimator.reference_order, args.seed)
     finals, curves, ends = [], [], []
     for start in range(0, len(orders), args.batch_size):
         result = estimator.estimate_many(orders[start : start + args.batch_size])

@@ -174,7 +174,8 @@ class OrderEstimator(L.LightningModule):
     The adam variants read each batch's preconditioned gradient with the reference run's second moment and keep it in
     the rebuilt momentum: where a coordinate's second moment is near zero (embeddings of rare tokens, say) that term
     is up to sqrt(t) times what Adam really applies later, and on the demo LM their estimates diverge; the paper's
-    update-term methods (``zeroth_order``, ``first_order``) stay bounded there.
+    update-term methods (``zeroth_order``, ``first_order``) stay finite there but can still land far off (estimates
+    far outside the losses the reference run went through warn): check a method with ``check_methods`` first.
     ``quadratic`` adds 1/2 Delta^T H_val Delta to the linearised validation loss when the recording holds the
     validation curvature (``TrainOrderRecorder(val_curvature_rank=m)``).
     """
@@ -254,7 +255,25 @@ class OrderEstimator(L.LightningModule):
                 f"{len(diverged)} orders: its corrections grow without bound along them. A steadier method "
                 "('first_order' or 'zeroth_order') or a recording with smaller learning rates fits better.",
                 stacklevel=2)
+        self._warn_if_far_outside_the_run(result.final_loss[~diverged])
         return result
+
+    def _warn_if_far_outside_the_run(self, finals: Tensor) -> None:
+        """Any reordering ends near where the reference run went: an estimate farther from the run's validation
+        losses than the whole run moved is the method extrapolating past where it holds (a cross-entropy of -19)."""
+        if getattr(self, "_warned_far", False):  # once per estimator: a search calls this thousands of times
+            return
+        low, high = float(self.val_loss.min()), float(self.val_loss.max())
+        span = high - low
+        outside = (finals < low - span) | (finals > high + span)
+        if span > 0 and outside.any():
+            self._warned_far = True
+            warnings.warn(
+                f"OrderEstimator: {int(outside.sum())} of {len(finals)} '{self.method}' estimates (e.g. "
+                f"{float(finals[outside][0]):.4g}) lie far outside the validation losses the reference run went "
+                f"through ({low:.4g} to {high:.4g}): the method extrapolates beyond where it holds for this run. "
+                "Check the methods against retraining (`lpl check-methods`) before trusting these estimates.",
+                stacklevel=3)
 
     def estimate(self, order: Sequence[int] | Tensor) -> OrderEstimate:
         """Estimate for one order: a sequence of pool batch ids (a permutation, or repeats and omissions)."""

@@ -18,12 +18,22 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lpl.data.base import restore_loader_position
 from lpl.order import quantities
 from lpl.order.projection import PROJECTION_KINDS, Projector
-from lpl.order.store import STORE_DTYPES, RecordingWriter, parameter_signature
+from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_signature
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
+
+
+def _check_accumulation(trainer: L.Trainer) -> None:
+    if trainer.accumulate_grad_batches != 1:
+        raise LplError(
+            f"TrainOrderRecorder supports accumulate_grad_batches=1 (one batch per optimizer step), got "
+            f"{trainer.accumulate_grad_batches} (set by the Trainer or a GradientAccumulationScheduler); use a larger "
+            "batch_size instead."
+        )
 
 
 # The manifest is rewritten at every probe, checkpoint and the end of training, and otherwise at most this often:
@@ -291,6 +301,7 @@ class TrainOrderRecorder(L.Callback):
         self._data_checked = False  # the dataset gives the same data for the same sample ids (checked once per fit)
         self._rng_after_step: dict[str, torch.Tensor] | None = None  # the generators as the last step left them
         self._masks_warned = False
+        self._changed_warned: set[str] = set()
         self._total_steps = 0
 
     # ---- validation of the run
@@ -306,11 +317,7 @@ class TrainOrderRecorder(L.Callback):
                 f"TrainOrderRecorder records Adam/AdamW runs, but the optimizer is {type(optimizer).__name__}; "
                 "configure torch.optim.Adam or torch.optim.AdamW."
             )
-        if trainer.accumulate_grad_batches != 1:
-            raise LplError(
-                f"TrainOrderRecorder supports accumulate_grad_batches=1 (one batch per optimizer step), got "
-                f"{trainer.accumulate_grad_batches}; use a larger batch_size instead."
-            )
+        _check_accumulation(trainer)
         if trainer.gradient_clip_val:
             raise LplError(
                 f"TrainOrderRecorder does not support gradient clipping (gradient_clip_val={trainer.gradient_clip_val}): "
@@ -328,8 +335,14 @@ class TrainOrderRecorder(L.Callback):
                 f"TrainOrderRecorder needs one lr, betas and eps for every parameter, but the optimizer's param groups "
                 f"differ in {', '.join(differing)} ({[g[differing[0]] for g in groups]}); use one value for all."
             )
-        if groups[0].get("amsgrad") or groups[0].get("maximize"):
-            raise LplError("TrainOrderRecorder supports plain Adam/AdamW, not amsgrad=True or maximize=True.")
+        if any(g.get("amsgrad") or g.get("maximize") for g in groups):
+            raise LplError("TrainOrderRecorder supports plain Adam/AdamW, not amsgrad=True or maximize=True (in any "
+                           "param group).")
+        if is_overridden("configure_gradient_clipping", pl_module):
+            raise LplError(
+                f"{type(pl_module).__name__} overrides configure_gradient_clipping: TrainOrderRecorder cannot tell "
+                "whether it clips, and clipped gradients are not the ones the recording holds; remove the override "
+                "to record (gradient clipping is not supported).")
         in_optimizer = {id(p) for g in groups for p in g["params"]}
         missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
         if missing:
@@ -349,6 +362,7 @@ class TrainOrderRecorder(L.Callback):
 
     # ---- hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restore_loader_position(trainer)  # a resume continues the recorded order where the checkpoint left it
         optimizer = self._check_trainer(trainer, pl_module)
         self._data_checked = False
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
@@ -376,6 +390,11 @@ class TrainOrderRecorder(L.Callback):
         self._projector = Projector(signature["num_params"], self.proj_dim, self.seed, self.projection_kind)
         rank, world = _rank_and_world()
         header = self._header(trainer, pl_module, optimizer, signature, world)
+        if trainer.datamodule is None:
+            rank_zero_warn(
+                "TrainOrderRecorder: the run has no LightningDataModule (loaders were passed to fit), so the recording "
+                "cannot say how to rebuild its data: retrain, record_sensitivities and the checks built on them will "
+                "refuse it; record with trainer.fit(model, datamodule=...).")
         if self._val_loader(trainer) is None:
             raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
                            "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")
@@ -461,6 +480,7 @@ class TrainOrderRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        _check_accumulation(trainer)  # again: a GradientAccumulationScheduler sets it at each epoch's start
         self._check_batch(batch, step)
         if not self._masks_warned and has_masks(pl_module):
             self._masks_warned = True
@@ -477,16 +497,43 @@ class TrainOrderRecorder(L.Callback):
                 # validation, a new epoch's loader or a resume drew from the generators since the last step:
                 # retraining, which runs the steps back to back, starts this step from these states
                 self._writer.write_rng_state(states, step)
-            group = trainer.optimizers[0].param_groups[0]
-            betas = group["betas"]
-            self._writer.add_step(step, {
-                "batch": self._order[step], "lr": float(group["lr"]), "beta1": float(betas[0]),
-                "beta2": float(betas[1]), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
-            })
         if step % self.probe_every_n_steps == 0:
             self._probe(trainer, pl_module, step)
         elif _rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
             self._writer.flush()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        # read here, not at the batch's start: later callbacks and the module's own hooks may set this step's lr
+        step, groups = trainer.global_step, optimizer.param_groups
+        differing = [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
+        if differing:
+            raise LplError(
+                f"at step {step} the optimizer's param groups differ in {', '.join(differing)} "
+                f"({[g[differing[0]] for g in groups]}): a schedule moved them apart, but retraining and every estimate "
+                "take one lr, betas and eps for all parameters; schedule every group alike.")
+        if _rank_and_world()[0] != 0:
+            return
+        group, betas = groups[0], groups[0]["betas"]
+        hyper = {"lr": float(group["lr"]), "beta1": float(betas[0]), "beta2": float(betas[1]),
+                 "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+        if len(groups) > 1:
+            hyper["group_weight_decay"] = [float(g["weight_decay"]) for g in groups]
+        self._warn_if_changed(step, hyper)
+        self._writer.add_step(step, {"batch": self._order[step], **hyper})
+
+    def _warn_if_changed(self, step: int, hyper: dict[str, Any]) -> None:
+        """Retraining follows per-step betas, eps and weight decay; the estimates take the first step's."""
+        first = self._writer.manifest["steps"][0] if self._writer.manifest["steps"] else hyper
+        changed = [k for k in ("beta1", "beta2", "eps", "weight_decay", "group_weight_decay")
+                   if hyper.get(k) != first.get(k) and k not in self._changed_warned]
+        if changed:
+            self._changed_warned.update(changed)
+            rank_zero_warn(
+                f"TrainOrderRecorder: {', '.join(changed)} changed at step {step} (a scheduler such as OneCycleLR "
+                "with cycle_momentum=True, or a weight-decay schedule): retraining follows them step by step, but the "
+                "estimators take the first step's values, so their estimates will be off; keep them constant "
+                "(OneCycleLR(cycle_momentum=False)) to estimate this run.")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if _rank_and_world()[0] == 0:
@@ -503,11 +550,29 @@ class TrainOrderRecorder(L.Callback):
                 self._writer.finish()
             else:
                 self._writer.flush()
+                self._writer.release()
                 rank_zero_warn(
                     f"TrainOrderRecorder: training stopped at step {trainer.global_step} of the {self._total_steps} "
                     f"the recording plans, so {self.dirpath} is incomplete (estimates and retraining need the whole "
                     "run): resume from a checkpoint with TrainOrderRecorder(..., resume=True), or record again."
                 )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._writer is not None and _rank_and_world()[0] == 0:
+            self._writer.release()  # a resume in this process may write again
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume from a checkpoint of the run's last step trains nothing, so no hook above ran: the final probe
+        # and the end of the recording, if the first run died before them, would stay missing without a word.
+        if self._writer is not None or _rank_and_world()[0] != 0 or not (self.dirpath / "manifest.json").exists():
+            return
+        with contextlib.suppress(LplError):
+            if Recording.open(self.dirpath).status == "complete":
+                return
+        raise LplError(
+            f"this run resumed at its last step ({trainer.global_step}), so Lightning trained nothing and "
+            f"{self.dirpath} stays incomplete (its final probe was never taken): resume from an earlier checkpoint "
+            "(ModelCheckpoint(save_top_k=-1) or every_n_train_steps keeps them), which retrains the last steps.")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the checkpoint must never be ahead of the recording, or a resume would leave a gap

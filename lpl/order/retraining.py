@@ -192,9 +192,9 @@ def fit_in_order(
 
 
 class _RecordedOptimizer(L.Callback):
-    """Every step trains with the reference run's learning rate and betas at that step: the schedule belongs to the
-    step, whatever the order (an epoch-stepped scheduler would not step here, where the order is one epoch). The
-    optimizer the module builds must otherwise be the recorded one (its eps, weight decay, kind)."""
+    """Every step trains with the reference run's learning rate, betas, eps and weight decay at that step: the
+    schedule belongs to the step, whatever the order (an epoch-stepped scheduler would not step here, where the order
+    is one epoch). The optimizer the module builds must otherwise be the recorded one (its eps, weight decay, kind)."""
 
     def __init__(self, recording: Any) -> None:
         self.steps = recording.manifest.get("steps", [])
@@ -214,15 +214,27 @@ class _RecordedOptimizer(L.Callback):
                 f"{', '.join(differing)}; its hyperparameters do not rebuild it (call self.save_hyperparameters() in "
                 "its __init__ and record again).")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # the recorded schedule replaces the module's schedulers (which may also need metrics retraining never logs)
+        trainer.strategy.lr_scheduler_configs = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        # set last, where the recorder read them: whatever the module's own hooks set, the recorded values step
         step = trainer.global_step
         if step >= len(self.steps):
             return
-        recorded = self.steps[step]
-        for group in trainer.optimizers[0].param_groups:
+        recorded, groups = self.steps[step], optimizer.param_groups
+        decays = recorded.get("group_weight_decay")
+        if decays is None and len(groups) == 1 and "weight_decay" in recorded:
+            decays = [recorded["weight_decay"]]
+        for position, group in enumerate(groups):
             group["lr"] = float(recorded["lr"])
             if "beta1" in recorded:
                 group["betas"] = (float(recorded["beta1"]), float(recorded["beta2"]))
+            if "eps" in recorded:
+                group["eps"] = float(recorded["eps"])
+            if decays is not None and len(decays) == len(groups):
+                group["weight_decay"] = float(decays[position])
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -38,11 +38,14 @@ INITIAL_STATE_FILE = "initial_state.safetensors"
 RNG_STATE_FILE = "rng_state.safetensors"
 PROBE_DIR = "probes"
 SENSITIVITY_FILE = "sensitivity.safetensors"
+LOCK_FILE = ".lock"  # held by the one process writing the recording
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 POOL_PREFIX, VAL_PREFIX = "pool.", "val."
 # fields that must agree for a resumed run to continue an existing recording
-IDENTITY_FIELDS = ("model.param_hash", "model.num_params", "projection.seed", "projection.proj_dim",
-                   "projection.kind", "store_dtype", "num_steps", "pool.sha256", "probe_every_n_steps")
+IDENTITY_FIELDS = ("model.param_hash", "model.num_params", "model.class_path", "model.hparams",
+                   "datamodule.class_path", "datamodule.hparams", "projection.seed", "projection.proj_dim",
+                   "projection.kind", "store_dtype", "precision", "num_steps", "pool.sha256", "probe_every_n_steps",
+                   "curvature_rank", "optimizer.name", "optimizer.eps", "optimizer.decoupled")
 
 
 class RecordingError(LplError):
@@ -75,6 +78,44 @@ def _write_file(root: Path, relative: str, data: bytes) -> dict[str, Any]:
     return {"file": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
+def _replace_named_file(root: Path, current: Mapping[str, Any] | None, name: str, data: bytes,
+                        publish: Callable[[dict[str, Any]], None]) -> None:
+    """Write ``data`` for a manifest entry that may name a file already, so that a kill at any instant leaves a
+    readable recording: a replacement goes under a name carrying its digest (never over the file the manifest on
+    disk names), ``publish(entry)`` then writes the manifest naming it, and only then the old file is removed. A
+    kill between the steps leaves at worst an unreferenced file."""
+    relative = name
+    if current:
+        stem, dot, suffix = name.partition(".")
+        relative = f"{stem}.{hashlib.sha256(data).hexdigest()[:16]}{dot}{suffix}"
+    publish(_write_file(root, relative, data))
+    old = (current or {}).get("file")
+    if old and old != relative:
+        (root / old).unlink(missing_ok=True)
+
+
+def _lock_for_writing(root: Path) -> IO[str] | None:
+    """An exclusive lock on a recording folder for one writer (POSIX ``flock``: the OS drops it when the process
+    dies, so a killed run resumes freely); None where the platform has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(root / LOCK_FILE, "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RecordingError(f"{root} is being written by another process right now (a second run recording to the "
+                             "same dirpath?); give each run its own dirpath.") from None
+    return handle
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as the manifest holds it after a JSON round trip (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _field(manifest: Mapping[str, Any], dotted: str) -> Any:
     value: Any = manifest
     for key in dotted.split("."):
@@ -97,6 +138,7 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
     "true or false": lambda v: isinstance(v, bool),
     "a string": lambda v: isinstance(v, str),
     "a list": lambda v: isinstance(v, list),
+    "numbers": lambda v: isinstance(v, list) and all(_KINDS["a number"](x) for x in v),
     "an object": lambda v: isinstance(v, dict),
 }
 
@@ -170,7 +212,8 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
             raise bad(where, f"is {step!r:.60}, not an object")
         # readers take the per-step scalars as columns named by the first step's fields
         for key in {"t": None, "lr": None, **steps[0]}:
-            take(step, key, where, "an integer" if key in ("t", "batch") else "a number")
+            kind = "an integer" if key in ("t", "batch") else "numbers" if key == "group_weight_decay" else "a number"
+            take(step, key, where, kind)
         if step["t"] != t:
             raise bad(f"{where}.t", f"is {step['t']}: training steps must be listed once each, in order from 0")
 
@@ -206,11 +249,18 @@ class RecordingWriter:
         writer.finish()
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], lock: IO[str] | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.store_dtype = STORE_DTYPES[manifest["store_dtype"]]
         self.last_flush = time.monotonic()
+        self._lock = lock
+
+    def release(self) -> None:
+        """Let another process write this recording (the lock also goes when this process dies)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @classmethod
     def create(
@@ -223,22 +273,35 @@ class RecordingWriter:
     ) -> "RecordingWriter":
         """Start a new recording (rank 0). ``header`` holds the run's identity: model, projection, optimizer, ..."""
         root = Path(path)
-        if (root / MANIFEST).exists():
-            raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
         if header.get("store_dtype") not in STORE_DTYPES:
             raise LplError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {header.get('store_dtype')!r}.")
         root.mkdir(parents=True, exist_ok=True)
+        lock = _lock_for_writing(root)
+        if (root / MANIFEST).exists():
+            if lock is not None:
+                lock.close()
+            raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
         manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
         pool_info = _write_file(root, POOL_FILE, _serialise(pool_tensors(batches, order)))
         manifest["pool"] = {**pool_info, "num_batches": len(batches)}
-        writer = cls(root, manifest)
+        writer = cls(root, manifest, lock)
         writer.write_initial_state(initial_state)
         return writer
 
     def write_initial_state(self, initial_state: Mapping[str, torch.Tensor]) -> None:
         """(Re)write the weights before step 0, e.g. when a resumed recording restarts from the beginning."""
-        self.manifest["initial_state"] = _write_file(self.root, INITIAL_STATE_FILE, _serialise(initial_state))
-        self.flush()
+        if "initial_state" not in self.manifest:  # the first write: no manifest names it yet
+            self.manifest["initial_state"] = _write_file(self.root, INITIAL_STATE_FILE, _serialise(initial_state))
+            self.flush()
+        else:
+            self._replace_file("initial_state", INITIAL_STATE_FILE, _serialise(initial_state))
+
+    def _replace_file(self, key: str, name: str, data: bytes, **extra: Any) -> None:
+        def publish(entry: dict[str, Any]) -> None:
+            self.manifest[key] = {**entry, **extra}
+            self.flush()
+
+        _replace_named_file(self.root, self.manifest.get(key), name, data, publish)
 
     def write_rng_state(self, states: Mapping[str, torch.Tensor], step: int = 0) -> None:
         """The RNG states training step ``step`` started from ("torch", and "cuda" for a CUDA run): step 0's, and
@@ -250,9 +313,7 @@ class RecordingWriter:
 
     def _write_rng_states(self, stored: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         tensors = {f"{t}/{name}": value for t, states in stored.items() for name, value in states.items()}
-        self.manifest["rng_state"] = {**_write_file(self.root, RNG_STATE_FILE, _serialise(tensors)),
-                                      "steps": sorted(stored)}
-        self.flush()
+        self._replace_file("rng_state", RNG_STATE_FILE, _serialise(tensors), steps=sorted(stored))
 
     @classmethod
     def resume(
@@ -268,14 +329,26 @@ class RecordingWriter:
         Raises ``RecordingError`` when the folder is not a recording of the same run or misses steps before it.
         """
         root = Path(path)
+        lock = _lock_for_writing(root) if root.is_dir() else None  # a missing folder: open() says so below
+        try:
+            return cls._resume(root, lock, header, batches, order, from_step)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+
+    @classmethod
+    def _resume(cls, root: Path, lock: IO[str] | None, header: Mapping[str, Any], batches: Sequence[Sequence[int]],
+                order: Sequence[int], from_step: int) -> "RecordingWriter":
         manifest = Recording.open(root).manifest
         pool_sha256 = hashlib.sha256(_serialise(pool_tensors(batches, order))).hexdigest()
         expected = {**header, "pool": {"sha256": pool_sha256}}
         for field in IDENTITY_FIELDS:
-            if _field(manifest, field) != _field(expected, field):
+            there, here = _field(manifest, field), _as_json(_field(expected, field))
+            if there != here and not (field == "precision" and there is None):  # older recordings: not stored
                 raise RecordingError(
-                    f"{root} records a different run ({field}: {_field(manifest, field)!r} there, "
-                    f"{_field(expected, field)!r} here); use a new dirpath or the original settings."
+                    f"{root} records a different run ({field}: {there!r:.200} there, {here!r:.200} here); use a new "
+                    "dirpath or the original settings."
                 )
         recorded = len(manifest["steps"])
         if recorded < from_step:
@@ -288,7 +361,7 @@ class RecordingWriter:
         manifest["status"] = "recording"
         manifest.pop("sensitivity", None)  # built from the steps being replaced
         manifest["world_size"] = header.get("world_size", manifest.get("world_size"))
-        writer = cls(root, manifest)
+        writer = cls(root, manifest, lock)
         rng_states = Recording(root, manifest).rng_states()
         kept = {t: states for t, states in rng_states.items() if t < from_step}
         if len(kept) < len(rng_states):  # states of the steps being replaced
@@ -361,6 +434,7 @@ class RecordingWriter:
     def finish(self) -> None:
         self.manifest["status"] = "complete"
         self.flush()
+        self.release()
 
 
 class Recording:
@@ -533,9 +607,12 @@ class Recording:
         """Add the sensitivity tables to a complete recording (file first, then the manifest, both atomically)."""
         if self.status != "complete":
             raise RecordingError(f"{self.root} is not complete (status {self.status!r}); finish the run first.")
-        entry = _write_file(self.root, SENSITIVITY_FILE, _serialise(tensors))
-        self.manifest["sensitivity"] = {**dict(info), **entry}
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+        def publish(entry: dict[str, Any]) -> None:
+            self.manifest["sensitivity"] = {**dict(info), **entry}
+            atomic_write_json(self.root / MANIFEST, self.manifest)
+
+        _replace_named_file(self.root, self.manifest.get("sensitivity"), SENSITIVITY_FILE, _serialise(tensors),
+                            publish)
 
     def files(self) -> list[Mapping[str, Any]]:
         """Every file the manifest names, with its sha256 and size."""

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once, at import: umask can only be read by setting it
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -32,6 +42,11 @@ def output_dir(text: str) -> Path:
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r}: {str(part)!r} is a file, not a folder; choose another path.")
+        if part.exists():  # the deepest existing folder: where the outputs (or their folders) get created
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(part)!r} (no permission, or a "
+                                                 "read-only file system); choose another path.")
+            break
     return path
 
 
@@ -54,6 +69,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600): give it the mode a plain open() would (or the replaced file's)
+        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

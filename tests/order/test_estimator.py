@@ -56,6 +56,28 @@ def test_estimates_beat_no_change_against_retraining(recording):
     assert spearmanr(estimates["adam_first_order"], truth)[0] > 0.6
 
 
+def test_estimates_far_outside_the_runs_losses_warn(recording, monkeypatch):
+    import dataclasses
+    import warnings
+
+    import lpl.order.estimator as estimator_module
+
+    rec = Recording.open(recording)
+    estimator = OrderEstimator.from_recording(recording, method="first_order")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # estimates near the run's own losses: no warning
+        estimator.estimate(list(reversed(rec.order)))
+    real_replay = estimator_module.replay
+
+    def far_off(*args, **kwargs):  # a replay whose correction ran away (as first_order's did on a 1-core LM run)
+        result = real_replay(*args, **kwargs)
+        return dataclasses.replace(result, final_loss=result.final_loss - 20.0)
+
+    monkeypatch.setattr(estimator_module, "replay", far_off)
+    with pytest.warns(UserWarning, match="1 of 1 'first_order' estimates .* lie far outside the validation losses"):
+        estimator.estimate(list(reversed(rec.order)))
+
+
 def test_predict_over_a_loader_of_orders_matches_estimate(recording):
     estimator = OrderEstimator.from_recording(recording, method="adam")
     orders = torch.stack([torch.randperm(NUM_BATCHES, generator=torch.Generator().manual_seed(s)) for s in range(5)])

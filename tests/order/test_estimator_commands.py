@@ -96,6 +96,40 @@ def test_bad_orders(recording, tmp_path):
                            str(tmp_path), "--device", "cuda"])
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"5", [[5]]),                                   # a bare number: one order of one batch
+    (b"\xef\xbb\xbf[[2, 0, 1]]", [[2, 0, 1]]),     # JSON behind a byte-order mark
+    (b"2, 0, 1\r\n1 0 2\r\n", [[2, 0, 1], [1, 0, 2]]),
+])
+def test_order_files_in_the_forms_editors_write(tmp_path, content, expected):
+    path = tmp_path / "orders.txt"
+    path.write_bytes(content)
+    assert read_orders(str(path), range(3)).tolist() == expected
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"[[true, false, true]]", "batch ids"),
+    (b"[[1.5, 2]]", "batch ids"),
+    (b"[[18446744073709551616, 1]]", "batch ids"),
+    ("[[1, 2]]".encode("utf-16"), "not UTF-8"),
+])
+def test_order_files_that_are_not_orders_are_refused_clearly(tmp_path, content, match):
+    path = tmp_path / "orders.txt"
+    path.write_bytes(content)
+    with pytest.raises(LplError, match=match):
+        read_orders(str(path), range(3))
+
+
+def test_random_orders_permute_the_reference_and_are_bounded():
+    reference = [3, 1, 1, 0, 2]
+    orders = read_orders("random:50", reference, seed=1)
+    assert orders.shape == (50, 5) and all(sorted(o) == sorted(reference) for o in orders.tolist())
+    assert len({tuple(o) for o in orders.tolist()}) > 10
+    assert torch.equal(orders, read_orders("random:50", reference, seed=1))
+    with pytest.raises(LplError, match="between 1 and"):
+        read_orders("random:1000000000", reference)
+
+
 def test_sensitivity_then_adjoint_estimates(recording, tmp_path, capsys):
     path = shutil.copytree(recording, tmp_path / "rec")
     assert sensitivity_main(["--recording", str(path), "--curvature-rank", "2", "--accelerator", "cpu"]) == 0

@@ -137,12 +137,18 @@ def test_resume_drops_steps_after_the_checkpoint_and_checks_identity(tmp_path):
         RecordingWriter.resume(tmp_path, _header(), BATCHES, [0, 1, 2, 2], 2)
     with pytest.raises(RecordingError, match="projection.seed"):
         RecordingWriter.resume(tmp_path, _header(projection={"seed": 1, "proj_dim": 4, "kind": "rademacher"}), BATCHES, ORDER, 2)
+    with pytest.raises(RecordingError, match="curvature_rank"):
+        RecordingWriter.resume(tmp_path, _header(curvature_rank=3), BATCHES, ORDER, 2)
+    other_module = {**_header()["model"], "class_path": "my.OtherNet", "hparams": {"width": 8}}
+    with pytest.raises(RecordingError, match="model.class_path"):
+        RecordingWriter.resume(tmp_path, _header(model=other_module), BATCHES, ORDER, 2)
     writer = RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2)
     rec = Recording.open(tmp_path)
     assert rec.status == "recording" and rec.recorded_steps == 2 and rec.probe_steps == [0]
     writer.add_step(2, {"batch": 2, "lr": 0.3})
     with pytest.raises(RecordingError, match="steps must be recorded once each"):
         writer.add_step(2, {"batch": 2, "lr": 0.3})
+    writer.release()
     with pytest.raises(RecordingError, match="never recorded"):
         RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 3)
 
@@ -195,6 +201,7 @@ def test_manifests_as_the_recorder_writes_them_pass_the_checks(tmp_path):
         writer.add_step(t, {"batch": ORDER[t], "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
                             "weight_decay": 0.01})
     writer.flush()
+    writer.release()
     Recording.open(tmp_path).verify()  # stopped early
     writer = RecordingWriter.resume(tmp_path, _header(optimizer=optimizer), BATCHES, ORDER, 1)
     for t in range(1, 4):
@@ -220,5 +227,39 @@ def test_rng_states_of_steps_are_kept_until_a_resume_replaces_those_steps(tmp_pa
         writer.write_rng_state(state, t)
     stored = Recording.open(tmp_path).rng_states()
     assert list(stored) == [0, 2, 3] and all(torch.equal(stored[t]["torch"], states[t]["torch"]) for t in stored)
+    writer.release()
     RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2)  # steps 2.. run again: their states go
     assert list(Recording.open(tmp_path).rng_states()) == [0]
+
+
+def test_rewriting_a_file_the_manifest_names_survives_a_kill_at_any_point(tmp_path, monkeypatch):
+    """The RNG file is rewritten as steps add states: the new content goes under a new name, so a kill before the
+    manifest names it leaves the old manifest and its file intact (rewriting in place left a sha256 mismatch)."""
+    writer = _record(tmp_path, finish=False)
+    writer.write_rng_state({"torch": torch.zeros(4, dtype=torch.uint8)}, 0)
+
+    def killed() -> None:
+        raise KeyboardInterrupt("the process dies before the manifest is written")
+
+    monkeypatch.setattr(writer, "flush", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_rng_state({"torch": torch.ones(4, dtype=torch.uint8)}, 2)
+    recording = Recording.open(tmp_path)
+    recording.verify()
+    assert list(recording.rng_states()) == [0]
+    monkeypatch.undo()
+    writer.write_rng_state({"torch": torch.ones(4, dtype=torch.uint8)}, 2)
+    recording = Recording.open(tmp_path)
+    recording.verify()
+    assert list(recording.rng_states()) == [0, 2]
+    named = recording.manifest["rng_state"]["file"]
+    assert [p.name for p in tmp_path.glob("rng_state*")] in ([named], sorted([named, "rng_state.safetensors"]))
+
+
+def test_one_writer_at_a_time(tmp_path):
+    writer = _record(tmp_path, finish=False)
+    with pytest.raises(RecordingError, match="being written by another process"):
+        RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2)
+    writer.release()
+    RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2).release()
+

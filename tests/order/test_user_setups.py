@@ -16,16 +16,116 @@ from lpl.utils.errors import LplError
 from test_estimator_task import TinyClassifier, TinyDigits
 
 
-def _record(path, model, datamodule, **trainer_kwargs):
+def _record(path, model, datamodule, callbacks=(), **trainer_kwargs):
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     settings = dict(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                     num_sanity_val_steps=0, use_distributed_sampler=False)
     settings.update(trainer_kwargs)
-    trainer = L.Trainer(callbacks=[TrainOrderRecorder(path, proj_dim=64, store_dtype="float32")], **settings)
-    trainer.fit(model, datamodule=datamodule)
+    recorder = TrainOrderRecorder(path, proj_dim=64, store_dtype="float32")
+    trainer = L.Trainer(callbacks=[recorder, *callbacks], **settings)
+    if datamodule is None:  # loaders handed to fit directly
+        data = TinyDigits()
+        data.setup("fit")
+        trainer.fit(model, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    else:
+        trainer.fit(model, datamodule=datamodule)
     return path
+
+
+def _retrains_as_recorded(path):
+    recording = Recording.open(path)
+    retrained = retrain(path, recording.order, accelerator="cpu")
+    assert retrained.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
+    return recording
+
+
+class WarmUpAfterTheRecorder(L.Callback):
+    """Sets each step's lr in its own on_train_batch_start, after the recorder's (as warm-up callbacks do)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = 0.01 * (trainer.global_step + 1) / 8
+
+
+def test_the_learning_rate_is_recorded_as_adam_used_it(tmp_path):
+    path = _record(tmp_path / "rec", TinyClassifier(lr=0.01), TinyDigits(), callbacks=[WarmUpAfterTheRecorder()])
+    recording = _retrains_as_recorded(path)
+    assert recording.scalars["lr"] == pytest.approx([0.01 * (t + 1) / 8 for t in range(8)])
+
+
+class WeightDecaySchedule(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        trainer.optimizers[0].param_groups[0]["weight_decay"] = 0.5 * (trainer.global_step + 1)
+
+
+class CycledMomentum(TinyClassifier):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.02, total_steps=8)  # cycles beta1
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_hyperparameters_changed_during_the_run_are_retrained_and_flagged_for_the_estimates(tmp_path):
+    with pytest.warns(UserWarning, match="weight_decay changed at step 1"):
+        path = _record(tmp_path / "wd", TinyClassifier(lr=0.01), TinyDigits(), callbacks=[WeightDecaySchedule()])
+    _retrains_as_recorded(path)
+
+
+    with pytest.warns(UserWarning, match="beta1 changed at step 1"):
+        path = _record(tmp_path / "onecycle", CycledMomentum(), TinyDigits())
+    _retrains_as_recorded(path)
+
+
+class GroupsApart(TinyClassifier):
+    def configure_optimizers(self):
+        weights = [p for n, p in self.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        optimizer = torch.optim.AdamW([{"params": weights}, {"params": biases}], lr=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda t: 1.0, lambda t: 0.5 ** t])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class ClipsItself(TinyClassifier):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+
+
+class AmsgradOnBiases(TinyClassifier):
+    def configure_optimizers(self):
+        weights = [p for n, p in self.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        return torch.optim.AdamW([{"params": weights}, {"params": biases, "amsgrad": True}], lr=0.01)
+
+
+@pytest.mark.parametrize("model, callbacks, match", [
+    (GroupsApart(), [], "at step 1 the optimizer's param groups differ in lr"),
+    (ClipsItself(), [], "overrides configure_gradient_clipping"),
+    (AmsgradOnBiases(), [], "not amsgrad=True or maximize=True"),
+    (TinyClassifier(), [L.pytorch.callbacks.GradientAccumulationScheduler({0: 2})], "accumulate_grad_batches=1"),
+])
+def test_setups_retraining_cannot_follow_are_refused_when_they_appear(tmp_path, model, callbacks, match):
+    with pytest.raises(LplError, match=match):
+        _record(tmp_path / "rec", model, TinyDigits(), callbacks=callbacks)
+
+
+class PlateauScheduled(TinyClassifier):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "monitor": "val/loss"}}
+
+
+def test_a_schedule_on_a_logged_metric_is_retrained_from_the_recorded_rates(tmp_path):
+    path = _record(tmp_path / "rec", PlateauScheduled(lr=0.01), TinyDigits(num_train=128), max_steps=-1,
+                   max_epochs=2, limit_val_batches=None)
+    _retrains_as_recorded(path)
+
+
+def test_a_run_without_a_datamodule_is_told_up_front(tmp_path):
+    with pytest.warns(UserWarning, match="has no LightningDataModule"):
+        _record(tmp_path / "rec", TinyClassifier(), None, max_steps=2)
 
 
 class EpochScheduled(TinyClassifier):
@@ -156,3 +256,29 @@ def test_which_models_draw_randomness_per_sample():
     assert not _draws_per_sample_randomness(TinyClassifier())
     assert _draws_per_sample_randomness(TinyClassifier(dropout=0.1))
     assert _draws_per_sample_randomness(TinyClassifier(norm=True))
+
+
+class DiesAtTheEnd(L.Callback):
+    """Stands for a kill after the last step's checkpoint, before the recorder's final probe."""
+
+    def on_train_end(self, trainer, pl_module):
+        raise RuntimeError("killed")
+
+
+def test_resuming_from_the_last_steps_checkpoint_says_the_recording_cannot_be_finished(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(callbacks, resume=False, ckpt_path=None):
+        recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=64, store_dtype="float32", resume=resume)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True)
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            use_distributed_sampler=False, callbacks=[*callbacks, recorder, checkpoint])
+        trainer.fit(TinyClassifier(), datamodule=TinyDigits(), ckpt_path=ckpt_path)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit([DiesAtTheEnd()])
+    assert Recording.open(tmp_path / "rec").status == "recording"
+    with pytest.raises(LplError, match="resumed at its last step"):
+        fit([], resume=True, ckpt_path=tmp_path / "ck" / "last.ckpt")

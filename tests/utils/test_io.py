@@ -1,0 +1,31 @@
+"""Atomic writes keep the permissions a plain write would give; output folders are checked at parse time."""
+
+import argparse
+import os
+import stat
+
+import pytest
+
+from lpl.utils.io import atomic_write_json, output_dir
+
+
+def test_new_files_get_the_umask_mode_and_rewrites_keep_the_files_mode(tmp_path):
+    import lpl.utils.io as io
+
+    atomic_write_json(tmp_path / "new.json", {"a": 1})
+    # as open() would create it under the process's umask (mkstemp alone makes it 0600: unreadable to others)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o666 & ~io._UMASK
+    (tmp_path / "shared.json").write_text("{}")
+    os.chmod(tmp_path / "shared.json", 0o644)
+    atomic_write_json(tmp_path / "shared.json", {"b": 2})
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o644
+    os.chmod(tmp_path / "shared.json", 0o600)
+    atomic_write_json(tmp_path / "shared.json", {"b": 3})
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o600
+
+
+def test_output_dir_refuses_a_file_in_the_way_and_accepts_new_nested_folders(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
+        output_dir(str(tmp_path / "taken" / "out"))
+    assert output_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
