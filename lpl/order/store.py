@@ -143,6 +143,15 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
 }
 
 
+_STEP_RANGES = (
+    ("lr", "[0, inf)", lambda v: 0 <= v < float("inf")),
+    ("beta1", "[0, 1)", lambda v: 0 <= v < 1),
+    ("beta2", "[0, 1)", lambda v: 0 <= v < 1),
+    ("eps", "(0, inf)", lambda v: 0 < v < float("inf")),
+    ("weight_decay", "[0, inf)", lambda v: 0 <= v < float("inf")),
+)
+
+
 def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     """Check the structure and types of every manifest field a reader uses, as the recorder writes them (in progress,
     stopped early, resumed or complete, with or without sensitivity data), so that a hand-edited or damaged manifest
@@ -216,6 +225,9 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
             take(step, key, where, kind)
         if step["t"] != t:
             raise bad(f"{where}.t", f"is {step['t']}: training steps must be listed once each, in order from 0")
+        for key, allowed, within in _STEP_RANGES:  # values Adam could not have run with
+            if key in step and not within(step[key]):
+                raise bad(f"{where}.{key}", f"is {step[key]!r}, outside {allowed}")
 
     previous = -1
     for i, probe in enumerate(take(manifest, "probes", "", "a list")):

@@ -162,6 +162,8 @@ def _edit_manifest(root, edit):
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["steps"][2].update(lr="0.3"), r"steps\[2\]\.lr is '0.3', not a number"),
     (lambda m: m["steps"][2].update(lr=None), r"steps\[2\]\.lr is None, not a number"),
+    (lambda m: m["steps"][1].update(lr=-0.1), r"steps\[1\]\.lr is -0.1, outside \[0, inf\)"),
+    (lambda m: m["steps"][1].update(beta1=2.9), r"steps\[1\]\.beta1 is 2.9, outside \[0, 1\)"),
     (lambda m: m.pop("steps"), "steps is missing"),
     (lambda m: m["probes"][1]["shards"][0].pop("sha256"), r"probes\[1\]\.shards\[0\]\.sha256 is missing"),
     (lambda m: m.update(num_steps="six"), "num_steps is 'six', not an integer"),
@@ -179,7 +181,7 @@ def _edit_manifest(root, edit):
     (lambda m: m["pool"].pop("num_batches"), "pool.num_batches is missing"),
     (lambda m: m.update(initial_state="initial_state.safetensors"), "initial_state is 'initial_state.s.*, not"),
     (lambda m: m["projection"].update(proj_dim=4.0), r"projection\.proj_dim is 4\.0, not an integer"),
-], ids=["lr_str", "lr_null", "no_steps", "shard_no_sha256", "num_steps_str", "steps_cut", "steps_extra",
+], ids=["lr_str", "lr_null", "lr_negative", "beta1_past_one", "no_steps", "shard_no_sha256", "num_steps_str", "steps_cut", "steps_extra",
         "betas_short", "optimizer_lr_str", "no_status", "status_unknown", "step_field_missing", "steps_out_of_order",
         "probes_repeated", "probe_scalar_str", "no_shards", "no_num_batches", "file_entry_str", "proj_dim_float"])
 def test_open_refuses_an_edited_manifest_naming_its_bad_field(tmp_path, edit, message):
