@@ -277,7 +277,7 @@ def record_sensitivities(
     """
     from lpl.order.recorder import validation_loss_fn
     from lpl.order.retraining import fit_in_order, pool_batches, rebuild, validation_loss
-    from lpl.order.store import SENSITIVITY_FILE, Recording
+    from lpl.order.store import Recording
 
     if curvature_rank < 0:
         raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
@@ -518,8 +518,9 @@ def record_sensitivities(
     checks = _check_against_retraining(recording.root, estimators, reference_loss, reference, check_orders,
                                        accelerator)
     recording.write_sensitivity(tensors, {**info, "seconds": seconds, "checks": checks})
-    say(f"record_sensitivities: wrote {recording.root / SENSITIVITY_FILE} ({seconds:.1f} s)")
-    return recording.root / SENSITIVITY_FILE
+    written = recording.root / recording.manifest["sensitivity"]["file"]  # a rebuild goes under a new name
+    say(f"record_sensitivities: wrote {written} ({seconds:.1f} s)")
+    return written
 
 
 def _linearized_run(

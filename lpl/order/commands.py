@@ -75,7 +75,9 @@ def _estimator(args: argparse.Namespace):
     return OrderEstimator.from_recording(args.recording, method=args.method, quadratic=not args.linear_loss).to(device)
 
 
-MAX_RANDOM_ORDERS = 100_000  # random:N above this is a typo, not a study (the orders alone would fill memory)
+# random:N above these is a typo, not a study: the orders alone (and the replay's state) would fill memory
+MAX_RANDOM_ORDERS = 100_000
+MAX_RANDOM_ORDER_ITEMS = 50_000_000
 
 
 def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -87,12 +89,15 @@ def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: 
             count = int(spec.split(":", 1)[1])
         except ValueError:
             raise LplError(f"--orders {spec!r}: write random:N with a whole number N.") from None
-        if not 0 < count <= MAX_RANDOM_ORDERS:
-            raise LplError(f"--orders {spec!r}: N must be between 1 and {MAX_RANDOM_ORDERS:,}.")
-        generator = torch.Generator().manual_seed(seed)
         items = torch.as_tensor(reference_order, dtype=torch.long).flatten().cpu()
-        # one permutation per row, drawn at once: argsort of uniform keys
-        return items[torch.rand(count, items.numel(), generator=generator).argsort(dim=1)]
+        limit = max(1, min(MAX_RANDOM_ORDERS, MAX_RANDOM_ORDER_ITEMS // max(1, items.numel())))
+        if not 0 < count <= limit:
+            raise LplError(f"--orders {spec!r}: N must be between 1 and {limit:,} for orders of {items.numel()} "
+                           "steps.")
+        generator = torch.Generator().manual_seed(seed)
+        # one permutation per row, drawn at once: argsort of uniform float64 keys (ties next to impossible)
+        keys = torch.rand(count, items.numel(), generator=generator, dtype=torch.float64)
+        return items[keys.argsort(dim=1)]
     path = Path(spec)
     if not path.is_file():
         raise LplError(f"--orders {spec!r} is neither random:N nor a file; pass a JSON list of orders or a text file.")

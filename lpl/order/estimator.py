@@ -264,9 +264,9 @@ class OrderEstimator(L.LightningModule):
         if getattr(self, "_warned_far", False):  # once per estimator: a search calls this thousands of times
             return
         low, high = float(self.val_loss.min()), float(self.val_loss.max())
-        span = high - low
-        outside = (finals < low - span) | (finals > high + span)
-        if span > 0 and outside.any():
+        margin = max(high - low, 0.05 * max(abs(low), abs(high)))  # a run that barely moved still has some room
+        outside = (finals < low - margin) | (finals > high + margin)
+        if margin > 0 and outside.any():
             self._warned_far = True
             warnings.warn(
                 f"OrderEstimator: {int(outside.sum())} of {len(finals)} '{self.method}' estimates (e.g. "

@@ -295,6 +295,9 @@ class TrainOrderRecorder(L.Callback):
         self.curvature_rank = curvature_rank
         self.val_curvature_rank = val_curvature_rank
         self._writer: RecordingWriter | None = None
+        self._step_hook: Any = None  # the optimizer post-step hook that records each step
+        self._started = False
+        self._stepped = -1  # the last step Adam took
         self._projector: Projector | None = None
         self._pool: list[list[int]] = []
         self._order: list[int] = []
@@ -364,6 +367,7 @@ class TrainOrderRecorder(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restore_loader_position(trainer)  # a resume continues the recorded order where the checkpoint left it
         optimizer = self._check_trainer(trainer, pl_module)
+        self._started = True
         self._data_checked = False
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
         self._masks_warned = False
@@ -417,6 +421,8 @@ class TrainOrderRecorder(L.Callback):
             error = errors[0]
         if error is not None:
             raise LplError(error)
+        self._trainer, self._stepped = trainer, trainer.global_step - 1
+        self._step_hook = optimizer.register_step_post_hook(self._after_adam_step)
         if rank != 0:
             self._writer = RecordingWriter.attach(self.dirpath)
 
@@ -472,6 +478,8 @@ class TrainOrderRecorder(L.Callback):
                 self._writer = RecordingWriter.create(self.dirpath, header, self._pool, self._order, initial)
         except LplError as refusal:
             return str(refusal)
+        except OSError as error:  # a file in the way, no permission: refused on every rank, not a raw traceback
+            return f"cannot write the recording at {self.dirpath}: {error}; choose a dirpath this run can write."
         return None
 
     @staticmethod
@@ -502,10 +510,12 @@ class TrainOrderRecorder(L.Callback):
         elif _rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
             self._writer.flush()
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        # read here, not at the batch's start: later callbacks and the module's own hooks may set this step's lr
-        step, groups = trainer.global_step, optimizer.param_groups
+    def _after_adam_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Records the step's hyperparameters as Adam used them: an optimizer post-step hook runs after every
+        Lightning hook that may set them (later callbacks', the module's own), and not for a step the fp16
+        GradScaler skipped."""
+        step, groups = self._trainer.global_step, optimizer.param_groups
+        self._stepped = step
         differing = [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
         if differing:
             raise LplError(
@@ -525,8 +535,8 @@ class TrainOrderRecorder(L.Callback):
     def _warn_if_changed(self, step: int, hyper: dict[str, Any]) -> None:
         """Retraining follows per-step betas, eps and weight decay; the estimates take the first step's."""
         first = self._writer.manifest["steps"][0] if self._writer.manifest["steps"] else hyper
-        changed = [k for k in ("beta1", "beta2", "eps", "weight_decay", "group_weight_decay")
-                   if hyper.get(k) != first.get(k) and k not in self._changed_warned]
+        changed = [k for k in ("beta1", "beta2", "eps", "weight_decay", "group_weight_decay")  # older steps: not all
+                   if k in first and hyper.get(k) != first[k] and k not in self._changed_warned]
         if changed:
             self._changed_warned.update(changed)
             rank_zero_warn(
@@ -536,8 +546,25 @@ class TrainOrderRecorder(L.Callback):
                 "(OneCycleLR(cycle_momentum=False)) to estimate this run.")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._stepped != trainer.global_step - 1:
+            raise LplError(
+                f"the optimizer skipped step {trainer.global_step - 1} (the fp16 GradScaler found inf/nan gradients, "
+                "or a hook skipped optimizer.step): a recording needs every step Adam takes, one per batch; record in "
+                "bf16-mixed or 32-true precision, where no step is skipped.")
         if _rank_and_world()[0] == 0:
             self._rng_after_step = step_rng_state(pl_module.device)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = False  # set once training starts: a fit that trains nothing is told apart at its end
+        self._writer = None
+
+    def _stop_writing(self) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        if self._writer is not None and _rank_and_world()[0] == 0:
+            self._writer.release()  # a resume in this process may write again
+        self._writer = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._writer is None:
@@ -550,29 +577,40 @@ class TrainOrderRecorder(L.Callback):
                 self._writer.finish()
             else:
                 self._writer.flush()
-                self._writer.release()
                 rank_zero_warn(
                     f"TrainOrderRecorder: training stopped at step {trainer.global_step} of the {self._total_steps} "
                     f"the recording plans, so {self.dirpath} is incomplete (estimates and retraining need the whole "
                     "run): resume from a checkpoint with TrainOrderRecorder(..., resume=True), or record again."
                 )
+        self._stop_writing()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._writer is not None and _rank_and_world()[0] == 0:
-            self._writer.release()  # a resume in this process may write again
+        self._stop_writing()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resume from a checkpoint of the run's last step trains nothing, so no hook above ran: the final probe
         # and the end of the recording, if the first run died before them, would stay missing without a word.
-        if self._writer is not None or _rank_and_world()[0] != 0 or not (self.dirpath / "manifest.json").exists():
+        if self._started:
             return
+        rank, world = _rank_and_world()
+        error = self._unfinished_recording(trainer) if rank == 0 else None
+        if world > 1:  # every rank stops, not rank 0 alone
+            errors: list[str | None] = [None] * world
+            dist.all_gather_object(errors, error)
+            error = errors[0]
+        if error is not None:
+            raise LplError(error)
+
+    def _unfinished_recording(self, trainer: L.Trainer) -> str | None:
+        if not (self.dirpath / "manifest.json").exists():
+            return None
         with contextlib.suppress(LplError):
             if Recording.open(self.dirpath).status == "complete":
-                return
-        raise LplError(
-            f"this run resumed at its last step ({trainer.global_step}), so Lightning trained nothing and "
-            f"{self.dirpath} stays incomplete (its final probe was never taken): resume from an earlier checkpoint "
-            "(ModelCheckpoint(save_top_k=-1) or every_n_train_steps keeps them), which retrains the last steps.")
+                return None
+        return (f"this fit trained no step (it resumed at step {trainer.global_step}, the run's last, or "
+                f"limit_train_batches=0), so {self.dirpath} stays incomplete (its final probe was never taken): "
+                "resume from an earlier checkpoint (ModelCheckpoint(save_top_k=-1) or every_n_train_steps keeps "
+                "them), which trains the last steps again.")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the checkpoint must never be ahead of the recording, or a resume would leave a gap

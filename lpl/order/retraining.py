@@ -213,14 +213,35 @@ class _RecordedOptimizer(L.Callback):
                 f"{self.class_path} rebuilt from the recording builds another optimizer than the recorded run's: "
                 f"{', '.join(differing)}; its hyperparameters do not rebuild it (call self.save_hyperparameters() in "
                 "its __init__ and record again).")
-
         # the recorded schedule replaces the module's schedulers (which may also need metrics retraining never logs)
         trainer.strategy.lr_scheduler_configs = []
+        self._trainer = trainer
+        self._hook = optimizer.register_step_pre_hook(self._before_adam_step)
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        # set last, where the recorder read them: whatever the module's own hooks set, the recorded values step
-        step = trainer.global_step
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hook.remove()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
+
+    def _before_adam_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
+        """Set the recorded values last, as the recorder read them: after the training closure (forward, backward
+        and every hook in it, the module's own included), just before Adam's update."""
+        closure = kwargs.get("closure")
+        if closure is None:  # the closure ran already (a precision plugin that unscales first)
+            self._apply(optimizer)
+            return None
+
+        def closure_then_recorded_values() -> Any:
+            loss = closure()
+            self._apply(optimizer)
+            return loss
+
+        return args, {**kwargs, "closure": closure_then_recorded_values}
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self._trainer.global_step
         if step >= len(self.steps):
             return
         recorded, groups = self.steps[step], optimizer.param_groups

@@ -18,10 +18,12 @@ overwritten. Readers memory-map shards with ``safetensors.safe_open`` and load o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
@@ -91,7 +93,14 @@ def _replace_named_file(root: Path, current: Mapping[str, Any] | None, name: str
     publish(_write_file(root, relative, data))
     old = (current or {}).get("file")
     if old and old != relative:
-        (root / old).unlink(missing_ok=True)
+        _remove_replaced(root, old)
+
+
+def _remove_replaced(root: Path, name: str) -> None:
+    """Delete a file a manifest no longer names: only a bare name in the folder (an edited manifest could say
+    anything)."""
+    if Path(name).name == name and name not in ("", ".", ".."):
+        (root / name).unlink(missing_ok=True)
 
 
 def _lock_for_writing(root: Path) -> IO[str] | None:
@@ -104,10 +113,15 @@ def _lock_for_writing(root: Path) -> IO[str] | None:
     handle = open(root / LOCK_FILE, "a", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as error:
         handle.close()
-        raise RecordingError(f"{root} is being written by another process right now (a second run recording to the "
-                             "same dirpath?); give each run its own dirpath.") from None
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            warnings.warn(f"{root}: this file system does not lock files ({error}); nothing stops two runs from "
+                          "recording to it at once, so give each run its own dirpath.", stacklevel=3)
+            return None
+        raise RecordingError(f"{root} is being written by another writer right now (a second run recording to the "
+                             "same dirpath, or an earlier writer in this process that was neither finished nor "
+                             "released); give each run its own dirpath.") from None
     return handle
 
 
@@ -289,15 +303,18 @@ class RecordingWriter:
             raise LplError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {header.get('store_dtype')!r}.")
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock_for_writing(root)
-        if (root / MANIFEST).exists():
+        try:
+            if (root / MANIFEST).exists():
+                raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
+            manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
+            pool_info = _write_file(root, POOL_FILE, _serialise(pool_tensors(batches, order)))
+            manifest["pool"] = {**pool_info, "num_batches": len(batches)}
+            writer = cls(root, manifest, lock)
+            writer.write_initial_state(initial_state)
+        except BaseException:
             if lock is not None:
                 lock.close()
-            raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
-        manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
-        pool_info = _write_file(root, POOL_FILE, _serialise(pool_tensors(batches, order)))
-        manifest["pool"] = {**pool_info, "num_batches": len(batches)}
-        writer = cls(root, manifest, lock)
-        writer.write_initial_state(initial_state)
+            raise
         return writer
 
     def write_initial_state(self, initial_state: Mapping[str, torch.Tensor]) -> None:
@@ -371,7 +388,7 @@ class RecordingWriter:
         manifest["steps"] = manifest["steps"][:from_step]
         manifest["probes"] = [p for p in manifest["probes"] if p["t"] < from_step]
         manifest["status"] = "recording"
-        manifest.pop("sensitivity", None)  # built from the steps being replaced
+        dropped = manifest.pop("sensitivity", None)  # built from the steps being replaced
         manifest["world_size"] = header.get("world_size", manifest.get("world_size"))
         writer = cls(root, manifest, lock)
         rng_states = Recording(root, manifest).rng_states()
@@ -379,6 +396,8 @@ class RecordingWriter:
         if len(kept) < len(rng_states):  # states of the steps being replaced
             writer._write_rng_states(kept)
         writer.flush()
+        if dropped:  # the manifest no longer names it
+            _remove_replaced(root, dropped["file"])
         return writer
 
     @classmethod

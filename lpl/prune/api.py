@@ -35,8 +35,9 @@ GRAM_BYTES_PER_PASS = 2 << 30
 def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[str, nn.Linear]:
     """Linear layers whose names match ``include`` (default: all) and none of ``exclude`` (default: heads).
 
-    ``nn.MultiheadAttention``'s ``out_proj`` is never a candidate: the attention reads its weight instead of calling
-    it, so it can neither be calibrated nor run block-sparse."""
+    Linears torch reads as weights instead of calling (``nn.MultiheadAttention``'s ``out_proj``,
+    ``nn.TransformerEncoderLayer``'s feed-forward) are never candidates: they can neither be calibrated through their
+    calls nor run block-sparse."""
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not read_as_weight(model, name)}
     include = list(include) if include is not None else ["*"]
@@ -55,9 +56,12 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
 
 
 def read_as_weight(model: nn.Module, name: str) -> bool:
-    """Whether the Linear ``name`` belongs to an ``nn.MultiheadAttention``, which uses its weight without calling it."""
-    parent_name = name.rpartition(".")[0]
-    return isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention)
+    """Whether torch reads the Linear ``name``'s weight without calling the layer: ``nn.MultiheadAttention``'s
+    ``out_proj``, and ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2`` (its inference fast path)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return isinstance(parent, nn.MultiheadAttention) or (
+        isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"))
 
 
 def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:

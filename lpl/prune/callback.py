@@ -103,6 +103,8 @@ class BlockPruneCallback(Callback):
         # What to do follows from the weights: a resumed run, or another fit of a model this callback pruned, has
         # its pruned blocks at zero already; a result restored by validate/test from some checkpoint, which the
         # (dense) model in hand does not carry, is dropped.
+        if self.result is None and self._given is None:  # under ddp_spawn an earlier fit's result is only on disk
+            self.result = self._saved_result(trainer)
         if self.result is not None and self._pruned_already(pl_module):
             self._continue(trainer, pl_module)
         elif self._given is not None:  # the user's masks on a dense model: it can teach its pruned self
@@ -202,6 +204,20 @@ class BlockPruneCallback(Callback):
             if self.result is self._given:
                 raise
             return False  # a result restored from another model's checkpoint: it does not describe this one
+
+    def _saved_result(self, trainer: L.Trainer) -> PruneResult | None:
+        """The result this callback saved in an earlier fit with these options, if any (under ddp_spawn the
+        spawned processes kept it, not this one); on_fit_start takes it only where the model carries it."""
+        folder = self._result_dir(trainer)
+        if not (folder / "result.json").is_file():
+            return None
+        try:
+            saved = PruneResult.load(folder)
+        except LplError:
+            return None
+        same = (tuple(saved.block_size) == tuple(self.options["block_size"])
+                and abs(saved.target_flops_keep - self.options["flops_keep"]) < 1e-9)
+        return saved if same else None
 
     def _continue(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fine-tune a model that is pruned already (a resume, or another fit): masks again, no new teacher."""

@@ -54,8 +54,9 @@ def to_block_sparse(
                 f"export the model the masks were computed for."
             )
         if read_as_weight(model, name):
-            raise LplError(f"layer {name!r} is the output projection of an nn.MultiheadAttention, which reads its "
-                           "weight directly instead of calling it, so it cannot run block-sparse; leave it dense.")
+            owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
+            raise LplError(f"layer {name!r} belongs to a torch {owner}, which reads its weight directly instead of "
+                           "calling it, so it cannot run block-sparse; leave it dense.")
         sparse = BlockSparseLinear.from_linear(linear, torch.as_tensor(mask), size)
         sparse.train(linear.training)
         parent_name, _, child = name.rpartition(".")

@@ -89,6 +89,8 @@ class PruneResult:
         """Whether every block this result prunes is exactly zero in ``model`` (or the network inside it): the model
         is pruned by it already (masked, or loaded from a pruned checkpoint); LplError when layers differ."""
         for name, layer in self.layers_in(model).items():
+            if layer.weight.is_meta:  # no values to look at: not pruned as far as anyone can tell
+                return False
             kept = expand_block_mask(self.block_masks[name], tuple(layer.weight.shape), self.block_size)
             if layer.weight.detach().masked_select(~kept.to(layer.weight.device)).any():
                 return False
@@ -139,14 +141,22 @@ class PruneResult:
             raise LplError(f"checkpoint {path} not found.")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated file, or one that is not a checkpoint
-            raise LplError(f"{path} could not be read as a Lightning checkpoint: {error}") from None
+        except Exception as error:  # a truncated file, one that is not a checkpoint, or one holding objects
+            raise LplError(
+                f"{path} could not be read as a Lightning checkpoint of tensors and plain values ({error}). If it is "
+                "a checkpoint you trust that holds other objects (hyperparameters such as paths), load it yourself "
+                "with torch.load(path, weights_only=False) and call PruneResult.from_state(state['tensors'], "
+                "state['meta']) on state = checkpoint['callbacks']['BlockPruneCallback'].") from None
         states = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
-        found = [state for key, state in states.items() if str(key).startswith("BlockPruneCallback") and state]
+        found = {key: state for key, state in states.items() if str(key).startswith("BlockPruneCallback") and state}
         if not found:
             raise LplError(f"{path} holds no pruning result: it was saved by a run without BlockPruneCallback, "
                            "before it pruned, or with save_weights_only=True.")
-        return cls.from_state(found[0]["tensors"], found[0]["meta"])
+        if len(found) > 1:
+            raise LplError(f"{path} holds several pruning results ({sorted(found)}); read the one you want with "
+                           "PruneResult.from_state(tensors=..., meta=...) from checkpoint['callbacks'].")
+        state = next(iter(found.values()))
+        return cls.from_state(state["tensors"], state["meta"])
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PruneResult":

@@ -90,3 +90,9 @@ def test_multihead_attention_out_proj_is_not_pruned_nor_exported():
     with pytest.raises(LplError, match="MultiheadAttention"):
         to_block_sparse(model, {"attn.out_proj": torch.tensor([[True, False], [True, True]])}, block_size=16)
     assert isinstance(model.attn.out_proj, nn.Linear) and model(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)  # its eval fast path reads linear1/2 weights
+    with pytest.raises(LplError, match="match no Linear"):
+        select_layers(layer, None, None)
+    with pytest.raises(LplError, match="TransformerEncoderLayer"):
+        to_block_sparse(layer, {"linear1": torch.ones(4, 2, dtype=torch.bool)}, block_size=16)

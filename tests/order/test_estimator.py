@@ -163,6 +163,7 @@ def test_sensitivity_data_from_a_recording(recording, tmp_path):
         no_change = np.abs(truth - estimator.reference_loss).mean()
         assert spearmanr(estimate, truth)[0] > 0.8, method
         assert np.abs(estimate - truth).mean() < tolerance * no_change, method
+
     with pytest.raises(LplError, match="complete orders"):
         OrderEstimator.from_recording(path, method="adjoint").estimate(rec.order[:4])
     # the linearised replay also gives the curve and per-batch losses, for shorter orders too, and predicts
@@ -179,9 +180,14 @@ def test_sensitivity_data_from_a_recording(recording, tmp_path):
     estimated_curve = linearized.estimate(orders[0]).loss_curve.numpy()
     assert np.abs(estimated_curve - np.array(result.loss_curve)).max() < 0.5 * np.abs(
         np.array(result.loss_curve) - np.array(retrain(recording, rec.order, curve_every_n_steps=1).loss_curve)).max()
-    written.write_bytes(written.read_bytes()[:-8] + b"\0" * 8)
+    # built again: the new file goes under a new name, never over the one the manifest names, and the old one goes
+    again = record_sensitivities(path, curvature_rank=4, hessian_rank=6, accelerator="cpu", check_orders=0,
+                                 verbose=False)
+    assert again.is_file() and not written.exists()
+    Recording.open(path).verify()
+    again.write_bytes(again.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(RecordingError, match="sensitivity"):
-        rec.verify()
+        Recording.open(path).verify()
 
 
 def test_one_replay_gives_the_final_loss_with_and_without_the_quadratic_term(tmp_path):

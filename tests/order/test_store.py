@@ -260,7 +260,7 @@ def test_rewriting_a_file_the_manifest_names_survives_a_kill_at_any_point(tmp_pa
 
 def test_one_writer_at_a_time(tmp_path):
     writer = _record(tmp_path, finish=False)
-    with pytest.raises(RecordingError, match="being written by another process"):
+    with pytest.raises(RecordingError, match="being written by another writer"):
         RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2)
     writer.release()
     RecordingWriter.resume(tmp_path, _header(), BATCHES, ORDER, 2).release()

@@ -41,16 +41,35 @@ def _retrains_as_recorded(path):
     return recording
 
 
-class WarmUpAfterTheRecorder(L.Callback):
+def _warm_up(trainer):
+    for group in trainer.optimizers[0].param_groups:
+        group["lr"] = 0.01 * (trainer.global_step + 1) / 8
+
+
+class WarmUpAtBatchStart(L.Callback):
     """Sets each step's lr in its own on_train_batch_start, after the recorder's (as warm-up callbacks do)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        for group in trainer.optimizers[0].param_groups:
-            group["lr"] = 0.01 * (trainer.global_step + 1) / 8
+        _warm_up(trainer)
 
 
-def test_the_learning_rate_is_recorded_as_adam_used_it(tmp_path):
-    path = _record(tmp_path / "rec", TinyClassifier(lr=0.01), TinyDigits(), callbacks=[WarmUpAfterTheRecorder()])
+class WarmUpBeforeTheStep(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        _warm_up(trainer)
+
+
+class WarmsUpItself(TinyClassifier):
+    def on_before_optimizer_step(self, optimizer):  # the module's hook runs after every callback's
+        _warm_up(self.trainer)
+
+
+@pytest.mark.parametrize("model, callbacks", [
+    (TinyClassifier(lr=0.01), [WarmUpAtBatchStart()]),
+    (TinyClassifier(lr=0.01), [WarmUpBeforeTheStep()]),
+    (WarmsUpItself(lr=0.01), []),
+], ids=["callback_batch_start", "callback_before_step", "module_before_step"])
+def test_the_learning_rate_is_recorded_as_adam_used_it(tmp_path, model, callbacks):
+    path = _record(tmp_path / "rec", model, TinyDigits(), callbacks=callbacks)
     recording = _retrains_as_recorded(path)
     assert recording.scalars["lr"] == pytest.approx([0.01 * (t + 1) / 8 for t in range(8)])
 
@@ -99,7 +118,18 @@ class AmsgradOnBiases(TinyClassifier):
         return torch.optim.AdamW([{"params": weights}, {"params": biases, "amsgrad": True}], lr=0.01)
 
 
+class SkipsAStep(TinyClassifier):
+    """As the fp16 GradScaler does when it finds inf/nan gradients: the closure runs, Adam does not step."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.trainer.global_step == 3:
+            optimizer_closure()
+            return
+        optimizer.step(closure=optimizer_closure)
+
+
 @pytest.mark.parametrize("model, callbacks, match", [
+    (SkipsAStep(), [], "the optimizer skipped step 3"),
     (GroupsApart(), [], "at step 1 the optimizer's param groups differ in lr"),
     (ClipsItself(), [], "overrides configure_gradient_clipping"),
     (AmsgradOnBiases(), [], "not amsgrad=True or maximize=True"),
@@ -280,5 +310,5 @@ def test_resuming_from_the_last_steps_checkpoint_says_the_recording_cannot_be_fi
     with pytest.raises(RuntimeError, match="killed"):
         fit([DiesAtTheEnd()])
     assert Recording.open(tmp_path / "rec").status == "recording"
-    with pytest.raises(LplError, match="resumed at its last step"):
+    with pytest.raises(LplError, match="trained no step .*the run.s last"):
         fit([], resume=True, ckpt_path=tmp_path / "ck" / "last.ckpt")

@@ -171,3 +171,19 @@ def test_from_checkpoint_without_a_result_is_a_clear_error(tmp_path):
         PruneResult.from_checkpoint(tmp_path / "ck" / "last.ckpt")
     with pytest.raises(Exception, match="not found"):
         PruneResult.from_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_fresh_callback_instance_continues_the_masks_it_saved_as_ddp_spawn_workers_do(tmp_path):
+    """Under ddp_spawn each fit's workers start from the launcher's callback, whose result stays None: the saved
+    result, when the model carries it and the options agree, is continued rather than pruned again."""
+    model = _model(schedule="constant")
+    options = dict(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False, result_path=tmp_path / "r")
+    first = BlockPruneCallback(**options)
+    _trainer(tmp_path, [first], max_steps=2, enable_checkpointing=False).fit(model, datamodule=_data())
+    again = BlockPruneCallback(**options)
+    _trainer(tmp_path, [again], max_steps=3, enable_checkpointing=False).fit(model, datamodule=_data())
+    for name, mask in first.result.block_masks.items():
+        assert torch.equal(again.result.block_masks[name], mask)
+    other = BlockPruneCallback(**{**options, "flops_keep": 0.3})  # other options: prune as asked
+    _trainer(tmp_path, [other], max_steps=4, enable_checkpointing=False).fit(model, datamodule=_data())
+    assert abs(other.result.flops_keep - 0.3) <= 0.01

@@ -10,11 +10,13 @@ from lpl.utils.io import atomic_write_json, output_dir
 
 
 def test_new_files_get_the_umask_mode_and_rewrites_keep_the_files_mode(tmp_path):
-    import lpl.utils.io as io
-
-    atomic_write_json(tmp_path / "new.json", {"a": 1})
-    # as open() would create it under the process's umask (mkstemp alone makes it 0600: unreadable to others)
-    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o666 & ~io._UMASK
+    mask = os.umask(0o027)  # as a user's shell might set it
+    try:
+        atomic_write_json(tmp_path / "new.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    # as open() would create it under the process's umask (mkstemp alone made it 0600: unreadable to others)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640
     (tmp_path / "shared.json").write_text("{}")
     os.chmod(tmp_path / "shared.json", 0o644)
     atomic_write_json(tmp_path / "shared.json", {"b": 2})
