@@ -301,7 +301,8 @@ static void grad_values_worker(void* ctx, int thread_id) {
     }
     /* Tiles are dealt to threads statically (not from a shared counter): each partial sum then covers the same
      * tokens in every call, so dW is bitwise reproducible for a given thread count, as dense matmul is. */
-    for (int64_t t = thread_id; t < j->ntiles; t += j->nthreads) {
+    const int64_t per = ceil_div(j->ntiles, j->nthreads);
+    for (int64_t t = thread_id * per; t < min64(j->ntiles, (thread_id + 1) * per); ++t) {
         const int64_t m0 = t * MT;
         const int64_t mv = min64(MT, j->M - m0);
         /* x tile, row-major [MT][Kp], zero past K so ragged edge blocks read zeros */
@@ -406,9 +407,13 @@ int lpl_bs_grad_values(const float* dy, int64_t M, int64_t N, int64_t dy_sm, int
     j.Kp = ceil_div(K, bc) * bc + NR;
     j.Ip = ceil_div(br, MR) * MR;
     if (M == 0 || nnz == 0) return 0;
-    j.MT = mt > 0 ? mt : 256;
+    /* Token tiles of at most 256 rows (or mt), as many as a multiple of the threads: the static deal below gives
+     * every thread the same rows (a partial last tile costs a full one: its padding is computed too). */
+    int64_t ntiles = ceil_div(M, mt > 0 ? mt : 256);
+    const int nt = clamp_threads(nthreads, ntiles);
+    if (mt <= 0) ntiles = ceil_div(ntiles, nt) * nt;
+    j.MT = mt > 0 ? mt : ceil_div(M, ntiles);
     j.ntiles = ceil_div(M, j.MT);
-    const int nt = clamp_threads(nthreads, j.ntiles);
     j.nthreads = nt;
     float* partial[MAX_THREADS];
     memset(partial, 0, sizeof(partial));
