@@ -94,7 +94,7 @@ def adam_replay_cpu(pool_grads: Tensor, hessian_vectors: Tensor, hessian_values:
                        f"{pool_grads.shape[0]}, {val_grads.shape[0]} and {steps} steps.")
     if orders.numel() and (int(orders.min()) < 0 or int(orders.max()) >= batches):
         raise LplError(f"adam_replay_cpu: orders name batch ids outside 0..{batches - 1}.")
-    delta = torch.zeros(n, dim)
+    delta = torch.zeros(n, dim, dtype=torch.float32)  # the C kernel writes float32, whatever the default dtype
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     val_dots = torch.zeros(n, length + 1, dtype=torch.float64)
     if n == 0:

@@ -38,8 +38,8 @@ def _score(estimator: Any, orders: Tensor, chunk: int = 512) -> Tensor:
     bad = ~torch.isfinite(scores)
     if bad.any():
         warnings.warn(f"curriculum: {int(bad.sum())} of {len(scores)} orders got a non-finite estimate (the replay "
-                      f"diverges for them); they rank last. A steadier method (e.g. 'first_order') may fit better.",
-                      stacklevel=3)
+                      f"of method {getattr(estimator, 'method', '?')!r} diverges for them); they rank last. Check the "
+                      "methods against retraining (`lpl check-methods`) for one that holds on this run.", stacklevel=3)
         scores = scores.masked_fill(bad, float("inf"))
     return scores
 
@@ -161,4 +161,8 @@ def search(
             _log(logger, len(history) - 1, current_score, evaluations)
         pop, scores = current[None], torch.tensor([current_score])
     best = int(scores.argmin())
+    if not torch.isfinite(scores[best]):
+        raise LplError(f"curriculum: every order searched got a non-finite estimate (method "
+                       f"{getattr(estimator, 'method', '?')!r} diverges on this run), so there is no best order; "
+                       "check the methods against retraining (`lpl check-methods`) and search with one that holds.")
     return SearchResult(order=pop[best].tolist(), score=float(scores[best]), history=history, evaluations=evaluations)

@@ -7,6 +7,7 @@ turns a recording (``lpl.order.Recording``) into the replay's stacked tensors.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -157,7 +158,7 @@ class OrderEstimator(L.LightningModule):
     Example::
 
         estimator = OrderEstimator.from_recording("runs/order_rec", method="adam_first_order")
-        estimate = estimator.estimate(list(reversed(range(estimator.num_batches))))
+        estimate = estimator.estimate(estimator.reference_order.flip(0).tolist())   # the recorded order, backwards
         print(estimate.final_loss, estimate.loss_curve[-5:])
         # many orders at once, batched on the trainer's device:
         loader = DataLoader(torch.stack([torch.randperm(estimator.num_batches) for _ in range(256)]), batch_size=64)
@@ -247,7 +248,9 @@ class OrderEstimator(L.LightningModule):
 
     def estimate_many(self, orders: Tensor | Sequence[Sequence[int]] | Sequence[Tensor]) -> ReplayResult:
         """Batched estimates for ``orders`` [N, L] (all of one length): a tensor, an array, or a list of orders."""
-        result = replay(self.data, as_orders(orders), self.method, self.control_variates, self.quadratic)
+        device_type = self.data.update.device.type
+        with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext():
+            result = replay(self.data, as_orders(orders), self.method, self.control_variates, self.quadratic)
         diverged = ~torch.isfinite(result.final_loss)
         if diverged.any():
             warnings.warn(
@@ -287,7 +290,20 @@ class OrderEstimator(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[OrderEstimate]:
         orders = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 1 else batch
+        if isinstance(orders, (list, tuple)) and all(isinstance(o, Tensor) and o.ndim == 1 for o in orders):
+            # a DataLoader over Python lists collates them by position: L tensors of B ids, not B orders
+            raise LplError(
+                "the predict loader yields a list of 1-D tensors: a DataLoader over a list of orders collates them "
+                "step by step (one tensor per position), which would be read as other orders. Give the loader the "
+                "orders as one tensor [N, L] (DataLoader(torch.tensor(orders), batch_size=...)) or "
+                "TensorDataset(torch.tensor(orders)).")
         return _split(self.estimate_many(orders))
+
+    def on_predict_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if precision not in ("32-true", "32"):
+            raise LplError(f"OrderEstimator computes in float32; predict with Trainer(precision='32-true') (got "
+                           f"{precision!r}, which would cast or autocast the replay and change the estimates).")
 
 
 def agreement(estimated: Tensor | Sequence[float], true: Tensor | Sequence[float]) -> dict[str, float]:

@@ -1,12 +1,13 @@
 """Position map: how each pool batch's own end loss depends on where in training it is seen.
 
 M[i, j] = estimated loss on pool batch i after training, when batch i is moved to position j of the reference order
-(the other batches keep their relative order). Low values at late positions and high values early show memorisation
+(the other batches keep their relative order; a batch trained several times moves its last visit). Low values at late positions and high values early show memorisation
 fading with time; a flat row means the batch's content is learned from the rest of the data anyway.
 """
 
 from __future__ import annotations
 
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,10 +21,21 @@ from lpl.utils.io import atomic_save_figure
 
 
 def moved(order: Tensor, batch: int, position: int) -> Tensor:
-    """``order`` with (the first occurrence of) ``batch`` taken out and inserted at ``position``."""
-    where = int((order == batch).nonzero()[0])
+    """``order`` with ``batch`` taken out and inserted at ``position``; in a run that trains the batch several
+    times (epochs over one pool), its last visit moves: the one that sets its end loss."""
+    where = int((order == batch).nonzero()[-1])
     rest = torch.cat([order[:where], order[where + 1 :]])
     return torch.cat([rest[:position], order[where : where + 1], rest[position:]])
+
+
+def _ids(values: Any, what: str) -> list[int]:
+    """A non-empty list of whole numbers (pool batch ids or positions), or LplError."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise LplError(f"{what} must be a list of whole numbers, got {values!r:.40}.")
+    values = values.tolist() if isinstance(values, Tensor) else list(values)
+    if not values or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        raise LplError(f"{what} must be a non-empty list of whole numbers, got {values!r:.60}.")
+    return [int(v) for v in values]
 
 
 def position_map(
@@ -45,14 +57,16 @@ def position_map(
         plot_position_map(m, "position_map.png")
     """
     reference = estimator.reference_order.cpu()
-    batches = sorted(set(reference.tolist())) if batches is None else [int(b) for b in batches]
+    if not isinstance(chunk, int) or chunk < 1:
+        raise LplError(f"chunk must be a whole number >= 1 (orders estimated at once), got {chunk!r}.")
+    batches = sorted(set(reference.tolist())) if batches is None else _ids(batches, "batches")
+    positions = list(range(len(reference))) if positions is None else _ids(positions, "positions")
     missing = [b for b in batches if b not in set(reference.tolist())]
     if missing:
         raise LplError(
             f"batch id {missing[0]} is not in the reference order (pool batch ids 0..{estimator.num_batches - 1} "
             "that the reference run trained); choose batches from the recording's order."
         )
-    positions = list(range(len(reference))) if positions is None else [int(p) for p in positions]
     bad = [p for p in positions if not 0 <= p < len(reference)]
     if bad:
         raise LplError(f"position {bad[0]} is outside the {len(reference)} steps of the reference order.")

@@ -236,10 +236,12 @@ def replay(
     interp = _Interpolator(data.probe_steps)
     beta1 = data.betas[0]
     k = data.proj_dim
-    delta = torch.zeros(n, k, device=device)
-    momentum = torch.zeros(n, k, device=device)
-    momentum_ref = torch.zeros(k, device=device)
-    curve = torch.empty(n, length + 1, device=device)
+    # float32 whatever the default dtype (a Trainer precision or set_default_dtype changes it), as the data are read
+    f32 = dict(device=device, dtype=torch.float32)
+    delta = torch.zeros(n, k, **f32)
+    momentum = torch.zeros(n, k, **f32)
+    momentum_ref = torch.zeros(k, **f32)
+    curve = torch.empty(n, length + 1, **f32)
     decay = data.weight_decay if data.decoupled else 0.0
     use_curvature = method in CURVATURE_METHODS
     steps = data.probe_steps.tolist()
@@ -249,9 +251,9 @@ def replay(
     if use_cv:  # projection error of each stored term against the validation gradient of its own step
         stored = data.precond_grad if adam_like else data.update
         dot_error = exact_dots.float() - torch.einsum("pbk,pk->pb", stored.float(), data.val_grad.float())
-    shadow = torch.zeros(n, device=device)  # the same linear recursion, on dot errors
-    shadow_momentum = torch.zeros(n, device=device)
-    shadow_momentum_ref = torch.zeros((), device=device)
+    shadow = torch.zeros(n, **f32)  # the same linear recursion, on dot errors
+    shadow_momentum = torch.zeros(n, **f32)
+    shadow_momentum_ref = torch.zeros((), **f32)
 
     def correction(where: tuple[int, int, float], ids: Tensor, factors: Tensor, d: Tensor) -> Tensor:
         basis = _at(data.curv_basis, where, ids)  # [n, r, k]

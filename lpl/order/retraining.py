@@ -303,7 +303,8 @@ def retrain(
 
     Example::
 
-        truth = retrain("runs/ref/recording", order=list(reversed(range(64))))
+        order = Recording.open("runs/ref/recording").order[::-1]   # the recorded order, backwards
+        truth = retrain("runs/ref/recording", order=order)
         print(truth.final_loss, truth.loss_curve[-1])
     """
     from lpl.order.store import Recording

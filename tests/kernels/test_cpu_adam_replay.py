@@ -192,3 +192,19 @@ def test_bfloat16_rows_are_read_exactly_as_their_float32_widening(decoupled):
     got, want = replay(narrow), replay(wide)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert want[0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float64])
+def test_the_default_dtype_does_not_change_the_kernels_buffers(default_dtype):
+    """Its outputs are float32 buffers the C code writes: allocated from the default dtype, a 16-bit default
+    overflowed them (heap corruption) and a float64 one held garbage."""
+    data = make_data(40, 2, 5, 3)
+    orders = torch.tensor([[2, 0, 1, 1, 0]])
+    expected = run_kernel(data, orders, 0.01, True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        delta, dots = run_kernel(data, orders, 0.01, True)
+    finally:
+        torch.set_default_dtype(previous)
+    assert delta.dtype == torch.float32 and torch.equal(delta, expected[0]) and torch.equal(dots, expected[1])

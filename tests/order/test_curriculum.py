@@ -52,6 +52,16 @@ def test_non_finite_estimates_rank_last_with_a_warning(task):
         result = search(Diverging(), budget=256, method="local", population=32, seed=0)
     assert np.isfinite(result.score) and result.order[0] != 0
 
+    class AllDiverge(Diverging):
+        def estimate_many(self, orders):
+            inner = super().estimate_many(orders)
+            inner.final_loss[:] = float("nan")
+            return inner
+
+    for method in ("genetic", "local"):
+        with pytest.warns(UserWarning, match="non-finite"), pytest.raises(LplError, match="no best order"):
+            search(AllDiverge(), budget=64, method=method, population=32, seed=0)
+
 
 def test_search_input_errors(task):
     estimator = OrderEstimator(task.data, method="adam")

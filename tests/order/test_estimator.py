@@ -78,6 +78,32 @@ def test_estimates_far_outside_the_runs_losses_warn(recording, monkeypatch):
         estimator.estimate(list(reversed(rec.order)))
 
 
+def test_estimates_do_not_depend_on_the_default_dtype_and_predict_refuses_other_precisions(recording):
+    rec = Recording.open(recording)
+    estimator = OrderEstimator.from_recording(recording, method="first_order")
+    orders = [list(reversed(rec.order)), rec.order]
+    expected = estimator.estimate_many(orders).final_loss
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as Trainer(precision="64-true") sets it
+    try:
+        assert torch.equal(estimator.estimate_many(orders).final_loss, expected)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as precision="bf16-mixed" runs predict_step
+        assert torch.equal(estimator.estimate_many(orders).final_loss, expected)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    with pytest.raises(LplError, match="precision='32-true'"):
+        trainer.predict(estimator, dataloaders=DataLoader(torch.tensor(orders), batch_size=2))
+
+
+def test_predict_refuses_a_loader_that_collates_orders_by_position(recording):
+    rec = Recording.open(recording)
+    estimator = OrderEstimator.from_recording(recording, method="first_order")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(LplError, match="collates them step by step"):  # default_collate of lists: columns
+        trainer.predict(estimator, dataloaders=DataLoader([list(rec.order), list(reversed(rec.order))], batch_size=2))
+
+
 def test_predict_over_a_loader_of_orders_matches_estimate(recording):
     estimator = OrderEstimator.from_recording(recording, method="adam")
     orders = torch.stack([torch.randperm(NUM_BATCHES, generator=torch.Generator().manual_seed(s)) for s in range(5)])

@@ -39,3 +39,11 @@ def test_position_map_errors():
         position_map(estimator, [7])
     with pytest.raises(LplError, match="position 4"):
         position_map(estimator, [0], positions=[4])
+    for batches, kwargs in (([], {}), (3, {}), ([1.7], {}), ([0], {"positions": []}), ([0], {"chunk": 0})):
+        with pytest.raises(LplError, match="must be"):
+            position_map(estimator, batches, **kwargs)
+
+
+def test_a_batch_trained_several_times_moves_its_last_visit():
+    assert moved(torch.tensor([0, 1, 2, 0, 1, 2]), 1, 0).tolist() == [1, 0, 1, 2, 0, 2]
+    assert moved(torch.tensor([0, 1, 2, 0, 1, 2]), 0, 5).tolist() == [0, 1, 2, 1, 2, 0]
