@@ -24,7 +24,9 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         state = self.batch_sampler.state_dict()
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        # fitting, not trainer.training: a checkpoint saved when a mid-epoch validation ends is taken in the
+        # validating stage, and the sampler's count then runs ahead by what the workers prefetched
+        if trainer is None or trainer.state.fn != "fit":
             return state
         trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if trained >= trainer.num_training_batches:

@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from lpl.data.base import IndexedDataModule
 from lpl.utils.errors import LplError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# what torchvision's ImageFolder reads (its IMG_EXTENSIONS), so the layout check counts the same files
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file anywhere below it, symlinked folders followed (as torchvision does)."""
+    for directory, _, files in os.walk(folder, followlinks=True):
+        if any(Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(directory, name))
+               for name in files):
+            return True
+    return False
+
+
+def load_rgb(path: str) -> "Image.Image":
+    """An image file as 8-bit RGB; 16-bit grayscale scaled to 8 bits (PIL's convert would clip it to white), and
+    a file that does not read as an image is an LplError naming it (not a PIL error deep in a worker)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise LplError(f"cannot read image {path}: {error}; remove or replace the file.") from None
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit samples (PIL may hold them as 32-bit "I")
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def check_imagenet_layout(root: Path) -> None:
@@ -27,7 +56,7 @@ def check_imagenet_layout(root: Path) -> None:
                 f"{str(root)!r} is not an ImageNet-style folder: expected {split}/<class>/<image> under it "
                 f"(found no class folders in {str(split_dir)!r})."
             )
-        empty = [d.name for d in classes if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.rglob("*"))]
+        empty = [d.name for d in classes if not _holds_images(d)]
         if empty:
             raise LplError(f"class folder(s) {empty[:3]} in {str(split_dir)!r} hold no images "
                            f"({', '.join(sorted(IMAGE_SUFFIXES))}); remove them or add images.")
@@ -44,7 +73,7 @@ class IndexedImageFolder(Dataset):
     def __init__(self, root: Path, transform) -> None:
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root), transform=transform)
+        self.folder = ImageFolder(str(root), transform=transform, loader=load_rgb)
 
     def __len__(self) -> int:
         return len(self.folder)

@@ -94,6 +94,11 @@ class SeededBatchSampler(_ResumableBatchSampler):
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
         super().__init__()
+        if not isinstance(num_samples, int):  # Lightning re-creating it around a DistributedSampler, say
+            raise LplError(
+                f"SeededBatchSampler takes num_samples (an int), got a {type(num_samples).__name__}: under DDP the lpl "
+                "samplers split each batch across processes themselves; run with Trainer(use_distributed_sampler="
+                "False).")
         if num_samples <= 0:
             raise LplError(f"num_samples must be positive, got {num_samples}.")
         if batch_size <= 0:

@@ -78,6 +78,8 @@ class TextCorpusDataModule(IndexedDataModule):
             raise LplError(f"seq_len must be at least 2, got {seq_len}.")
         if not 0.0 < val_fraction < 1.0:
             raise LplError(f"val_fraction must be between 0 and 1, got {val_fraction}.")
+        if max_train_samples is not None and max_train_samples < 1:
+            raise LplError(f"max_train_samples must be at least 1 (or None for all), got {max_train_samples}.")
         self.path = corpus_path(corpus)
         self.seq_len = seq_len
         self.val_fraction = val_fraction
@@ -85,6 +87,8 @@ class TextCorpusDataModule(IndexedDataModule):
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.path.read_bytes()
+        if not data:
+            raise LplError(f"corpus {self.path} is empty; give a text file with content.")
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
         split = int(len(tokens) * (1.0 - self.val_fraction))
         train, val = TokenChunks(tokens[:split], self.seq_len), TokenChunks(tokens[split:], self.seq_len)

@@ -133,9 +133,14 @@ class CausalLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        sizes = {"vocab_size": vocab_size, "dim": dim, "depth": depth, "num_heads": num_heads,
+                 "max_seq_len": max_seq_len, **({"mlp_hidden": mlp_hidden} if mlp_hidden is not None else {})}
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LplError(f"{name} must be a whole number >= 1, got {value!r}.")
         if dim % num_heads or (dim // num_heads) % 2:
             raise LplError(f"dim {dim} must split into {num_heads} heads of even size (rotary embeddings need pairs).")
-        hidden = mlp_hidden or 64 * math.ceil(dim * 8 / 3 / 64)
+        hidden = mlp_hidden if mlp_hidden is not None else 64 * math.ceil(dim * 8 / 3 / 64)
         self.model = Decoder(vocab_size, dim, depth, num_heads, hidden, max_seq_len)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

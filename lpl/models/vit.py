@@ -27,6 +27,10 @@ def create_timm_model(model_name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(model_name, pretrained=False, **kwargs)
     except TypeError as error:
         raise LplError(f"timm model {model_name!r} does not accept these arguments: {error}") from None
+    except (AssertionError, ValueError, ZeroDivisionError) as error:  # timm's own checks of sizes
+        shown = {k: v for k, v in kwargs.items() if k in ("img_size", "patch_size", "embed_dim", "num_heads", "depth")}
+        raise LplError(f"timm model {model_name!r} cannot be built with {shown or kwargs}: "
+                       f"{error or type(error).__name__} (e.g. num_heads must divide embed_dim, sizes >= 1).") from None
 
 
 class ViTClassifier(L.LightningModule):

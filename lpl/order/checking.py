@@ -29,6 +29,7 @@ from torch import Tensor
 from lpl.order.estimator import OrderEstimator, agreement, log_estimates, replay_data_from_recording
 from lpl.order.replay import METHODS, ReplayResult, check_orders
 from lpl.utils.errors import LplError
+from lpl.utils.loggers import is_wandb
 from lpl.utils.io import atomic_save_figure
 
 MIN_ORDERS = 3  # fewer orders have no meaningful rank correlation
@@ -157,7 +158,7 @@ def _linear_readout(result: ReplayResult) -> ReplayResult | None:
 def _log_summary(logger: Any, check: MethodCheck) -> None:
     """With a W&B logger, one table of every scored method next to "no change"."""
     experiment = getattr(logger, "experiment", None)
-    if type(logger).__name__ != "WandbLogger" or experiment is None:
+    if not is_wandb(logger) or experiment is None:
         return
     import wandb
 

@@ -50,10 +50,13 @@ def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=args.wandb, name=name, save_dir=args.out)
+    logger.log_hyperparams({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     try:
         yield logger
-    finally:
-        logger.experiment.finish()
+    except BaseException:
+        logger.experiment.finish(exit_code=1)  # a failed command is a failed run in W&B, not a finished one
+        raise
+    logger.experiment.finish()
 
 
 def _device(name: str) -> torch.device:
@@ -211,17 +214,18 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
             "estimated_loss": result.score, "reference_loss": estimator.reference_loss, "history": result.history,
             "evaluations": result.evaluations,
         }
+        out = Path(args.out)
+        atomic_write_json(out / "best_order.json", summary)  # before the slow (and fallible) check by retraining
+        _plot_progress(result.history, out / "search.png")
         if args.verify:
             from lpl.order.retraining import retrain
 
             retrained = retrain(args.recording, result.order, curve_every_n_steps=len(result.order)).final_loss
             summary["retrained_loss"] = retrained
+            atomic_write_json(out / "best_order.json", summary)
             if logger is not None:
                 logger.log_metrics({"curriculum/retrained_loss": retrained,
                                     "curriculum/reference_loss": estimator.reference_loss})
-    out = Path(args.out)
-    atomic_write_json(out / "best_order.json", summary)
-    _plot_progress(result.history, out / "search.png")
     print(f"best order estimated {result.score:.4f} (reference {estimator.reference_loss:.4f}) after "
           f"{result.evaluations} orders; wrote {out}/best_order.json, search.png")
     return 0

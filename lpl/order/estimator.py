@@ -19,6 +19,7 @@ from torch import Tensor
 from lpl.order.linearized import LinearizedRun, linearized_from_tensors
 from lpl.order.replay import ReplayData, ReplayResult, as_orders, check_method, replay
 from lpl.utils.errors import LplError
+from lpl.utils.loggers import is_wandb
 from lpl.utils.stats import rank_correlation
 
 _LINEARIZED = "linearized_"  # buffer-name prefix of the linearised replay's tensors
@@ -332,7 +333,7 @@ def log_estimates(
         return summary
     logger.log_metrics(summary, step=step)
     experiment = getattr(logger, "experiment", None)
-    if type(logger).__name__ == "WandbLogger" and experiment is not None:
+    if is_wandb(logger) and experiment is not None:
         import wandb
 
         if truth is not None:

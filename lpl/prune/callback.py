@@ -19,6 +19,7 @@ from lpl.prune.importance import model_inputs
 from lpl.prune.masking import MaskHandle, apply_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
+from lpl.utils.loggers import is_wandb
 from lpl.utils.loss import eval_mode, module_loss
 
 
@@ -30,9 +31,10 @@ class BlockPruneCallback(Callback):
     are all-reduced and every rank gets the same masks); the rest of ``fit`` fine-tunes with the masks fixed
     (weights, gradients and optimizer state of pruned blocks stay zero), optionally distilling from the dense model
     (``distill=True`` needs a module with ``set_teacher(module)`` and its network in ``.model``, as
-    ``lpl.models.ViTClassifier``). The PruneResult is stored in checkpoints and re-applied on resume. At fit end it
-    logs the result (scalars to every logger; W&B also gets per-layer density / latency / energy and distortion
-    curves) and saves it as ``prune_result/`` beside the checkpoints (or at ``result_path``).
+    ``lpl.models.ViTClassifier``). The PruneResult is stored in checkpoints and re-applied on resume. As soon as it
+    applies, and again at fit end with the fine-tuned figures, it logs the result (scalars to every logger; W&B also
+    gets per-layer density / latency / energy and distortion curves, once) and saves it as ``prune_result/`` beside
+    the checkpoints (or at ``result_path``).
 
     Example::
 
@@ -319,7 +321,7 @@ class BlockPruneCallback(Callback):
                    "prune/seconds": result.prune_seconds, **self.metrics}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-            if charts and type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            if charts and is_wandb(logger) and trainer.is_global_zero:
                 log_result_to_wandb(logger, result)
 
 
@@ -336,7 +338,9 @@ def log_result_to_wandb(logger: Any, result: PruneResult) -> None:
     import wandb
 
     density = result.density
-    rows = [[name, density[name], *result.layer_latency[name], *result.layer_energy[name]] for name in density]
+    unknown = (float("nan"), float("nan"))  # a result built by hand may carry no cost predictions
+    rows = [[name, density[name], *result.layer_latency.get(name, unknown), *result.layer_energy.get(name, unknown)]
+            for name in density]
     table = wandb.Table(columns=["layer", "density", "dense_latency_s", "pruned_latency_s", "dense_energy_j",
                                  "pruned_energy_j"], data=rows)
     charts = {

@@ -127,3 +127,65 @@ def test_epochs_stay_full_when_the_loader_stops_at_the_last_batch() -> None:
         epochs.append([next(iterator) for _ in range(len(sampler))])
     assert all(len(epoch) == 5 for epoch in epochs)
     assert epochs[0] != epochs[1] != epochs[2]  # each epoch reshuffled, none empty or repeated
+
+
+def test_imagefolder_reads_16_bit_images_and_names_files_it_cannot_read(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from lpl.data.imagefolder import load_rgb
+
+    grey = np.full((8, 8), 0.3 * 65535, dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")  # 16-bit: PIL's convert("RGB") alone clips it to white
+    Image.fromarray((grey // 257).astype(np.uint8)).save(tmp_path / "flat.png")
+    assert np.abs(np.asarray(load_rgb(str(tmp_path / "deep.png")), dtype=int)
+                  - np.asarray(load_rgb(str(tmp_path / "flat.png")), dtype=int)).max() <= 1
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(LplError, match="cannot read image .*text.jpg"):
+        load_rgb(str(tmp_path / "text.jpg"))
+
+
+def test_imagefolder_layout_counts_what_torchvision_reads(tmp_path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "shared" / split).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "shared" / split / "0.ppm")  # a suffix torchvision reads
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "linked").symlink_to(tmp_path / "shared" / split)  # followed, as torchvision does
+    ImageFolderDataModule(root=str(tmp_path))
+    (tmp_path / "train" / "dog" / "fake.jpg").mkdir(parents=True)  # a folder named like an image is no image
+    (tmp_path / "val" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "dog" / "0.png")
+    with pytest.raises(LplError, match=r"\['dog'\] .* hold no images"):
+        ImageFolderDataModule(root=str(tmp_path))
+
+
+def test_text_corpus_and_sampler_arguments_out_of_range_are_refused(tmp_path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(LplError, match="is empty"):
+        dm = TextCorpusDataModule(corpus=str(tmp_path / "empty.txt"))
+        dm.setup("fit")
+    with pytest.raises(LplError, match="max_train_samples must be at least 1"):
+        TextCorpusDataModule(max_train_samples=-1)
+    with pytest.raises(LplError, match="use_distributed_sampler=False"):  # as Lightning rebuilds it under DDP
+        SeededBatchSampler(torch.utils.data.DistributedSampler(range(8), num_replicas=2, rank=0), batch_size=2)
+
+
+def test_a_checkpoint_taken_while_fit_validates_saves_the_batches_trained_not_those_prefetched() -> None:
+    """ModelCheckpoint saves when a mid-epoch validation ends (trainer.training is False then): the position must
+    still be the batches trained, not the sampler's count, which workers ran ahead of training."""
+    from types import SimpleNamespace
+
+    from lpl.data.base import ResumableDataLoader
+
+    sampler = SeededBatchSampler(num_samples=64, batch_size=8)
+    loader = ResumableDataLoader(range(64), batch_sampler=sampler)
+    batches = iter(sampler)
+    for _ in range(7):  # prefetched by workers
+        next(batches)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+    loader.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), training=False, current_epoch=0,
+                                     num_training_batches=8,
+                                     fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    assert loader.state_dict() == {"epoch": 0, "consumed": 3}
