@@ -39,13 +39,16 @@ def test_repeated_ids_and_prefixes_are_orders(estimator):
     assert estimator.estimate([3, 3, 1]).loss_curve.shape == (4,)
 
 
-def test_a_list_of_1d_tensors_is_stacked_like_predict_step_does(estimator):
+def test_a_list_of_1d_tensors_is_stacked_as_rows_but_refused_as_a_predict_batch(estimator):
     orders = [torch.arange(NUM_BATCHES), torch.arange(NUM_BATCHES).flip(0)]
     expected = estimator.estimate_many(torch.stack(orders)).final_loss
     assert torch.equal(estimator.estimate_many(orders).final_loss, expected)
     assert torch.equal(estimator.estimate_many([o.numpy() for o in orders]).final_loss, expected)
     assert torch.equal(estimator.estimate_many([o.tolist() for o in orders]).final_loss, expected)
-    assert [e.final_loss for e in estimator.predict_step(orders, 0)] == pytest.approx(expected.tolist())
+    assert [e.final_loss for e in estimator.predict_step([torch.stack(orders)], 0)] == pytest.approx(expected.tolist())
+    # from a loader, a list of 1-D tensors is what default_collate makes of lists of orders: one tensor per position
+    with pytest.raises(LplError, match="collates them step by step"):
+        estimator.predict_step(orders, 0)
 
 
 @pytest.mark.parametrize("orders, message", [
