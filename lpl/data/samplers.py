@@ -13,7 +13,8 @@ rewrites the saved position from Lightning's own count of trained batches (``bat
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import numbers
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,8 +79,12 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         return {"epoch": self.epoch, "consumed": self._consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._consumed = int(state["consumed"])
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if epoch < 0 or not 0 <= consumed <= len(self.global_batches(epoch)):
+            raise LplError(f"the saved loader position (epoch {epoch}, {consumed} batches) is not one of this "
+                           f"sampler's ({len(self.global_batches(epoch))} batches an epoch): the checkpoint is from "
+                           "another dataset or batch size.")
+        self.epoch, self._consumed = epoch, consumed
         self._restored = True
 
 
@@ -117,6 +122,15 @@ class SeededBatchSampler(_ResumableBatchSampler):
         return [ids[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
 
+def _whole_numbers(values: Sequence[Any], what: str) -> list[int]:
+    """``values`` as ints; floats (1.7 read as 1), bools and negative ids are refused."""
+    values = list(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad:
+        raise LplError(f"{what} must be whole numbers from 0, got {bad[0]!r}.")
+    return [int(v) for v in values]
+
+
 class OrderedBatchSampler(_ResumableBatchSampler):
     """Yields ``batches[order[0]], batches[order[1]], ...``: one epoch is one pass over ``order``.
 
@@ -133,10 +147,10 @@ class OrderedBatchSampler(_ResumableBatchSampler):
         super().__init__()
         if len(batches) == 0:
             raise LplError("OrderedBatchSampler needs at least one batch in `batches`.")
-        self.batches = [[int(i) for i in batch] for batch in batches]
+        self.batches = [_whole_numbers(batch, "a batch's sample ids") for batch in batches]
         if any(len(batch) == 0 for batch in self.batches):
             raise LplError("every batch in `batches` must hold at least one sample id.")
-        self.order = list(range(len(self.batches))) if order is None else [int(i) for i in order]
+        self.order = list(range(len(self.batches))) if order is None else _whole_numbers(order, "order")
         bad = [i for i in self.order if not 0 <= i < len(self.batches)]
         if bad:
             raise LplError(

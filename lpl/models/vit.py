@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any
 
 import lightning as L
@@ -91,6 +92,10 @@ class ViTClassifier(L.LightningModule):
             **{k: v for k, v in sizes.items() if v is not None},
             **(model_kwargs or {}),
         )
+        if isinstance(img_size, int) and isinstance(patch_size, int) and img_size % patch_size:
+            warnings.warn(f"img_size {img_size} is not a multiple of patch_size {patch_size}: the patch embedding "
+                          f"never sees the last {img_size % patch_size} rows and columns of each image; choose sizes "
+                          "that divide.", stacklevel=2)
         if pretrained_path:
             load_pretrained(self.model, pretrained_path)
         self.teacher: nn.Module | None = None

@@ -315,8 +315,9 @@ def retrain(
         raise LplError(f"retrain takes one order (a list of pool batch ids), got {orders.shape[0]}; call it per order.")
     order_tensor = orders[0]
     if max_steps is not None:
-        if max_steps <= 0:
-            raise LplError(f"max_steps must be positive, got {max_steps}.")
+        if not 0 < max_steps <= order_tensor.numel():
+            raise LplError(f"max_steps must be between 1 and the order's {order_tensor.numel()} steps, got "
+                           f"{max_steps}.")
         order_tensor = order_tensor[:max_steps]
     if curve_every_n_steps <= 0:
         raise LplError(f"curve_every_n_steps must be positive, got {curve_every_n_steps}.")

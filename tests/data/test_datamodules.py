@@ -189,3 +189,16 @@ def test_a_checkpoint_taken_while_fit_validates_saves_the_batches_trained_not_th
                                      num_training_batches=8,
                                      fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
     assert loader.state_dict() == {"epoch": 0, "consumed": 3}
+
+
+def test_sampler_ids_and_saved_positions_out_of_range_are_refused() -> None:
+    for order in ([0, 1.7], [0, -1], [True, 0]):
+        with pytest.raises(LplError, match="whole numbers from 0"):
+            OrderedBatchSampler([[0, 1], [2, 3]], order=order)
+    with pytest.raises(LplError, match="whole numbers from 0"):
+        OrderedBatchSampler([[0, -3]])
+    sampler = OrderedBatchSampler([[0, 1], [2, 3]])
+    with pytest.raises(LplError, match="another dataset or batch size"):
+        sampler.load_state_dict({"epoch": 0, "consumed": 5})
+    sampler.load_state_dict({"epoch": 0, "consumed": 1})
+    assert list(sampler) == [[2, 3]]

@@ -91,3 +91,15 @@ def test_rotary_preserves_norms_and_relative_positions() -> None:
     same_q = apply_rotary(q[..., :1, :].expand(1, 1, 8, 4), cos, sin)[0, 0]
     same_k = apply_rotary(k.expand(1, 1, 8, 4), cos, sin)[0, 0]
     assert torch.allclose(same_q[3] @ same_k[1], same_q[6] @ same_k[4], atol=1e-5)
+
+
+def test_sizes_out_of_range_are_refused_and_uncovered_pixels_warn() -> None:
+    from lpl.models import CausalLM
+
+    with pytest.raises(LplError, match="num_heads must divide embed_dim"):
+        ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=30, depth=1, num_heads=4)
+    with pytest.warns(UserWarning, match="never sees the last 2 rows"):
+        ViTClassifier(img_size=30, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+    for kwargs in ({"vocab_size": 0}, {"num_heads": 0}, {"mlp_hidden": 0}):
+        with pytest.raises(LplError, match="must be a whole number >= 1"):
+            CausalLM(**kwargs)

@@ -34,6 +34,8 @@ def test_reference_order_and_retraining_agree_with_the_recording(recording):
     assert estimate.final_loss == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-6)
     truth = retrain(recording, rec.order)
     torch.testing.assert_close(truth.loss_curve.float(), torch.tensor(rec.probe_scalars["val_loss"]), atol=1e-5, rtol=0)
+    with pytest.raises(LplError, match="max_steps must be between 1 and the order's"):
+        retrain(recording, rec.order, max_steps=len(rec.order) + 1)
     short = retrain(recording, rec.order, max_steps=4)
     assert short.loss_curve.shape == (5,)
     assert short.final_loss == pytest.approx(rec.probe_scalars["val_loss"][4], abs=1e-5)
