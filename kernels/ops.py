@@ -96,6 +96,16 @@ def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_
     return torch.nn.functional.linear(x2d, weight, bias)
 
 
+# Plain torch ops: the fallback where no kernel runs, and second derivatives (autograd differentiates them).
+def _grad_input_differentiable(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order,
+                               in_features):
+    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
+
+
+def _grad_values_differentiable(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
+    return _reference_grad_values(dy2d, x2d, block_row, col_idx, (block_rows, block_cols))
+
+
 def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order, in_features):
     if _use_triton(dy2d.device, (int(values.shape[1]), int(values.shape[2])), values.dtype):
         from . import triton_ops
@@ -105,7 +115,8 @@ def _grad_input_impl(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_i
     if cpu is not None:
         block_size = (int(values.shape[1]), int(values.shape[2]))
         return cpu.grad_input_cpu(dy2d, values, row_ptr, col_idx, in_features, block_size)
-    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
+    return _grad_input_differentiable(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block,
+                                      col_order, in_features)
 
 
 def _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
@@ -117,16 +128,7 @@ def _grad_values_impl(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_
     cpu = _cpu_module() if dy2d.device.type == "cpu" else None
     if cpu is not None:
         return cpu.grad_values_cpu(dy2d, x2d, row_ptr, col_idx, block_size)
-    return _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size)
-
-
-def _grad_input_differentiable(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order,
-                               in_features):
-    return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
-
-
-def _grad_values_differentiable(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols):
-    return _reference_grad_values(dy2d, x2d, block_row, col_idx, (block_rows, block_cols))
+    return _grad_values_differentiable(dy2d, x2d, row_ptr, col_idx, block_row, block_rows, block_cols)
 
 
 def _backward(ctx, grad_out, grad_input_fn, grad_values_fn):

@@ -193,6 +193,7 @@ class OrderEstimator(L.LightningModule):
                          "weight_decay_per_group": data.weight_decay_per_group}
         self._tensor_names = self._register(data, "")
         self._linearized_scalars = None
+        self._warned_far = False  # estimates far outside the run's losses: warned once per estimator
         if data.linearized is not None:  # its tensors become buffers too, so they follow the module's device
             self._linearized_scalars = {k: v for k, v in vars(data.linearized).items() if not isinstance(v, Tensor)}
             self._linearized_names = self._register(data.linearized, _LINEARIZED)
@@ -265,7 +266,7 @@ class OrderEstimator(L.LightningModule):
     def _warn_if_far_outside_the_run(self, finals: Tensor) -> None:
         """Any reordering ends near where the reference run went: an estimate farther from the run's validation
         losses than the whole run moved is the method extrapolating past where it holds (a cross-entropy of -19)."""
-        if getattr(self, "_warned_far", False):  # once per estimator: a search calls this thousands of times
+        if self._warned_far:  # once per estimator: a search calls this thousands of times
             return
         low, high = float(self.val_loss.min()), float(self.val_loss.max())
         margin = max(high - low, 0.05 * max(abs(low), abs(high)))  # a run that barely moved still has some room

@@ -1,8 +1,9 @@
 """Position map: how each pool batch's own end loss depends on where in training it is seen.
 
 M[i, j] = estimated loss on pool batch i after training, when batch i is moved to position j of the reference order
-(the other batches keep their relative order; a batch trained several times moves its last visit). Low values at late positions and high values early show memorisation
-fading with time; a flat row means the batch's content is learned from the rest of the data anyway.
+(the other batches keep their relative order; a batch trained several times moves its last visit). Low values at
+late positions and high values early show memorisation fading with time; a flat row means the batch's content is
+learned from the rest of the data anyway.
 """
 
 from __future__ import annotations

@@ -36,6 +36,11 @@ def _check_accumulation(trainer: L.Trainer) -> None:
         )
 
 
+def _differing_hyperparameters(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which of lr, betas and eps the param groups do not share (retraining and every estimate take one of each)."""
+    return [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
+
+
 # The manifest is rewritten at every probe, checkpoint and the end of training, and otherwise at most this often:
 # an fsynced rewrite per step would cost more than the step on small models. Steps not yet in the manifest at a
 # crash are never behind the last checkpoint, and the resumed run records them again.
@@ -332,7 +337,7 @@ class TrainOrderRecorder(L.Callback):
         groups = optimizer.param_groups
         # weight decay may differ between groups (biases and norms often have none): the full-space methods take
         # it per parameter; lr, betas and eps are one set in every method
-        differing = [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
+        differing = _differing_hyperparameters(groups)
         if differing:
             raise LplError(
                 f"TrainOrderRecorder needs one lr, betas and eps for every parameter, but the optimizer's param groups "
@@ -516,7 +521,7 @@ class TrainOrderRecorder(L.Callback):
         GradScaler skipped."""
         step, groups = self._trainer.global_step, optimizer.param_groups
         self._stepped = step
-        differing = [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
+        differing = _differing_hyperparameters(groups)
         if differing:
             raise LplError(
                 f"at step {step} the optimizer's param groups differ in {', '.join(differing)} "

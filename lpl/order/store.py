@@ -319,11 +319,7 @@ class RecordingWriter:
 
     def write_initial_state(self, initial_state: Mapping[str, torch.Tensor]) -> None:
         """(Re)write the weights before step 0, e.g. when a resumed recording restarts from the beginning."""
-        if "initial_state" not in self.manifest:  # the first write: no manifest names it yet
-            self.manifest["initial_state"] = _write_file(self.root, INITIAL_STATE_FILE, _serialise(initial_state))
-            self.flush()
-        else:
-            self._replace_file("initial_state", INITIAL_STATE_FILE, _serialise(initial_state))
+        self._replace_file("initial_state", INITIAL_STATE_FILE, _serialise(initial_state))
 
     def _replace_file(self, key: str, name: str, data: bytes, **extra: Any) -> None:
         def publish(entry: dict[str, Any]) -> None:
@@ -638,6 +634,7 @@ class Recording:
         """Add the sensitivity tables to a complete recording (file first, then the manifest, both atomically)."""
         if self.status != "complete":
             raise RecordingError(f"{self.root} is not complete (status {self.status!r}); finish the run first.")
+
         def publish(entry: dict[str, Any]) -> None:
             self.manifest["sensitivity"] = {**dict(info), **entry}
             atomic_write_json(self.root / MANIFEST, self.manifest)
