@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a session that has an NVIDIA GPU. Stages, in priority order, each under its own time limit
+# One-shot GPU check on a machine with an NVIDIA GPU. Stages, in priority order, each under its own time limit
 # and all under one deadline (GPU_CHECK_SECONDS, default 560 s from the start), so that the run ends inside a
-# 10-minute lease with whatever it measured:
+# fixed time slot with whatever it measured:
 #   1. sanity: one compiled forward/backward against the dense reference (fails fast on a broken stack)
 #   2. benchmarks/order_device_check.py           (order science end to end on the GPU: record, sensitivities,
 #                                                  retrain, every method scored, estimator on GPU vs CPU), and
@@ -13,7 +13,7 @@
 #   6. benchmarks/vit_e2e.py                      (DeiT-S/B dense vs pruned+exported, images/s, NVML J/image)
 #   7. benchmarks/prune_time.py                   (prune_model wall time, DeiT-S 16x16 and DeiT-B 32x32)
 #   8. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
-# The order stages come first: the kernel stages' figures are on record from an earlier lease (their code unchanged).
+# The order stages come first: the kernel stages' figures are on record from earlier runs (their code unchanged).
 # Results land in benchmarks/results/ (file names carry the device); when $OUT is set (device tool) they are also
 # packed into $OUT/gpu_results.tar beside the log.
 set -uo pipefail

@@ -49,7 +49,7 @@ CALIB_BATCH = 64
 
 
 def cache_path(epochs: int) -> Path:
-    # data_version 2: every epoch trains all its batches (before the sampler fix every other epoch was empty)
+    # data_version: bumped whenever the training data a recipe sees changes, so older cached weights are not reused
     recipe = json.dumps(dict(VIT, **RECIPE, batch_size=TRAIN_BATCH, epochs=epochs, seed=0, data_version=2),
                         sort_keys=True)
     return ROOT / ".cache" / f"prune_demo_vit_{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.safetensors"

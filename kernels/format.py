@@ -148,10 +148,6 @@ class BlockSparseWeight:
         return float(kept / (out_f * in_f))
 
     @property
-    def nnz_blocks(self) -> int:
-        return int(self.col_idx.numel())
-
-    @property
     def device(self) -> torch.device:
         return self.values.device
 

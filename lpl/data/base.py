@@ -43,7 +43,7 @@ def restore_loader_position(trainer: L.Trainer) -> bool:
     Lightning builds the train loader early when ``trainer.estimated_stepping_batches`` is read before the checkpoint's
     loop state is restored (in ``configure_optimizers`` or ``on_fit_start``, as Lightning's own docs suggest for
     schedulers); it then never hands the loader its saved state and a mid-epoch resume trains the epoch's first
-    batches again (Lightning issue #20550). Called from ``on_train_start`` (after the restore, before the first
+    batches again (https://github.com/Lightning-AI/pytorch-lightning/issues/20550). Called from ``on_train_start`` (after the restore, before the first
     batch is drawn for training), it loads that state and restarts the loader's iterator there. It reads Lightning's
     private loop attributes and does nothing when they are not there.
     """

@@ -19,7 +19,7 @@ _EXPORTS = {
     "SeededBatchSampler": "lpl.data.samplers",
     "AdamSnapshot": "lpl.order.quantities",
     "ProbeContext": "lpl.order.quantities",
-    # estimation (estimator engineer: add your names below, one line each)
+    # estimation from a recording, and its ground truth
     "OrderEstimator": "lpl.order.estimator",
     "OrderEstimate": "lpl.order.estimator",
     "retrain": "lpl.order.retraining",

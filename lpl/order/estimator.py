@@ -24,10 +24,8 @@ from lpl.utils.stats import rank_correlation
 
 _LINEARIZED = "linearized_"  # buffer-name prefix of the linearised replay's tensors
 
-# per-batch names the replay reads from every probe, and the optional ones
+# per-batch names the replay reads from every probe
 _REQUIRED_BATCH = ("update", "precond_grad", "grad", "loss")
-_CURVATURE_BATCH = ("curv_basis", "curv_update", "curv_precond")
-_DOT_BATCH = ("val_dot_update", "val_dot_precond")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_write_bytes, atomic_write_json
+from lpl.utils.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -65,14 +65,6 @@ def parameter_signature(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> di
         num_params += count
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
     return {"num_params": num_params, "param_hash": digest}
-
-
-def _serialise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
-
-    # clone: safetensors refuses tensors that share storage (tied weights)
-    payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    return save(payload, metadata=dict(metadata) if metadata else None)
 
 
 def _write_file(root: Path, relative: str, data: bytes) -> dict[str, Any]:
@@ -307,7 +299,7 @@ class RecordingWriter:
             if (root / MANIFEST).exists():
                 raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
             manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
-            pool_info = _write_file(root, POOL_FILE, _serialise(pool_tensors(batches, order)))
+            pool_info = _write_file(root, POOL_FILE, safetensors_bytes(pool_tensors(batches, order)))
             manifest["pool"] = {**pool_info, "num_batches": len(batches)}
             writer = cls(root, manifest, lock)
             writer.write_initial_state(initial_state)
@@ -319,7 +311,7 @@ class RecordingWriter:
 
     def write_initial_state(self, initial_state: Mapping[str, torch.Tensor]) -> None:
         """(Re)write the weights before step 0, e.g. when a resumed recording restarts from the beginning."""
-        self._replace_file("initial_state", INITIAL_STATE_FILE, _serialise(initial_state))
+        self._replace_file("initial_state", INITIAL_STATE_FILE, safetensors_bytes(initial_state))
 
     def _replace_file(self, key: str, name: str, data: bytes, **extra: Any) -> None:
         def publish(entry: dict[str, Any]) -> None:
@@ -338,7 +330,7 @@ class RecordingWriter:
 
     def _write_rng_states(self, stored: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         tensors = {f"{t}/{name}": value for t, states in stored.items() for name, value in states.items()}
-        self._replace_file("rng_state", RNG_STATE_FILE, _serialise(tensors), steps=sorted(stored))
+        self._replace_file("rng_state", RNG_STATE_FILE, safetensors_bytes(tensors), steps=sorted(stored))
 
     @classmethod
     def resume(
@@ -366,7 +358,7 @@ class RecordingWriter:
     def _resume(cls, root: Path, lock: IO[str] | None, header: Mapping[str, Any], batches: Sequence[Sequence[int]],
                 order: Sequence[int], from_step: int) -> "RecordingWriter":
         manifest = Recording.open(root).manifest
-        pool_sha256 = hashlib.sha256(_serialise(pool_tensors(batches, order))).hexdigest()
+        pool_sha256 = hashlib.sha256(safetensors_bytes(pool_tensors(batches, order))).hexdigest()
         expected = {**header, "pool": {"sha256": pool_sha256}}
         for field in IDENTITY_FIELDS:
             there, here = _field(manifest, field), _as_json(_field(expected, field))
@@ -431,7 +423,7 @@ class RecordingWriter:
             tensors[VAL_PREFIX + name] = self._to_store(value.detach().cpu(), value.numel())
         relative = f"{PROBE_DIR}/t{step:06d}_r{rank}.safetensors"
         # no metadata: safetensors writes its metadata map in hash order, which would make equal shards differ in bytes
-        return _write_file(self.root, relative, _serialise(tensors))
+        return _write_file(self.root, relative, safetensors_bytes(tensors))
 
     def add_step(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Record the unprojected facts of training step ``step`` (batch, lr, Adam hyperparameters), in order."""
@@ -639,7 +631,7 @@ class Recording:
             self.manifest["sensitivity"] = {**dict(info), **entry}
             atomic_write_json(self.root / MANIFEST, self.manifest)
 
-        _replace_named_file(self.root, self.manifest.get("sensitivity"), SENSITIVITY_FILE, _serialise(tensors),
+        _replace_named_file(self.root, self.manifest.get("sensitivity"), SENSITIVITY_FILE, safetensors_bytes(tensors),
                             publish)
 
     def files(self) -> list[Mapping[str, Any]]:

@@ -33,10 +33,4 @@ def __getattr__(name: str) -> Any:
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'lpl.prune' has no attribute {name!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name == module_name:
-            raise ImportError(f"lpl.prune.{name} needs {module_name}, which is not installed in this checkout.") from error
-        raise
-    return getattr(module, name)
+    return getattr(importlib.import_module(module_name), name)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lpl.prune.hardware import HardwareProfile, block_key, default_profile
+from lpl.prune.hardware import HardwareProfile, block_key, default_profile, dtype_name
 from lpl.utils.errors import LplError, run_script
 
 DEIT_LAYERS = {  # name -> (out_features, in_features)
@@ -168,6 +168,7 @@ def calibrate(
     with torch.inference_mode():
         dense_s = time_call(lambda: torch.nn.functional.linear(x, weight), device, repeats)
     base.dense_flops_per_s = 2.0 * max(tokens) * shape[0] * shape[1] / dense_s
+    base.dense_flops_by_dtype = {dtype_name(dtype): base.dense_flops_per_s}
     if device.type == "cuda" and measure_power:
         _measure_power(base, x, weight, device)
     return fit_profile(timings, dtype, base, f"calibrated-{_device_name(device)}")

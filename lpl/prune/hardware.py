@@ -7,8 +7,8 @@ retained blocks of its row, so
     energy  = launch_s * idle_power_w + (latency - launch_s) * active_power_w
 
 Both are monotone in the retained blocks (pruning more never predicts more time or energy). Block rows with no
-retained block are not launched. ``default_profile`` is analytic; ``calibrate`` fits the fields from timings of the
-real kernel (lpl/prune/calibrate.py).
+retained block are not launched. ``default_profile`` is analytic; ``lpl.prune.calibrate.calibrate`` fits the fields from timings
+of the real kernel.
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ _DEFAULT_BLOCK_EFFICIENCY = 0.6
 
 def block_key(block_size: tuple[int, int], dtype: torch.dtype | str) -> str:
     """Key of ``HardwareProfile.block_s``: ``"16x16/float32"``."""
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    return f"{int(block_size[0])}x{int(block_size[1])}/{name}"
+    return f"{int(block_size[0])}x{int(block_size[1])}/{dtype_name(dtype)}"
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``"float32"`` for ``torch.float32`` (names pass through): how profiles key their measurements."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -52,18 +56,23 @@ class HardwareProfile:
     launch_s: float
     row_s: float
     block_s: dict[str, float] = field(default_factory=dict)
-    dense_flops_per_s: float = 5e10
+    dense_flops_per_s: float = 5e10  # dense matmul throughput of a dtype with no entry in dense_flops_by_dtype
+    dense_flops_by_dtype: dict[str, float] = field(default_factory=dict)  # measured: {"float32": flop/s, ...}
     idle_power_w: float = 10.0
     active_power_w: float = 30.0
 
     def __post_init__(self) -> None:
         if self.device_type not in ("cpu", "cuda"):
             raise LplError(f"HardwareProfile.device_type must be 'cpu' or 'cuda', got {self.device_type!r}.")
-        if self.tile_m <= 0 or self.dense_flops_per_s <= 0:
-            raise LplError("HardwareProfile needs tile_m > 0 and dense_flops_per_s > 0.")
+        if self.tile_m <= 0 or min([self.dense_flops_per_s, *self.dense_flops_by_dtype.values()]) <= 0:
+            raise LplError("HardwareProfile needs tile_m > 0 and dense throughputs > 0.")
         if min(self.launch_s, self.row_s, *self.block_s.values(), 0.0) < 0 or self.active_power_w < self.idle_power_w:
             raise LplError("HardwareProfile costs must be >= 0 and active_power_w >= idle_power_w (else pruning "
                            "could predict more time or energy).")
+
+    def dense_throughput(self, dtype: torch.dtype | str) -> float:
+        """Dense matmul flop/s at ``dtype``: measured when calibrated at it, else ``dense_flops_per_s``."""
+        return self.dense_flops_by_dtype.get(dtype_name(dtype), self.dense_flops_per_s)
 
     def seconds_per_block(self, block_size: tuple[int, int], dtype: torch.dtype | str) -> float:
         """Cost of one retained block for one token tile; analytic from dense throughput when not calibrated."""
@@ -71,7 +80,7 @@ class HardwareProfile:
         if measured is not None:
             return measured
         flops = 2.0 * self.tile_m * block_size[0] * block_size[1]
-        return flops / (self.dense_flops_per_s * _DEFAULT_BLOCK_EFFICIENCY)
+        return flops / (self.dense_throughput(dtype) * _DEFAULT_BLOCK_EFFICIENCY)
 
     def _energy(self, latency_s: float | np.ndarray) -> float | np.ndarray:
         busy = np.maximum(latency_s - self.launch_s, 0.0)
@@ -101,14 +110,16 @@ class HardwareProfile:
         self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype | str
     ) -> tuple[float, float]:
         """(latency_s, energy_j) of the dense matmul: the baseline of predicted speedups."""
-        latency = self.launch_s + 2.0 * tokens * out_features * in_features / self.dense_flops_per_s
+        latency = self.launch_s + 2.0 * tokens * out_features * in_features / self.dense_throughput(dtype)
         return latency, float(self._energy(latency))
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the profile as JSON (atomically); read it back with :meth:`load`."""
         atomic_write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        """Read a profile :meth:`save` wrote; unknown fields or bad values are refused."""
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -134,8 +145,3 @@ def default_profile(device_type: str = "cpu") -> HardwareProfile:
             dense_flops_per_s=2e14, idle_power_w=70.0, active_power_w=350.0,
         )
     raise LplError(f"default_profile knows 'cpu' and 'cuda', got {device_type!r}.")
-
-
-def calibrate(device, **kwargs):  # measured profile; implemented with the real kernel in lpl/prune/calibrate.py
-    from lpl.prune.calibrate import calibrate as _calibrate
-    return _calibrate(device, **kwargs)

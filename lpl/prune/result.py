@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,12 +14,11 @@ from torch import nn
 
 from lpl.prune.blocks import block_grid, expand_block_mask
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_write_json, save_safetensors_atomic
+from lpl.utils.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 _TENSORS = "masks.safetensors"
 _META = "result.json"
 _FORMAT = "lpl.PruneResult/1"
-CURVE_FIELDS = ("distortion", "flops", "latency", "energy", "density")
 
 
 @dataclass
@@ -119,19 +119,35 @@ class PruneResult:
         return tensors, meta
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``path/masks.safetensors`` (masks, curves) and ``path/result.json`` (everything else)."""
+        """Write ``path/masks.safetensors`` (masks, curves), then ``path/result.json`` (everything else, with the
+        masks file's sha256): a save interrupted between the two leaves a pair that ``load`` refuses."""
         tensors, meta = self.to_state()
-        save_safetensors_atomic(tensors, Path(path) / _TENSORS)
-        atomic_write_json(Path(path) / _META, meta)
+        data = safetensors_bytes(tensors)
+        atomic_write_bytes(Path(path) / _TENSORS, data)
+        atomic_write_json(Path(path) / _META, {**meta, "masks_sha256": hashlib.sha256(data).hexdigest()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruneResult":
-        from safetensors.torch import load_file
+        """Read a result :meth:`save` wrote, checking that its two files belong together and are intact."""
+        from safetensors.torch import load
 
         path = Path(path)
         if not (path / _META).is_file() or not (path / _TENSORS).is_file():
             raise LplError(f"{path} is not a saved PruneResult (expected {_META} and {_TENSORS} inside).")
-        return cls.from_state(load_file(str(path / _TENSORS)), json.loads((path / _META).read_text(encoding="utf-8")))
+        try:
+            meta = json.loads((path / _META).read_text(encoding="utf-8"))
+            data = (path / _TENSORS).read_bytes()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LplError(f"cannot read the PruneResult in {path}: {error}.") from None
+        expected = meta.get("masks_sha256") if isinstance(meta, dict) else None
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise LplError(f"{path / _TENSORS} does not match {path / _META} (a save was interrupted, or the file was "
+                           "changed or truncated): save the result again.")
+        try:
+            tensors = load(data)
+        except Exception as error:  # safetensors raises its own error types for a damaged header or body
+            raise LplError(f"{path / _TENSORS} is not a readable safetensors file ({error}).") from None
+        return cls.from_state(tensors, meta)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "PruneResult":
@@ -160,8 +176,18 @@ class PruneResult:
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PruneResult":
-        if meta.get("format") != _FORMAT:
-            raise LplError(f"not a saved PruneResult: format {meta.get('format')!r}, expected {_FORMAT!r}.")
+        """The result :meth:`to_state` described (what ``save`` writes and a checkpoint stores)."""
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise LplError(f"not a saved PruneResult: format {meta.get('format') if isinstance(meta, dict) else None!r}"
+                           f", expected {_FORMAT!r}.")
+        try:
+            return cls._from_valid_state(tensors, meta)
+        except (KeyError, TypeError, ValueError) as error:
+            raise LplError(f"a saved PruneResult lacks or mistypes {error} (format {_FORMAT}): was it edited by "
+                           "hand? Save it again from the pruned model.") from None
+
+    @classmethod
+    def _from_valid_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PruneResult":
         block_size = tuple(meta["block_size"])
         shapes = {name: tuple(shape) for name, shape in meta["shapes"].items()}
         masks = {}

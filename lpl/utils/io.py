@@ -1,4 +1,5 @@
-"""Atomic, verified file writes: a kill at any instant leaves either the old file or the new one, never half."""
+"""Atomic file writes (a kill at any instant leaves either the old file or the new one, never half), safetensors
+serialisation, and argparse types for output paths and counts."""
 
 from __future__ import annotations
 
@@ -80,10 +81,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON with sorted keys."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -100,11 +103,22 @@ def atomic_save_figure(figure: Any, path: str | os.PathLike, dpi: int = 120) -> 
     return Path(path)
 
 
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise tensors as safetensors (contiguous CPU copies; metadata values must be strings). Tensors sharing
+    storage with an earlier one (tied weights) are copied: safetensors refuses shared storage."""
+    from safetensors.torch import save
+
+    payload, storages = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        payload[name] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
+    return save(payload, metadata=dict(metadata) if metadata else None)
+
+
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Save tensors as safetensors atomically (contiguous CPU copies; metadata values must be strings)."""
-    from safetensors.torch import save
-
-    payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    atomic_write_bytes(path, save(payload, metadata=dict(metadata) if metadata else None))
+    """Save tensors as a safetensors file atomically (see :func:`safetensors_bytes`)."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))

@@ -236,7 +236,7 @@ def test_rng_states_of_steps_are_kept_until_a_resume_replaces_those_steps(tmp_pa
 
 def test_rewriting_a_file_the_manifest_names_survives_a_kill_at_any_point(tmp_path, monkeypatch):
     """The RNG file is rewritten as steps add states: the new content goes under a new name, so a kill before the
-    manifest names it leaves the old manifest and its file intact (rewriting in place left a sha256 mismatch)."""
+    manifest names it leaves the old manifest and its file intact (rewriting in place would leave a sha256 mismatch)."""
     writer = _record(tmp_path, finish=False)
     writer.write_rng_state({"torch": torch.zeros(4, dtype=torch.uint8)}, 0)
 

@@ -47,3 +47,16 @@ def test_bad_profiles():
         default_profile("tpu")
     with pytest.raises(LplError):
         HardwareProfile(name="x", device_type="cpu", tile_m=64, launch_s=1e-5, row_s=-1.0)
+
+
+def test_dense_baseline_uses_the_throughput_measured_at_its_dtype(tmp_path):
+    profile = default_profile("cpu")
+    profile.dense_flops_by_dtype["bfloat16"] = profile.dense_flops_per_s / 4  # e.g. a CPU slow at bf16
+    fp32 = profile.predict_dense(256, 256, 1024, torch.float32)[0] - profile.launch_s
+    bf16 = profile.predict_dense(256, 256, 1024, torch.bfloat16)[0] - profile.launch_s
+    assert bf16 == pytest.approx(4 * fp32)
+    profile.save(tmp_path / "p.json")
+    assert HardwareProfile.load(tmp_path / "p.json").dense_flops_by_dtype == {"bfloat16": profile.dense_flops_per_s / 4}
+    profile.dense_flops_by_dtype["float16"] = 0.0
+    with pytest.raises(LplError, match="dense throughputs > 0"):
+        HardwareProfile(**{**profile.__dict__})

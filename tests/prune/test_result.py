@@ -28,3 +28,40 @@ def test_masks_cover_qkv_proj_fc1_fc2_and_skip_the_head_by_default(tiny_vit, bat
     with_head = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
     assert "model.head" in with_head.block_masks  # 10 x 32 head: ragged 8-row blocks
     assert with_head.block_masks["model.head"].shape == (2, 4)
+
+
+def test_load_refuses_a_pair_of_files_from_two_saves_or_a_damaged_one(tiny_vit, batches, tmp_path):
+    """Masks and metadata are two files: the metadata holds the masks file's sha256, so a save interrupted between
+    the two writes (new masks beside old metadata) or a truncated file is refused instead of read."""
+    import json
+    import shutil
+
+    import pytest
+
+    from lpl.utils.errors import LplError
+
+    half = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+    quarter = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.25)
+    half.save(tmp_path / "half")
+    quarter.save(tmp_path / "quarter")
+    shutil.copy(tmp_path / "quarter" / "masks.safetensors", tmp_path / "half" / "masks.safetensors")
+    with pytest.raises(LplError, match="does not match"):
+        PruneResult.load(tmp_path / "half")
+    data = (tmp_path / "quarter" / "masks.safetensors").read_bytes()
+    (tmp_path / "quarter" / "masks.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LplError, match="does not match"):
+        PruneResult.load(tmp_path / "quarter")
+    meta = json.loads((tmp_path / "quarter" / "result.json").read_text())
+    del meta["masks_sha256"], meta["shapes"]  # an older save (no checksum), edited by hand
+    (tmp_path / "quarter" / "result.json").write_text(json.dumps(meta))
+    with pytest.raises(LplError, match="not a readable safetensors file"):
+        PruneResult.load(tmp_path / "quarter")
+    quarter.save(tmp_path / "quarter")
+    meta = json.loads((tmp_path / "quarter" / "result.json").read_text())
+    del meta["shapes"]
+    (tmp_path / "quarter" / "result.json").write_text(json.dumps(meta))
+    with pytest.raises(LplError, match="lacks or mistypes 'shapes'"):
+        PruneResult.load(tmp_path / "quarter")
+    (tmp_path / "quarter" / "result.json").write_text("{not json")
+    with pytest.raises(LplError, match="cannot read the PruneResult"):
+        PruneResult.load(tmp_path / "quarter")
