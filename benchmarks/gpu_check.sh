@@ -90,8 +90,9 @@ timeout "$(limit 150)" python benchmarks/linearized_replay_speed.py --device cud
   --paths fused,eager $RETRAIN 2>&1 | tee -a "$LOG" | tee "$RESULTS/linearized_replay_speed_${SLUG}.txt"
 
 say "4. kernel tests (compiled)"
-timeout "$(limit 100)" python -m pytest tests/kernels -q -x -p no:cacheprovider --ignore-glob="tests/kernels/test_cpu_*" \
-  --deselect tests/kernels/test_calibrate.py::test_cpu_calibration_and_validation_run_on_the_real_kernel 2>&1 | tail -15 | tee -a "$LOG"
+timeout "$(limit 100)" python -m pytest tests/kernels tests/prune/test_export.py tests/prune/test_calibrate.py \
+  tests/test_telemetry.py -q -x -p no:cacheprovider --ignore-glob="tests/kernels/test_cpu_*" \
+  --deselect tests/prune/test_calibrate.py::test_cpu_calibration_and_validation_run_on_the_real_kernel 2>&1 | tail -15 | tee -a "$LOG"
 
 say "5. kernel benchmark"
 timeout "$(limit 200)" python benchmarks/kernels.py --preset gpu-check 2>&1 | tee -a "$LOG" | grep -E "^\| deit|written|Error|error" | tail -45

@@ -37,6 +37,7 @@ from lpl.prune.curves import measure_layer_distortion
 from lpl.utils.stats import rank_correlation
 from lpl.utils.loss import module_loss
 from lpl.utils.errors import run_script
+from lpl.utils.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 # The demo recipe of configs/mnist_vit.yaml (93.3% validation accuracy through `lpl fit`).
@@ -214,7 +215,7 @@ def write_table(args, dense_acc: float, rows: list, correlation, partial: bool) 
     if partial:
         lines.insert(1, "\n**Partial: the run was still going when this was written; rows below are the finished ones.**")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 

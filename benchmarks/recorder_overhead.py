@@ -24,6 +24,7 @@ from lpl.data import MNIST5kDataModule, TextCorpusDataModule
 from lpl.models import CausalLM, ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, quantities
 from lpl.utils.errors import run_script
+from lpl.utils.io import atomic_write_text
 
 
 class StepTimer(L.Callback):
@@ -174,7 +175,7 @@ def main() -> None:
     print(json.dumps(rows, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from lpl.utils.errors import LplError
@@ -31,7 +32,7 @@ def _default_wandb_offline() -> None:
     if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
         return
     netrc = os.path.expanduser("~/.netrc")
-    if os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read():
+    if os.path.isfile(netrc) and "api.wandb.ai" in Path(netrc).read_text(encoding="utf-8", errors="ignore"):
         return
     os.environ["WANDB_MODE"] = "offline"
 

@@ -18,3 +18,16 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN never passes)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    return err if err == err else float("inf")
+
+
+@pytest.fixture
+def rel_err():
+    """``rel_err(out, reference)``: relative error in float64, inf for NaN."""
+    return _relative_error

@@ -37,26 +37,6 @@ class ResumableDataLoader(DataLoader):
         self.batch_sampler.load_state_dict(state)
 
 
-def restore_loader_position(trainer: L.Trainer) -> bool:
-    """Give the train loader the position a resumed checkpoint saved, when Lightning dropped it; True if it did.
-
-    Lightning builds the train loader early when ``trainer.estimated_stepping_batches`` is read before the checkpoint's
-    loop state is restored (in ``configure_optimizers`` or ``on_fit_start``, as Lightning's own docs suggest for
-    schedulers); it then never hands the loader its saved state and a mid-epoch resume trains the epoch's first
-    batches again (https://github.com/Lightning-AI/pytorch-lightning/issues/20550). Called from ``on_train_start`` (after the restore, before the first
-    batch is drawn for training), it loads that state and restarts the loader's iterator there. It reads Lightning's
-    private loop attributes and does nothing when they are not there.
-    """
-    fit_loop = trainer.fit_loop
-    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    if not pending or fetcher is None or getattr(fit_loop, "_combined_loader", None) is None:
-        return False
-    fit_loop._load_combined_loader_states()
-    iter(fetcher)  # the iterator built before the restore started at the epoch's first batch
-    return True
-
-
 class IndexedDataModule(L.LightningDataModule):
     """Base for the example DataModules.
 

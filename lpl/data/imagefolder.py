@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,6 +12,9 @@ from torch.utils.data import Dataset
 
 from lpl.data.base import IndexedDataModule
 from lpl.utils.errors import LplError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # what torchvision's ImageFolder reads (its IMG_EXTENSIONS), so the layout check counts the same files
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}

@@ -17,16 +17,10 @@ import numbers
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lpl.utils.errors import LplError
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from lpl.utils.trainer import rank_and_world
 
 
 def _rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
@@ -61,7 +55,7 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         return len(self.global_batches(self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         if self._consumed and not self._restored:
             # the last pass was abandoned (Lightning stops after the epoch's last batch, or earlier under
             # limit_train_batches, without exhausting us): this pass is the next epoch, from its first batch

@@ -18,13 +18,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lpl.data.base import restore_loader_position
 from lpl.order import quantities
 from lpl.order.projection import PROJECTION_KINDS, Projector
 from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_signature
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
+from lpl.utils.trainer import rank_and_world, restore_loader_position
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:
@@ -45,12 +45,6 @@ def _differing_hyperparameters(groups: Sequence[Mapping[str, Any]]) -> list[str]
 # an fsynced rewrite per step would cost more than the step on small models. Steps not yet in the manifest at a
 # crash are never behind the last checkpoint, and the resumed run records them again.
 FLUSH_SECONDS = 30.0
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _json_safe(value: Any) -> Any:
@@ -397,7 +391,7 @@ class TrainOrderRecorder(L.Callback):
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         signature = parameter_signature((n, p.shape) for n, p in named)
         self._projector = Projector(signature["num_params"], self.proj_dim, self.seed, self.projection_kind)
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         header = self._header(trainer, pl_module, optimizer, signature, world)
         if trainer.datamodule is None:
             rank_zero_warn(
@@ -504,7 +498,7 @@ class TrainOrderRecorder(L.Callback):
         if not self._data_checked:
             self._check_data_repeats(trainer, batch, step)
             self._data_checked = True
-        if _rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             states = step_rng_state(pl_module.device)
             if self._rng_after_step is None or not _same_states(states, self._rng_after_step):
                 # validation, a new epoch's loader or a resume drew from the generators since the last step:
@@ -512,7 +506,7 @@ class TrainOrderRecorder(L.Callback):
                 self._writer.write_rng_state(states, step)
         if step % self.probe_every_n_steps == 0:
             self._probe(trainer, pl_module, step)
-        elif _rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
+        elif rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
             self._writer.flush()
 
     def _after_adam_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -527,7 +521,7 @@ class TrainOrderRecorder(L.Callback):
                 f"at step {step} the optimizer's param groups differ in {', '.join(differing)} "
                 f"({[g[differing[0]] for g in groups]}): a schedule moved them apart, but retraining and every estimate "
                 "take one lr, betas and eps for all parameters; schedule every group alike.")
-        if _rank_and_world()[0] != 0:
+        if rank_and_world()[0] != 0:
             return
         group, betas = groups[0], groups[0]["betas"]
         hyper = {"lr": float(group["lr"]), "beta1": float(betas[0]), "beta2": float(betas[1]),
@@ -556,7 +550,7 @@ class TrainOrderRecorder(L.Callback):
                 f"the optimizer skipped step {trainer.global_step - 1} (the fp16 GradScaler found inf/nan gradients, "
                 "or a hook skipped optimizer.step): a recording needs every step Adam takes, one per batch; record in "
                 "bf16-mixed or 32-true precision, where no step is skipped.")
-        if _rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             self._rng_after_step = step_rng_state(pl_module.device)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -567,7 +561,7 @@ class TrainOrderRecorder(L.Callback):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        if self._writer is not None and _rank_and_world()[0] == 0:
+        if self._writer is not None and rank_and_world()[0] == 0:
             self._writer.release()  # a resume in this process may write again
         self._writer = None
 
@@ -577,7 +571,7 @@ class TrainOrderRecorder(L.Callback):
         finished = trainer.global_step == self._total_steps
         if finished:
             self._probe(trainer, pl_module, self._total_steps)
-        if _rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             if finished:
                 self._writer.finish()
             else:
@@ -597,7 +591,7 @@ class TrainOrderRecorder(L.Callback):
         # and the end of the recording, if the first run died before them, would stay missing without a word.
         if self._started:
             return
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         error = self._unfinished_recording(trainer) if rank == 0 else None
         if world > 1:  # every rank stops, not rank 0 alone
             errors: list[str | None] = [None] * world
@@ -619,7 +613,7 @@ class TrainOrderRecorder(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # the checkpoint must never be ahead of the recording, or a resume would leave a gap
-        if self._writer is not None and _rank_and_world()[0] == 0:
+        if self._writer is not None and rank_and_world()[0] == 0:
             self._writer.flush()
 
     # ---- probing
@@ -631,7 +625,7 @@ class TrainOrderRecorder(L.Callback):
             )
         if step >= len(self._order):
             raise LplError(f"step {step} is past the {len(self._order)} steps the run planned; do not change max_steps.")
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         planned = self._pool[self._order[step]]
         share = len(planned) // world
         planned_slice = planned[rank * share : (rank + 1) * share]
@@ -697,7 +691,7 @@ class TrainOrderRecorder(L.Callback):
         return source.dataloader() if source is not None and source.is_defined() else None
 
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         params = [p for p in pl_module.parameters() if p.requires_grad]
         grads = [p.grad for p in params]
         modes = [m.training for m in pl_module.modules()]

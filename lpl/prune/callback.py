@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lpl.data.base import restore_loader_position
+from lpl.utils.trainer import restore_loader_position
 from lpl.prune.api import check_options, prune_model
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size

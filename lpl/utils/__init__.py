@@ -1,4 +1,5 @@
-"""Small helpers shared by the method packages: atomic I/O, user-facing errors, the loss protocol."""
+"""Small helpers shared by the method packages, one submodule each: ``io`` (atomic writes), ``errors``
+(user-facing errors), ``loss`` (the loss protocol), ``loggers``, ``stats``, ``weights``, ``trainer``."""
 
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss

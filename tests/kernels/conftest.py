@@ -13,13 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN never passes)."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    return err if err == err else float("inf")
-
-
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # fp32 through tensor cores uses TF32 on GPU when cuBLAS may (torch.backends.cuda.matmul.allow_tf32)
 if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:
@@ -30,11 +23,6 @@ if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:
 def triton_device() -> str:
     """Where the Triton kernels run in this session: 'cuda', or 'cpu' under the interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def rel_err():
-    return _relative_error
 
 
 @pytest.fixture

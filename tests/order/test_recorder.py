@@ -10,7 +10,7 @@ from lpl.order import Recording, TrainOrderRecorder, quantities
 from lpl.order.projection import Projector
 from lpl.utils.errors import LplError
 
-from test_recorder_support import TinyDataModule, TinyNet, trainer_kwargs
+from recorder_support import TinyDataModule, TinyNet, trainer_kwargs
 
 
 @pytest.fixture(autouse=True)

@@ -10,17 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import test_recorder_support
+import recorder_support
 import torch
 
 from lpl.order import Recording
 
-SCRIPT = Path(__file__).with_name("test_recorder_support.py")
+SCRIPT = Path(__file__).with_name("recorder_support.py")
 
 
 def test_two_gloo_ranks_record_what_one_process_records(tmp_path):
     threads = torch.get_num_threads()
-    test_recorder_support.main(["--dirpath", str(tmp_path / "one" / "rec"), "--ckpt-dir", str(tmp_path / "one" / "ckpt")])
+    recorder_support.main(["--dirpath", str(tmp_path / "one" / "rec"), "--ckpt-dir", str(tmp_path / "one" / "ckpt")])
     torch.set_num_threads(threads)
     cmd = [sys.executable, str(SCRIPT), "--dirpath", str(tmp_path / "two" / "rec"), "--ckpt-dir",
            str(tmp_path / "two" / "ckpt"), "--devices", "2"]

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_recorder_support
+import recorder_support
 import torch
 
 from lpl.order import Recording
 
-SCRIPT = Path(__file__).with_name("test_recorder_support.py")
+SCRIPT = Path(__file__).with_name("recorder_support.py")
 HOOKS = ("batch_start", "before_optimizer_step", "batch_end")
 
 
@@ -34,7 +34,7 @@ def reference(tmp_path_factory):
     """The uninterrupted run, in this process (same seeds, one thread: the same bits as a subprocess)."""
     tmp = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()
-    test_recorder_support.main(["--dirpath", str(tmp / "rec"), "--ckpt-dir", str(tmp / "ckpt")])
+    recorder_support.main(["--dirpath", str(tmp / "rec"), "--ckpt-dir", str(tmp / "ckpt")])
     torch.set_num_threads(threads)
     return Recording.open(tmp / "rec")
 

@@ -1,6 +1,6 @@
 """Tiny model, datamodule and a command-line training run shared by the recorder tests (no tests in here).
 
-``python tests/order/test_recorder_support.py --dirpath D --ckpt-dir C [--resume] [--kill-at STEP:HOOK] [--devices 2]``
+``python tests/order/recorder_support.py --dirpath D --ckpt-dir C [--resume] [--kill-at STEP:HOOK] [--devices 2]``
 trains TinyNet on TinyDataModule with a TrainOrderRecorder and a per-2-step ModelCheckpoint (last.ckpt).
 """
 

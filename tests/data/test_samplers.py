@@ -41,10 +41,10 @@ def test_ranks_get_contiguous_slices_of_every_global_batch(monkeypatch):
     sampler = OrderedBatchSampler([[0, 1, 2, 3], [4, 5, 6, 7]])
     slices = []
     for rank in range(2):
-        monkeypatch.setattr(samplers, "_rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(samplers, "rank_and_world", lambda rank=rank: (rank, 2))
         slices.append(list(sampler))
     assert slices == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
-    monkeypatch.setattr(samplers, "_rank_and_world", lambda: (0, 3))
+    monkeypatch.setattr(samplers, "rank_and_world", lambda: (0, 3))
     with pytest.raises(LplError, match="divisible by the number of devices"):
         list(OrderedBatchSampler([[0, 1, 2, 3]]))
 
