@@ -29,8 +29,11 @@ class MaskHandle:
         self._watch_gradients()
 
     def _watch_gradients(self) -> None:
+        # a frozen weight has no gradient to mask (torch refuses the hook); unfrozen later, the watched optimizers'
+        # post-step enforce still keeps its pruned blocks zero
         for param in self.masks:
-            self._hooks.append(param.register_hook(_MaskGradient(self, param)))
+            if param.requires_grad:
+                self._hooks.append(param.register_hook(_MaskGradient(self, param)))
 
     def __getstate__(self) -> dict:
         return {"masks": dict(self.masks)}

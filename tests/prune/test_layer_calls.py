@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpl.prune import apply_masks, prune_model, to_block_sparse
+from lpl.prune.blocks import expand_block_mask
 from lpl.prune.api import select_layers
 from lpl.prune.importance import collect_statistics
 from lpl.utils.errors import LplError
@@ -85,6 +86,17 @@ def test_empty_batches_are_skipped_and_a_frozen_first_layer_is_still_pruned():
     assert all(torch.equal(result.block_masks[n], reference.block_masks[n]) for n in result.block_masks)
     with pytest.raises(LplError, match="no batches"):
         prune_model(model, _batches(2, size=0), block_size=(8, 8), flops_keep=0.5)
+    # masks apply to it (no gradient to watch) and the rest trains with its blocks kept zero
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    apply_masks(model, result, optimizers=[optimizer])
+    pruned = ~expand_block_mask(result.block_masks["inp"], tuple(model.inp.weight.shape), (8, 8))
+    assert model.inp.weight[pruned].eq(0).all() and pruned.any()
+    for batch in batches:
+        optimizer.zero_grad()
+        module_loss(model, batch).backward()
+        optimizer.step()
+    fc1_pruned = ~expand_block_mask(result.block_masks["fc1"], tuple(model.fc1.weight.shape), (8, 8))
+    assert model.fc1.weight[fc1_pruned].eq(0).all() and model.inp.weight[pruned].eq(0).all()
 
 
 class Tied(TokenMLP):
