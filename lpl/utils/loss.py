@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -38,12 +39,15 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     """Scalar training loss of ``module`` on ``batch``.
 
     Uses ``module.loss(batch)`` when the module defines it (every ``lpl`` example does), else
-    ``module.training_step(batch, 0)``, which may return a tensor or a dict holding ``"loss"``. Whatever either
-    logs with ``self.log`` is dropped: these are probes, not training steps. Other side effects of a training_step
-    (a torchmetrics update, a counter) happen on probes too: a module with such a step should define ``loss``.
+    ``module.training_step(batch, 0)``, which may return a tensor or a dict holding ``"loss"``. A ``loss`` that is a
+    criterion module (``self.loss = nn.CrossEntropyLoss()``) or a method taking other arguments (``loss(logits,
+    target)``) is not that protocol: the training step is used then. Whatever either logs with ``self.log`` is
+    dropped: these are probes, not training steps. Other side effects of a training_step (a torchmetrics update, a
+    counter) happen on probes too: a module with such a step should define ``loss``.
     """
-    if callable(getattr(module, "loss", None)):
-        step, args = module.loss, (batch,)
+    batch_loss = _batch_loss_method(module)
+    if batch_loss is not None:
+        step, args = batch_loss, (batch,)
     elif callable(getattr(module, "training_step", None)):
         step, args = module.training_step, (batch, 0)
     else:
@@ -61,6 +65,20 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
             f"got {type(out).__name__}; return the mean loss of the batch."
         )
     return out
+
+
+def _batch_loss_method(module: nn.Module) -> Any:
+    """``module.loss`` when it is a method callable with one batch, else None."""
+    loss = getattr(module, "loss", None)
+    if not callable(loss) or isinstance(loss, nn.Module):
+        return None
+    try:
+        inspect.signature(loss).bind(None)
+    except TypeError:  # needs other arguments: a helper such as loss(logits, target)
+        return None
+    except ValueError:  # no signature to read (a builtin): take it at its word
+        return loss
+    return loss
 
 
 def to_module(batch: Any, module: nn.Module) -> Any:
