@@ -3,17 +3,21 @@
 Each source in ``csrc/`` is one ``CompiledLibrary`` (``BLOCK_SPARSE``, ``ADAM_REPLAY``). Its shared library is
 cached under ``$LPL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lpl`` or ``~/.cache/lpl``) in ``cpu_kernels/``, named by
 a hash of the source, compiler, flags and CPU, and written under a temporary name then renamed, so concurrent
-processes (pytest-xdist, DDP ranks) never load a half-written file. Without a working C compiler the caller falls
+processes (pytest-xdist, DDP ranks) never load a half-written file; a cached file whose sha256 differs from
+the one its build recorded, or that does not load, is built again.
+When that folder is not writable, a temp folder only this user can write to is used. Without a working C compiler the caller falls
 back to the pure-torch path; ``CompiledLibrary.load`` says so once through ``warnings``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -45,8 +49,32 @@ def cache_dir() -> Path:
             return preferred
     except OSError:
         pass
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"lpl-{uid}" / "cpu_kernels"
+    return _private_temp_dir()
+
+
+_process_temp_dir: Path | None = None
+
+
+def _private_temp_dir() -> Path:
+    """``$TMPDIR/lpl-<uid>/cpu_kernels`` when that folder is this user's alone (libraries in it get loaded, so a
+    folder another user could write to must not be trusted), else a fresh private folder for this process."""
+    global _process_temp_dir
+    if hasattr(os, "getuid"):
+        shared = Path(tempfile.gettempdir()) / f"lpl-{os.getuid()}"
+        try:
+            shared.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(shared)
+            private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+            if private:
+                (shared / "cpu_kernels").mkdir(mode=0o700, exist_ok=True)
+                info = os.lstat(shared / "cpu_kernels")
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+                    return shared / "cpu_kernels"
+        except OSError:
+            pass
+    if _process_temp_dir is None:
+        _process_temp_dir = Path(tempfile.mkdtemp(prefix="lpl-kernels-"))  # 0700, removed by the OS's temp cleanup
+    return _process_temp_dir
 
 
 def _find_compiler() -> str | None:
@@ -67,7 +95,8 @@ def _cpu_signature() -> str:
 
 
 def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> None:
-    """Compile to a temporary file next to ``target`` and rename it into place (atomic)."""
+    """Compile to a temporary file next to ``target``, rename it into place (atomic), then record its sha256 beside
+    it (``_intact`` checks it before loading)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -79,10 +108,28 @@ def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> Non
             stderr=subprocess.PIPE,
             timeout=120,
         )
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(digest)
+    os.replace(tmp, _digest_path(target))
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is the file its build recorded: loading a damaged one (truncated by a full disk, say)
+    can kill the process with SIGBUS inside the dynamic loader, past any error handling."""
+    try:
+        return hashlib.sha256(library.read_bytes()).hexdigest() == _digest_path(library).read_text().strip()
+    except OSError:
+        return False
 
 
 def _declare_block_sparse(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -126,6 +173,20 @@ def _declare_adam_replay(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _declared(declare: Callable[[ctypes.CDLL], ctypes.CDLL], path: Path) -> ctypes.CDLL:
+    """Load ``path`` and declare its functions; a library without them is unloaded again, so that the file built
+    in its place is read (the dynamic loader would hand back the loaded one for the same path)."""
+    library = ctypes.CDLL(str(path))
+    try:
+        return declare(library)
+    except AttributeError:
+        with contextlib.suppress(Exception):  # platforms without dlclose keep it loaded
+            import _ctypes
+
+            _ctypes.dlclose(library._handle)
+        raise
+
+
 class CompiledLibrary:
     """One C source of ``csrc/``, compiled and loaded at first use (thread-safe), or None after one warning."""
 
@@ -142,22 +203,35 @@ class CompiledLibrary:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC or install gcc)")
         source_path = _SOURCES / f"{self.name}.c"
-        source = source_path.read_bytes()
         errors = []
         for arch in _ARCH_FLAGS:
             flags = _BASE_FLAGS + self.extra_flags + arch
-            key = hashlib.sha256(
-                b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()])
-            ).hexdigest()[:20]
-            target = cache_dir() / f"{self.name}_{key}.so"
+            target = self.cached_path(compiler, flags)
             try:
-                if not target.exists():
-                    _compile(compiler, flags, source_path, target)
-                return self.declare(ctypes.CDLL(str(target)))
-            except (OSError, subprocess.SubprocessError) as exc:
+                return self._load_or_build(compiler, flags, source_path, target)
+            except (OSError, AttributeError, subprocess.SubprocessError) as exc:
                 detail = getattr(exc, "stderr", b"") or b""
                 errors.append(f"{' '.join(flags)}: {exc} {detail.decode(errors='replace')[:500]}")
         raise RuntimeError("; ".join(errors))
+
+    def cached_path(self, compiler: str, flags: list[str]) -> Path:
+        """Where the library built by ``compiler`` with ``flags`` is cached (named by everything it depends on)."""
+        source = (_SOURCES / f"{self.name}.c").read_bytes()
+        key = hashlib.sha256(
+            b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()])
+        ).hexdigest()[:20]
+        return cache_dir() / f"{self.name}_{key}.so"
+
+    def _load_or_build(self, compiler: str, flags: list[str], source_path: Path, target: Path) -> ctypes.CDLL:
+        """Load the cached library; one that is not the file its build recorded, does not load or lacks a function
+        (a damaged or foreign file) is built again in its place. AttributeError: ctypes' missing-function error."""
+        if _intact(target):
+            try:
+                return _declared(self.declare, target)
+            except (OSError, AttributeError):
+                target.unlink(missing_ok=True)
+        _compile(compiler, flags, source_path, target)
+        return _declared(self.declare, target)
 
     def load(self) -> ctypes.CDLL | None:
         """The compiled library, building it on first use; None (after one warning) when that is impossible."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -18,7 +19,9 @@ except ImportError:  # package not installed: run from the repo root with PYTHON
 
 from lpl.utils.errors import LplError
 
-BACKENDS = ["compiled", "torch"]
+# without a C compiler the compiled path cannot be built (lpl falls back to torch with a warning; tested below)
+needs_compiler = pytest.mark.skipif(_build._find_compiler() is None, reason="no C compiler: the kernel cannot be built")
+BACKENDS = [pytest.param("compiled", marks=needs_compiler), "torch"]
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -244,11 +247,39 @@ def test_no_compiler_falls_back_with_one_warning(fresh_library):
         cpu.block_sparse_linear_cpu(x, values.float(), row_ptr, col_idx, 48, (16, 16), backend="compiled")
 
 
+@needs_compiler
 def test_library_is_built_into_the_cache_atomically(fresh_library):
     tmp_path = fresh_library(_build.BLOCK_SPARSE)
     assert cpu.compiled_kernel_available()
     files = sorted(p.name for p in (tmp_path / "cpu_kernels").iterdir())
-    assert len(files) == 1 and files[0].startswith("block_sparse_") and files[0].endswith(".so")
+    assert len(files) == 2 and files[0].startswith("block_sparse_") and files[0].endswith(".so")
+    assert files[1] == files[0] + ".sha256"
+
+
+@needs_compiler
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_damaged_or_foreign_cached_library_is_built_again(fresh_library, damage):
+    """A cached file that does not load (truncated) or lacks the kernel's functions (another library under its
+    name) was kept: the portable build was used from then on, or the process crashed on the missing symbol."""
+    tmp_path = fresh_library(_build.BLOCK_SPARSE)
+    compiler = _build._find_compiler()
+    flags = _build._BASE_FLAGS + _build._ARCH_FLAGS[0]
+    cached = _build.BLOCK_SPARSE.cached_path(compiler, flags)
+    if damage == "truncated":  # after its digest was recorded (loading it would kill the process with SIGBUS)
+        _build._compile(compiler, flags, _build._SOURCES / "block_sparse.c", cached)
+        cached.write_bytes(cached.read_bytes()[: len(cached.read_bytes()) // 3])
+    else:
+        source = tmp_path / "other.c"
+        source.write_text("int lpl_unrelated(void) { return 1; }\n")
+        _build._compile(compiler, ["-shared", "-fPIC"], source, cached)  # its digest is recorded: it loads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the library was built again
+        assert cpu.compiled_kernel_available()
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name, cached.name + ".sha256"]
+    w, values, row_ptr, col_idx, _ = make_weight(48, 40, (16, 16))
+    x = torch.randn(9, 40)
+    y = cpu.block_sparse_linear_cpu(x, values.float(), row_ptr, col_idx, 48, (16, 16), backend="compiled")
+    assert_close(y, x.double() @ w.T, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -296,6 +327,7 @@ def test_backward_pieces_reject_bad_input():
         cpu.grad_values_cpu(torch.randn(5, 64).half(), x, row_ptr, col_idx, (16, 16))
 
 
+@needs_compiler
 def test_packed_weight_gives_the_same_results():
     out_features, in_features, block_size = 100, 72, (32, 24)
     w, values, row_ptr, col_idx, _ = make_weight(out_features, in_features, block_size)
@@ -334,8 +366,17 @@ def test_out_buffer_is_filled_and_returned(backend, dtype):
         cpu.block_sparse_linear_cpu(x, values.to(dtype), row_ptr, col_idx, out_features, block_size, out=out.T)
 
 
-def test_unwritable_cache_dir_falls_back_to_temp(monkeypatch, tmp_path):
+def test_unwritable_cache_dir_falls_back_to_a_temp_dir_only_this_user_can_write(monkeypatch, tmp_path):
     blocked = tmp_path / "file_not_dir"
     blocked.write_text("")
     monkeypatch.setenv("LPL_CACHE_DIR", str(blocked))
-    assert _build.cache_dir().parent.name.startswith("lpl-")
+    monkeypatch.setattr(_build.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(_build, "_process_temp_dir", None)
+    folder = _build.cache_dir()
+    assert folder == tmp_path / f"lpl-{os.getuid()}" / "cpu_kernels"
+    assert not folder.stat().st_mode & 0o077 and not folder.parent.stat().st_mode & 0o077
+    # libraries in it get loaded: a folder others may write to (another user made it first, say) is not used
+    folder.parent.chmod(0o777)
+    private = _build.cache_dir()
+    assert private != folder and private.parent == tmp_path and not private.stat().st_mode & 0o077
+    assert _build.cache_dir() == private  # one per process
