@@ -218,6 +218,10 @@ def prune_model(
         else:
             removed = allocate_dp(hardware_objectives([curves[n] for n in names], round_keep, lambda_power),
                                   flops, allowed, budget, strict=final)
+        if not final and sum(float(f[r]) for f, r in zip(flops, removed)) < float(flops_keep) * total * (1 - 1e-9):
+            # block granularity put this round below the final budget, and its removals would be final: the last
+            # round prunes from here instead (one-round pruning meets budgets this round cannot land above)
+            removed = [int((~masks[n]).sum()) if n in masks else 0 for n in names]
         masks = broadcast_masks({n: curves[n].mask(r, block_grid(stats[n].shape, block_size))
                                  for n, r in zip(names, removed)})
     return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,

@@ -108,3 +108,13 @@ def test_a_budget_of_everything_keeps_everything(seed):
     assert allocate_dp(objectives, flops, allowed, total) == [0, 0, 0]
     allowed[1][0] = False  # an earlier round removed blocks there: the most it may keep is point 1
     assert allocate_dp(objectives, flops, allowed, total - float(flops[1][0] - flops[1][1])) == [0, 1, 0]
+
+
+def test_a_budget_one_round_meets_is_met_in_two_rounds_too(tiny_vit, batches):
+    """The first of two rounds (budget flops_keep^(1/2)) may land, by block granularity, below the final budget, and
+    its removals are final: 0.995 was refused in two rounds though one round meets it. Such a round now removes
+    nothing and the last round prunes from the dense model, as one round does."""
+    one = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.995, stages=1)
+    two = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.995, stages=2)
+    assert two.flops_keep == one.flops_keep
+    assert all(torch.equal(two.block_masks[name], mask) for name, mask in one.block_masks.items())
