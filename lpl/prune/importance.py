@@ -97,8 +97,10 @@ def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor | None:
     its leading dim is not the batch's (a table every sample shares, say: no per-sample gradient exists there).
 
     Inputs are batch-major ([B, T, C], [B * T, C], Swin's [B * windows, N, C]); a sequence-first [T, B, C] input is
-    recognised by its second dim when its first is not a multiple of the batch."""
-    if x.ndim >= 3 and x.shape[0] % samples and x.shape[1] == samples:
+    recognised by its second dim when its first is not a multiple of the batch. A leading dim of 1 is a table
+    (SwinV2's [1, H, W, 2] position table), not a sequence of one: read as one, a table whose size happened to equal
+    the batch's passed as per-sample rows."""
+    if x.ndim >= 3 and x.shape[0] > 1 and x.shape[0] % samples and x.shape[1] == samples:
         x = x.movedim(1, 0)
     if x.ndim == 1 or x.shape[0] % samples:
         return None

@@ -166,8 +166,9 @@ class SharedTable(TokenMLP):
         return self.fc2(torch.tanh(self.fc1(h))).mean(1)
 
 
-def test_a_layer_fed_a_table_the_batch_shares_stays_dense_by_default_and_is_an_error_when_named():
-    model, batches = SharedTable(), _batches()
+@pytest.mark.parametrize("batch_size", [6, TOKENS])  # TOKENS: the table [1, TOKENS, C] looked sequence-first
+def test_a_layer_fed_a_table_the_batch_shares_stays_dense_by_default_and_is_an_error_when_named(batch_size):
+    model, batches = SharedTable(), _batches(size=batch_size)
     with pytest.warns(UserWarning, match="without rows per sample"):
         result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
     assert "bias_mlp" not in result.block_masks and "fc1" in result.block_masks
