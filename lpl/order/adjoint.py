@@ -207,6 +207,8 @@ class _StateCapture(L.Callback):
         self.modes: list[bool] = []
         self.running: list[Tensor] = []  # BatchNorm running statistics, as theta
         self.momenta: list[Tensor] = []  # the weight each step gives its batch statistics in them
+        # every other buffer, as theta (a buffer unchanged since the last step is the same tensor: no copy)
+        self.buffers: list[dict[str, Tensor]] = []
         self.forward: Callable[[], Any] = contextlib.nullcontext  # the precision context training ran in
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -216,6 +218,17 @@ class _StateCapture(L.Callback):
         self.exp_avg.append(_flat([state.get(p, {}).get("exp_avg", torch.zeros_like(p)) for p in params]))
         self.exp_avg_sq.append(_flat([state.get(p, {}).get("exp_avg_sq", torch.zeros_like(p)) for p in params]))
         self.running.append(norm_statistics.running_statistics(pl_module))
+        previous = self.buffers[-1] if self.buffers else {}
+        buffers = {}
+        for name, buffer in _other_buffers(pl_module):
+            kept = previous.get(name)
+            buffers[name] = kept if kept is not None and torch.equal(kept, buffer) else buffer.detach().clone()
+        self.buffers.append(buffers)
+
+    def changed_buffers(self) -> list[str]:
+        """Buffers (other than BatchNorm statistics) whose value training changed."""
+        return [name for name in self.buffers[0] if any(step[name] is not self.buffers[0][name]
+                                                       for step in self.buffers[1:])]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._capture(trainer, pl_module)
@@ -226,6 +239,19 @@ class _StateCapture(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._capture(trainer, pl_module)
+
+
+def _other_buffers(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """Named buffers except BatchNorm running statistics (``norm_statistics`` models those)."""
+    statistics = {id(t) for m in norm_statistics.tracked_norms(model) for t in (m.running_mean, m.running_var)}
+    return [(name, buffer) for name, buffer in model.named_buffers() if id(buffer) not in statistics]
+
+
+def _load_buffers(model: torch.nn.Module, values: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, buffer in _other_buffers(model):
+            if name in values:
+                buffer.copy_(values[name])
 
 
 def _weight_decay(optimizer: dict[str, Any], params: list[Tensor]) -> float | Tensor:
@@ -315,6 +341,13 @@ def record_sensitivities(
             "library version); the tables describe the re-run.",
             stacklevel=2,
         )
+    changed = capture.changed_buffers()
+    if changed:
+        warnings.warn(
+            f"training changed the buffers {changed[:3]}{' and more' if len(changed) > 3 else ''}: every reference "
+            "step's gradients use their values at that step, and every order is estimated with them (how the order "
+            "would change them is not modelled, as it is for BatchNorm statistics); check the estimates against "
+            "retrained orders (`lpl check-methods`).", stacklevel=2)
     optimizer = recording.manifest.get("optimizer", {})
     trajectory = Trajectory(
         theta=torch.stack(capture.theta), exp_avg=torch.stack(capture.exp_avg),
@@ -330,8 +363,10 @@ def record_sensitivities(
     model.eval()
 
     def load_step(t: int) -> None:
-        """The reference run's weights and BatchNorm running statistics before step t (after the last at T)."""
+        """The reference run's weights, buffers and BatchNorm running statistics before step t (after the last at
+        T)."""
         _load(trajectory.theta[t], params)
+        _load_buffers(model, capture.buffers[t])
         norm_statistics.load_running_statistics(model, capture.running[t].to(device))
 
     def gradients_at(

@@ -77,6 +77,33 @@ def test_sensitivity_data_hold_the_gradients_training_computed(noisy_recording, 
                                atol=1e-4, rtol=0)
 
 
+class CentringClassifier(TinyClassifier):
+    """Centres its inputs with a running mean it keeps in a buffer (not a BatchNorm), updated in training mode."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("input_mean", torch.zeros(64))
+
+    def loss(self, batch):
+        images = batch["image"]
+        if self.training:
+            with torch.no_grad():
+                self.input_mean.lerp_(images.mean(0), 0.5)
+        return nn.functional.cross_entropy(self.net(images - self.input_mean), batch["label"])
+
+
+def test_sensitivity_data_use_each_steps_value_of_a_buffer_training_changes(tmp_path):
+    """Every step's gradients were taken with the buffer's final value: the reference order replayed 19% of the
+    distance trained away from itself and linearized did worse than 'no change'."""
+    path = record(tmp_path / "rec", proj_dim=32, curvature_rank=0, model=CentringClassifier())
+    with pytest.warns(UserWarning, match=r"training changed the buffers \['input_mean'\]"):
+        record_sensitivities(path, curvature_rank=0, hessian_rank=4, accelerator="cpu", check_orders=0, verbose=False)
+    rec = Recording.open(path)
+    assert rec.manifest["sensitivity"]["reference_replay_drift"] < REPLAY_DRIFT_TOLERANCE / 10
+    estimator = OrderEstimator.from_recording(path, method="linearized")
+    assert estimator.estimate(rec.order).final_loss == pytest.approx(rec.probe_scalars["val_loss"][-1], abs=1e-4)
+
+
 def test_a_loss_that_is_not_trainings_is_reported(tmp_path):
     path = record(tmp_path / "rec", proj_dim=64, curvature_rank=0, model=PenalisedClassifier())
     with pytest.warns(UserWarning, match="reference order itself drifts"):
