@@ -47,6 +47,16 @@ def _differing_hyperparameters(groups: Sequence[Mapping[str, Any]]) -> list[str]
 FLUSH_SECONDS = 30.0
 
 
+def _takes_batches_and_order(cls: type) -> bool:
+    """Whether ``cls(..., batches=..., order=...)`` can be called, as retraining rebuilds a DataModule."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: retraining will find out
+        return True
+    names = {p.name for p in parameters}
+    return {"batches", "order"} <= names or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _json_safe(value: Any) -> Any:
     """Hyperparameters as JSON (tuples become lists); values JSON cannot hold become None and are listed."""
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -398,6 +408,12 @@ class TrainOrderRecorder(L.Callback):
                 "TrainOrderRecorder: the run has no LightningDataModule (loaders were passed to fit), so the recording "
                 "cannot say how to rebuild its data: retrain, record_sensitivities and the checks built on them will "
                 "refuse it; record with trainer.fit(model, datamodule=...).")
+        elif not _takes_batches_and_order(type(trainer.datamodule)):
+            rank_zero_warn(
+                f"TrainOrderRecorder: {type(trainer.datamodule).__name__}.__init__ takes no `batches` and `order`, "
+                "so retraining cannot rebuild it to train other orders: retrain, record_sensitivities and the checks "
+                "built on them will refuse this recording. Accept them as lpl.data.IndexedDataModule does (a "
+                "batch_sampler=OrderedBatchSampler(batches, order) when they are given).")
         if self._val_loader(trainer) is None:
             raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
                            "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")

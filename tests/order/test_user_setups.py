@@ -158,6 +158,20 @@ def test_a_run_without_a_datamodule_is_told_up_front(tmp_path):
         _record(tmp_path / "rec", TinyClassifier(), None, max_steps=2)
 
 
+class FixedOrderDigits(TinyDigits):
+    """A user's DataModule that always trains its own order (no `batches` / `order` to rebuild it with another)."""
+
+    def __init__(self, batch_size: int = 32) -> None:
+        super().__init__(batch_size=batch_size)
+
+
+def test_a_datamodule_retraining_cannot_rebuild_is_told_up_front(tmp_path):
+    with pytest.warns(UserWarning, match="FixedOrderDigits.__init__ takes no `batches` and `order`"):
+        path = _record(tmp_path / "rec", TinyClassifier(), FixedOrderDigits(), max_steps=2)
+    with pytest.raises(LplError, match="does not take `batches` and `order`"):
+        retrain(path, Recording.open(path).order)
+
+
 class EpochScheduled(TinyClassifier):
     """A step-decay learning rate that steps once an epoch, as most schedules in the wild do."""
 
