@@ -42,6 +42,7 @@ def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int
 
 
 def check_float_dtype(tensor: torch.Tensor, what: str) -> None:
+    """Refuse a dtype the block-sparse layers do not take, naming ``what`` held it."""
     if tensor.dtype not in FLOAT_DTYPES:
         raise LplError(
             f"{what} has dtype {tensor.dtype}; block-sparse layers take float32, float16, bfloat16 "

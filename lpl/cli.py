@@ -100,6 +100,7 @@ def _print_helper_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``lpl`` command: a helper command by name (``lpl prune``, ``lpl estimate``, ...), else the LightningCLI."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _default_wandb_offline()

@@ -123,6 +123,7 @@ class PowerMeter:
         return EnergyReading(seconds, runs * items, self.energy_j() - start_j, float(self.idle_power_w))
 
     def close(self) -> None:
+        """Shut NVML down (safe to call twice)."""
         try:
             self._nvml.nvmlShutdown()
         except Exception:  # shutting down twice or after a driver reset is harmless

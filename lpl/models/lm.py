@@ -15,6 +15,8 @@ from lpl.utils.errors import LplError
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale (no mean subtraction, no bias)."""
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -39,6 +41,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary position embeddings on queries and keys."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -54,6 +58,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """Gated feed-forward: fc2(silu(gate) * value), with gate and value from one fc1."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and value in one matmul
@@ -65,6 +71,8 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """Pre-norm decoder block: x + attention(norm(x)), then + feed-forward(norm(x))."""
+
     def __init__(self, dim: int, num_heads: int, hidden: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim)
@@ -157,6 +165,7 @@ class CausalLM(L.LightningModule):
         return batch
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch (the loss protocol the plug-ins call)."""
         logits = self(batch["input_ids"])
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
 

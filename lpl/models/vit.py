@@ -117,6 +117,7 @@ class ViTClassifier(L.LightningModule):
         return self.model(images)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean training loss of a batch (the loss protocol the plug-ins call; distillation included when set)."""
         self._check_data(batch)
         logits = self(batch["image"])
         return self._loss(logits, batch)

@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -52,6 +52,9 @@ from lpl.order.linearized import (
 from lpl.order.recorder import as_in_training, capture_rng
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
+
+if TYPE_CHECKING:
+    from lpl.order.store import Recording
 
 # pool gradients at every step are kept in memory below this size (else computed twice)
 GRADIENT_CACHE_BYTES = 2 << 30
@@ -301,10 +304,49 @@ def record_sensitivities(
         record_sensitivities("runs/ref/recording")
         estimator = OrderEstimator.from_recording("runs/ref/recording", method="linearized")
     """
-    from lpl.order.recorder import validation_loss_fn
-    from lpl.order.retraining import fit_in_order, pool_batches, rebuild, validation_loss
     from lpl.order.store import Recording
 
+    _check_arguments(curvature_rank, hessian_rank, check_orders)
+    recording = Recording.open(path)
+    if recording.status != "complete":
+        raise LplError(f"{recording.root} is not a complete recording (status {recording.status!r}); finish the run.")
+    recording.verify()
+    log = _Progress(rank_zero_info if verbose else (lambda *_: None), recording.num_steps)
+
+    run, rerun_loss, recorded = _rerun_reference(recording, hessian_rank, accelerator, log)
+    pool = _PoolGradients(run, hessian_rank > 0, log)
+    targets, curvature = _adjoint_targets(run, curvature_rank, log)
+    tables = _adjoint_tables(run, pool, targets, log)
+    num_tables = tables.shape[0]
+    norm_data = _norm_statistics_data(run, pool, hessian_rank)
+    table_curvature = curvature
+    if norm_data:
+        tables, table_curvature = _with_norm_tables(tables, curvature, norm_data)
+
+    tensors = {"tables": tables.float().cpu(), "curvature": table_curvature.float().cpu()}
+    info: dict[str, Any] = {"curvature_rank": num_tables - 1, "hessian_rank": hessian_rank,
+                            "norm_curvature_rank": tables.shape[0] - num_tables, "rerun_val_loss": rerun_loss}
+    reference_loss = recorded if recorded is not None else rerun_loss
+    estimators = {"adjoint": lambda orders: estimate_from_tables(tables.cpu(), table_curvature.cpu(), reference_loss,
+                                                                 orders, torch.tensor(run.reference))}
+    if hessian_rank:
+        linearized = _linearized_data(run, pool, hessian_rank, targets[1:], curvature, norm_data, log)
+        tensors.update(linearized_tensors(linearized))
+        info["linearized"] = linearized_scalars(linearized)
+        info["reference_replay_drift"] = _warn_on_replay_drift(linearized, run.reference, run.trajectory)
+        estimators["linearized"] = lambda orders: replay_linearized(linearized, orders).final_loss
+    run.load_step(run.steps)
+    seconds = log.elapsed()
+    checks = _check_against_retraining(recording.root, estimators, reference_loss, run.reference, check_orders,
+                                       accelerator)
+    recording.write_sensitivity(tensors, {**info, "seconds": seconds, "checks": checks})
+    written = recording.root / recording.manifest["sensitivity"]["file"]  # a rebuild goes under a new name
+    log(f"wrote {written}", seconds)
+    return written
+
+
+def _check_arguments(curvature_rank: int, hessian_rank: int, check_orders: int) -> None:
+    """Refuse ``record_sensitivities``' arguments out of range, and a call on any process but global rank 0."""
     if curvature_rank < 0:
         raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
     if hessian_rank < 0:
@@ -316,14 +358,175 @@ def record_sensitivities(
             "record_sensitivities runs in one process and writes into the recording: call it on global rank 0 only "
             "(or afterwards with `lpl sensitivity --recording DIR`)."
         )
-    recording = Recording.open(path)
-    if recording.status != "complete":
-        raise LplError(f"{recording.root} is not a complete recording (status {recording.status!r}); finish the run.")
-    recording.verify()
-    steps = recording.num_steps
-    say = rank_zero_info if verbose else (lambda *_: None)
-    start = time.perf_counter()
 
+
+@dataclass
+class _Progress:
+    """``record_sensitivities``' progress messages, with the seconds since it started."""
+
+    say: Callable[[str], Any]
+    steps: int
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str, seconds: float | None = None) -> None:
+        self.say(f"record_sensitivities: {message} ({self.elapsed() if seconds is None else seconds:.1f} s)")
+
+    def step(self, t: int, what: str) -> None:
+        """Step t of a pass over the T steps done: a message every tenth of them."""
+        if (t + 1) % max(1, self.steps // 10) == 0 or t + 1 == self.steps:
+            self(f"{what} {t + 1}/{self.steps} steps")
+
+
+@dataclass(eq=False)
+class _ReferenceRun:
+    """The re-run reference training, to probe at its steps t = 0..T: the model (in eval mode between probes), its
+    trainable parameters, the states captured before every step, the pool batches (moved to the model) and the
+    reference order."""
+
+    model: L.LightningModule
+    params: list[Tensor]
+    device: torch.device
+    capture: _StateCapture
+    trajectory: Trajectory
+    pool: list[Any]
+    reference: list[int]
+    validation_fn: Callable[[], Tensor]  # the validation loss, differentiable (eval mode: as validation)
+    steps: int
+
+    def load_step(self, t: int) -> None:
+        """The reference run's weights, buffers and BatchNorm running statistics before step t (after the last at
+        T)."""
+        _load(self.trajectory.theta[t], self.params)
+        _load_buffers(self.model, self.capture.buffers[t])
+        norm_statistics.load_running_statistics(self.model, self.capture.running[t].to(self.device))
+
+    def gradients_at(
+        self, t: int, loss_fn: Callable[[], Tensor], curvature: bool, training: bool = False
+    ) -> tuple[float, Tensor, list[Tensor]]:
+        """The loss at the reference step t, its flat gradient and the per-parameter gradients (with their graph
+        when ``curvature``): as training step t < T computed them (``training``: its modes and RNG state), else in
+        eval mode with step t's running statistics, as validation."""
+        self.load_step(t)
+        as_trained = as_in_training(self.model, self.capture.modes, self.capture.rng[t]) if training else None
+        with as_trained or contextlib.nullcontext(), torch.enable_grad():
+            loss, grads = quantities._loss_and_gradients(loss_fn, self.params, curvature)
+        return float(loss.detach()), _flat(grads), grads
+
+    def batch_loss(self, b: int) -> Callable[[], Tensor]:
+        """Pool batch b's loss, in the precision context training ran in."""
+        def loss() -> Tensor:
+            with self.capture.forward():
+                return module_loss(self.model, self.pool[b])
+
+        return loss
+
+    def eval_losses(self, t: int) -> Tensor:
+        """Every pool batch's loss at step t in eval mode ([num_batches], float64)."""
+        self.load_step(t)
+        with torch.no_grad(), self.capture.forward():
+            return torch.tensor([float(module_loss(self.model, batch)) for batch in self.pool], dtype=torch.float64)
+
+    def modes_differ(self) -> bool:
+        """Whether the model's training and eval modes give different losses.
+
+        Training steps see the model in its training modes (dropout, BatchNorm on batch statistics), validation and
+        the pool batches' losses after an order (what `retrain` measures) in eval mode: both kinds of probe are
+        needed only when the two differ, which a model with neither layer never does.
+        """
+        train_loss = self.gradients_at(0, self.batch_loss(0), False, training=True)[0]
+        return train_loss != self.eval_losses(0)[0].item()
+
+    def reference_hessian(self, s: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The reference batch's gradient at theta_s and v -> H_s v."""
+        _, grad, grads = self.gradients_at(s, self.batch_loss(self.reference[s]), True, training=True)
+        product = quantities._hessian_vector_product(grads, self.params)
+        return grad, product
+
+    def hvp(self, s: int, vectors: Tensor) -> Tensor:
+        """H_s x for each row x of ``vectors`` [n, d] (``adjoint_vectors``' ``hvp``)."""
+        with torch.enable_grad():
+            product = self.reference_hessian(s)[1]
+            return torch.stack([product(row) for row in vectors])
+
+    @contextlib.contextmanager
+    def differentiable_statistics_at(self, t: int) -> Iterator[Tensor]:
+        """Step t's weights, and its BatchNorm running statistics as a leaf tensor eval-mode losses differentiate."""
+        self.load_step(t)
+        running = self.capture.running[t].to(self.device).requires_grad_()
+        with norm_statistics.differentiable_running_statistics(self.model, running), torch.enable_grad():
+            yield running
+
+    def norm_gradient(self, t: int, loss_fn: Callable[[], Tensor]) -> Tensor:
+        """The eval-mode loss's gradient in the BatchNorm running statistics at step t ([C], on the CPU)."""
+        with self.differentiable_statistics_at(t) as running:
+            return torch.autograd.grad(loss_fn(), running)[0].float().cpu()
+
+    def norm_curvature(self) -> tuple[Tensor, Tensor]:
+        """The top curvature of the final validation loss in the running statistics: ([m, C] orthonormal directions,
+        [m] Ritz values), m <= ``NORM_CURVATURE_RANK``, on the CPU."""
+        with self.differentiable_statistics_at(self.steps) as running:
+            (grad,) = torch.autograd.grad(self.validation_fn(), running, create_graph=True)
+
+            def hvp(vector: Tensor) -> Tensor:
+                return torch.autograd.grad(grad, running, vector, retain_graph=True)[0].detach()
+
+            rank = min(NORM_CURVATURE_RANK, running.numel())
+            vectors, values = quantities.top_curvature(hvp, grad.detach(), rank, min(running.numel(), 3 * rank))
+        return vectors.float().cpu(), values.float().cpu()
+
+
+class _PoolGradients:
+    """Every pool batch's loss gradient at the reference steps, keeping on the way what the linearised replay and
+    the BatchNorm model need: each batch's loss at each step, and its batch statistics at each training step."""
+
+    def __init__(self, run: _ReferenceRun, linearized: bool, log: _Progress) -> None:
+        self.run, self.log = run, log
+        # pool gradients at every step: the second moment an average order sees, the tables' inputs when they fit,
+        # and the linearised replay's (always kept then)
+        size = run.steps * len(run.pool) * run.trajectory.theta.shape[1] * run.trajectory.theta.element_size()
+        self.keep = linearized or size <= GRADIENT_CACHE_BYTES
+        self.kept: list[Tensor] = []  # with ``keep``, [num_batches, d] at steps 0, 1, ... as ``remembered`` met them
+        self.losses: dict[int, Tensor] = {}  # [num_batches] float64 at step t, as ``retrain`` measures them
+        self.batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each batch yields at t < T
+        self.statistics = norm_statistics.BatchStatistics(run.model)  # over every training-mode pool forward
+        self.modes_differ = run.modes_differ()
+
+    def __call__(self, t: int) -> Tensor:
+        """Every pool batch's gradient at theta_t: as training step t would compute it (t < T), in eval mode at T."""
+        run, training = self.run, t < self.run.steps
+        results, stats = [], []
+        with self.statistics if training else contextlib.nullcontext():
+            for b in range(len(run.pool)):
+                results.append(run.gradients_at(t, run.batch_loss(b), False, training))
+                if training:
+                    stats.append(self.statistics.take())
+        if training:
+            self.batch_stats[t] = torch.stack(stats)
+        losses = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
+        self.losses[t] = run.eval_losses(t) if self.modes_differ and training else losses
+        return torch.stack([grad for _, grad, _ in results])
+
+    def remembered(self, t: int) -> Tensor:
+        """``self(t)``, kept in ``kept`` when ``keep``."""
+        grads = self(t)
+        if self.keep:
+            self.kept.append(grads)
+        self.log.step(t, f"pool gradients ({len(self.run.pool)} batches)")
+        return grads
+
+
+def _rerun_reference(
+    recording: Recording, hessian_rank: int, accelerator: str, log: _Progress
+) -> tuple[_ReferenceRun, float, float | None]:
+    """Re-run the reference training, capturing its states, with a warning where it does not end at the recorded
+    validation loss or changed buffers. Returns the run, its final validation loss and the recorded one (if any)."""
+    from lpl.order.recorder import validation_loss_fn
+    from lpl.order.retraining import fit_in_order, pool_batches, rebuild, validation_loss
+
+    steps = recording.num_steps
     model, datamodule = rebuild(recording, recording.order)
     if hessian_rank:
         _check_linearized_size(sum(p.numel() for p in model.parameters() if p.requires_grad), recording, steps)
@@ -334,12 +537,13 @@ def record_sensitivities(
     val_loader = datamodule.val_dataloader()
     rerun_loss = validation_loss(model, val_loader, capture.forward)
     recorded = recording.probe_scalars.get("val_loss", [None])[-1]
+    # stacklevel 3: the warnings name record_sensitivities' caller
     if recorded is not None and abs(rerun_loss - recorded) > 1e-3 * max(1.0, abs(recorded)):
         warnings.warn(
             f"re-running the reference training ended at validation loss {rerun_loss:.6f}, the recording says "
             f"{recorded:.6f}: training is not reproducible here (nondeterministic kernels, another device or "
             "library version); the tables describe the re-run.",
-            stacklevel=2,
+            stacklevel=3,
         )
     changed = capture.changed_buffers()
     if changed:
@@ -347,7 +551,7 @@ def record_sensitivities(
             f"training changed the buffers {changed[:3]}{' and more' if len(changed) > 3 else ''}: every reference "
             "step's gradients use their values at that step, and every order is estimated with them (how the order "
             "would change them is not modelled, as it is for BatchNorm statistics); check the estimates against "
-            "retrained orders (`lpl check-methods`).", stacklevel=2)
+            "retrained orders (`lpl check-methods`).", stacklevel=3)
     optimizer = recording.manifest.get("optimizer", {})
     trajectory = Trajectory(
         theta=torch.stack(capture.theta), exp_avg=torch.stack(capture.exp_avg),
@@ -356,206 +560,106 @@ def record_sensitivities(
         betas=tuple(float(b) for b in optimizer.get("betas", (0.9, 0.999))), eps=float(optimizer.get("eps", 1e-8)),
         weight_decay=_weight_decay(optimizer, params), decoupled=bool(optimizer.get("decoupled", True)),
     )
-    say(f"record_sensitivities: re-ran {steps} steps ({time.perf_counter() - start:.1f} s)")
+    log(f"re-ran {steps} steps")
 
     pool = [to_module(batch, model) for batch in pool_batches(recording, datamodule)]
-    reference = recording.order
     model.eval()
+    run = _ReferenceRun(model, params, device, capture, trajectory, pool, recording.order,
+                        validation_loss_fn(val_loader, model, capture.forward), steps)
+    return run, rerun_loss, recorded
 
-    def load_step(t: int) -> None:
-        """The reference run's weights, buffers and BatchNorm running statistics before step t (after the last at
-        T)."""
-        _load(trajectory.theta[t], params)
-        _load_buffers(model, capture.buffers[t])
-        norm_statistics.load_running_statistics(model, capture.running[t].to(device))
 
-    def gradients_at(
-        t: int, loss_fn: Callable[[], Tensor], curvature: bool, training: bool = False
-    ) -> tuple[float, Tensor, list[Tensor]]:
-        """The loss at the reference step t, its flat gradient and the per-parameter gradients (with their graph
-        when ``curvature``): as training step t < T computed them (``training``: its modes and RNG state), else in
-        eval mode with step t's running statistics, as validation."""
-        load_step(t)
-        as_trained = as_in_training(model, capture.modes, capture.rng[t]) if training else None
-        with as_trained or contextlib.nullcontext(), torch.enable_grad():
-            loss, grads = quantities._loss_and_gradients(loss_fn, params, curvature)
-        return float(loss.detach()), _flat(grads), grads
-
-    @contextlib.contextmanager
-    def differentiable_statistics_at(t: int) -> Iterator[Tensor]:
-        """Step t's weights, and its BatchNorm running statistics as a leaf tensor eval-mode losses differentiate."""
-        load_step(t)
-        running = capture.running[t].to(device).requires_grad_()
-        with norm_statistics.differentiable_running_statistics(model, running), torch.enable_grad():
-            yield running
-
-    def norm_gradient(t: int, loss_fn: Callable[[], Tensor]) -> Tensor:
-        """The eval-mode loss's gradient in the BatchNorm running statistics at step t ([C], on the CPU)."""
-        with differentiable_statistics_at(t) as running:
-            return torch.autograd.grad(loss_fn(), running)[0].float().cpu()
-
-    def norm_curvature() -> tuple[Tensor, Tensor]:
-        """The top curvature of the final validation loss in the running statistics: ([m, C] orthonormal directions,
-        [m] Ritz values), m <= ``NORM_CURVATURE_RANK``, on the CPU."""
-        with differentiable_statistics_at(steps) as running:
-            (grad,) = torch.autograd.grad(validation_fn(), running, create_graph=True)
-
-            def hvp(vector: Tensor) -> Tensor:
-                return torch.autograd.grad(grad, running, vector, retain_graph=True)[0].detach()
-
-            rank = min(NORM_CURVATURE_RANK, running.numel())
-            vectors, values = quantities.top_curvature(hvp, grad.detach(), rank, min(running.numel(), 3 * rank))
-        return vectors.float().cpu(), values.float().cpu()
-
-    def batch_loss(b: int) -> Callable[[], Tensor]:
-        def loss() -> Tensor:
-            with capture.forward():
-                return module_loss(model, pool[b])
-
-        return loss
-
-    def eval_losses(t: int) -> Tensor:
-        load_step(t)
-        with torch.no_grad(), capture.forward():
-            return torch.tensor([float(module_loss(model, batch)) for batch in pool], dtype=torch.float64)
-
-    # Training steps see the model in its training modes (dropout, BatchNorm on batch statistics), validation and
-    # the pool batches' losses after an order (what `retrain` measures) in eval mode: both kinds of probe are needed
-    # only when the two differ, which a model with neither layer never does.
-    train_loss = gradients_at(0, batch_loss(0), False, training=True)[0]
-    modes_differ = train_loss != eval_losses(0)[0].item()
-
-    # targets at theta_T: the validation gradient and the top curvature directions
-    validation_fn = validation_loss_fn(val_loader, model, capture.forward)
-    _, val_grad, val_grads = gradients_at(steps, validation_fn, curvature_rank > 0)
+def _adjoint_targets(run: _ReferenceRun, curvature_rank: int, log: _Progress) -> tuple[Tensor, Tensor]:
+    """The tables' targets at theta_T ([1 + m, d]: the validation gradient and the top ``curvature_rank`` curvature
+    directions of the validation loss) and those directions' Ritz values [m]."""
+    _, val_grad, val_grads = run.gradients_at(run.steps, run.validation_fn, curvature_rank > 0)
     targets, curvature = val_grad[None], val_grad.new_zeros(0)
     if curvature_rank:
         with torch.enable_grad():
-            hvp_val = quantities._hessian_vector_product(val_grads, params)
+            hvp_val = quantities._hessian_vector_product(val_grads, run.params)
             directions, curvature = quantities.top_curvature(hvp_val, val_grad, curvature_rank, 4 * curvature_rank)
         targets = torch.cat([targets, directions])
-    del val_grads
-    say(f"record_sensitivities: validation gradient and {curvature.numel()} curvature directions at the end "
-        f"({time.perf_counter() - start:.1f} s)")
+    log(f"validation gradient and {curvature.numel()} curvature directions at the end")
+    return targets, curvature
 
-    pool_losses: dict[int, Tensor] = {}
-    batch_stats: dict[int, Tensor] = {}  # [num_batches, C] BatchNorm statistics each pool batch yields at step t < T
-    statistics = norm_statistics.BatchStatistics(model)  # over every training-mode pool forward
 
-    def batch_grads(t: int) -> Tensor:
-        """Every pool batch's gradient at theta_t: as training step t would compute it (t < T), in eval mode at T."""
-        training = t < steps
-        results, stats = [], []
-        with statistics if training else contextlib.nullcontext():
-            for b in range(len(pool)):
-                results.append(gradients_at(t, batch_loss(b), False, training))
-                if training:
-                    stats.append(statistics.take())
-        if training:
-            batch_stats[t] = torch.stack(stats)
-        losses = torch.tensor([loss for loss, _, _ in results], dtype=torch.float64)
-        pool_losses[t] = eval_losses(t) if modes_differ and training else losses
-        return torch.stack([grad for _, grad, _ in results])
-
-    # pool gradients at every step: the second moment an average order sees, the tables' inputs when they fit, and
-    # the linearised replay's (always kept then)
-    size = steps * len(pool) * trajectory.theta.shape[1] * trajectory.theta.element_size()
-    keep = hessian_rank > 0 or size <= GRADIENT_CACHE_BYTES
-    kept: list[Tensor] = []
-    every = max(1, steps // 10)
-
-    def progress(t: int, what: str = "swap tables") -> None:
-        if (t + 1) % every == 0 or t + 1 == steps:
-            say(f"record_sensitivities: {what} {t + 1}/{steps} steps ({time.perf_counter() - start:.1f} s)")
-
-    def remembered(t: int) -> Tensor:
-        grads = batch_grads(t)
-        if keep:
-            kept.append(grads)
-        progress(t, f"pool gradients ({len(pool)} batches)")
-        return grads
-
-    trajectory.pool_sq = pool_second_moment(trajectory, remembered)
-    say(f"record_sensitivities: pool gradients at {steps} steps ({time.perf_counter() - start:.1f} s)")
-
-    def reference_hessian(s: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """The reference batch's gradient at theta_s and v -> H_s v."""
-        _, grad, grads = gradients_at(s, batch_loss(reference[s]), True, training=True)
-        product = quantities._hessian_vector_product(grads, params)
-        return grad, product
-
-    def hvp(s: int, vectors: Tensor) -> Tensor:
-        with torch.enable_grad():
-            product = reference_hessian(s)[1]
-            return torch.stack([product(row) for row in vectors])
-
-    adjoints = adjoint_vectors(trajectory, hvp, targets)
-    say(f"record_sensitivities: adjoint pass, {targets.shape[0]} vectors ({time.perf_counter() - start:.1f} s)")
-
+def _adjoint_tables(run: _ReferenceRun, pool: _PoolGradients, targets: Tensor, log: _Progress) -> Tensor:
+    """``swap_tables`` of ``targets`` [n, T, num_batches], after the pool's second moment (``Trajectory.pool_sq``,
+    set on the run's trajectory) and the adjoint pass."""
+    run.trajectory.pool_sq = pool_second_moment(run.trajectory, pool.remembered)
+    log(f"pool gradients at {run.steps} steps")
+    adjoints = adjoint_vectors(run.trajectory, run.hvp, targets)
+    log(f"adjoint pass, {targets.shape[0]} vectors")
     with torch.no_grad():
-        tables = swap_tables(trajectory, kept.__getitem__ if keep else batch_grads, adjoints, progress)
+        tables = swap_tables(run.trajectory, pool.kept.__getitem__ if pool.keep else pool, adjoints,
+                             lambda t: log.step(t, "swap tables"))
     if not torch.isfinite(tables).all():
         raise LplError("the sensitivity tables hold non-finite values (the re-run diverged?); check the recording.")
-    norm_data: dict[str, Tensor] = {}
-    num_tables, table_curvature = tables.shape[0], curvature
-    if statistics.irregular():
+    return tables
+
+
+def _norm_statistics_data(run: _ReferenceRun, pool: _PoolGradients, hessian_rank: int) -> dict[str, Tensor]:
+    """What modelling the order's BatchNorm running statistics needs (``lpl.order.norm_statistics``; the validation
+    gradient in them at every step with ``hessian_rank``), or nothing: no BatchNorm, or a warning that it is not
+    modelled (call after the pool gradients at every training step)."""
+    if pool.statistics.irregular():
         warnings.warn(
-            f"BatchNorm layer(s) {sorted(statistics.irregular())} do not run exactly once per training forward pass, so a "
-            "step does not update their running statistics once: the estimates keep the reference run's statistics "
-            "instead of modelling each order's.",
-            stacklevel=2,
+            f"BatchNorm layer(s) {sorted(pool.statistics.irregular())} do not run exactly once per training forward "
+            "pass, so a step does not update their running statistics once: the estimates keep the reference run's "
+            "statistics instead of modelling each order's.",
+            stacklevel=3,
         )
-    elif norm_statistics.tracked_norms(model):  # the order's BatchNorm running statistics (lpl.order.norm_statistics)
-        momenta = torch.stack(capture.momenta)
-        columns = norm_statistics.layer_columns(model)
-        for name in statistics.never_called():  # defined, never run: never updated
-            momenta[:, columns[name]] = 0.0
-        norm_data = {
-            "norm_stats": torch.stack([batch_stats[t] - batch_stats[t][reference[t]] for t in range(steps)]),
-            "norm_momenta": momenta,
-            # at every step for the linearised replay's curve, else the tables need the last only
-            "val_norm_grads": torch.stack([norm_gradient(t, validation_fn)
-                                           for t in (range(steps + 1) if hessian_rank else [steps])]),
-        }
-        norm_data["norm_directions"], norm_data["norm_curvature"] = norm_curvature()
-        # as tables: batch b at step t moves the final statistics by its weight there times its statistics; the
-        # validation gradient's table gains its first-order effect, and the curvature directions get tables of
-        # their own (the final loss adds 1/2 lambda coord^2 for each, as for the weights' directions)
-        weights = norm_statistics.final_weights(norm_data["norm_momenta"])
-        moved = norm_data["norm_stats"] * weights[:, None]  # [T, nb, C]
-        tables[0] += (moved @ norm_data["val_norm_grads"][-1]).to(tables)
-        tables = torch.cat([tables, (moved @ norm_data["norm_directions"].T).permute(2, 0, 1).to(tables)])
-        table_curvature = torch.cat([curvature, norm_data["norm_curvature"].to(curvature)])
-    tensors = {"tables": tables.float().cpu(), "curvature": table_curvature.float().cpu()}
-    info: dict[str, Any] = {"curvature_rank": num_tables - 1, "hessian_rank": hessian_rank,
-                            "norm_curvature_rank": tables.shape[0] - num_tables, "rerun_val_loss": rerun_loss}
-    reference_loss = recorded if recorded is not None else rerun_loss
-    estimators = {"adjoint": lambda orders: estimate_from_tables(tables.cpu(), table_curvature.cpu(), reference_loss,
-                                                                 orders, torch.tensor(reference))}
-    if hessian_rank:
-        kept.append(batch_grads(steps))  # at theta_T too: each batch's loss after a complete order
-        run = _linearized_run(
-            trajectory, kept, torch.stack([pool_losses[t] for t in range(steps + 1)]),
-            [gradients_at(t, validation_fn, False)[:2] for t in range(steps + 1)],
-            reference_hessian, hessian_rank, targets[1:], curvature,
-            lambda s: progress(s, f"reference Hessians (rank {hessian_rank})"),
-        )
-        if norm_data:
-            pool_norm_grads = torch.stack([norm_gradient(steps, batch_loss(b)) for b in range(len(pool))])
-            run = dataclasses.replace(run, **norm_data, pool_norm_grads=pool_norm_grads)
-        del kept[:]
-        tensors.update(linearized_tensors(run))
-        info["linearized"] = linearized_scalars(run)
-        info["reference_replay_drift"] = _warn_on_replay_drift(run, reference, trajectory)
-        estimators["linearized"] = lambda orders: replay_linearized(run, orders).final_loss
-    load_step(steps)
-    seconds = time.perf_counter() - start
-    checks = _check_against_retraining(recording.root, estimators, reference_loss, reference, check_orders,
-                                       accelerator)
-    recording.write_sensitivity(tensors, {**info, "seconds": seconds, "checks": checks})
-    written = recording.root / recording.manifest["sensitivity"]["file"]  # a rebuild goes under a new name
-    say(f"record_sensitivities: wrote {written} ({seconds:.1f} s)")
-    return written
+        return {}
+    if not norm_statistics.tracked_norms(run.model):
+        return {}
+    momenta = torch.stack(run.capture.momenta)
+    columns = norm_statistics.layer_columns(run.model)
+    for name in pool.statistics.never_called():  # defined, never run: never updated
+        momenta[:, columns[name]] = 0.0
+    steps, stats = run.steps, pool.batch_stats
+    norm_data = {
+        "norm_stats": torch.stack([stats[t] - stats[t][run.reference[t]] for t in range(steps)]),
+        "norm_momenta": momenta,
+        # at every step for the linearised replay's curve, else the tables need the last only
+        "val_norm_grads": torch.stack([run.norm_gradient(t, run.validation_fn)
+                                       for t in (range(steps + 1) if hessian_rank else [steps])]),
+    }
+    norm_data["norm_directions"], norm_data["norm_curvature"] = run.norm_curvature()
+    return norm_data
+
+
+def _with_norm_tables(tables: Tensor, curvature: Tensor, norm_data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The tables (the validation gradient's updated in place) and Ritz values with the BatchNorm statistics'
+    effects added."""
+    # as tables: batch b at step t moves the final statistics by its weight there times its statistics; the
+    # validation gradient's table gains its first-order effect, and the curvature directions get tables of
+    # their own (the final loss adds 1/2 lambda coord^2 for each, as for the weights' directions)
+    weights = norm_statistics.final_weights(norm_data["norm_momenta"])
+    moved = norm_data["norm_stats"] * weights[:, None]  # [T, nb, C]
+    tables[0] += (moved @ norm_data["val_norm_grads"][-1]).to(tables)
+    tables = torch.cat([tables, (moved @ norm_data["norm_directions"].T).permute(2, 0, 1).to(tables)])
+    return tables, torch.cat([curvature, norm_data["norm_curvature"].to(curvature)])
+
+
+def _linearized_data(
+    run: _ReferenceRun, pool: _PoolGradients, hessian_rank: int, val_directions: Tensor, val_curvature: Tensor,
+    norm_data: dict[str, Tensor], log: _Progress,
+) -> LinearizedRun:
+    """The linearised replay's data (``_linearized_run``), with the BatchNorm model's ``norm_data`` and each pool
+    batch's gradient in the final statistics when there are any; empties the pool's kept gradients."""
+    steps = run.steps
+    pool.kept.append(pool(steps))  # at theta_T too: each batch's loss after a complete order
+    linearized = _linearized_run(
+        run.trajectory, pool.kept, torch.stack([pool.losses[t] for t in range(steps + 1)]),
+        [run.gradients_at(t, run.validation_fn, False)[:2] for t in range(steps + 1)],
+        run.reference_hessian, hessian_rank, val_directions, val_curvature,
+        lambda s: log.step(s, f"reference Hessians (rank {hessian_rank})"),
+    )
+    if norm_data:
+        pool_norm_grads = torch.stack([run.norm_gradient(steps, run.batch_loss(b)) for b in range(len(run.pool))])
+        linearized = dataclasses.replace(linearized, **norm_data, pool_norm_grads=pool_norm_grads)
+    del pool.kept[:]
+    return linearized
 
 
 def _linearized_run(

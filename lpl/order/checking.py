@@ -75,6 +75,7 @@ class MethodCheck:
         return min(better, key=better.get) if better else None
 
     def to_dict(self) -> dict[str, Any]:
+        """The check as JSON-able values (what ``lpl check-methods`` writes)."""
         return {
             "orders": self.orders.tolist(), "true_losses": self.true_losses, "reference_loss": self.reference_loss,
             "no_change_mae": self.no_change_mae, "best": self.best, "skipped": self.skipped,

@@ -10,12 +10,15 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lpl.utils.errors import LplError
+
+if TYPE_CHECKING:
+    from lpl.order.estimator import OrderEstimator
 
 SEARCH_METHODS = ("genetic", "local")
 
@@ -31,7 +34,7 @@ class SearchResult:
     evaluations: int = 0
 
 
-def _score(estimator: Any, orders: Tensor, chunk: int = 512) -> Tensor:
+def _score(estimator: OrderEstimator, orders: Tensor, chunk: int = 512) -> Tensor:
     """Estimated final losses; a non-finite estimate (a diverging replay) ranks last instead of poisoning the min."""
     scores = torch.cat([estimator.estimate_many(orders[i : i + chunk]).final_loss.cpu()
                         for i in range(0, len(orders), chunk)])
@@ -87,7 +90,7 @@ def _log(logger: Any, step: int, best: float, evaluations: int) -> None:
 
 
 def search(
-    estimator: Any,
+    estimator: OrderEstimator,
     *,
     budget: int = 2000,
     method: str = "genetic",

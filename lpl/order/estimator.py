@@ -164,8 +164,8 @@ class OrderEstimator(L.LightningModule):
         estimates = [e for batch in Trainer(logger=False).predict(estimator, loader) for e in batch]
         # under DDP each rank predicts (and returns) its DistributedSampler share of the orders
 
-    ``method``: "zeroth_order" (the paper's update term, no correction), "first_order" (FUT: per-batch first-order
-    curvature correction), "second_order" (FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
+    ``method``: "zeroth_order" (the update term of the training-order paper, arXiv 2505.22042, with no correction),
+    "first_order" (its FUT: per-batch first-order curvature correction), "second_order" (its FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
     projected preconditioned gradients), "adam_first_order" (adam plus the curvature correction), "linearized" (each
     order trained again by Adam in full space on gradients linearised about the reference run: the most accurate
     where the linearisation holds) or "adjoint" (the final loss from exact sensitivity tables; complete orders

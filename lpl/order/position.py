@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -19,6 +19,9 @@ from torch import Tensor
 
 from lpl.utils.errors import LplError
 from lpl.utils.io import atomic_save_figure
+
+if TYPE_CHECKING:
+    from lpl.order.estimator import OrderEstimator
 
 
 def moved(order: Tensor, batch: int, position: int) -> Tensor:
@@ -40,7 +43,7 @@ def _ids(values: Any, what: str) -> list[int]:
 
 
 def position_map(
-    estimator: Any,
+    estimator: OrderEstimator,
     batches: Sequence[int] | None = None,
     *,
     positions: Sequence[int] | None = None,

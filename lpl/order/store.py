@@ -439,6 +439,7 @@ class RecordingWriter:
         self.manifest["probes"].append({"t": step, "shards": list(shards), **scalars})
 
     def flush(self) -> None:
+        """Write the manifest (atomically) with the sizes of everything recorded so far."""
         probe_bytes = sum(s["bytes"] for p in self.manifest["probes"] for s in p["shards"])
         fixed = self.manifest["pool"]["bytes"] + self.manifest["initial_state"]["bytes"]
         self.manifest["sizes"] = {
@@ -451,6 +452,7 @@ class RecordingWriter:
         self.last_flush = time.monotonic()
 
     def finish(self) -> None:
+        """Mark the recording complete, write the manifest and release the writer's lock."""
         self.manifest["status"] = "complete"
         self.flush()
         self.release()
@@ -475,6 +477,7 @@ class Recording:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Recording":
+        """Open a recording folder for reading; a missing or inconsistent manifest is an LplError."""
         root = Path(path)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():

@@ -28,6 +28,7 @@ def allowed_points(density: torch.Tensor, min_density: float, max_density: float
 
 
 def check_feasible(flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float) -> None:
+    """Refuse a budget (FLOPs) no choice of allowed curve points can meet, naming the reachable range."""
     lowest = sum(float(f[a].min()) for f, a in zip(flops, allowed) if a.any())
     highest = sum(float(f[a].max()) for f, a in zip(flops, allowed) if a.any())
     if any(not a.any() for a in allowed):

@@ -89,6 +89,7 @@ def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[
 
 def check_options(flops_keep: float, importance: str, allocation: str, lambda_power: float,
                   min_density: float, max_density: float, stages: int) -> None:
+    """Refuse pruning options out of range with an LplError naming the option (shared by prune_model and the callback)."""
     for name, value in (("flops_keep", flops_keep), ("lambda_power", lambda_power), ("min_density", min_density),
                         ("max_density", max_density)):
         if not _is_number(value):

@@ -234,6 +234,7 @@ def validate_profile(
 
 
 def report_markdown(profile: HardwareProfile, rows: list[dict]) -> str:
+    """A markdown table of predicted vs measured latency per layer (``validate_profile``'s rows)."""
     errors = [abs(r["error"]) for r in rows]
     lines = [f"# Cost model {profile.name}: predicted vs measured latency per layer", "",
              f"- launch_s {profile.launch_s:.3g}, row_s {profile.row_s:.3g}, tile_m {profile.tile_m}, block_s "
@@ -249,6 +250,7 @@ def report_markdown(profile: HardwareProfile, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m lpl.prune.calibrate``: calibrate a profile, validate it on DeiT layers, write both."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results")

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
+from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 from torch import nn
 
 from lpl.prune.blocks import block_elements, block_grid, expand_block_mask
 from lpl.prune.hardware import HardwareProfile
-from lpl.prune.importance import LossFn, move_to_device
+from lpl.prune.importance import LossFn
 from lpl.utils.loss import eval_mode
 
 
@@ -131,7 +132,7 @@ def measure_layer_distortion(
     Returns (loss increase [P], mean squared change of the layer's output [P]); the weight is restored after.
     """
     device = layer.weight.device
-    batches = [move_to_device(batch, device) for batch in batches]
+    batches = [move_data_to_device(batch, device) for batch in batches]
     original = layer.weight.detach().clone()
     outputs: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))

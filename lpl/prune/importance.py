@@ -22,6 +22,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -80,16 +81,6 @@ def resolve_loss(model: nn.Module, loss: str | LossFn) -> LossFn:
     if loss == "logit_energy":
         return logit_energy_loss
     raise LplError(f"loss must be 'auto', 'task', 'logit_energy' or a callable(model, batch), got {loss!r}.")
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(value, device) for value in batch)
-    return batch
 
 
 def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor | None:
@@ -193,7 +184,7 @@ def collect_statistics(
             samples = batch_samples(batch)
             if samples == 0:  # an empty batch carries no statistics (its mean loss is not even defined)
                 continue
-            batch = move_to_device(batch, device)
+            batch = move_data_to_device(batch, device)
             captured.clear()
             with torch.enable_grad():
                 loss = loss_fn(model, batch)

@@ -120,6 +120,7 @@ class _EnforceAfterStep:
 
 @torch.no_grad()
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> None:
+    """Zero the pruned entries of every state tensor shaped like a masked weight (Adam moments, momentum)."""
     for param, state in optimizer.state.items():
         if param not in handle.masks:
             continue
