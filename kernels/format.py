@@ -41,6 +41,14 @@ def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int
     return -(-shape[0] // block_size[0]), -(-shape[1] // block_size[1])
 
 
+def block_elements(shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
+    """True element count of every block, float64 [R, C] (smaller at ragged edges)."""
+    (rows, cols), (br, bc) = block_grid(shape, block_size), block_size
+    heights = torch.clamp(shape[0] - torch.arange(rows) * br, max=br).double()
+    widths = torch.clamp(shape[1] - torch.arange(cols) * bc, max=bc).double()
+    return torch.outer(heights, widths)
+
+
 def check_float_dtype(tensor: torch.Tensor, what: str) -> None:
     """Refuse a dtype the block-sparse layers do not take, naming ``what`` held it."""
     if tensor.dtype not in FLOAT_DTYPES:
@@ -141,12 +149,8 @@ class BlockSparseWeight:
     @property
     def density(self) -> float:
         """Retained share of the weight's true elements (ragged edge blocks counted by their true size)."""
-        (out_f, in_f), (br, bc) = self.shape, self.block_size
-        nr, nc = self.block_mask.shape
-        heights = torch.clamp(out_f - torch.arange(nr) * br, max=br).double()
-        widths = torch.clamp(in_f - torch.arange(nc) * bc, max=bc).double()
-        kept = (self.block_mask.cpu().double() * heights[:, None] * widths[None, :]).sum()
-        return float(kept / (out_f * in_f))
+        elements = block_elements(self.shape, self.block_size)
+        return float((elements * self.block_mask.cpu().double()).sum() / elements.sum())
 
     @property
     def device(self) -> torch.device:

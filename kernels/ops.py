@@ -18,7 +18,7 @@ import torch
 
 from lpl.utils.errors import LplError
 
-from .format import FLOAT_DTYPES, BlockSparseWeight, check_float_dtype
+from .format import FLOAT_DTYPES, BlockSparseWeight, block_grid, check_float_dtype
 
 _triton_on_cpu = False
 
@@ -67,7 +67,7 @@ def _cpu_module():
 # Plain torch reference, used only when the CPU path cannot be imported (and for devices other than CPU/CUDA).
 def _reference_dense(values: torch.Tensor, block_row: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]):
     _, br, bc = values.shape
-    nr, nc = -(-shape[0] // br), -(-shape[1] // bc)
+    nr, nc = block_grid(shape, (br, bc))
     blocks = values.new_zeros(nr, nc, br, bc)
     blocks[block_row, col_idx] = values
     return blocks.permute(0, 2, 1, 3).reshape(nr * br, nc * bc)[: shape[0], : shape[1]]
@@ -75,7 +75,7 @@ def _reference_dense(values: torch.Tensor, block_row: torch.Tensor, col_idx: tor
 
 def _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size):
     (br, bc), m = block_size, dy2d.shape[0]
-    nr, nc = -(-dy2d.shape[1] // br), -(-x2d.shape[1] // bc)
+    nr, nc = block_grid((dy2d.shape[1], x2d.shape[1]), block_size)
     dy_blocks = torch.nn.functional.pad(dy2d, (0, nr * br - dy2d.shape[1])).view(m, nr, br)[:, block_row]
     x_blocks = torch.nn.functional.pad(x2d, (0, nc * bc - x2d.shape[1])).view(m, nc, bc)[:, col_idx]
     return torch.einsum("mbr,mbc->brc", dy_blocks, x_blocks)

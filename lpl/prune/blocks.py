@@ -1,14 +1,15 @@
-"""Block partition of a Linear weight [out, in] into (br, bc) blocks; blocks at ragged edges are partial."""
+"""Block partition of a Linear weight [out, in] into (br, bc) blocks; blocks at ragged edges are partial.
+
+The layout itself (``block_grid``, ``block_elements``) is the kernels' (``lpl.kernels.format``), re-exported here."""
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from lpl.kernels.format import normalize_block_size
+from lpl.kernels.format import block_elements, block_grid, normalize_block_size
 from lpl.utils.errors import LplError
 
 
@@ -31,21 +32,6 @@ def check_block_size(block_size: tuple[int, int], shapes: Mapping[str, tuple[int
             f"exclude={list(excluded) + small[:4]}{' (and the rest)' if len(small) > 4 else ''}."
         )
     return br, bc
-
-
-def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int, int]:
-    """Number of block rows and block columns (R, C), partial blocks included."""
-    return math.ceil(shape[0] / block_size[0]), math.ceil(shape[1] / block_size[1])
-
-
-def block_elements(shape: tuple[int, int], block_size: tuple[int, int]) -> torch.Tensor:
-    """True element count of every block, float [R, C] (smaller at ragged edges)."""
-    rows, cols = block_grid(shape, block_size)
-    heights = torch.full((rows,), float(block_size[0]))
-    heights[-1] = shape[0] - (rows - 1) * block_size[0]
-    widths = torch.full((cols,), float(block_size[1]))
-    widths[-1] = shape[1] - (cols - 1) * block_size[1]
-    return torch.outer(heights, widths)
 
 
 def block_sum(values: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lpl.kernels.format import block_grid
 from lpl.prune.hardware import HardwareProfile, block_key, default_profile, dtype_name
 from lpl.utils.errors import LplError, run_script
 
@@ -157,7 +158,7 @@ def calibrate(
 
     timings = []
     for block_size in block_sizes:
-        grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
+        grid = block_grid(shape, block_size)
         for mask in calibration_masks(grid, generator):
             for count in tokens:
                 seconds = _measure_layer(kernels, shape, mask, block_size, count, dtype, device, generator, repeats)
@@ -223,7 +224,7 @@ def validate_profile(
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for name, shape in (layers or DEIT_LAYERS).items():
-        grid = (-(-shape[0] // block_size[0]), -(-shape[1] // block_size[1]))
+        grid = block_grid(shape, block_size)
         for density in densities:
             mask = torch.rand(grid, generator=generator) < density
             measured = _measure_layer(kernels, shape, mask, block_size, tokens, dtype, device, generator, repeats)

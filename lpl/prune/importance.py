@@ -266,7 +266,7 @@ def block_scores(stats: LayerStatistics, weight: torch.Tensor, importance: str) 
         return block_sum(weight.square(), stats.block_size).flatten()
     if importance == "taylor1":
         elements = block_elements(stats.shape, stats.block_size)
-        return (block_sum((weight * stats.grad_mean).abs(), stats.block_size) / elements).flatten()
+        return (block_sum((weight * stats.grad_mean).abs(), stats.block_size) / elements.float()).flatten()
     if importance == "obd":
         return 0.5 * block_sum(stats.grad_sq_mean * weight.square(), stats.block_size).flatten()
     raise LplError(f"importance must be one of {IMPORTANCES}, got {importance!r}.")
