@@ -48,6 +48,7 @@ from lpl.data.base import IndexedDataModule  # noqa: E402
 from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, retrain  # noqa: E402
 from lpl.order.adjoint import record_sensitivities  # noqa: E402
 from lpl.order.linearized import linearized_from_tensors  # noqa: E402
+from lpl.order.projection import MatrixProjector  # noqa: E402
 from lpl.order.curriculum import search  # noqa: E402
 from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
@@ -138,25 +139,6 @@ def build_task(name: str, lr: float, steps: int):
 
 
 # ---------------------------------------------------------------- recording
-class _Dense:
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.matrix = matrix
-
-    def project(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ flat.float()
-
-    def project_batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.float() @ self.matrix.T
-
-
-class _Identity:
-    def project(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.float().clone()
-
-    def project_batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.float().clone()
-
-
 class BenchRecorder(TrainOrderRecorder):
     """TrainOrderRecorder with a materialised projection (CPU speed) or none (exact)."""
 
@@ -167,12 +149,12 @@ class BenchRecorder(TrainOrderRecorder):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         if self.exact:
-            self._projector = _Identity()
+            self._projector = MatrixProjector()
         elif self.materialise:
             d = self._projector.dim_in
             generator = torch.Generator().manual_seed(self.seed)
             signs = torch.randint(0, 2, (self.proj_dim, d), generator=generator).float().mul_(2).sub_(1)
-            self._projector = _Dense(signs.div_(math.sqrt(self.proj_dim)))
+            self._projector = MatrixProjector(signs.div_(math.sqrt(self.proj_dim)))
 
 
 def num_params(task: str, lr: float, steps: int) -> int:

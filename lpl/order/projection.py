@@ -170,3 +170,25 @@ class Projector:
     def project_tensors_batch(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Like ``project_tensors`` for n vectors at once: every tensor is [n, ...]; returns float32 [n, k]."""
         return self._project_columns([t.reshape(t.shape[0], -1) for t in tensors])
+
+
+class MatrixProjector:
+    """A projection held as a dense matrix [k, d], or none at all (``matrix=None``: vectors pass unchanged).
+
+    For references and small models: the materialised matrix is faster than :class:`Projector` on CPU when it fits
+    in memory, and the identity records full-space quantities (an exact reference for projected estimates).
+    :class:`Projector` is what ``TrainOrderRecorder`` uses: seeded, generated in chunks, never materialised.
+    """
+
+    def __init__(self, matrix: torch.Tensor | None = None) -> None:
+        self.matrix = None if matrix is None else matrix.float()
+
+    @torch.no_grad()
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        """P x for one vector: float32 [k] (a copy of x as float32 for the identity)."""
+        return flat.float().clone() if self.matrix is None else self.matrix @ flat.float()
+
+    @torch.no_grad()
+    def project_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """P x for each row of [n, d]: float32 [n, k]."""
+        return rows.float().clone() if self.matrix is None else rows.float() @ self.matrix.T

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # the recorder passes a lpl.order.projection.Projector; anything with .project(flat) works
-    from lpl.order.projection import Projector
+if TYPE_CHECKING:  # the recorder passes a Projector; MatrixProjector (identity or dense) serves references
+    from lpl.order.projection import MatrixProjector, Projector
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ProbeContext:
     step: int  # t (T for the final probe after training)
     params: list[Tensor]  # trainable parameters at theta_t, in named_parameters() order
     adam: AdamSnapshot
-    projector: "Projector"
+    projector: "Projector | MatrixProjector"  # anything with project(flat) and project_batch(rows)
     curvature_rank: int = 0  # r > 0 also records the per-batch curvature factors (r Hessian-vector products)
     val_curvature_rank: int = 0  # m > 0 also records the validation loss's top-m curvature (4m HVPs)
     val_grad: Tensor | None = None  # full validation gradient, set by probe_validation (kept in memory only)
@@ -241,10 +241,8 @@ def _project(ctx: ProbeContext, flat: Tensor) -> Tensor:
 
 
 def _project_rows(ctx: ProbeContext, rows: Tensor) -> Tensor:
-    """Project [n, d] rows at once when the projector can (one pass over the generated matrix)."""
-    if hasattr(ctx.projector, "project_batch"):
-        return ctx.projector.project_batch(rows).float()
-    return torch.stack([_project(ctx, row) for row in rows])
+    """Project [n, d] rows at once (one pass over the generated matrix)."""
+    return ctx.projector.project_batch(rows).float()
 
 
 # full-space rows of consecutive pool batches projected in one pass, up to this many bytes: on CPU, generating the

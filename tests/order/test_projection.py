@@ -124,3 +124,18 @@ def test_bad_arguments_raise_lpl_error():
         Projector(10, 4).project(torch.ones(11))
     with pytest.raises(LplError, match="length 10"):
         Projector(10, 4).project_tensors([torch.ones(3), torch.ones(3)])
+
+
+def test_matrix_projector_projects_rows_as_vectors_and_the_identity_copies():
+    from lpl.order.projection import MatrixProjector
+
+    rows = torch.randn(3, 10, dtype=torch.float64)
+    matrix = torch.randn(4, 10)
+    dense = MatrixProjector(matrix)
+    torch.testing.assert_close(dense.project_batch(rows), torch.stack([dense.project(r) for r in rows]))
+    torch.testing.assert_close(dense.project(rows[0]), matrix @ rows[0].float())
+    identity = MatrixProjector()
+    copied = identity.project(rows[0])
+    assert copied.dtype == torch.float32 and torch.equal(copied, rows[0].float())
+    copied.zero_()
+    assert rows[0].abs().sum() > 0  # a copy, not a view of the caller's vector

@@ -7,26 +7,16 @@ import torch
 from torch import nn
 
 from lpl.order import quantities
-from lpl.order.projection import Projector
+from lpl.order.projection import MatrixProjector, Projector
 from lpl.order.quantities import (
     AdamSnapshot, ProbeContext, adam_terms, probe_pool_batch, probe_pool_batches, probe_validation,
 )
 
 
-class DenseProjector:
+def DenseProjector(dim_in: int, proj_dim: int, seed: int = 0) -> MatrixProjector:
     """A materialised Gaussian projection: the reference the real Projector must agree with."""
-
-    def __init__(self, dim_in: int, proj_dim: int, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.matrix = torch.randn(proj_dim, dim_in, generator=generator) / proj_dim**0.5
-
-    def project(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ flat.float()
-
-
-class Identity:
-    def project(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.float().clone()
+    generator = torch.Generator().manual_seed(seed)
+    return MatrixProjector(torch.randn(proj_dim, dim_in, generator=generator) / proj_dim**0.5)
 
 
 def _problem(seed: int = 0):
@@ -82,7 +72,7 @@ def test_update_term_of_the_taken_batch_is_the_reference_step(optimizer_cls, dec
     params = list(model.parameters())
     optimizer = optimizer_cls(params, lr=0.05, weight_decay=0.1)
     for step, batch in enumerate(batches):
-        ctx = ProbeContext(step, params, _snapshot(optimizer, params, step, decoupled), Identity())
+        ctx = ProbeContext(step, params, _snapshot(optimizer, params, step, decoupled), MatrixProjector())
         probed = probe_pool_batch(ctx, lambda: _loss(model, batch))
         before = torch.cat([p.detach().reshape(-1) for p in params])
         optimizer.zero_grad()
@@ -118,7 +108,7 @@ def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected
     zeros = [torch.zeros_like(p) for p in params]
     adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, [z.clone() for z in zeros])
     dim = sum(p.numel() for p in params)
-    exact = probe_pool_batch(ProbeContext(0, params, adam, Identity(), curvature_rank=3), lambda: _loss(model, batches[0]))
+    exact = probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector(), curvature_rank=3), lambda: _loss(model, batches[0]))
     basis = exact["curv_basis"]
     torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
 
@@ -141,7 +131,7 @@ def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected
 def test_validation_probe():
     model, batches = _problem(3)
     params, adam = _fresh_adam(model)
-    out = probe_validation(ProbeContext(0, params, adam, Identity()), lambda: _loss(model, batches[1]))
+    out = probe_validation(ProbeContext(0, params, adam, MatrixProjector()), lambda: _loss(model, batches[1]))
     model.zero_grad()
     loss = _loss(model, batches[1])
     loss.backward()
@@ -155,7 +145,7 @@ def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_giv
     params, adam = _fresh_adam(model)
     dim = sum(p.numel() for p in params)
     hessian = _hessian(params, batches[1])
-    out = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=4), lambda: _loss(model, batches[1]))
+    out = probe_validation(ProbeContext(0, params, adam, MatrixProjector(), val_curvature_rank=4), lambda: _loss(model, batches[1]))
     basis, matrix = out["val_curv_basis"], out["val_curv_matrix"]
     assert basis.shape == (4, dim) and matrix.shape == (4, 4)
     torch.testing.assert_close(basis @ basis.T, torch.eye(4), atol=1e-5, rtol=0)
@@ -165,7 +155,7 @@ def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_giv
     torch.testing.assert_close(matrix.diagonal().sort().values, top.sort().values, rtol=0.05, atol=1e-4)
 
     # a Krylov space of full dimension holds the whole Hessian: the quadratic term is exact for any displacement
-    full = probe_validation(ProbeContext(0, params, adam, Identity(), val_curvature_rank=dim),
+    full = probe_validation(ProbeContext(0, params, adam, MatrixProjector(), val_curvature_rank=dim),
                             lambda: _loss(model, batches[1]))
     rank = int((full["val_curv_basis"].norm(dim=1) > 0).sum())
     delta = torch.randn(dim) * 1e-2
@@ -192,7 +182,7 @@ def test_validation_first_gives_exact_dot_scalars():
     assert "val_dot_update" not in probe_pool_batch(ctx, lambda: _loss(model, batches[0]))
     probe_validation(ctx, lambda: _loss(model, batches[1]))
     probed = probe_pool_batch(ctx, lambda: _loss(model, batches[0]))
-    exact = probe_pool_batch(ProbeContext(0, params, adam, Identity()), lambda: _loss(model, batches[0]))
+    exact = probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector()), lambda: _loss(model, batches[0]))
     assert probed["val_dot_update"].item() == pytest.approx((ctx.val_grad @ exact["update"]).item(), rel=1e-5)
     assert probed["val_dot_precond"].item() == pytest.approx((ctx.val_grad @ exact["precond_grad"]).item(), rel=1e-5)
 
@@ -204,7 +194,7 @@ def test_pool_first_then_validation_gives_the_dot_scalars_per_batch():
     ctx = ProbeContext(0, params, adam, DenseProjector(dim, 8))
     pool = [probe_pool_batch(ctx, lambda b=b: _loss(model, b)) for b in batches]
     val = probe_validation(ctx, lambda: _loss(model, batches[0]))
-    exact = [probe_pool_batch(ProbeContext(0, params, adam, Identity()), lambda b=b: _loss(model, b)) for b in batches]
+    exact = [probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector()), lambda b=b: _loss(model, b)) for b in batches]
     assert "val_dot_update" not in pool[0] and val["val_dot_update"].shape == (len(batches),)
     torch.testing.assert_close(val["val_dot_update"], torch.stack([ctx.val_grad @ e["update"] for e in exact]))
     torch.testing.assert_close(val["val_dot_precond"], torch.stack([ctx.val_grad @ e["precond_grad"] for e in exact]))

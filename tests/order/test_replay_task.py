@@ -13,24 +13,11 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from lpl.order.projection import MatrixProjector
 from lpl.order.quantities import AdamSnapshot, ProbeContext, probe_pool_batch, probe_validation
 from lpl.order.replay import ReplayData
 
 NUM_BATCHES, BATCH_SIZE = 12, 32
-
-
-class IdentityProjector:
-    def project(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.float().clone()
-
-
-class DenseProjector:
-    def __init__(self, dim_in: int, proj_dim: int, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.matrix = torch.randn(proj_dim, dim_in, generator=generator) / proj_dim**0.5
-
-    def project(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ flat.float()
 
 
 @dataclass
@@ -78,7 +65,8 @@ def make_task(
         return nn.functional.cross_entropy(model(x[val]), y[val])
 
     num_params = sum(p.numel() for p in build().parameters())
-    projector = IdentityProjector() if proj_dim is None else DenseProjector(num_params, proj_dim)
+    projector = MatrixProjector(None if proj_dim is None else torch.randn(
+        proj_dim, num_params, generator=torch.Generator().manual_seed(0)) / proj_dim**0.5)
 
     def run(order, record=False):
         model = build()
