@@ -68,7 +68,7 @@ def main() -> None:
     def gradient(theta: torch.Tensor, batch: int, step: int, graph: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         _load(theta, params)
         with as_in_training(model, ref_states.modes, ref_states.rng[step]), torch.enable_grad():
-            _, grads = quantities._loss_and_gradients(lambda: module_loss(model, pool[batch]), params, graph)
+            _, grads = quantities.loss_and_gradients(lambda: module_loss(model, pool[batch]), params, graph)
         return _flat(grads), grads
 
     generator = torch.Generator().manual_seed(0)
@@ -82,9 +82,9 @@ def main() -> None:
             displacement, batch = gamma - theta, order[s]
             true = gradient(gamma, batch, s, False)[0]
             at_reference, own = gradient(theta, batch, s, True)
-            own_first = at_reference + quantities._hessian_vector_product(own, params)(displacement)
+            own_first = at_reference + quantities.hessian_vector_product(own, params)(displacement)
             _, reference_graph = gradient(theta, reference[s], s, True)
-            ref_first = at_reference + quantities._hessian_vector_product(reference_graph, params)(displacement)
+            ref_first = at_reference + quantities.hessian_vector_product(reference_graph, params)(displacement)
             norm = true.norm()
             rows.append((s, float(displacement.norm() / (ref_states.theta[-1] - ref_states.theta[0]).norm()),
                          float((true - at_reference).norm() / norm), float((true - own_first).norm() / norm),

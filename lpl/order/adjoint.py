@@ -412,7 +412,7 @@ class _ReferenceRun:
         self.load_step(t)
         as_trained = as_in_training(self.model, self.capture.modes, self.capture.rng[t]) if training else None
         with as_trained or contextlib.nullcontext(), torch.enable_grad():
-            loss, grads = quantities._loss_and_gradients(loss_fn, self.params, curvature)
+            loss, grads = quantities.loss_and_gradients(loss_fn, self.params, curvature)
         return float(loss.detach()), _flat(grads), grads
 
     def batch_loss(self, b: int) -> Callable[[], Tensor]:
@@ -442,7 +442,7 @@ class _ReferenceRun:
     def reference_hessian(self, s: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """The reference batch's gradient at theta_s and v -> H_s v."""
         _, grad, grads = self.gradients_at(s, self.batch_loss(self.reference[s]), True, training=True)
-        product = quantities._hessian_vector_product(grads, self.params)
+        product = quantities.hessian_vector_product(grads, self.params)
         return grad, product
 
     def hvp(self, s: int, vectors: Tensor) -> Tensor:
@@ -576,7 +576,7 @@ def _adjoint_targets(run: _ReferenceRun, curvature_rank: int, log: _Progress) ->
     targets, curvature = val_grad[None], val_grad.new_zeros(0)
     if curvature_rank:
         with torch.enable_grad():
-            hvp_val = quantities._hessian_vector_product(val_grads, run.params)
+            hvp_val = quantities.hessian_vector_product(val_grads, run.params)
             directions, curvature = quantities.top_curvature(hvp_val, val_grad, curvature_rank, 4 * curvature_rank)
         targets = torch.cat([targets, directions])
     log(f"validation gradient and {curvature.numel()} curvature directions at the end")

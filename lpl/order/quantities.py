@@ -206,7 +206,7 @@ def _state(ctx: ProbeContext) -> tuple[Tensor, Tensor, Tensor]:
     return theta, exp_avg, exp_avg_sq
 
 
-def _loss_and_gradients(
+def loss_and_gradients(
     loss_fn: Callable[[], Tensor], params: list[Tensor], curvature: bool
 ) -> tuple[Tensor, list[Tensor]]:
     """The loss and its gradients; with ``curvature`` the gradients keep their graph for Hessian-vector products."""
@@ -220,7 +220,7 @@ def _loss_and_gradients(
     return loss, _gradients(loss, params, create_graph=True)
 
 
-def _hessian_vector_product(grads: list[Tensor], params: list[Tensor]) -> Callable[[Tensor], Tensor]:
+def hessian_vector_product(grads: list[Tensor], params: list[Tensor]) -> Callable[[Tensor], Tensor]:
     """v -> H v (flat) through the graph of ``grads`` (computed with create_graph=True)."""
     # a gradient without a graph (a parameter the loss does not use, or enters only linearly) has no curvature
     curved = [i for i, g in enumerate(grads) if g.requires_grad]
@@ -263,7 +263,7 @@ class _PoolRows:
 def _pool_rows(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> _PoolRows:
     curvature = ctx.curvature_rank > 0
     with torch.enable_grad():
-        loss, grads = _loss_and_gradients(batch_loss, ctx.params, curvature)
+        loss, grads = loss_and_gradients(batch_loss, ctx.params, curvature)
         grad = _flat([g.detach() for g in grads])
         theta, exp_avg, exp_avg_sq = _state(ctx)
         terms = adam_terms(grad, theta, exp_avg, exp_avg_sq, ctx.adam)
@@ -277,7 +277,7 @@ def _pool_rows(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> _PoolRows
             ctx.pending_dots.append((terms.update, terms.precond_grad))
         rank = 0
         if curvature:
-            hvp = _hessian_vector_product(grads, ctx.params)
+            hvp = hessian_vector_product(grads, ctx.params)
             basis, images = krylov_factors(hvp, terms.precond_grad, terms.d_precond, ctx.curvature_rank)
             rank = basis.shape[0]
             rows += [*basis, *(terms.d_precond * images), *(terms.d_update * images)]
@@ -337,10 +337,10 @@ def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[
     """
     curvature = ctx.val_curvature_rank > 0
     with torch.enable_grad():
-        loss, grads = _loss_and_gradients(val_loss, ctx.params, curvature)
+        loss, grads = loss_and_gradients(val_loss, ctx.params, curvature)
         grad = _flat([g.detach() for g in grads])
         if curvature:
-            hvp = _hessian_vector_product(grads, ctx.params)
+            hvp = hessian_vector_product(grads, ctx.params)
             vectors, values = top_curvature(hvp, grad, ctx.val_curvature_rank, 4 * ctx.val_curvature_rank)
     ctx.val_grad = grad
     out = {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}
