@@ -22,7 +22,8 @@ def to_block_sparse(
     ``block_size`` given here. Names are module names (``"blocks.0.mlp.fc1"``; a ``".weight"`` suffix is accepted);
     a submodule of the pruned model works too (``to_block_sparse(lightning_module.model, result)``).
     The model is changed in place and returned; weights, bias, dtype and device are kept, so outputs equal those of
-    the masked dense model.
+    the masked dense model. A layer that keeps every block stays an ``nn.Linear``: with nothing to skip, the dense
+    matmul is faster.
 
     Example::
 
@@ -31,7 +32,7 @@ def to_block_sparse(
         >>> save_safetensors_atomic(sparse_model.state_dict(), "deit_s_pruned.safetensors")
     """
     from lpl.kernels import BlockSparseLinear
-    from lpl.kernels.format import normalize_block_size
+    from lpl.kernels.format import block_grid, normalize_block_size
 
     masks, size = _masks_and_block_size(prune_result, block_size)
     modules = dict(model.named_modules())
@@ -57,7 +58,10 @@ def to_block_sparse(
             owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
             raise LplError(f"layer {name!r} belongs to a torch {owner}, which reads its weight directly instead of "
                            "calling it, so it cannot run block-sparse; leave it dense.")
-        sparse = BlockSparseLinear.from_linear(linear, torch.as_tensor(mask), size)
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) == block_grid(tuple(linear.weight.shape), normalize_block_size(size)) and bool(mask.all()):
+            continue  # nothing to skip: the dense matmul is faster (as the cost model predicts a fully kept layer)
+        sparse = BlockSparseLinear.from_linear(linear, mask, size)
         sparse.train(linear.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
