@@ -78,7 +78,7 @@ def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[
         raise LplError(f"Linear layers {example} share one weight tensor (tied), and block masks are per layer; "
                        f"leave them dense with exclude={example!r} or include only layers with their own weights.")
     warnings.warn(f"prune_model: {sum(map(len, tied))} Linear layers share their weights with another (tied, e.g. "
-                  f"{example}): left dense, since block masks are per layer.", stacklevel=3)
+                  f"{example}): left dense, since block masks are per layer.", stacklevel=4)  # prune_model's caller
     shared = {name for names in tied for name in names}
     remaining = {name: layer for name, layer in layers.items() if name not in shared}
     if not remaining:
@@ -164,73 +164,99 @@ def prune_model(
     """
     started = time.perf_counter()
     check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise LplError("the model has no trainable weights (requires_grad is False everywhere); calibration needs "
-                       "gradients: call model.requires_grad_(True) first.")
+    _check_trainable(model)
     layers = select_layers(model, include, exclude)
     block_size = check_block_size(block_size, {n: tuple(layer.weight.shape) for n, layer in layers.items()},
                                   exclude if exclude is not None else DEFAULT_EXCLUDE)
     device_type = next(model.parameters()).device.type
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
-
-    if calib_batches is not None and calib_batches <= 0:
-        raise LplError(f"calib_batches must be positive (or None: every batch of the loader), got {calib_batches}.")
     passes = stages * len(gram_groups(layers, block_size)) if importance == "taylor2" else stages
-    if passes > 1:  # every pass reads the same batches: keep them
-        _warn_if_large(calib_dataloader, calib_batches)
-        batches = list(_take(calib_dataloader, calib_batches))
-    else:
-        batches = calib_dataloader
-    names = list(layers)
+    batches = _calibration_batches(calib_dataloader, calib_batches, passes)
     masks: dict[str, torch.Tensor] = {}
     # Rounds on a geometric schedule of budgets, each recalibrated on the model pruned so far: the curvature is
     # measured where the model actually is, which the one-shot quadratic model cannot see at high sparsity.
     for round_number in range(1, stages + 1):
-        round_keep = float(flops_keep) ** (round_number / stages)
         stats, curves, scores = _calibrate(model, layers, batches, masks, block_size, loss_fn, importance,
                                            first_order, calib_batches, include is None, profile)
         if len(stats) < len(layers):  # default selection: layers the forward never calls stay dense
-            skipped = [n for n in layers if n not in stats]
-            warnings.warn(f"prune_model: {len(skipped)} Linear layers are left dense (e.g. {skipped[:2]}): the forward "
-                          "never calls them as modules, or feeds them a tensor without rows per sample (a table the "
-                          "batch shares). Pass include=/exclude= to choose layers yourself.", stacklevel=2)
-            layers = {n: layers[n] for n in stats}
-            names = list(layers)
-        flops = [curves[n].flops for n in names]
-        density = [curves[n].density for n in names]
-        allowed = [allowed_points(d, min_density, max_density) for d in density]
-        for n, ok in zip(names, allowed):  # earlier rounds' removals are final
-            ok[: int((~masks[n]).sum()) if n in masks else 0] = False
-        total = sum(float(f[0]) for f in flops)
-        if round_number < stages:  # intermediate budgets stay inside what the density limits can reach
-            reachable = sum(float(f[ok].max()) for f, ok in zip(flops, allowed) if ok.any()) / total
-            round_keep = min(round_keep, reachable)
-        budget = round_keep * total
-        final = round_number == stages
-        if allocation == "uniform":
-            removed = allocate_uniform(density, flops, allowed, budget, strict=final)
-        elif allocation == "global":
-            block_flops = [2.0 * stats[n].tokens_per_sample
-                           * block_elements(stats[n].shape, block_size).flatten().double() for n in names]
-            removed = allocate_global([scores[n] for n in names], [curves[n].order for n in names], block_flops,
-                                      density, min_density, max_density, budget, allowed=allowed,
-                                      strict=final)
-        else:
-            removed = allocate_dp(hardware_objectives([curves[n] for n in names], round_keep, lambda_power),
-                                  flops, allowed, budget, strict=final)
-        if not final and sum(float(f[r]) for f, r in zip(flops, removed)) < float(flops_keep) * total * (1 - 1e-9):
-            # block granularity put this round below the final budget, and its removals would be final: the last
-            # round prunes from here instead (one-round pruning meets budgets this round cannot land above)
-            removed = [int((~masks[n]).sum()) if n in masks else 0 for n in names]
-        masks = broadcast_masks({n: curves[n].mask(r, block_grid(stats[n].shape, block_size))
-                                 for n, r in zip(names, removed)})
+            layers = _calibrated_layers(layers, stats)
+        masks = broadcast_masks(_round_masks(
+            list(layers), stats, curves, scores, masks, round_keep=float(flops_keep) ** (round_number / stages),
+            final=round_number == stages, flops_keep=float(flops_keep), allocation=allocation,
+            lambda_power=lambda_power, min_density=min_density, max_density=max_density, block_size=block_size))
     return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,
                      options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
                                   min_density=min_density, max_density=max_density, profile=profile.name,
                                   stages=stages, first_order=first_order,
                                   loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
                      started=started)
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """Calibration differentiates the loss: refuse a model without a trainable weight."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LplError("the model has no trainable weights (requires_grad is False everywhere); calibration needs "
+                       "gradients: call model.requires_grad_(True) first.")
+
+
+def _calibration_batches(loader: Iterable[Any], limit: int | None, passes: int) -> Iterable[Any]:
+    """What the calibration passes read: ``loader`` itself for one pass; its first ``limit`` batches (None: all),
+    kept in a list, for more."""
+    if limit is not None and limit <= 0:
+        raise LplError(f"calib_batches must be positive (or None: every batch of the loader), got {limit}.")
+    if passes > 1:  # every pass reads the same batches: keep them
+        _warn_if_large(loader, limit)
+        return list(_take(loader, limit))
+    return loader
+
+
+def _calibrated_layers(layers: dict[str, nn.Linear], stats: dict) -> dict[str, nn.Linear]:
+    """The layers calibrated (in ``stats``); a warning names those left dense."""
+    skipped = [n for n in layers if n not in stats]
+    warnings.warn(f"prune_model: {len(skipped)} Linear layers are left dense (e.g. {skipped[:2]}): the forward "
+                  "never calls them as modules, or feeds them a tensor without rows per sample (a table the "
+                  "batch shares). Pass include=/exclude= to choose layers yourself.", stacklevel=3)
+    return {n: layers[n] for n in stats}
+
+
+def _round_masks(
+    names: list[str], stats: dict, curves: dict[str, LayerCurve], scores: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor], *, round_keep: float, final: bool, flops_keep: float, allocation: str,
+    lambda_power: float, min_density: float, max_density: float, block_size: tuple[int, int],
+) -> dict[str, torch.Tensor]:
+    """Block masks of one round: ``allocation`` of ``round_keep`` of the layers' FLOPs, the blocks ``masks`` removed
+    in earlier rounds staying removed. ``final``: the last round, which must meet its budget (``flops_keep``)."""
+    flops = [curves[n].flops for n in names]
+    density = [curves[n].density for n in names]
+    allowed = [allowed_points(d, min_density, max_density) for d in density]
+    for n, ok in zip(names, allowed):  # earlier rounds' removals are final
+        ok[: _removed_blocks(masks, n)] = False
+    total = sum(float(f[0]) for f in flops)
+    if not final:  # intermediate budgets stay inside what the density limits can reach
+        reachable = sum(float(f[ok].max()) for f, ok in zip(flops, allowed) if ok.any()) / total
+        round_keep = min(round_keep, reachable)
+    budget = round_keep * total
+    if allocation == "uniform":
+        removed = allocate_uniform(density, flops, allowed, budget, strict=final)
+    elif allocation == "global":
+        block_flops = [2.0 * stats[n].tokens_per_sample
+                       * block_elements(stats[n].shape, block_size).flatten().double() for n in names]
+        removed = allocate_global([scores[n] for n in names], [curves[n].order for n in names], block_flops,
+                                  density, min_density, max_density, budget, allowed=allowed, strict=final)
+    else:
+        removed = allocate_dp(hardware_objectives([curves[n] for n in names], round_keep, lambda_power),
+                              flops, allowed, budget, strict=final)
+    if not final and sum(float(f[r]) for f, r in zip(flops, removed)) < flops_keep * total * (1 - 1e-9):
+        # block granularity put this round below the final budget, and its removals would be final: the last
+        # round prunes from here instead (one-round pruning meets budgets this round cannot land above)
+        removed = [_removed_blocks(masks, n) for n in names]
+    return {n: curves[n].mask(r, block_grid(stats[n].shape, block_size)) for n, r in zip(names, removed)}
+
+
+def _removed_blocks(masks: dict[str, torch.Tensor], name: str) -> int:
+    """How many blocks of layer ``name`` earlier rounds removed."""
+    return int((~masks[name]).sum()) if name in masks else 0
 
 
 # More calibration batches than this, all kept in memory for the later passes, is most likely a whole training loader
@@ -246,7 +272,7 @@ def _warn_if_large(loader: Iterable[Any], limit: int | None) -> None:
     if limit is None and count > LARGE_CALIBRATION_BATCHES:
         warnings.warn(f"prune_model keeps its calibration batches in memory for its passes, and calib_batches=None "
                       f"takes all {count} of this loader's: pass calib_batches= (BlockPruneCallback uses 32).",
-                      stacklevel=3)
+                      stacklevel=4)
 
 
 def _take(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
@@ -147,10 +147,94 @@ def collect_statistics(
     left ``None`` otherwise.
     """
     device = next(model.parameters()).device
-    layers = dict(layers)
-    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # (input, output) of every call
+    sums = {name: _LayerSums(layer.weight, block_size, with_gram, with_gradients, device)
+            for name, layer in layers.items()}
+    counts = torch.zeros(2, device=device, dtype=torch.float64)  # samples, batches
+    # calibration statistics of the deployed network: no dropout / drop-path; every module's mode restored after
+    with eval_mode(model), _captured_calls(layers) as captured:
+        for number, batch in enumerate(batches):
+            if max_batches is not None and number >= max_batches:
+                break
+            samples = batch_samples(batch)
+            if samples == 0:  # an empty batch carries no statistics (its mean loss is not even defined)
+                continue
+            _measure_batch(model, move_data_to_device(batch, device), loss_fn, sums, captured, samples,
+                           strict=not skip_uncalled or number > 0)
+            if not sums:  # none called (skip_uncalled): nothing to measure
+                break
+            counts += torch.tensor([float(samples), 1.0], device=device, dtype=torch.float64)
+    _all_reduce(counts, sums)
+    if not sums:
+        return {}
+    samples, num_batches = float(counts[0]), float(counts[1])
+    if num_batches == 0:
+        raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at "
+                       "least one non-empty batch.")
+    return {name: acc.statistics(samples, num_batches) for name, acc in sums.items()}
 
-    def make_hook(name: str):
+
+# A Linear call's (input, output); the output is what the loss is differentiated in.
+_Call = tuple[torch.Tensor, torch.Tensor]
+
+
+class _LayerSums:
+    """One layer's statistics summed over the calibration batches (``collect_statistics`` divides them at the end)."""
+
+    def __init__(self, weight: torch.Tensor, block_size: tuple[int, int], with_gram: bool, with_gradients: bool,
+                 device: torch.device) -> None:
+        self.shape = tuple(weight.shape)
+        self.block_size = block_size
+        self.weight = weight.detach().float()
+        rows, cols = block_grid(self.shape, block_size)
+        self.first = torch.zeros(rows * cols, device=device, dtype=torch.float64)
+        self.gram = torch.zeros((rows * cols,) * 2, device=device, dtype=torch.float64) if with_gram else None
+        self.grad = torch.zeros_like(self.weight) if with_gradients else None
+        self.grad_sq = torch.zeros_like(self.weight) if with_gradients else None
+        self.tokens = torch.zeros((), device=device, dtype=torch.float64)
+
+    def add(self, calls: list[_Call], grads: list[torch.Tensor | None], samples: int) -> None:
+        """Add one batch: the layer's ``calls`` and the loss gradients ``grads`` in their outputs (None: unused)."""
+        contributions, batch_grad = 0.0, 0.0
+        for (x, output), dy in zip(calls, grads):  # a layer called more than once: its gradient sums the calls
+            dy = torch.zeros_like(output) if dy is None else dy.detach()
+            if self.grad is not None:
+                batch_grad = batch_grad + dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+            self.tokens += x.numel() / x.shape[-1]
+            contributions = contributions + _per_sample_contributions(
+                _per_sample_rows(x, samples), _per_sample_rows(dy, samples), self.weight, self.block_size)
+        if self.grad is not None:
+            self.grad += batch_grad
+            self.grad_sq += batch_grad.square()
+        contributions = contributions.double()
+        self.first += contributions.sum(0)
+        if self.gram is not None:
+            self.gram.addmm_(contributions.T, contributions)  # in place: K x K is the big one
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum collected (what torch.distributed reduces)."""
+        sums = (self.first, self.gram, self.grad, self.grad_sq, self.tokens)
+        return [tensor for tensor in sums if tensor is not None]
+
+    def statistics(self, samples: float, num_batches: float) -> LayerStatistics:
+        """The means: per sample for the block statistics, per batch for the gradients."""
+        return LayerStatistics(
+            shape=self.shape,
+            block_size=self.block_size,
+            tokens_per_sample=float(self.tokens) / samples,
+            tokens_per_batch=float(self.tokens) / num_batches,
+            first=(self.first / samples).cpu(),
+            gram=self.gram.div_(samples).cpu() if self.gram is not None else None,
+            grad_mean=self.grad.div_(num_batches).cpu() if self.grad is not None else None,
+            grad_sq_mean=self.grad_sq.div_(num_batches).cpu() if self.grad_sq is not None else None,
+        )
+
+
+@contextlib.contextmanager
+def _captured_calls(layers: dict[str, nn.Linear]) -> Iterator[dict[str, list[_Call]]]:
+    """While in the block, every call of ``layers`` is appended to the yielded dict under the layer's name."""
+    captured: dict[str, list[_Call]] = {}
+
+    def make_hook(name: str) -> Callable[[nn.Linear, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if not output.requires_grad:  # a frozen layer on the input side: still differentiate the loss in it
                 output = output.detach().requires_grad_()
@@ -160,99 +244,56 @@ def collect_statistics(
         return hook
 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
-    weights = {name: layer.weight.detach().float() for name, layer in layers.items()}
-    grids = {name: block_grid(tuple(layer.weight.shape), block_size) for name, layer in layers.items()}
-    sums: dict[str, dict[str, torch.Tensor]] = {
-        name: {
-            "first": torch.zeros(grids[name][0] * grids[name][1], device=device, dtype=torch.float64),
-            "gram": torch.zeros((grids[name][0] * grids[name][1],) * 2, device=device, dtype=torch.float64)
-            if with_gram else torch.zeros(0, device=device),
-            "grad": torch.zeros_like(weights[name]) if with_gradients else torch.zeros(0, device=device),
-            "grad_sq": torch.zeros_like(weights[name]) if with_gradients else torch.zeros(0, device=device),
-            "tokens": torch.zeros((), device=device, dtype=torch.float64),
-        }
-        for name in layers
-    }
-    counts = torch.zeros(2, device=device, dtype=torch.float64)  # samples, batches
-    # calibration statistics of the deployed network: no dropout / drop-path; every module's mode restored after
-    with eval_mode(model), contextlib.ExitStack() as cleanup:
+    try:
+        yield captured
+    finally:
         for handle in handles:
-            cleanup.callback(handle.remove)
-        for number, batch in enumerate(batches):
-            if max_batches is not None and number >= max_batches:
-                break
-            samples = batch_samples(batch)
-            if samples == 0:  # an empty batch carries no statistics (its mean loss is not even defined)
-                continue
-            batch = move_data_to_device(batch, device)
-            captured.clear()
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                missing = [name for name in layers if name not in captured]
-                if missing and (not skip_uncalled or number > 0):
-                    raise LplError(f"layers {missing[:3]} were not called in the forward pass (the model uses their "
-                                   "weights without calling the module); exclude them.")
-                shared = [name for name in layers if name not in missing
-                          and any(_per_sample_rows(x, samples) is None for x, _ in captured[name])]
-                if shared and (not skip_uncalled or number > 0):
-                    shape = tuple(captured[shared[0]][0][0].shape)
-                    raise LplError(f"the inputs of layers {shared[:3]} (e.g. of shape {shape}) have no rows per sample "
-                                   f"of the batch's {samples} (their leading dim is not the batch's): per-sample "
-                                   "gradients, which calibration needs, do not exist there; exclude them.")
-                for name in missing + shared:
-                    del layers[name], sums[name]
-                if not layers:  # none called (skip_uncalled): nothing to measure
-                    break
-                outputs = [output for name in layers for _, output in captured[name]]
-                if not loss.requires_grad:
-                    raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
-                grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
-            for name in layers:
-                acc = sums[name]
-                contributions, batch_grad = 0.0, 0.0
-                for x, output in captured[name]:  # a layer called more than once: its gradient sums the calls
-                    dy = next(grads)
-                    dy = torch.zeros_like(output) if dy is None else dy.detach()
-                    if with_gradients:
-                        batch_grad = batch_grad + dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(
-                            -1, x.shape[-1]).float()
-                    acc["tokens"] += x.numel() / x.shape[-1]
-                    contributions = contributions + _per_sample_contributions(
-                        _per_sample_rows(x, samples), _per_sample_rows(dy, samples), weights[name], block_size)
-                if with_gradients:
-                    acc["grad"] += batch_grad
-                    acc["grad_sq"] += batch_grad.square()
-                contributions = contributions.double()
-                acc["first"] += contributions.sum(0)
-                if with_gram:
-                    acc["gram"].addmm_(contributions.T, contributions)  # in place: K x K is the big one
-            counts += torch.tensor([float(samples), 1.0], device=device, dtype=torch.float64)
+            handle.remove()
 
+
+def _measure_batch(model: nn.Module, batch: Any, loss_fn: LossFn, sums: dict[str, _LayerSums],
+                   captured: dict[str, list[_Call]], samples: int, strict: bool) -> None:
+    """One forward/backward of ``batch`` (of ``samples`` samples) added to ``sums``; the layers it gives no per-sample
+    gradients are an error when ``strict``, else dropped from ``sums``."""
+    captured.clear()
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        for name in _unmeasurable_layers(list(sums), captured, samples, strict):
+            del sums[name]
+        if not sums:
+            return
+        outputs = [output for name in sums for _, output in captured[name]]
+        if not loss.requires_grad:
+            raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
+        grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+    for name, acc in sums.items():
+        acc.add(captured[name], [next(grads) for _ in captured[name]], samples)
+
+
+def _unmeasurable_layers(names: list[str], captured: dict[str, list[_Call]], samples: int, strict: bool) -> list[str]:
+    """The layers of ``names`` this batch's forward did not call, then those it fed an input without rows per sample
+    (no per-sample gradient exists there): an error when ``strict``."""
+    missing = [name for name in names if name not in captured]
+    if missing and strict:
+        raise LplError(f"layers {missing[:3]} were not called in the forward pass (the model uses their "
+                       "weights without calling the module); exclude them.")
+    shared = [name for name in names if name not in missing
+              and any(_per_sample_rows(x, samples) is None for x, _ in captured[name])]
+    if shared and strict:
+        shape = tuple(captured[shared[0]][0][0].shape)
+        raise LplError(f"the inputs of layers {shared[:3]} (e.g. of shape {shape}) have no rows per sample "
+                       f"of the batch's {samples} (their leading dim is not the batch's): per-sample "
+                       "gradients, which calibration needs, do not exist there; exclude them.")
+    return missing + shared
+
+
+def _all_reduce(counts: torch.Tensor, sums: dict[str, _LayerSums]) -> None:
+    """Under torch.distributed, sum ``counts`` and every layer's sums over the ranks (all ranks end identical)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
         for acc in sums.values():
-            for tensor in acc.values():
-                if tensor.numel():
-                    dist.all_reduce(tensor)
-    if not sums:
-        return {}
-    samples, num_batches = float(counts[0]), float(counts[1])
-    if num_batches == 0:
-        raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at "
-                       "least one non-empty batch.")
-    return {
-        name: LayerStatistics(
-            shape=tuple(layers[name].weight.shape),
-            block_size=block_size,
-            tokens_per_sample=float(acc["tokens"]) / samples,
-            tokens_per_batch=float(acc["tokens"]) / num_batches,
-            first=(acc["first"] / samples).cpu(),
-            gram=acc["gram"].div_(samples).cpu() if with_gram else None,
-            grad_mean=acc["grad"].div_(num_batches).cpu() if with_gradients else None,
-            grad_sq_mean=acc["grad_sq"].div_(num_batches).cpu() if with_gradients else None,
-        )
-        for name, acc in sums.items()
-    }
+            for tensor in acc.tensors():
+                dist.all_reduce(tensor)
 
 
 def block_scores(stats: LayerStatistics, weight: torch.Tensor, importance: str) -> torch.Tensor:
