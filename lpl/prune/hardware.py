@@ -26,6 +26,7 @@ from lpl.utils.io import atomic_write_json
 
 # Share of dense matmul throughput the block-sparse kernel reaches on one retained block (analytic default only).
 _DEFAULT_BLOCK_EFFICIENCY = 0.6
+_CPU_STRIP = 16  # output rows per strip of the CPU kernel (kernels/cpu/csrc/block_sparse.c)
 
 
 def block_key(block_size: tuple[int, int], dtype: torch.dtype | str) -> str:
@@ -75,11 +76,13 @@ class HardwareProfile:
         return self.dense_flops_by_dtype.get(dtype_name(dtype), self.dense_flops_per_s)
 
     def seconds_per_block(self, block_size: tuple[int, int], dtype: torch.dtype | str) -> float:
-        """Cost of one retained block for one token tile; analytic from dense throughput when not calibrated."""
+        """Cost of one retained block for one token tile; analytic from dense throughput when not calibrated (the
+        CPU kernel computes output rows in strips of 16, so a block of fewer rows costs as much as 16)."""
         measured = self.block_s.get(block_key(block_size, dtype))
         if measured is not None:
             return measured
-        flops = 2.0 * self.tile_m * block_size[0] * block_size[1]
+        rows = -(-block_size[0] // _CPU_STRIP) * _CPU_STRIP if self.device_type == "cpu" else block_size[0]
+        flops = 2.0 * self.tile_m * rows * block_size[1]
         return flops / (self.dense_throughput(dtype) * _DEFAULT_BLOCK_EFFICIENCY)
 
     def _energy(self, latency_s: float | np.ndarray) -> float | np.ndarray:

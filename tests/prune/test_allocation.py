@@ -55,7 +55,8 @@ def test_uniform_allocation_keeps_every_layer_near_the_target(tiny_vit, batches)
 
 def test_more_pruning_predicts_more_speed_and_less_energy(tiny_vit, batches):
     # Not monotone in between: a layer kept whole runs dense, and a lightly pruned one can be slower than dense.
-    light, heavy = (prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=k) for k in (0.9, 0.2))
+    # 16-row blocks: the CPU kernel computes 16 output rows at a time, so 8x8 blocks barely pay off on CPU.
+    light, heavy = (prune_model(tiny_vit, batches, block_size=(16, 8), flops_keep=k) for k in (0.9, 0.2))
     assert heavy.predicted_speedup > light.predicted_speedup and heavy.predicted_speedup > 1.0
     assert heavy.predicted_energy_ratio < light.predicted_energy_ratio
 
