@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lpl.utils.errors import LplError
 
@@ -82,21 +82,47 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
         )
 
 
-def _user_error(error: BaseException) -> LplError | None:
-    """The LplError behind ``error``: jsonargparse wraps errors raised while instantiating classes."""
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The message for a user's mistake behind ``error`` (jsonargparse and Lightning wrap what they raise), or None
+    for anything else (a bug: its traceback is kept)."""
+    import pickle
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, LplError):
-            return error
+            return str(error)
+        if isinstance(error, MisconfigurationException):  # a Trainer setting Lightning refuses
+            return f"{error} (a Trainer or LightningModule setting; see `lpl fit --help`)"
+        if isinstance(error, FileNotFoundError) and "checkpoint" in str(error).lower():
+            return f"{error}: give --ckpt_path an existing checkpoint file (or 'last' / 'best' of this run's folder)."
+        if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return (f"the checkpoint could not be read: it is not a Lightning checkpoint, is truncated, or holds "
+                    f"objects other than tensors and plain values ({first}).")
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
 
 
-def _print_helper_commands() -> None:
-    print("\nmethod commands (lpl COMMAND --help for each):")
+def _print_helper_commands(file: Any = None) -> None:
+    print("\nmethod commands (lpl COMMAND --help for each):", file=file)
     for name, (_, _, summary) in HELPER_COMMANDS.items():
-        print(f"  {name:<15} {summary}")
+        print(f"  {name:<15} {summary}", file=file)
+
+
+def _suggest_command(name: str) -> None:
+    """After LightningCLI refused an unknown subcommand: the helper commands too, and the nearest name."""
+    import difflib
+
+    _print_helper_commands(sys.stderr)
+    close = difflib.get_close_matches(name, [*TRAINER_COMMANDS, *HELPER_COMMANDS], n=1)
+    if close:
+        print(f"\nlpl: unknown command {name!r}; did you mean {close[0]!r}?", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,12 +140,14 @@ def main(argv: list[str] | None = None) -> None:
         except SystemExit:
             if not argv or argv[0] in ("-h", "--help"):  # the Trainer commands' help, then ours
                 _print_helper_commands()
+            elif not argv[0].startswith("-") and argv[0] not in TRAINER_COMMANDS:
+                _suggest_command(argv[0])
             raise
     except Exception as error:
-        user_error = _user_error(error)
-        if user_error is None:
+        message = _user_error(error)
+        if message is None:
             raise
-        print(f"lpl: error: {user_error}", file=sys.stderr)
+        print(f"lpl: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -208,3 +208,25 @@ def test_help_lists_the_method_commands_too(capsys) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "fit" in out and all(f"  {name} " in out for name in HELPER_COMMANDS)
+
+
+def test_lightnings_refusals_of_user_input_are_one_clear_line(tmp_path, capsys) -> None:
+    """A missing or unreadable checkpoint and a Trainer setting Lightning refuses ended in tracebacks."""
+    base = ["fit", "--config", str(CONFIGS / "mnist_vit.yaml"), *SHORT, "--trainer.logger=false",
+            "--model.init_args.depth=1"]
+    err = _error_of(capsys, *base, f"--ckpt_path={tmp_path}/none.ckpt")
+    assert "none.ckpt" in err and "give --ckpt_path an existing checkpoint" in err and "Traceback" not in err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_text("not a checkpoint")
+    err = _error_of(capsys, *base, f"--ckpt_path={garbage}")
+    assert "could not be read" in err and "Traceback" not in err
+    err = _error_of(capsys, *base, "--trainer.max_epochs=-5")
+    assert "max_epochs" in err and "Traceback" not in err
+
+
+def test_an_unknown_command_names_the_method_commands_and_the_nearest_one(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prnue", "--config", "x.yaml"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "position-map" in err and "did you mean 'prune'" in err
