@@ -230,3 +230,17 @@ def test_an_unknown_command_names_the_method_commands_and_the_nearest_one(capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "position-map" in err and "did you mean 'prune'" in err
+
+
+def test_ckpt_path_last_resumes_the_previous_run(tmp_path) -> None:
+    """Checkpoints went under each run's own W&B id, so `--ckpt_path last` found none and trained from scratch."""
+    import torch
+
+    args = ["--config", str(CONFIGS / "mnist_vit.yaml"), "--trainer.limit_val_batches=1", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--model.init_args.depth=1",
+            "--trainer.limit_train_batches=2"]
+    main(["fit", *args, "--trainer.max_epochs=1"])
+    main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    lasts = sorted(Path("outputs/mnist_vit/checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(lasts[-1], map_location="cpu", weights_only=False)  # our own file, written just now
+    assert state["global_step"] == 4 and state["epoch"] == 1
