@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,9 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lpl.utils.trainer import restore_loader_position
-from lpl.prune.api import check_options, prune_model
+from lpl.prune.api import DEFAULT_EXCLUDE, check_options, prune_model, select_layers
 from lpl.prune.hardware import HardwareProfile
-from lpl.prune.blocks import parse_block_size
+from lpl.prune.blocks import check_block_size, parse_block_size
 from lpl.prune.importance import model_inputs
 from lpl.prune.masking import MaskHandle, apply_masks
 from lpl.prune.result import PruneResult
@@ -56,7 +57,7 @@ class BlockPruneCallback(Callback):
 
     def __init__(
         self,
-        block_size: tuple[int, int] = (16, 16),
+        block_size: int | tuple[int, int] = (16, 16),
         flops_keep: float = 0.5,
         importance: str = "taylor2",
         allocation: str = "hardware",
@@ -117,6 +118,7 @@ class BlockPruneCallback(Callback):
             self._publish(trainer)
         else:
             self.result, self.metrics = None, {}
+            self._check_selection(pl_module)
             if self.prune_after_steps == 0:
                 self._prune(trainer, pl_module)
 
@@ -198,6 +200,16 @@ class BlockPruneCallback(Callback):
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)
+
+    def _check_selection(self, pl_module: L.LightningModule) -> None:
+        """Refuse include/exclude patterns that match no layer, or a block larger than a selected layer, now rather
+        than after the training before prune_after_steps."""
+        options = self.options
+        with warnings.catch_warnings():  # what the selection warns of is said when pruning
+            warnings.simplefilter("ignore")
+            layers = select_layers(pl_module, options["include"], options["exclude"])
+        check_block_size(options["block_size"], {n: tuple(layer.weight.shape) for n, layer in layers.items()},
+                         options["exclude"] if options["exclude"] is not None else DEFAULT_EXCLUDE)
 
     def _pruned_already(self, pl_module: L.LightningModule) -> bool:
         try:

@@ -1,43 +1,84 @@
 """``lpl prune``: prune a trained model described by a LightningCLI config, without training.
 
-    lpl prune --config configs/mnist_vit.yaml --ckpt_path outputs/mnist_vit/.../last.ckpt --flops_keep 0.5 \
+    lpl prune --config configs/mnist_vit.yaml --ckpt_path outputs/mnist_vit/checkpoints/last.ckpt --flops_keep 0.5 \
               --out outputs/prune_result
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from lpl.prune.importance import IMPORTANCES
-
+from lpl.prune.api import ALLOCATIONS
+from lpl.prune.blocks import parse_block_size
+from lpl.prune.importance import IMPORTANCES, LOSSES
 from lpl.utils.errors import LplError
 from lpl.utils.io import output_dir
+
+
+# what passes to the config's LightningCLI; anything else unknown is a mistake in this command's own options
+_PASSTHROUGH = ("--model", "--data", "--trainer", "--seed_everything", "--optimizer", "--lr_scheduler")
+
+
+def _both_spellings(name: str) -> list[str]:
+    """``--flops_keep`` and ``--flops-keep``: LightningCLI's style and the other method commands'."""
+    flag = "--" + name
+    return [flag, flag.replace("_", "-")] if "_" in name else [flag]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpl prune",
         description="Post-training block pruning: calibrate on the config's training data, allocate densities to a "
-        "FLOPs budget, save the PruneResult (safetensors + JSON). Other --model/--data options pass to the config.",
+        "FLOPs budget, save the PruneResult (safetensors + JSON). Pruning options left out are taken from the "
+        "config's BlockPruneCallback when it has one, else the callback's defaults (shown). --model.*, --data.* and "
+        "--trainer.* options pass to the config.",
     )
-    parser.add_argument("--config", required=True, help="LightningCLI config naming the model and data")
-    parser.add_argument("--ckpt_path", help="Lightning checkpoint or weights file of the trained model")
-    parser.add_argument("--out", default="prune_result", type=output_dir, help="folder for the PruneResult")
-    parser.add_argument("--flops_keep", type=float, default=0.5)
-    parser.add_argument("--block_size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"))
-    parser.add_argument("--importance", default="taylor2", choices=IMPORTANCES)
-    parser.add_argument("--allocation", default="hardware", choices=("hardware", "uniform", "global"))
-    parser.add_argument("--lambda_power", type=float, default=1.0)
-    parser.add_argument("--min_density", type=float, default=0.05)
-    parser.add_argument("--max_density", type=float, default=1.0)
-    parser.add_argument("--calib_batches", type=int, default=32)
-    parser.add_argument("--stages", type=int, default=2, help="calibration rounds on shrinking budgets")
-    parser.add_argument("--first_order", action="store_true", help="add taylor2's gradient term")
-    parser.add_argument("--loss", default="auto", choices=("auto", "task", "logit_energy"),
-                        help="calibration loss; auto: the module's task loss when it defines one, else the logit energy")
-    parser.add_argument("--include", nargs="*", default=None, help="glob patterns on Linear module names")
-    parser.add_argument("--exclude", nargs="*", default=None)
+    add = lambda name, **kwargs: parser.add_argument(*_both_spellings(name), dest=name, **kwargs)  # noqa: E731
+    add("config", required=True, help="LightningCLI config naming the model and data")
+    add("ckpt_path", help="Lightning checkpoint or weights file of the trained model (default: the config's weights)")
+    add("out", default="prune_result", type=output_dir, help="folder for the PruneResult (default: prune_result)")
+    add("flops_keep", type=float, help="share of the pruned layers' FLOPs to keep, in (0, 1] (default 0.5)")
+    add("block_size", type=int, nargs="+", metavar="N",
+        help="block rows and columns, or one number for square blocks (default 16 16)")
+    add("importance", choices=IMPORTANCES, help="block importance (default taylor2)")
+    add("allocation", choices=ALLOCATIONS, help="per-layer density allocation (default hardware)")
+    add("lambda_power", type=float, help="weight of predicted energy against latency in the hardware objective "
+                                         "(default 1.0)")
+    add("min_density", type=float, help="least share of blocks a pruned layer keeps (default 0.05)")
+    add("max_density", type=float, help="most share of blocks a pruned layer keeps (default 1.0)")
+    add("calib_batches", type=int, help="training batches that calibrate (default 32)")
+    add("stages", type=int, help="calibration rounds on shrinking budgets (default 2)")
+    add("first_order", action="store_true", default=None, help="add taylor2's gradient term")
+    add("loss", default="auto", choices=LOSSES,
+        help="calibration loss; auto: the module's task loss when it defines one, else the logit energy")
+    add("include", nargs="*", help="glob patterns on Linear module names to prune (default: every Linear but heads)")
+    add("exclude", nargs="*", help="glob patterns on Linear module names to leave dense (default: *head*)")
     return parser
+
+
+_OPTION_NAMES = ("block_size", "flops_keep", "importance", "allocation", "lambda_power", "min_density", "max_density",
+                 "include", "exclude", "stages", "first_order")
+
+
+def _options(args: argparse.Namespace, trainer: Any) -> tuple[dict[str, Any], int, Any]:
+    """(prune_model options, calib_batches, cost model): the command line's, else the config's BlockPruneCallback's,
+    else the callback's defaults."""
+    from lpl.prune.callback import BlockPruneCallback
+
+    configured = next((c for c in trainer.callbacks if isinstance(c, BlockPruneCallback)), None) or BlockPruneCallback()
+    options = dict(configured.options)
+    for name in _OPTION_NAMES:
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    block_size = options["block_size"]
+    if isinstance(block_size, list):  # from the command line: one number (square) or two
+        if len(block_size) > 2:
+            raise LplError(f"--block_size takes one or two numbers, got {len(block_size)}: {block_size}.")
+        block_size = block_size[0] if len(block_size) == 1 else tuple(block_size)
+    options["block_size"] = parse_block_size(block_size)
+    calib_batches = args.calib_batches if args.calib_batches is not None else configured.calib_batches
+    return options, calib_batches, configured.cost_model
 
 
 def prune_main(argv: list[str]) -> int:
@@ -46,7 +87,11 @@ def prune_main(argv: list[str]) -> int:
     from lpl.prune.api import prune_model
     from lpl.utils.weights import read_state_dict
 
-    args, passthrough = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, passthrough = parser.parse_known_args(argv)
+    unknown = [a for a in passthrough if a.startswith("-") and not a.startswith(_PASSTHROUGH)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     cli = run_lightning_cli(["--config", args.config, *passthrough], run=False)
     model, datamodule = cli.model, cli.datamodule
     if args.ckpt_path:
@@ -62,17 +107,13 @@ def prune_main(argv: list[str]) -> int:
             )
         model.load_state_dict(state)
     datamodule.setup("fit")
-    result = prune_model(
-        model, datamodule.train_dataloader(), block_size=tuple(args.block_size), flops_keep=args.flops_keep,
-        importance=args.importance, allocation=args.allocation, lambda_power=args.lambda_power,
-        min_density=args.min_density, max_density=args.max_density, include=args.include,
-        exclude=args.exclude, calib_batches=args.calib_batches, stages=args.stages, first_order=args.first_order,
-        loss=args.loss,
-    )
+    options, calib_batches, cost_model = _options(args, cli.trainer)
+    result = prune_model(model, datamodule.train_dataloader(), calib_batches=calib_batches, cost_model=cost_model,
+                         loss=args.loss, **options)
     result.save(args.out)
     print(
         f"pruned {len(result.block_masks)} layers to {result.flops_keep:.3f} of their FLOPs "
-        f"(target {args.flops_keep}); predicted speedup {result.predicted_speedup:.2f}x, "
+        f"(target {options['flops_keep']}); predicted speedup {result.predicted_speedup:.2f}x, "
         f"energy ratio {result.predicted_energy_ratio:.2f}; saved to {args.out}"
     )
     return 0

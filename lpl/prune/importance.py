@@ -32,6 +32,7 @@ from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss
 
 IMPORTANCES = ("taylor2", "taylor1", "magnitude", "obd")
+LOSSES = ("auto", "task", "logit_energy")  # calibration losses by name (resolve_loss)
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 # Per-sample gradients are built in chunks of at most this many elements (memory bound).
 _CHUNK_ELEMENTS = 1 << 24
@@ -80,7 +81,7 @@ def resolve_loss(model: nn.Module, loss: str | LossFn) -> LossFn:
         return module_loss
     if loss == "logit_energy":
         return logit_energy_loss
-    raise LplError(f"loss must be 'auto', 'task', 'logit_energy' or a callable(model, batch), got {loss!r}.")
+    raise LplError(f"loss must be one of {LOSSES} or a callable(model, batch), got {loss!r}.")
 
 
 def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor | None:

@@ -244,3 +244,33 @@ def test_ckpt_path_last_resumes_the_previous_run(tmp_path) -> None:
     lasts = sorted(Path("outputs/mnist_vit/checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     state = torch.load(lasts[-1], map_location="cpu", weights_only=False)  # our own file, written just now
     assert state["global_step"] == 4 and state["epoch"] == 1
+
+
+def test_prune_command_takes_the_configs_pruning_options_and_both_flag_spellings(tmp_path, capsys) -> None:
+    """`lpl prune` ignored the config's BlockPruneCallback (flops_keep 0.3 and fc1 only were pruned at 0.5 over
+    every layer), spelled its flags only one way, and answered a misspelt flag with the Trainer's usage."""
+    from lpl.prune import PruneResult
+
+    base = ["prune", "--config", str(CONFIGS / "mnist_vit_prune.yaml"), "--calib-batches", "2",
+            "--model.init_args.embed_dim=64", "--model.init_args.depth=1", "--trainer.logger=false",
+            "--trainer.callbacks.init_args.flops_keep=0.3", '--trainer.callbacks.init_args.include=["*.fc1"]']
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--out", str(tmp_path / "from_config")])
+    assert exit_info.value.code == 0
+    result = PruneResult.load(tmp_path / "from_config")
+    assert abs(result.flops_keep - 0.3) <= 0.01 and all(name.endswith("fc1") for name in result.block_masks)
+    with pytest.raises(SystemExit):
+        main([*base, "--flops-keep", "0.5", "--block_size", "8", "--out", str(tmp_path / "flags")])
+    result = PruneResult.load(tmp_path / "flags")
+    assert abs(result.flops_keep - 0.5) <= 0.01 and result.block_size == (8, 8)
+    capsys.readouterr()
+    err = _error_of(capsys, *base, "--flops-kep", "0.6", "--out", str(tmp_path / "typo"))
+    assert "usage: lpl prune" in err and "unrecognized arguments: --flops-kep" in err
+
+
+def test_the_callbacks_layer_selection_is_checked_at_fit_start(capsys) -> None:
+    """Patterns matching no layer were refused only when pruning began, after prune_after_steps of training."""
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit_prune.yaml"), *SHORT, "--trainer.logger=false",
+                    "--model.init_args.depth=1", '--trainer.callbacks.init_args.include=["*.nomatch"]',
+                    "--trainer.callbacks.init_args.block_size=8")
+    assert "match no Linear layer" in err and "Epoch 0" not in err
