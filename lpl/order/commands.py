@@ -21,7 +21,8 @@ import torch
 from lpl.order.estimator import log_estimates
 from lpl.order.replay import METHODS, ReplayResult
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text, output_dir, positive_int
+from lpl.utils.cli_args import Parser, output_dir, positive_int
+from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +113,9 @@ def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: 
         orders = json.loads(text)
     except ValueError:
         orders = None
+    if isinstance(orders, dict):
+        raise LplError(f"{path} holds a JSON object; give a JSON list of orders ([[3, 0, 1, 2], ...]) or one order "
+                       "per line.")
     if not isinstance(orders, list):  # not JSON, or a bare number: one order per line
         try:
             orders = [[int(x) for x in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
@@ -145,7 +149,7 @@ def _plot_curves(curves: torch.Tensor, reference: torch.Tensor, path: Path, limi
 
 def estimate_main(argv: Sequence[str] | None = None) -> int:
     """`lpl estimate --recording DIR --orders FILE|random:N --out DIR`: estimates.json, estimates.csv, curves.png."""
-    parser = argparse.ArgumentParser(prog="lpl estimate", description="Estimate the final loss of batch orders.")
+    parser = Parser(prog="lpl estimate", description="Estimate the final loss of batch orders.")
     _common(parser)
     parser.add_argument("--orders", required=True, help="random:N, or a JSON/text file of orders (batch ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
@@ -196,12 +200,13 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
     """`lpl curriculum --recording DIR --out DIR [--budget N --search genetic|local --verify]`: best_order.json."""
     from lpl.order.curriculum import SEARCH_METHODS, search
 
-    parser = argparse.ArgumentParser(prog="lpl curriculum", description="Search a batch order by estimated loss.")
+    parser = Parser(prog="lpl curriculum", description="Search a batch order by estimated loss.")
     _common(parser)
     parser.add_argument("--budget", type=int, default=4096, help="orders scored by the estimator")
-    parser.add_argument("--search", default="genetic", choices=SEARCH_METHODS)
-    parser.add_argument("--population", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search", default="genetic", choices=SEARCH_METHODS,
+                        help="genetic: the paper's search; local: hill climbing by random swaps and moves (cheaper)")
+    parser.add_argument("--population", type=int, default=64, help="orders per generation of the genetic search")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
     parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
     args = parser.parse_args(argv)
     estimator = _estimator(args)
@@ -249,7 +254,7 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
     """`lpl position-map --recording DIR --out DIR [--batches 0,5,9]`: position_map.csv and position_map.png."""
     from lpl.order.position import plot_position_map, position_map
 
-    parser = argparse.ArgumentParser(prog="lpl position-map", description="End loss of each batch by its position.")
+    parser = Parser(prog="lpl position-map", description="End loss of each batch by its position.")
     _common(parser)
     parser.add_argument("--batches", default=None, help="comma-separated pool batch ids (default: all)")
     args = parser.parse_args(argv)
@@ -283,7 +288,7 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> int:
     from lpl.order.adjoint import check_errors, record_sensitivities
     from lpl.order.store import Recording
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lpl sensitivity",
         description="Build the full-space sensitivity data of a complete recording: the adjoint tables (method "
                     "adjoint) and the linearised Adam replay's data (method linearized).",
@@ -319,7 +324,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     from lpl.order.checking import LINEAR_LOSS, check_methods, plot_check
     from lpl.order.store import Recording
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lpl check-methods",
         description="Retrain a few orders and score every estimation method against them, next to 'no change'.")
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
@@ -343,7 +348,10 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
         orders, true_losses = _earlier_check(args.reuse, recording)
     else:
         orders = read_orders(args.orders or "random:8", recording.order, args.seed)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods == []:
+        raise LplError(f"--methods {args.methods!r} names no method; give some of {', '.join(METHODS)}, or leave "
+                       "--methods out for all of them.")
     with _wandb_logger(args, "check-methods") as logger:
         check = check_methods(args.recording, orders, methods, true_losses=true_losses, accelerator=args.accelerator,
                               logger=logger)
@@ -366,7 +374,9 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
               f"{check.mae_over_no_change(method):.2f}x")
     for method, why in check.skipped.items():
         print(f"{method:<30} skipped: {why}")
-    if check.best is None:
+    if not check.scores:
+        print("no method could be scored on this recording (see why above)")
+    elif check.best is None:
         print("no method beats 'no change' on this run: do not trust the estimates here "
               "(see benchmarks/linearization_validity.py)")
     elif check.best.endswith(LINEAR_LOSS):

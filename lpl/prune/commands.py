@@ -13,28 +13,22 @@ from lpl.prune.api import ALLOCATIONS
 from lpl.prune.blocks import parse_block_size
 from lpl.prune.importance import IMPORTANCES, LOSSES
 from lpl.utils.errors import LplError
-from lpl.utils.io import output_dir
+from lpl.utils.cli_args import Parser, output_dir
 
 
 # what passes to the config's LightningCLI; anything else unknown is a mistake in this command's own options
 _PASSTHROUGH = ("--model", "--data", "--trainer", "--seed_everything", "--optimizer", "--lr_scheduler")
 
 
-def _both_spellings(name: str) -> list[str]:
-    """``--flops_keep`` and ``--flops-keep``: LightningCLI's style and the other method commands'."""
-    flag = "--" + name
-    return [flag, flag.replace("_", "-")] if "_" in name else [flag]
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lpl prune",
+    parser = Parser(
+        prog="lpl prune", defaults_in_help=False,  # defaults come from the config: the help says which
         description="Post-training block pruning: calibrate on the config's training data, allocate densities to a "
         "FLOPs budget, save the PruneResult (safetensors + JSON). Pruning options left out are taken from the "
         "config's BlockPruneCallback when it has one, else the callback's defaults (shown). --model.*, --data.* and "
         "--trainer.* options pass to the config.",
     )
-    add = lambda name, **kwargs: parser.add_argument(*_both_spellings(name), dest=name, **kwargs)  # noqa: E731
+    add = lambda name, **kwargs: parser.add_argument(f"--{name}", **kwargs)  # noqa: E731
     add("config", required=True, help="LightningCLI config naming the model and data")
     add("ckpt_path", help="Lightning checkpoint or weights file of the trained model (default: the config's weights)")
     add("out", default="prune_result", type=output_dir, help="folder for the PruneResult (default: prune_result)")

@@ -1,5 +1,5 @@
-"""Atomic file writes (a kill at any instant leaves either the old file or the new one, never half), safetensors
-serialisation, and argparse types for output paths and counts."""
+"""Atomic file writes (a kill at any instant leaves either the old file or the new one, never half) and safetensors
+serialisation."""
 
 from __future__ import annotations
 
@@ -26,35 +26,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def output_dir(text: str) -> Path:
-    """An argparse ``type`` for output folders: refused at parse time (before any work) when a file is in the way."""
-    import argparse
-
-    path = Path(text)
-    for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
-            raise argparse.ArgumentTypeError(f"{text!r}: {str(part)!r} is a file, not a folder; choose another path.")
-        if part.exists():  # the deepest existing folder: where the outputs (or their folders) get created
-            if not os.access(part, os.W_OK | os.X_OK):
-                raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(part)!r} (no permission, or a "
-                                                 "read-only file system); choose another path.")
-            break
-    return path
-
-
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for counts that must be at least 1."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}.")
-    return value
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -113,6 +113,13 @@ def test_command_reuses_an_earlier_check_without_retraining(recording, tmp_path,
     with pytest.raises(LplError, match="drop --orders"):  # it would be ignored
         check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "first" / "check.json"),
                             "--orders", "random:5", "--out", str(tmp_path)])
+    with pytest.raises(LplError, match="names no method"):  # it retrained, then judged no method at all
+        check_methods_main(["--recording", str(recording), "--methods", ",", "--out", str(tmp_path)])
+    capsys.readouterr()
+    check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "first" / "check.json"),
+                        "--methods", "linearized", "--out", str(tmp_path / "none")])  # no sensitivity data here
+    out = capsys.readouterr().out
+    assert "no method could be scored" in out and "beats 'no change'" not in out
 
 
 def test_no_change_for_shorter_orders_is_the_reference_loss_after_as_many_steps(recording):

@@ -112,6 +112,7 @@ def test_order_files_in_the_forms_editors_write(tmp_path, content, expected):
     (b"[[1.5, 2]]", "batch ids"),
     (b"[[18446744073709551616, 1]]", "batch ids"),
     ("[[1, 2]]".encode("utf-16"), "not UTF-8"),
+    (b'{"orders": [[1, 2]]}', "holds a JSON object"),
 ])
 def test_order_files_that_are_not_orders_are_refused_clearly(tmp_path, content, match):
     path = tmp_path / "orders.txt"

@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from lpl.utils.io import atomic_write_json, output_dir
+from lpl.utils.cli_args import output_dir
+from lpl.utils.io import atomic_write_json
 
 
 def test_new_files_get_the_umask_mode_and_rewrites_keep_the_files_mode(tmp_path):
