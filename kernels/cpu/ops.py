@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,24 +64,7 @@ def _check_structure(
     n_block_cols: int,
     block_size: tuple[int, int],
 ) -> int:
-    """Check the block-CSR index tensors (and values when given); return nnz. The index checks read the tensors
-    (several small ops, more than the matmul of one token): index tensors checked before and unchanged since are
-    not read again."""
-    if _CHECKED.unchanged((row_ptr, col_idx), (n_block_rows, n_block_cols)):
-        nnz = col_idx.numel()
-    else:
-        nnz = _check_index(row_ptr, col_idx, n_block_rows, n_block_cols)
-        _CHECKED.remember((row_ptr, col_idx), (n_block_rows, n_block_cols))
-    if values is not None:
-        _check_dense("values", values, 3)
-        if tuple(values.shape) != (nnz, *block_size):
-            raise LplError(
-                f"values must have shape (nnz, br, bc) = {(nnz, *block_size)}, got {tuple(values.shape)}."
-            )
-    return nnz
-
-
-def _check_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_block_rows: int, n_block_cols: int) -> int:
+    """Check the block-CSR index tensors (and values when given); return nnz."""
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu":
             desc = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -100,39 +82,13 @@ def _check_index(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_block_rows: int
             f"col_idx must lie in [0, {n_block_cols}) ({n_block_cols} block columns), "
             f"got range [{int(col_idx.min())}, {int(col_idx.max())}]."
         )
+    if values is not None:
+        _check_dense("values", values, 3)
+        if tuple(values.shape) != (nnz, *block_size):
+            raise LplError(
+                f"values must have shape (nnz, br, bc) = {(nnz, *block_size)}, got {tuple(values.shape)}."
+            )
     return nnz
-
-
-class _TensorMemo:
-    """Remembers tensors (held weakly, by identity) together with their version counters, storages and shapes, so
-    work done for them (a check, a packed copy) is reused while they are unchanged and redone after any change."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[list[weakref.ref], tuple, object]] = {}
-
-    @staticmethod
-    def _state(tensors: tuple[torch.Tensor, ...]) -> tuple:
-        return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
-
-    def lookup(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> object | None:
-        entry = self._entries.get((*map(id, tensors), *key))
-        if entry is None or any(ref() is not t for ref, t in zip(entry[0], tensors)):
-            return None
-        return entry[2] if entry[1] == self._state(tensors) else None
-
-    def store(self, tensors: tuple[torch.Tensor, ...], key: tuple, value: object) -> None:
-        full_key, entries = (*map(id, tensors), *key), self._entries
-        drop = lambda _, full_key=full_key: entries.pop(full_key, None)  # noqa: E731 - the entry goes with a tensor
-        entries[full_key] = ([weakref.ref(t, drop) for t in tensors], self._state(tensors), value)
-
-    def unchanged(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> bool:
-        return self.lookup(tensors, key) is not None
-
-    def remember(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> None:
-        self.store(tensors, key, True)
-
-
-_CHECKED = _TensorMemo()  # index tensors that passed _check_index
 
 
 def _check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
@@ -197,20 +153,6 @@ def _gather_blocks(dense: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Te
 # Compiled path helpers
 
 
-def _packed_strips(values: torch.Tensor) -> torch.Tensor:
-    """``_pack_strips(values, transpose=True)``, reused while ``values`` is unchanged (an exported model's layers at
-    inference: packing copies every retained block, which for one token cost more than the matmul, 2-7x slower than
-    dense). Weights that record a gradient in this call are packed per call as before (training: they change every
-    step, and holding their copies would add a weight's worth of memory)."""
-    if torch.is_grad_enabled() and values.requires_grad:
-        return _pack_strips(values, transpose=True)
-    packed = _PACKED.lookup((values,), ())
-    if packed is None:
-        packed = _pack_strips(values, transpose=True)
-        _PACKED.store((values,), (), packed)
-    return packed
-
-
 def _pack_strips(values: torch.Tensor, transpose: bool, order: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks as the microkernel's B operand: [nnz, S, kb, 16] fp32, output width nb zero-padded to S*16.
 
@@ -227,9 +169,6 @@ def _pack_strips(values: torch.Tensor, transpose: bool, order: torch.Tensor | No
         ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     return packed
-
-
-_PACKED = _TensorMemo()  # forward strips of weights used without gradients
 
 
 def _run_matmul(
@@ -395,7 +334,7 @@ def block_sparse_linear_cpu(
         result = F.linear(x2d, weight, bias)
         return result if out is None else out.copy_(result)
 
-    bpack = packed.forward_b if packed is not None else _packed_strips(values)
+    bpack = packed.forward_b if packed is not None else _pack_strips(values, transpose=True)
     bias32 = _as_fp32(bias)
     bias32 = None if bias32 is None else bias32.contiguous()
     if dtype == torch.float32:

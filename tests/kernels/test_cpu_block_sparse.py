@@ -380,35 +380,3 @@ def test_unwritable_cache_dir_falls_back_to_a_temp_dir_only_this_user_can_write(
     private = _build.cache_dir()
     assert private != folder and private.parent == tmp_path and not private.stat().st_mode & 0o077
     assert _build.cache_dir() == private  # one per process
-
-
-@needs_compiler
-def test_weights_used_again_unchanged_are_packed_once_and_any_change_is_seen():
-    """Inference reuses the packed copy of an unchanged weight (packing cost more than a one-token matmul); an
-    in-place change (an optimizer step, load_state_dict) must be seen, and so must a change to the index."""
-    w, values, row_ptr, col_idx, _ = make_weight(48, 40, (16, 16))
-    values = values.float()
-    x = torch.randn(3, 40)
-    packs = []
-    original = cpu.ops._pack_strips
-    try:
-        cpu.ops._pack_strips = lambda *a, **k: packs.append(1) or original(*a, **k)
-        with torch.no_grad():
-            y1 = cpu.block_sparse_linear_cpu(x, values, row_ptr, col_idx, 48, (16, 16))
-            y2 = cpu.block_sparse_linear_cpu(x, values, row_ptr, col_idx, 48, (16, 16))
-            assert len(packs) == 1 and torch.equal(y1, y2)
-            values.mul_(2.0)  # in place: the version counter moves
-            y3 = cpu.block_sparse_linear_cpu(x, values, row_ptr, col_idx, 48, (16, 16))
-            assert len(packs) == 2
-            assert_close(y3, x.double() @ (2.0 * w).T, torch.float32)
-        trained = values.clone().requires_grad_()
-        for _ in range(2):  # a weight that records a gradient is packed per call (it changes every step)
-            cpu.block_sparse_linear_cpu(x, trained, row_ptr, col_idx, 48, (16, 16))
-        assert len(packs) == 4
-    finally:
-        cpu.ops._pack_strips = original
-    broken = row_ptr.clone()
-    cpu.block_sparse_linear_cpu(x, values, broken, col_idx, 48, (16, 16))
-    broken[1] = broken[2] + 1  # decreasing: refused although this index passed its check before
-    with pytest.raises(LplError, match="never decrease"):
-        cpu.block_sparse_linear_cpu(x, values, broken, col_idx, 48, (16, 16))
