@@ -106,3 +106,31 @@ def test_a_frozen_linear_stays_frozen():
     linear.requires_grad_(False)
     layer = BlockSparseLinear.from_linear(linear, mask, 32)
     assert not layer.values.requires_grad and not layer.bias.requires_grad
+
+
+@pytest.mark.parametrize("update", ["fused_adam", "data"])
+def test_every_forward_sees_the_current_weights(rel_err, update):
+    """Weights can change without a version-counter bump (torch's fused Adam, writes through .data): every forward
+    (training, no_grad evaluation, inference_mode) must compute with the values as they are now."""
+    linear, mask = _masked_linear(2)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05, fused=True) if update == "fused_adam" else None
+    x = torch.randn(6, 70)
+
+    def reference():
+        return torch.nn.functional.linear(x.double(), layer.sparse_weight().to_dense().detach().double(),
+                                          layer.bias.detach().double())
+
+    for _ in range(3):
+        with torch.no_grad():
+            assert rel_err(layer(x), reference()) < 1e-5
+        with torch.inference_mode():
+            assert rel_err(layer(x), reference()) < 1e-5
+        out = layer(x)
+        assert rel_err(out, reference()) < 1e-5
+        if optimizer is not None:
+            optimizer.zero_grad()
+            out.pow(2).mean().backward()
+            optimizer.step()
+        else:
+            layer.values.data.mul_(1.5)
