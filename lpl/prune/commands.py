@@ -83,7 +83,7 @@ def prune_main(argv: list[str]) -> int:
 
     parser = _parser()
     args, passthrough = parser.parse_known_args(argv)
-    unknown = [a for a in passthrough if a.startswith("-") and not a.startswith(_PASSTHROUGH)]
+    unknown = [a for a in passthrough if a.startswith("--") and not a.startswith(_PASSTHROUGH)]  # "-0.5": a value
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     cli = run_lightning_cli(["--config", args.config, *passthrough], run=False)
