@@ -10,7 +10,7 @@ Example::
 """
 
 from .format import BlockSparseWeight
-from .module import BlockSparseLinear
+from .module import BlockSparseLinear, pack_for_inference
 from .ops import block_sparse_linear
 
-__all__ = ["BlockSparseLinear", "BlockSparseWeight", "block_sparse_linear"]
+__all__ = ["BlockSparseLinear", "BlockSparseWeight", "block_sparse_linear", "pack_for_inference"]

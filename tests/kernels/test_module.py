@@ -134,3 +134,34 @@ def test_every_forward_sees_the_current_weights(rel_err, update):
             optimizer.step()
         else:
             layer.values.data.mul_(1.5)
+
+
+def test_a_weight_packed_for_inference_gives_the_same_outputs_until_it_changes(rel_err, tmp_path):
+    from lpl.kernels import pack_for_inference
+    from lpl.kernels.cpu import compiled_kernel_available
+
+    linear, mask = _masked_linear(3)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32).eval()
+    x = torch.randn(2, 3, 70)
+    with torch.no_grad():
+        expected = layer(x)
+    pack_for_inference(torch.nn.Sequential(layer))
+    if not compiled_kernel_available():
+        assert layer._inference_pack is None
+        return
+    assert layer._inference_pack is not None
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+    assert layer._inference_pack is not None
+    out = layer(x)  # gradients recorded: the per-call path, differentiable
+    assert out.requires_grad and torch.equal(out.detach(), expected)
+    with torch.no_grad():
+        layer.values.mul_(2.0)  # bumps the version counter: the packed copy is dropped
+        doubled = layer(x)
+    assert layer._inference_pack is None
+    assert rel_err(doubled - layer.bias, 2.0 * (expected - layer.bias)) < 1e-5
+    for drop in (lambda: layer.train(), lambda: layer.to(torch.float32),
+                 lambda: layer.load_state_dict(layer.state_dict())):
+        layer.eval().pack_for_inference()
+        drop()
+        assert layer._inference_pack is None
