@@ -60,7 +60,11 @@ def to_block_sparse(
                            "calling it, so it cannot run block-sparse; leave it dense.")
         mask = torch.as_tensor(mask)
         if tuple(mask.shape) == block_grid(tuple(linear.weight.shape), normalize_block_size(size)) and bool(mask.all()):
-            continue  # nothing to skip: the dense matmul is faster (as the cost model predicts a fully kept layer)
+            # nothing to skip: the dense matmul is faster (as the cost model predicts a fully kept layer); exports
+            # saved when such layers were block-sparse still load into it
+            if not any(isinstance(h, _DenseFromBlockSparseState) for h in linear._load_state_dict_pre_hooks.values()):
+                linear._register_load_state_dict_pre_hook(_DenseFromBlockSparseState())
+            continue
         sparse = BlockSparseLinear.from_linear(linear, mask, size)
         sparse.train(linear.training)
         parent_name, _, child = name.rpartition(".")
@@ -84,3 +88,25 @@ def _masks_and_block_size(prune_result: Any, block_size: Any) -> tuple[Mapping[s
         f"to_block_sparse takes a PruneResult (.block_masks, .block_size), a dict with 'block_masks' and "
         f"'block_size', or a dict of masks plus block_size=; got a {type(prune_result).__name__}."
     )
+
+
+class _DenseFromBlockSparseState:
+    """Load-state-dict pre-hook of a Linear left dense by ``to_block_sparse``: a state saved from a
+    ``BlockSparseLinear`` of it (values, block structure, geometry) becomes its dense weight."""
+
+    def __call__(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        if prefix + "values" not in state_dict or prefix + "weight" in state_dict:
+            return
+        from lpl.kernels.format import BlockSparseWeight
+
+        try:
+            out_features, in_features, *block_size = (int(v) for v in state_dict[prefix + "geometry"].tolist())
+            sparse = BlockSparseWeight(state_dict[prefix + "row_ptr"], state_dict[prefix + "col_idx"],
+                                       state_dict[prefix + "values"], (out_features, in_features), tuple(block_size),
+                                       state_dict[prefix + "block_mask"].bool())
+            weight = sparse.to_dense()
+        except (KeyError, ValueError, RuntimeError, LplError):
+            return  # not a block-sparse layer's state: load_state_dict reports the keys as they are
+        for key in ("values", "row_ptr", "col_idx", "geometry", "block_mask"):
+            del state_dict[prefix + key]
+        state_dict[prefix + "weight"] = weight

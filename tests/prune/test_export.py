@@ -110,3 +110,22 @@ def test_multihead_attention_out_proj_is_not_pruned_nor_exported():
         select_layers(layer, None, None)
     with pytest.raises(LplError, match="TransformerEncoderLayer"):
         to_block_sparse(layer, {"linear1": torch.ones(4, 2, dtype=torch.bool)}, block_size=16)
+
+
+def test_an_export_saved_when_fully_kept_layers_were_block_sparse_still_loads(tmp_path):
+    """Exports used to turn a fully kept layer into a BlockSparseLinear too: their state dicts load into today's
+    export, which keeps that layer an nn.Linear."""
+    from lpl.utils.io import save_safetensors_atomic
+    from safetensors.torch import load_file
+
+    model, masks = _model_and_masks()
+    masks["0.fc1"] = torch.ones(3, 2, dtype=torch.bool)
+    old = to_block_sparse(_model_and_masks()[0], {"block_masks": {}, "block_size": 32})
+    old[0].fc1 = BlockSparseLinear.from_linear(old[0].fc1, masks["0.fc1"], 32)  # what the export made of it
+    old[1].fc2 = BlockSparseLinear.from_linear(old[1].fc2, masks["1.fc2.weight"], 32)
+    save_safetensors_atomic(old.state_dict(), tmp_path / "old.safetensors")
+    new = to_block_sparse(model, masks, block_size=32)
+    assert type(new[0].fc1) is nn.Linear
+    new.load_state_dict(load_file(str(tmp_path / "old.safetensors")))
+    x = torch.randn(2, 5, 40)
+    torch.testing.assert_close(new(x), old(x))
