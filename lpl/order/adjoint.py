@@ -538,14 +538,18 @@ def _rerun_reference(
     rerun_loss = validation_loss(model, val_loader, capture.forward)
     recorded = recording.probe_scalars.get("val_loss", [None])[-1]
     # stacklevel 3: the warnings name record_sensitivities' caller
+    changed = capture.changed_buffers()
     if recorded is not None and abs(rerun_loss - recorded) > 1e-3 * max(1.0, abs(recorded)):
+        per_process = ""
+        if int(recording.manifest.get("world_size", 1)) > 1:  # each DDP process updates them from its share
+            per_process = (" or, recorded by several processes, state each process updated from its own share of the "
+                           f"batch (BatchNorm statistics{', buffers ' + str(changed[:3]) if changed else ''})")
         warnings.warn(
             f"re-running the reference training ended at validation loss {rerun_loss:.6f}, the recording says "
             f"{recorded:.6f}: training is not reproducible here (nondeterministic kernels, another device or "
-            "library version); the tables describe the re-run.",
+            f"library version{per_process}); the tables describe the re-run.",
             stacklevel=3,
         )
-    changed = capture.changed_buffers()
     if changed:
         warnings.warn(
             f"training changed the buffers {changed[:3]}{' and more' if len(changed) > 3 else ''}: every reference "
