@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -121,17 +122,21 @@ class BlockSparseLinear(nn.Module):
         ``inference_mode``) on float32/bfloat16/float16 CPU inputs, outside ``torch.compile``; ``train()``,
         ``load_state_dict`` and moving the layer drop it, and so does any change to ``values`` that bumps its version
         counter (``copy_``, most optimizer steps). It is a snapshot: a change that does not (a fused optimizer step,
-        a write through ``.data``) is not seen until you pack again. Without a C compiler this does nothing.
+        a write through ``.data``) is not seen until you pack again. Copies (pickle, deepcopy) do not carry it. Without
+        a C compiler, with ``LPL_CPU_KERNEL=torch``, or for a layer built under ``torch.inference_mode`` (its tensors
+        keep no version counter to watch) this does nothing.
         """
         from .cpu import compiled_kernel_available, pack_weight_cpu
 
         self._inference_pack = None
-        if self.values.device.type != "cpu" or self.values.dtype == torch.float64 or not compiled_kernel_available():
-            return self  # no packed path there: forwards run as before
+        values = self.values
+        if values.device.type != "cpu" or values.dtype == torch.float64 or values.is_inference() or (
+                os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch" or not compiled_kernel_available()):
+            return self  # no packed path there, or no way to see a change: forwards run as before
         values = self.values.detach()
         packed = pack_weight_cpu(values, self.row_ptr, self.col_idx, self.out_features, self.in_features,
                                  self.block_size)
-        self._inference_pack = (packed, _version_of(self.values), self.values.data_ptr())
+        self._inference_pack = (packed, self.values._version, self.values.data_ptr())
         return self
 
     def _inference_pack_for(self, x: torch.Tensor):
@@ -141,7 +146,7 @@ class BlockSparseLinear(nn.Module):
         if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
             return None
         packed, version, pointer = pack
-        if _version_of(self.values) != version or self.values.data_ptr() != pointer:
+        if self.values._version != version or self.values.data_ptr() != pointer:
             self._inference_pack = None  # the weights changed since they were packed
             return None
         return packed
@@ -156,6 +161,11 @@ class BlockSparseLinear(nn.Module):
                                       self.block_size, None if self.bias is None else self.bias.detach(),
                                       packed=packed)
         return y2d.reshape(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self) -> dict:
+        # the packed copy is stamped with this process's address and version counter of values: a copy's values
+        # could match both by chance (a freed address reused) and read a stale weight
+        return {**super().__getstate__(), "_inference_pack": None}
 
     def train(self, mode: bool = True) -> "BlockSparseLinear":
         if mode:
@@ -232,11 +242,6 @@ def pack_for_inference(model: nn.Module) -> nn.Module:
         if isinstance(module, BlockSparseLinear):
             module.pack_for_inference()
     return model
-
-
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter (None for an inference tensor, which has none)."""
-    return None if tensor.is_inference() else tensor._version
 
 
 def _geometry_text(geometry: Sequence[int]) -> str:

@@ -62,7 +62,8 @@ def to_block_sparse(
         if tuple(mask.shape) == block_grid(tuple(linear.weight.shape), normalize_block_size(size)) and bool(mask.all()):
             # nothing to skip: the dense matmul is faster (as the cost model predicts a fully kept layer); exports
             # saved when such layers were block-sparse still load into it
-            if not any(isinstance(h, _DenseFromBlockSparseState) for h in linear._load_state_dict_pre_hooks.values()):
+            hooks = linear._load_state_dict_pre_hooks.values()  # torch wraps each hook: compare the wrapped one
+            if not any(isinstance(getattr(h, "hook", h), _DenseFromBlockSparseState) for h in hooks):
                 linear._register_load_state_dict_pre_hook(_DenseFromBlockSparseState())
             continue
         sparse = BlockSparseLinear.from_linear(linear, mask, size)

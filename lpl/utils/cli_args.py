@@ -14,6 +14,7 @@ class Parser(argparse.ArgumentParser):
     writes the first, most tools the second), and whose help shows defaults unless ``defaults_in_help=False``."""
 
     def __init__(self, *args: Any, defaults_in_help: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # a prefix would match both spellings of one option: ambiguous
         if defaults_in_help:
             kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
@@ -22,7 +23,7 @@ class Parser(argparse.ArgumentParser):
         others = [_other_spelling(flag) for flag in flags if flag.startswith("--")]
         others = [flag for flag in others if flag is not None and flag not in flags]
         if others and "dest" not in kwargs:
-            kwargs["dest"] = flags[0].lstrip("-").replace("-", "_")
+            kwargs["dest"] = next(flag for flag in flags if flag.startswith("--"))[2:].replace("-", "_")
         return super().add_argument(*flags, *others, **kwargs)
 
 

@@ -165,3 +165,12 @@ def test_a_weight_packed_for_inference_gives_the_same_outputs_until_it_changes(r
         layer.eval().pack_for_inference()
         drop()
         assert layer._inference_pack is None
+    import copy
+    import pickle
+
+    layer.eval().pack_for_inference()
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # stamped with this layer's tensors
+        assert clone._inference_pack is None and layer._inference_pack is not None
+    with torch.inference_mode():  # built there, its tensors keep no version counter to watch: not packed
+        built = BlockSparseLinear.from_linear(linear, mask, 32).eval().pack_for_inference()
+    assert built._inference_pack is None

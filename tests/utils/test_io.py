@@ -32,3 +32,16 @@ def test_output_dir_refuses_a_file_in_the_way_and_accepts_new_nested_folders(tmp
     with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
         output_dir(str(tmp_path / "taken" / "out"))
     assert output_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+
+
+def test_the_commands_parser_takes_both_spellings_and_no_prefix():
+    from lpl.utils.cli_args import Parser
+
+    parser = Parser(prog="x")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("-c", "--check_orders", type=int, default=1)
+    assert parser.parse_args(["--batch_size", "8", "-c", "3"]) == parser.parse_args(["--batch-size", "8",
+                                                                                      "--check-orders", "3"])
+    assert parser.parse_args([]).check_orders == 1
+    with pytest.raises(SystemExit):  # a prefix would match both spellings: refused, not guessed
+        parser.parse_args(["--batch", "8"])
