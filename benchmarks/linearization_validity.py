@@ -31,7 +31,7 @@ import torch
 from lpl.order import Recording
 from lpl.order import quantities
 from lpl.order.adjoint import _flat, _load, _StateCapture
-from lpl.order.recorder import as_in_training
+from lpl.order.rng import as_in_training
 from lpl.order.retraining import fit_in_order, rebuild
 from lpl.utils.loss import module_loss
 

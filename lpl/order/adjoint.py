@@ -49,7 +49,7 @@ from lpl.order import norm_statistics, quantities
 from lpl.order.linearized import (
     LinearizedRun, has_weight_decay, linearized_scalars, linearized_tensors, replay_linearized,
 )
-from lpl.order.recorder import as_in_training, capture_rng
+from lpl.order.rng import as_in_training, capture_rng
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
 
@@ -523,7 +523,7 @@ def _rerun_reference(
 ) -> tuple[_ReferenceRun, float, float | None]:
     """Re-run the reference training, capturing its states, with a warning where it does not end at the recorded
     validation loss or changed buffers. Returns the run, its final validation loss and the recorded one (if any)."""
-    from lpl.order.recorder import validation_loss_fn
+    from lpl.order.pool import validation_loss_fn
     from lpl.order.retraining import fit_in_order, pool_batches, rebuild, validation_loss
 
     steps = recording.num_steps

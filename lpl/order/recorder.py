@@ -5,21 +5,20 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import random
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order import quantities
+from lpl.order.pool import collate_samples, plan_pool, validation_loss_fn
 from lpl.order.projection import PROJECTION_KINDS, Projector
+from lpl.order.rng import as_in_training, capture_rng, restore_rng, same_states, step_rng_state
 from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_signature
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
@@ -68,58 +67,6 @@ def _json_safe(value: Any) -> Any:
     return None
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every RNG a probe might draw from (dropout, augmentation), to put back exactly afterwards."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Set the generators to a ``capture_rng`` state (CUDA's only when it was captured with CUDA)."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-@contextlib.contextmanager
-def as_in_training(model: torch.nn.Module, modes: list[bool], rng: Mapping[str, Any]) -> Iterator[None]:
-    """Run the enclosed forward as a training step did: every module in its training mode (BatchNorm on batch
-    statistics) and the step's RNG state (the same dropout masks); modes are put back afterwards, and buffers are
-    never touched: the forward updates copies (swapped back, not copied back, so a graph kept for Hessian-vector
-    products stays valid)."""
-    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-    saved = [m.training for m in model.modules()]
-    # a probe runs one whole global batch on one rank: its batch statistics are plain BatchNorm's, and SyncBatchNorm
-    # must not all-reduce with ranks that probe other batches (or none)
-    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
-    for module, mode in zip(model.modules(), modes):
-        module.training = mode
-    for module, name, buffer in buffers:
-        module._buffers[name] = buffer.clone()
-    for module in synced:
-        module.forward = types.MethodType(torch.nn.modules.batchnorm._BatchNorm.forward, module)
-    restore_rng(rng)
-    try:
-        yield
-    finally:
-        for module, mode in zip(model.modules(), saved):
-            module.training = mode
-        for module, name, buffer in buffers:
-            module._buffers[name] = buffer
-        for module in synced:
-            del module.forward
-
-
-def step_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The generator states a training step on ``device`` draws its dropout masks from."""
-    states = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
 def _draws_per_sample_randomness(module: torch.nn.Module) -> bool:
     """Whether training draws masks or batch statistics per sample: dropout or drop-path with a rate, BatchNorm."""
     for layer in module.modules():
@@ -127,17 +74,6 @@ def _draws_per_sample_randomness(module: torch.nn.Module) -> bool:
         if (isinstance(rate, (int, float)) and rate > 0) or isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             return True
     return False
-
-
-def _same_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def set_step_rng_state(states: Mapping[str, torch.Tensor], device: torch.device) -> None:
-    """Put back ``step_rng_state``'s generators (the CUDA one only on a CUDA device, where it was recorded)."""
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -184,50 +120,6 @@ def _unsaved_arguments(obj: Any, hparams: Mapping[str, Any]) -> list[str]:
         return []
     return [p.name for p in parameters if p.name != "self" and p.default is not inspect.Parameter.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def plan_pool(batch_sampler: Any, batches_per_epoch: int, total_steps: int) -> tuple[list[list[int]], list[int]]:
-    """The run's planned global batches, deduplicated into a pool, and the pool batch of each step 0..T-1."""
-    pool: list[list[int]] = []
-    index: dict[tuple[int, ...], int] = {}
-    order: list[int] = []
-    epoch = 0
-    while len(order) < total_steps:
-        planned = batch_sampler.global_batches(epoch)[:batches_per_epoch]
-        if not planned:
-            raise LplError(f"the train loader's batch sampler plans no batches for epoch {epoch}; check the dataset.")
-        for batch in planned[: total_steps - len(order)]:
-            key = tuple(int(i) for i in batch)
-            if key not in index:
-                index[key] = len(pool)
-                pool.append(list(key))
-            order.append(index[key])
-        epoch += 1
-    return pool, order
-
-
-def collate_samples(loader: Any, ids: Sequence[int]) -> Any:
-    """The samples ``ids`` of ``loader``'s dataset, collated as the loader does (on the CPU)."""
-    return loader.collate_fn([loader.dataset[i] for i in ids])
-
-
-def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
-    """A closure computing the sample-weighted mean ``module_loss`` over ``loader``, differentiable (the caller
-    chooses eval or train mode); ``forward`` is the precision context to run each batch in."""
-    def val_loss() -> torch.Tensor:
-        total, count = None, 0
-        for batch in loader:
-            batch = to_module(batch, module)
-            size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
-            with forward():  # summed in float32: a bfloat16 module's losses would round the mean to ~3 digits
-                loss = module_loss(module, batch).float() * size
-            total = loss if total is None else total + loss
-            count += size
-        if total is None:
-            raise LplError("the validation loader is empty; TrainOrderRecorder needs validation data to probe.")
-        return total / count
-
-    return val_loss
 
 
 class TrainOrderRecorder(L.Callback):
@@ -517,7 +409,7 @@ class TrainOrderRecorder(L.Callback):
             self._data_checked = True
         if rank_and_world()[0] == 0:
             states = step_rng_state(pl_module.device)
-            if self._rng_after_step is None or not _same_states(states, self._rng_after_step):
+            if self._rng_after_step is None or not same_states(states, self._rng_after_step):
                 # validation, a new epoch's loader or a resume drew from the generators since the last step:
                 # retraining, which runs the steps back to back, starts this step from these states
                 self._writer.write_rng_state(states, step)

@@ -15,7 +15,9 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lpl.order.recorder import capture_rng, collate_samples, constructor_hparams, restore_rng, set_step_rng_state
+from lpl.order.pool import collate_samples
+from lpl.order.recorder import constructor_hparams
+from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss, to_module

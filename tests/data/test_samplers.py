@@ -3,7 +3,7 @@ import torch
 
 from lpl.data import samplers
 from lpl.data.samplers import OrderedBatchSampler, SeededBatchSampler
-from lpl.order.recorder import plan_pool
+from lpl.order.pool import plan_pool
 from lpl.utils.errors import LplError
 
 

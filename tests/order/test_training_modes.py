@@ -132,7 +132,7 @@ def _sync_batchnorm_probe(rank: int, port: int, out: str) -> None:
         synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
         synced.load_state_dict({"0." + k: v for k, v in plain.state_dict().items()})
         batch = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
-        from lpl.order.recorder import as_in_training, capture_rng
+        from lpl.order.rng import as_in_training, capture_rng
 
         with as_in_training(synced, [True, True], capture_rng()):  # on CPU, a sync would raise; it must not sync
             got = synced(batch)
