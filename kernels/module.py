@@ -152,14 +152,15 @@ class BlockSparseLinear(nn.Module):
         return packed
 
     def _packed_forward(self, x: torch.Tensor, packed) -> torch.Tensor:
-        from .cpu import block_sparse_linear_cpu
-        from .ops import _check_inputs
+        from .cpu import packed_linear_cpu
 
-        _check_inputs(x, self.sparse_weight(), self.bias)
-        x2d = x.reshape(-1, self.in_features)
-        y2d = block_sparse_linear_cpu(x2d, self.values.detach(), self.row_ptr, self.col_idx, self.out_features,
-                                      self.block_size, None if self.bias is None else self.bias.detach(),
-                                      packed=packed)
+        values = self.values
+        if x.dtype != values.dtype or x.ndim == 0 or x.shape[-1] != self.in_features:  # the full checks and errors
+            from .ops import _check_inputs
+
+            _check_inputs(x, self.sparse_weight(), self.bias)
+        y2d = packed_linear_cpu(x.reshape(-1, self.in_features), packed,
+                                None if self.bias is None else self.bias.detach())
         return y2d.reshape(*x.shape[:-1], self.out_features)
 
     def __getstate__(self) -> dict:

@@ -3,7 +3,7 @@
 Public functions (contract in docs/architecture.md, "Block-sparse weights"):
 ``block_sparse_linear_cpu`` (y = x W^T + b), ``grad_input_cpu`` (dX = dY W), ``grad_values_cpu`` (dW at the
 retained blocks), ``compiled_kernel_available``, and ``pack_weight_cpu`` -> ``PackedWeightCPU`` (lay a weight out
-once; pass it as ``packed=`` to skip the per-call packing, e.g. in inference).
+once; pass it as ``packed=`` to skip the per-call packing, or call ``packed_linear_cpu`` with it, e.g. in inference).
 
 Also ``adam_replay_cpu`` / ``adam_replay_available``: the fast CPU path of ``lpl.order.linearized`` (a compiled
 kernel that replays many training orders with Adam at once).
@@ -17,6 +17,7 @@ from .ops import (
     grad_input_cpu,
     grad_values_cpu,
     pack_weight_cpu,
+    packed_linear_cpu,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "grad_input_cpu",
     "grad_values_cpu",
     "pack_weight_cpu",
+    "packed_linear_cpu",
 ]

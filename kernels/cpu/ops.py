@@ -231,6 +231,8 @@ class PackedWeightCPU:
     col_ptr: torch.Tensor | None = None  # the rest serves grad_input_cpu (built with backward=True)
     col_rows: torch.Tensor | None = None
     backward_b: torch.Tensor | None = None  # [nnz, ceil(bc/16), br, 16] in block-column order
+    row_ptr: torch.Tensor | None = None  # the structure it was packed for (checked then): packed_linear_cpu reads it
+    col_idx: torch.Tensor | None = None
 
 
 def pack_weight_cpu(
@@ -257,8 +259,31 @@ def pack_weight_cpu(
         col_ptr, col_rows, order = _transposed_structure(row_ptr, col_idx, n_cols)
         extra = dict(col_ptr=col_ptr, col_rows=col_rows, backward_b=_pack_strips(values, False, order))
     return PackedWeightCPU(
-        out_features, in_features, (br, bc), nnz, _pack_strips(values, transpose=True), **extra
+        out_features, in_features, (br, bc), nnz, _pack_strips(values, transpose=True), **extra,
+        row_ptr=row_ptr.contiguous().clone(), col_idx=col_idx.contiguous().clone(),
     )
+
+
+def packed_linear_cpu(x2d: torch.Tensor, packed: PackedWeightCPU, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for a weight ``pack_weight_cpu`` laid out (and checked) once: the lean call for repeated
+    inference on an unchanged weight (only ``x2d`` and ``bias`` are checked here). [M, in] -> [M, out] in x2d's
+    dtype (computed in float32)."""
+    if not isinstance(packed, PackedWeightCPU) or packed.row_ptr is None:
+        raise LplError("packed must come from pack_weight_cpu.")
+    _check_dense("x2d", x2d, 2)
+    if x2d.shape[1] != packed.in_features:
+        raise LplError(f"x2d has {x2d.shape[1]} features, the packed weight takes {packed.in_features}.")
+    if bias is not None:
+        _check_dense("bias", bias, 1)
+        if bias.shape[0] != packed.out_features:
+            raise LplError(f"bias must have shape ({packed.out_features},), got {tuple(bias.shape)}.")
+    br, bc = packed.block_size
+    bias32 = None if bias is None else bias.float().contiguous()
+    if x2d.dtype == torch.float32:
+        return _run_matmul(x2d, packed.forward_b, packed.row_ptr, packed.col_idx, bc, br, packed.out_features, bias32)
+    out = _run_matmul(x2d.float(), packed.forward_b, packed.row_ptr, packed.col_idx, bc, br, packed.out_features,
+                      bias32)
+    return out.to(x2d.dtype)
 
 
 def _check_packed(packed: PackedWeightCPU, out_features: int, in_features: int, block_size, nnz: int) -> None:

@@ -337,6 +337,10 @@ def test_packed_weight_gives_the_same_results():
     bias = torch.randn(out_features)
     y = cpu.block_sparse_linear_cpu(x, v32, row_ptr, col_idx, out_features, block_size, bias, packed=packed)
     assert torch.equal(y, cpu.block_sparse_linear_cpu(x, v32, row_ptr, col_idx, out_features, block_size, bias))
+    assert torch.equal(cpu.packed_linear_cpu(x, packed, bias), y)  # the lean call on the checked structure
+    assert_close(cpu.packed_linear_cpu(x.bfloat16(), packed), x.bfloat16().double() @ w.T, torch.bfloat16)
+    with pytest.raises(LplError, match="72"):
+        cpu.packed_linear_cpu(x[:, :48], packed)
     dx = cpu.grad_input_cpu(dy, v32, row_ptr, col_idx, in_features, block_size, packed=packed)
     assert_close(dx, dy.double() @ w, torch.float32)
 
