@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import Any
 
 from lpl.prune.api import ALLOCATIONS
@@ -100,6 +101,9 @@ def prune_main(argv: list[str]) -> int:
                 f"{unexpected[:3]}, other shapes {reshaped[:3]}); pass the checkpoint of a run made with this config."
             )
         model.load_state_dict(state)
+    elif not getattr(model, "hparams", {}).get("pretrained_path"):
+        warnings.warn("lpl prune: no --ckpt_path and the config's model loads no pretrained weights: pruning its "
+                      "freshly initialised weights. Pass the trained model with --ckpt_path.", stacklevel=2)
     datamodule.setup("fit")
     options, calib_batches, cost_model = _options(args, cli.trainer)
     result = prune_model(model, datamodule.train_dataloader(), calib_batches=calib_batches, cost_model=cost_model,

@@ -152,7 +152,7 @@ def test_prune_command_saves_a_result(tmp_path, capsys) -> None:
     from lpl.prune import PruneResult
 
     out = tmp_path / "result"
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="freshly initialised weights"):
         main(["prune", "--config", str(CONFIGS / "mnist_vit.yaml"), "--flops_keep", "0.5", "--calib_batches", "2",
               "--out", str(out), "--model.init_args.embed_dim=64", "--trainer.logger=false"])
     assert exit_info.value.code == 0
