@@ -143,7 +143,9 @@ class BlockSparseLinear(nn.Module):
         pack = getattr(self, "_inference_pack", None)
         if pack is None or self.training or torch.is_grad_enabled() or x.device.type != "cpu":
             return None
-        if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+            return None  # graphs would not see the kernel call; autocast casts in block_sparse_linear
+        if os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch":
             return None
         packed, version, pointer = pack
         if self.values._version != version or self.values.data_ptr() != pointer:

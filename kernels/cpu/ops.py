@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -233,6 +233,10 @@ class PackedWeightCPU:
     backward_b: torch.Tensor | None = None  # [nnz, ceil(bc/16), br, 16] in block-column order
     row_ptr: torch.Tensor | None = None  # the structure it was packed for (checked then): packed_linear_cpu reads it
     col_idx: torch.Tensor | None = None
+    dtype: torch.dtype | None = None  # of the values it was packed from: what packed_linear_cpu takes
+    # set by pack_weight_cpu only (not by a constructor call or dataclasses.replace): the tensors' version counters
+    # when packed, so a pack built or edited by hand is refused before the C kernel reads it
+    _stamp: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
 
 def pack_weight_cpu(
@@ -258,21 +262,29 @@ def pack_weight_cpu(
     if backward:
         col_ptr, col_rows, order = _transposed_structure(row_ptr, col_idx, n_cols)
         extra = dict(col_ptr=col_ptr, col_rows=col_rows, backward_b=_pack_strips(values, False, order))
-    return PackedWeightCPU(
+    packed = PackedWeightCPU(
         out_features, in_features, (br, bc), nnz, _pack_strips(values, transpose=True), **extra,
-        row_ptr=row_ptr.contiguous().clone(), col_idx=col_idx.contiguous().clone(),
+        row_ptr=row_ptr.contiguous().clone(), col_idx=col_idx.contiguous().clone(), dtype=values.dtype,
     )
+    object.__setattr__(packed, "_stamp", _stamp_of(packed))
+    return packed
+
+
+def _stamp_of(packed: PackedWeightCPU) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (packed.forward_b, packed.row_ptr, packed.col_idx))
 
 
 def packed_linear_cpu(x2d: torch.Tensor, packed: PackedWeightCPU, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b for a weight ``pack_weight_cpu`` laid out (and checked) once: the lean call for repeated
     inference on an unchanged weight (only ``x2d`` and ``bias`` are checked here). [M, in] -> [M, out] in x2d's
     dtype (computed in float32)."""
-    if not isinstance(packed, PackedWeightCPU) or packed.row_ptr is None:
-        raise LplError("packed must come from pack_weight_cpu.")
+    if not isinstance(packed, PackedWeightCPU) or packed._stamp is None or packed._stamp != _stamp_of(packed):
+        raise LplError("packed must come from pack_weight_cpu, unchanged since (the kernel reads its structure "
+                       "unchecked): pack the weight again.")
     _check_dense("x2d", x2d, 2)
     if x2d.shape[1] != packed.in_features:
         raise LplError(f"x2d has {x2d.shape[1]} features, the packed weight takes {packed.in_features}.")
+    _check_same_dtype(x2d=x2d, packed_weight=torch.empty(0, dtype=packed.dtype), bias=bias)
     if bias is not None:
         _check_dense("bias", bias, 1)
         if bias.shape[0] != packed.out_features:

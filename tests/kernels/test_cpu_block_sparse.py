@@ -338,9 +338,24 @@ def test_packed_weight_gives_the_same_results():
     y = cpu.block_sparse_linear_cpu(x, v32, row_ptr, col_idx, out_features, block_size, bias, packed=packed)
     assert torch.equal(y, cpu.block_sparse_linear_cpu(x, v32, row_ptr, col_idx, out_features, block_size, bias))
     assert torch.equal(cpu.packed_linear_cpu(x, packed, bias), y)  # the lean call on the checked structure
-    assert_close(cpu.packed_linear_cpu(x.bfloat16(), packed), x.bfloat16().double() @ w.T, torch.bfloat16)
     with pytest.raises(LplError, match="72"):
         cpu.packed_linear_cpu(x[:, :48], packed)
+    with pytest.raises(LplError, match="dtypes differ"):  # it was packed from float32 values
+        cpu.packed_linear_cpu(x.bfloat16(), packed)
+    v16 = values.bfloat16()
+    packed16 = cpu.pack_weight_cpu(v16, row_ptr, col_idx, out_features, in_features, block_size)
+    w16 = _dense_from(v16.double(), row_ptr, col_idx, out_features, in_features, block_size)
+    assert_close(cpu.packed_linear_cpu(x.bfloat16(), packed16), x.bfloat16().double() @ w16.T, torch.bfloat16)
+    # the kernel reads the packed structure unchecked: one changed or built by hand is refused, never read
+    import dataclasses
+
+    for bad in (dataclasses.replace(packed, in_features=8), cpu.PackedWeightCPU(*dataclasses.astuple(packed)[:5])):
+        with pytest.raises(LplError, match="must come from pack_weight_cpu"):
+            cpu.packed_linear_cpu(x, bad)
+    edited = cpu.pack_weight_cpu(v32, row_ptr, col_idx, out_features, in_features, block_size)
+    edited.col_idx[0] = 10**9
+    with pytest.raises(LplError, match="unchanged since"):
+        cpu.packed_linear_cpu(x, edited)
     dx = cpu.grad_input_cpu(dy, v32, row_ptr, col_idx, in_features, block_size, packed=packed)
     assert_close(dx, dy.double() @ w, torch.float32)
 

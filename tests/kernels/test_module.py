@@ -171,6 +171,21 @@ def test_a_weight_packed_for_inference_gives_the_same_outputs_until_it_changes(r
     layer.eval().pack_for_inference()
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # stamped with this layer's tensors
         assert clone._inference_pack is None and layer._inference_pack is not None
+    import os
+
+    layer.pack_for_inference()
+    os.environ["LPL_CPU_KERNEL"] = "torch"  # the escape hatch works after packing too
+    try:
+        with torch.no_grad():
+            assert layer._inference_pack_for(x) is None and rel_err(layer(x), doubled) < 1e-5  # torch path
+    finally:
+        del os.environ["LPL_CPU_KERNEL"]
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated (users still call it) and warns of its limits
+        traced = torch.jit.trace(layer, (x,))  # a trace would not see the kernel call: it runs the op path
+    assert rel_err(traced(2.0 * x) - layer.bias, 2.0 * (doubled - layer.bias)) < 1e-5
     with torch.inference_mode():  # built there, its tensors keep no version counter to watch: not packed
         built = BlockSparseLinear.from_linear(linear, mask, 32).eval().pack_for_inference()
     assert built._inference_pack is None
