@@ -271,7 +271,8 @@ def pack_weight_cpu(
 
 
 def _stamp_of(packed: PackedWeightCPU) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (packed.forward_b, packed.row_ptr, packed.col_idx))
+    tensors = (packed.forward_b, packed.backward_b, packed.col_ptr, packed.col_rows, packed.row_ptr, packed.col_idx)
+    return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
 def packed_linear_cpu(x2d: torch.Tensor, packed: PackedWeightCPU, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,6 +302,9 @@ def packed_linear_cpu(x2d: torch.Tensor, packed: PackedWeightCPU, bias: torch.Te
 def _check_packed(packed: PackedWeightCPU, out_features: int, in_features: int, block_size, nnz: int) -> None:
     if not isinstance(packed, PackedWeightCPU):
         raise LplError(f"packed must come from pack_weight_cpu, got {type(packed).__name__}.")
+    if packed._stamp is None or packed._stamp != _stamp_of(packed):
+        raise LplError("packed must come from pack_weight_cpu, unchanged since (the kernel reads it unchecked): "
+                       "pack the weight again.")
     expected = (out_features, in_features, tuple(block_size), nnz)
     found = (packed.out_features, packed.in_features, packed.block_size, packed.nnz)
     if found != expected:
