@@ -7,12 +7,14 @@ Two searches: ``genetic`` (the paper's: order crossover, swap/insertion mutation
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lpl.utils.errors import LplError
@@ -84,9 +86,25 @@ def mutate(orders: Tensor, rate: float, generator: torch.Generator) -> Tensor:
     return orders
 
 
-def _log(logger: Any, step: int, best: float, evaluations: int) -> None:
-    if logger is not None:
-        logger.log_metrics({"curriculum/best_estimated_loss": best, "curriculum/evaluations": evaluations}, step=step)
+PROGRESS_SECONDS = 5.0  # a long search says how far it is at most this often
+
+
+class _SearchLog:
+    """Each generation's best score to the logger, and a progress line every few seconds of a long search."""
+
+    def __init__(self, logger: Any, budget: int) -> None:
+        self.logger, self.budget = logger, budget
+        self.started = self.reported = time.perf_counter()
+
+    def __call__(self, step: int, best: float, evaluations: int) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics({"curriculum/best_estimated_loss": best, "curriculum/evaluations": evaluations},
+                                    step=step)
+        now = time.perf_counter()
+        if now - self.reported >= PROGRESS_SECONDS:
+            self.reported = now
+            rank_zero_info(f"curriculum: {evaluations}/{self.budget} orders scored, best estimate {best:.6g} "
+                           f"({now - self.started:.0f} s)")
 
 
 def search(
@@ -131,7 +149,8 @@ def search(
     scores = _score(estimator, pop)
     evaluations = population
     history = [float(scores.min())]
-    _log(logger, 0, history[-1], evaluations)
+    log = _SearchLog(logger, budget)
+    log(0, history[-1], evaluations)
     if method == "genetic":
         elite = max(1, population // 8)
         while evaluations + population - elite <= budget:
@@ -149,7 +168,7 @@ def search(
             pop = torch.cat([pop[:elite], children])
             scores = torch.cat([scores[:elite], child_scores])
             history.append(float(scores.min()))
-            _log(logger, len(history) - 1, history[-1], evaluations)
+            log(len(history) - 1, history[-1], evaluations)
     else:
         best = int(scores.argmin())
         current, current_score = pop[best], float(scores[best])
@@ -161,7 +180,7 @@ def search(
             if float(neighbour_scores[i]) < current_score:
                 current, current_score = neighbours[i], float(neighbour_scores[i])
             history.append(current_score)
-            _log(logger, len(history) - 1, current_score, evaluations)
+            log(len(history) - 1, current_score, evaluations)
         pop, scores = current[None], torch.tensor([current_score])
     best = int(scores.argmin())
     if not torch.isfinite(scores[best]):

@@ -88,3 +88,15 @@ def test_runs_over_one_pool_for_several_epochs_search_orders_of_the_whole_run():
     assert (children.sort(1).values == torch.tensor([0, 0, 1, 1, 2, 2])).all()
     result = search(TwoEpochs(), budget=256, population=16, seed=0)
     assert sorted(result.order) == [0, 0, 1, 1, 2, 2] and result.order[3:].count(0) == 2
+
+
+def test_a_long_search_reports_its_progress(task, monkeypatch):
+    """A large budget ran for minutes without a word."""
+    import lpl.order.curriculum as curriculum
+
+    lines: list[str] = []
+    monkeypatch.setattr(curriculum, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(curriculum, "rank_zero_info", lines.append)
+    result = search(OrderEstimator(task.data, method="zeroth_order"), budget=160, population=32, seed=0)
+    assert lines and all("/160 orders scored, best estimate" in line for line in lines)
+    assert lines[-1].startswith(f"curriculum: {result.evaluations}/160 ")
