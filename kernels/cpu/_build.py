@@ -4,9 +4,9 @@ Each source in ``csrc/`` is one ``CompiledLibrary`` (``BLOCK_SPARSE``, ``ADAM_RE
 cached under ``$LPL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lpl`` or ``~/.cache/lpl``) in ``cpu_kernels/``, named by
 a hash of the source, compiler, flags and CPU, and written under a temporary name then renamed, so concurrent
 processes (pytest-xdist, DDP ranks) never load a half-written file; a cached file whose sha256 differs from
-the one its build recorded, or that does not load, is built again.
-When that folder is not writable, a temp folder only this user can write to is used. Without a working C compiler the caller falls
-back to the pure-torch path; ``CompiledLibrary.load`` says so once through ``warnings``.
+the one its build recorded, or that does not load, is built again. When that folder is not writable, a temp folder
+only this user can write to is used. Without a working C compiler the caller falls back to the pure-torch path;
+``CompiledLibrary.load`` says so once through ``warnings``.
 """
 
 from __future__ import annotations
