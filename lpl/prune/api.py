@@ -55,6 +55,14 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
     return _without_tied_weights(chosen, explicit=include != ["*"])
 
 
+def selected_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None,
+                    block_size: int | tuple[int, int]) -> tuple[dict[str, nn.Linear], tuple[int, int]]:
+    """``select_layers`` and the block size checked against the layers it selects: what pruning will calibrate."""
+    layers = select_layers(model, include, exclude)
+    shapes = {n: tuple(layer.weight.shape) for n, layer in layers.items()}
+    return layers, check_block_size(block_size, shapes, exclude if exclude is not None else DEFAULT_EXCLUDE)
+
+
 def read_as_weight(model: nn.Module, name: str) -> bool:
     """Whether torch reads the Linear ``name``'s weight without calling the layer: ``nn.MultiheadAttention``'s
     ``out_proj``, and ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2`` (its inference fast path)."""
@@ -78,7 +86,7 @@ def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[
         raise LplError(f"Linear layers {example} share one weight tensor (tied), and block masks are per layer; "
                        f"leave them dense with exclude={example!r} or include only layers with their own weights.")
     warnings.warn(f"prune_model: {sum(map(len, tied))} Linear layers share their weights with another (tied, e.g. "
-                  f"{example}): left dense, since block masks are per layer.", stacklevel=4)  # prune_model's caller
+                  f"{example}): left dense, since block masks are per layer.", stacklevel=5)  # prune_model's caller
     shared = {name for names in tied for name in names}
     remaining = {name: layer for name, layer in layers.items() if name not in shared}
     if not remaining:
@@ -165,9 +173,7 @@ def prune_model(
     started = time.perf_counter()
     check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
     _check_trainable(model)
-    layers = select_layers(model, include, exclude)
-    block_size = check_block_size(block_size, {n: tuple(layer.weight.shape) for n, layer in layers.items()},
-                                  exclude if exclude is not None else DEFAULT_EXCLUDE)
+    layers, block_size = selected_layers(model, include, exclude, block_size)
     device_type = next(model.parameters()).device.type
     profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lpl.utils.trainer import restore_loader_position
-from lpl.prune.api import DEFAULT_EXCLUDE, check_options, prune_model, select_layers
+from lpl.prune.api import check_options, prune_model, selected_layers
 from lpl.prune.hardware import HardwareProfile
-from lpl.prune.blocks import check_block_size, parse_block_size
+from lpl.prune.blocks import parse_block_size
 from lpl.prune.importance import model_inputs
 from lpl.prune.masking import MaskHandle, apply_masks
 from lpl.prune.result import PruneResult
@@ -207,9 +207,7 @@ class BlockPruneCallback(Callback):
         options = self.options
         with warnings.catch_warnings():  # what the selection warns of is said when pruning
             warnings.simplefilter("ignore")
-            layers = select_layers(pl_module, options["include"], options["exclude"])
-        check_block_size(options["block_size"], {n: tuple(layer.weight.shape) for n, layer in layers.items()},
-                         options["exclude"] if options["exclude"] is not None else DEFAULT_EXCLUDE)
+            selected_layers(pl_module, options["include"], options["exclude"], options["block_size"])
 
     def _pruned_already(self, pl_module: L.LightningModule) -> bool:
         try:

@@ -52,10 +52,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OPTION_NAMES = ("block_size", "flops_keep", "importance", "allocation", "lambda_power", "min_density", "max_density",
-                 "include", "exclude", "stages", "first_order")
-
-
 def _options(args: argparse.Namespace, trainer: Any) -> tuple[dict[str, Any], int, Any]:
     """(prune_model options, calib_batches, cost model): the command line's, else the config's BlockPruneCallback's,
     else the callback's defaults."""
@@ -63,9 +59,7 @@ def _options(args: argparse.Namespace, trainer: Any) -> tuple[dict[str, Any], in
 
     configured = next((c for c in trainer.callbacks if isinstance(c, BlockPruneCallback)), None) or BlockPruneCallback()
     options = dict(configured.options)
-    for name in _OPTION_NAMES:
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
+    options.update({name: value for name, value in vars(args).items() if name in options and value is not None})
     block_size = options["block_size"]
     if isinstance(block_size, list):  # from the command line: one number (square) or two
         if len(block_size) > 2:
