@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import torch
@@ -127,16 +126,16 @@ class BlockSparseLinear(nn.Module):
         keep no version counter to watch) this does nothing.
         """
         from .cpu import compiled_kernel_available, pack_weight_cpu
+        from .cpu._build import torch_path_forced
 
         self._inference_pack = None
         values = self.values
         if values.device.type != "cpu" or values.dtype == torch.float64 or values.is_inference() or (
-                os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch" or not compiled_kernel_available()):
+                torch_path_forced() or not compiled_kernel_available()):
             return self  # no packed path there, or no way to see a change: forwards run as before
-        values = self.values.detach()
-        packed = pack_weight_cpu(values, self.row_ptr, self.col_idx, self.out_features, self.in_features,
+        packed = pack_weight_cpu(values.detach(), self.row_ptr, self.col_idx, self.out_features, self.in_features,
                                  self.block_size)
-        self._inference_pack = (packed, self.values._version, self.values.data_ptr())
+        self._inference_pack = (packed, values._version, values.data_ptr())
         return self
 
     def _inference_pack_for(self, x: torch.Tensor):
@@ -145,7 +144,9 @@ class BlockSparseLinear(nn.Module):
             return None
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
             return None  # graphs would not see the kernel call; autocast casts in block_sparse_linear
-        if os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch":
+        from .cpu._build import torch_path_forced
+
+        if torch_path_forced():
             return None
         packed, version, pointer = pack
         if self.values._version != version or self.values.data_ptr() != pointer:

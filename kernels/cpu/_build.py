@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from lpl.utils.io import atomic_write_text
+
 _SOURCES = Path(__file__).with_name("csrc")
 # -fopenmp-simd: the sources' `#pragma omp simd` loops (vectorised reductions without -ffast-math; no OpenMP runtime)
 _BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-std=gnu11", "-fopenmp-simd"]
@@ -62,19 +64,25 @@ def _private_temp_dir() -> Path:
     if hasattr(os, "getuid"):
         shared = Path(tempfile.gettempdir()) / f"lpl-{os.getuid()}"
         try:
-            shared.mkdir(mode=0o700, exist_ok=True)
-            info = os.lstat(shared)
-            private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
-            if private:
-                (shared / "cpu_kernels").mkdir(mode=0o700, exist_ok=True)
-                info = os.lstat(shared / "cpu_kernels")
-                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
-                    return shared / "cpu_kernels"
+            if _made_private(shared) and _made_private(shared / "cpu_kernels"):
+                return shared / "cpu_kernels"
         except OSError:
             pass
     if _process_temp_dir is None:
         _process_temp_dir = Path(tempfile.mkdtemp(prefix="lpl-kernels-"))  # 0700, removed by the OS's temp cleanup
     return _process_temp_dir
+
+
+def torch_path_forced() -> bool:
+    """Whether ``LPL_CPU_KERNEL=torch`` asks every CPU caller for the pure-torch path (read at each call)."""
+    return os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch"
+
+
+def _made_private(folder: Path) -> bool:
+    """Create ``folder`` (mode 0700) if missing; whether it is a real folder this user owns and only it can write."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = os.lstat(folder)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _find_compiler() -> str | None:
@@ -113,10 +121,7 @@ def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> Non
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(digest)
-    os.replace(tmp, _digest_path(target))
+    atomic_write_text(_digest_path(target), digest)
 
 
 def _digest_path(library: Path) -> Path:

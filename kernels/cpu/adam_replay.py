@@ -14,19 +14,18 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 from torch import Tensor
 
 from lpl.utils.errors import LplError
 
-from ._build import ADAM_REPLAY
+from ._build import ADAM_REPLAY, torch_path_forced
 
 
 def adam_replay_available() -> bool:
     """Whether ``adam_replay_cpu`` can run: the kernel compiled and ``LPL_CPU_KERNEL`` does not ask for torch."""
-    if os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch":
+    if torch_path_forced():
         return False
     return ADAM_REPLAY.load() is not None
 

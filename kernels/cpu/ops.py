@@ -12,16 +12,15 @@ The environment variable ``LPL_CPU_KERNEL=torch`` forces the torch path for "aut
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from lpl.utils.errors import LplError
 
-from ._build import load_error, load_library
+from ._build import load_error, load_library, torch_path_forced
 
 Backend = Literal["auto", "compiled", "torch"]
 
@@ -91,8 +90,16 @@ def _check_structure(
     return nnz
 
 
-def _check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
-    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
+    if bias is not None:
+        _check_dense("bias", bias, 1)
+        if bias.shape[0] != out_features:
+            raise LplError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
+
+
+def _check_same_dtype(**tensors: torch.Tensor | torch.dtype | None) -> torch.dtype:
+    """The one dtype of the given tensors (or dtypes), else an LplError listing them."""
+    dtypes = {name: t if isinstance(t, torch.dtype) else t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())
         raise LplError(f"dtypes differ ({listing}); cast them to one floating-point dtype.")
@@ -105,7 +112,7 @@ def _resolve_backend(backend: Backend, dtype: torch.dtype) -> bool:
         raise LplError(f"backend must be 'auto', 'compiled' or 'torch', got {backend!r}.")
     if backend == "torch" or dtype == torch.float64:
         return False
-    if backend == "auto" and os.environ.get("LPL_CPU_KERNEL", "").lower() == "torch":
+    if backend == "auto" and torch_path_forced():
         return False
     available = load_library() is not None
     if backend == "compiled" and not available:
@@ -270,6 +277,15 @@ def pack_weight_cpu(
     return packed
 
 
+def _check_stamp(packed: Any) -> None:
+    """Refuse what ``pack_weight_cpu`` did not make, or a pack changed since: the kernel reads it unchecked."""
+    if not isinstance(packed, PackedWeightCPU):
+        raise LplError(f"packed must come from pack_weight_cpu, got {type(packed).__name__}.")
+    if packed._stamp is None or packed._stamp != _stamp_of(packed):
+        raise LplError("packed must come from pack_weight_cpu, unchanged since (the kernel reads its structure "
+                       "unchecked): pack the weight again.")
+
+
 def _stamp_of(packed: PackedWeightCPU) -> tuple:
     tensors = (packed.forward_b, packed.backward_b, packed.col_ptr, packed.col_rows, packed.row_ptr, packed.col_idx)
     return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
@@ -279,32 +295,21 @@ def packed_linear_cpu(x2d: torch.Tensor, packed: PackedWeightCPU, bias: torch.Te
     """y = x W^T + b for a weight ``pack_weight_cpu`` laid out (and checked) once: the lean call for repeated
     inference on an unchanged weight (only ``x2d`` and ``bias`` are checked here). [M, in] -> [M, out] in x2d's
     dtype (computed in float32)."""
-    if not isinstance(packed, PackedWeightCPU) or packed._stamp is None or packed._stamp != _stamp_of(packed):
-        raise LplError("packed must come from pack_weight_cpu, unchanged since (the kernel reads its structure "
-                       "unchecked): pack the weight again.")
+    _check_stamp(packed)
     _check_dense("x2d", x2d, 2)
     if x2d.shape[1] != packed.in_features:
         raise LplError(f"x2d has {x2d.shape[1]} features, the packed weight takes {packed.in_features}.")
-    _check_same_dtype(x2d=x2d, packed_weight=torch.empty(0, dtype=packed.dtype), bias=bias)
-    if bias is not None:
-        _check_dense("bias", bias, 1)
-        if bias.shape[0] != packed.out_features:
-            raise LplError(f"bias must have shape ({packed.out_features},), got {tuple(bias.shape)}.")
+    _check_bias(bias, packed.out_features)
+    dtype = _check_same_dtype(x2d=x2d, packed_weight=packed.dtype, bias=bias)
     br, bc = packed.block_size
     bias32 = None if bias is None else bias.float().contiguous()
-    if x2d.dtype == torch.float32:
-        return _run_matmul(x2d, packed.forward_b, packed.row_ptr, packed.col_idx, bc, br, packed.out_features, bias32)
     out = _run_matmul(x2d.float(), packed.forward_b, packed.row_ptr, packed.col_idx, bc, br, packed.out_features,
-                      bias32)
-    return out.to(x2d.dtype)
+                      bias32)  # .float() of a float32 tensor is the tensor itself
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _check_packed(packed: PackedWeightCPU, out_features: int, in_features: int, block_size, nnz: int) -> None:
-    if not isinstance(packed, PackedWeightCPU):
-        raise LplError(f"packed must come from pack_weight_cpu, got {type(packed).__name__}.")
-    if packed._stamp is None or packed._stamp != _stamp_of(packed):
-        raise LplError("packed must come from pack_weight_cpu, unchanged since (the kernel reads it unchecked): "
-                       "pack the weight again.")
+    _check_stamp(packed)
     expected = (out_features, in_features, tuple(block_size), nnz)
     found = (packed.out_features, packed.in_features, packed.block_size, packed.nnz)
     if found != expected:
@@ -357,10 +362,7 @@ def block_sparse_linear_cpu(
     nnz = _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
     if packed is not None:
         _check_packed(packed, out_features, in_features, (br, bc), nnz)
-    if bias is not None:
-        _check_dense("bias", bias, 1)
-        if bias.shape[0] != out_features:
-            raise LplError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
+    _check_bias(bias, out_features)
     dtype = _check_same_dtype(x2d=x2d, values=values, bias=bias)
     if out is not None:
         _check_dense("out", out, 2)
