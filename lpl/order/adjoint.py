@@ -212,6 +212,7 @@ class _StateCapture(L.Callback):
         self.momenta: list[Tensor] = []  # the weight each step gives its batch statistics in them
         # every other buffer, as theta (a buffer unchanged since the last step is the same tensor: no copy)
         self.buffers: list[dict[str, Tensor]] = []
+        self.step_counters: set[str] = set()  # BatchNorm's num_batches_tracked: one per step in every order
         self.forward: Callable[[], Any] = contextlib.nullcontext  # the precision context training ran in
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -227,11 +228,14 @@ class _StateCapture(L.Callback):
             kept = previous.get(name)
             buffers[name] = kept if kept is not None and torch.equal(kept, buffer) else buffer.detach().clone()
         self.buffers.append(buffers)
+        counters = {id(m.num_batches_tracked) for m in norm_statistics.tracked_norms(pl_module)}
+        self.step_counters = {name for name, buffer in pl_module.named_buffers() if id(buffer) in counters}
 
     def changed_buffers(self) -> list[str]:
-        """Buffers (other than BatchNorm statistics) whose value training changed."""
-        return [name for name in self.buffers[0] if any(step[name] is not self.buffers[0][name]
-                                                       for step in self.buffers[1:])]
+        """Buffers whose value training changed in a way the order could affect: not BatchNorm statistics (modelled)
+        nor BatchNorm step counters (the same in every order)."""
+        return [name for name in self.buffers[0] if name not in self.step_counters
+                and any(step[name] is not self.buffers[0][name] for step in self.buffers[1:])]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._capture(trainer, pl_module)
