@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points
+from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points, check_feasible
 from lpl.prune.blocks import block_elements, block_grid, check_block_size, expand_block_mask
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
@@ -40,8 +42,8 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
     calls nor run block-sparse."""
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not read_as_weight(model, name)}
-    include = list(include) if include is not None else ["*"]
-    exclude = list(exclude) if exclude is not None else list(DEFAULT_EXCLUDE)
+    include = _patterns("include", include, ["*"])
+    exclude = _patterns("exclude", exclude, list(DEFAULT_EXCLUDE))
     chosen = {
         name: layer for name, layer in linears.items()
         if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
@@ -55,12 +57,22 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
     return _without_tied_weights(chosen, explicit=include != ["*"])
 
 
+def _patterns(option: str, value: str | Sequence[str] | None, default: list[str]) -> list[str]:
+    """Glob patterns from one pattern or a sequence of them (a string is one pattern, not its characters)."""
+    if value is None:
+        return default
+    patterns = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise LplError(f"{option} must be a glob pattern or a list of them (such as '*.qkv'), got {value!r}.")
+    return patterns
+
+
 def selected_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None,
                     block_size: int | tuple[int, int]) -> tuple[dict[str, nn.Linear], tuple[int, int]]:
     """``select_layers`` and the block size checked against the layers it selects: what pruning will calibrate."""
     layers = select_layers(model, include, exclude)
     shapes = {n: tuple(layer.weight.shape) for n, layer in layers.items()}
-    return layers, check_block_size(block_size, shapes, exclude if exclude is not None else DEFAULT_EXCLUDE)
+    return layers, check_block_size(block_size, shapes, _patterns("exclude", exclude, list(DEFAULT_EXCLUDE)))
 
 
 def read_as_weight(model: nn.Module, name: str) -> bool:
@@ -100,8 +112,8 @@ def check_options(flops_keep: float, importance: str, allocation: str, lambda_po
     """Refuse pruning options out of range with an LplError naming the option (shared by prune_model and the callback)."""
     for name, value in (("flops_keep", flops_keep), ("lambda_power", lambda_power), ("min_density", min_density),
                         ("max_density", max_density)):
-        if not _is_number(value):
-            raise LplError(f"{name} must be a number, got {value!r}.")
+        if not _is_number(value) or not math.isfinite(float(value)):
+            raise LplError(f"{name} must be a finite number, got {value!r}.")
     if not 0.0 < float(flops_keep) <= 1.0:
         raise LplError(f"flops_keep must be a number in (0, 1], got {flops_keep!r}.")
     if importance not in IMPORTANCES:
@@ -142,7 +154,7 @@ def prune_model(
     max_density: float = 1.0,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    cost_model: HardwareProfile | None = None,
+    cost_model: HardwareProfile | str | Path | None = None,
     loss: str | LossFn = "auto",
     calib_batches: int | None = None,
     stages: int = 2,
@@ -175,7 +187,7 @@ def prune_model(
     _check_trainable(model)
     layers, block_size = selected_layers(model, include, exclude, block_size)
     device_type = next(model.parameters()).device.type
-    profile = cost_model or default_profile("cuda" if device_type == "cuda" else "cpu")
+    profile = _cost_model(cost_model) or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
     passes = stages * len(gram_groups(layers, block_size)) if importance == "taylor2" else stages
     batches = _calibration_batches(calib_dataloader, calib_batches, passes)
@@ -199,6 +211,16 @@ def prune_model(
                      started=started)
 
 
+def _cost_model(cost_model: HardwareProfile | str | Path | None) -> HardwareProfile | None:
+    """A HardwareProfile, loaded when given as the path of a saved one."""
+    if isinstance(cost_model, (str, Path)):
+        return HardwareProfile.load(cost_model)
+    if cost_model is not None and not isinstance(cost_model, HardwareProfile):
+        raise LplError(f"cost_model must be a HardwareProfile, the path of a saved one, or None, got a "
+                       f"{type(cost_model).__name__}.")
+    return cost_model
+
+
 def _check_trainable(model: nn.Module) -> None:
     """Calibration differentiates the loss: refuse a model without a trainable weight."""
     if not any(p.requires_grad for p in model.parameters()):
@@ -209,8 +231,8 @@ def _check_trainable(model: nn.Module) -> None:
 def _calibration_batches(loader: Iterable[Any], limit: int | None, passes: int) -> Iterable[Any]:
     """What the calibration passes read: ``loader`` itself for one pass; its first ``limit`` batches (None: all),
     kept in a list, for more."""
-    if limit is not None and limit <= 0:
-        raise LplError(f"calib_batches must be positive (or None: every batch of the loader), got {limit}.")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise LplError(f"calib_batches must be a positive int (or None: every batch of the loader), got {limit!r}.")
     if passes > 1:  # every pass reads the same batches: keep them
         _warn_if_large(loader, limit)
         return list(_take(loader, limit))
@@ -239,6 +261,7 @@ def _round_masks(
     for n, ok in zip(names, allowed):  # earlier rounds' removals are final
         ok[: _removed_blocks(masks, n)] = False
     total = sum(float(f[0]) for f in flops)
+    check_feasible(flops, allowed, flops_keep * total)  # names the final budget, not this round's
     if not final:  # intermediate budgets stay inside what the density limits can reach
         reachable = sum(float(f[ok].max()) for f, ok in zip(flops, allowed) if ok.any()) / total
         round_keep = min(round_keep, reachable)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import apply_to_collection
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -84,19 +85,75 @@ def resolve_loss(model: nn.Module, loss: str | LossFn) -> LossFn:
     raise LplError(f"loss must be one of {LOSSES} or a callable(model, batch), got {loss!r}.")
 
 
-def _per_sample_rows(x: torch.Tensor, samples: int) -> torch.Tensor | None:
+def _per_sample_rows(x: torch.Tensor, samples: int, sample_dim: int | None | str = "guess") -> torch.Tensor | None:
     """``x`` [..., features] as [samples, rows, features]: each sample's rows (tokens, windows) together; None when
-    its leading dim is not the batch's (a table every sample shares, say: no per-sample gradient exists there).
+    it has no rows per sample (a table every sample shares: no per-sample gradient exists there).
 
-    Inputs are batch-major ([B, T, C], [B * T, C], Swin's [B * windows, N, C]); a sequence-first [T, B, C] input is
-    recognised by its second dim when its first is not a multiple of the batch. A leading dim of 1 is a table
-    (SwinV2's [1, H, W, 2] position table), not a sequence of one: read as one, a table whose size happened to equal
-    the batch's passed as per-sample rows."""
-    if x.ndim >= 3 and x.shape[0] > 1 and x.shape[0] % samples and x.shape[1] == samples:
-        x = x.movedim(1, 0)
-    if x.ndim == 1 or x.shape[0] % samples:
+    ``sample_dim``: the dim that grows with the batch (``_sample_dims`` measures it): 0 for batch-major inputs
+    ([B, T, C], [B * T, C], Swin's [B * windows, N, C], each sample's rows consecutive), 1 for sequence-first
+    [T, B, C], None for a shared table. "guess" reads it off the shape alone: batch-major when the leading dim is a
+    multiple of the batch, sequence-first when only the second dim matches it, a leading dim of 1 a table (SwinV2's
+    [1, H, W, 2] position table); a table as long as the batch passes for rows per sample there."""
+    if sample_dim == "guess":
+        sequence_first = x.ndim >= 3 and x.shape[0] > 1 and x.shape[0] % samples and x.shape[1] == samples
+        sample_dim = None if x.ndim == 1 else 1 if sequence_first else 0
+    if sample_dim is None:
+        return None
+    x = x.movedim(sample_dim, 0)
+    if x.shape[0] % samples:
         return None
     return x.reshape(samples, -1, x.shape[-1])
+
+
+def _doubled(batch: Any, samples: int) -> Any:
+    """``batch`` with every tensor whose leading dim is the batch's repeated twice along it (dicts, lists, tuples)."""
+    if isinstance(batch, torch.Tensor):
+        return torch.cat([batch, batch]) if batch.ndim and batch.shape[0] == samples else batch
+    if isinstance(batch, dict):
+        return {key: _doubled(value, samples) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        items = [_doubled(value, samples) for value in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _sample_dims(model: nn.Module, batch: Any, loss_fn: LossFn, captured: dict[str, list[_Call]],
+                 samples: int) -> dict[str, list[int | None | str]]:
+    """For every captured layer call, the dim of its input that holds the batch's samples, measured by running the
+    batch again twice as large (no gradient): the dim that doubles (0 or 1), or None when none changes (a shared
+    table). "guess" (shape rules) where the two runs cannot be compared (the doubled batch fails, the calls differ,
+    or another dim changes)."""
+    calls = {name: [x.shape for x, _ in layer_calls] for name, layer_calls in captured.items()}
+    guesses = {name: ["guess"] * len(shapes) for name, shapes in calls.items()}
+    kept = dict(captured)
+    captured.clear()
+    try:
+        with torch.no_grad():
+            loss_fn(model, _doubled(batch, samples))
+    except Exception:  # a model that cannot take another batch size: the shape rules decide, as without the probe
+        return guesses
+    finally:
+        doubled = {name: [x.shape for x, _ in layer_calls] for name, layer_calls in captured.items()}
+        captured.clear()
+        captured.update(kept)
+    dims: dict[str, list[int | None | str]] = {}
+    for name, shapes in calls.items():
+        if len(doubled.get(name, ())) != len(shapes):
+            dims[name] = guesses[name]
+            continue
+        dims[name] = [_grown_dim(one, two) for one, two in zip(shapes, doubled[name])]
+    return dims
+
+
+def _grown_dim(one: torch.Size, two: torch.Size) -> int | None | str:
+    """0 or 1 when only that dim of ``two`` is twice ``one``'s, None when they are equal, else "guess"."""
+    if one == two:
+        return None
+    for dim in (0, 1):
+        if len(one) == len(two) > dim + 1 and two[dim] == 2 * one[dim] and all(
+                a == b for d, (a, b) in enumerate(zip(one, two)) if d != dim):
+            return dim
+    return "guess"
 
 
 def _per_sample_contributions(
@@ -147,19 +204,25 @@ def collect_statistics(
     ``with_gram`` / ``with_gradients``: collect the Gram (taylor2) / the per-batch gradient statistics (taylor1, obd);
     left ``None`` otherwise.
     """
+    if torch.is_inference_mode_enabled():
+        raise LplError("calibration differentiates the loss, which torch.inference_mode() forbids: prune outside "
+                       "the inference_mode block.")
     device = next(model.parameters()).device
     sums = {name: _LayerSums(layer.weight, block_size, with_gram, with_gradients, device)
             for name, layer in layers.items()}
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # samples, batches
+    sample_dims: dict[str, list[int | None | str]] = {}  # measured on the first batch, structural after
     # calibration statistics of the deployed network: no dropout / drop-path; every module's mode restored after
-    with eval_mode(model), _captured_calls(layers) as captured:
+    # a torch.compile'd model runs eagerly here: compiled graphs hide the layers' outputs from the hooks' gradients
+    with eval_mode(model), _captured_calls(layers) as captured, _eager():
         for number, batch in enumerate(batches):
             if max_batches is not None and number >= max_batches:
                 break
             samples = batch_samples(batch)
             if samples == 0:  # an empty batch carries no statistics (its mean loss is not even defined)
                 continue
-            _measure_batch(model, move_data_to_device(batch, device), loss_fn, sums, captured, samples,
+            batch = apply_to_collection(move_data_to_device(batch, device), torch.Tensor, _usable_in_autograd)
+            _measure_batch(model, batch, loss_fn, sums, captured, samples, sample_dims,
                            strict=not skip_uncalled or number > 0)
             if not sums:  # none called (skip_uncalled): nothing to measure
                 break
@@ -171,7 +234,31 @@ def collect_statistics(
     if num_batches == 0:
         raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at "
                        "least one non-empty batch.")
+    _check_informative(sums)
     return {name: acc.statistics(samples, num_batches) for name, acc in sums.items()}
+
+
+def _usable_in_autograd(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor created under torch.inference_mode (autograd refuses to save those), else the tensor."""
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    """Run torch.compile'd code eagerly in the block (torch >= 2.6; a no-op before)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _check_informative(sums: dict[str, "_LayerSums"]) -> None:
+    """Refuse statistics that cannot rank blocks: not finite anywhere, or zero in every layer."""
+    tensors = [tensor for acc in sums.values() for tensor in acc.tensors()]
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors):
+        raise LplError("the calibration statistics are not finite (NaN / inf): check the calibration data and the "
+                       "model's weights for NaN / inf values.")
+    if not any(bool(acc.first.any()) or (acc.gram is not None and bool(acc.gram.any())) for acc in sums.values()):
+        raise LplError(f"the calibration loss has zero gradient in every selected layer (e.g. {list(sums)[:2]}), so "
+                       "nothing ranks their blocks: an untrained model whose head is initialised to zero, or a loss "
+                       "that does not depend on these layers; calibrate a trained model with its task loss.")
 
 
 # A Linear call's (input, output); the output is what the loss is differentiated in.
@@ -193,16 +280,19 @@ class _LayerSums:
         self.grad_sq = torch.zeros_like(self.weight) if with_gradients else None
         self.tokens = torch.zeros((), device=device, dtype=torch.float64)
 
-    def add(self, calls: list[_Call], grads: list[torch.Tensor | None], samples: int) -> None:
-        """Add one batch: the layer's ``calls`` and the loss gradients ``grads`` in their outputs (None: unused)."""
+    def add(self, calls: list[_Call], grads: list[torch.Tensor | None], samples: int,
+            sample_dims: list[int | None | str]) -> None:
+        """Add one batch: the layer's ``calls``, the loss gradients ``grads`` in their outputs (None: unused) and the
+        dim of each call's input that holds the samples (``_per_sample_rows``)."""
         contributions, batch_grad = 0.0, 0.0
-        for (x, output), dy in zip(calls, grads):  # a layer called more than once: its gradient sums the calls
+        # a layer called more than once: its gradient sums the calls
+        for (x, output), dy, dim in zip(calls, grads, sample_dims):
             dy = torch.zeros_like(output) if dy is None else dy.detach()
             if self.grad is not None:
                 batch_grad = batch_grad + dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
             self.tokens += x.numel() / x.shape[-1]
             contributions = contributions + _per_sample_contributions(
-                _per_sample_rows(x, samples), _per_sample_rows(dy, samples), self.weight, self.block_size)
+                _per_sample_rows(x, samples, dim), _per_sample_rows(dy, samples, dim), self.weight, self.block_size)
         if self.grad is not None:
             self.grad += batch_grad
             self.grad_sq += batch_grad.square()
@@ -253,13 +343,18 @@ def _captured_calls(layers: dict[str, nn.Linear]) -> Iterator[dict[str, list[_Ca
 
 
 def _measure_batch(model: nn.Module, batch: Any, loss_fn: LossFn, sums: dict[str, _LayerSums],
-                   captured: dict[str, list[_Call]], samples: int, strict: bool) -> None:
+                   captured: dict[str, list[_Call]], samples: int, sample_dims: dict[str, list[int | None | str]],
+                   strict: bool) -> None:
     """One forward/backward of ``batch`` (of ``samples`` samples) added to ``sums``; the layers it gives no per-sample
-    gradients are an error when ``strict``, else dropped from ``sums``."""
+    gradients are an error when ``strict``, else dropped from ``sums``. ``sample_dims`` (filled at the first batch)
+    says where each call's input holds the samples."""
     captured.clear()
     with torch.enable_grad():
         loss = loss_fn(model, batch)
-        for name in _unmeasurable_layers(list(sums), captured, samples, strict):
+        _check_loss(loss)
+        if not sample_dims:
+            sample_dims.update(_sample_dims(model, batch, loss_fn, captured, samples))
+        for name in _unmeasurable_layers(list(sums), captured, samples, sample_dims, strict):
             del sums[name]
         if not sums:
             return
@@ -268,10 +363,29 @@ def _measure_batch(model: nn.Module, batch: Any, loss_fn: LossFn, sums: dict[str
             raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
         grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
     for name, acc in sums.items():
-        acc.add(captured[name], [next(grads) for _ in captured[name]], samples)
+        acc.add(captured[name], [next(grads) for _ in captured[name]], samples, _call_dims(sample_dims, name, captured))
 
 
-def _unmeasurable_layers(names: list[str], captured: dict[str, list[_Call]], samples: int, strict: bool) -> list[str]:
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise LplError(f"the calibration loss must be a scalar tensor (the batch's mean loss), got {got}: use a "
+                       "loss with reduction='mean'.")
+    if not bool(torch.isfinite(loss.detach())):
+        raise LplError(f"the calibration loss is {float(loss.detach()):g} on a batch: check the calibration data and the "
+                       "model's weights for NaN / inf values.")
+
+
+def _call_dims(sample_dims: dict[str, list[int | None | str]], name: str,
+               captured: dict[str, list[_Call]]) -> list[int | None | str]:
+    """The sample dims of layer ``name``'s calls in this batch (shape rules for calls the first batch did not make)."""
+    dims = sample_dims.get(name, [])
+    calls = len(captured[name])
+    return dims[:calls] + ["guess"] * (calls - len(dims))
+
+
+def _unmeasurable_layers(names: list[str], captured: dict[str, list[_Call]], samples: int,
+                         sample_dims: dict[str, list[int | None | str]], strict: bool) -> list[str]:
     """The layers of ``names`` this batch's forward did not call, then those it fed an input without rows per sample
     (no per-sample gradient exists there): an error when ``strict``."""
     missing = [name for name in names if name not in captured]
@@ -279,12 +393,13 @@ def _unmeasurable_layers(names: list[str], captured: dict[str, list[_Call]], sam
         raise LplError(f"layers {missing[:3]} were not called in the forward pass (the model uses their "
                        "weights without calling the module); exclude them.")
     shared = [name for name in names if name not in missing
-              and any(_per_sample_rows(x, samples) is None for x, _ in captured[name])]
+              and any(_per_sample_rows(x, samples, dim) is None
+                      for (x, _), dim in zip(captured[name], _call_dims(sample_dims, name, captured)))]
     if shared and strict:
         shape = tuple(captured[shared[0]][0][0].shape)
         raise LplError(f"the inputs of layers {shared[:3]} (e.g. of shape {shape}) have no rows per sample "
-                       f"of the batch's {samples} (their leading dim is not the batch's): per-sample "
-                       "gradients, which calibration needs, do not exist there; exclude them.")
+                       f"of the batch's {samples} (no dim of theirs grows with the batch: a table the samples "
+                       "share): per-sample gradients, which calibration needs, do not exist there; exclude them.")
     return missing + shared
 
 

@@ -42,13 +42,19 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     ``module.training_step(batch, 0)``, which may return a tensor or a dict holding ``"loss"``. A ``loss`` that is a
     criterion module (``self.loss = nn.CrossEntropyLoss()``) or a method taking other arguments (``loss(logits,
     target)``) is not that protocol: the training step is used then. Whatever either logs with ``self.log`` is
-    dropped: these are probes, not training steps. Other side effects of a training_step (a torchmetrics update, a
+    dropped: these are probes, not training steps. A module with manual optimization must define ``loss`` (its
+    training step would step the optimizer). Other side effects of a training_step (a torchmetrics update, a
     counter) happen on probes too: a module with such a step should define ``loss``.
     """
     batch_loss = _batch_loss_method(module)
     if batch_loss is not None:
         step, args = batch_loss, (batch,)
     elif callable(getattr(module, "training_step", None)):
+        if getattr(module, "automatic_optimization", True) is False:
+            raise LplError(
+                f"{type(module).__name__} uses manual optimization: its training_step steps the optimizer itself, "
+                "which a probe must not do; add `def loss(self, batch) -> Tensor` returning the scalar training loss."
+            )
         step, args = module.training_step, (batch, 0)
     else:
         raise LplError(

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lpl.prune import PruneResult, apply_masks, prune_model
@@ -135,13 +136,14 @@ def test_stages_below_one(tiny_vit, batches):
 
 
 @pytest.mark.parametrize("option, value", [("flops_keep", None), ("flops_keep", "0.5"), ("flops_keep", True),
-                                           ("lambda_power", None), ("min_density", "low")])
+                                           ("lambda_power", None), ("min_density", "low"),
+                                           ("lambda_power", float("nan")), ("lambda_power", float("inf"))])
 def test_options_that_are_not_numbers(tiny_vit, batches, option, value):
     from lpl.prune import BlockPruneCallback
 
-    with pytest.raises(LplError, match=f"{option} must be a number"):
+    with pytest.raises(LplError, match=f"{option} must be a finite number"):
         prune_model(tiny_vit, batches, **{option: value})
-    with pytest.raises(LplError, match=f"{option} must be a number"):
+    with pytest.raises(LplError, match=f"{option} must be a finite number"):
         BlockPruneCallback(**{option: value})
 
 
@@ -169,10 +171,64 @@ class LongLoader:
 
 
 def test_calibration_batch_count_is_checked_and_a_whole_loader_kept_in_memory_warns(tiny_vit, batches):
-    with pytest.raises(LplError, match="calib_batches must be positive"):
-        prune_model(tiny_vit, batches, block_size=(8, 8), calib_batches=0)
+    for count in (0, "2", 1.5, True):
+        with pytest.raises(LplError, match="calib_batches must be a positive int"):
+            prune_model(tiny_vit, batches, block_size=(8, 8), calib_batches=count)
     with pytest.warns(UserWarning, match="calib_batches=None takes all 5000"):
         prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5, calib_batches=2)
+
+
+def test_include_and_exclude_take_one_pattern_as_a_string(tiny_vit, batches):
+    # a string was read as its characters: include="*.qkv" pruned every layer ('*' matches all)
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, include="*.qkv")
+    assert set(result.block_masks) == {"model.blocks.0.attn.qkv"}
+    with pytest.raises(LplError, match="include must be a glob pattern"):
+        prune_model(tiny_vit, batches, block_size=(8, 8), include=[3])
+
+
+def test_a_density_range_missing_the_budget_names_flops_keep(tiny_vit, batches):
+    # it named the first of two rounds' budget (0.707) instead of the flops_keep asked for
+    with pytest.raises(LplError, match=r"flops_keep=0.500 cannot be met within the per-layer densities"):
+        prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, min_density=0.9)
+
+
+def test_cost_model_as_the_path_of_a_saved_profile(tiny_vit, batches, tmp_path):
+    from lpl.prune.hardware import default_profile
+
+    profile = default_profile("cpu")
+    profile.save(tmp_path / "profile.json")
+    by_path = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, cost_model=str(tmp_path / "profile.json"))
+    by_object = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, cost_model=profile)
+    assert all(torch.equal(by_path.block_masks[n], by_object.block_masks[n]) for n in by_object.block_masks)
+    with pytest.raises(LplError, match="cost_model must be a HardwareProfile"):
+        prune_model(tiny_vit, batches, block_size=(8, 8), cost_model=3)
+
+
+def _nan_images(batches):
+    return [{**batch, "image": torch.full_like(batch["image"], float("nan"))} for batch in batches]
+
+
+def test_calibration_data_or_losses_that_cannot_rank_blocks(tiny_vit, batches):
+    with pytest.raises(LplError, match="calibration loss is nan"):
+        prune_model(tiny_vit, _nan_images(batches), block_size=(8, 8))
+    with pytest.raises(LplError, match=r"must be a scalar tensor.*shape \(8,\)"):
+        prune_model(tiny_vit, batches, block_size=(8, 8), loss=lambda model, batch: F.cross_entropy(
+            model(batch["image"]), batch["label"], reduction="none"))
+    head = tiny_vit.model.head
+    with torch.no_grad():  # a zero head: no gradient reaches the layers before it
+        head.weight.zero_()
+    with pytest.raises(LplError, match="zero gradient in every selected layer"):
+        prune_model(tiny_vit, batches, block_size=(8, 8))
+
+
+def test_inference_mode_is_refused_and_its_tensors_calibrate(tiny_vit, batches):
+    with torch.inference_mode():
+        with pytest.raises(LplError, match="inference_mode"):
+            prune_model(tiny_vit, batches, block_size=(8, 8))
+        frozen = [{key: value.clone() for key, value in batch.items()} for batch in batches]
+    expected = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+    result = prune_model(tiny_vit, frozen, block_size=(8, 8), flops_keep=0.5)
+    assert all(torch.equal(result.block_masks[n], expected.block_masks[n]) for n in expected.block_masks)

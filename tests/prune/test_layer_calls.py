@@ -218,3 +218,59 @@ def test_pruning_leaves_every_module_in_the_mode_it_had():
     model.fc1.eval()
     prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
     assert model.training and not model.fc1.training and model.fc2.training
+
+
+class FlatTable(TokenMLP):
+    """A Linear applied to a 2-D table [8, C] the samples share: as long as a batch of 8, it looks per-sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, FEATURES))
+        self.bias_mlp = nn.Linear(FEATURES, 32)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x) + self.bias_mlp(self.table).mean(0))
+        return self.fc2(torch.tanh(self.fc1(h))).mean(1)
+
+
+@pytest.mark.parametrize("sizes", [(8, 8, 8), (8, 8, 5), (6, 6)])
+def test_a_table_as_long_as_the_batch_is_still_a_table(sizes):
+    # the dim holding the samples is measured (a batch twice as large), not guessed from the shape: a table of 8 rows
+    # under batches of 8 was calibrated as per-sample rows, and a ragged last batch of 5 then failed
+    model = FlatTable()
+    batches = [_batches(1, size=size, seed=seed)[0] for seed, size in enumerate(sizes)]
+    with pytest.warns(UserWarning, match="without rows per sample"):
+        result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert "bias_mlp" not in result.block_masks and "fc1" in result.block_masks
+
+
+class SequenceFirst(TokenMLP):
+    """fc1 on sequence-first tokens [T, B, C] (as OpenAI CLIP's transformer): the same network as TokenMLP."""
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)).transpose(0, 1)
+        h = torch.tanh(self.fc1(h)).transpose(0, 1)
+        return self.fc2(h).mean(1)
+
+
+@pytest.mark.parametrize("batch_size", [2, TOKENS, 3])  # 2 and TOKENS divide the sequence: it looked batch-major
+def test_sequence_first_tokens_give_the_statistics_of_batch_first_ones(batch_size):
+    batches = _batches(size=batch_size)
+    stats = [collect_statistics(model, select_layers(model, ["fc1"], []), batches, (8, 8), module_loss)["fc1"]
+             for model in (TokenMLP(), SequenceFirst())]
+    torch.testing.assert_close(stats[1].gram, stats[0].gram)
+    torch.testing.assert_close(stats[1].first, stats[0].first)
+
+
+def test_a_compiled_model_is_calibrated_like_the_eager_one():
+    # compiled graphs hid the layers' outputs from the hooks' gradients: every statistic was zero, the masks arbitrary
+    model, batches = TokenMLP(), _batches()
+    compiled = torch.compile(model, backend="aot_eager")
+
+    def loss(network, batch):  # through the compiled forward (module_loss would reach the eager one's `loss`)
+        return F.cross_entropy(network(batch[0]), batch[1])
+
+    eager = collect_statistics(model, select_layers(model, None, []), batches, (8, 8), loss)
+    stats = collect_statistics(compiled, select_layers(compiled, None, []), batches, (8, 8), loss)
+    for name, stat in eager.items():
+        torch.testing.assert_close(stats["_orig_mod." + name].gram, stat.gram)

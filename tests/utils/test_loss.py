@@ -62,3 +62,25 @@ def test_a_module_with_neither_or_a_non_scalar_loss_is_refused():
 
     with pytest.raises(LplError, match="must be a scalar tensor"):
         module_loss(Vector(), BATCH)
+
+
+class ManualStep(WithStep):
+    """Manual optimization: the training step steps the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_manual_optimization_needs_a_loss_method_and_its_step_is_never_run():
+    module = ManualStep()
+    with pytest.raises(LplError, match="manual optimization.*def loss"):
+        module_loss(module, BATCH)
+    assert module.steps == 0
+    module.loss = lambda batch: F.cross_entropy(module.net(batch["x"]), batch["y"])
+    assert module_loss(module, BATCH).ndim == 0 and module.steps == 0
