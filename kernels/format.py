@@ -123,6 +123,9 @@ class BlockSparseWeight:
         if not weight.is_floating_point():
             raise LplError(f"weight must be a floating-point tensor, got dtype {weight.dtype}; convert it with .float().")
         shape = (int(weight.shape[0]), int(weight.shape[1]))
+        if shape[1] == 0:  # x [..., 0] cannot be flattened to [-1, 0] in the forward (BlockSparseLinear refuses it too)
+            raise LplError(f"weight has in_features = 0 (shape {shape}); a block-sparse weight needs at least one "
+                           "input feature: drop the layer or give a weight of shape [out_features, in_features >= 1].")
         grid = block_grid(shape, block_size)
         mask = _check_mask(block_mask, grid, shape, block_size)
         (out_f, in_f), (br, bc), (nr, nc) = shape, block_size, grid

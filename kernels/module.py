@@ -203,8 +203,7 @@ class BlockSparseLinear(nn.Module):
                     f"another layer shape or block size."
                 )
             mask = mask.to("cpu", torch.bool)
-            if self.block_mask.is_meta or not torch.equal(mask, self.block_mask.cpu()):
-                self._adopt_mask(mask)
+        # every check before anything changes: a refused state dict leaves the layer as it was
         pattern = mask if mask is not None else None if self.block_mask.is_meta else self.block_mask.cpu()
         if pattern is not None:  # row_ptr and col_idx follow from the mask: anything else is damage
             for key, ours in zip(("row_ptr", "col_idx"), csr_structure(pattern)):
@@ -212,12 +211,15 @@ class BlockSparseLinear(nn.Module):
                 if theirs is not None and not torch.equal(theirs.cpu(), ours):
                     raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is "
                                    "corrupt.")
+        expected_values = (self.values.shape[0] if mask is None else int(mask.sum()), *self.block_size)
         values = state_dict.get(prefix + "values")
-        if values is not None and tuple(values.shape) != tuple(self.values.shape):
+        if values is not None and tuple(values.shape) != expected_values:
             raise LplError(
                 f"state dict at '{prefix}' has values of shape {tuple(values.shape)}, but its block_mask keeps "
-                f"{self.values.shape[0]} blocks of {self.block_size}: expected {tuple(self.values.shape)}."
+                f"{expected_values[0]} blocks of {self.block_size}: expected {expected_values}."
             )
+        if mask is not None and (self.block_mask.is_meta or not torch.equal(mask, self.block_mask.cpu())):
+            self._adopt_mask(mask)
         self._inference_pack = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -206,6 +206,11 @@ def _launch_matmul(a, w_values, bias, out, seg_ptr, kblock, block_id, order, n_o
     if m == 0 or num_segments == 0:
         return out
     density_bucket = round(8 * kblock.numel() / (num_segments * triton.cdiv(k_in, block_k)))
+    # the kernel indexes these as contiguous (block b at b * br * bc, entry i at ptr + i): copy the rare strided one
+    # here (a no-op for the usual contiguous tensors) rather than carry strides through the hot loop
+    w_values, seg_ptr, kblock, order = (t.contiguous() for t in (w_values, seg_ptr, kblock, order))
+    bias = None if bias is None else bias.contiguous()
+    block_id = None if block_id is None else block_id.contiguous()
     args = (
         a, w_values, bias if bias is not None else out, out,
         seg_ptr, kblock, block_id if block_id is not None else kblock, order,
@@ -276,6 +281,7 @@ def bsr_grad_values(
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     partial = torch.empty(splits, nnz, br, bc, device=dy2d.device, dtype=torch.float32)
+    block_row, col_idx = block_row.contiguous(), col_idx.contiguous()  # indexed as contiguous (see _launch_matmul)
     _bsr_grad_values_kernel[(nnz, splits)](
         dy2d, x2d, partial, block_row, col_idx,
         m, n, k, nnz, rows_per_split,

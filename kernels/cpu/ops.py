@@ -265,14 +265,17 @@ def pack_weight_cpu(
     nnz = _check_structure(values, row_ptr, col_idx, n_rows, n_cols, (br, bc))
     if load_library() is None:
         raise LplError(f"the compiled CPU kernel is unavailable ({load_error()}); call the functions without packed=.")
-    extra = {}
-    if backward:
-        col_ptr, col_rows, order = _transposed_structure(row_ptr, col_idx, n_cols)
-        extra = dict(col_ptr=col_ptr, col_rows=col_rows, backward_b=_pack_strips(values, False, order))
-    packed = PackedWeightCPU(
-        out_features, in_features, (br, bc), nnz, _pack_strips(values, transpose=True), **extra,
-        row_ptr=row_ptr.contiguous().clone(), col_idx=col_idx.contiguous().clone(), dtype=values.dtype,
-    )
+    # the pack's tensors are made as normal tensors even under inference_mode: the stamp needs their version
+    # counters (inference tensors keep none), so an edit made later is still seen
+    with torch.inference_mode(False):
+        extra = {}
+        if backward:
+            col_ptr, col_rows, order = _transposed_structure(row_ptr, col_idx, n_cols)
+            extra = dict(col_ptr=col_ptr, col_rows=col_rows, backward_b=_pack_strips(values, False, order))
+        packed = PackedWeightCPU(
+            out_features, in_features, (br, bc), nnz, _pack_strips(values, transpose=True), **extra,
+            row_ptr=row_ptr.contiguous().clone(), col_idx=col_idx.contiguous().clone(), dtype=values.dtype,
+        )
     object.__setattr__(packed, "_stamp", _stamp_of(packed))
     return packed
 
@@ -346,8 +349,9 @@ def block_sparse_linear_cpu(
         bias: optional [N].
         backend: "auto", "compiled" or "torch" (see the module docstring).
         packed: optional ``pack_weight_cpu`` result for these values (skips packing; ignored by the torch path).
-        out: optional result buffer [M, N] with x2d's dtype and unit stride along N, written and returned (reusing
-            a buffer skips the page faults of a fresh allocation, which cost a lot on some VMs).
+        out: optional result buffer [M, N] with x2d's dtype, unit stride along N and rows that do not overlap
+            (not an expanded tensor), written and returned (reusing a buffer skips the page faults of a fresh
+            allocation, which cost a lot on some VMs).
 
     Returns:
         [M, N] in x2d's dtype (``out`` when given).
@@ -370,6 +374,12 @@ def block_sparse_linear_cpu(
             raise LplError(
                 f"out must be a [{x2d.shape[0]}, {out_features}] {dtype} tensor with unit stride along dim 1, "
                 f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}."
+            )
+        # rows closer than a row's width share elements: the row written last would be returned for all of them
+        if out.shape[0] > 1 and out.shape[1] > 0 and out.stride(0) < out.shape[1]:
+            raise LplError(
+                f"out has rows that overlap in memory (strides {out.stride()} for shape {tuple(out.shape)}, e.g. an "
+                f"expanded tensor); pass a buffer with distinct elements, such as torch.empty{tuple(out.shape)}."
             )
 
     if not _resolve_backend(backend, dtype):

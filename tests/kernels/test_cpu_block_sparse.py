@@ -385,6 +385,39 @@ def test_out_buffer_is_filled_and_returned(backend, dtype):
         cpu.block_sparse_linear_cpu(x, values.to(dtype), row_ptr, col_idx, out_features, block_size, out=out.T)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffer_with_overlapping_rows_is_refused(backend):
+    out_features, in_features, block_size = 32, 32, (16, 16)
+    w, values, row_ptr, col_idx, _ = make_weight(out_features, in_features, block_size, mask_kind="dense")
+    x = torch.randn(4, in_features)
+    for out in (torch.empty(1, out_features).expand(4, out_features),  # every row is the same memory
+                torch.empty(4 * 16 + 16).as_strided((4, out_features), (16, 1))):  # each row half over the next
+        with pytest.raises(LplError, match="overlap"):
+            cpu.block_sparse_linear_cpu(x, values.float(), row_ptr, col_idx, out_features, block_size,
+                                        backend=backend, out=out)
+    out = torch.empty(4, out_features)  # a plain buffer is still taken
+    y = cpu.block_sparse_linear_cpu(x, values.float(), row_ptr, col_idx, out_features, block_size, backend=backend,
+                                    out=out)
+    assert_close(y, x.double() @ w.T, torch.float32)
+
+
+@needs_compiler
+def test_packing_under_inference_mode_keeps_the_staleness_check():
+    """Packed there, from inference tensors too: the pack's own tensors still carry version counters."""
+    out_features, in_features, block_size = 64, 48, (16, 16)
+    w, values, row_ptr, col_idx, _ = make_weight(out_features, in_features, block_size)
+    x, bias = torch.randn(7, in_features), torch.randn(out_features)
+    with torch.inference_mode():
+        v32, ptr, idx = values.float(), row_ptr.clone(), col_idx.clone()  # inference tensors
+        packed = cpu.pack_weight_cpu(v32, ptr, idx, out_features, in_features, block_size, backward=True)
+        assert_close(cpu.packed_linear_cpu(x, packed, bias), x.double() @ w.T + bias.double(), torch.float32)
+        packed.col_idx[0] = 10**9  # an edit made under inference_mode too
+        with pytest.raises(LplError, match="unchanged since"):
+            cpu.packed_linear_cpu(x, packed)
+    packed = cpu.pack_weight_cpu(v32, ptr, idx, out_features, in_features, block_size)  # their tensors, outside it
+    assert_close(cpu.packed_linear_cpu(x, packed), x.double() @ w.T, torch.float32)
+
+
 def test_unwritable_cache_dir_falls_back_to_a_temp_dir_only_this_user_can_write(monkeypatch, tmp_path):
     blocked = tmp_path / "file_not_dir"
     blocked.write_text("")

@@ -59,6 +59,12 @@ def test_block_size_not_positive_is_a_clear_error():
         BlockSparseWeight.from_dense(torch.randn(8, 8), torch.ones(1, 1, dtype=torch.bool), -4)
 
 
+def test_zero_in_features_is_a_clear_error():
+    # accepted before, and the forward then failed inside torch.reshape
+    with pytest.raises(LplError, match="in_features = 0"):
+        BlockSparseWeight.from_dense(torch.randn(5, 0), torch.zeros(2, 0, dtype=torch.bool), 4)
+
+
 def test_integer_weight_is_a_clear_error():
     with pytest.raises(LplError, match="floating-point"):
         BlockSparseWeight.from_dense(torch.ones(8, 8, dtype=torch.int64), torch.ones(1, 1, dtype=torch.bool), 8)

@@ -101,6 +101,25 @@ def test_a_state_dict_whose_index_contradicts_its_mask_is_refused():
             target.load_state_dict(state)
 
 
+@pytest.mark.parametrize("damage", ["col_idx", "values"])
+def test_a_refused_state_dict_leaves_the_layer_unchanged(damage, rel_err):
+    linear, mask = _masked_linear(5)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = BlockSparseLinear.from_linear(linear, ~mask, 32).state_dict()  # another pattern: adopted on load
+    if damage == "col_idx":
+        state["col_idx"] = state["col_idx"].flip(0)
+    else:
+        state["values"] = state["values"][1:]
+    with pytest.raises(LplError, match="col_idx does not match" if damage == "col_idx" else "values of shape"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    x = torch.randn(3, 70)
+    expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)[:100, :70]
+    ref = torch.nn.functional.linear(x.double(), linear.weight.double() * expanded, linear.bias.double())
+    assert rel_err(layer(x), ref) < 1e-5
+
+
 def test_a_frozen_linear_stays_frozen():
     linear, mask = _masked_linear(6)
     linear.requires_grad_(False)
@@ -189,3 +208,25 @@ def test_a_weight_packed_for_inference_gives_the_same_outputs_until_it_changes(r
     with torch.inference_mode():  # built there, its tensors keep no version counter to watch: not packed
         built = BlockSparseLinear.from_linear(linear, mask, 32).eval().pack_for_inference()
     assert built._inference_pack is None
+
+
+def test_packing_inside_inference_mode_serves_and_still_drops_a_stale_pack(rel_err):
+    """The serving pattern: pack_for_inference(model) inside torch.inference_mode(), on a layer built outside it."""
+    from lpl.kernels import pack_for_inference
+    from lpl.kernels.cpu import compiled_kernel_available
+
+    linear, mask = _masked_linear(7)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32).eval()
+    x = torch.randn(4, 70)
+
+    def reference():
+        return torch.nn.functional.linear(x.double(), layer.sparse_weight().to_dense().detach().double(),
+                                          layer.bias.detach().double())
+
+    with torch.inference_mode():
+        pack_for_inference(torch.nn.Sequential(layer))
+        assert (layer._inference_pack is not None) == compiled_kernel_available()
+        assert rel_err(layer(x), reference()) < 1e-5
+        layer.values.mul_(2.0)  # bumps the version counter there too: the pack is dropped
+        assert rel_err(layer(x), reference()) < 1e-5
+        assert layer._inference_pack is None

@@ -161,3 +161,30 @@ def test_block_sizes_the_kernels_do_not_take_run_dense_with_a_warning(block_size
     assert rel_err(out, x.double() @ dense.T) < tolerance[torch.float32]
     assert rel_err(x.grad, torch.ones(5, shape[0], dtype=torch.float64, device=dense.device) @ dense) < tolerance[
         torch.float32]
+
+
+def test_strided_bias_values_and_index_tensors(triton_device, rel_err, tolerance):
+    """The kernels index bias, values and the index tensors as contiguous: views with other strides (a bias column
+    of a bigger tensor, an expanded bias, transposed-stored blocks, strided index views) are copied before launch."""
+    shape, block_size = (32, 32), (16, 16)
+    generator = torch.Generator().manual_seed(13)
+    mask = torch.tensor([[True, False], [True, True]])
+    sparse, _ = _case(shape, block_size, mask, torch.float32, triton_device, seed=13)
+    values = sparse.values.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_(True)
+    row_ptr = torch.stack([sparse.row_ptr, torch.full_like(sparse.row_ptr, 5)], 1)[:, 0]
+    col_idx = torch.stack([sparse.col_idx, torch.full_like(sparse.col_idx, 7)], 1)[:, 0]
+    strided = BlockSparseWeight(row_ptr, col_idx, values, sparse.shape, block_size, sparse.block_mask)
+    assert not (values.is_contiguous() or row_ptr.is_contiguous() or col_idx.is_contiguous())
+    x = torch.randn(5, shape[1], generator=generator).to(triton_device).requires_grad_(True)
+    grad_out = torch.randn(5, shape[0], generator=generator).to(triton_device)
+    dense = sparse.to_dense().double()
+    for bias in (torch.randn(2 * shape[0], generator=generator).to(triton_device)[::2],
+                 torch.tensor([0.5], device=triton_device).expand(shape[0])):
+        x.grad = values.grad = None
+        out = block_sparse_linear(x, strided, bias)
+        out.backward(grad_out)
+        assert rel_err(out, x.double() @ dense.T + bias.double()) < tolerance[torch.float32]
+        dy = grad_out.double()
+        assert rel_err(x.grad, dy @ dense) < tolerance[torch.float32]
+        ref_dvalues = BlockSparseWeight.from_dense(dy.T @ x.detach().double(), mask, block_size).values
+        assert rel_err(values.grad, ref_dvalues) < tolerance[torch.float32]
