@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import numbers
 import time
 import warnings
 from pathlib import Path
@@ -231,7 +232,7 @@ def _check_trainable(model: nn.Module) -> None:
 def _calibration_batches(loader: Iterable[Any], limit: int | None, passes: int) -> Iterable[Any]:
     """What the calibration passes read: ``loader`` itself for one pass; its first ``limit`` batches (None: all),
     kept in a list, for more."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit <= 0):
         raise LplError(f"calib_batches must be a positive int (or None: every batch of the loader), got {limit!r}.")
     if passes > 1:  # every pass reads the same batches: keep them
         _warn_if_large(loader, limit)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import operator
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -46,7 +48,8 @@ class BlockPruneCallback(Callback):
         block_size, flops_keep, importance, allocation, lambda_power, min_density, max_density, include, exclude:
             as in ``prune_model``.
         cost_model: a HardwareProfile, the path of a saved one (JSON), or None for the analytic default.
-        calib_batches: number of training batches used for calibration.
+        calib_batches: number of training batches used for calibration (read without changing the batches
+            training sees after it).
         stages, first_order: as in ``prune_model`` (calibration rounds; taylor2's gradient term).
         distill: fine-tune against the dense model's logits (soft distillation).
         prune_after_steps: prune after this many optimizer steps (0: at fit start, on the loaded weights).
@@ -78,10 +81,6 @@ class BlockPruneCallback(Callback):
     ) -> None:
         super().__init__()
         check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
-        if calib_batches <= 0:
-            raise LplError(f"calib_batches must be positive, got {calib_batches}.")
-        if prune_after_steps < 0:
-            raise LplError(f"prune_after_steps must be >= 0, got {prune_after_steps}.")
         self.options = dict(
             block_size=parse_block_size(block_size), flops_keep=flops_keep, importance=importance,
             allocation=allocation,
@@ -91,9 +90,9 @@ class BlockPruneCallback(Callback):
             first_order=first_order,
         )
         self.cost_model = HardwareProfile.load(cost_model) if isinstance(cost_model, (str, Path)) else cost_model
-        self.calib_batches = calib_batches
+        self.calib_batches = _count("calib_batches", calib_batches, 1)
         self.distill = distill
-        self.prune_after_steps = prune_after_steps
+        self.prune_after_steps = _count("prune_after_steps", prune_after_steps, 0)
         self.evaluate = evaluate
         self.result_path = result_path
         self.result = PruneResult.load(result) if isinstance(result, (str, Path)) else result
@@ -118,7 +117,7 @@ class BlockPruneCallback(Callback):
             self._publish(trainer)
         else:
             self.result, self.metrics = None, {}
-            self._check_selection(pl_module)
+            self._check_early(pl_module)
             if self.prune_after_steps == 0:
                 self._prune(trainer, pl_module)
 
@@ -191,19 +190,17 @@ class BlockPruneCallback(Callback):
     @staticmethod
     def _set_teacher(pl_module: L.LightningModule) -> None:
         """The dense network, copied before pruning, as the distillation teacher."""
-        if not callable(getattr(pl_module, "set_teacher", None)) or not isinstance(
-            getattr(pl_module, "model", None), torch.nn.Module
-        ):
-            raise LplError(f"distill=True needs {type(pl_module).__name__} to have set_teacher(module) and a "
-                           "`.model` network (as lpl.models.ViTClassifier); or use distill=False.")
+        _check_can_distill(pl_module)
         pl_module.set_teacher(copy.deepcopy(pl_module.model))
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)
 
-    def _check_selection(self, pl_module: L.LightningModule) -> None:
-        """Refuse include/exclude patterns that match no layer, or a block larger than a selected layer, now rather
-        than after the training before prune_after_steps."""
+    def _check_early(self, pl_module: L.LightningModule) -> None:
+        """Refuse include/exclude patterns that match no layer, a block larger than a selected layer, or distill=True
+        on a module that cannot take a teacher, now rather than after the training before prune_after_steps."""
+        if self.distill:
+            _check_can_distill(pl_module)
         options = self.options
         with warnings.catch_warnings():  # what the selection warns of is said when pruning
             warnings.simplefilter("ignore")
@@ -273,10 +270,11 @@ class BlockPruneCallback(Callback):
         else:  # a loader passed to fit(): Lightning has not built it yet at fit start
             loader = trainer.fit_loop._data_source.dataloader()
         batches = []
-        for batch in loader:
-            if len(batches) == self.calib_batches:
-                break
-            batches.append(_as_training_sees_it(trainer, pl_module, batch))
+        with _rng_kept(loader):
+            for batch in loader:
+                if len(batches) == self.calib_batches:
+                    break
+                batches.append(_as_training_sees_it(trainer, pl_module, batch))
         if not batches:
             raise LplError("the training loader yielded no batches, so there is nothing to calibrate pruning on.")
         return batches
@@ -333,6 +331,44 @@ class BlockPruneCallback(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
             if charts and is_wandb(logger) and trainer.is_global_zero:
                 log_result_to_wandb(logger, result)
+
+
+@contextlib.contextmanager
+def _rng_kept(loader: Any) -> Iterator[None]:
+    """Undo what reading ``loader`` draws from random generators (its own, its sampler's, torch's global CPU and CUDA
+    ones: shuffling and worker seeds), so that calibrating does not change the batches training sees next."""
+    owners = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+              getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
+    states = [(generator, generator.get_state()) for generator in generators.values()]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            for generator, state in states:
+                generator.set_state(state)
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    """An int option (a numpy int too) of at least ``minimum``, or an LplError naming it: a float or bool passes a
+    range check and then miscounts (calib_batches=2.5 calibrated on the whole loader)."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise LplError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return count
+
+
+def _check_can_distill(pl_module: L.LightningModule) -> None:
+    """Refuse distill=True on a module that cannot take the dense network as its teacher."""
+    if not callable(getattr(pl_module, "set_teacher", None)) or not isinstance(
+        getattr(pl_module, "model", None), torch.nn.Module
+    ):
+        raise LplError(f"distill=True needs {type(pl_module).__name__} to have set_teacher(module) and a "
+                       "`.model` network (as lpl.models.ViTClassifier); or use distill=False.")
 
 
 def _as_training_sees_it(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:

@@ -23,7 +23,9 @@ def to_block_sparse(
     a submodule of the pruned model works too (``to_block_sparse(lightning_module.model, result)``).
     The model is changed in place and returned; weights, bias, dtype and device are kept, so outputs equal those of
     the masked dense model. A layer that keeps every block stays an ``nn.Linear``: with nothing to skip, the dense
-    matmul is faster.
+    matmul is faster. A layer registered in several places (one module object shared) becomes one
+    ``BlockSparseLinear`` shared the same way. When ``model`` is itself the masked Linear (named ``""``), it cannot
+    be replaced in place: the new ``BlockSparseLinear`` is returned instead (the Linear itself if every block is kept).
 
     Example::
 
@@ -35,7 +37,7 @@ def to_block_sparse(
     from lpl.kernels.format import block_grid, normalize_block_size
 
     masks, size = _masks_and_block_size(prune_result, block_size)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
     names = {raw: raw[: -len(".weight")] if raw.endswith(".weight") else raw for raw in masks}
     # dense layers, or layers exported before
     prefix = submodule_prefix(list(names.values()), modules, (nn.Linear, BlockSparseLinear))
@@ -54,9 +56,11 @@ def to_block_sparse(
                 f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
                 f"export the model the masks were computed for."
             )
-        if read_as_weight(model, name):
-            owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
-            raise LplError(f"layer {name!r} belongs to a torch {owner}, which reads its weight directly instead of "
+        places = [place for place, module in modules.items() if module is linear]
+        read = next((place for place in places if read_as_weight(model, place)), None)
+        if read is not None:
+            owner = type(model.get_submodule(read.rpartition(".")[0])).__name__
+            raise LplError(f"layer {read!r} belongs to a torch {owner}, which reads its weight directly instead of "
                            "calling it, so it cannot run block-sparse; leave it dense.")
         mask = torch.as_tensor(mask)
         if tuple(mask.shape) == block_grid(tuple(linear.weight.shape), normalize_block_size(size)) and bool(mask.all()):
@@ -68,8 +72,14 @@ def to_block_sparse(
             continue
         sparse = BlockSparseLinear.from_linear(linear, mask, size)
         sparse.train(linear.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+        if linear is model:  # a bare Linear has no parent to hold its replacement
+            return sparse
+        # every place the layer is registered (one module shared by several parents) runs the one sparse layer:
+        # one left dense there would run the unmasked weight
+        for place in places:
+            parent_name, _, child = place.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, sparse)
+            modules[place] = sparse
     return model
 
 

@@ -98,12 +98,25 @@ def test_a_run_too_short_to_reach_prune_after_steps_says_so(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(flops_keep=1.5), "flops_keep"),
     (dict(calib_batches=0), "calib_batches"),
+    (dict(calib_batches=2.5), "calib_batches"),  # was taken, and calibrated on the whole training loader
+    (dict(calib_batches=True), "calib_batches"),
+    (dict(calib_batches="4"), "calib_batches"),
     (dict(prune_after_steps=-1), "prune_after_steps"),
+    (dict(prune_after_steps=1.5), "prune_after_steps"),
+    (dict(prune_after_steps=True), "prune_after_steps"),
+    (dict(prune_after_steps="2"), "prune_after_steps"),
     (dict(min_density=0.5, max_density=0.2), "min_density"),
 ])
 def test_bad_options_fail_at_construction(kwargs, match):
     with pytest.raises(LplError, match=match):
         BlockPruneCallback(**kwargs)
+
+
+def test_integer_options_take_numpy_ints():
+    import numpy as np
+
+    callback = BlockPruneCallback(calib_batches=np.int64(3), prune_after_steps=np.int32(2))
+    assert (callback.calib_batches, callback.prune_after_steps) == (3, 2)
 
 
 class LoggingViT(L.LightningModule):
@@ -151,3 +164,22 @@ def test_prunes_a_model_trained_in_bf16_true_precision(tmp_path):
     assert abs(prune.result.flops_keep - 0.5) <= 0.01
     assert next(model.parameters()).dtype == torch.bfloat16
     assert {"prune/dense_val_acc", "prune/pruned_val_acc", "prune/finetuned_val_acc"} <= set(prune.metrics)
+
+
+class StepCount(L.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps += 1
+
+
+def test_distill_on_a_module_without_set_teacher_fails_at_fit_start_not_after_prune_after_steps(tmp_path):
+    prune = BlockPruneCallback(block_size=(8, 8), calib_batches=2, distill=True, prune_after_steps=3, evaluate=False)
+    count = StepCount()
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[prune, count])
+    with pytest.raises(LplError, match="distill=True needs LoggingViT to have set_teacher"):
+        trainer.fit(LoggingViT(), datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    assert count.steps == 0

@@ -59,6 +59,55 @@ def test_mid_epoch_resume_before_pruning_trains_the_batches_of_the_uninterrupted
         assert torch.equal(resumed_result.block_masks[name], mask)
 
 
+class IndexedMLP(L.LightningModule):
+    """A small classifier on (features, label, sample index) batches from a plain DataLoader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SamplesOfStep(L.Callback):
+    def __init__(self) -> None:
+        self.ids: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids[trainer.global_step] = batch[2].tolist()
+
+
+@pytest.mark.parametrize("generator", [True, False], ids=["loader generator", "global rng"])
+def test_calibrating_on_the_train_loader_does_not_change_the_batches_trained_after_it(tmp_path, generator):
+    """Calibration iterates the user's shuffled loader: it drew from the loader's generator (or torch's global RNG),
+    and the next epoch trained other batches than the same run without the callback."""
+    def run(callbacks):
+        torch.manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 32), torch.randint(0, 10, (64,)), torch.arange(64))
+        loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True,
+                                             generator=torch.Generator().manual_seed(1) if generator else None)
+        order = SamplesOfStep()
+        _trainer(tmp_path, [order, *callbacks], max_epochs=2, limit_val_batches=0,
+                 enable_checkpointing=False).fit(IndexedMLP(), train_dataloaders=loader)
+        return order.ids
+
+    alone = run([])
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, prune_after_steps=2,
+                               evaluate=False)
+    pruned = run([prune])
+    assert prune.result is not None and len(alone) == 8
+    assert pruned == alone
+
+
 class ReadsRunLengthEarly(ViTClassifier):
     """As Lightning's docs suggest for schedulers: the run's length read while optimizers are configured."""
 

@@ -130,3 +130,55 @@ def test_an_export_saved_when_fully_kept_layers_were_block_sparse_still_loads(tm
     new.load_state_dict(load_file(str(tmp_path / "old.safetensors")))
     x = torch.randn(2, 5, 40)
     torch.testing.assert_close(new(x), old(x))
+
+
+def test_a_bare_linear_is_replaced_by_the_returned_block_sparse_layer(rel_err):
+    """prune_model names the root Linear ''; it has no parent to hold a replacement, so the export returns it (it used
+    to register a child named '' inside the dense Linear and return that)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    mask = torch.rand(3, 4) < 0.5
+    reference = nn.Linear(64, 48)
+    reference.load_state_dict(layer.state_dict())
+    _apply_masks_densely(reference, {"": mask}, 16)
+    exported = to_block_sparse(layer, {"": mask}, block_size=16)
+    assert isinstance(exported, BlockSparseLinear) and not list(layer.children())
+    assert not any(key.startswith(".") for key in exported.state_dict())
+    x = torch.randn(5, 64)
+    assert rel_err(exported(x), reference(x)) < 1e-5
+    assert to_block_sparse(layer, {"": torch.ones(3, 4, dtype=torch.bool)}, block_size=16) is layer  # nothing to skip
+
+
+class SharedProjection(nn.Module):
+    """One Linear object registered under two names (block1.0 and block2.0), run twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        shared = nn.Linear(64, 64)
+        self.block1 = nn.Sequential(shared, nn.GELU())
+        self.block2 = nn.Sequential(shared, nn.GELU())
+
+    def forward(self, x):
+        return self.block2(self.block1(x))
+
+
+@pytest.mark.parametrize("name", ["block1.0", "block2.0"])
+def test_a_layer_registered_in_two_places_becomes_one_shared_block_sparse_layer(name, rel_err):
+    mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    reference = SharedProjection()
+    _apply_masks_densely(reference, {name: mask}, 16)
+    model = to_block_sparse(SharedProjection(), {name: mask}, block_size=16)
+    assert isinstance(model.block1[0], BlockSparseLinear) and model.block2[0] is model.block1[0]
+    x = torch.randn(3, 64)
+    assert rel_err(model(x), reference(x)) < 1e-5
+
+
+def test_a_shared_layer_that_a_multihead_attention_reads_as_weight_is_refused_under_any_name():
+    """Replacing it everywhere would hand nn.MultiheadAttention a layer without the weight it reads."""
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+    model.proj = model.attn.out_proj
+    with pytest.raises(LplError, match="'attn.out_proj'.*MultiheadAttention"):
+        to_block_sparse(model, {"proj": torch.tensor([[True, False], [True, True]])}, block_size=16)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
