@@ -377,6 +377,11 @@ def _calibrate(
     if not stats:
         raise LplError(f"none of the selected Linear layers (e.g. {list(layers)[:3]}) was called in the forward pass "
                        "(the model uses their weights without calling the modules); select layers it calls.")
+    if importance != "magnitude" and not any(bool(curve.distortion.any()) for curve in curves.values()):
+        raise LplError(f"the calibration loss has zero gradient in every selected layer (e.g. {list(stats)[:2]}), so "
+                       f"nothing ranks their blocks for importance={importance!r}: an untrained model whose head is "
+                       "initialised to zero, or a loss that does not depend on these layers; calibrate a trained "
+                       "model with its task loss, or use importance='magnitude'.")
     return stats, curves, scores
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -23,7 +25,7 @@ from lpl.prune.masking import MaskHandle, apply_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 from lpl.utils.loggers import is_wandb
-from lpl.utils.loss import eval_mode, module_loss
+from lpl.utils.loss import check_module_loss, eval_mode, module_loss
 
 
 class BlockPruneCallback(Callback):
@@ -197,8 +199,10 @@ class BlockPruneCallback(Callback):
         self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)
 
     def _check_early(self, pl_module: L.LightningModule) -> None:
-        """Refuse include/exclude patterns that match no layer, a block larger than a selected layer, or distill=True
-        on a module that cannot take a teacher, now rather than after the training before prune_after_steps."""
+        """Refuse include/exclude patterns that match no layer, a block larger than a selected layer, a module whose
+        loss calibration cannot probe (manual optimization without ``loss``), or distill=True on a module that cannot
+        take a teacher, now rather than after the training before prune_after_steps."""
+        check_module_loss(pl_module)
         if self.distill:
             _check_can_distill(pl_module)
         options = self.options
@@ -336,11 +340,13 @@ class BlockPruneCallback(Callback):
 @contextlib.contextmanager
 def _rng_kept(loader: Any) -> Iterator[None]:
     """Undo what reading ``loader`` draws from random generators (its own, its sampler's, torch's global CPU and CUDA
-    ones: shuffling and worker seeds), so that calibrating does not change the batches training sees next."""
+    ones, numpy's and Python's global ones: shuffling, worker seeds, augmentations in the main process), so that
+    calibrating does not change the batches training sees next."""
     owners = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
               getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
     generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
     states = [(generator, generator.get_state()) for generator in generators.values()]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
         try:
@@ -348,6 +354,8 @@ def _rng_kept(loader: Any) -> Iterator[None]:
         finally:
             for generator, state in states:
                 generator.set_state(state)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _count(name: str, value: Any, minimum: int) -> int:

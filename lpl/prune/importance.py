@@ -19,11 +19,13 @@ a sum, so one all_reduce makes all ranks identical.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_utilities.core.apply_func import apply_to_collection
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -106,42 +108,52 @@ def _per_sample_rows(x: torch.Tensor, samples: int, sample_dim: int | None | str
 
 
 def _doubled(batch: Any, samples: int) -> Any:
-    """``batch`` with every tensor whose leading dim is the batch's repeated twice along it (dicts, lists, tuples)."""
+    """``batch`` with every per-sample field repeated twice: tensors and numpy arrays whose leading dim is the batch's,
+    and lists of that length holding no tensors or containers (captions, file names); in dicts, lists and tuples."""
     if isinstance(batch, torch.Tensor):
         return torch.cat([batch, batch]) if batch.ndim and batch.shape[0] == samples else batch
+    if isinstance(batch, np.ndarray):
+        return np.concatenate([batch, batch]) if batch.ndim and batch.shape[0] == samples else batch
     if isinstance(batch, dict):
         return {key: _doubled(value, samples) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
+        if len(batch) == samples and not any(isinstance(v, (torch.Tensor, np.ndarray, dict, list, tuple)) for v in batch):
+            return batch + batch  # a per-sample field of plain values
         items = [_doubled(value, samples) for value in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
 
 
-def _sample_dims(model: nn.Module, batch: Any, loss_fn: LossFn, captured: dict[str, list[_Call]],
-                 samples: int) -> dict[str, list[int | None | str]]:
-    """For every captured layer call, the dim of its input that holds the batch's samples, measured by running the
-    batch again twice as large (no gradient): the dim that doubles (0 or 1), or None when none changes (a shared
-    table). "guess" (shape rules) where the two runs cannot be compared (the doubled batch fails, the calls differ,
-    or another dim changes)."""
-    calls = {name: [x.shape for x, _ in layer_calls] for name, layer_calls in captured.items()}
-    guesses = {name: ["guess"] * len(shapes) for name, shapes in calls.items()}
-    kept = dict(captured)
-    captured.clear()
+def _doubled_shapes(model: nn.Module, batch: Any, loss_fn: LossFn, capture: "_Capture",
+                    samples: int) -> dict[str, list[torch.Size]] | None:
+    """The input shapes of every call of the captured layers when the calibration loss runs (no gradient) on
+    ``batch`` doubled; None, with a warning, when it cannot run."""
+    capture.probing = {}
     try:
         with torch.no_grad():
             loss_fn(model, _doubled(batch, samples))
-    except Exception:  # a model that cannot take another batch size: the shape rules decide, as without the probe
-        return guesses
+        return capture.probing
+    except Exception as error:  # a model that cannot take another batch size: the shape rules decide
+        warnings.warn(f"prune_model: the calibration loss failed on a batch twice as large ({type(error).__name__}: "
+                      f"{error}); which dim of each layer's input holds the samples is read off its shape instead "
+                      "(batch-major unless only its second dim matches the batch).", stacklevel=6)
+        return None
     finally:
-        doubled = {name: [x.shape for x, _ in layer_calls] for name, layer_calls in captured.items()}
-        captured.clear()
-        captured.update(kept)
+        capture.probing = None
+
+
+def _sample_dims(captured: dict[str, list[_Call]], doubled: dict[str, list[torch.Size]] | None
+                 ) -> dict[str, list[int | None | str]]:
+    """For every captured layer call, the dim of its input that holds the batch's samples, from its input shape on
+    this batch and on the batch doubled (``_doubled_shapes``): the dim that doubles (0 or 1), or None when none
+    changes (a shared table). "guess" (shape rules) where the two cannot be compared (no doubled run, the calls
+    differ, or another dim changes)."""
     dims: dict[str, list[int | None | str]] = {}
-    for name, shapes in calls.items():
-        if len(doubled.get(name, ())) != len(shapes):
-            dims[name] = guesses[name]
-            continue
-        dims[name] = [_grown_dim(one, two) for one, two in zip(shapes, doubled[name])]
+    for name, layer_calls in captured.items():
+        shapes = [x.shape for x, _ in layer_calls]
+        twice = (doubled or {}).get(name, [])
+        dims[name] = ([_grown_dim(one, two) for one, two in zip(shapes, twice)] if len(twice) == len(shapes)
+                      else ["guess"] * len(shapes))
     return dims
 
 
@@ -212,6 +224,7 @@ def collect_statistics(
             for name, layer in layers.items()}
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # samples, batches
     sample_dims: dict[str, list[int | None | str]] = {}  # measured on the first batch, structural after
+    measured = False
     # calibration statistics of the deployed network: no dropout / drop-path; every module's mode restored after
     # a torch.compile'd model runs eagerly here: compiled graphs hide the layers' outputs from the hooks' gradients
     with eval_mode(model), _captured_calls(layers) as captured, _eager():
@@ -222,8 +235,9 @@ def collect_statistics(
             if samples == 0:  # an empty batch carries no statistics (its mean loss is not even defined)
                 continue
             batch = apply_to_collection(move_data_to_device(batch, device), torch.Tensor, _usable_in_autograd)
-            _measure_batch(model, batch, loss_fn, sums, captured, samples, sample_dims,
+            _measure_batch(model, batch, loss_fn, sums, captured, samples, sample_dims, first=not measured,
                            strict=not skip_uncalled or number > 0)
+            measured = True
             if not sums:  # none called (skip_uncalled): nothing to measure
                 break
             counts += torch.tensor([float(samples), 1.0], device=device, dtype=torch.float64)
@@ -234,7 +248,7 @@ def collect_statistics(
     if num_batches == 0:
         raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at "
                        "least one non-empty batch.")
-    _check_informative(sums)
+    _check_finite(sums)
     return {name: acc.statistics(samples, num_batches) for name, acc in sums.items()}
 
 
@@ -249,16 +263,10 @@ def _eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def _check_informative(sums: dict[str, "_LayerSums"]) -> None:
-    """Refuse statistics that cannot rank blocks: not finite anywhere, or zero in every layer."""
-    tensors = [tensor for acc in sums.values() for tensor in acc.tensors()]
-    if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors):
+def _check_finite(sums: dict[str, "_LayerSums"]) -> None:
+    if not all(bool(torch.isfinite(tensor).all()) for acc in sums.values() for tensor in acc.tensors()):
         raise LplError("the calibration statistics are not finite (NaN / inf): check the calibration data and the "
                        "model's weights for NaN / inf values.")
-    if not any(bool(acc.first.any()) or (acc.gram is not None and bool(acc.gram.any())) for acc in sums.values()):
-        raise LplError(f"the calibration loss has zero gradient in every selected layer (e.g. {list(sums)[:2]}), so "
-                       "nothing ranks their blocks: an untrained model whose head is initialised to zero, or a loss "
-                       "that does not depend on these layers; calibrate a trained model with its task loss.")
 
 
 # A Linear call's (input, output); the output is what the loss is differentiated in.
@@ -320,13 +328,23 @@ class _LayerSums:
         )
 
 
-@contextlib.contextmanager
-def _captured_calls(layers: dict[str, nn.Linear]) -> Iterator[dict[str, list[_Call]]]:
-    """While in the block, every call of ``layers`` is appended to the yielded dict under the layer's name."""
-    captured: dict[str, list[_Call]] = {}
+class _Capture(dict):
+    """Layer name -> its calls (input, output) in the current batch; while ``probing`` is a dict, the calls' input
+    shapes go there instead (nothing kept, outputs untouched)."""
 
-    def make_hook(name: str) -> Callable[[nn.Linear, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
-        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    probing: dict[str, list[torch.Size]] | None = None
+
+
+@contextlib.contextmanager
+def _captured_calls(layers: dict[str, nn.Linear]) -> Iterator[_Capture]:
+    """While in the block, every call of ``layers`` is appended to the yielded dict under the layer's name."""
+    captured = _Capture()
+
+    def make_hook(name: str) -> Callable[[nn.Linear, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor | None]:
+        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if captured.probing is not None:
+                captured.probing.setdefault(name, []).append(inputs[0].shape)
+                return None
             if not output.requires_grad:  # a frozen layer on the input side: still differentiate the loss in it
                 output = output.detach().requires_grad_()
             captured.setdefault(name, []).append((inputs[0].detach(), output))
@@ -342,18 +360,18 @@ def _captured_calls(layers: dict[str, nn.Linear]) -> Iterator[dict[str, list[_Ca
             handle.remove()
 
 
-def _measure_batch(model: nn.Module, batch: Any, loss_fn: LossFn, sums: dict[str, _LayerSums],
-                   captured: dict[str, list[_Call]], samples: int, sample_dims: dict[str, list[int | None | str]],
-                   strict: bool) -> None:
+def _measure_batch(model: nn.Module, batch: Any, loss_fn: LossFn, sums: dict[str, _LayerSums], captured: _Capture,
+                   samples: int, sample_dims: dict[str, list[int | None | str]], first: bool, strict: bool) -> None:
     """One forward/backward of ``batch`` (of ``samples`` samples) added to ``sums``; the layers it gives no per-sample
-    gradients are an error when ``strict``, else dropped from ``sums``. ``sample_dims`` (filled at the first batch)
-    says where each call's input holds the samples."""
+    gradients are an error when ``strict``, else dropped from ``sums``. ``sample_dims`` says where each call's input
+    holds the samples: measured on the ``first`` batch, before its forward (no gradient graph is alive then)."""
+    doubled = _doubled_shapes(model, batch, loss_fn, captured, samples) if first else None
     captured.clear()
     with torch.enable_grad():
         loss = loss_fn(model, batch)
         _check_loss(loss)
-        if not sample_dims:
-            sample_dims.update(_sample_dims(model, batch, loss_fn, captured, samples))
+        if first:
+            sample_dims.update(_sample_dims(captured, doubled))
         for name in _unmeasurable_layers(list(sums), captured, samples, sample_dims, strict):
             del sums[name]
         if not sums:

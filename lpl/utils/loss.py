@@ -46,21 +46,7 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
     training step would step the optimizer). Other side effects of a training_step (a torchmetrics update, a
     counter) happen on probes too: a module with such a step should define ``loss``.
     """
-    batch_loss = _batch_loss_method(module)
-    if batch_loss is not None:
-        step, args = batch_loss, (batch,)
-    elif callable(getattr(module, "training_step", None)):
-        if getattr(module, "automatic_optimization", True) is False:
-            raise LplError(
-                f"{type(module).__name__} uses manual optimization: its training_step steps the optimizer itself, "
-                "which a probe must not do; add `def loss(self, batch) -> Tensor` returning the scalar training loss."
-            )
-        step, args = module.training_step, (batch, 0)
-    else:
-        raise LplError(
-            f"{type(module).__name__} has neither a `loss(batch)` method nor a `training_step`; "
-            "add `def loss(self, batch) -> Tensor` returning the scalar training loss."
-        )
+    step, args = _probe_step(module, batch)
     with _logging_silenced(module):
         out = step(*args)
     if isinstance(out, dict):
@@ -71,6 +57,30 @@ def module_loss(module: nn.Module, batch: Any) -> torch.Tensor:
             f"got {type(out).__name__}; return the mean loss of the batch."
         )
     return out
+
+
+def check_module_loss(module: nn.Module) -> None:
+    """Raise now the LplError ``module_loss`` would raise for ``module`` (no loss protocol, manual optimization),
+    running nothing."""
+    _probe_step(module, None)
+
+
+def _probe_step(module: nn.Module, batch: Any) -> tuple[Any, tuple]:
+    """The method giving ``module``'s loss on ``batch`` and its arguments (see ``module_loss``)."""
+    batch_loss = _batch_loss_method(module)
+    if batch_loss is not None:
+        return batch_loss, (batch,)
+    if not callable(getattr(module, "training_step", None)):
+        raise LplError(
+            f"{type(module).__name__} has neither a `loss(batch)` method nor a `training_step`; "
+            "add `def loss(self, batch) -> Tensor` returning the scalar training loss."
+        )
+    if getattr(module, "automatic_optimization", True) is False:
+        raise LplError(
+            f"{type(module).__name__} uses manual optimization: its training_step steps the optimizer itself, "
+            "which a probe must not do; add `def loss(self, batch) -> Tensor` returning the scalar training loss."
+        )
+    return module.training_step, (batch, 0)
 
 
 def _batch_loss_method(module: nn.Module) -> Any:

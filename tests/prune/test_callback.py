@@ -183,3 +183,29 @@ def test_distill_on_a_module_without_set_teacher_fails_at_fit_start_not_after_pr
     with pytest.raises(LplError, match="distill=True needs LoggingViT to have set_teacher"):
         trainer.fit(LoggingViT(), datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
     assert count.steps == 0
+
+
+class ManualLoggingViT(LoggingViT):
+    """Manual optimization: its training step steps the optimizer, which calibration must not run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_without_a_loss_method_fails_at_fit_start(tmp_path):
+    prune = BlockPruneCallback(block_size=(8, 8), calib_batches=2, prune_after_steps=3, evaluate=False)
+    count = StepCount()
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[prune, count])
+    with pytest.raises(LplError, match="manual optimization"):
+        trainer.fit(ManualLoggingViT(), datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    assert count.steps == 0

@@ -1,9 +1,11 @@
 """BlockPruneCallback across a run's life: resume before pruning, fitting again, evaluating checkpoints, a crash
 while fine-tuning. What it does follows from the weights in hand, never from state an earlier stage left."""
 
+import random
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -86,13 +88,33 @@ class SamplesOfStep(L.Callback):
         self.ids[trainer.global_step] = batch[2].tolist()
 
 
-@pytest.mark.parametrize("generator", [True, False], ids=["loader generator", "global rng"])
-def test_calibrating_on_the_train_loader_does_not_change_the_batches_trained_after_it(tmp_path, generator):
-    """Calibration iterates the user's shuffled loader: it drew from the loader's generator (or torch's global RNG),
-    and the next epoch trained other batches than the same run without the callback."""
+class NoisyFeatures(torch.utils.data.Dataset):
+    """(features + noise drawn from numpy's and Python's global generators, label, index): augmentation as many
+    datasets do it in the main process."""
+
+    def __init__(self) -> None:
+        self.data = torch.utils.data.TensorDataset(torch.randn(64, 32), torch.randint(0, 10, (64,)), torch.arange(64))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y, i = self.data[index]
+        noise = float(np.random.normal()) + random.random()
+        return x + noise, y, i * 1000 + int(1000 * abs(noise)) % 1000  # the id records the noise drawn
+
+
+@pytest.mark.parametrize("generator, augment", [(True, False), (False, False), (True, True)],
+                         ids=["loader generator", "global rng", "numpy and python augmentation"])
+def test_calibrating_on_the_train_loader_does_not_change_the_batches_trained_after_it(tmp_path, generator, augment):
+    """Calibration iterates the user's shuffled loader: it drew from the loader's generator (or torch's, numpy's or
+    Python's global RNG), and the next epoch trained other batches than the same run without the callback."""
     def run(callbacks):
         torch.manual_seed(1)
-        data = torch.utils.data.TensorDataset(torch.randn(64, 32), torch.randint(0, 10, (64,)), torch.arange(64))
+        np.random.seed(1)
+        random.seed(1)
+        data = (NoisyFeatures() if augment else
+                torch.utils.data.TensorDataset(torch.randn(64, 32), torch.randint(0, 10, (64,)), torch.arange(64)))
         loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True,
                                              generator=torch.Generator().manual_seed(1) if generator else None)
         order = SamplesOfStep()

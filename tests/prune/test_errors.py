@@ -222,6 +222,8 @@ def test_calibration_data_or_losses_that_cannot_rank_blocks(tiny_vit, batches):
         head.weight.zero_()
     with pytest.raises(LplError, match="zero gradient in every selected layer"):
         prune_model(tiny_vit, batches, block_size=(8, 8))
+    assert prune_model(tiny_vit, batches, block_size=(8, 8), importance="magnitude").flops_keep == pytest.approx(
+        0.5, abs=0.01)  # magnitude needs no gradient
 
 
 def test_inference_mode_is_refused_and_its_tensors_calibrate(tiny_vit, batches):

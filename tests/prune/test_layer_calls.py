@@ -3,6 +3,8 @@ behind a frozen layer, with empty batches; and layers sharing one weight."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,3 +276,38 @@ def test_a_compiled_model_is_calibrated_like_the_eager_one():
     stats = collect_statistics(compiled, select_layers(compiled, None, []), batches, (8, 8), loss)
     for name, stat in eager.items():
         torch.testing.assert_close(stats["_orig_mod." + name].gram, stat.gram)
+
+
+class Captioned(nn.Module):
+    """Images and captions (a list of strings the model encodes itself) in one batch dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.img = nn.Linear(FEATURES, 16)
+        self.txt = nn.Linear(FEATURES, 16)
+        self.out = nn.Linear(16, CLASSES)
+
+    @staticmethod
+    def encode(captions: list[str]) -> torch.Tensor:
+        return torch.stack([torch.tensor([float(ord(c) % 7) for c in (text * FEATURES)[:FEATURES]])
+                            for text in captions])
+
+    def forward(self, image, captions):
+        return self.out(torch.tanh(self.img(image) + self.txt(self.encode(captions))))
+
+    def loss(self, batch):
+        return F.cross_entropy(self(batch["image"], batch["caption"]), batch["label"])
+
+
+@pytest.mark.parametrize("size", [4, 1])
+def test_a_per_sample_field_that_is_a_list_of_strings_grows_with_the_batch(size):
+    # the batch twice as large doubled tensors only: the caption layer looked fed a table and was left dense
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(size, FEATURES, generator=generator),
+                "caption": [f"caption {i} of batch {b}" for i in range(size)],
+                "label": torch.randint(0, CLASSES, (size,), generator=generator)} for b in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = prune_model(Captioned(), batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
+    assert set(result.block_masks) == {"img", "txt", "out"}
