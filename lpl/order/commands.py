@@ -49,7 +49,6 @@ def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
         return
     from lightning.pytorch.loggers import WandbLogger
 
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=args.wandb, name=name, save_dir=args.out)
     logger.log_hyperparams({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     try:
@@ -58,6 +57,18 @@ def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
         logger.experiment.finish(exit_code=1)  # a failed command is a failed run in W&B, not a finished one
         raise
     logger.experiment.finish()
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, with the --out folder created before any work: a path the parse-time check lets through may
+    still be impossible to create (under /proc, a name too long for the file system)."""
+    args = parser.parse_args(argv)
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"argument --out: {str(args.out)!r}: cannot create it ({error.strerror or error}); choose "
+                     "another path.")
+    return args
 
 
 def _device(name: str) -> torch.device:
@@ -154,7 +165,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--orders", required=True, help="random:N, or a JSON/text file of orders (batch ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="orders replayed at once")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     from lpl.order.checking import reference_loss_after
     from lpl.order.store import Recording
 
@@ -208,7 +219,7 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--population", type=int, default=64, help="orders per generation of the genetic search")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
     parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     estimator = _estimator(args)
     with _wandb_logger(args, "curriculum") as logger:
         result = search(estimator, budget=args.budget, method=args.search, population=args.population, seed=args.seed,
@@ -257,7 +268,7 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
     parser = Parser(prog="lpl position-map", description="End loss of each batch by its position.")
     _common(parser)
     parser.add_argument("--batches", default=None, help="comma-separated pool batch ids (default: all)")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     estimator = _estimator(args)
     batches = None
     if args.batches:
@@ -339,7 +350,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
     parser.add_argument("--out", required=True, type=output_dir, help="output folder")
     _wandb_option(parser)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     recording = Recording.open(args.recording)
     true_losses = None
     if args.reuse:

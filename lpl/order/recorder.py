@@ -145,15 +145,16 @@ class TrainOrderRecorder(L.Callback):
     checkpoint. Resuming ``trainer.fit(..., ckpt_path=...)`` with ``resume=True`` continues the same recording from
     the checkpoint's step, and the checkpoint stores the loader position of the batches actually trained. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
     ``accumulate_grad_batches=1``, automatic optimization, and a train loader whose batch sampler plans its batches
-    reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``); no
-    gradient clipping.
+    reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``), one
+    validation loader; no gradient clipping.
 
     Args:
         dirpath: folder of the recording (see ``lpl.order.store``).
         proj_dim: k, the projected length of every recorded vector.
         seed: seed of the projection matrix.
         probe_every_n_steps: probe steps 0, n, 2n, ... (and T); the probe cost is O(T) gradients per probed step.
-        store_dtype: "float16", "bfloat16" or "float32" for projected vectors (scalars stay float32).
+        store_dtype: "float16", "bfloat16" or "float32" for projected vectors (scalars stay float32, and so does a
+            vector the store dtype's range would not hold: overflowing, or underflowing to zeros and subnormals).
         resume: continue an existing recording of the same run (checked: model, seed, proj_dim, pool).
         projection_kind: "rademacher" or "gaussian".
         curvature_rank: r > 0 also records per-batch rank-r curvature factors (r Hessian-vector products each),
@@ -259,8 +260,12 @@ class TrainOrderRecorder(L.Callback):
         loader = trainer.train_dataloader
         sampler = getattr(loader, "batch_sampler", None)
         if not callable(getattr(sampler, "global_batches", None)):
+            # `is None`: the truth of a sampler is its len(), which an IterableDataset's sampler does not have
+            what = type(loader).__name__ if sampler is None else type(sampler).__name__
+            if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
+                what = f"an IterableDataset, {type(loader.dataset).__name__}"
             raise LplError(
-                f"the train loader's order is not reproducible ({type(sampler).__name__ if sampler else type(loader).__name__}); "
+                f"the train loader's order is not reproducible ({what}); "
                 "use lpl's SeededBatchSampler/OrderedBatchSampler (the lpl DataModules do) with use_distributed_sampler=False."
             )
         return sampler
@@ -307,9 +312,15 @@ class TrainOrderRecorder(L.Callback):
                 "so retraining cannot rebuild it to train other orders: retrain, record_sensitivities and the checks "
                 "built on them will refuse this recording. Accept them as lpl.data.IndexedDataModule does (a "
                 "batch_sampler=OrderedBatchSampler(batches, order) when they are given).")
-        if self._val_loader(trainer) is None:
+        val_loader = self._val_loader(trainer)
+        if val_loader is None:
             raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
                            "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")
+        if isinstance(val_loader, (Sequence, Mapping)):  # Lightning's several validation loaders
+            raise LplError(
+                f"TrainOrderRecorder needs one validation loader (its loss is what every estimate predicts), but the "
+                f"run has a {type(val_loader).__name__} of {len(val_loader)}; return a single DataLoader from "
+                "val_dataloader() (join the sets with torch.utils.data.ConcatDataset to validate on all of them).")
         if world > 1 and _draws_per_sample_randomness(pl_module):
             rank_zero_warn(
                 "TrainOrderRecorder: under DDP each process draws its own dropout / drop-path masks (and BatchNorm "
@@ -322,6 +333,12 @@ class TrainOrderRecorder(L.Callback):
                     f"TrainOrderRecorder: {info['class_path']} stores no hyperparameters (its __init__ never calls "
                     "self.save_hyperparameters()), so retraining rebuilds it with the defaults of "
                     f"{info['hparams_missing']}, whatever this run was given: call it there to retrain faithfully.")
+            if info.get("hparams_not_stored"):
+                rank_zero_warn(
+                    f"TrainOrderRecorder: {info['class_path']} hyperparameters {info['hparams_not_stored']} cannot be "
+                    "stored as JSON (a module or a tensor, say), so the recording cannot rebuild it: retrain, "
+                    "record_sensitivities and the checks built on them will refuse this recording. Pass them as "
+                    "plain numbers, strings or lists (and build the objects from them in __init__) to retrain it.")
         error = self._open_store(pl_module, header, trainer.global_step) if rank == 0 else None
         if world > 1:  # a refusal on rank 0 must stop every rank, not leave the others waiting in a collective
             errors: list[str | None] = [None] * world

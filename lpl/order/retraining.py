@@ -21,6 +21,7 @@ from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss, to_module
+from lpl.utils.trainer import single_process
 
 
 @dataclass
@@ -178,7 +179,9 @@ def fit_in_order(
         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks],
     )
     settings.update(trainer_kwargs or {})
-    with _quiet_lightning():  # an internal Trainer: its banners ("GPU available", tips) would repeat for every order
+    # an internal one-device Trainer: its banners ("GPU available", tips) would repeat for every order, and a process
+    # group a DDP fit left in this process must not split its batches
+    with _quiet_lightning(), single_process():
         try:
             trainer = L.Trainer(**settings)
         except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks

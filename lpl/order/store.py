@@ -397,10 +397,10 @@ class RecordingWriter:
         # scalars (losses) stay fp32: fp16's 3 significant digits are too coarse for loss differences
         if tensor.is_floating_point() and per_item_numel > 1:
             stored = tensor.to(self.store_dtype)
-            if torch.isfinite(stored).all() or not torch.isfinite(tensor).all():
+            if not torch.isfinite(tensor).all() or _rounds_within_precision(tensor, stored, per_item_numel):
                 return stored
-            # out of the store dtype's range (e.g. Adam's sensitivity where v ~ 0): keep this tensor in fp32
-            # rather than write infinities; the reader casts every tensor to fp32 anyway
+            # out of the store dtype's range, above (infinities: Adam's sensitivity where v ~ 0) or below (zeros and
+            # subnormals: a loss scaled down): keep this tensor in fp32; the reader casts every tensor to fp32 anyway
             return tensor.float()
         return tensor.float() if tensor.is_floating_point() else tensor
 
@@ -456,6 +456,16 @@ class RecordingWriter:
         self.manifest["status"] = "complete"
         self.flush()
         self.release()
+
+
+def _rounds_within_precision(tensor: torch.Tensor, stored: torch.Tensor, per_item_numel: int) -> bool:
+    """Whether each recorded vector of ``tensor`` (its rows of ``per_item_numel`` values) is ``stored`` (the same,
+    rounded) up to the store dtype's epsilon relative to the vector's norm, as rounding in its normal range keeps
+    it: not where values overflowed to infinity or underflowed to zeros and subnormals."""
+    error = torch.linalg.vector_norm((stored.float() - tensor.float()).reshape(-1, per_item_numel), dim=1,
+                                     dtype=torch.float64)  # float64: the norms of tiny vectors would underflow
+    size = torch.linalg.vector_norm(tensor.reshape(-1, per_item_numel), dim=1, dtype=torch.float64)
+    return bool((error <= torch.finfo(stored.dtype).eps * size).all())
 
 
 class Recording:

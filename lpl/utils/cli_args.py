@@ -51,6 +51,14 @@ def _other_spelling(flag: str) -> str | None:
 def output_dir(text: str) -> Path:
     """An argparse ``type`` for output folders: refused at parse time (before any work) when a file is in the way."""
     path = Path(text)
+    try:
+        _check_writable(text, path)
+    except OSError as error:  # a path the system cannot even look up (a name too long for the file system)
+        raise argparse.ArgumentTypeError(f"{text!r}: {error.strerror or error}; choose another path.") from None
+    return path
+
+
+def _check_writable(text: str, path: Path) -> None:
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r}: {str(part)!r} is a file, not a folder; choose another path.")
@@ -59,7 +67,6 @@ def output_dir(text: str) -> Path:
                 raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(part)!r} (no permission, or a "
                                                  "read-only file system); choose another path.")
             break
-    return path
 
 
 def positive_int(text: str) -> int:

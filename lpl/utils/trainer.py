@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import lightning as L
 import torch.distributed as dist
 
+_single_process = False  # set by ``single_process()``
+
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) outside an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size) of this process: (0, 1) outside an initialised process group, and inside
+    ``single_process()``."""
+    if not _single_process and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Within the block ``rank_and_world()`` is (0, 1) whatever process group is initialised: for a one-process
+    Trainer (retraining a recording) run in a script after a DDP fit, whose process group Lightning leaves
+    initialised; the lpl batch samplers would otherwise give it only this rank's share of every batch."""
+    global _single_process
+    previous, _single_process = _single_process, True
+    try:
+        yield
+    finally:
+        _single_process = previous
 
 
 def restore_loader_position(trainer: L.Trainer) -> bool:

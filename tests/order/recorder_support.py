@@ -1,7 +1,9 @@
 """Tiny model, datamodule and a command-line training run shared by the recorder tests (no tests in here).
 
-``python tests/order/recorder_support.py --dirpath D --ckpt-dir C [--resume] [--kill-at STEP:HOOK] [--devices 2]``
-trains TinyNet on TinyDataModule with a TrainOrderRecorder and a per-2-step ModelCheckpoint (last.ckpt).
+``python tests/order/recorder_support.py --dirpath D --ckpt-dir C [--resume] [--kill-at STEP:HOOK] [--devices 2]
+[--then-retrain]`` trains TinyNet on TinyDataModule with a TrainOrderRecorder and a per-2-step ModelCheckpoint
+(last.ckpt); ``--then-retrain`` then retrains the recorded order and re-runs it for the sensitivity data in the same
+process (global rank 0), printing both final validation losses.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kill-at", default="")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--then-retrain", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -126,6 +129,14 @@ def main(argv: list[str] | None = None) -> None:
                                          strategy=strategy, enable_checkpointing=True, deterministic=args.devices == 1))
     last = Path(args.ckpt_dir) / "last.ckpt"
     trainer.fit(model, datamodule=TinyDataModule(), ckpt_path=str(last) if args.resume and last.exists() else None)
+    if args.then_retrain and trainer.global_rank == 0:
+        from lpl.order import Recording, record_sensitivities, retrain
+
+        retrained = retrain(args.dirpath, Recording.open(args.dirpath).order, accelerator="cpu").final_loss
+        record_sensitivities(args.dirpath, curvature_rank=0, hessian_rank=0, accelerator="cpu", check_orders=0,
+                             verbose=False)
+        rerun = Recording.open(args.dirpath).manifest["sensitivity"]["rerun_val_loss"]
+        print(f"retrained {retrained!r} re-run {rerun!r}")
 
 
 if __name__ == "__main__":

@@ -49,10 +49,14 @@ def test_shorter_orders_are_compared_with_the_reference_after_as_many_steps(reco
 
 
 @pytest.mark.parametrize("argument, message", [(["--batch-size", "0"], "must be at least 1"),
-                                               (["--out", "FILE/sub"], "is a file, not a folder")])
+                                               (["--out", "FILE/sub"], "is a file, not a folder"),
+                                               (["--out", "LONG"], "File name too long"),
+                                               # a folder no one can create in (as root too)
+                                               (["--out", "/proc/nope"], "argument --out: '/proc/nope'")])
 def test_bad_arguments_stop_before_any_work(recording, tmp_path, capsys, argument, message):
     (tmp_path / "FILE").write_text("")
-    argument = [a.replace("FILE", str(tmp_path / "FILE")) for a in argument]
+    argument = [a.replace("FILE", str(tmp_path / "FILE")).replace("LONG", str(tmp_path / ("x" * 300)))
+                for a in argument]
     arguments = {"--recording": str(recording), "--orders": "random:2", "--out": str(tmp_path / "out")}
     arguments.update(dict(zip(argument[::2], argument[1::2])))
     with pytest.raises(SystemExit) as exit_info:

@@ -238,6 +238,54 @@ def test_refuses_a_loader_whose_order_is_not_reproducible(tmp_path):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=ShuffledDataModule())
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return (self.dataset[i] for i in range(len(self.dataset)))
+
+
+class StreamedDataModule(TinyDataModule):
+    def train_dataloader(self):
+        return DataLoader(Stream(self.train_set), batch_size=8)
+
+
+def test_refuses_an_iterable_dataset_as_a_loader_whose_order_is_not_reproducible(tmp_path):
+    with pytest.raises(LplError, match=r"order is not reproducible \(an IterableDataset, Stream\)"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=StreamedDataModule())
+
+
+class TwoValidationLoaders(TinyDataModule):
+    def val_dataloader(self):
+        return [super().val_dataloader(), super().val_dataloader()]
+
+
+class NamedValidationLoaders(TinyDataModule):
+    def val_dataloader(self):
+        return {"a": super().val_dataloader(), "b": super().val_dataloader()}
+
+
+@pytest.mark.parametrize("datamodule, kind", [(TwoValidationLoaders, "list"), (NamedValidationLoaders, "dict")])
+def test_refuses_several_validation_loaders_before_writing_anything(tmp_path, datamodule, kind):
+    with pytest.raises(LplError, match=f"one validation loader.*a {kind} of 2"):
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=datamodule())
+    assert not (tmp_path / "rec").exists()
+
+
+class WithActivation(TinyNet):
+    def __init__(self, activation=None, scale=1.0):
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_hyperparameters_json_cannot_hold_are_flagged_when_recording_starts(tmp_path):
+    with pytest.warns(UserWarning, match=r"WithActivation hyperparameters \['activation', 'scale'\] cannot be stored "
+                                         r"as JSON.*retrain, record_sensitivities .* will refuse"):
+        _fit(WithActivation(torch.nn.ReLU(), torch.tensor(2.0)), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)],
+             max_steps=1)
+
+
 def test_refuses_another_recording_unless_resume_and_then_checks_it_matches(tmp_path):
     _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], max_steps=2)
     with pytest.raises(LplError, match="already holds a recording.*resume=True"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import recorder_support
 import torch
 
@@ -38,3 +39,15 @@ def test_two_gloo_ranks_record_what_one_process_records(tmp_path):
         for name in a:
             scale = a[name].abs().max().clamp_min(1e-12)
             assert ((a[name] - b[name]).abs().max() / scale).item() < 1e-5, (t, name)
+
+
+def test_retraining_after_a_ddp_fit_in_the_same_process_trains_whole_batches(tmp_path):
+    # the DDP fit leaves its process group initialised; the one-process retraining Trainer and record_sensitivities'
+    # re-run must still train every batch whole (they trained rank 0's half of each) and end where the run ended
+    cmd = [sys.executable, str(SCRIPT), "--dirpath", str(tmp_path / "rec"), "--ckpt-dir", str(tmp_path / "ckpt"),
+           "--devices", "2", "--max-steps", "4", "--then-retrain"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    retrained, rerun = (float(word) for word in done.stdout.split("retrained ")[1].split()[::2])
+    recorded = Recording.open(tmp_path / "rec").probe_scalars["val_loss"][-1]
+    assert retrained == pytest.approx(recorded, rel=1e-5) and rerun == pytest.approx(recorded, rel=1e-5)

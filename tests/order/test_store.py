@@ -78,6 +78,20 @@ def test_values_beyond_float16_range_are_kept_in_float32_not_written_as_infinity
     assert step["val_grad"].dtype == torch.float16  # in range: the store dtype
 
 
+def test_values_below_float16_range_are_kept_in_float32_not_flushed_to_zero(tmp_path):
+    # a loss scaled by 1e-6 gives gradients ~1e-8, below float16's smallest normal (6e-5): zeros and subnormals
+    writer = RecordingWriter.create(tmp_path, _header(), BATCHES, ORDER, {"w": torch.ones(3, 2), "b": torch.zeros(3)})
+    tiny = [{"loss": torch.tensor(1.0), "grad": torch.tensor([3e-8, -1e-8, 2.5e-9, 7e-8]) * (p + 1)} for p in range(3)]
+    faint = torch.tensor([1.0, -3.0, 0.5, 7.0]) * 1e-6  # subnormal in float16: ~3 significant bits left
+    shard = writer.write_probe_shard(0, 0, tiny, [0, 1, 2], {"val_loss": torch.tensor(1.0), "val_grad": faint})
+    writer.add_probe(0, [shard], {"val_loss": 1.0})
+    writer.flush()
+    step = Recording.open(tmp_path).step(0)
+    assert step["grad"].dtype == torch.float32 and step["val_grad"].dtype == torch.float32
+    assert torch.equal(step["grad"], torch.stack([out["grad"] for out in tiny]))
+    assert torch.equal(step["val_grad"], faint)
+
+
 def test_shards_of_several_ranks_merge_into_pool_order(tmp_path):
     _record(tmp_path / "one")
     _record(tmp_path / "two", world=2)
