@@ -23,6 +23,7 @@ from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
+from lpl.utils.trainer import rank_and_world
 
 ALLOCATIONS = ("hardware", "uniform", "global")
 DEFAULT_EXCLUDE = ("*head*",)
@@ -176,7 +177,9 @@ def prune_model(
     Memory: taylor2 holds a K x K float64 Gram matrix per layer of K blocks; when a model's Grams exceed
     ``GRAM_BYTES_PER_PASS`` (2 GiB) the layers are calibrated in groups, one calibration pass per group (progress is
     logged). ``calib_batches``: how many batches of ``calib_dataloader`` calibrate (None: all of them); whenever more
-    than one pass reads them (``stages`` > 1, grouped layers) they are kept in memory.
+    than one pass reads them (``stages`` > 1, grouped layers) they are kept in memory. Under torch.distributed every
+    process must call it (statistics are summed over the processes, masks taken from rank 0); to prune in one
+    process of a DDP script, call it inside ``lpl.utils.trainer.single_process()``.
 
     Example::
 
@@ -422,7 +425,7 @@ def hardware_objectives(curves: list[LayerCurve], flops_keep: float, lambda_powe
 
 def broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Under torch.distributed, every rank takes rank 0's masks (identical statistics already; this makes it exact)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if rank_and_world()[1] == 1:
         return masks
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     synced = {}

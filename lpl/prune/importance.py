@@ -33,6 +33,7 @@ from torch import nn
 from lpl.prune.blocks import block_elements, block_grid, block_sum
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss
+from lpl.utils.trainer import rank_and_world
 
 IMPORTANCES = ("taylor2", "taylor1", "magnitude", "obd")
 LOSSES = ("auto", "task", "logit_energy")  # calibration losses by name (resolve_loss)
@@ -423,7 +424,7 @@ def _unmeasurable_layers(names: list[str], captured: dict[str, list[_Call]], sam
 
 def _all_reduce(counts: torch.Tensor, sums: dict[str, _LayerSums]) -> None:
     """Under torch.distributed, sum ``counts`` and every layer's sums over the ranks (all ranks end identical)."""
-    if dist.is_available() and dist.is_initialized():
+    if rank_and_world()[1] > 1:
         dist.all_reduce(counts)
         for acc in sums.values():
             for tensor in acc.tensors():

@@ -1,7 +1,8 @@
 """Run by test_ddp.py: BlockPruneCallback under Trainer(devices=2, strategy="ddp") on CPU (gloo).
 
-Each rank writes its masks and its reduced calibration statistics to OUT/rank{r}.safetensors. With a second argument
-"grouped" every layer is calibrated in a pass of its own (GRAM_BYTES_PER_PASS = 0).
+Each rank writes its masks and its reduced calibration statistics to OUT/rank{r}.safetensors; then rank 0 alone prunes
+another model inside single_process() (OUT/alone). With a second argument "grouped" every layer is calibrated in a
+pass of its own (GRAM_BYTES_PER_PASS = 0).
 """
 
 import sys
@@ -15,9 +16,10 @@ from safetensors.torch import save_file
 import lpl.prune.api
 from lpl.data.mnist import MNIST5kDataModule
 from lpl.models import ViTClassifier
-from lpl.prune import BlockPruneCallback
+from lpl.prune import BlockPruneCallback, prune_model
 from lpl.prune.importance import collect_statistics
 from lpl.utils.loss import module_loss
+from lpl.utils.trainer import single_process
 
 
 def rank_batches(rank: int) -> list[dict[str, torch.Tensor]]:
@@ -62,3 +64,8 @@ if __name__ == "__main__":
                         num_sanity_val_steps=0, enable_checkpointing=False, use_distributed_sampler=False,
                         callbacks=[prune, RecordStatistics(prune, out)], default_root_dir=out)
     trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=16, val_size=100))
+    if trainer.global_rank == 0:  # one process alone, with the process group still initialised: no collective
+        torch.manual_seed(0)
+        with single_process():
+            alone = prune_model(tiny_classifier(), rank_batches(0), block_size=(8, 8), flops_keep=0.5)
+        alone.save(f"{out}/alone")

@@ -32,10 +32,17 @@ def test_ddp_ranks_reduce_statistics_and_share_masks(tmp_path, passes):
     for key in ("first", "gram", "grad_sq_mean"):
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
     assert (tmp_path / "result" / "masks.safetensors").is_file()
-    # the reduced statistics equal a single process's statistics over both ranks' batches
+    # rank 0 alone, inside single_process(), pruned as one process does (it waited on rank 1 in a collective before)
+    from lpl.prune import PruneResult, prune_model
+
     sys.path.insert(0, str(SCRIPT.parent))
     from ddp_prune_script import rank_batches, tiny_classifier
 
+    alone = PruneResult.load(tmp_path / "alone")
+    torch.manual_seed(0)
+    expected = prune_model(tiny_classifier(), rank_batches(0), block_size=(8, 8), flops_keep=0.5)
+    assert all(torch.equal(alone.block_masks[n], expected.block_masks[n]) for n in expected.block_masks)
+    # the reduced statistics equal a single process's statistics over both ranks' batches
     model = tiny_classifier()
     model.model.load_state_dict({k[len("state/"):]: v for k, v in rank0.items() if k.startswith("state/")})
     single = collect_statistics(model, {"fc1": model.model.blocks[0].mlp.fc1}, rank_batches(0) + rank_batches(1),
