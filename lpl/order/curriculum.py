@@ -187,4 +187,10 @@ def search(
         raise LplError(f"curriculum: every order searched got a non-finite estimate (method "
                        f"{getattr(estimator, 'method', '?')!r} diverges on this run), so there is no best order; "
                        "check the methods against retraining (`lpl check-methods`) and search with one that holds.")
+    outside = getattr(estimator, "far_outside_the_run", None)
+    if outside is not None and bool(outside(scores[best : best + 1]).any()):
+        warnings.warn(f"curriculum: the best order's estimate {float(scores[best]):.4g} lies far outside the validation "
+                      f"losses of the reference run: the search found where method "
+                      f"{getattr(estimator, 'method', '?')!r} extrapolates worst, not a better order. Check the methods "
+                      "against retraining (`lpl check-methods`) and search with one that holds.", stacklevel=2)
     return SearchResult(order=pop[best].tolist(), score=float(scores[best]), history=history, evaluations=evaluations)

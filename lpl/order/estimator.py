@@ -266,17 +266,25 @@ class OrderEstimator(L.LightningModule):
         losses than the whole run moved is the method extrapolating past where it holds (a cross-entropy of -19)."""
         if self._warned_far:  # once per estimator: a search calls this thousands of times
             return
-        low, high = float(self.val_loss.min()), float(self.val_loss.max())
-        margin = max(high - low, 0.05 * max(abs(low), abs(high)))  # a run that barely moved still has some room
-        outside = (finals < low - margin) | (finals > high + margin)
-        if margin > 0 and outside.any():
+        outside = self.far_outside_the_run(finals)
+        if outside.any():
             self._warned_far = True
+            low, high = float(self.val_loss.min()), float(self.val_loss.max())
             warnings.warn(
                 f"OrderEstimator: {int(outside.sum())} of {len(finals)} '{self.method}' estimates (e.g. "
                 f"{float(finals[outside][0]):.4g}) lie far outside the validation losses the reference run went "
                 f"through ({low:.4g} to {high:.4g}): the method extrapolates beyond where it holds for this run. "
                 "Check the methods against retraining (`lpl check-methods`) before trusting these estimates.",
                 stacklevel=3)
+
+    def far_outside_the_run(self, finals: Tensor) -> Tensor:
+        """Which of the estimated final losses ``finals`` lie farther from the run's validation losses than the
+        whole run moved (bool, same shape)."""
+        low, high = float(self.val_loss.min()), float(self.val_loss.max())
+        margin = max(high - low, 0.05 * max(abs(low), abs(high)))  # a run that barely moved still has some room
+        if margin == 0:
+            return torch.zeros_like(finals, dtype=torch.bool)
+        return (finals < low - margin) | (finals > high + margin)
 
     def estimate(self, order: Sequence[int] | Tensor) -> OrderEstimate:
         """Estimate for one order: a sequence of pool batch ids (a permutation, or repeats and omissions)."""

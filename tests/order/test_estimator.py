@@ -78,6 +78,11 @@ def test_estimates_far_outside_the_runs_losses_warn(recording, monkeypatch):
     monkeypatch.setattr(estimator_module, "replay", far_off)
     with pytest.warns(UserWarning, match="1 of 1 'first_order' estimates .* lie far outside the validation losses"):
         estimator.estimate(list(reversed(rec.order)))
+    # the estimator warns once; a search's best order far outside is said again (a search seeks out the worst error)
+    from lpl.order.curriculum import search
+
+    with pytest.warns(UserWarning, match="the best order's estimate .* lies far outside"):
+        search(estimator, budget=8, method="local", population=4)
 
 
 def test_estimates_do_not_depend_on_the_default_dtype_and_predict_refuses_other_precisions(recording):
