@@ -50,6 +50,15 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     class LplCLI(LightningCLI):
+        def before_validate(self) -> None:
+            _resolve_best(self.config_init["validate"], self.trainer)
+
+        def before_test(self) -> None:
+            _resolve_best(self.config_init["test"], self.trainer)
+
+        def before_predict(self) -> None:
+            _resolve_best(self.config_init["predict"], self.trainer)
+
         def after_fit(self) -> None:
             self._report("fit")
 
@@ -85,6 +94,32 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+def _resolve_best(init: Any, trainer: Any) -> None:
+    """``--ckpt_path best`` in a new process: Lightning knows the best checkpoint only in the process that trained,
+    so read it off the ModelCheckpoint state the run saved in ``last.ckpt`` of the callback's folder."""
+    callback = trainer.checkpoint_callback
+    if init.get("ckpt_path") != "best" or callback is None or callback.best_model_path:
+        return  # Lightning decides (and explains what is missing)
+    import torch
+
+    last = Path(callback.dirpath or "") / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    best = None
+    if callback.dirpath and last.is_file():
+        try:
+            states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+        except Exception as error:  # unreadable: said below, as for a missing one
+            states = {}
+            warnings.warn(f"lpl: could not read {last} ({type(error).__name__}).", stacklevel=2)
+        state = states.get(callback.state_key) or next(
+            (v for k, v in states.items() if k.startswith("ModelCheckpoint") and v.get("best_model_path")), {})
+        best = state.get("best_model_path") or None
+    if best is None or not Path(best).is_file():
+        raise LplError(f"--ckpt_path best: no best checkpoint is recorded in {last} (the last checkpoint of the run "
+                       "saves which was best; it is missing, or the run's ModelCheckpoint monitors nothing) or the "
+                       f"one it names is gone ({best}); pass a checkpoint file or 'last'.")
+    init["ckpt_path"] = best
+
+
 def _user_error(error: BaseException) -> str | None:
     """The message for a user's mistake behind ``error`` (jsonargparse and Lightning wrap what they raise), or None
     for anything else (a bug: its traceback is kept)."""
@@ -99,7 +134,7 @@ def _user_error(error: BaseException) -> str | None:
         if isinstance(error, MisconfigurationException):  # a Trainer setting Lightning refuses
             return f"{error} (a Trainer or LightningModule setting; see `lpl fit --help`)"
         if isinstance(error, FileNotFoundError) and "checkpoint" in str(error).lower():
-            return f"{error}: give --ckpt_path an existing checkpoint file (or 'last' / 'best' of this run's folder)."
+            return f"{error}: give --ckpt_path an existing checkpoint file (or 'last' / 'best' of the config's folder)."
         if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return (f"the checkpoint could not be read: it is not a Lightning checkpoint, is truncated, or holds "

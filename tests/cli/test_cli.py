@@ -274,3 +274,17 @@ def test_the_callbacks_layer_selection_is_checked_at_fit_start(capsys) -> None:
                     "--model.init_args.depth=1", '--trainer.callbacks.init_args.include=["*.nomatch"]',
                     "--trainer.callbacks.init_args.block_size=8")
     assert "match no Linear layer" in err and "Epoch 0" not in err
+
+
+def test_ckpt_path_best_in_a_new_process_reads_the_best_checkpoint_the_run_recorded(tmp_path, capsys, caplog) -> None:
+    """Lightning knows the best checkpoint only in the process that trained: `lpl validate --ckpt_path best` ended in
+    a ValueError traceback."""
+    args = ["--config", str(CONFIGS / "mnist_vit.yaml"), "--trainer.limit_val_batches=1", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--model.init_args.depth=1"]
+    err = _error_of(capsys, "validate", *args, "--ckpt_path=best")  # no run yet
+    assert "--ckpt_path best: no best checkpoint is recorded" in err and "Traceback" not in err
+    main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
+    capsys.readouterr()
+    main(["validate", *args, "--ckpt_path=best"])
+    assert "validate metrics:" in capsys.readouterr().out
+    assert "Restoring states from the checkpoint path" in caplog.text and "epoch=0-step=2.ckpt" in caplog.text
