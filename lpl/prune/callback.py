@@ -248,16 +248,19 @@ class BlockPruneCallback(Callback):
         self._log(trainer, charts=True)
 
     def _save(self, trainer: L.Trainer) -> None:
-        if trainer.is_global_zero:
+        # a fast_dev_run is a dry run (Lightning saves no checkpoint then): it must not replace the real run's result
+        if trainer.is_global_zero and not trainer.fast_dev_run:
             self.result.save(self._result_dir(trainer))
 
     def _check_evaluated_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Outside fit, say so when the weights evaluated are not the pruned ones (``ckpt_path="best"`` picking a
-        checkpoint from before pruning, say)."""
-        if trainer.state.fn == "fit" or self.result is None:
+        checkpoint from before pruning, say). A new process (``lpl test``) knows the masks from the result the fit
+        saved beside its checkpoints."""
+        result = self.result or (None if trainer.state.fn == "fit" else self._saved_result(trainer))
+        if trainer.state.fn == "fit" or result is None:
             return
         try:
-            pruned = self.result.is_applied(pl_module)
+            pruned = result.is_applied(pl_module)
         except LplError:
             pruned = False
         if not pruned:

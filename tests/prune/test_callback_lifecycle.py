@@ -210,6 +210,26 @@ def test_testing_a_checkpoint_from_before_pruning_warns(tmp_path):
         warnings.simplefilter("always")
         trainer.test(model, datamodule=_data(), ckpt_path=tmp_path / "ck" / "epoch=0-step=4.ckpt")
     assert not any("not pruned by this callback" in str(w.message) for w in warned)
+    # a new process (`lpl test`): a fresh callback knows the masks from the result saved beside the checkpoints
+    fresh = _trainer(tmp_path, [BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False),
+                                ModelCheckpoint(dirpath=tmp_path / "ck")])
+    with pytest.warns(UserWarning, match="not pruned by this callback's masks"):
+        fresh.test(_model(schedule="constant"), datamodule=_data(), ckpt_path=tmp_path / "ck" / "epoch=0-step=2.ckpt")
+
+
+def test_a_fast_dev_run_leaves_the_real_runs_result_alone(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    _trainer(tmp_path, [prune, checkpoint], max_steps=2).fit(_model(schedule="constant"), datamodule=_data())
+    saved = (tmp_path / "ck" / "prune_result" / "masks.safetensors").read_bytes()
+    other = _model(schedule="constant")
+    torch.manual_seed(1)
+    other.apply(lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None)  # other masks
+    again = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    _trainer(tmp_path, [again, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)], fast_dev_run=True).fit(
+        other, datamodule=_data())
+    assert any(not torch.equal(mask, prune.result.block_masks[name]) for name, mask in again.result.block_masks.items())
+    assert (tmp_path / "ck" / "prune_result" / "masks.safetensors").read_bytes() == saved
 
 
 class Crash(L.Callback):
