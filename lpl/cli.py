@@ -49,6 +49,15 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    class LastValidationStep(L.Callback):
+        """The global step of a fit's last validation run (its metrics are that step's weights')."""
+
+        step: int | None = None
+
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self.step = trainer.global_step
+
     class LplCLI(LightningCLI):
         def before_validate(self) -> None:
             _resolve_best(self.config_init["validate"], self.trainer)
@@ -58,6 +67,10 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
 
         def before_predict(self) -> None:
             _resolve_best(self.config_init["predict"], self.trainer)
+
+        def before_fit(self) -> None:
+            self.last_validation = LastValidationStep()
+            self.trainer.callbacks.append(self.last_validation)
 
         def after_fit(self) -> None:
             self._report("fit")
@@ -73,7 +86,12 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
                 return
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
             if "val/acc" in metrics:
-                print(f"final validation accuracy: {metrics['val/acc']:.4f}")
+                validated = getattr(getattr(self, "last_validation", None), "step", None)
+                if stage == "fit" and validated is not None and validated != self.trainer.global_step:
+                    print(f"validation accuracy at step {validated} (the last validation; training ended at step "
+                          f"{self.trainer.global_step}): {metrics['val/acc']:.4f}")
+                else:
+                    print(f"final validation accuracy: {metrics['val/acc']:.4f}")
             if metrics:
                 print(f"{stage} metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 

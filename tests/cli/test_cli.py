@@ -288,3 +288,12 @@ def test_ckpt_path_best_in_a_new_process_reads_the_best_checkpoint_the_run_recor
     main(["validate", *args, "--ckpt_path=best"])
     assert "validate metrics:" in capsys.readouterr().out
     assert "Restoring states from the checkpoint path" in caplog.text and "epoch=0-step=2.ckpt" in caplog.text
+
+
+def test_a_fit_ending_after_its_last_validation_says_which_step_was_validated(capsys) -> None:
+    main(["fit", "--config", str(CONFIGS / "mnist_vit.yaml"), "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+          "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+          "--trainer.logger=false", "--model.init_args.depth=1"])
+    out = capsys.readouterr().out
+    assert "validation accuracy at step 2 (the last validation; training ended at step 3)" in out
+    assert "final validation accuracy" not in out
