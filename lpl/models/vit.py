@@ -137,6 +137,12 @@ class ViTClassifier(L.LightningModule):
         if size is not None and getattr(embed, "strict_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
             raise LplError(f"the data give {tuple(images.shape[-2:])} images, the model takes {tuple(size)}: set "
                            f"model.init_args.img_size={images.shape[-1]} (or the data's image size).")
+        patch = getattr(embed, "patch_size", None)
+        dynamic = getattr(self.model, "dynamic_img_size", False) and not getattr(embed, "dynamic_img_pad", False)
+        if patch is not None and dynamic and any(side % step for side, step in zip(images.shape[-2:], patch)):
+            raise LplError(f"the data give {tuple(images.shape[-2:])} images, which patches of {tuple(patch)} do not "
+                           f"tile: use an image size that is a multiple of the patch size, or set dynamic_img_pad: true "
+                           "in model.init_args.model_kwargs.")
         self.__dict__["_data_checked"] = True
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

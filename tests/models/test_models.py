@@ -103,3 +103,16 @@ def test_sizes_out_of_range_are_refused_and_uncovered_pixels_warn() -> None:
     for kwargs in ({"vocab_size": 0}, {"num_heads": 0}, {"mlp_hidden": 0}):
         with pytest.raises(LplError, match="must be a whole number >= 1"):
             CausalLM(**kwargs)
+
+
+def test_images_the_patches_do_not_tile_are_one_clear_error_with_a_dynamic_image_size():
+    # timm's assertion ended the run with a traceback
+    model = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2,
+                          model_kwargs={"dynamic_img_size": True})
+    batch = {"image": torch.randn(2, 1, 32, 32), "label": torch.tensor([0, 1])}
+    with pytest.raises(LplError, match=r"\(32, 32\) images, which patches of \(7, 7\) do not tile"):
+        model.loss(batch)
+    padded = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2,
+                           model_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True})
+    assert padded.loss(batch).ndim == 0
+    assert model.loss({"image": torch.randn(2, 1, 35, 35), "label": torch.tensor([0, 1])}).ndim == 0
