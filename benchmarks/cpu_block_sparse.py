@@ -37,6 +37,7 @@ except ImportError:  # not installed: use the repo's kernels/ (benchmarks/kernel
     sys.path.insert(0, str(_here.parent))
     from kernels.cpu import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
 
+from lpl.utils.cli_args import output_dir
 from lpl.utils.io import atomic_write_text
 from lpl.utils.errors import run_script
 
@@ -183,6 +184,15 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
         print(f"wrote {out}")
 
 
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
+    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8*197 tokens, fewer repeats")
@@ -195,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backward", action="store_true", help="skip the backward pieces")
     parser.add_argument("--blocks", default="64,32,16")
     parser.add_argument("--densities", default="0.5,0.25,1.0")
-    parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/...)")
+    parser.add_argument("--out", type=output_file, default=None,
+                        help="output FILE (markdown; default: benchmarks/results/cpu_block_sparse_<host>[_quick]"
+                             "[_<layer>].md)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@
 #   8. python -m lpl.prune.calibrate              (cost-model fit, predicted vs measured per layer)
 # The order stages come first: the kernel stages' figures are on record from earlier runs (their code unchanged).
 # Results land in benchmarks/results/ (file names carry the device); when $OUT is set (device tool) they are also
-# packed into $OUT/gpu_results.tar beside the log.
+# packed into $OUT/gpu_results.tar beside the log. Without a GPU it says so and writes nothing (exit 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -25,6 +25,12 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 RESULTS=benchmarks/results
+# no GPU: say so and write nothing (no log, no result files)
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: no CUDA device visible to torch: nothing to check, nothing written (run it on a machine with" \
+    "an NVIDIA GPU; the CPU benchmarks are the other scripts in benchmarks/, e.g. python benchmarks/kernels.py --quick)" >&2
+  exit 1
+fi
 mkdir -p "$RESULTS"
 SLUG=$(python - <<'PY'
 import torch
@@ -47,9 +53,6 @@ DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
 # (at least 1: GNU timeout reads 0 as "no limit")
 limit() { local left=$(( DEADLINE - $(date +%s) - 5 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  say "no CUDA device visible to torch: nothing to check (GPU figures stay unmeasured)"; exit 1
-fi
 # lpl.kernels is the top-level kernels/ folder (pyproject package-dir); install the checkout without dependencies.
 python -c "import lpl.kernels" 2>/dev/null || python -m pip install --quiet --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
 python -c "import lpl.kernels" 2>/dev/null || ln -s ../kernels lpl/kernels  # no pip there: link the package in place

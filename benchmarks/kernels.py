@@ -276,7 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-bsr", action="store_true", help="skip torch's BSR peer (very slow on CPU)")
     parser.add_argument("--budget-s", type=float, default=1.0, help="CPU: seconds of repeats per measurement")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    from lpl.utils.cli_args import output_dir
+
+    parser.add_argument("--out", type=output_dir, default=str(Path(__file__).resolve().parent / "results"),
+                        help="output FOLDER (created if missing); the table goes to "
+                             "kernels_<device>[_<preset>].md in it (default: benchmarks/results)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

@@ -33,6 +33,7 @@ from lpl.order import quantities
 from lpl.order.adjoint import _flat, _load, _StateCapture
 from lpl.order.rng import as_in_training
 from lpl.order.retraining import fit_in_order, rebuild
+from lpl.utils.cli_args import positive_int
 from lpl.utils.loss import module_loss
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -51,10 +52,12 @@ def retrained_states(recording: Recording, order: list[int]) -> tuple[_StateCapt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recording", required=True)
-    parser.add_argument("--orders", type=int, default=3, help="random orders retrained")
-    parser.add_argument("--points", type=int, default=8, help="steps sampled per order")
+    parser.add_argument("--recording", required=True, help="a recording folder (made by order_estimation.py)")
+    parser.add_argument("--orders", type=positive_int, default=3, help="random orders retrained")
+    parser.add_argument("--points", type=positive_int, default=8, help="steps sampled per order")
     args = parser.parse_args()
+    if not Path(args.recording).is_dir():
+        parser.error(f"--recording {args.recording!r}: no such folder (a recording made by order_estimation.py)")
     torch.set_num_threads(2)
     recording = Recording.open(args.recording)
     reference = list(recording.order)

@@ -35,7 +35,10 @@ import torch
 
 import lpl.order.linearized as linearized
 from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
+from lpl.utils.cli_args import positive_int
 from lpl.utils.errors import run_script
+
+PATHS = ("compiled", "compiled-bf16", "fused", "eager")
 
 
 def synthetic_run(steps: int, batches: int, params: int, rank: int, device: str) -> linearized.LinearizedRun:
@@ -101,21 +104,64 @@ def ratio(retrain_s: float | None, estimate_s: float) -> str:
     return "" if retrain_s is None else f" ({retrain_s / estimate_s:.0f}x faster than retraining)"
 
 
+def path_list(text: str) -> list[str]:
+    """An argparse ``type`` for --paths: comma-separated names from PATHS."""
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise argparse.ArgumentTypeError(f"unknown path(s) {', '.join(map(repr, unknown)) or repr(text)}: use "
+                                         f"{', '.join(PATHS)} (comma-separated).")
+    return paths
+
+
+def chunk_list(text: str) -> list[int]:
+    """An argparse ``type`` for --chunks: comma-separated log2 chunk sizes (whole numbers 0-40)."""
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers (log2 of chunk sizes).") from None
+    if not all(0 <= v <= 40 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each log2 chunk size must be in 0..40.")
+    return values
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}.")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=int, default=123_200)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--orders", type=int, default=128, help="orders in the batched measurement")
-    parser.add_argument("--chunks", default="18,20,22,24", help="log2 of the chunk sizes to compare")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--paths", default="compiled,compiled-bf16,fused,eager",
+    parser.add_argument("--params", type=positive_int, default=123_200)
+    parser.add_argument("--steps", type=positive_int, default=64)
+    parser.add_argument("--batches", type=positive_int, default=64)
+    parser.add_argument("--rank", type=non_negative_int, default=16)
+    parser.add_argument("--orders", type=positive_int, default=128, help="orders in the batched measurement")
+    parser.add_argument("--chunks", type=chunk_list, default="18,20,22,24",
+                        help="log2 of the chunk sizes to compare (comma-separated)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda needs a GPU)")
+    parser.add_argument("--paths", type=path_list, default="compiled,compiled-bf16,fused,eager",
                         help="replay paths to compare: compiled, compiled-bf16 (C kernel, CPU), fused, eager (torch ops)")
     parser.add_argument("--retrain-demo-lm", action="store_true",
                         help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device: use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: this benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs an NVIDIA GPU and none is visible to torch; run on CPU with --device cpu "
+                     "(the default)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
     retrain_s = None
     if args.retrain_demo_lm:
         retrain_s, args.params, args.batches = demo_lm_retrain_seconds(args.steps, args.device)
@@ -127,10 +173,7 @@ def main() -> None:
     print(f"d = {args.params}, T = {args.steps}, {args.batches} batches, rank {args.rank}, {args.device}, "
           f"{torch.get_num_threads()} threads")
     fused_adam = dict(linearized._FUSED_ADAM)
-    paths = args.paths.split(",")
-    unknown = set(paths) - {"compiled", "compiled-bf16", "fused", "eager"}
-    if unknown:
-        parser.error(f"unknown paths {sorted(unknown)}: use compiled, compiled-bf16, fused or eager")
+    paths = args.paths
     # the run each path replays: the bfloat16 rows are made only where the kernel could read them
     runs = dict.fromkeys(("compiled", "fused", "eager"), run)
     if "compiled-bf16" in paths and args.device == "cpu":
@@ -153,7 +196,7 @@ def main() -> None:
         path_run = runs[path]
         single = seconds(path_run, orders[:1], args.repeats)
         print(f"[{path}] one order: {single * 1e3:.1f} ms{ratio(retrain_s, single)}")
-        for log2 in (int(c) for c in args.chunks.split(",")):
+        for log2 in args.chunks:
             setattr(linearized, chunk_name, 1 << log2)
             per_order = seconds(path_run, orders, args.repeats) / len(orders)
             print(f"[{path}] batched over {len(orders)} orders, {chunk_name} = 2^{log2} "

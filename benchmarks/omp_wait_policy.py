@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 
+from lpl.utils.cli_args import positive_int
 from lpl.utils.errors import run_script
 
 CHILD = r"""
@@ -36,8 +37,8 @@ print((time.perf_counter() - start) / steps * 1000)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed training steps per process")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of every setting")
     args = parser.parse_args()
     settings = [(threads, policy) for policy in ("default", "PASSIVE") for threads in (1, 2)]
     times: dict[tuple[int, str], list[float]] = {s: [] for s in settings}

@@ -30,17 +30,32 @@ from order_estimation import build_task, quiet_trainer  # noqa: E402
 from lpl.order import OrderEstimator, Recording, TrainOrderRecorder, check_methods, retrain  # noqa: E402
 from lpl.order.adjoint import record_sensitivities  # noqa: E402
 from lpl.order.checking import reference_loss_after  # noqa: E402
-from lpl.utils.errors import run_script
+from lpl.utils.cli_args import positive_int  # noqa: E402
+from lpl.utils.errors import run_script  # noqa: E402
+
+
+def order_count(text: str) -> int:
+    """An argparse ``type`` for --orders: check_methods scores rank correlations, which need at least 3 orders."""
+    value = positive_int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be at least 3 (check_methods ranks the orders), got {value}.")
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--accelerator", default="gpu")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"],
+                        help="gpu (default; needs a CUDA GPU) or cpu")
+    parser.add_argument("--steps", type=positive_int, default=24)
     parser.add_argument("--lr", type=float, default=0.003)
-    parser.add_argument("--orders", type=int, default=8)
-    parser.add_argument("--proj-dim", type=int, default=1024)
+    parser.add_argument("--orders", type=order_count, default=8, help="random orders retrained and scored (at least 3)")
+    parser.add_argument("--proj-dim", type=positive_int, default=1024)
     args = parser.parse_args()
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu (the default) needs a CUDA GPU and none is visible to torch; "
+                     "run on CPU with --accelerator cpu")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     with tempfile.TemporaryDirectory() as workdir:

@@ -21,6 +21,10 @@ Usage::
 
     python benchmarks/order_estimation.py --tasks digits,lm,vit --quick
     python benchmarks/order_estimation.py --tasks lm --steps 64 --proj-dims 256,1024,4096
+
+The report goes to ``--out`` (a markdown file, with the runs as JSON beside it: same name, ``.json``); by default
+``<workdir>/order_estimation.md``, outside the repository: benchmarks/results/order_estimation.md is the hand-written
+summary of these runs, never a run's output.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ from lpl.order.curriculum import search  # noqa: E402
 from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
 from lpl.order.replay import CURVATURE_METHODS, METHODS, PROJECTED_METHODS, ReplayData  # noqa: E402
+from lpl.utils.cli_args import output_dir, positive_int  # noqa: E402
 from lpl.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from lpl.utils.errors import run_script
+from lpl.utils.errors import run_script  # noqa: E402
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -112,6 +117,10 @@ class DigitsMLP(L.LightningModule):
         others = [p for n, p in self.named_parameters() if not (n.endswith("weight") and p.ndim > 1)]
         return torch.optim.AdamW([{"params": weights}, {"params": others, "weight_decay": 0.0}], lr=self.hparams.lr,
                                  weight_decay=self.hparams.weight_decay)
+
+
+TASKS = ("digits", "digits_bn_dropout", "digits_wd_groups", "lm", "vit")
+SUMMARY = ROOT / "benchmarks" / "results" / "order_estimation.md"  # hand-written: no run may overwrite it
 
 
 def build_task(name: str, lr: float, steps: int):
@@ -188,13 +197,13 @@ def warm_up(model: L.LightningModule, datamodule: L.LightningDataModule, steps: 
 
 
 def record(path: Path, task: str, lr: float, steps: int, proj_dim: int | None, rank: int, materialise: bool,
-           val_rank: int, warm_steps: int = 0) -> float:
+           val_rank: int, warm_steps: int = 0) -> float | None:
     """Record (or reuse a complete recording), after ``warm_steps`` of warm-up training when > 0; returns the
-    recording's wall seconds (0 when reused)."""
+    recording's wall seconds (None when a complete recording was reused)."""
     if (path / "manifest.json").exists():
         try:
             if Recording.open(path).status == "complete":
-                return 0.0
+                return None
         except Exception:  # noqa: BLE001 - an unreadable leftover is recorded again
             pass
         shutil.rmtree(path)
@@ -248,7 +257,7 @@ def project_data(data: ReplayData, proj_dim: int, seed: int = 0) -> ReplayData:
 
 def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
     steps = args.steps
-    dims: list[int | None] = [int(k) for k in args.proj_dims.split(",")]
+    dims: list[int | None] = list(args.proj_dims)
     derive = args.exact or task.startswith("digits")  # record in full space once, project offline to every proj_dim
     out: dict = {"task": task, "lr": lr, "steps": steps, "num_params": num_params(task, lr, steps), "record_s": {},
                  "warm_start_steps": args.warm_start_steps,
@@ -258,9 +267,11 @@ def run(task: str, lr: float, args, workdir: Path, medium: bool) -> dict:
         warm = f"_w{args.warm_start_steps}" if args.warm_start_steps else ""
         paths[k] = workdir / (f"{task}_lr{lr}_T{steps}{warm}_k{k or 'exact'}_r{args.curvature_rank}"
                               f"_v{args.val_curvature_rank}")
-        out["record_s"][str(k or "exact")] = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise,
-                                                    args.val_curvature_rank, args.warm_start_steps)
-        print(f"[{task} lr={lr}] recorded k={k or 'exact'} in {out['record_s'][str(k or 'exact')]:.0f}s", flush=True)
+        seconds = record(paths[k], task, lr, steps, k, args.curvature_rank, args.materialise,
+                         args.val_curvature_rank, args.warm_start_steps)
+        out["record_s"][str(k or "exact")] = seconds  # None: a complete recording in --workdir was reused
+        print(f"[{task} lr={lr}] " + (f"reused the complete recording k={k or 'exact'} in {paths[k]}" if seconds is None
+                                      else f"recorded k={k or 'exact'} in {seconds:.0f}s"), flush=True)
     first = next(iter(paths.values()))
     if args.adjoint_rank >= 0:  # one set of full-space data (no projection involved), shared by every proj_dim
         built = Recording.open(first).manifest.get("sensitivity")
@@ -386,7 +397,7 @@ def report(runs: list[dict], args, command: str) -> str:
         lines += ["| lr | reference loss | true spread (std) | no-change MAE | retrain s/order | record s per k | "
                   "sensitivity data s |", "|---|---|---|---|---|---|---|"]
         for r in task_runs:
-            rec = ", ".join(f"{k}: {v:.0f}" for k, v in r["record_s"].items())
+            rec = ", ".join(f"{k}: " + ("reused" if v is None else f"{v:.0f}") for k, v in r["record_s"].items())
             lines.append(f"| {r['lr']} | {r['reference_loss']:.4f} | {r['true_spread']:.4f} | {r['no_change_mae']:.4f} "
                          f"| {r['retrain_s']:.2f} | {rec} | {r.get('sensitivity_s', float('nan')):.0f} |")
         lines.append("")
@@ -422,53 +433,126 @@ def report(runs: list[dict], args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_list(text: str) -> list[str]:
+    """An argparse ``type`` for --tasks: comma-separated names from TASKS."""
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(map(repr, unknown)) or repr(text)}: choose "
+                                         f"from {', '.join(TASKS)} (comma-separated).")
+    return tasks
+
+
+def lr_table(text: str) -> dict[str, list[float]]:
+    """An argparse ``type`` for --lrs: 'task=lr:lr:lr,task=lr' -> {task: [lr, ...]}."""
+    table = {}
+    for item in text.split(","):
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if not sep or not values:
+            raise argparse.ArgumentTypeError(f"{item!r} is not TASK=LR[:LR...] (e.g. digits=0.001:0.003:0.01).")
+        if name not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {name!r} in {item!r}: choose from {', '.join(TASKS)}.")
+        try:
+            lrs = [float(v) for v in values.split(":")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the learning rates must be numbers separated by ':'.") from None
+        if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
+            raise argparse.ArgumentTypeError(f"{item!r}: learning rates must be positive.")
+        table[name] = lrs
+    return table
+
+
+def dim_list(text: str) -> list[int]:
+    """An argparse ``type`` for --proj-dims: comma-separated positive whole numbers."""
+    try:
+        return [positive_int(k) for k in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated projection sizes, each {error}") from None
+
+
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder, its folder cannot be
+    created, or it is the hand-written summary benchmarks/results/order_estimation.md."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
+    if path.resolve() == SUMMARY.resolve():
+        raise argparse.ArgumentTypeError(f"{text!r} is the hand-written summary; write the run elsewhere "
+                                         "(e.g. benchmarks/results/order_estimation_<name>.md).")
+    output_dir(str(path.parent))
+    return path
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}.")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", default="digits,lm,vit")
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--lrs", default=None, help="per task: 'digits=0.001:0.003:0.01,lm=...'; medium = middle")
-    parser.add_argument("--proj-dims", default="256,1024,4096")
+    parser.add_argument("--tasks", type=task_list, default="digits,lm,vit",
+                        help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--steps", type=positive_int, default=64)
+    parser.add_argument("--lrs", type=lr_table, default=None,
+                        help="per task: 'digits=0.001:0.003:0.01,lm=...'; medium = middle")
+    parser.add_argument("--proj-dims", type=dim_list, default="256,1024,4096")
     parser.add_argument("--exact", action="store_true", help="also the full-space column (small models only)")
-    parser.add_argument("--orders", type=int, default=16)
-    parser.add_argument("--warm-start-steps", type=int, default=0,
+    parser.add_argument("--orders", type=positive_int, default=16)
+    parser.add_argument("--warm-start-steps", type=non_negative_int, default=0,
                         help="train this many steps (own shuffle of the whole train set) before the recorded run, "
                              "which then starts from trained weights with a fresh Adam (0: from initialisation)")
-    parser.add_argument("--curvature-rank", type=int, default=2)
-    parser.add_argument("--val-curvature-rank", type=int, default=8, help="top validation curvature directions recorded at the end (0: none)")
+    parser.add_argument("--curvature-rank", type=non_negative_int, default=2)
+    parser.add_argument("--val-curvature-rank", type=non_negative_int, default=8, help="top validation curvature directions recorded at the end (0: none)")
     parser.add_argument("--adjoint-rank", type=int, default=8,
                         help="validation-curvature directions of the full-space sensitivity data (-1: do not build "
                              "them)")
-    parser.add_argument("--hessian-rank", type=int, default=16,
+    parser.add_argument("--hessian-rank", type=non_negative_int, default=16,
                         help="eigenpairs of each reference batch's Hessian for method linearized (0: none)")
     parser.add_argument("--select-method", default="linearized", choices=METHODS)
-    parser.add_argument("--search-budget", type=int, default=2048)
-    parser.add_argument("--map-batches", type=int, default=3)
-    parser.add_argument("--map-positions", type=int, default=4)
+    parser.add_argument("--search-budget", type=positive_int, default=2048)
+    parser.add_argument("--map-batches", type=positive_int, default=3)
+    parser.add_argument("--map-positions", type=positive_int, default=4)
     parser.add_argument("--materialise", action=argparse.BooleanOptionalAction, default=not torch.cuda.is_available())
     parser.add_argument("--quick", action="store_true", help="T = 24, proj_dims 256,1024, 8 random orders")
-    parser.add_argument("--workdir", default="/tmp/lpl_order_bench")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/order_estimation.md"))
+    parser.add_argument("--workdir", type=output_dir, default="/tmp/lpl_order_bench",
+                        help="FOLDER for the recordings (a complete one found there is reused); default: "
+                             "/tmp/lpl_order_bench")
+    parser.add_argument("--out", type=output_file, default=None,
+                        help="output FILE (markdown; the runs also go to the same name with .json); default: "
+                             "<workdir>/order_estimation.md (never benchmarks/results/order_estimation.md, the "
+                             "hand-written summary)")
     args = parser.parse_args()
+    if args.adjoint_rank < -1:
+        parser.error(f"--adjoint-rank: must be -1 (do not build) or at least 0, got {args.adjoint_rank}")
     if args.quick:
-        args.steps, args.proj_dims, args.orders, args.search_budget = 24, "256,1024", 8, 1024
+        args.steps, args.proj_dims, args.orders, args.search_budget = 24, [256, 1024], 8, 1024
+    if args.out is None:
+        args.out = args.workdir / "order_estimation.md"
     torch.set_num_threads(2)
     lrs = {"digits": [0.001, 0.003, 0.01], "digits_bn_dropout": [0.001, 0.003, 0.01],
            "digits_wd_groups": [0.001, 0.003, 0.01], "lm": [0.001, 0.003, 0.01], "vit": [0.0003, 0.001, 0.003]}
-    if args.lrs:
-        for item in args.lrs.split(","):
-            name, values = item.split("=")
-            lrs[name] = [float(v) for v in values.split(":")]
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    lrs.update(args.lrs or {})
+    workdir = args.workdir
+    try:  # both folders exist before any recording, so results cannot be lost at the end
+        workdir.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"cannot create {error.filename!r}: {error.strerror or error}")
     runs = []
     command = "python benchmarks/order_estimation.py " + " ".join(sys.argv[1:])
-    for task in args.tasks.split(","):
+    for task in args.tasks:
         for i, lr in enumerate(lrs[task]):
             runs.append(run(task, lr, args, workdir, medium=i == len(lrs[task]) // 2))
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(args.out).with_suffix(".json"), runs)
+            atomic_write_json(args.out.with_suffix(".json"), runs)
             atomic_write_text(args.out, report(runs, args, command))
-    print(Path(args.out).read_text())
+    print(args.out.read_text())
+    print(f"written {args.out} and {args.out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from lpl.data import MNIST5kDataModule
 from lpl.models import ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, check_methods
 from lpl.order.adjoint import record_sensitivities
+from lpl.utils.cli_args import output_dir
 from lpl.utils.io import atomic_write_text
 from lpl.utils.errors import run_script
 
@@ -53,14 +54,26 @@ def check_model(name: str, steps: int, lr: float, orders: int, workdir: Path) ->
             f"{check.mae_over_no_change(method):.2f}x |" for method, score in check.ranked()]
 
 
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
+    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="test_efficientnet_gn")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--orders", type=int, default=6)
-    parser.add_argument("--out", default=str(RESULTS / "order_heldout_models.md"))
+    parser.add_argument("--out", type=output_file, default=str(RESULTS / "order_heldout_models.md"),
+                        help="output FILE (markdown; its folder is created if missing; default: "
+                             "benchmarks/results/order_heldout_models.md)")
     args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # before the work: the table cannot be lost at the end
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     lines = [f"# Order tools on held-out timm models (MNIST-5k, T = {args.steps}, lr {args.lr}, {args.orders} retrained "

@@ -4,7 +4,7 @@ Times the whole call: calibration forward/backward passes with per-sample block 
 for ``--stages`` rounds. Timing does not depend on the pixel values, so calibration images are random (seeded) with
 random labels and the weights are timm's random init; the task loss (cross-entropy) is used, as in the callback.
 Each model is timed ``--repeats`` times after one untimed warm-up call on two batches (CUDA/cuBLAS start-up). Results
-go to benchmarks/results/prune_time_<device>.md.
+go to prune_time_<device>.md in the folder ``--out`` (default benchmarks/results/).
 
     python benchmarks/prune_time.py --models demo_vit --device cpu --threads 2      # the demo ViT, 2 CPU cores
     python benchmarks/prune_time.py --models deit_s deit_b --device cuda            # LPViT settings on a GPU
@@ -23,6 +23,7 @@ import torch
 
 from lpl.models import ViTClassifier
 from lpl.prune import prune_model
+from lpl.utils.cli_args import output_dir, positive_int
 from lpl.utils.io import atomic_write_text
 from lpl.utils.errors import run_script
 
@@ -76,21 +77,49 @@ def time_model(name: str, args, device: torch.device) -> dict:
                 speedup=result.predicted_speedup)
 
 
+def fraction(text: str) -> float:
+    """An argparse ``type`` for --flops-keep: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}.")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["demo_vit"], choices=sorted(MODELS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--calib-batches", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=None, help="calibration batch size (default per model)")
-    parser.add_argument("--flops-keep", type=float, default=0.5)
-    parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N] (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--calib-batches", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="calibration batch size (default per model)")
+    parser.add_argument("--flops-keep", type=fraction, default=0.5, help="fraction of the FLOPs kept, in (0, 1]")
+    parser.add_argument("--stages", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--out", type=output_dir, default=RESULTS,
+                        help="output FOLDER (created if missing); the table goes to prune_time_<device>.md in it "
+                             "(default: benchmarks/results)")
     args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device: use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: this benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs an NVIDIA GPU and none is visible to torch; run on CPU with --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
+    try:  # the folder exists before the timing, so the table cannot be lost at the end
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {str(args.out)!r}: cannot create the folder ({error.strerror or error})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     rows = []
     for name in args.models:
@@ -106,7 +135,6 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['block']}x{r['block']} | {r['images']} | {r['seconds']:.1f} | {r['spread']:.1f} | "
               f"{r['flops_keep']:.3f} | {r['speedup']:.2f}x |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"prune_time_{bench.device_slug(device)}.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"written {path}")

@@ -24,6 +24,7 @@ from lpl.data import MNIST5kDataModule, TextCorpusDataModule
 from lpl.models import CausalLM, ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, quantities
 from lpl.utils.errors import run_script
+from lpl.utils.cli_args import output_dir
 from lpl.utils.io import atomic_write_text
 
 
@@ -134,6 +135,15 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
+    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lm", "vit"], choices=["lm", "vit"])
@@ -142,8 +152,12 @@ def main() -> None:
     parser.add_argument("--proj-dim", type=int, default=1024)
     parser.add_argument("--probe-every", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None,
+                        help="also write the table to this FILE (markdown; its folder is created if missing); "
+                             "default: print only")
     args = parser.parse_args()
+    if args.out:  # before the work: the table cannot be lost at the end
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
     with tempfile.TemporaryDirectory() as tmp:

@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--energy-s", type=float, default=5.0, help="GPU: seconds per NVML energy measurement")
     parser.add_argument("--profile", help="HardwareProfile JSON for predicted energy (default: the analytic one)")
     parser.add_argument("--eager", action="store_true", help="GPU: time eager forwards instead of CUDA graphs")
-    parser.add_argument("--out", default=str(_HERE / "results"))
+    from lpl.utils.cli_args import output_dir
+
+    parser.add_argument("--out", type=output_dir, default=str(_HERE / "results"),
+                        help="output FOLDER (created if missing); the table goes to vit_e2e_<device>[_quick].md in "
+                             "it (default: benchmarks/results)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
