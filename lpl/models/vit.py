@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -97,6 +98,10 @@ class ViTClassifier(L.LightningModule):
                           f"never sees the last {img_size % patch_size} rows and columns of each image; choose sizes "
                           "that divide.", stacklevel=2)
         if pretrained_path:
+            if not Path(pretrained_path).exists():
+                raise LplError(f"pretrained_path {str(pretrained_path)!r} does not exist: give the local weights file "
+                               "(.safetensors / .pth), or to evaluate a checkpoint, which holds the weights, pass "
+                               "pretrained_path=None (--model.init_args.pretrained_path=null).")
             load_pretrained(self.model, pretrained_path)
         self.teacher: nn.Module | None = None
         if teacher is not None:
@@ -112,6 +117,13 @@ class ViTClassifier(L.LightningModule):
             teacher.eval().requires_grad_(False)
         # Stored outside the module tree so it never enters checkpoints or the optimizer.
         self.__dict__["teacher"] = teacher
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "ViTClassifier":
+        """Lightning's, except that the checkpoint's weights are not first loaded from ``pretrained_path``: a
+        checkpoint loads on its own when the pretrained file is gone."""
+        kwargs.setdefault("pretrained_path", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -116,3 +116,22 @@ def test_images_the_patches_do_not_tile_are_one_clear_error_with_a_dynamic_image
                            model_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True})
     assert padded.loss(batch).ndim == 0
     assert model.loss({"image": torch.randn(2, 1, 35, 35), "label": torch.tensor([0, 1])}).ndim == 0
+
+
+def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path) -> None:
+    import lightning as L
+
+    source = ViTClassifier(**TINY_VIT)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    model = ViTClassifier(**TINY_VIT, pretrained_path=str(path))
+    with torch.no_grad():
+        model.model.head.bias.add_(1.0)  # as if trained after loading: the checkpoint's weights must win
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    path.unlink()  # the pretrained file is gone (another machine, say): it failed with "does not exist"
+    loaded = ViTClassifier.load_from_checkpoint(tmp_path / "run.ckpt")
+    assert torch.equal(loaded.model.head.bias, model.model.head.bias)
+    with pytest.raises(LplError, match="pretrained_path=None"):  # building it from the file still names the way out
+        ViTClassifier(**TINY_VIT, pretrained_path=str(path))
