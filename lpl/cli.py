@@ -120,9 +120,15 @@ def _resolve_best(init: Any, trainer: Any) -> None:
         return  # Lightning decides (and explains what is missing)
     import torch
 
-    last = Path(callback.dirpath or "") / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    if not callback.dirpath:
+        raise LplError("--ckpt_path best: the run's ModelCheckpoint has no dirpath, so a new process cannot find the "
+                       "run's checkpoints; pass a checkpoint file (or give ModelCheckpoint a dirpath).")
+    # the newest last*.ckpt, as Lightning resolves 'last': a fresh run in a folder an earlier run used writes last-v1
+    lasts = sorted(Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"),
+                   key=lambda path: path.stat().st_mtime)
+    last = lasts[-1] if lasts else Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
     best = None
-    if callback.dirpath and last.is_file():
+    if last.is_file():
         try:
             states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
         except Exception as error:  # unreadable: said below, as for a missing one
@@ -132,9 +138,9 @@ def _resolve_best(init: Any, trainer: Any) -> None:
             (v for k, v in states.items() if k.startswith("ModelCheckpoint") and v.get("best_model_path")), {})
         best = state.get("best_model_path") or None
     if best is None or not Path(best).is_file():
-        raise LplError(f"--ckpt_path best: no best checkpoint is recorded in {last} (the last checkpoint of the run "
-                       "saves which was best; it is missing, or the run's ModelCheckpoint monitors nothing) or the "
-                       f"one it names is gone ({best}); pass a checkpoint file or 'last'.")
+        found = f"it names {best}, which is gone" if best else "there is none, or it records no best checkpoint"
+        raise LplError(f"--ckpt_path best: a new process reads the best checkpoint off the run's last checkpoint "
+                       f"({last}), and {found}; pass a checkpoint file or 'last'.")
     init["ckpt_path"] = best
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 import timm
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,7 @@ class ViTClassifier(L.LightningModule):
         # Stored outside the module tree so it never enters checkpoints or the optimizer.
         self.__dict__["teacher"] = teacher
 
-    @classmethod
+    @_restricted_classmethod  # as Lightning's: refused on an instance, where it would leave the instance unchanged
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "ViTClassifier":
         """Lightning's, except that the checkpoint's weights are not first loaded from ``pretrained_path``: a
         checkpoint loads on its own when the pretrained file is gone."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
+import torchmetrics
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -187,6 +188,9 @@ def fit_in_order(
         except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks
             accelerator = settings["accelerator"]
             raise LplError(f"cannot train the recorded model with accelerator={accelerator!r} here: {error}") from None
+        for metric in model.modules():  # one process: torchmetrics must not gather from a leftover process group
+            if isinstance(metric, torchmetrics.Metric):
+                metric.sync_on_compute = False
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         seconds = time.perf_counter() - start

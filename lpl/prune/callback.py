@@ -256,12 +256,17 @@ class BlockPruneCallback(Callback):
         """Outside fit, say so when the weights evaluated are not the pruned ones (``ckpt_path="best"`` picking a
         checkpoint from before pruning, say). A new process (``lpl test``) knows the masks from the result the fit
         saved beside its checkpoints."""
-        result = self.result or (None if trainer.state.fn == "fit" else self._saved_result(trainer))
-        if trainer.state.fn == "fit" or result is None:
+        if trainer.state.fn == "fit":
+            return
+        # a new process knows the masks only from the saved result, which speaks of a checkpoint's weights only
+        result = self.result or (self._saved_result(trainer) if trainer.ckpt_path else None)
+        if result is None:
             return
         try:
             pruned = result.is_applied(pl_module)
         except LplError:
+            if result is not self.result:
+                return  # the saved result describes another model (other layers or shapes): nothing to compare
             pruned = False
         if not pruned:
             stage = getattr(trainer.state.stage, "value", trainer.state.stage)

@@ -282,12 +282,17 @@ def test_ckpt_path_best_in_a_new_process_reads_the_best_checkpoint_the_run_recor
     args = ["--config", str(CONFIGS / "mnist_vit.yaml"), "--trainer.limit_val_batches=1", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--model.init_args.depth=1"]
     err = _error_of(capsys, "validate", *args, "--ckpt_path=best")  # no run yet
-    assert "--ckpt_path best: no best checkpoint is recorded" in err and "Traceback" not in err
+    assert "--ckpt_path best: a new process reads the best checkpoint" in err and "Traceback" not in err
     main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
     capsys.readouterr()
     main(["validate", *args, "--ckpt_path=best"])
     assert "validate metrics:" in capsys.readouterr().out
     assert "Restoring states from the checkpoint path" in caplog.text and "epoch=0-step=2.ckpt" in caplog.text
+    # a fresh run in the same folder writes last-v1.ckpt: its best, not the first run's
+    main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"])
+    caplog.clear()
+    main(["validate", *args, "--ckpt_path=best"])
+    assert "epoch=0-step=3.ckpt" in caplog.text and "epoch=0-step=2.ckpt" not in caplog.text
 
 
 def test_a_fit_ending_after_its_last_validation_says_which_step_was_validated(capsys) -> None:

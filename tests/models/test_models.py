@@ -133,5 +133,7 @@ def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path
     path.unlink()  # the pretrained file is gone (another machine, say): it failed with "does not exist"
     loaded = ViTClassifier.load_from_checkpoint(tmp_path / "run.ckpt")
     assert torch.equal(loaded.model.head.bias, model.model.head.bias)
+    with pytest.raises(TypeError, match="instance"):  # as Lightning's own: not on an instance
+        loaded.load_from_checkpoint(tmp_path / "run.ckpt")
     with pytest.raises(LplError, match="pretrained_path=None"):  # building it from the file still names the way out
         ViTClassifier(**TINY_VIT, pretrained_path=str(path))

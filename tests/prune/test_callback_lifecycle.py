@@ -215,6 +215,13 @@ def test_testing_a_checkpoint_from_before_pruning_warns(tmp_path):
                                 ModelCheckpoint(dirpath=tmp_path / "ck")])
     with pytest.warns(UserWarning, match="not pruned by this callback's masks"):
         fresh.test(_model(schedule="constant"), datamodule=_data(), ckpt_path=tmp_path / "ck" / "epoch=0-step=2.ckpt")
+    # no checkpoint, or a model the saved result does not describe: nothing to say
+    other = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        fresh.test(_model(schedule="constant"), datamodule=_data())
+        fresh.test(other, datamodule=_data())
+    assert not any("not pruned by this callback" in str(w.message) for w in warned)
 
 
 def test_a_fast_dev_run_leaves_the_real_runs_result_alone(tmp_path):
