@@ -136,26 +136,26 @@ class ViTClassifier(L.LightningModule):
         return self._loss(logits, batch)
 
     def _check_data(self, batch: dict[str, torch.Tensor]) -> None:
-        """Once: the images fit the network (channels, size), or say which setting to change (instead of a shape
-        error deep inside timm)."""
-        if self.__dict__.get("_data_checked"):
-            return
+        """The images fit the network (channels and size once; under dynamic_img_size, that patches tile every
+        batch), or say which setting to change (instead of a shape error deep inside timm)."""
         images = batch["image"]
-        convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
-        if convs and images.ndim == 4 and images.shape[1] != convs[0].in_channels:
-            raise LplError(f"the data give {images.shape[1]}-channel images, the model takes "
-                           f"{convs[0].in_channels}: set model.init_args.in_chans={images.shape[1]}.")
         embed = getattr(self.model, "patch_embed", None)
-        size = getattr(embed, "img_size", None)
-        if size is not None and getattr(embed, "strict_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
-            raise LplError(f"the data give {tuple(images.shape[-2:])} images, the model takes {tuple(size)}: set "
-                           f"model.init_args.img_size={images.shape[-1]} (or the data's image size).")
         patch = getattr(embed, "patch_size", None)
         dynamic = getattr(self.model, "dynamic_img_size", False) and not getattr(embed, "dynamic_img_pad", False)
         if patch is not None and dynamic and any(side % step for side, step in zip(images.shape[-2:], patch)):
             raise LplError(f"the data give {tuple(images.shape[-2:])} images, which patches of {tuple(patch)} do not "
                            f"tile: use an image size that is a multiple of the patch size, or set dynamic_img_pad: true "
                            "in model.init_args.model_kwargs.")
+        if self.__dict__.get("_data_checked"):
+            return
+        convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+        if convs and images.ndim == 4 and images.shape[1] != convs[0].in_channels:
+            raise LplError(f"the data give {images.shape[1]}-channel images, the model takes "
+                           f"{convs[0].in_channels}: set model.init_args.in_chans={images.shape[1]}.")
+        size = getattr(embed, "img_size", None)
+        if size is not None and getattr(embed, "strict_img_size", False) and tuple(images.shape[-2:]) != tuple(size):
+            raise LplError(f"the data give {tuple(images.shape[-2:])} images, the model takes {tuple(size)}: set "
+                           f"model.init_args.img_size={images.shape[-1]} (or the data's image size).")
         self.__dict__["_data_checked"] = True
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -207,6 +207,7 @@ class ViTClassifier(L.LightningModule):
         self._evaluate(batch, "test", self.test_acc)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        self._check_data(batch)
         logits = self(batch["image"])
         return {"index": batch["index"], "prediction": logits.argmax(-1), "probability": logits.softmax(-1)}
 

@@ -116,6 +116,9 @@ def test_images_the_patches_do_not_tile_are_one_clear_error_with_a_dynamic_image
                            model_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True})
     assert padded.loss(batch).ndim == 0
     assert model.loss({"image": torch.randn(2, 1, 35, 35), "label": torch.tensor([0, 1])}).ndim == 0
+    # every batch is checked (sizes vary under dynamic_img_size), and predictions too
+    with pytest.raises(LplError, match="do not tile"):
+        model.predict_step({**batch, "index": torch.arange(2)}, 0)
 
 
 def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path) -> None:
