@@ -37,7 +37,7 @@ except ImportError:  # not installed: use the repo's kernels/ (benchmarks/kernel
     sys.path.insert(0, str(_here.parent))
     from kernels.cpu import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
 
-from lpl.utils.cli_args import output_dir
+from lpl.utils.cli_args import output_file
 from lpl.utils.io import atomic_write_text
 from lpl.utils.errors import run_script
 
@@ -182,15 +182,6 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
     atomic_write_text(out, "\n".join(lines) + "\n")
     if final:
         print(f"wrote {out}")
-
-
-def output_file(text: str) -> Path:
-    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
-    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lpl.kernels import BlockSparseLinear  # noqa: E402
-from lpl.utils.cli_args import output_dir, positive_int  # noqa: E402
+from lpl.utils.cli_args import output_file, positive_int, unit_fraction  # noqa: E402
 from lpl.utils.errors import run_script  # noqa: E402
 from lpl.utils.io import atomic_write_text  # noqa: E402
 
@@ -54,30 +54,10 @@ def seconds_per_call(fn, min_seconds: float = 0.03) -> float:
             return elapsed / calls
 
 
-def density(text: str) -> float:
-    """An argparse ``type`` for --density: the fraction of blocks kept, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of blocks kept), got {value}.")
-    return value
-
-
-def output_file(text: str) -> Path:
-    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
-    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--density", type=density, default=0.5, help="fraction of blocks kept, in (0, 1]")
+    parser.add_argument("--density", type=unit_fraction, default=0.5, help="fraction of blocks kept, in (0, 1]")
     parser.add_argument("--block", type=positive_int, default=16, help="block size (square blocks)")
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--out", type=output_file, default=None,

@@ -35,8 +35,8 @@ import torch
 
 import lpl.order.linearized as linearized
 from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
-from lpl.utils.cli_args import positive_int
-from lpl.utils.errors import run_script
+from lpl.utils.cli_args import checked_device, comma_separated, non_negative_int, positive_int
+from lpl.utils.errors import LplError, run_script
 
 PATHS = ("compiled", "compiled-bf16", "fused", "eager")
 
@@ -104,16 +104,6 @@ def ratio(retrain_s: float | None, estimate_s: float) -> str:
     return "" if retrain_s is None else f" ({retrain_s / estimate_s:.0f}x faster than retraining)"
 
 
-def path_list(text: str) -> list[str]:
-    """An argparse ``type`` for --paths: comma-separated names from PATHS."""
-    paths = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in paths if p not in PATHS]
-    if unknown or not paths:
-        raise argparse.ArgumentTypeError(f"unknown path(s) {', '.join(map(repr, unknown)) or repr(text)}: use "
-                                         f"{', '.join(PATHS)} (comma-separated).")
-    return paths
-
-
 def chunk_list(text: str) -> list[int]:
     """An argparse ``type`` for --chunks: comma-separated log2 chunk sizes (whole numbers 0-40)."""
     try:
@@ -123,16 +113,6 @@ def chunk_list(text: str) -> list[int]:
     if not all(0 <= v <= 40 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: each log2 chunk size must be in 0..40.")
     return values
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}.")
-    return value
 
 
 def main() -> None:
@@ -146,22 +126,15 @@ def main() -> None:
                         help="log2 of the chunk sizes to compare (comma-separated)")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda needs a GPU)")
-    parser.add_argument("--paths", type=path_list, default="compiled,compiled-bf16,fused,eager",
+    parser.add_argument("--paths", type=comma_separated(PATHS, "path"), default="compiled,compiled-bf16,fused,eager",
                         help="replay paths to compare: compiled, compiled-bf16 (C kernel, CPU), fused, eager (torch ops)")
     parser.add_argument("--retrain-demo-lm", action="store_true",
                         help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device: use cpu or cuda[:N]")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: this benchmark runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs an NVIDIA GPU and none is visible to torch; run on CPU with --device cpu "
-                     "(the default)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
+        checked_device(args.device, ("cpu", "cuda"))
+    except LplError as error:
+        parser.error(str(error))
     retrain_s = None
     if args.retrain_demo_lm:
         retrain_s, args.params, args.batches = demo_lm_retrain_seconds(args.steps, args.device)

@@ -57,7 +57,7 @@ from lpl.order.curriculum import search  # noqa: E402
 from lpl.order.position import moved, position_map  # noqa: E402
 from lpl.order.estimator import replay_data_from_recording  # noqa: E402
 from lpl.order.replay import CURVATURE_METHODS, METHODS, PROJECTED_METHODS, ReplayData  # noqa: E402
-from lpl.utils.cli_args import output_dir, positive_int  # noqa: E402
+from lpl.utils.cli_args import comma_separated, non_negative_int, output_dir, output_file, positive_int  # noqa: E402
 from lpl.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from lpl.utils.errors import run_script  # noqa: E402
 
@@ -433,16 +433,6 @@ def report(runs: list[dict], args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def task_list(text: str) -> list[str]:
-    """An argparse ``type`` for --tasks: comma-separated names from TASKS."""
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(map(repr, unknown)) or repr(text)}: choose "
-                                         f"from {', '.join(TASKS)} (comma-separated).")
-    return tasks
-
-
 def lr_table(text: str) -> dict[str, list[float]]:
     """An argparse ``type`` for --lrs: 'task=lr:lr:lr,task=lr' -> {task: [lr, ...]}."""
     table = {}
@@ -471,32 +461,19 @@ def dim_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated projection sizes, each {error}") from None
 
 
-def output_file(text: str) -> Path:
-    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder, its folder cannot be
-    created, or it is the hand-written summary benchmarks/results/order_estimation.md."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
+def report_file(text: str) -> Path:
+    """An argparse ``type`` for --out: an output file (``output_file``) other than the hand-written summary
+    benchmarks/results/order_estimation.md."""
+    path = output_file(text)
     if path.resolve() == SUMMARY.resolve():
         raise argparse.ArgumentTypeError(f"{text!r} is the hand-written summary; write the run elsewhere "
                                          "(e.g. benchmarks/results/order_estimation_<name>.md).")
-    output_dir(str(path.parent))
     return path
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}.")
-    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=task_list, default="digits,lm,vit",
+    parser.add_argument("--tasks", type=comma_separated(TASKS, "task"), default="digits,lm,vit",
                         help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--steps", type=positive_int, default=64)
     parser.add_argument("--lrs", type=lr_table, default=None,
@@ -523,7 +500,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=output_dir, default="/tmp/lpl_order_bench",
                         help="FOLDER for the recordings (a complete one found there is reused); default: "
                              "/tmp/lpl_order_bench")
-    parser.add_argument("--out", type=output_file, default=None,
+    parser.add_argument("--out", type=report_file, default=None,
                         help="output FILE (markdown; the runs also go to the same name with .json); default: "
                              "<workdir>/order_estimation.md (never benchmarks/results/order_estimation.md, the "
                              "hand-written summary)")

@@ -27,7 +27,7 @@ from lpl.data import MNIST5kDataModule
 from lpl.models import ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, check_methods
 from lpl.order.adjoint import record_sensitivities
-from lpl.utils.cli_args import output_dir
+from lpl.utils.cli_args import output_file
 from lpl.utils.io import atomic_write_text
 from lpl.utils.errors import run_script
 
@@ -52,15 +52,6 @@ def check_model(name: str, steps: int, lr: float, orders: int, workdir: Path) ->
     print(f"{name}: {time.perf_counter() - start:.0f} s, {params} parameters, no change MAE {check.no_change_mae:.4g}")
     return [f"| {name} | {params} | {check.no_change_mae:.4g} | {method} | {score.spearman:.2f} | "
             f"{check.mae_over_no_change(method):.2f}x |" for method, score in check.ranked()]
-
-
-def output_file(text: str) -> Path:
-    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
-    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
-    return path
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from lpl.prune import BlockPruneCallback, apply_masks, prune_model
 from lpl.prune.curves import measure_layer_distortion
 from lpl.utils.stats import rank_correlation
 from lpl.utils.loss import module_loss
-from lpl.utils.cli_args import output_dir, positive_int
+from lpl.utils.cli_args import non_negative_int, output_file, positive_int, unit_fraction
 from lpl.utils.errors import run_script
 from lpl.utils.io import atomic_write_text
 
@@ -108,46 +108,16 @@ def finetune(model: ViTClassifier, dense: ViTClassifier, datamodule, epochs: int
     model.set_teacher(None)
 
 
-def output_file(text: str) -> Path:
-    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
-    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
-    return path
-
-
-def fraction(text: str) -> float:
-    """An argparse ``type`` for FLOPs-kept fractions: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}.")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}.")
-    return value
-
-
 def main() -> None:
     names = list(METHODS) + ["ModelPruning-L1"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keeps", type=fraction, nargs="+", default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--keeps", type=unit_fraction, nargs="+", default=[0.7, 0.5, 0.35, 0.25])
     parser.add_argument("--methods", nargs="+", default=names, choices=names, metavar="METHOD",
                         help=f"methods to compare (quote names with spaces), from: {', '.join(names)} "
                              "(default: all)")
     parser.add_argument("--train-epochs", type=positive_int, default=12)
     parser.add_argument("--finetune-epochs", type=non_negative_int, default=2)
-    parser.add_argument("--finetune-keeps", type=fraction, nargs="*", default=None, help="default: all --keeps")
+    parser.add_argument("--finetune-keeps", type=unit_fraction, nargs="*", default=None, help="default: all --keeps")
     parser.add_argument("--finetune-methods", nargs="*", default=None, choices=names, metavar="METHOD",
                         help="default: all --methods")
     parser.add_argument("--calib-batches", type=positive_int, default=32)

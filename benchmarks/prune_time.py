@@ -23,9 +23,9 @@ import torch
 
 from lpl.models import ViTClassifier
 from lpl.prune import prune_model
-from lpl.utils.cli_args import output_dir, positive_int
+from lpl.utils.cli_args import checked_device, output_dir, positive_int, unit_fraction
 from lpl.utils.io import atomic_write_text
-from lpl.utils.errors import run_script
+from lpl.utils.errors import LplError, run_script
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("lpl_kernel_benchmark", _HERE / "kernels.py")
@@ -77,17 +77,6 @@ def time_model(name: str, args, device: torch.device) -> dict:
                 speedup=result.predicted_speedup)
 
 
-def fraction(text: str) -> float:
-    """An argparse ``type`` for --flops-keep: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}.")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["demo_vit"], choices=sorted(MODELS))
@@ -97,7 +86,7 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="calibration batch size (default per model)")
-    parser.add_argument("--flops-keep", type=fraction, default=0.5, help="fraction of the FLOPs kept, in (0, 1]")
+    parser.add_argument("--flops-keep", type=unit_fraction, default=0.5, help="fraction of the FLOPs kept, in (0, 1]")
     parser.add_argument("--stages", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", type=output_dir, default=RESULTS,
@@ -105,15 +94,9 @@ def main() -> None:
                              "(default: benchmarks/results)")
     args = parser.parse_args()
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device: use cpu or cuda[:N]")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: this benchmark runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs an NVIDIA GPU and none is visible to torch; run on CPU with --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
+        device = checked_device(args.device, ("cpu", "cuda"))
+    except LplError as error:
+        parser.error(str(error))
     try:  # the folder exists before the timing, so the table cannot be lost at the end
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -24,7 +24,7 @@ from lpl.data import MNIST5kDataModule, TextCorpusDataModule
 from lpl.models import CausalLM, ViTClassifier
 from lpl.order import Recording, TrainOrderRecorder, quantities
 from lpl.utils.errors import run_script
-from lpl.utils.cli_args import output_dir
+from lpl.utils.cli_args import output_file
 from lpl.utils.io import atomic_write_text
 
 
@@ -133,15 +133,6 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "manifest_bytes_per_step": manifest_bytes / rec.num_steps,
         "initial_state_bytes": rec.manifest["initial_state"]["bytes"],
     }
-
-
-def output_file(text: str) -> Path:
-    """An argparse ``type`` for --out, a file: refused at parse time when it is a folder or cannot be created."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
-    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
-    return path
 
 
 def main() -> None:

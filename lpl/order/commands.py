@@ -21,7 +21,7 @@ import torch
 from lpl.order.estimator import log_estimates
 from lpl.order.replay import METHODS, ReplayResult
 from lpl.utils.errors import LplError
-from lpl.utils.cli_args import Parser, output_dir, positive_int
+from lpl.utils.cli_args import Parser, checked_device, output_dir, positive_int
 from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 
@@ -71,22 +71,10 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LplError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LplError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise LplError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
-    return device
-
-
 def _estimator(args: argparse.Namespace):
     from lpl.order.estimator import OrderEstimator
 
-    device = _device(args.device)
+    device = checked_device(args.device)
     return OrderEstimator.from_recording(args.recording, method=args.method, quadratic=not args.linear_loss).to(device)
 
 

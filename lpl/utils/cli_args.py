@@ -1,12 +1,17 @@
-"""Command-line plumbing shared by the ``lpl`` method commands: a parser that accepts both flag spellings, and
-argparse types for output folders and counts."""
+"""Command-line plumbing shared by the ``lpl`` method commands and the benchmark scripts: a parser that accepts both
+flag spellings, argparse types for output folders and files, counts and fractions, and the device check."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from lpl.utils.errors import LplError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,12 +74,74 @@ def _check_writable(text: str, path: Path) -> None:
             break
 
 
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for an output file: refused at parse time when it is a folder or its folder cannot be
+    created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; --out takes a file path (markdown).")
+    output_dir(str(path.parent))  # a file in the way of its folder, or no permission: ArgumentTypeError
+    return path
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type`` for counts that must be at least 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type`` for counts that may be 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}.")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}.")
     return value
+
+
+def comma_separated(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for a comma-separated list of names from ``choices`` (``what``: a name's kind, for the
+    error)."""
+    def names(text: str) -> list[str]:
+        picked = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in picked if name not in choices]
+        if unknown or not picked:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(map(repr, unknown)) or repr(text)}: "
+                                             f"choose from {', '.join(choices)} (comma-separated).")
+        return picked
+
+    return names
+
+
+def unit_fraction(text: str) -> float:
+    """An argparse ``type`` for a fraction kept (FLOPs, blocks): a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}.")
+    return value
+
+
+def checked_device(name: str, types: tuple[str, ...] | None = None) -> "torch.device":
+    """``name`` as a torch device this machine has (of one of ``types`` when given), or an LplError saying what to
+    pass instead."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LplError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if types is not None and device.type not in types:
+        raise LplError(f"--device {name!r}: this runs on {' or '.join(types)}.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LplError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LplError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    return device
