@@ -174,15 +174,20 @@ class StepCount(L.Callback):
         self.steps += 1
 
 
-def test_distill_on_a_module_without_set_teacher_fails_at_fit_start_not_after_prune_after_steps(tmp_path):
-    prune = BlockPruneCallback(block_size=(8, 8), calib_batches=2, distill=True, prune_after_steps=3, evaluate=False)
+def _fails_before_any_step(tmp_path, module: L.LightningModule, match: str, **options) -> None:
+    """Fitting ``module`` with a BlockPruneCallback that prunes after 3 steps fails at fit start, with ``match``."""
+    prune = BlockPruneCallback(block_size=(8, 8), calib_batches=2, prune_after_steps=3, evaluate=False, **options)
     count = StepCount()
     trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[prune, count])
-    with pytest.raises(LplError, match="distill=True needs LoggingViT to have set_teacher"):
-        trainer.fit(LoggingViT(), datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    with pytest.raises(LplError, match=match):
+        trainer.fit(module, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
     assert count.steps == 0
+
+
+def test_distill_on_a_module_without_set_teacher_fails_at_fit_start_not_after_prune_after_steps(tmp_path):
+    _fails_before_any_step(tmp_path, LoggingViT(), "distill=True needs LoggingViT to have set_teacher", distill=True)
 
 
 class ManualLoggingViT(LoggingViT):
@@ -201,11 +206,4 @@ class ManualLoggingViT(LoggingViT):
 
 
 def test_manual_optimization_without_a_loss_method_fails_at_fit_start(tmp_path):
-    prune = BlockPruneCallback(block_size=(8, 8), calib_batches=2, prune_after_steps=3, evaluate=False)
-    count = StepCount()
-    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[prune, count])
-    with pytest.raises(LplError, match="manual optimization"):
-        trainer.fit(ManualLoggingViT(), datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
-    assert count.steps == 0
+    _fails_before_any_step(tmp_path, ManualLoggingViT(), "manual optimization")
