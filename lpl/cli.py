@@ -130,7 +130,8 @@ def _resolve_best(init: Any, trainer: Any) -> None:
     best = None
     if last.is_file():
         try:
-            states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+            # memory-mapped: only the callbacks' state is read, not the weights and optimizer state
+            states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
         except Exception as error:  # unreadable: said below, as for a missing one
             states = {}
             warnings.warn(f"lpl: could not read {last} ({type(error).__name__}).", stacklevel=2)
