@@ -72,7 +72,7 @@ def _options(args: argparse.Namespace, trainer: Any) -> tuple[dict[str, Any], in
 
 def prune_main(argv: list[str]) -> int:
     """``lpl prune``: prune a checkpoint's model with ``prune_model`` and save the PruneResult (see ``--help``)."""
-    from lpl.cli import run_lightning_cli
+    from lpl.lightning_cli import run_lightning_cli
     from lpl.prune.api import prune_model
     from lpl.utils.weights import read_state_dict
 

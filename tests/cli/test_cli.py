@@ -148,6 +148,20 @@ def test_ddp_two_processes_fit_the_vit(tmp_path) -> None:
     assert "final validation accuracy" in result.stdout
 
 
+def test_ddp_spawn_prunes_in_the_spawned_processes(tmp_path) -> None:
+    """ddp_spawn pickles the trainer, the CLI and its callbacks into the processes it starts."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lpl", "fit", "--config", str(CONFIGS / "mnist_vit_prune.yaml"), *SHORT,
+         "--trainer.devices=2", "--trainer.strategy=ddp_spawn", "--trainer.logger=false",
+         "--trainer.callbacks.init_args.prune_after_steps=1", "--trainer.callbacks.init_args.calib_batches=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final validation accuracy" in result.stdout
+    assert list(tmp_path.rglob("prune_result/masks.safetensors"))
+
+
 def test_prune_command_saves_a_result(tmp_path, capsys) -> None:
     from lpl.prune import PruneResult
 
