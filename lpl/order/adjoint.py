@@ -357,6 +357,8 @@ def _check_arguments(curvature_rank: int, hessian_rank: int, check_orders: int) 
         raise LplError(f"hessian_rank must be >= 0 (0: adjoint tables only), got {hessian_rank}.")
     if check_orders < 0:
         raise LplError(f"check_orders must be >= 0, got {check_orders}.")
+    # the real rank, not rank_and_world(): single_process() makes each process of a DDP script look like rank 0 but
+    # still leaves every rank calling this, and nothing else stops them writing the same recording at once
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         raise LplError(
             "record_sensitivities runs in one process and writes into the recording: call it on global rank 0 only "
@@ -527,7 +529,7 @@ def _rerun_reference(
 ) -> tuple[_ReferenceRun, float, float | None]:
     """Re-run the reference training, capturing its states, with a warning where it does not end at the recorded
     validation loss or changed buffers. Returns the run, its final validation loss and the recorded one (if any)."""
-    from lpl.order.pool import validation_loss_fn
+    from lpl.order.pool import single_val_loader, validation_loss_fn
     from lpl.order.retraining import fit_in_order, pool_batches, rebuild, validation_loss
 
     steps = recording.num_steps
@@ -538,7 +540,7 @@ def _rerun_reference(
     fit_in_order(recording, model, datamodule, steps, [capture], accelerator)
     device = model.device
     params = [p for p in model.parameters() if p.requires_grad]
-    val_loader = datamodule.val_dataloader()
+    val_loader = single_val_loader(datamodule.val_dataloader())
     rerun_loss = validation_loss(model, val_loader, capture.forward)
     recorded = recording.probe_scalars.get("val_loss", [None])[-1]
     # stacklevel 3: the warnings name record_sensitivities' caller

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -23,6 +23,9 @@ from lpl.order.replay import METHODS, ReplayResult
 from lpl.utils.errors import LplError
 from lpl.utils.cli_args import Parser, checked_device, output_dir, positive_int
 from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from lpl.order.store import Recording
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -59,16 +62,20 @@ def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
     logger.experiment.finish()
 
 
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """The arguments, with the --out folder created before any work: a path the parse-time check lets through may
-    still be impossible to create (under /proc, a name too long for the file system)."""
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recording]:
+    """The arguments and the opened --recording, with the --out folder created before any work: a path the
+    parse-time check lets through may still be impossible to create (under /proc, a name too long for the file
+    system). The recording is opened first, so that a wrong --recording leaves no empty --out folder behind."""
+    from lpl.order.store import Recording
+
     args = parser.parse_args(argv)
+    recording = Recording.open(args.recording)
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"argument --out: {str(args.out)!r}: cannot create it ({error.strerror or error}); choose "
                      "another path.")
-    return args
+    return args, recording
 
 
 def _estimator(args: argparse.Namespace):
@@ -153,11 +160,10 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--orders", required=True, help="random:N, or a JSON/text file of orders (batch ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="orders replayed at once")
-    args = _parse(parser, argv)
+    args, recording = _parse(parser, argv)
     from lpl.order.checking import reference_loss_after
-    from lpl.order.store import Recording
 
-    orders = read_orders(args.orders, Recording.open(args.recording).order, args.seed)  # before the slow load
+    orders = read_orders(args.orders, recording.order, args.seed)  # before the slow load
     estimator = _estimator(args)
     finals, curves, ends = [], [], []
     for start in range(0, len(orders), args.batch_size):
@@ -176,7 +182,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     ]
     # orders shorter than the run end after fewer steps: "no change" is the reference run's loss there
     steps = orders.shape[1]
-    reference_loss = reference_loss_after(Recording.open(args.recording), steps)
+    reference_loss = reference_loss_after(recording, steps)
     atomic_write_json(out / "estimates.json", {
         "recording": str(args.recording), "method": args.method, "linear_loss": args.linear_loss,
         "reference_loss": reference_loss, "estimates": rows,
@@ -207,7 +213,7 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--population", type=int, default=64, help="orders per generation of the genetic search")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
     parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
-    args = _parse(parser, argv)
+    args, _ = _parse(parser, argv)
     estimator = _estimator(args)
     with _wandb_logger(args, "curriculum") as logger:
         result = search(estimator, budget=args.budget, method=args.search, population=args.population, seed=args.seed,
@@ -256,7 +262,7 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
     parser = Parser(prog="lpl position-map", description="End loss of each batch by its position.")
     _common(parser)
     parser.add_argument("--batches", default=None, help="comma-separated pool batch ids (default: all)")
-    args = _parse(parser, argv)
+    args, _ = _parse(parser, argv)
     estimator = _estimator(args)
     batches = None
     if args.batches:
@@ -321,7 +327,6 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     """`lpl check-methods --recording DIR --orders random:N --out DIR`: every method against retrained orders
     (check.json, check.csv, check.png)."""
     from lpl.order.checking import LINEAR_LOSS, check_methods, plot_check
-    from lpl.order.store import Recording
 
     parser = Parser(
         prog="lpl check-methods",
@@ -338,8 +343,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="cpu", help="device for retraining (cpu, gpu, auto)")
     parser.add_argument("--out", required=True, type=output_dir, help="output folder")
     _wandb_option(parser)
-    args = _parse(parser, argv)
-    recording = Recording.open(args.recording)
+    args, recording = _parse(parser, argv)
     true_losses = None
     if args.reuse:
         if args.orders is not None:

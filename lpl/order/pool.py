@@ -38,6 +38,19 @@ def collate_samples(loader: Any, ids: Sequence[int]) -> Any:
     return loader.collate_fn([loader.dataset[i] for i in ids])
 
 
+def single_val_loader(loaders: Any) -> Any:
+    """The one validation loader of a run: a list or tuple of one loader is that loader; several (a list, tuple or
+    dict of them, as Lightning allows) are refused."""
+    if isinstance(loaders, (list, tuple)) and len(loaders) == 1:
+        return loaders[0]
+    if isinstance(loaders, (Sequence, Mapping)):
+        raise LplError(
+            f"TrainOrderRecorder needs one validation loader (its loss is what every estimate predicts), but the "
+            f"run has a {type(loaders).__name__} of {len(loaders)}; return a single DataLoader from "
+            "val_dataloader() (join the sets with torch.utils.data.ConcatDataset to validate on all of them).")
+    return loaders
+
+
 def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
     """A closure computing the sample-weighted mean ``module_loss`` over ``loader``, differentiable (the caller
     chooses eval or train mode); ``forward`` is the precision context to run each batch in."""

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from lpl.utils.trainer import rank_and_world
+
 if TYPE_CHECKING:  # the recorder passes a Projector; MatrixProjector (identity or dense) serves references
     from lpl.order.projection import MatrixProjector, Projector
 
@@ -79,9 +81,7 @@ DOT_CACHE_BYTES = 1 << 30  # keep at most this much of full vectors for the vali
 
 
 def _may_cache(ctx: ProbeContext, numel: int) -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         return False  # each rank probes a share of the pool; only rank 0 sees the validation set
     if ctx.pending_dots is None:
         return False

@@ -16,14 +16,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order import quantities
-from lpl.order.pool import collate_samples, plan_pool, validation_loss_fn
+from lpl.order.pool import collate_samples, plan_pool, single_val_loader, validation_loss_fn
 from lpl.order.projection import PROJECTION_KINDS, Projector
 from lpl.order.rng import as_in_training, capture_rng, restore_rng, same_states, step_rng_state
 from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_signature
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
-from lpl.utils.trainer import rank_and_world, restore_loader_position
+from lpl.utils.trainer import rank_and_world, restore_loader_position, single_process
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:
@@ -209,6 +209,7 @@ class TrainOrderRecorder(L.Callback):
         self._masks_warned = False
         self._changed_warned: set[str] = set()
         self._total_steps = 0
+        self._one_process = contextlib.ExitStack()  # holds single_process() for a one-device fit in a DDP process
 
     # ---- validation of the run
     @staticmethod
@@ -271,6 +272,16 @@ class TrainOrderRecorder(L.Callback):
         return sampler
 
     # ---- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A one-device Trainer in a process where an earlier DDP fit left its process group initialised (Lightning
+        # does not destroy it): the lpl samplers would yield this rank's share of every batch and the probes would
+        # wait on the other ranks, so the whole fit runs as one process (until teardown or on_exception).
+        if trainer.world_size == 1 and rank_and_world()[1] > 1:
+            self._one_process.enter_context(single_process())
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._one_process.close()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restore_loader_position(trainer)  # a resume continues the recorded order where the checkpoint left it
         optimizer = self._check_trainer(trainer, pl_module)
@@ -316,11 +327,6 @@ class TrainOrderRecorder(L.Callback):
         if val_loader is None:
             raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
                            "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")
-        if isinstance(val_loader, (Sequence, Mapping)):  # Lightning's several validation loaders
-            raise LplError(
-                f"TrainOrderRecorder needs one validation loader (its loss is what every estimate predicts), but the "
-                f"run has a {type(val_loader).__name__} of {len(val_loader)}; return a single DataLoader from "
-                "val_dataloader() (join the sets with torch.utils.data.ConcatDataset to validate on all of them).")
         if world > 1 and _draws_per_sample_randomness(pl_module):
             rank_zero_warn(
                 "TrainOrderRecorder: under DDP each process draws its own dropout / drop-path masks (and BatchNorm "
@@ -511,6 +517,7 @@ class TrainOrderRecorder(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._stop_writing()
+        self._one_process.close()  # Lightning calls no teardown hook after an exception
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resume from a checkpoint of the run's last step trains nothing, so no hook above ran: the final probe
@@ -608,13 +615,14 @@ class TrainOrderRecorder(L.Callback):
 
     @staticmethod
     def _val_loader(trainer: L.Trainer) -> Any:
+        """The run's validation loader (None without one); several are refused."""
         if trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-            return trainer.datamodule.val_dataloader()
+            return single_val_loader(trainer.datamodule.val_dataloader())
         if trainer.val_dataloaders is not None:
-            return trainer.val_dataloaders
+            return single_val_loader(trainer.val_dataloaders)
         # loaders given to fit() or defined by the module: Lightning builds them only when it first validates
         source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
-        return source.dataloader() if source is not None and source.is_defined() else None
+        return single_val_loader(source.dataloader()) if source is not None and source.is_defined() else None
 
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         rank, world = rank_and_world()

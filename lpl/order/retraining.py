@@ -16,7 +16,7 @@ import torchmetrics
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lpl.order.pool import collate_samples
+from lpl.order.pool import collate_samples, single_val_loader
 from lpl.order.recorder import constructor_hparams
 from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
@@ -136,7 +136,7 @@ class _LossCurve(L.Callback):
         self.forward: Callable[[], Any] = contextlib.nullcontext  # the run's precision context
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.loader = trainer.datamodule.val_dataloader()
+        self.loader = single_val_loader(trainer.datamodule.val_dataloader())
         self.forward = trainer.precision_plugin.forward_context
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -334,7 +334,7 @@ def retrain(
     model, datamodule = rebuild(recording, order_tensor.tolist())
     curve = _LossCurve(curve_every_n_steps, steps)
     seconds = fit_in_order(recording, model, datamodule, steps, [curve], accelerator, trainer_kwargs)
-    curve.curve[steps] = validation_loss(model, datamodule.val_dataloader(), curve.forward)
+    curve.curve[steps] = validation_loss(model, single_val_loader(datamodule.val_dataloader()), curve.forward)
     ends = None
     if batch_losses:
         ends = torch.tensor([validation_loss(model, [batch], curve.forward) for batch in pool_batches(recording, datamodule)])

@@ -22,8 +22,9 @@ def rank_and_world() -> tuple[int, int]:
 @contextlib.contextmanager
 def single_process() -> Iterator[None]:
     """Within the block ``rank_and_world()`` is (0, 1) whatever process group is initialised: for a one-process
-    Trainer (retraining a recording) run in a script after a DDP fit, whose process group Lightning leaves
-    initialised; the lpl batch samplers would otherwise give it only this rank's share of every batch."""
+    Trainer (retraining a recording; ``TrainOrderRecorder`` enters it for a one-device fit) run in a script after a
+    DDP fit, whose process group Lightning leaves initialised; the lpl batch samplers would otherwise give it only
+    this rank's share of every batch."""
     global _single_process
     previous, _single_process = _single_process, True
     try:

@@ -1,9 +1,11 @@
 """Tiny model, datamodule and a command-line training run shared by the recorder tests (no tests in here).
 
 ``python tests/order/recorder_support.py --dirpath D --ckpt-dir C [--resume] [--kill-at STEP:HOOK] [--devices 2]
-[--then-retrain]`` trains TinyNet on TinyDataModule with a TrainOrderRecorder and a per-2-step ModelCheckpoint
-(last.ckpt); ``--then-retrain`` then retrains the recorded order and re-runs it for the sensitivity data in the same
-process (global rank 0), printing both final validation losses.
+[--metrics] [--then-retrain] [--then-record D2]`` trains TinyNet (MetricNet with ``--metrics``) on TinyDataModule with a
+TrainOrderRecorder and a per-2-step ModelCheckpoint (last.ckpt); ``--then-retrain`` then retrains the recorded order
+and re-runs it for the sensitivity data in the same process (global rank 0), printing both final validation losses;
+``--then-record D2`` then records the same run again into D2 with a one-device Trainer in that process (global rank 0)
+and prints ``rank_and_world()`` after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torchmetrics
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -71,6 +74,21 @@ class TinyNet(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+class MetricNet(TinyNet):
+    """TinyNet logging a torchmetrics accuracy per epoch: Lightning computes it at the epoch's end, which gathers its
+    state over the initialised process group (``sync_on_compute``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.net(batch["x"])
+        self.accuracy(logits.detach(), batch["y"])
+        self.log("train_acc", self.accuracy, on_step=False, on_epoch=True)
+        return nn.functional.cross_entropy(logits, batch["y"])
+
+
 def trainer_kwargs(**overrides):
     kwargs = dict(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -114,10 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--then-retrain", action="store_true")
+    parser.add_argument("--then-record", default="")
+    parser.add_argument("--metrics", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    model = TinyNet()
+    model = MetricNet() if args.metrics else TinyNet()
     callbacks = [TrainOrderRecorder(args.dirpath, proj_dim=16, probe_every_n_steps=args.probe_every, resume=args.resume,
                                     store_dtype="float32")]
     if args.kill_at:
@@ -137,6 +157,15 @@ def main(argv: list[str] | None = None) -> None:
                              verbose=False)
         rerun = Recording.open(args.dirpath).manifest["sensitivity"]["rerun_val_loss"]
         print(f"retrained {retrained!r} re-run {rerun!r}")
+    if args.then_record and trainer.global_rank == 0:
+        L.seed_everything(0, verbose=False)
+        recorder = TrainOrderRecorder(args.then_record, proj_dim=16, probe_every_n_steps=args.probe_every,
+                                      store_dtype="float32")
+        alone = L.Trainer(**trainer_kwargs(max_steps=args.max_steps, callbacks=[recorder]))
+        alone.fit(TinyNet(), datamodule=TinyDataModule())
+        from lpl.utils.trainer import rank_and_world
+
+        print(f"after the one-device fit: {rank_and_world()}")  # the DDP group's view again
 
 
 if __name__ == "__main__":

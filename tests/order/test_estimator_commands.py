@@ -9,7 +9,9 @@ import pytest
 import wandb
 import torch
 
-from lpl.order.commands import curriculum_main, estimate_main, position_map_main, read_orders, sensitivity_main
+from lpl.order.commands import (
+    check_methods_main, curriculum_main, estimate_main, position_map_main, read_orders, sensitivity_main,
+)
 from lpl.utils.errors import LplError
 from test_estimator_task import NUM_BATCHES, record
 
@@ -62,6 +64,16 @@ def test_bad_arguments_stop_before_any_work(recording, tmp_path, capsys, argumen
     with pytest.raises(SystemExit) as exit_info:
         estimate_main([item for pair in arguments.items() for item in pair])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main, extra", [(estimate_main, ["--orders", "random:4"]), (curriculum_main, []),
+                                         (position_map_main, []), (check_methods_main, [])])
+def test_a_wrong_recording_is_refused_before_out_is_created(tmp_path, main, extra):
+    (tmp_path / "empty").mkdir()
+    for recording in (tmp_path / "nonexistent", tmp_path / "empty"):
+        with pytest.raises(LplError, match=f"{recording} holds no recording"):
+            main(["--recording", str(recording), "--out", str(tmp_path / "out" / "sub"), *extra])
+    assert not (tmp_path / "out").exists()
 
 
 def test_curriculum_and_position_map(recording, tmp_path):

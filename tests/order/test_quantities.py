@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -198,6 +200,27 @@ def test_pool_first_then_validation_gives_the_dot_scalars_per_batch():
     assert "val_dot_update" not in pool[0] and val["val_dot_update"].shape == (len(batches),)
     torch.testing.assert_close(val["val_dot_update"], torch.stack([ctx.val_grad @ e["update"] for e in exact]))
     torch.testing.assert_close(val["val_dot_precond"], torch.stack([ctx.val_grad @ e["precond_grad"] for e in exact]))
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_pool_first_dot_scalars_follow_the_process_count_single_process_sets(monkeypatch, alone):
+    # a 2-rank process group a DDP fit left initialised (faked: one process cannot hold a real one of 2): each rank
+    # probes a share of the pool and keeps no dot scalars; inside single_process() one process probes all of them
+    import torch.distributed as dist
+
+    from lpl.utils.trainer import single_process
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    model, batches = _problem(5)
+    params, adam = _fresh_adam(model)
+    ctx = ProbeContext(0, params, adam, DenseProjector(sum(p.numel() for p in params), 8))
+    with single_process() if alone else contextlib.nullcontext():
+        for b in batches:
+            probe_pool_batch(ctx, lambda b=b: _loss(model, b))
+        val = probe_validation(ctx, lambda: _loss(model, batches[0]))
+    assert ("val_dot_update" in val) == alone
 
 
 class CountingProjector(Projector):

@@ -155,6 +155,29 @@ def test_refuses_optimizer_that_is_not_adam(tmp_path):
         _fit(TinyNet(optimizer="sgd"), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)])
 
 
+class SeenRankAndWorld(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        from lpl.utils.trainer import rank_and_world
+
+        self.seen = rank_and_world()
+
+
+def test_a_one_device_fit_under_a_leftover_process_group_is_one_process_until_it_ends(tmp_path, monkeypatch):
+    # a 2-rank group a DDP fit left initialised (faked: one process cannot hold a real one of 2; the real one is in
+    # test_recorder_ddp.py); the view must also end when the fit fails, where Lightning calls no teardown hook
+    import torch.distributed as dist
+
+    from lpl.utils.trainer import rank_and_world
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    seen = SeenRankAndWorld()
+    with pytest.raises(LplError, match="optimizer is SGD"):
+        _fit(TinyNet(optimizer="sgd"), [seen, TrainOrderRecorder(tmp_path / "rec", proj_dim=8)])
+    assert seen.seen == (0, 1) and rank_and_world() == (0, 2)
+
+
 def test_refuses_gradient_accumulation(tmp_path):
     with pytest.raises(LplError, match="accumulate_grad_batches=1"):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], accumulate_grad_batches=2)
@@ -271,6 +294,34 @@ def test_refuses_several_validation_loaders_before_writing_anything(tmp_path, da
     with pytest.raises(LplError, match=f"one validation loader.*a {kind} of 2"):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=datamodule())
     assert not (tmp_path / "rec").exists()
+
+
+class ValidationLoaderInAList(TinyDataModule):
+    def val_dataloader(self):
+        return [super().val_dataloader()]
+
+
+class ValidationLoaderInATuple(TinyDataModule):
+    def val_dataloader(self):
+        return (super().val_dataloader(),)
+
+
+@pytest.mark.parametrize("datamodule", [ValidationLoaderInAList, ValidationLoaderInATuple])
+def test_a_validation_loader_alone_in_a_list_or_tuple_is_that_loader(tmp_path, datamodule):
+    from lpl.order import record_sensitivities, retrain
+
+    for name, data in (("plain", TinyDataModule()), ("wrapped", datamodule())):
+        L.seed_everything(0, verbose=False)
+        _fit(TinyNet(), [TrainOrderRecorder(tmp_path / name, proj_dim=8)], max_steps=3, datamodule=data)
+    plain, wrapped = Recording.open(tmp_path / "plain"), Recording.open(tmp_path / "wrapped")
+    assert wrapped.status == "complete" and wrapped.probe_scalars["val_loss"] == plain.probe_scalars["val_loss"]
+    # retraining and the sensitivity data's re-run measure it through the rebuilt datamodule's container too
+    final = wrapped.probe_scalars["val_loss"][-1]
+    assert retrain(tmp_path / "wrapped", wrapped.order, accelerator="cpu").final_loss == pytest.approx(final, rel=1e-5)
+    record_sensitivities(tmp_path / "wrapped", curvature_rank=0, hessian_rank=0, accelerator="cpu", check_orders=0,
+                         verbose=False)
+    rerun = Recording.open(tmp_path / "wrapped").manifest["sensitivity"]["rerun_val_loss"]
+    assert rerun == pytest.approx(final, rel=1e-5)
 
 
 class WithActivation(TinyNet):
