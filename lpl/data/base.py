@@ -96,8 +96,9 @@ class IndexedDataModule(L.LightningDataModule):
         return OrderedBatchSampler(batches, self.order)
 
     def train_dataloader(self) -> DataLoader:
-        loader = ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler(), **self.loader_kwargs())
-        loader.trainer = self.trainer
+        sampler = self.train_batch_sampler()
+        loader = ResumableDataLoader(self.train_set, batch_sampler=sampler, **self.loader_kwargs())
+        loader.trainer = sampler.trainer = self.trainer
         return loader
 
     def val_dataloader(self) -> DataLoader:

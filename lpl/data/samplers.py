@@ -34,7 +34,13 @@ def _rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
 
 
 class _ResumableBatchSampler(Sampler[list[int]]):
-    """Shared mechanics: position tracking, state_dict, rank slicing. Subclasses define ``global_batches``."""
+    """Shared mechanics: position tracking, state_dict, rank slicing. Subclasses define ``global_batches``.
+
+    ``trainer``: the Trainer it feeds (the DataModules set it), whose rank and world size pick the slice; without
+    one, torch.distributed's. A one-device Trainer run after a DDP fit in the same process (Lightning leaves the
+    process group initialised) then still trains whole batches."""
+
+    trainer: Any = None
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -55,7 +61,8 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         return len(self.global_batches(self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
-        rank, world = rank_and_world()
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else rank_and_world()
         if self._consumed and not self._restored:
             # the last pass was abandoned (Lightning stops after the epoch's last batch, or earlier under
             # limit_train_batches, without exhausting us): this pass is the next epoch, from its first batch

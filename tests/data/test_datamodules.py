@@ -1,7 +1,9 @@
+import lightning as L
 import pytest
 import torch
 
 from lpl.data import MNIST5kDataModule, OrderedBatchSampler, SeededBatchSampler, TextCorpusDataModule
+from lpl.data.base import IndexedDataModule
 from lpl.data.imagefolder import ImageFolderDataModule
 from lpl.utils.errors import LplError
 
@@ -202,3 +204,45 @@ def test_sampler_ids_and_saved_positions_out_of_range_are_refused() -> None:
         sampler.load_state_dict({"epoch": 0, "consumed": 5})
     sampler.load_state_dict({"epoch": 0, "consumed": 1})
     assert list(sampler) == [[2, 3]]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "x": torch.full((2,), float(i))}
+
+
+class _TinyData(IndexedDataModule):
+    def __init__(self) -> None:
+        super().__init__(batch_size=4, seed=0, batches=None, order=None, eval_batch_size=4)
+
+    def build_datasets(self):
+        return _Indexed(), _Indexed()
+
+
+class _SeesBatches(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["index"].tolist())
+        return self.layer(batch["x"]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_one_device_fit_trains_whole_batches_under_a_leftover_process_group(monkeypatch) -> None:
+    """A script's one-device Trainer after a DDP fit: torch.distributed still reports the DDP fit's 2 processes."""
+    from lpl.data import samplers
+
+    monkeypatch.setattr(samplers, "rank_and_world", lambda: (1, 2))
+    model = _SeesBatches()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(model, datamodule=_TinyData())
+    assert model.seen == _TinyData().train_batches()[:2]
