@@ -21,6 +21,7 @@ from lpl.prune.blocks import block_elements, block_grid, check_block_size, expan
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
+from lpl.prune.masking import COMPUTED_WEIGHT, weight_is_computed
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 from lpl.utils.trainer import rank_and_world
@@ -41,7 +42,8 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
 
     Linears torch reads as weights instead of calling (``nn.MultiheadAttention``'s ``out_proj``,
     ``nn.TransformerEncoderLayer``'s feed-forward) are never candidates: they can neither be calibrated through their
-    calls nor run block-sparse."""
+    calls nor run block-sparse. Nor are Linears that compute more than ``x W^T + b`` (``linear_extras``: a subclass
+    with its own forward or parameters, a weight computed by a parametrization)."""
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not read_as_weight(model, name)}
     include = _patterns("include", include, ["*"])
@@ -56,7 +58,8 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
             f"include={include} / exclude={exclude} match no Linear layer (the model's Linear layers: {examples}); "
             "use glob patterns on module names such as '*.qkv' or '*mlp.fc*'."
         )
-    return _without_tied_weights(chosen, explicit=include != ["*"])
+    explicit = include != ["*"]
+    return _without_tied_weights(_without_extras(chosen, explicit), explicit)
 
 
 def _patterns(option: str, value: str | Sequence[str] | None, default: list[str]) -> list[str]:
@@ -84,6 +87,49 @@ def read_as_weight(model: nn.Module, name: str) -> bool:
     parent = model.get_submodule(parent_name) if parent_name else model
     return isinstance(parent, nn.MultiheadAttention) or (
         isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"))
+
+
+def _plain_forwards() -> set:
+    """Linear forwards that compute exactly ``F.linear(x, self.weight, self.bias)``: torch's and timm's (which only
+    casts under TorchScript)."""
+    forwards = {nn.Linear.forward}
+    try:
+        from timm.layers import Linear as TimmLinear
+    except ImportError:
+        return forwards
+    return forwards | {TimmLinear.forward}
+
+
+def linear_extras(layer: nn.Linear) -> str | None:
+    """What ``layer`` computes beyond ``x W^T + b`` from its own weight and bias parameters (a block mask or a
+    ``BlockSparseLinear`` would drop or miss it), said as a clause; None for a plain Linear."""
+    if weight_is_computed(layer):
+        return COMPUTED_WEIGHT
+    if type(layer).forward not in _plain_forwards():
+        return f"it is a {type(layer).__name__} with its own forward"
+    extra = [name for name, _ in layer.named_parameters()] + [name for name, _ in layer.named_buffers()]
+    extra = [name for name in extra if name not in ("weight", "bias")]
+    if extra:
+        return f"it holds {extra} besides its weight and bias"
+    return None
+
+
+def _without_extras(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
+    """Layers that compute more than ``x W^T + b`` (``linear_extras``) cannot run block-sparse: an error when the
+    user chose them, left dense with a warning in the default selection."""
+    extras = {name: reason for name, layer in layers.items() if (reason := linear_extras(layer)) is not None}
+    if not extras:
+        return layers
+    name, reason = next(iter(extras.items()))
+    if explicit:
+        raise LplError(f"Linear layer {name!r} cannot be block-pruned: {reason}, which a block-sparse layer would "
+                       f"not keep; leave it dense with exclude={[name]!r}.")
+    warnings.warn(f"prune_model: {len(extras)} Linear layers left dense because they compute more than x W^T + b "
+                  f"(e.g. {name!r}: {reason}).", stacklevel=5)  # prune_model's caller
+    remaining = {n: layer for n, layer in layers.items() if n not in extras}
+    if not remaining:
+        raise LplError(f"no selected Linear layer can be block-pruned: e.g. {name!r}: {reason}.")
+    return remaining
 
 
 def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:

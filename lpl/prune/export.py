@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from lpl.prune.api import read_as_weight
+from lpl.prune.api import linear_extras, read_as_weight
 from lpl.prune.result import submodule_prefix
 from lpl.utils.errors import LplError
 
@@ -26,6 +26,10 @@ def to_block_sparse(
     matmul is faster. A layer registered in several places (one module object shared) becomes one
     ``BlockSparseLinear`` shared the same way. When ``model`` is itself the masked Linear (named ``""``), it cannot
     be replaced in place: the new ``BlockSparseLinear`` is returned instead (the Linear itself if every block is kept).
+    Forward and backward hooks registered on a replaced Linear run on its replacement (their handles still remove
+    them). A Linear that computes more than ``x W^T + b`` (a subclass with its own forward or parameters, a weight
+    computed by a parametrization: ``prune_model`` leaves such layers dense) is refused, as are masks computed for
+    other shapes or another block size.
 
     Example::
 
@@ -56,6 +60,14 @@ def to_block_sparse(
                 f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
                 f"export the model the masks were computed for."
             )
+        extras = linear_extras(linear)
+        if extras is not None:
+            raise LplError(f"layer {name!r} cannot run block-sparse: {extras}, which a BlockSparseLinear would not "
+                           f"keep; prune it with exclude={[name]!r} so that it stays dense.")
+        shape = getattr(prune_result, "shapes", {}).get(raw_name)
+        if shape is not None and tuple(shape) != tuple(linear.weight.shape):
+            raise LplError(f"layer {name!r} has shape {tuple(linear.weight.shape)} but the prune result was computed "
+                           f"for {tuple(shape)}; export the model it was computed for.")
         places = [place for place, module in modules.items() if module is linear]
         read = next((place for place in places if read_as_weight(model, place)), None)
         if read is not None:
@@ -72,6 +84,7 @@ def to_block_sparse(
             continue
         sparse = BlockSparseLinear.from_linear(linear, mask, size)
         sparse.train(linear.training)
+        _share_call_hooks(linear, sparse)
         if linear is model:  # a bare Linear has no parent to hold its replacement
             return sparse
         # every place the layer is registered (one module shared by several parents) runs the one sparse layer:
@@ -83,14 +96,35 @@ def to_block_sparse(
     return model
 
 
+# the hook tables of a module call (forward, pre-forward, backward), which the replacement layer shares
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _share_call_hooks(linear: nn.Linear, sparse: nn.Module) -> None:
+    """``sparse`` runs the hooks registered on ``linear`` (the very tables: their handles still remove them)."""
+    for table in _CALL_HOOKS:
+        if hasattr(linear, table):
+            setattr(sparse, table, getattr(linear, table))
+    sparse._is_full_backward_hook = linear._is_full_backward_hook
+
+
 def _masks_and_block_size(prune_result: Any, block_size: Any) -> tuple[Mapping[str, torch.Tensor], Any]:
+    from lpl.kernels.format import normalize_block_size
+
     if hasattr(prune_result, "block_masks") and hasattr(prune_result, "block_size"):
-        return prune_result.block_masks, prune_result.block_size
-    if isinstance(prune_result, Mapping) and "block_masks" in prune_result:
-        size = prune_result.get("block_size", block_size)
+        masks, size = prune_result.block_masks, prune_result.block_size
+    elif isinstance(prune_result, Mapping) and "block_masks" in prune_result:
+        masks, size = prune_result["block_masks"], prune_result.get("block_size", block_size)
         if size is None:
             raise LplError("the prune result dict has 'block_masks' but no 'block_size'; add it or pass block_size=.")
-        return prune_result["block_masks"], size
+    else:
+        masks, size = None, None
+    if masks is not None:
+        if block_size is not None and normalize_block_size(block_size) != normalize_block_size(size):
+            raise LplError(f"block_size={block_size!r} contradicts the prune result's block size {size!r}; leave "
+                           "block_size out (it is for a plain dict of masks).")
+        return masks, size
     if isinstance(prune_result, Mapping) and all(isinstance(v, torch.Tensor) for v in prune_result.values()):
         if block_size is None:
             raise LplError("a plain dict of block masks needs block_size=(br, bc): to_block_sparse(model, masks, (32, 32)).")

@@ -11,8 +11,17 @@ from torch import nn
 
 from lpl.prune.blocks import expand_block_mask
 from lpl.prune.result import PruneResult
+from lpl.utils.errors import LplError
 
 _HANDLE_ATTR = "_lpl_block_masks"
+COMPUTED_WEIGHT = ("its weight is computed at every call (a parametrization such as weight_norm or spectral_norm), "
+                   "so zeroed blocks would not stay zero")
+
+
+def weight_is_computed(layer: nn.Module) -> bool:
+    """Whether ``layer.weight`` is recomputed at every call rather than a parameter of the layer (torch's
+    parametrizations, the older weight_norm / spectral_norm hooks)."""
+    return not isinstance(layer._parameters.get("weight"), nn.Parameter)
 
 
 class MaskHandle:
@@ -151,6 +160,11 @@ def apply_masks(
         handle.remove()
     """
     layers = result.layers_in(model)
+    for name, layer in layers.items():
+        if weight_is_computed(layer):
+            raise LplError(f"layer {name!r} cannot be masked: {COMPUTED_WEIGHT}; remove the parametrization "
+                           "(torch.nn.utils.parametrize.remove_parametrizations) before pruning, or leave the layer "
+                           "dense.")
     previous = model.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
         previous.remove()

@@ -72,6 +72,12 @@ class PruneResult:
         for name, shape in self.shapes.items():
             layer = modules.get(name.removeprefix(prefix))
             if not isinstance(layer, nn.Linear):
+                from lpl.kernels import BlockSparseLinear
+
+                if isinstance(layer, BlockSparseLinear):
+                    raise LplError(f"layer {name!r} is block-sparse already (exported by to_block_sparse): masks "
+                                   "apply to the dense model the result was computed for; an exported model keeps "
+                                   "its blocks as they are.")
                 close = [n for n, m in modules.items() if isinstance(m, nn.Linear)][:3]
                 raise LplError(
                     f"this PruneResult masks layer {name!r}, which the model does not have as a Linear "

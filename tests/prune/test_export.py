@@ -182,3 +182,82 @@ def test_a_shared_layer_that_a_multihead_attention_reads_as_weight_is_refused_un
     with pytest.raises(LplError, match="'attn.out_proj'.*MultiheadAttention"):
         to_block_sparse(model, {"proj": torch.tensor([[True, False], [True, True]])}, block_size=16)
     assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass that does more than x W^T + b (a learned output gain)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def _weight_normed(layer: nn.Linear) -> nn.Linear:
+    return nn.utils.parametrizations.weight_norm(layer)
+
+
+@pytest.mark.parametrize("make", [lambda: _ScaledLinear(32, 64), lambda: _weight_normed(nn.Linear(32, 64))],
+                         ids=["own_forward", "weight_norm"])
+def test_linears_computing_more_than_x_wt_plus_b_are_left_dense_or_refused(make) -> None:
+    from lpl.prune import prune_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(make(), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    calib = [torch.randn(4, 32) for _ in range(2)]
+    with pytest.warns(UserWarning, match="left dense because they compute more than"):
+        result = prune_model(model, calib, block_size=(16, 16), flops_keep=0.75, stages=1, loss="logit_energy",
+                             exclude=["4"])
+    assert "0" not in result.block_masks and "2" in result.block_masks
+    with pytest.raises(LplError, match="'0' cannot be block-pruned"):
+        prune_model(model, calib, block_size=(16, 16), flops_keep=0.7, include=["0", "2"], loss="logit_energy")
+    # a result made elsewhere (by hand, or before this check) is refused at export instead of dropping the extra
+    with pytest.raises(LplError, match="'0' cannot run block-sparse"):
+        to_block_sparse(model, {"0": torch.tensor([[True, False], [False, True], [True, True], [True, False]])},
+                        block_size=16)
+
+
+def test_apply_masks_refuses_a_weight_computed_by_a_parametrization() -> None:
+    from lpl.prune import PruneResult, apply_masks
+
+    model = nn.Sequential(_weight_normed(nn.Linear(32, 32)))
+    mask = torch.tensor([[True, False], [False, True]])
+    result = PruneResult({"0": mask}, (16, 16), {"0": (32, 32)}, 0.5, 0.5, 1.0, 1.0)
+    with pytest.raises(LplError, match="weight is computed at every call"):
+        apply_masks(model, result)
+
+
+def test_the_exported_layer_runs_the_dense_layers_hooks_and_their_handles_still_remove_them(rel_err) -> None:
+    model, masks = _model_and_masks()
+    seen = []
+    handle = model[0].fc1.register_forward_hook(lambda module, args, out: out * 2)
+    pre = model[0].fc1.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    _apply_masks_densely(model, masks, 32)
+    x = torch.randn(5, 40)
+    expected = model(x)
+    to_block_sparse(model, masks, block_size=32)
+    assert isinstance(model[0].fc1, BlockSparseLinear)
+    assert rel_err(model(x), expected) < 1e-5 and len(seen) == 2
+    handle.remove()
+    pre.remove()
+    assert not model[0].fc1._forward_hooks and not model[0].fc1._forward_pre_hooks
+
+
+def test_export_refuses_a_result_of_other_shapes_or_block_size_and_masking_an_exported_model_says_so() -> None:
+    from lpl.prune import PruneResult, apply_masks
+
+    model, _ = _model_and_masks()
+    mask = torch.tensor([[True, False, True]])
+    wide = PruneResult({"0.fc1": torch.ones(6, 3, dtype=torch.bool) & mask}, (16, 16), {"0.fc1": (96, 41)},
+                       0.5, 0.5, 1.0, 1.0)
+    with pytest.raises(LplError, match=r"has shape \(96, 40\) but the prune result was computed for \(96, 41\)"):
+        to_block_sparse(model, wide)
+    result = PruneResult({"0.fc1": torch.ones(6, 3, dtype=torch.bool) & mask}, (16, 16), {"0.fc1": (96, 40)},
+                         0.5, 0.5, 1.0, 1.0)
+    with pytest.raises(LplError, match="contradicts the prune result's block size"):
+        to_block_sparse(model, result, block_size=32)
+    to_block_sparse(model, result)
+    with pytest.raises(LplError, match="is block-sparse already"):
+        apply_masks(model, result)
