@@ -114,11 +114,14 @@ def check_methods(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LplError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    data = replay_data_from_recording(recording)  # before any retraining: refuses an incomplete recording
     if true_losses is None:
         true_losses = []
         for i, order in enumerate(order_tensor):
             start = time.perf_counter()
-            result = retrain(path, order.tolist(), curve_every_n_steps=order_tensor.shape[1], accelerator=accelerator)
+            # the opened, verified recording: its files are not hashed again for every order
+            result = retrain(recording, order.tolist(), curve_every_n_steps=order_tensor.shape[1],
+                             accelerator=accelerator)
             true_losses.append(result.final_loss)
             rank_zero_info(f"check_methods: retrained order {i + 1}/{len(order_tensor)} in "
                            f"{time.perf_counter() - start:.1f}s: final validation loss {result.final_loss:.4f}")
@@ -128,7 +131,6 @@ def check_methods(
     if not all(math.isfinite(t) for t in true_losses):
         raise LplError("a retrained order ended with a non-finite loss; the run diverges along it, so no estimate "
                        "can be scored there: check with orders that train stably.")
-    data = replay_data_from_recording(recording)
     check = MethodCheck(order_tensor, true_losses, reference_loss_after(recording, order_tensor.shape[1]))
     for method in methods:
         try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from lpl.order.estimator import log_estimates
-from lpl.order.replay import METHODS, ReplayResult
+from lpl.order.replay import METHODS, ReplayResult, as_orders, check_orders
 from lpl.utils.errors import LplError
 from lpl.utils.cli_args import Parser, checked_device, output_dir, positive_int
 from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
@@ -90,10 +90,15 @@ MAX_RANDOM_ORDERS = 100_000
 MAX_RANDOM_ORDER_ITEMS = 50_000_000
 
 
+ORDERS_HELP = ("random:N, or a file: a JSON list of orders (or of one order's batch ids), one order per line (batch "
+               "ids separated by commas or spaces), or the estimates.csv of `lpl estimate`")
+
+
 def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``random:N`` (N random permutations of the reference order: every batch as often as the run trained it, so
-    a run of several epochs over one pool gets orders of its whole length), or a file: JSON list of orders, or one
-    order per line with batch ids separated by commas or spaces. Returns long [N, L]; all orders of one length."""
+    a run of several epochs over one pool gets orders of its whole length), or a file: a JSON list of orders or one
+    flat JSON list (one order), one order per line with batch ids separated by commas or spaces, or a CSV whose header
+    has an ``order`` column (the estimates.csv of ``lpl estimate``). Returns long [N, L]; all orders of one length."""
     if spec.startswith("random:"):
         try:
             count = int(spec.split(":", 1)[1])
@@ -110,30 +115,71 @@ def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: 
         return items[keys.argsort(dim=1)]
     path = Path(spec)
     if not path.is_file():
-        raise LplError(f"--orders {spec!r} is neither random:N nor a file; pass a JSON list of orders or a text file.")
+        raise LplError(f"--orders {spec!r} is neither random:N nor a file; pass {ORDERS_HELP}.")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not content
     except UnicodeDecodeError:
         raise LplError(f"{path} is not UTF-8 text; save the orders as UTF-8 (JSON or one order per line).") from None
-    try:
-        orders = json.loads(text)
-    except ValueError:
-        orders = None
-    if isinstance(orders, dict):
-        raise LplError(f"{path} holds a JSON object; give a JSON list of orders ([[3, 0, 1, 2], ...]) or one order "
-                       "per line.")
-    if not isinstance(orders, list):  # not JSON, or a bare number: one order per line
-        try:
-            orders = [[int(x) for x in line.replace(",", " ").split()] for line in text.splitlines() if line.strip()]
-        except ValueError:
-            raise LplError(f"{path}: each line must list integer batch ids separated by commas or spaces.") from None
-    is_id = lambda i: type(i) is int and 0 <= i < 2**62  # noqa: E731 (bools are ints to Python, not ids)
-    if not orders or not all(isinstance(o, list) and o and all(is_id(i) for i in o) for o in orders):
-        raise LplError(f"{path} must hold a non-empty list of orders, each a non-empty list of batch ids (whole "
-                       "numbers from 0).")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
+        orders = _json_orders(path, text)
+    else:
+        orders = _text_orders(path, text)
+    if not orders:
+        raise LplError(f"{path} holds no order; write a JSON list of orders ([[3, 0, 1, 2], ...]) or one order per "
+                       "line.")
+    for row, order in enumerate(orders, 1):
+        if not isinstance(order, list) or not order:
+            raise LplError(f"{path}: order {row} is {order!r:.40}, not a non-empty list of batch ids.")
+        for position, value in enumerate(order, 1):
+            if type(value) is not int or not -(2**62) < value < 2**62:  # bools are ints to Python, not ids
+                raise LplError(f"{path}: order {row} holds {value!r:.40} at position {position}, not a batch id: "
+                               "batch ids are whole numbers from 0.")
+            if value < 0:
+                raise LplError(f"{path}: order {row} names batch id {value} at position {position}, but batch ids "
+                               "count the pool's batches from 0.")
     if len({len(o) for o in orders}) != 1:
         raise LplError(f"{path}: all orders must have the same length (found {sorted({len(o) for o in orders})}).")
     return torch.tensor(orders, dtype=torch.long)
+
+
+def _json_orders(path: Path, text: str) -> list[Any]:
+    """The orders of a JSON file: a list of orders, or one flat list of batch ids (one order)."""
+    try:
+        orders = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LplError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); fix "
+                       "it, or write one order per line.") from None
+    if isinstance(orders, dict):
+        raise LplError(f"{path} holds a JSON object; give a JSON list of orders ([[3, 0, 1, 2], ...]) or one order "
+                       "per line.")
+    if not isinstance(orders, list):
+        raise LplError(f"{path} holds the JSON value {orders!r:.40}, not a list of orders; give [[3, 0, 1, 2], ...] "
+                       "or one order [3, 0, 1, 2].")
+    if orders and not any(isinstance(o, list) for o in orders):  # [3, 0, 1, 2]: one order
+        return [orders]
+    return orders
+
+
+def _text_orders(path: Path, text: str) -> list[list[int]]:
+    """The orders of a text file: one per line, batch ids separated by commas or spaces; or a CSV with a header whose
+    ``order`` column holds them (the estimates.csv of ``lpl estimate``)."""
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    header = [field.strip() for field in lines[0][1].split(",")] if lines else []
+    column = header.index("order") if "order" in header else None
+    orders = []
+    for number, line in lines[1:] if column is not None else lines:
+        if column is not None:
+            fields = next(csv.reader([line]))
+            if len(fields) <= column:
+                raise LplError(f"{path}, line {number}: no value in the order column.")
+            line = fields[column]
+        try:
+            orders.append([int(x) for x in line.replace(",", " ").split()])
+        except ValueError:
+            raise LplError(f"{path}, line {number}: {line.strip()!r:.60} is not a list of integer batch ids; give one "
+                           "order per line (ids separated by commas or spaces), a JSON list of orders, or the "
+                           "estimates.csv of `lpl estimate` (its order column is read).") from None
+    return orders
 
 
 def _plot_curves(curves: torch.Tensor, reference: torch.Tensor, path: Path, limit: int = 20) -> None:
@@ -157,13 +203,15 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     """`lpl estimate --recording DIR --orders FILE|random:N --out DIR`: estimates.json, estimates.csv, curves.png."""
     parser = Parser(prog="lpl estimate", description="Estimate the final loss of batch orders.")
     _common(parser)
-    parser.add_argument("--orders", required=True, help="random:N, or a JSON/text file of orders (batch ids)")
+    parser.add_argument("--orders", required=True, help=ORDERS_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="orders replayed at once")
     args, recording = _parse(parser, argv)
     from lpl.order.checking import reference_loss_after
 
-    orders = read_orders(args.orders, recording.order, args.seed)  # before the slow load
+    # before the slow load: ids the pool lacks and orders longer than the run are refused here
+    orders = check_orders(read_orders(args.orders, recording.order, args.seed), len(recording.batches),
+                          recording.num_steps)
     estimator = _estimator(args)
     finals, curves, ends = [], [], []
     for start in range(0, len(orders), args.batch_size):
@@ -210,7 +258,8 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=4096, help="orders scored by the estimator")
     parser.add_argument("--search", default="genetic", choices=SEARCH_METHODS,
                         help="genetic: the paper's search; local: hill climbing by random swaps and moves (cheaper)")
-    parser.add_argument("--population", type=int, default=64, help="orders per generation of the genetic search")
+    parser.add_argument("--population", type=int, default=64,
+                        help="orders per generation of the genetic search (local: orders scored per round)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
     parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
     args, _ = _parse(parser, argv)
@@ -332,8 +381,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
         prog="lpl check-methods",
         description="Retrain a few orders and score every estimation method against them, next to 'no change'.")
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
-    parser.add_argument("--orders", default=None,
-                        help="random:N, or a JSON/text file of orders (batch ids); default random:8")
+    parser.add_argument("--orders", default=None, help=f"{ORDERS_HELP}; default random:8")
     parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
     parser.add_argument("--reuse", default=None, metavar="CHECK_JSON",
                         help="the check.json of an earlier check of this recording: score its orders again without "
@@ -394,14 +442,35 @@ def _earlier_check(path: str, recording: Any) -> tuple[torch.Tensor, list[float]
     """Orders and retrained losses of an earlier ``check.json``, refused unless it was made for ``recording``."""
     from lpl.order.checking import reference_loss_after
 
+    what = f"--reuse {path} is not a check.json written by `lpl check-methods`"
+    fix = "pass the check.json in the --out folder of an earlier check of this recording"
     try:
-        earlier = json.loads(Path(path).read_text())
-        orders = torch.tensor(earlier["orders"], dtype=torch.long)
-        true_losses = [float(t) for t in earlier["true_losses"]]
-        reference = float(earlier["reference_loss"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise LplError(f"--reuse {path}: not a check.json written by `lpl check-methods` ({error}).") from None
-    expected = reference_loss_after(recording, orders.shape[-1]) if orders.ndim == 2 else float("nan")
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise LplError(f"--reuse {path}: cannot read it ({reason}); {fix}.") from None
+    try:
+        earlier = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LplError(f"{what} (not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}); {fix}."
+                       ) from None
+    if not isinstance(earlier, dict):
+        raise LplError(f"{what} (it holds a JSON {type(earlier).__name__}, not an object); {fix}.")
+    missing = [key for key in ("orders", "true_losses", "reference_loss") if key not in earlier]
+    if missing:
+        raise LplError(f"{what} (it has no {', '.join(missing)}); {fix}.")
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    true_losses, reference = earlier["true_losses"], earlier["reference_loss"]
+    if not (isinstance(true_losses, list) and all(map(is_number, true_losses)) and is_number(reference)):
+        raise LplError(f"{what} (its true_losses and reference_loss are not numbers); {fix}.")
+    try:
+        orders = as_orders(earlier["orders"])
+    except LplError as error:
+        raise LplError(f"{what} (its orders: {error}); {fix}.") from None
+    if orders.ndim != 2:
+        raise LplError(f"{what} (its orders are not a list of orders); {fix}.")
+    true_losses, reference = [float(t) for t in true_losses], float(reference)
+    expected = reference_loss_after(recording, orders.shape[-1])
     if not abs(reference - expected) <= 1e-6 * max(1.0, abs(reference)):
         raise LplError(f"--reuse {path} was made for another recording (reference loss {reference:.6g}, this one's "
                        f"{expected:.6g}).")

@@ -121,8 +121,10 @@ def search(
     """Search permutations of the reference order (every pool batch as often as the run trained it; or of
     ``batches``) for the lowest estimated final validation loss.
 
-    ``budget``: number of orders scored (the initial random population included). ``logger``: a Lightning logger
-    (e.g. WandbLogger) to log the best score per generation; optional.
+    ``budget``: number of orders scored (the initial random population included). ``population``: orders per
+    generation of the genetic search; the local search scores up to that many random orders first and that many
+    neighbours per round (fewer when the budget is smaller). ``logger``: a Lightning logger (e.g. WandbLogger) to log
+    the best score per generation; optional.
 
     Example::
 
@@ -139,10 +141,18 @@ def search(
                  else torch.as_tensor(reference, dtype=torch.long).flatten().cpu())
     if items.numel() < 2:
         raise LplError("a curriculum search needs at least two batches to order.")
-    if population < 4:
-        raise LplError(f"population must be at least 4, got {population}.")
-    if budget < population:
-        raise LplError(f"budget ({budget}) must be at least the population ({population}): it counts scored orders.")
+    if method == "genetic":
+        if population < 4:
+            raise LplError(f"population must be at least 4 for the genetic search, got {population}.")
+        if budget < population:
+            raise LplError(f"budget ({budget}) must be at least the population ({population}): it counts scored "
+                           "orders.")
+    else:  # the local search's "population" is only how many orders it scores at once
+        if population < 1:
+            raise LplError(f"population must be at least 1, got {population}.")
+        if budget < 1:
+            raise LplError(f"budget must be at least 1 (it counts scored orders), got {budget}.")
+        population = min(population, budget)
     generator = torch.Generator().manual_seed(seed)
     length = items.numel()
     pop = torch.stack([items[torch.randperm(length, generator=generator)] for _ in range(population)])

@@ -20,6 +20,7 @@ from lpl.order.pool import collate_samples, single_val_loader
 from lpl.order.recorder import constructor_hparams
 from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
+from lpl.order.store import Recording
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss, to_module
 from lpl.utils.trainer import single_process
@@ -286,6 +287,22 @@ class _RecordedRng(L.Callback):
             set_step_rng_state(states, pl_module.device)
 
 
+def _check_recorded(recording: Recording, steps: int) -> None:
+    """Refuse to retrain steps a stopped run never recorded: they have no recorded learning rate or RNG state, so the
+    result would not be the recorded run's."""
+    recorded = recording.recorded_steps
+    if steps <= recorded:
+        return
+    shorter = (f", or retrain only the recorded steps (max_steps={recorded} or less, exact: every one of them has its "
+               "recorded learning rate and RNG state)") if recorded else ""
+    raise LplError(
+        f"recording {recording.root} is incomplete (status {recording.status!r}): its run stopped after {recorded} of "
+        f"{recording.num_steps} steps, so this order's steps {recorded}..{steps - 1} have no recorded learning rate or "
+        f"RNG state; finish the reference run (resume it from a checkpoint with TrainOrderRecorder(..., resume=True))"
+        f"{shorter}."
+    )
+
+
 class _StopAfter(L.Callback):
     def __init__(self, steps: int) -> None:
         self.steps = steps
@@ -295,8 +312,12 @@ class _StopAfter(L.Callback):
             trainer.should_stop = True
 
 
+# what retraining reads besides the manifest: the pool's sample ids, the initial weights, the steps' RNG states
+RETRAIN_FILES = ("pool", "initial_state", "rng_state")
+
+
 def retrain(
-    path: str | Path,
+    path: str | Path | Recording,
     order: Sequence[int],
     *,
     max_steps: int | None = None,
@@ -309,6 +330,9 @@ def retrain(
 
     The learning-rate schedule is the reference run's (its length is the recorded number of steps, whatever the
     order's length); ``max_steps`` stops early. With the reference order this reproduces the reference run.
+    The files retraining reads are checked against their sha256 first; pass an opened ``Recording`` instead of a path
+    to retrain many orders with one check. A recording whose run stopped early retrains only orders within the steps
+    it recorded (``max_steps`` cuts a longer one).
 
     Example::
 
@@ -316,9 +340,8 @@ def retrain(
         truth = retrain("runs/ref/recording", order=order)
         print(truth.final_loss, truth.loss_curve[-1])
     """
-    from lpl.order.store import Recording
-
-    recording = Recording.open(path)
+    recording = path if isinstance(path, Recording) else Recording.open(path)
+    recording.verify(RETRAIN_FILES)  # a damaged file would give another "ground truth" without a word
     orders = check_orders(order, len(recording.batches), recording.num_steps)
     if orders.shape[0] != 1:
         raise LplError(f"retrain takes one order (a list of pool batch ids), got {orders.shape[0]}; call it per order.")
@@ -331,6 +354,7 @@ def retrain(
     if curve_every_n_steps <= 0:
         raise LplError(f"curve_every_n_steps must be positive, got {curve_every_n_steps}.")
     steps = int(order_tensor.numel())
+    _check_recorded(recording, steps)
     model, datamodule = rebuild(recording, order_tensor.tolist())
     curve = _LossCurve(curve_every_n_steps, steps)
     seconds = fit_in_order(recording, model, datamodule, steps, [curve], accelerator, trainer_kwargs)

@@ -2,7 +2,8 @@
 
 Layout::
 
-    manifest.json                      what the run was, which steps are complete, sha256 and size of every file
+    manifest.json                      what the run was, which steps are complete, sha256 and size of every file,
+                                       and the sha256 of its own content ("manifest_sha256")
     pool.safetensors                   the pool: sample ids of every batch, and the batch trained at each step
     initial_state.safetensors          the module's state_dict before the first step
     rng_state.safetensors              the RNG states of the first step and of every step something between steps
@@ -13,7 +14,9 @@ Layout::
 
 Every file is written to a temporary name, fsynced and renamed (``lpl.utils.io``); the manifest is rewritten last,
 so it only ever names complete files, and files it does not name (from a step cut short) are ignored and later
-overwritten. Readers memory-map shards with ``safetensors.safe_open`` and load one step (or one tensor) at a time.
+overwritten. The manifest's own checksum covers what the other files' checksums cannot: a changed learning rate or
+sample id in the manifest itself. Readers memory-map shards with ``safetensors.safe_open`` and load one step (or one
+tensor) at a time.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ from lpl.utils.io import atomic_write_bytes, atomic_write_json, safetensors_byte
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest_sha256"  # the manifest's checksum of its other fields (canonical JSON)
 POOL_FILE = "pool.safetensors"
 INITIAL_STATE_FILE = "initial_state.safetensors"
 RNG_STATE_FILE = "rng_state.safetensors"
 PROBE_DIR = "probes"
 SENSITIVITY_FILE = "sensitivity.safetensors"
 LOCK_FILE = ".lock"  # held by the one process writing the recording
+FILE_ENTRIES = ("pool", "initial_state", "rng_state", "sensitivity")  # manifest entries that name one file each
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 POOL_PREFIX, VAL_PREFIX = "pool.", "val."
 # fields that must agree for a resumed run to continue an existing recording
@@ -127,6 +132,48 @@ def _field(manifest: Mapping[str, Any], dotted: str) -> Any:
     for key in dotted.split("."):
         value = value.get(key) if isinstance(value, Mapping) else None
     return value
+
+
+def _manifest_digest(content: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's content as canonical JSON (sorted keys, no whitespace): what the file says, not how it
+    is laid out."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
+    """Write the manifest atomically with the sha256 of its content, so that an edit or a flipped byte that leaves it
+    valid JSON (a learning rate, a batch id) is refused when it is read."""
+    content = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_SHA256}))  # as read back
+    atomic_write_json(root / MANIFEST, {**content, MANIFEST_SHA256: _manifest_digest(content)})
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of the recording folder ``root`` (without its checksum field), its structure and checksum
+    checked; a missing, unreadable or damaged manifest is a ``RecordingError``."""
+    manifest_path = root / MANIFEST
+    if manifest_path.exists() and not manifest_path.is_file():
+        raise RecordingError(f"{manifest_path} is not a file (a folder?), so {root} holds no readable recording; "
+                             "remove it, or pass the recorder's dirpath.")
+    if not manifest_path.is_file():
+        raise RecordingError(f"{root} holds no recording ({MANIFEST} is missing); pass the recorder's dirpath.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise RecordingError(f"{manifest_path} is unreadable ({error}); the recording cannot be used.") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise RecordingError(
+            f"{manifest_path} has schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}, "
+            f"this lpl reads version {SCHEMA_VERSION}; record again with this version."
+        )
+    stored = manifest.pop(MANIFEST_SHA256, None)
+    _check_manifest(manifest_path, manifest)  # first: a bad field is named, not just "changed"
+    if stored is None:  # one place in lpl warns: Python shows it once per recording and process
+        warnings.warn(f"{manifest_path} has no {MANIFEST_SHA256} (an older lpl wrote it), so edits to it cannot be "
+                      "detected.", stacklevel=2)
+    elif stored != _manifest_digest(manifest):
+        raise RecordingError(f"{manifest_path} is damaged or was edited: its content does not match its "
+                             f"{MANIFEST_SHA256}; record the run again.")
+    return manifest
 
 
 def pool_tensors(batches: Sequence[Sequence[int]], order: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -296,8 +343,11 @@ class RecordingWriter:
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock_for_writing(root)
         try:
-            if (root / MANIFEST).exists():
+            if (root / MANIFEST).is_file():
                 raise RecordingError(f"{root} already holds a recording; choose another dirpath or pass resume=True.")
+            if (root / MANIFEST).exists():
+                raise RecordingError(f"{root / MANIFEST} is not a file (a folder?); remove it or choose another "
+                                     "dirpath.")
             manifest = {**header, "schema_version": SCHEMA_VERSION, "status": "recording", "steps": [], "probes": []}
             pool_info = _write_file(root, POOL_FILE, safetensors_bytes(pool_tensors(batches, order)))
             manifest["pool"] = {**pool_info, "num_batches": len(batches)}
@@ -448,7 +498,7 @@ class RecordingWriter:
             "initial_state_bytes": self.manifest["initial_state"]["bytes"],
             "total_bytes": probe_bytes + fixed,
         }
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+        _write_manifest(self.root, self.manifest)
         self.last_flush = time.monotonic()
 
     def finish(self) -> None:
@@ -484,25 +534,14 @@ class Recording:
         self.root = root
         self.manifest = manifest
         self._pool: dict[str, torch.Tensor] | None = None
+        self._verified: set[tuple[str, str]] = set()  # (file, sha256) that verify() hashed: once per object
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Recording":
-        """Open a recording folder for reading; a missing or inconsistent manifest is an LplError."""
+        """Open a recording folder for reading; a missing, inconsistent or edited manifest (its fields, and its content
+        against its own sha256) is an LplError. ``manifest`` holds the content, without the checksum field."""
         root = Path(path)
-        manifest_path = root / MANIFEST
-        if not manifest_path.is_file():
-            raise RecordingError(f"{root} holds no recording ({MANIFEST} is missing); pass the recorder's dirpath.")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as error:
-            raise RecordingError(f"{manifest_path} is unreadable ({error}); the recording cannot be used.") from None
-        if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-            raise RecordingError(
-                f"{manifest_path} has schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}, "
-                f"this lpl reads version {SCHEMA_VERSION}; record again with this version."
-            )
-        _check_manifest(manifest_path, manifest)
-        return cls(root, manifest)
+        return cls(root, _read_manifest(root))
 
     # ---- what the run was
     @property
@@ -642,21 +681,33 @@ class Recording:
 
         def publish(entry: dict[str, Any]) -> None:
             self.manifest["sensitivity"] = {**dict(info), **entry}
-            atomic_write_json(self.root / MANIFEST, self.manifest)
+            _write_manifest(self.root, self.manifest)
 
         _replace_named_file(self.root, self.manifest.get("sensitivity"), SENSITIVITY_FILE, safetensors_bytes(tensors),
                             publish)
 
     def files(self) -> list[Mapping[str, Any]]:
         """Every file the manifest names, with its sha256 and size."""
-        infos = [self.manifest["pool"], self.manifest["initial_state"]]
-        infos += [self.manifest[name] for name in ("rng_state", "sensitivity") if self.manifest.get(name)]
+        infos = [self.manifest[name] for name in FILE_ENTRIES if self.manifest.get(name)]
         return infos + [shard for probe in self.manifest["probes"] for shard in probe["shards"]]
 
-    def verify(self) -> None:
-        """Check every file's size and sha256 against the manifest (its structure was checked by ``open``); raises
-        ``RecordingError`` naming the bad file."""
-        for info in self.files():
+    def verify(self, entries: Iterable[str] | None = None) -> None:
+        """Check every file's size and sha256 against the manifest (the manifest itself, its fields and its own
+        sha256, was checked by ``open``); raises ``RecordingError`` naming the bad file. ``entries`` restricts the check
+        to those of the manifest's file entries (``FILE_ENTRIES``) that the recording has: the files a reader is about
+        to use. A file is hashed once per Recording object, so callers that read it many times (``check_methods``
+        retraining each order) pay for it once."""
+        if entries is None:
+            infos = self.files()
+        else:
+            unknown = sorted(set(entries) - set(FILE_ENTRIES))
+            if unknown:
+                raise LplError(f"verify() takes entries among {FILE_ENTRIES}, got {unknown}.")
+            infos = [self.manifest[name] for name in entries if self.manifest.get(name)]
+        for info in infos:
+            key = (info["file"], info["sha256"])
+            if key in self._verified:
+                continue
             path = self._path(info)
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
@@ -664,3 +715,4 @@ class Recording:
                     digest.update(block)
             if digest.hexdigest() != info["sha256"]:
                 raise RecordingError(f"{path} is corrupted: its sha256 does not match the manifest.")
+            self._verified.add(key)

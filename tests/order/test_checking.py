@@ -122,6 +122,24 @@ def test_command_reuses_an_earlier_check_without_retraining(recording, tmp_path,
     assert "no method could be scored" in out and "beats 'no change'" not in out
 
 
+@pytest.mark.parametrize("content, match", [
+    ("[[0, 1, 2]]", r"holds a JSON list, not an object"),
+    ('{"recording": "rec", "method": "adam", "estimates": []}', "it has no orders, true_losses, reference_loss"),
+    ('{"orders": [[0, 1, 2]], "true_losses": [null], "reference_loss": 1.0}', "true_losses and reference_loss are "
+                                                                             "not numbers"),
+    ('{"orders": [[0, 1], [2]], "true_losses": [1.0, 2.0], "reference_loss": 1.0}', "its orders: .*one length"),
+    ('{"orders": [0, 1, 2], "true_losses": [1.0], "reference_loss": 1.0}', "its orders are not a list of orders"),
+    ("{", r"not valid JSON: Expecting property name .* at line 1, column 2"),
+])
+def test_reuse_of_a_file_that_is_no_check_says_so(recording, tmp_path, content, match):
+    (tmp_path / "earlier.json").write_text(content)
+    with pytest.raises(LplError, match=f"earlier.json is not a check.json written by `lpl check-methods` .*{match}.*"
+                                       "pass the check.json in the --out folder") as error:
+        check_methods_main(["--recording", str(recording), "--reuse", str(tmp_path / "earlier.json"),
+                            "--out", str(tmp_path / "out")])
+    assert "list indices" not in str(error.value) and "('orders')" not in str(error.value)
+
+
 def test_no_change_for_shorter_orders_is_the_reference_loss_after_as_many_steps(recording):
     orders = _orders(3, seed=2)[:, :6]
     check = check_methods(recording, orders, ["adam"], true_losses=[1.0, 2.0, 3.0])

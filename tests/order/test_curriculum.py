@@ -69,6 +69,21 @@ def test_search_input_errors(task):
         search(estimator, budget=100, method="annealing")
     with pytest.raises(LplError, match="budget"):
         search(estimator, budget=10, population=32)
+    with pytest.raises(LplError, match="population must be at least 4 for the genetic search"):
+        search(estimator, budget=10, population=2)
+    with pytest.raises(LplError, match="population must be at least 1"):
+        search(estimator, budget=10, method="local", population=0)
+    with pytest.raises(LplError, match="budget must be at least 1"):
+        search(estimator, budget=0, method="local")
+
+
+def test_the_local_search_scores_as_many_orders_as_the_budget_allows(task):
+    """Its population is only how many orders it scores at once: a budget below it is no error."""
+    estimator = OrderEstimator(task.data, method="adam")
+    for budget in (1, 3, 40):
+        result = search(estimator, budget=budget, method="local", population=16, seed=0)
+        assert sorted(result.order) == list(range(NUM_BATCHES)) and result.evaluations <= budget
+    assert search(estimator, budget=1, method="local").evaluations == 1
 
 
 def test_runs_over_one_pool_for_several_epochs_search_orders_of_the_whole_run():

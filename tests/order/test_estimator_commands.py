@@ -33,6 +33,9 @@ def test_estimate_random_and_file(recording, tmp_path):
     estimate_main(["--recording", str(recording), "--orders", str(orders), "--method", "adam", "--out", str(tmp_path / "b")])
     first = json.loads((tmp_path / "b" / "estimates.json").read_text())["estimates"][0]
     assert first["final_loss"] == pytest.approx(written["reference_loss"], abs=1e-6)
+    # the estimates.csv it writes is an orders file: its order column
+    again = read_orders(str(tmp_path / "a" / "estimates.csv"), range(NUM_BATCHES))
+    assert again.tolist() == [row["order"] for row in written["estimates"]]
 
 
 def test_shorter_orders_are_compared_with_the_reference_after_as_many_steps(recording, tmp_path, capsys):
@@ -114,6 +117,8 @@ def test_bad_orders(recording, tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     (b"5", [[5]]),                                   # a bare number: one order of one batch
+    (b"[2, 0, 1]", [[2, 0, 1]]),                    # a flat JSON list: one order, as the same ids as text are
+    (b"index,final_loss,order\n0,2.31,2 0 1\n1,2.30,1 0 2\n", [[2, 0, 1], [1, 0, 2]]),  # estimates.csv
     (b"\xef\xbb\xbf[[2, 0, 1]]", [[2, 0, 1]]),     # JSON behind a byte-order mark
     (b"2, 0, 1\r\n1 0 2\r\n", [[2, 0, 1], [1, 0, 2]]),
 ])
@@ -135,6 +140,29 @@ def test_order_files_that_are_not_orders_are_refused_clearly(tmp_path, content, 
     path.write_bytes(content)
     with pytest.raises(LplError, match=match):
         read_orders(str(path), range(3))
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("orders.json", b"[[9, 8, 7]", r"orders.json is not valid JSON \(Expecting ',' delimiter at line 1, column 11\)"),
+    ("orders.json", b"9 8 7", r"not valid JSON \(Extra data at line 1, column 3\)"),
+    ("orders.txt", b"[[9, 8], \n [7, 6]]]", r"not valid JSON \(Extra data at line 2, column 9\)"),
+    ("orders.json", b"[[2, -1, 0]]", r"order 1 names batch id -1 at position 2"),
+    ("orders.txt", b"0 1 2\n2,-1,0\n", r"order 2 names batch id -1 at position 2"),
+    ("orders.csv", b"method,spearman\nadam,0.9\n", r"orders.csv, line 1: 'method,spearman' is not a list of integer "
+                                                    r"batch ids.*estimates.csv"),
+])
+def test_malformed_json_and_negative_ids_are_named(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(LplError, match=match):
+        read_orders(str(path), range(3))
+
+
+def test_local_curriculum_search_takes_a_budget_below_the_genetic_population(recording, tmp_path):
+    curriculum_main(["--recording", str(recording), "--method", "adam", "--search", "local", "--budget", "1",
+                     "--out", str(tmp_path)])
+    best = json.loads((tmp_path / "best_order.json").read_text())
+    assert best["evaluations"] == 1 and sorted(best["order"]) == list(range(NUM_BATCHES))
 
 
 def test_random_orders_permute_the_reference_and_are_bounded():

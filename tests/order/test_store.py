@@ -1,9 +1,10 @@
+import hashlib
 import json
 
 import pytest
 import torch
 
-from lpl.order.store import MANIFEST, Recording, RecordingError, RecordingWriter, parameter_signature
+from lpl.order.store import MANIFEST, MANIFEST_SHA256, Recording, RecordingError, RecordingWriter, parameter_signature
 from lpl.utils.errors import LplError
 
 BATCHES = [[0, 1], [2, 3], [4, 5, 6]]
@@ -205,14 +206,24 @@ def test_open_refuses_an_edited_manifest_naming_its_bad_field(tmp_path, edit, me
         Recording.open(tmp_path)
 
 
+def _checksum_holds(root) -> bool:
+    """The manifest on disk carries the sha256 of the rest of its content as canonical JSON."""
+    content = json.loads((root / MANIFEST).read_text())
+    stored = content.pop(MANIFEST_SHA256)
+    return stored == hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def test_manifests_as_the_recorder_writes_them_pass_the_checks(tmp_path):
-    """Full optimizer and step fields, RNG state, sensitivity data, and runs stopped early or resumed."""
+    """Full optimizer and step fields, RNG state, sensitivity data, and runs stopped early or resumed; every manifest
+    write carries the manifest's own checksum."""
     optimizer = {"name": "AdamW", "lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
                  "weight_decays": [0.01, 0.0], "decoupled": True}
     writer = RecordingWriter.create(tmp_path, _header(optimizer=optimizer), BATCHES, ORDER,
                                     {"w": torch.ones(3, 2), "b": torch.zeros(3)})
     Recording.open(tmp_path).verify()  # created, no step yet
+    assert _checksum_holds(tmp_path)
     writer.write_rng_state({"torch": torch.zeros(4, dtype=torch.uint8)})
+    assert _checksum_holds(tmp_path)
     for t in range(2):
         writer.add_step(t, {"batch": ORDER[t], "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
                             "weight_decay": 0.01})
@@ -220,6 +231,7 @@ def test_manifests_as_the_recorder_writes_them_pass_the_checks(tmp_path):
     writer.release()
     Recording.open(tmp_path).verify()  # stopped early
     writer = RecordingWriter.resume(tmp_path, _header(optimizer=optimizer), BATCHES, ORDER, 1)
+    assert _checksum_holds(tmp_path)
     for t in range(1, 4):
         writer.add_step(t, {"batch": ORDER[t], "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
                             "weight_decay": 0.01})
@@ -230,10 +242,55 @@ def test_manifests_as_the_recorder_writes_them_pass_the_checks(tmp_path):
     Recording.open(tmp_path).write_sensitivity({"tables": torch.zeros(1, 4, 3)}, {
         "curvature_rank": 0, "hessian_rank": 0, "reference_replay_drift": 0.001, "seconds": 1.5,
         "checks": [{"order": [1, 0, 2, 2], "estimates": {"adjoint": 1.2}, "retrained": 1.1}]})
+    assert _checksum_holds(tmp_path)
     rec = Recording.open(tmp_path)
     rec.verify()
     assert rec.status == "complete" and rec.recorded_steps == 4 and rec.probe_steps == [4]
-    assert rec.sensitivity() is not None and rec.rng_states()
+    assert rec.sensitivity() is not None and rec.rng_states() and MANIFEST_SHA256 not in rec.manifest
+
+
+def test_a_value_changed_in_the_manifest_is_refused_by_its_own_checksum(tmp_path):
+    _record(tmp_path)
+    text = (tmp_path / MANIFEST).read_text()
+    assert text.count('"lr": 0.2,') == 1
+    (tmp_path / MANIFEST).write_text(text.replace('"lr": 0.2,', '"lr": 0.7,'))  # one byte, still valid JSON
+    with pytest.raises(RecordingError, match=f"manifest.json is damaged or was edited: its content does not match "
+                                             f"its {MANIFEST_SHA256}; record the run again"):
+        Recording.open(tmp_path)
+    (tmp_path / MANIFEST).write_text(" \n".join(text.splitlines()))  # layout is not content
+    Recording.open(tmp_path).verify()
+
+
+def test_a_manifest_written_before_it_had_a_checksum_still_opens(tmp_path):
+    _record(tmp_path)
+    _edit_manifest(tmp_path, lambda m: m.pop(MANIFEST_SHA256))
+    with pytest.warns(UserWarning, match=f"has no {MANIFEST_SHA256} .*edits to it cannot be detected"):
+        rec = Recording.open(tmp_path)
+    rec.verify()
+    assert rec.status == "complete" and rec.order == ORDER
+
+
+def test_a_manifest_json_that_is_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / MANIFEST).mkdir()
+    with pytest.raises(RecordingError, match="manifest.json is not a file"):
+        Recording.open(tmp_path)
+    with pytest.raises(RecordingError, match="manifest.json is not a file"):
+        RecordingWriter.create(tmp_path, _header(), BATCHES, ORDER, {"w": torch.ones(3, 2), "b": torch.zeros(3)})
+
+
+def test_verify_hashes_each_file_once_per_recording_object(tmp_path, monkeypatch):
+    _record(tmp_path)
+    rec = Recording.open(tmp_path)
+    hashed = []
+    monkeypatch.setattr("lpl.order.store.open", lambda path, *a, **k: hashed.append(path.name) or open(path, *a, **k),
+                        raising=False)
+    rec.verify(["pool", "initial_state"])  # what a reader is about to use
+    assert sorted(hashed) == ["initial_state.safetensors", "pool.safetensors"]
+    rec.verify()
+    rec.verify()
+    assert sorted(hashed) == sorted(info["file"].rpartition("/")[2] for info in rec.files())
+    with pytest.raises(LplError, match="verify.. takes entries among"):
+        rec.verify(["probes"])
 
 
 def test_rng_states_of_steps_are_kept_until_a_resume_replaces_those_steps(tmp_path):
