@@ -90,11 +90,11 @@ def demo_lm_retrain_seconds(steps: int, device: str, orders: int = 3) -> tuple[f
         recording = Recording.open(path)
         reference = torch.tensor(recording.order)
         generator = torch.Generator().manual_seed(0)
-        retrain(path, reference.tolist(), curve_every_n_steps=steps, accelerator=accelerator)  # warm-up
+        retrain(recording, reference.tolist(), curve_every_n_steps=steps, accelerator=accelerator)  # warm-up
         start = time.perf_counter()
         for _ in range(orders):
             order = reference[torch.randperm(len(reference), generator=generator)]
-            retrain(path, order.tolist(), curve_every_n_steps=steps, accelerator=accelerator)
+            retrain(recording, order.tolist(), curve_every_n_steps=steps, accelerator=accelerator)
         seconds = (time.perf_counter() - start) / orders
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return seconds, params, len(recording.batches)

@@ -741,14 +741,16 @@ def _check_against_retraining(
 ) -> list[dict[str, Any]]:
     """Retrain ``count`` seeded reorderings of the reference run and compare them with each method's estimates."""
     from lpl.order.retraining import retrain
+    from lpl.order.store import Recording
 
+    recording = Recording.open(path)  # its files are verified once for every retrained order
     generator = torch.Generator().manual_seed(0)
     order = torch.tensor(reference)
     checks = []
     for _ in range(count):
         shuffled = order[torch.randperm(len(order), generator=generator)]
         estimates = {method: float(estimate(shuffled[None])[0]) for method, estimate in estimators.items()}
-        retrained = retrain(path, shuffled.tolist(), curve_every_n_steps=len(order), accelerator=accelerator).final_loss
+        retrained = retrain(recording, shuffled.tolist(), curve_every_n_steps=len(order), accelerator=accelerator).final_loss
         checks.append({"order": shuffled.tolist(), "estimates": estimates, "retrained": retrained})
     for method in estimators if checks else ():
         error, no_change = check_errors(checks, reference_loss, method)

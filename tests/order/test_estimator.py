@@ -12,8 +12,8 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
 from lpl.order import OrderEstimate, OrderEstimator, Recording, retrain
+from lpl.order.store import _write_manifest
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_write_json
 from test_estimator_task import NUM_BATCHES, TinyClassifier, record
 
 
@@ -182,7 +182,7 @@ def test_sensitivity_data_from_a_recording(recording, tmp_path):
         failed = _check_against_retraining(path, {"adjoint": lambda orders: torch.full((len(orders),), 50.0)},
                                            rec.probe_scalars["val_loss"][-1], rec.order, 1, "cpu")
     rec.manifest["sensitivity"]["checks"] = failed  # as if the recorded check had failed: loading warns again
-    atomic_write_json(path / "manifest.json", rec.manifest)
+    _write_manifest(path, rec.manifest)
     with pytest.warns(UserWarning, match="does not hold for this run"):
         OrderEstimator.from_recording(path, method="adjoint")
 
