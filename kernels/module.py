@@ -23,6 +23,10 @@ class BlockSparseLinear(nn.Module):
     The state dict holds plain tensors only (safetensors-friendly): ``values [nnz, br, bc]``, ``bias``,
     ``row_ptr``, ``col_idx``, ``block_mask`` and ``geometry = [out_features, in_features, br, bc]``. Loading a state
     dict with another mask of the same geometry rebuilds the sparsity structure; another geometry is an ``LplError``.
+    A dense layer's state (``weight`` [out_features, in_features], ``bias``: the masked dense model a pruning
+    fine-tune checkpoints, or a layer ``to_block_sparse`` left dense) loads into this layer's own block structure. Its
+    entries in the blocks this layer prunes must be zero: otherwise the state is refused (an ``LplError`` counting
+    those blocks), since dropping them would silently change the outputs: it is not the masked model of this mask.
 
     Example::
 
@@ -144,6 +148,8 @@ class BlockSparseLinear(nn.Module):
             return None
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
             return None  # graphs would not see the kernel call; autocast casts in block_sparse_linear
+        if torch._C._are_functorch_transforms_active():
+            return None  # x may be batched (torch.func.vmap): the kernel reads plain tensors only
         from .cpu._build import torch_path_forced
 
         if torch_path_forced():
@@ -211,6 +217,13 @@ class BlockSparseLinear(nn.Module):
                 if theirs is not None and not torch.equal(theirs.cpu(), ours):
                     raise LplError(f"state dict at '{prefix}': {key} does not match its block_mask; the file is "
                                    "corrupt.")
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and prefix + "values" not in state_dict:  # a dense layer's state
+            state_dict[prefix + "values"] = self._values_from_dense(weight, pattern, prefix)
+            del state_dict[prefix + "weight"]
+            if mask is None:  # it takes this layer's structure, which stands in for the keys a dense state lacks
+                for key in ("geometry", "block_mask", "row_ptr", "col_idx"):
+                    state_dict.setdefault(prefix + key, getattr(self, key))
         expected_values = (self.values.shape[0] if mask is None else int(mask.sum()), *self.block_size)
         values = state_dict.get(prefix + "values")
         if values is not None and tuple(values.shape) != expected_values:
@@ -225,6 +238,27 @@ class BlockSparseLinear(nn.Module):
                                       error_msgs)
         if not self.row_ptr.is_meta:  # load_state_dict(assign=True) may have put new structure tensors in place
             self._index_from(self.row_ptr, self.col_idx)
+
+    def _values_from_dense(self, weight: torch.Tensor, pattern: torch.Tensor | None, prefix: str) -> torch.Tensor:
+        """The retained blocks of a dense state's ``weight`` under ``pattern``; refused if a pruned one is not zero."""
+        geometry = _geometry_text([self.out_features, self.in_features, *self.block_size])
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise LplError(f"state dict at '{prefix}' has a dense weight of shape {tuple(weight.shape)}, but this "
+                           f"layer is {geometry}; the checkpoint is from another layer.")
+        if pattern is None:
+            raise LplError(f"state dict at '{prefix}' holds a dense weight, but this layer was built on the meta "
+                           "device, which keeps no block mask to cut it by; build the layer on a real device with "
+                           "its mask, or load the block-sparse state exported from it.")
+        pruned = BlockSparseWeight.from_dense(weight, ~pattern, self.block_size).values
+        carrying = int(pruned.flatten(1).ne(0).any(1).sum())  # NaN counts as nonzero
+        if carrying:
+            raise LplError(
+                f"state dict at '{prefix}' holds a dense weight with nonzero entries in {carrying} of the "
+                f"{pruned.shape[0]} blocks this {geometry} layer prunes; loading would drop them and change its "
+                "outputs. Load the masked model's weights (lpl.prune.apply_masks zeroes the pruned blocks), or "
+                "export the model with the prune result that checkpoint was made with."
+            )
+        return BlockSparseWeight.from_dense(weight, pattern, self.block_size).values
 
     def _adopt_mask(self, mask: torch.Tensor) -> None:
         """Take the checkpoint's sparsity pattern: rebuild the structure and resize ``values`` (same geometry)."""

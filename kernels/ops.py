@@ -1,8 +1,9 @@
 """Device dispatch, autograd and torch.compile support for ``block_sparse_linear``.
 
-Eager calls go through a plain ``torch.autograd.Function``; under ``torch.compile``/``torch.export`` the same
-computation is reached through torch.library custom ops (``lpl::block_sparse_linear`` and its two backward pieces)
-with fake implementations and ``register_autograd``, so the graph holds one opaque node. Either way fine-tuning runs
+Eager calls go through a plain ``torch.autograd.Function`` (under ``torch.func`` transforms and forward-mode AD, a
+subclass with vmap and jvp rules); under ``torch.compile``/``torch.export`` the same computation is reached through
+torch.library custom ops (``lpl::block_sparse_linear`` and its two backward pieces) with fake implementations and
+``register_autograd``, so the graph holds one opaque node. Either way fine-tuning runs
 on the sparse model: dX through the sparse weight, dW only at the retained blocks.
 CUDA tensors run the Triton kernels of :mod:`lpl.kernels.triton_ops` (imported on first CUDA call, so CPU-only use
 never imports Triton); CPU tensors run :mod:`lpl.kernels.cpu`.
@@ -15,6 +16,7 @@ import warnings
 from typing import Iterator, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from lpl.utils.errors import LplError
 
@@ -78,7 +80,7 @@ def _reference_grad_values(dy2d, x2d, block_row, col_idx, block_size):
     nr, nc = block_grid((dy2d.shape[1], x2d.shape[1]), block_size)
     dy_blocks = torch.nn.functional.pad(dy2d, (0, nr * br - dy2d.shape[1])).view(m, nr, br)[:, block_row]
     x_blocks = torch.nn.functional.pad(x2d, (0, nc * bc - x2d.shape[1])).view(m, nc, bc)[:, col_idx]
-    return torch.einsum("mbr,mbc->brc", dy_blocks, x_blocks)
+    return torch.bmm(dy_blocks.permute(1, 2, 0), x_blocks.transpose(0, 1))  # bmm: the legacy vmap batches it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,11 +94,16 @@ def _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_
     if cpu is not None:
         block_size = (int(values.shape[1]), int(values.shape[2]))
         return cpu.block_sparse_linear_cpu(x2d, values, row_ptr, col_idx, out_features, block_size, bias)
+    return _linear_differentiable(x2d, values, block_row, col_idx, bias, out_features)
+
+
+# Plain torch ops: the fallback where no kernel runs, second derivatives (autograd differentiates them) and
+# torch.func transforms (they batch and differentiate torch ops; the kernels take plain tensors only).
+def _linear_differentiable(x2d, values, block_row, col_idx, bias, out_features):
     weight = _reference_dense(values, block_row, col_idx, (out_features, x2d.shape[1]))
     return torch.nn.functional.linear(x2d, weight, bias)
 
 
-# Plain torch ops: the fallback where no kernel runs, and second derivatives (autograd differentiates them).
 def _grad_input_differentiable(dy2d, values, row_ptr, col_idx, block_row, col_ptr, t_row_idx, t_block, col_order,
                                in_features):
     return dy2d @ _reference_dense(values, block_row, col_idx, (dy2d.shape[1], in_features))
@@ -165,9 +172,64 @@ class _BlockSparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops, so second derivatives are exact
+        # create_graph=True: differentiable torch ops, so second derivatives are exact; under torch.func transforms
+        # and autograd.grad(is_grads_batched=True) too: grad_out may be batched there, and the kernels read storage
+        if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                or torch._C._functorch.is_legacy_batchedtensor(grad_out)):
             return _backward(ctx, grad_out, _grad_input_differentiable, _grad_values_differentiable)
         return _backward(ctx, grad_out, _grad_input_impl, _grad_values_impl)
+
+
+class _TransformableFunction(_BlockSparseLinearFunction):
+    """The eager path under torch.func transforms (vmap, grad, jacrev, jvp, ...) and forward-mode AD, which need
+    the setup_context style and vmap/jvp rules. Only there: that style binds each call's arguments through
+    inspect.signature, about 70 us per call."""
+
+    @staticmethod
+    def forward(x2d, values, row_ptr, col_idx, row_order, block_row, col_ptr, t_row_idx, t_block, col_order, bias,
+                out_features):
+        return _linear_impl(x2d, values, row_ptr, col_idx, row_order, block_row, bias, out_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        x2d, values, _, col_idx, _, block_row, *_ = inputs
+        ctx.save_for_forward(x2d, values, block_row, col_idx)
+        ctx.out_features = inputs[-1]
+
+    @staticmethod
+    def jvp(ctx, x_tangent, values_tangent, *other_tangents):
+        x2d, values, block_row, col_idx = ctx.saved_tensors
+        bias_tangent, out_features = other_tangents[8], ctx.out_features
+        terms = []
+        if x_tangent is not None:
+            terms.append(_linear_differentiable(x_tangent, values, block_row, col_idx, None, out_features))
+        if values_tangent is not None:
+            terms.append(_linear_differentiable(x2d, values_tangent, block_row, col_idx, None, out_features))
+        if bias_tangent is not None:
+            terms.append(bias_tangent.expand(x2d.shape[0], out_features))
+        return sum(terms[1:], terms[0])
+
+    @staticmethod
+    def vmap(info, in_dims, x2d, values, row_ptr, col_idx, row_order, block_row, col_ptr, t_row_idx, t_block,
+             col_order, bias, out_features):
+        if all(dim is None for dim in in_dims[1:]):  # only x batched (per-sample gradients): one kernel call
+            x = x2d.movedim(in_dims[0], 0)
+            batch, rows = x.shape[:2]
+            y2d = _eager_function().apply(x.reshape(batch * rows, -1).contiguous(), values, row_ptr, col_idx,
+                                          row_order, block_row, col_ptr, t_row_idx, t_block, col_order, bias,
+                                          out_features)
+            return y2d.view(batch, rows, -1), 0
+        # batched weights, bias or structure (model ensembles, jacfwd in the weights): torch ops, batched by vmap
+        dims = (in_dims[0], in_dims[1], in_dims[5], in_dims[3], in_dims[10], None)
+        return torch.vmap(_linear_differentiable, in_dims=dims)(x2d, values, block_row, col_idx, bias, out_features), 0
+
+
+def _eager_function() -> type[torch.autograd.Function]:
+    # _current_level >= 0: a forward-mode AD dual level is open
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return _TransformableFunction
+    return _BlockSparseLinearFunction
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,8 +306,9 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     index = w.kernel_index
-    # Under torch.compile/export the custom op (with its fake); in eager mode the lighter autograd.Function.
-    apply = _linear_op if torch.compiler.is_compiling() else _BlockSparseLinearFunction.apply
+    # Under torch.compile/export the custom op (with its fake); in eager mode the lighter autograd.Function, or
+    # under torch.func transforms its transformable subclass.
+    apply = _linear_op if torch.compiler.is_compiling() else _eager_function().apply
     y2d = apply(
         x2d, w.values, w.row_ptr, w.col_idx, index.row_order, index.block_row, index.col_ptr, index.t_row_idx,
         index.t_block, index.col_order, bias, out_features,

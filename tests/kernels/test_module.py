@@ -230,3 +230,81 @@ def test_packing_inside_inference_mode_serves_and_still_drops_a_stale_pack(rel_e
         layer.values.mul_(2.0)  # bumps the version counter there too: the pack is dropped
         assert rel_err(layer(x), reference()) < 1e-5
         assert layer._inference_pack is None
+
+
+def _masked_dense(linear, mask):
+    """The masked dense layer (what pruning fine-tunes): ``linear`` with its pruned 32x32 blocks zeroed."""
+    expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)[:100, :70]
+    masked = torch.nn.Linear(70, 100)
+    with torch.no_grad():
+        masked.weight.copy_(linear.weight * expanded)
+        masked.bias.copy_(linear.bias)
+    return masked
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_masked_dense_layers_state_loads_into_the_layers_own_structure(assign, rel_err):
+    linear, mask = _masked_linear(8)
+    masked = _masked_dense(linear, mask)
+    state = masked.state_dict()
+    layer = BlockSparseLinear.from_linear(torch.nn.Linear(70, 100), mask, 32)  # other weights, the same mask
+    assert str(layer.load_state_dict(state, assign=assign)) == "<All keys matched successfully>"
+    assert set(state) == {"weight", "bias"}  # the caller's dict is left as it was
+    assert torch.equal(layer.block_mask, mask) and layer.values.requires_grad
+    x = torch.randn(3, 70)
+    assert rel_err(layer(x), masked(x).double()) < 1e-5
+    fresh = BlockSparseLinear.from_linear(torch.nn.Linear(70, 100), mask, 32)
+    result = fresh.load_state_dict({"weight": state["weight"]}, strict=False, assign=assign)
+    assert result.missing_keys == ["bias"] and not result.unexpected_keys
+    assert torch.equal(fresh.values, layer.values)
+
+
+def test_a_dense_state_with_weight_in_pruned_blocks_is_refused_and_leaves_the_layer_unchanged():
+    linear, mask = _masked_linear(9)
+    mask[3, 2] = mask[0, 2] = False
+    layer = BlockSparseLinear.from_linear(linear, mask, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = _masked_dense(linear, mask).state_dict()
+    state["weight"][99, 69] = 0.5  # in a pruned (ragged corner) block
+    state["weight"][0, 69] = float("nan")  # in another
+    with pytest.raises(LplError, match=rf"state dict at '' holds a dense weight with nonzero entries in 2 of the "
+                                       rf"{int((~mask).sum())} blocks this 100x70 \(blocks 32x32\) layer prunes"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    with pytest.raises(LplError, match=r"dense weight of shape \(100, 64\), but this layer is 100x70"):
+        layer.load_state_dict({"weight": torch.zeros(100, 64), "bias": torch.zeros(100)})
+    with torch.device("meta"):
+        unbuilt = BlockSparseLinear(70, 100, 32, block_mask=mask)
+    with pytest.raises(LplError, match="built on the meta device"):
+        unbuilt.load_state_dict(_masked_dense(linear, mask).state_dict(), assign=True)
+
+
+def test_a_fine_tune_checkpoint_and_an_export_with_a_layer_kept_dense_load_into_the_exported_model(rel_err):
+    """The two dense states a pruned model meets: the masked dense model (BlockPruneCallback's fine-tuning
+    checkpoints), and an export whose prune result kept a layer whole (``to_block_sparse`` leaves it nn.Linear)."""
+    import copy
+
+    from lpl.kernels import BlockSparseWeight
+    from lpl.prune import to_block_sparse
+
+    torch.manual_seed(0)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+
+    masks = {"0": torch.rand(8, 4) < 0.5, "2": torch.rand(4, 8) < 0.5}
+    masks["0"][0, 0] = masks["2"][0, 0] = True
+    model = make()
+    with torch.no_grad():  # what apply_masks does
+        for name, mask in masks.items():
+            model[int(name)].weight.copy_(BlockSparseWeight.from_dense(model[int(name)].weight, mask, 16).to_dense())
+    x = torch.randn(5, 64)
+    exported = to_block_sparse(make(), masks, block_size=16)
+    exported.load_state_dict(model.state_dict())
+    assert rel_err(exported(x), model(x).double()) < 1e-5
+    kept_whole = to_block_sparse(copy.deepcopy(model), {"0": torch.ones(8, 4, dtype=torch.bool), "2": masks["2"]},
+                                 block_size=16)
+    assert type(kept_whole[0]) is torch.nn.Linear
+    exported = to_block_sparse(make(), masks, block_size=16)
+    exported.load_state_dict(kept_whole.state_dict())
+    assert rel_err(exported(x), model(x).double()) < 1e-5
