@@ -7,18 +7,20 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.nn.utils.prune
+from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order import quantities
 from lpl.order.pool import collate_samples, plan_pool, single_val_loader, validation_loss_fn
 from lpl.order.projection import PROJECTION_KINDS, Projector
-from lpl.order.rng import as_in_training, capture_rng, restore_rng, same_states, step_rng_state
+from lpl.order.rng import as_in_training, capture_rng, restore_rng, same_states, set_step_rng_state, step_rng_state
 from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_signature
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
@@ -44,6 +46,79 @@ def _differing_hyperparameters(groups: Sequence[Mapping[str, Any]]) -> list[str]
 # an fsynced rewrite per step would cost more than the step on small models. Steps not yet in the manifest at a
 # crash are never behind the last checkpoint, and the resumed run records them again.
 FLUSH_SECONDS = 30.0
+
+
+# name -> (parameter, trains, version counter). torch bumps a tensor's version counter at every in-place write (except
+# through ``.data``), so comparing counters finds weights changed outside the optimizer without copying them.
+ParameterState = dict[str, tuple[torch.nn.Parameter, bool, int]]
+
+
+def _parameter_state(named: Iterable[tuple[str, torch.nn.Parameter]]) -> ParameterState:
+    return {name: (p, p.requires_grad, p._version) for name, p in named}
+
+
+def _some(names: Sequence[str]) -> str:
+    """The first few of ``names``, and how many more (a model may have hundreds)."""
+    return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _parameter_change(
+    before: ParameterState, now: ParameterState, module: torch.nn.Module, step: int, stepped: bool = False,
+) -> str | None:
+    """Why ``module``'s parameters ``now``, at ``step``, are no longer those the recording follows (``before``: as the
+    last optimizer step, or the start of recording, left them), or None. ``stepped``: the optimizer wrote them since."""
+    if [(n, id(p)) for n, (p, _, _) in now.items()] != [(n, id(p)) for n, (p, _, _) in before.items()]:
+        gone, new = [n for n in before if n not in now], [n for n in now if n not in before]
+        replaced = [n for n in now if n in before and now[n][0] is not before[n][0]]
+        parts = [f"without {_some(gone)}" if gone else "", f"with {_some(new)}" if new else "",
+                 f"{_some(replaced)} replaced" if replaced else ""]
+        what = "; ".join(part for part in parts if part) or "the same parameters in another order"
+        pruned = any(isinstance(hook, torch.nn.utils.prune.BasePruningMethod)
+                     for layer in module.modules() for hook in layer._forward_pre_hooks.values())
+        cause = ("torch.nn.utils.prune (Lightning's ModelPruning) reparametrised weights as weight_orig times a mask"
+                 if pruned else "a layer or parameter was added, removed or replaced")
+        return (f"the model's parameters changed before step {step} ({what}): {cause}. The recording, retraining "
+                "and every estimate follow one fixed set of parameters, so this run cannot be recorded: prune or "
+                "change the model before recording starts or after it ends (record the fine-tuning of the pruned "
+                "model).")
+    for name, (_, trains, _) in now.items():
+        if trains != before[name][1]:
+            return (f"parameter {name!r} {'became trainable' if trains else 'was frozen'} at step {step}; changing "
+                    "which parameters train during a recorded run is not supported (the recorded vectors, retraining "
+                    "and every estimate cover one fixed set of trainable parameters). Train the same parameters "
+                    "throughout, or record the phase after the change as a run of its own (a new fit from those "
+                    "weights with a fresh optimizer and another dirpath).")
+    # trainable ones only: a frozen copy that the module updates itself (an average of the weights) does not train
+    written = [] if stepped else [n for n, (_, trains, version) in now.items() if trains and version != before[n][2]]
+    if written:
+        return (f"parameters {_some(written)} were written in place before step {step}, outside the optimizer (a "
+                "callback or hook changing the weights between steps: clamping, a max-norm constraint, pruning masks, "
+                "weight averaging): retraining and every estimate apply the optimizer's updates only, so they would "
+                "not reproduce this run. Record without that change, or build it into the model "
+                "(torch.nn.utils.parametrize), which retraining rebuilds.")
+    return None
+
+
+def _early_stops(callbacks: Sequence[L.Callback]) -> list[str]:
+    """The callbacks that may end training before its planned steps: EarlyStopping, and the Timer max_time adds."""
+    return [f"EarlyStopping(monitor={cb.monitor!r})" if isinstance(cb, EarlyStopping) else "max_time"
+            for cb in callbacks
+            if isinstance(cb, EarlyStopping) or (isinstance(cb, Timer) and cb.time_remaining() is not None)]
+
+
+def _entries(root: Path) -> set[Path]:
+    """``root`` and everything under it (nothing when it does not exist)."""
+    return {root, *root.rglob("*")} if root.exists() else set()
+
+
+def _remove_created(root: Path, before: set[Path]) -> None:
+    """Delete what appeared under ``root`` (``root`` included) since ``before`` listed it; what was there stays."""
+    for path in sorted(_entries(root) - before, reverse=True):  # a folder's files before the folder
+        with contextlib.suppress(OSError):  # best effort: the fit's own error is the one to report
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def _takes_batches_and_order(cls: type) -> bool:
@@ -143,10 +218,15 @@ class TrainOrderRecorder(L.Callback):
 
     A kill at any instant leaves a readable recording (see ``lpl.order.store``) that is never behind the last
     checkpoint. Resuming ``trainer.fit(..., ckpt_path=...)`` with ``resume=True`` continues the same recording from
-    the checkpoint's step, and the checkpoint stores the loader position of the batches actually trained. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
+    the checkpoint's step, and the checkpoint stores the loader position of the batches actually trained and each
+    rank's random generators as the last trained step left them, so that the resumed steps draw the dropout masks an
+    uninterrupted run draws. A fit that fails keeps the steps it recorded; one refused before its first step removes
+    the recording it created. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
     ``accumulate_grad_batches=1``, automatic optimization, and a train loader whose batch sampler plans its batches
     reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``), one
-    validation loader; no gradient clipping.
+    validation loader; no gradient clipping; parameters changed only by the optimizer (in-place writes between steps,
+    pruning, freezing or unfreezing are refused at the step they show in). EarlyStopping and ``max_time`` are warned
+    about when training starts: a stop before the planned steps leaves the recording incomplete.
 
     Args:
         dirpath: folder of the recording (see ``lpl.order.store``).
@@ -206,6 +286,11 @@ class TrainOrderRecorder(L.Callback):
         self._order: list[int] = []
         self._data_checked = False  # the dataset gives the same data for the same sample ids (checked once per fit)
         self._rng_after_step: dict[str, torch.Tensor] | None = None  # the generators as the last step left them
+        self._checkpoint_rng: dict[str, Any] | None = None  # what load_state_dict found (a resume's checkpoint)
+        self._rng_to_restore: dict[str, torch.Tensor] | None = None  # where a resumed fit's first step starts from
+        self._recorded_start_rng: dict[str, torch.Tensor] | None = None  # the recording's states of that step
+        self._parameters: ParameterState = {}  # as the last optimizer step (or the start of recording) left them
+        self._created_over: set[Path] | None = None  # the folder's entries before this fit created the recording
         self._masks_warned = False
         self._changed_warned: set[str] = set()
         self._total_steps = 0
@@ -288,6 +373,7 @@ class TrainOrderRecorder(L.Callback):
         self._started = True
         self._data_checked = False
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
+        saved_rng, self._checkpoint_rng = self._checkpoint_rng, None
         self._masks_warned = False
         if trainer.global_step == 0 and any(optimizer.state.values()):
             raise LplError(
@@ -333,6 +419,14 @@ class TrainOrderRecorder(L.Callback):
                 "statistics) for its share of a batch; retraining and the probes run a whole batch in one process, so "
                 "they draw others: retraining will not reproduce this run exactly and the estimates carry that noise. "
                 "Record on one device to reproduce it.")
+        stops = _early_stops(trainer.callbacks)
+        if stops:
+            rank_zero_warn(
+                f"TrainOrderRecorder: {' and '.join(stops)} may stop training before the T = {self._total_steps} "
+                f"steps the recording plans; a run stopped early leaves {self.dirpath} incomplete (no final probe: "
+                "estimates and retraining need the whole run). Set max_steps / max_epochs to the run you want recorded "
+                "and record without them, or finish a stopped run by resuming its checkpoint without them "
+                "(TrainOrderRecorder(..., resume=True)).")
         for info in (header["model"], header["datamodule"] or {}):
             if info.get("hparams_missing"):
                 rank_zero_warn(
@@ -353,9 +447,30 @@ class TrainOrderRecorder(L.Callback):
         if error is not None:
             raise LplError(error)
         self._trainer, self._stepped = trainer, trainer.global_step - 1
+        if trainer.global_step > 0:
+            self._resume_rng(saved_rng, trainer.global_step)
+        self._parameters = _parameter_state(pl_module.named_parameters())
         self._step_hook = optimizer.register_step_post_hook(self._after_adam_step)
         if rank != 0:
             self._writer = RecordingWriter.attach(self.dirpath)
+
+    def _resume_rng(self, saved: Mapping[str, Any] | None, step: int) -> None:
+        """Where a resumed fit's first step starts its generators (a Lightning checkpoint restores none): on rank 0
+        the states the recording holds for that step (the interrupted run got there, and something drew between the
+        steps: a new epoch's loader, validation), else the states the last trained step left on this rank, which
+        the checkpoint holds; the run then draws the dropout masks an uninterrupted run draws."""
+        rank, world = rank_and_world()
+        states = saved.get("rng") if saved and saved.get("step") == step else None
+        if states is not None and len(states) != world:
+            rank_zero_warn(
+                f"TrainOrderRecorder: the checkpoint holds the random generator states of {len(states)} processes but "
+                f"this fit runs {world}, so the resumed steps draw other random numbers (dropout masks) than the "
+                "interrupted run would have (retraining follows the recording); resume on as many devices to continue "
+                "it exactly.")
+            states = None
+        self._rng_after_step = states[rank] if states is not None else None
+        recorded = self._recorded_start_rng if rank == 0 else None
+        self._rng_to_restore = recorded if recorded is not None else self._rng_after_step
 
     def _header(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer,
@@ -390,6 +505,7 @@ class TrainOrderRecorder(L.Callback):
     def _open_store(self, pl_module: L.LightningModule, header: dict[str, Any], start: int) -> str | None:
         """Create, or resume at step ``start``, the recording (rank 0); returns the refusal message, if any."""
         exists = (self.dirpath / "manifest.json").exists()
+        self._created_over = self._recorded_start_rng = None
         try:
             if exists and not self.resume:
                 raise LplError(
@@ -397,6 +513,8 @@ class TrainOrderRecorder(L.Callback):
                 )
             initial = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()} if start == 0 else None
             if exists:
+                if start > 0:  # read before resume() drops the states of the steps it replaces
+                    self._recorded_start_rng = Recording.open(self.dirpath).rng_states().get(start)
                 self._writer = RecordingWriter.resume(self.dirpath, header, self._pool, self._order, start)
                 if initial is not None:  # restarted from scratch: this run's own theta_0
                     self._writer.write_initial_state(initial)
@@ -406,6 +524,7 @@ class TrainOrderRecorder(L.Callback):
                     "record from the start or point dirpath at the original recording."
                 )
             else:
+                self._created_over = _entries(self.dirpath)
                 self._writer = RecordingWriter.create(self.dirpath, header, self._pool, self._order, initial)
         except LplError as refusal:
             return str(refusal)
@@ -419,6 +538,7 @@ class TrainOrderRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        self._check_parameters(pl_module, step)
         _check_accumulation(trainer)  # again: a GradientAccumulationScheduler sets it at each epoch's start
         self._check_batch(batch, step)
         if not self._masks_warned and has_masks(pl_module):
@@ -430,6 +550,9 @@ class TrainOrderRecorder(L.Callback):
         if not self._data_checked:
             self._check_data_repeats(trainer, batch, step)
             self._data_checked = True
+        if self._rng_to_restore is not None:  # a resumed fit's first step
+            set_step_rng_state(self._rng_to_restore, pl_module.device)
+            self._rng_to_restore = None
         if rank_and_world()[0] == 0:
             states = step_rng_state(pl_module.device)
             if self._rng_after_step is None or not same_states(states, self._rng_after_step):
@@ -441,12 +564,25 @@ class TrainOrderRecorder(L.Callback):
         elif rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
             self._writer.flush()
 
+    def _check_parameters(self, pl_module: L.LightningModule, step: int, stepped: bool = False) -> None:
+        """Refuse parameters changed outside the optimizer, and take their state as the recording follows it. Between
+        steps the module is walked (pruning renames parameters, a layer may be replaced); right after the optimizer
+        stepped, the parameters of the last walk are looked at, so that a step costs one walk."""
+        named = ((n, p) for n, (p, _, _) in self._parameters.items()) if stepped else pl_module.named_parameters()
+        now = _parameter_state(named)
+        problem = _parameter_change(self._parameters, now, pl_module, step, stepped)
+        if problem is not None:
+            raise LplError(problem)
+        self._parameters = now
+
     def _after_adam_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Records the step's hyperparameters as Adam used them: an optimizer post-step hook runs after every
         Lightning hook that may set them (later callbacks', the module's own), and not for a step the fp16
         GradScaler skipped."""
         step, groups = self._trainer.global_step, optimizer.param_groups
         self._stepped = step
+        # the module's own on_train_batch_start and training_step run after the recorder's batch check
+        self._check_parameters(self._trainer.lightning_module, step, stepped=True)
         differing = _differing_hyperparameters(groups)
         if differing:
             raise LplError(
@@ -482,8 +618,7 @@ class TrainOrderRecorder(L.Callback):
                 f"the optimizer skipped step {trainer.global_step - 1} (the fp16 GradScaler found inf/nan gradients, "
                 "or a hook skipped optimizer.step): a recording needs every step Adam takes, one per batch; record in "
                 "bf16-mixed or 32-true precision, where no step is skipped.")
-        if rank_and_world()[0] == 0:
-            self._rng_after_step = step_rng_state(pl_module.device)
+        self._rng_after_step = step_rng_state(pl_module.device)  # every rank's: the checkpoint holds them all
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = False  # set once training starts: a fit that trains nothing is told apart at its end
@@ -502,6 +637,7 @@ class TrainOrderRecorder(L.Callback):
             return
         finished = trainer.global_step == self._total_steps
         if finished:
+            self._check_parameters(pl_module, self._total_steps)
             self._probe(trainer, pl_module, self._total_steps)
         if rank_and_world()[0] == 0:
             if finished:
@@ -516,8 +652,19 @@ class TrainOrderRecorder(L.Callback):
         self._stop_writing()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._writer is not None and rank_and_world()[0] == 0:
+            self._end_failed_recording()
         self._stop_writing()
         self._one_process.close()  # Lightning calls no teardown hook after an exception
+
+    def _end_failed_recording(self) -> None:
+        """Keep what a failed fit recorded (the manifest flushed: a valid, incomplete recording), unless this fit
+        created the recording and recorded no step: then remove what it created, so that a next fit can start there."""
+        if self._created_over is not None and not self._writer.manifest["steps"]:
+            _remove_created(self.dirpath, self._created_over)
+            return
+        with contextlib.suppress(OSError):  # the fit's own error is the one to report
+            self._writer.flush()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resume from a checkpoint of the run's last step trains nothing, so no hook above ran: the final probe
@@ -548,6 +695,21 @@ class TrainOrderRecorder(L.Callback):
         # the checkpoint must never be ahead of the recording, or a resume would leave a gap
         if self._writer is not None and rank_and_world()[0] == 0:
             self._writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning checkpoints restore no random generators: a resumed fit puts back the states the last trained step
+        # left (each rank its own), so that it draws the dropout masks an uninterrupted run draws
+        if self._rng_after_step is None:
+            return {}
+        states = [self._rng_after_step]
+        world = rank_and_world()[1]
+        if world > 1:  # every rank saves a checkpoint's state (only rank 0's is written)
+            states = [None] * world
+            dist.all_gather_object(states, self._rng_after_step)
+        return {"step": self._stepped + 1, "rng": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._checkpoint_rng = dict(state_dict) or None
 
     # ---- probing
     def _check_batch(self, batch: Any, step: int) -> None:

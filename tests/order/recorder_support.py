@@ -1,11 +1,11 @@
 """Tiny model, datamodule and a command-line training run shared by the recorder tests (no tests in here).
 
 ``python tests/order/recorder_support.py --dirpath D --ckpt-dir C [--resume] [--kill-at STEP:HOOK] [--devices 2]
-[--metrics] [--then-retrain] [--then-record D2]`` trains TinyNet (MetricNet with ``--metrics``) on TinyDataModule with a
-TrainOrderRecorder and a per-2-step ModelCheckpoint (last.ckpt); ``--then-retrain`` then retrains the recorded order
-and re-runs it for the sensitivity data in the same process (global rank 0), printing both final validation losses;
-``--then-record D2`` then records the same run again into D2 with a one-device Trainer in that process (global rank 0)
-and prints ``rank_and_world()`` after it.
+[--metrics] [--dropout P] [--then-retrain] [--then-record D2]`` trains TinyNet (MetricNet with ``--metrics``; both
+with dropout P) on TinyDataModule with a TrainOrderRecorder and a per-2-step ModelCheckpoint (last.ckpt);
+``--then-retrain`` then retrains the recorded order and re-runs it for the sensitivity data in the same process
+(global rank 0), printing both final validation losses; ``--then-record D2`` then records the same run again into D2
+with a one-device Trainer in that process (global rank 0) and prints ``rank_and_world()`` after it.
 """
 
 from __future__ import annotations
@@ -134,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--then-retrain", action="store_true")
     parser.add_argument("--then-record", default="")
     parser.add_argument("--metrics", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    model = MetricNet() if args.metrics else TinyNet()
+    model = MetricNet(dropout=args.dropout) if args.metrics else TinyNet(dropout=args.dropout)
     callbacks = [TrainOrderRecorder(args.dirpath, proj_dim=16, probe_every_n_steps=args.probe_every, resume=args.resume,
                                     store_dtype="float32")]
     if args.kill_at:

@@ -4,6 +4,7 @@ import re
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelPruning
 from torch.utils.data import DataLoader
 
 from lpl.order import Recording, TrainOrderRecorder, quantities
@@ -443,3 +444,115 @@ def test_deterministic_data_pass_the_repeat_check_silently(tmp_path):
         warnings.simplefilter("always")
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8, curvature_rank=0)], max_steps=2)
     assert not [w for w in caught if "loading the samples" in str(w.message)]
+
+
+# ---- what other callbacks and hooks do to a recorded run
+class ClampWeights(L.Callback):
+    """A max-norm style constraint on the weights, applied outside the optimizer after each step or at the end."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    @torch.no_grad()
+    def _clamp(self, pl_module):
+        for p in pl_module.parameters():
+            p.clamp_(-0.1, 0.1)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.hook == "batch_end":
+            self._clamp(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.hook == "train_end":
+            self._clamp(pl_module)
+
+
+@pytest.mark.parametrize("hook, step", [("batch_end", 1), ("train_end", 4)])
+def test_weights_written_outside_the_optimizer_are_refused_and_the_steps_before_kept(tmp_path, hook, step):
+    recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=8, curvature_rank=0)
+    with pytest.raises(LplError, match=rf"parameters 'net.0.weight', 'net.0.bias', 'net.3.weight' and 1 more were "
+                                       rf"written in place before step {step}, outside the optimizer"):
+        _fit(TinyNet(), [ClampWeights(hook), recorder], max_steps=4)  # the clamp's on_train_end runs first
+    rec = Recording.open(tmp_path / "rec")
+    rec.verify()
+    assert rec.status == "recording" and rec.recorded_steps == step  # train_end: every step, no final probe
+
+
+def test_pruning_during_a_recorded_run_is_refused_at_the_step_after_it(tmp_path):
+    recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=3, curvature_rank=0)
+    pruning = ModelPruning("l1_unstructured", amount=0.3, verbose=0)  # prunes when the first epoch (6 steps) ends
+    with pytest.raises(LplError, match=r"parameters changed before step 6 \(without 'net.0.weight'.*with "
+                                       r"'net.0.weight_orig'.*\): torch.nn.utils.prune"):
+        _fit(TinyNet(), [recorder, pruning], max_steps=8)
+    assert Recording.open(tmp_path / "rec").recorded_steps == 6
+
+
+class UnfreezesAtStep3(TinyNet):
+    """The first layer frozen for the first steps (a fine-tuning warm-up), unfrozen by the module's own hook, which
+    runs after the recorder's."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer.global_step == 3:
+            self.net[0].requires_grad_(True)
+
+
+class FreezesAfterStep2(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == 3:
+            pl_module.net[0].requires_grad_(False)
+
+
+@pytest.mark.parametrize("model, callbacks, change", [(UnfreezesAtStep3, [], "became trainable"),
+                                                     (TinyNet, [FreezesAfterStep2()], "was frozen")],
+                         ids=["unfrozen-by-the-module", "frozen-by-a-callback"])
+def test_changing_which_parameters_train_is_refused_at_that_step_and_the_steps_before_kept(tmp_path, model, callbacks,
+                                                                                           change):
+    # probes every 10 steps: only the failure's flush can put steps 1 and 2 into the manifest
+    recorder = TrainOrderRecorder(tmp_path / "rec", proj_dim=8, probe_every_n_steps=10, curvature_rank=0)
+    with pytest.raises(LplError, match=rf"parameter 'net.0.weight' {change} at step 3; changing which parameters "
+                                       "train during a recorded run is not supported"):
+        _fit(model(), [*callbacks, recorder])
+    rec = Recording.open(tmp_path / "rec")
+    rec.verify()
+    assert rec.status == "recording" and rec.recorded_steps == 3 and rec.probe_steps == [0]
+
+
+class FailsAtTheFirstBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise RuntimeError("first batch")
+
+
+@pytest.mark.parametrize("callbacks, overrides, name", [
+    ([EarlyStopping(monitor="val_loss")], {}, r"EarlyStopping\(monitor='val_loss'\)"),
+    ([], {"max_time": {"minutes": 5}}, "max_time"),
+], ids=["early_stopping", "max_time"])
+def test_what_may_stop_the_run_before_its_planned_steps_is_warned_about_before_the_first_step(
+        tmp_path, callbacks, overrides, name):
+    with pytest.warns(UserWarning, match=rf"{name} may stop training before the T = 6 steps the recording plans"), \
+            pytest.raises(RuntimeError, match="first batch"):
+        _fit(TinyNet(), [*callbacks, TrainOrderRecorder(tmp_path / "rec", proj_dim=8), FailsAtTheFirstBatch()],
+             **overrides)
+
+
+class TupleBatches(TinyDataModule):
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        loader.collate_fn = lambda items: tuple(torch.stack([i[k] for i in items]) for k in ("x", "y", "index"))
+        return loader
+
+
+def test_a_fit_refused_before_its_first_step_leaves_no_recording_and_what_was_there(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("the user's own")
+    for path in (tmp_path / "new" / "rec", kept):
+        with pytest.raises(LplError, match="dict batches with an 'index' entry"):
+            _fit(TinyNet(), [TrainOrderRecorder(path, proj_dim=8)], datamodule=TupleBatches())
+    assert not (tmp_path / "new" / "rec").exists()
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    _fit(TinyNet(), [TrainOrderRecorder(kept, proj_dim=8)], max_steps=2)  # the data fixed, the next fit records there
+    assert Recording.open(kept).status == "complete"

@@ -1,6 +1,8 @@
 """A run SIGKILLed at random instants and resumed from its last checkpoint records exactly what an uninterrupted
-run records, byte for byte (fp32 storage, deterministic CPU training)."""
+run records, byte for byte (fp32 storage, deterministic CPU training), with dropout too: Lightning checkpoints restore
+no random generators, so the recorder puts back those the interrupted run's next step started from."""
 
+import hashlib
 import random
 import subprocess
 import sys
@@ -29,30 +31,38 @@ def _shard_digests(rec: Recording) -> list:
     return [(p["t"], [s["sha256"] for s in p["shards"]], {k: v for k, v in p.items() if k != "shards"}) for p in rec.manifest["probes"]]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run, in this process (same seeds, one thread: the same bits as a subprocess)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    threads = torch.get_num_threads()
-    recorder_support.main(["--dirpath", str(tmp / "rec"), "--ckpt-dir", str(tmp / "ckpt")])
-    torch.set_num_threads(threads)
-    return Recording.open(tmp / "rec")
+def _rng_states(rec: Recording) -> dict:
+    return {t: {name: hashlib.sha256(state.numpy().tobytes()).hexdigest() for name, state in states.items()}
+            for t, states in rec.rng_states().items()}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, reference):
+@pytest.mark.parametrize("dropout, workers", [(0.0, 1), (0.3, 0)], ids=["prefetching-loader", "dropout"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch, dropout, workers):
     """Two crashes in one 10-step run (6 batches per epoch, checkpoints every 2 steps): mid-epoch, then around the
-    epoch boundary or in the second epoch, each in a random hook. A loader worker prefetches batches, so the sampler's own
-    position runs ahead of training; the recorder pins the checkpoint to the batches actually trained."""
+    epoch boundary or in the second epoch, each in a random hook. A loader worker prefetches batches, so the sampler's
+    own position runs ahead of training; the recorder pins the checkpoint to the batches actually trained. With
+    dropout every resumed step must draw the uninterrupted run's masks: mid-epoch from the generator states the last
+    trained step left (the checkpoint holds them); at a new epoch, whose loader (no workers) drew its seed from the
+    generators between the steps, from the states the interrupted run stored for that step."""
+    # the uninterrupted run, in this process (same seeds, one thread: the same bits as a subprocess)
+    monkeypatch.setenv("TINY_WORKERS", str(workers))
+    threads = torch.get_num_threads()
+    model = ["--dropout", str(dropout)]
+    recorder_support.main(["--dirpath", str(tmp_path / "ref" / "rec"), "--ckpt-dir", str(tmp_path / "ref" / "ckpt"),
+                           *model])
+    torch.set_num_threads(threads)
+    reference = Recording.open(tmp_path / "ref" / "rec")
     rng = random.Random(4)
     kills = [rng.randint(1, 5), rng.randint(6, 9)]
     for step in kills:
         hook = rng.choice(HOOKS)
         resume = ["--resume"] if (tmp_path / "run" / "rec").exists() else []
-        assert _run(tmp_path, "run", "--kill-at", f"{step}:{hook}", *resume, workers=1) == -9, f"no kill at {step}:{hook}"
+        assert _run(tmp_path, "run", "--kill-at", f"{step}:{hook}", *resume, *model, workers=workers) == -9, (
+            f"no kill at {step}:{hook}")
         crashed = Recording.open(tmp_path / "run" / "rec")
         crashed.verify()  # whatever instant it died at, what the manifest names is whole
         assert crashed.status == "recording"
-    assert _run(tmp_path, "run", "--resume", workers=1) == 0
+    assert _run(tmp_path, "run", "--resume", *model, workers=workers) == 0
     resumed = Recording.open(tmp_path / "run" / "rec")
     resumed.verify()
     assert resumed.status == "complete"
@@ -60,3 +70,4 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, reference):
     assert resumed.order == reference.order and resumed.batches == reference.batches
     assert _shard_digests(resumed) == _shard_digests(reference)
     assert resumed.manifest["initial_state"]["sha256"] == reference.manifest["initial_state"]["sha256"]
+    assert _rng_states(resumed) == _rng_states(reference)  # retraining restores the same states at the same steps
