@@ -36,8 +36,8 @@ def _rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
 class _ResumableBatchSampler(Sampler[list[int]]):
     """Shared mechanics: position tracking, state_dict, rank slicing. Subclasses define ``global_batches``.
 
-    ``trainer``: the Trainer it feeds (the DataModules set it), whose rank and world size pick the slice; without
-    one, torch.distributed's. A one-device Trainer run after a DDP fit in the same process (Lightning leaves the
+    ``trainer``: the Trainer it feeds (the DataModules set it), whose data-parallel rank and size pick the slice;
+    without one, torch.distributed's. A one-device Trainer run after a DDP fit in the same process (Lightning leaves the
     process group initialised) then still trains whole batches."""
 
     trainer: Any = None
@@ -61,8 +61,7 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         return len(self.global_batches(self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else rank_and_world()
+        rank, world = self._rank_and_world()
         if self._consumed and not self._restored:
             # the last pass was abandoned (Lightning stops after the epoch's last batch, or earlier under
             # limit_train_batches, without exhausting us): this pass is the next epoch, from its first batch
@@ -75,6 +74,14 @@ class _ResumableBatchSampler(Sampler[list[int]]):
             yield _rank_slice(batches[position], rank, world)
         self._consumed = 0
         self.epoch += 1
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's data-parallel rank and the number of data-parallel processes (Lightning's sampler
+        arguments: under tensor parallelism fewer than the processes, since a model-parallel group shares its data)."""
+        if self.trainer is None:
+            return rank_and_world()
+        kwargs = self.trainer.distributed_sampler_kwargs
+        return (int(kwargs["rank"]), int(kwargs["num_replicas"])) if kwargs else (0, 1)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self._consumed}

@@ -69,3 +69,16 @@ def test_an_abandoned_pass_is_followed_by_the_next_epoch_and_a_restored_position
     sampler.load_state_dict(state)
     assert list(iter(sampler)) == sampler.global_batches(2)[1:]
     assert next(iter(sampler)) == sampler.global_batches(3)[0]
+
+
+def test_a_trainers_data_parallel_rank_and_size_pick_the_slice():
+    """Under tensor parallelism 4 processes form 2 data-parallel groups: the slice follows Lightning's sampler
+    arguments, not the process count."""
+    from types import SimpleNamespace
+
+    sampler = OrderedBatchSampler([[0, 1, 2, 3], [4, 5, 6, 7]])
+    sampler.trainer = SimpleNamespace(world_size=4, global_rank=3,
+                                      distributed_sampler_kwargs={"rank": 1, "num_replicas": 2})
+    assert list(sampler) == [[2, 3], [6, 7]]
+    sampler.trainer = SimpleNamespace(world_size=1, global_rank=0, distributed_sampler_kwargs=None)
+    assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7]]
