@@ -99,6 +99,23 @@ def _parameter_change(
     return None
 
 
+@contextlib.contextmanager
+def _metrics_unsynced(module: torch.nn.Module) -> Iterator[None]:
+    """The module's torchmetrics compute without gathering from other processes (one process of a leftover process
+    group trains alone: a gather would wait on ranks that left), and sync as before afterwards."""
+    import torchmetrics
+
+    metrics = [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
+    before = [metric.sync_on_compute for metric in metrics]
+    for metric in metrics:
+        metric.sync_on_compute = False
+    try:
+        yield
+    finally:
+        for metric, sync in zip(metrics, before):
+            metric.sync_on_compute = sync
+
+
 def _early_stops(callbacks: Sequence[L.Callback]) -> list[str]:
     """The callbacks that may end training before its planned steps: EarlyStopping, and the Timer max_time adds."""
     return [f"EarlyStopping(monitor={cb.monitor!r})" if isinstance(cb, EarlyStopping) else "max_time"
@@ -360,9 +377,11 @@ class TrainOrderRecorder(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # A one-device Trainer in a process where an earlier DDP fit left its process group initialised (Lightning
         # does not destroy it): the lpl samplers would yield this rank's share of every batch and the probes would
-        # wait on the other ranks, so the whole fit runs as one process (until teardown or on_exception).
+        # wait on the other ranks (the module's torchmetrics too), so the whole fit runs as one process (until
+        # teardown or on_exception).
         if trainer.world_size == 1 and rank_and_world()[1] > 1:
             self._one_process.enter_context(single_process())
+            self._one_process.enter_context(_metrics_unsynced(pl_module))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._one_process.close()

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         recorder = TrainOrderRecorder(args.then_record, proj_dim=16, probe_every_n_steps=args.probe_every,
                                       store_dtype="float32")
         alone = L.Trainer(**trainer_kwargs(max_steps=args.max_steps, callbacks=[recorder]))
-        alone.fit(TinyNet(), datamodule=TinyDataModule())
+        alone.fit(MetricNet() if args.metrics else TinyNet(), datamodule=TinyDataModule())
         from lpl.utils.trainer import rank_and_world
 
         print(f"after the one-device fit: {rank_and_world()}")  # the DDP group's view again

@@ -51,15 +51,17 @@ def test_two_gloo_ranks_record_what_one_process_records(tmp_path):
     _same_probes(one, two, rtol=1e-5)
 
 
-def test_a_one_device_recording_after_a_ddp_fit_in_the_same_process_records_whole_batches(tmp_path):
+@pytest.mark.parametrize("model", [[], ["--metrics"]], ids=["plain", "torchmetrics"])
+def test_a_one_device_recording_after_a_ddp_fit_in_the_same_process_records_whole_batches(tmp_path, model):
     # the DDP fit leaves its 2-rank process group initialised; a one-device Trainer recording next in rank 0 must
-    # record what a fresh process records (whole batches, every pool batch probed by this one process)
+    # record what a fresh process records (whole batches, every pool batch probed by this one process), and
+    # MetricNet's accuracy must not gather over that group (rank 1 has exited)
     threads = torch.get_num_threads()
     recorder_support.main(["--dirpath", str(tmp_path / "fresh"), "--ckpt-dir", str(tmp_path / "fresh-ckpt"),
-                           "--max-steps", "4"])
+                           "--max-steps", "4", *model])
     torch.set_num_threads(threads)
     done = _run("--dirpath", str(tmp_path / "ddp"), "--ckpt-dir", str(tmp_path / "ckpt"), "--devices", "2",
-                "--max-steps", "4", "--then-record", str(tmp_path / "after"))
+                "--max-steps", "4", "--then-record", str(tmp_path / "after"), *model)
     assert "after the one-device fit: (0, 2)" in done.stdout  # the one-process view ended with that fit
     fresh, after = Recording.open(tmp_path / "fresh"), Recording.open(tmp_path / "after")
     after.verify()
