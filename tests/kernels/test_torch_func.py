@@ -13,8 +13,8 @@ from lpl.kernels.ops import triton_on_cpu
 
 @pytest.fixture(params=["kernels.cpu", "torch fallback", "triton"])
 def forward_calls(request, triton_device, monkeypatch):
-    """Forwards run on this path (Triton: interpreted for CPU tensors, see conftest.py); the list records each call
-    of the path's forward, so that a test can check the path really ran."""
+    """Forwards run on this path (Triton: on the GPU where there is one, else interpreted for CPU tensors, see
+    conftest.py); the list records each call of the path's forward, so that a test can check the path really ran."""
     from lpl.kernels import ops
 
     calls = []
@@ -34,7 +34,10 @@ def forward_calls(request, triton_device, monkeypatch):
         from lpl.kernels import triton_ops
 
         spy(triton_ops, "bsr_linear")
-    with triton_on_cpu() if request.param == "triton" and triton_device == "cpu" else contextlib.nullcontext():
+    triton = request.param == "triton"
+    # Triton runs CUDA tensors where there is a GPU: the test's nets and inputs are made there (a default device)
+    with (triton_on_cpu() if triton and triton_device == "cpu" else contextlib.nullcontext(),
+          torch.device("cuda") if triton and triton_device == "cuda" else contextlib.nullcontext()):
         yield calls
 
 
