@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lpl.order.estimator import OrderEstimator, agreement, log_estimates, replay_data_from_recording
+from lpl.order.estimator import (OrderEstimator, agreement, check_complete, log_estimates,
+                                 replay_data_from_recording)
 from lpl.order.replay import METHODS, ReplayResult, check_orders
 from lpl.utils.errors import LplError
 from lpl.utils.loggers import is_wandb
@@ -114,7 +115,7 @@ def check_methods(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LplError(f"unknown method(s) {unknown}; choose from {list(METHODS)}.")
-    data = replay_data_from_recording(recording)  # before any retraining: refuses an incomplete recording
+    check_complete(recording)  # before any retraining
     if true_losses is None:
         true_losses = []
         for i, order in enumerate(order_tensor):
@@ -131,6 +132,7 @@ def check_methods(
     if not all(math.isfinite(t) for t in true_losses):
         raise LplError("a retrained order ended with a non-finite loss; the run diverges along it, so no estimate "
                        "can be scored there: check with orders that train stably.")
+    data = replay_data_from_recording(recording)  # after retraining: both at once would add their memory
     check = MethodCheck(order_tensor, true_losses, reference_loss_after(recording, order_tensor.shape[1]))
     for method in methods:
         try:

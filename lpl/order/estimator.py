@@ -48,8 +48,8 @@ def _split(result: ReplayResult) -> list[OrderEstimate]:
     ]
 
 
-def replay_data_from_recording(recording: Any) -> ReplayData:
-    """Stack a ``lpl.order.Recording``'s probes into ``ReplayData`` (tensors stay float16 as stored until used)."""
+def check_complete(recording: Any) -> None:
+    """Refuse a recording whose run stopped before its final probe (every estimate reads it)."""
     probe_steps = list(recording.probe_steps)
     num_steps = int(recording.num_steps)
     if not probe_steps or probe_steps[-1] != num_steps:
@@ -58,6 +58,13 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
             f"{probe_steps[-3:]}); it is incomplete: finish the reference run (resume it from a checkpoint with "
             "TrainOrderRecorder(..., resume=True)) or record it again."
         )
+
+
+def replay_data_from_recording(recording: Any) -> ReplayData:
+    """Stack a ``lpl.order.Recording``'s probes into ``ReplayData`` (tensors stay float16 as stored until used)."""
+    check_complete(recording)
+    probe_steps = list(recording.probe_steps)
+    num_steps = int(recording.num_steps)
     steps = [recording.step(t) for t in probe_steps]
     missing = [name for name in _REQUIRED_BATCH + ("val_loss", "val_grad") if name not in steps[0]]
     if missing:
