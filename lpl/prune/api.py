@@ -9,7 +9,7 @@ import numbers
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,8 +58,7 @@ def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequ
             f"include={include} / exclude={exclude} match no Linear layer (the model's Linear layers: {examples}); "
             "use glob patterns on module names such as '*.qkv' or '*mlp.fc*'."
         )
-    explicit = include != ["*"]
-    return _without_tied_weights(_without_extras(chosen, explicit), explicit)
+    return _without_unprunable(chosen, explicit=include != ["*"])
 
 
 def _patterns(option: str, value: str | Sequence[str] | None, default: list[str]) -> list[str]:
@@ -89,7 +88,7 @@ def read_as_weight(model: nn.Module, name: str) -> bool:
         isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"))
 
 
-def _plain_forwards() -> set:
+def _plain_forwards() -> set[Callable]:
     """Linear forwards that compute exactly ``F.linear(x, self.weight, self.bias)``: torch's and timm's (which only
     casts under TorchScript)."""
     forwards = {nn.Linear.forward}
@@ -105,8 +104,9 @@ def linear_extras(layer: nn.Linear) -> str | None:
     ``BlockSparseLinear`` would drop or miss it), said as a clause; None for a plain Linear."""
     if weight_is_computed(layer):
         return COMPUTED_WEIGHT
-    if type(layer).forward not in _plain_forwards():
-        return f"it is a {type(layer).__name__} with its own forward"
+    if type(layer).forward not in _plain_forwards() or "forward" in vars(layer):  # a class's or a wrapper's
+        kind = type(layer)
+        return f"it is a {kind.__module__}.{kind.__qualname__} with its own forward"
     extra = [name for name, _ in layer.named_parameters()] + [name for name, _ in layer.named_buffers()]
     extra = [name for name in extra if name not in ("weight", "bias")]
     if extra:
@@ -114,44 +114,32 @@ def linear_extras(layer: nn.Linear) -> str | None:
     return None
 
 
-def _without_extras(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
-    """Layers that compute more than ``x W^T + b`` (``linear_extras``) cannot run block-sparse: an error when the
-    user chose them, left dense with a warning in the default selection."""
-    extras = {name: reason for name, layer in layers.items() if (reason := linear_extras(layer)) is not None}
-    if not extras:
-        return layers
-    name, reason = next(iter(extras.items()))
-    if explicit:
-        raise LplError(f"Linear layer {name!r} cannot be block-pruned: {reason}, which a block-sparse layer would "
-                       f"not keep; leave it dense with exclude={[name]!r}.")
-    warnings.warn(f"prune_model: {len(extras)} Linear layers left dense because they compute more than x W^T + b "
-                  f"(e.g. {name!r}: {reason}).", stacklevel=5)  # prune_model's caller
-    remaining = {n: layer for n, layer in layers.items() if n not in extras}
-    if not remaining:
-        raise LplError(f"no selected Linear layer can be block-pruned: e.g. {name!r}: {reason}.")
-    return remaining
-
-
-def _without_tied_weights(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
-    """Layers that share one weight (tied) would get one block mask each on a single tensor: an error when the user
+def _without_unprunable(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
+    """``layers`` without those that cannot be block-pruned (computing more than ``x W^T + b``: ``linear_extras``;
+    sharing one weight with another, which would get one mask per layer on a single tensor): an error when the user
     chose them, left dense with a warning in the default selection."""
     owners: dict[int, list[str]] = {}
     for name, layer in layers.items():
         owners.setdefault(id(layer.weight), []).append(name)
-    tied = [names for names in owners.values() if len(names) > 1]
-    if not tied:
+    problems: dict[str, tuple[str, list[str]]] = {}  # name -> (why, the exclude patterns that leave it dense)
+    for name, layer in layers.items():
+        extras = linear_extras(layer)
+        tied = owners[id(layer.weight)]
+        if extras is not None:
+            problems[name] = (f"{extras}, which a block-sparse layer would not keep", [name])
+        elif len(tied) > 1:
+            others = ", ".join(repr(n) for n in tied if n != name)
+            problems[name] = (f"it shares one weight tensor with {others} (tied), and block masks are per layer", tied)
+    if not problems:
         return layers
-    example = tied[0]
+    name, (why, exclude) = next(iter(problems.items()))
     if explicit:
-        raise LplError(f"Linear layers {example} share one weight tensor (tied), and block masks are per layer; "
-                       f"leave them dense with exclude={example!r} or include only layers with their own weights.")
-    warnings.warn(f"prune_model: {sum(map(len, tied))} Linear layers share their weights with another (tied, e.g. "
-                  f"{example}): left dense, since block masks are per layer.", stacklevel=5)  # prune_model's caller
-    shared = {name for names in tied for name in names}
-    remaining = {name: layer for name, layer in layers.items() if name not in shared}
+        raise LplError(f"Linear layer {name!r} cannot be block-pruned: {why}; leave it dense with exclude={exclude!r}.")
+    warnings.warn(f"prune_model: {len(problems)} Linear layers left dense, since they cannot be block-pruned (e.g. "
+                  f"{name!r}: {why}).", stacklevel=5)  # prune_model's caller
+    remaining = {n: layer for n, layer in layers.items() if n not in problems}
     if not remaining:
-        raise LplError(f"every selected Linear layer shares its weight with another (tied, e.g. {example}); block "
-                       "masks are per layer, so there is nothing to prune.")
+        raise LplError(f"no selected Linear layer can be block-pruned (e.g. {name!r}: {why}).")
     return remaining
 
 

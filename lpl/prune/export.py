@@ -60,10 +60,6 @@ def to_block_sparse(
                 f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
                 f"export the model the masks were computed for."
             )
-        extras = linear_extras(linear)
-        if extras is not None:
-            raise LplError(f"layer {name!r} cannot run block-sparse: {extras}, which a BlockSparseLinear would not "
-                           f"keep; prune it with exclude={[name]!r} so that it stays dense.")
         shape = getattr(prune_result, "shapes", {}).get(raw_name)
         if shape is not None and tuple(shape) != tuple(linear.weight.shape):
             raise LplError(f"layer {name!r} has shape {tuple(linear.weight.shape)} but the prune result was computed "
@@ -82,6 +78,10 @@ def to_block_sparse(
             if not any(isinstance(getattr(h, "hook", h), _DenseFromBlockSparseState) for h in hooks):
                 linear._register_load_state_dict_pre_hook(_DenseFromBlockSparseState())
             continue
+        extras = linear_extras(linear)
+        if extras is not None:
+            raise LplError(f"layer {name!r} cannot run block-sparse: {extras}, which a BlockSparseLinear would not "
+                           f"keep; prune it with exclude={[name]!r} so that it stays dense.")
         sparse = BlockSparseLinear.from_linear(linear, mask, size)
         sparse.train(linear.training)
         _share_call_hooks(linear, sparse)

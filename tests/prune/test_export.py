@@ -199,15 +199,23 @@ def _weight_normed(layer: nn.Linear) -> nn.Linear:
     return nn.utils.parametrizations.weight_norm(layer)
 
 
-@pytest.mark.parametrize("make", [lambda: _ScaledLinear(32, 64), lambda: _weight_normed(nn.Linear(32, 64))],
-                         ids=["own_forward", "weight_norm"])
+def _wrapped_forward(layer: nn.Linear) -> nn.Linear:
+    """A forward replaced on the instance (as offloading hooks and monkeypatches do)."""
+    original = layer.forward
+    layer.forward = lambda x: original(x) * 2.0
+    return layer
+
+
+@pytest.mark.parametrize("make", [lambda: _ScaledLinear(32, 64), lambda: _weight_normed(nn.Linear(32, 64)),
+                                  lambda: _wrapped_forward(nn.Linear(32, 64))],
+                         ids=["own_forward", "weight_norm", "instance_forward"])
 def test_linears_computing_more_than_x_wt_plus_b_are_left_dense_or_refused(make) -> None:
     from lpl.prune import prune_model
 
     torch.manual_seed(0)
     model = nn.Sequential(make(), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
     calib = [torch.randn(4, 32) for _ in range(2)]
-    with pytest.warns(UserWarning, match="left dense because they compute more than"):
+    with pytest.warns(UserWarning, match="left dense, since they cannot be block-pruned"):
         result = prune_model(model, calib, block_size=(16, 16), flops_keep=0.75, stages=1, loss="logit_energy",
                              exclude=["4"])
     assert "0" not in result.block_masks and "2" in result.block_masks
@@ -217,6 +225,8 @@ def test_linears_computing_more_than_x_wt_plus_b_are_left_dense_or_refused(make)
     with pytest.raises(LplError, match="'0' cannot run block-sparse"):
         to_block_sparse(model, {"0": torch.tensor([[True, False], [False, True], [True, True], [True, False]])},
                         block_size=16)
+    kept = type(model[0])  # a result keeping every block of it leaves it as it is
+    assert type(to_block_sparse(model, {"0": torch.ones(4, 2, dtype=torch.bool)}, block_size=16)[0]) is kept
 
 
 def test_apply_masks_refuses_a_weight_computed_by_a_parametrization() -> None:
