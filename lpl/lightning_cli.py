@@ -1,7 +1,7 @@
 """The Trainer commands of ``lpl`` (fit / validate / test / predict): Lightning's LightningCLI with lpl's additions.
 
-Kept apart from ``lpl.cli`` so that the method commands start without importing Lightning, and at module level so that
-``--trainer.strategy=ddp_spawn`` can pickle the CLI and its callback into the spawned processes.
+Its classes live at module level so that ``--trainer.strategy=ddp_spawn`` can pickle the CLI and its callback into
+the processes it starts (classes local to a function cannot be pickled).
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> LplCLI
         )
 
 
-def resolve_best(init: dict[str, Any], trainer: L.Trainer) -> None:
+def resolve_best(init: Any, trainer: L.Trainer) -> None:
     """``--ckpt_path best`` in a new process: Lightning knows the best checkpoint only in the process that trained,
-    so read it off the ModelCheckpoint state the run saved in ``last.ckpt`` of the callback's folder."""
+    so read it off the ModelCheckpoint state the run saved in ``last.ckpt`` of the callback's folder. ``init``: the
+    subcommand's parsed arguments (a jsonargparse Namespace), whose ``ckpt_path`` this sets."""
     callback = trainer.checkpoint_callback
     if init.get("ckpt_path") != "best" or callback is None or callback.best_model_path:
         return  # Lightning decides (and explains what is missing)

@@ -72,15 +72,15 @@ def _options(args: argparse.Namespace, trainer: Any) -> tuple[dict[str, Any], in
 
 def prune_main(argv: list[str]) -> int:
     """``lpl prune``: prune a checkpoint's model with ``prune_model`` and save the PruneResult (see ``--help``)."""
-    from lpl.lightning_cli import run_lightning_cli
-    from lpl.prune.api import prune_model
-    from lpl.utils.weights import read_state_dict
-
     parser = _parser()
     args, passthrough = parser.parse_known_args(argv)
     unknown = [a for a in passthrough if a.startswith("--") and not a.startswith(_PASSTHROUGH)]  # "-0.5": a value
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    from lpl.lightning_cli import run_lightning_cli  # after the arguments: --help and mistakes answer at once
+    from lpl.prune.api import prune_model
+    from lpl.utils.weights import read_state_dict
+
     cli = run_lightning_cli(["--config", args.config, *passthrough], run=False)
     model, datamodule = cli.model, cli.datamodule
     if args.ckpt_path:
