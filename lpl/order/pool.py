@@ -45,8 +45,8 @@ def single_val_loader(loaders: Any) -> Any:
         return loaders[0]
     if isinstance(loaders, (Sequence, Mapping)):
         raise LplError(
-            f"TrainOrderRecorder needs one validation loader (its loss is what every estimate predicts), but the "
-            f"run has a {type(loaders).__name__} of {len(loaders)}; return a single DataLoader from "
+            f"recording, retraining and estimating take one validation loader (its loss is what every estimate "
+            f"predicts), but the run has a {type(loaders).__name__} of {len(loaders)}; return a single DataLoader from "
             "val_dataloader() (join the sets with torch.utils.data.ConcatDataset to validate on all of them).")
     return loaders
 

@@ -341,7 +341,6 @@ def retrain(
         print(truth.final_loss, truth.loss_curve[-1])
     """
     recording = path if isinstance(path, Recording) else Recording.open(path)
-    recording.verify(RETRAIN_FILES)  # a damaged file would give another "ground truth" without a word
     orders = check_orders(order, len(recording.batches), recording.num_steps)
     if orders.shape[0] != 1:
         raise LplError(f"retrain takes one order (a list of pool batch ids), got {orders.shape[0]}; call it per order.")
@@ -355,6 +354,7 @@ def retrain(
         raise LplError(f"curve_every_n_steps must be positive, got {curve_every_n_steps}.")
     steps = int(order_tensor.numel())
     _check_recorded(recording, steps)
+    recording.verify(RETRAIN_FILES)  # after the cheap checks: a damaged file would give another "ground truth"
     model, datamodule = rebuild(recording, order_tensor.tolist())
     curve = _LossCurve(curve_every_n_steps, steps)
     seconds = fit_in_order(recording, model, datamodule, steps, [curve], accelerator, trainer_kwargs)

@@ -143,7 +143,8 @@ def _manifest_digest(content: Mapping[str, Any]) -> str:
 def _write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     """Write the manifest atomically with the sha256 of its content, so that an edit or a flipped byte that leaves it
     valid JSON (a learning rate, a batch id) is refused when it is read."""
-    content = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_SHA256}))  # as read back
+    # canonical JSON is the same for these values and for what json reads back from them (tuples become lists)
+    content = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
     atomic_write_json(root / MANIFEST, {**content, MANIFEST_SHA256: _manifest_digest(content)})
 
 
@@ -172,7 +173,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
                       "detected.", stacklevel=2)
     elif stored != _manifest_digest(manifest):
         raise RecordingError(f"{manifest_path} is damaged or was edited: its content does not match its "
-                             f"{MANIFEST_SHA256}; record the run again.")
+                             f"{MANIFEST_SHA256} (an lpl from before that checksum, resuming the run, would also leave "
+                             "it stale); record the run again.")
     return manifest
 
 
@@ -699,6 +701,8 @@ class Recording:
         retraining each order) pay for it once."""
         if entries is None:
             infos = self.files()
+        elif isinstance(entries, str):
+            raise LplError(f"verify() takes a list of entries, got the string {entries!r}; pass [{entries!r}].")
         else:
             unknown = sorted(set(entries) - set(FILE_ENTRIES))
             if unknown:
