@@ -7,6 +7,7 @@ Two searches: ``genetic`` (the paper's: order crossover, swap/insertion mutation
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections import Counter
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lpl.order.position import id_list
 from lpl.utils.errors import LplError
 
 if TYPE_CHECKING:
@@ -133,8 +135,13 @@ def search(
     """
     if method not in SEARCH_METHODS:
         raise LplError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}.")
+    for name, value in (("budget", budget), ("population", population), ("seed", seed)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise LplError(f"{name} must be a whole number, got {value!r}.")
+    if not (isinstance(mutation_rate, numbers.Real) and 0.0 <= mutation_rate <= 1.0):
+        raise LplError(f"mutation_rate is a probability per child, between 0 and 1; got {mutation_rate!r}.")
     if batches is not None:
-        items = torch.tensor(list(batches), dtype=torch.long)
+        items = torch.tensor(id_list(batches, "batches"), dtype=torch.long)
     else:  # the reference order's batches; an estimator that does not hold it orders each pool batch once
         reference = getattr(estimator, "reference_order", None)
         items = (torch.arange(estimator.num_batches) if reference is None

@@ -169,7 +169,8 @@ class OrderEstimator(L.LightningModule):
         # many orders at once, batched on the trainer's device:
         loader = DataLoader(torch.stack([torch.randperm(estimator.num_batches) for _ in range(256)]), batch_size=64)
         estimates = [e for batch in Trainer(logger=False).predict(estimator, loader) for e in batch]
-        # under DDP each rank predicts (and returns) its DistributedSampler share of the orders
+        # under DDP each rank predicts (and returns) its DistributedSampler share of the orders: rank r gets orders
+        # r, r + W, r + 2W, ... of W processes, and every rank needs at least one (Lightning's sampler asserts it)
 
     ``method``: "zeroth_order" (the update term of the training-order paper, arXiv 2505.22042, with no correction),
     "first_order" (its FUT: per-batch first-order curvature correction), "second_order" (its FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
@@ -364,6 +365,9 @@ def check_recording_matches_model(recording: Any, model: Any) -> None:
     """Raise LplError when ``recording`` was made for a model whose trainable parameter names or shapes differ."""
     from lpl.order.store import parameter_signature
 
+    if not isinstance(model, torch.nn.Module):
+        raise LplError(f"model must be the module the recording was made for (an nn.Module, e.g. a LightningModule "
+                       f"instance), got {type(model).__name__} {model!r:.40}.")
     recorded = recording.manifest.get("model") or {}
     signature = parameter_signature((n, p.shape) for n, p in model.named_parameters() if p.requires_grad)
     if signature["param_hash"] != recorded.get("param_hash"):

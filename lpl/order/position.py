@@ -32,7 +32,7 @@ def moved(order: Tensor, batch: int, position: int) -> Tensor:
     return torch.cat([rest[:position], order[where : where + 1], rest[position:]])
 
 
-def _ids(values: Any, what: str) -> list[int]:
+def id_list(values: Any, what: str) -> list[int]:
     """A non-empty list of whole numbers (pool batch ids or positions), or LplError."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise LplError(f"{what} must be a list of whole numbers, got {values!r:.40}.")
@@ -63,8 +63,8 @@ def position_map(
     reference = estimator.reference_order.cpu()
     if not isinstance(chunk, int) or chunk < 1:
         raise LplError(f"chunk must be a whole number >= 1 (orders estimated at once), got {chunk!r}.")
-    batches = sorted(set(reference.tolist())) if batches is None else _ids(batches, "batches")
-    positions = list(range(len(reference))) if positions is None else _ids(positions, "positions")
+    batches = sorted(set(reference.tolist())) if batches is None else id_list(batches, "batches")
+    positions = list(range(len(reference))) if positions is None else id_list(positions, "positions")
     missing = [b for b in batches if b not in set(reference.tolist())]
     if missing:
         raise LplError(

@@ -161,16 +161,22 @@ def as_orders(orders: Any) -> Tensor:
         raise LplError(_BOOL_ORDERS)
     if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex()):
         raise LplError("orders must hold integer pool batch ids.")
+    if tensor.is_meta:
+        raise LplError("orders on the meta device hold no ids; pass them on the CPU (or the estimator's device).")
     return tensor
 
 
 def check_orders(orders: Any, num_batches: int, num_steps: int) -> Tensor:
     """Validate [N, L] (or [L]) pool batch ids (anything ``as_orders`` reads); returns them as long [N, L]."""
     orders = as_orders(orders)
+    given = tuple(orders.shape)
     if orders.ndim == 1:
         orders = orders[None]
-    if orders.ndim != 2 or orders.shape[1] == 0:
-        raise LplError(f"an order must be a non-empty list of pool batch ids, got shape {tuple(orders.shape)}.")
+    if orders.ndim != 2:
+        raise LplError(f"orders must be one order (a list of pool batch ids) or a list of orders of one length (2-D), "
+                       f"got {len(given)} dimensions (shape {given}).")
+    if orders.shape[1] == 0:
+        raise LplError(f"an order must be a non-empty list of pool batch ids, got an empty one (shape {given}).")
     orders = orders.long()
     if orders.shape[1] > num_steps:
         raise LplError(

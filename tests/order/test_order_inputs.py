@@ -66,7 +66,8 @@ def test_a_list_of_1d_tensors_is_stacked_as_rows_but_refused_as_a_predict_batch(
     (np.array([[0, 1], [2]], dtype=object), "could not read ndarray"),
     (None, "could not read NoneType"),
     ([], "non-empty"),
-    (torch.zeros(2, 2, 3, dtype=torch.long), r"got shape \(2, 2, 3\)"),
+    (torch.zeros(2, 2, 3, dtype=torch.long), r"got 3 dimensions \(shape \(2, 2, 3\)\)"),
+    (torch.zeros(3, dtype=torch.long, device="meta"), "meta device hold no ids"),
     ([[0] * (NUM_BATCHES + 1)], "longer than"),
     ([[0, NUM_BATCHES]], f"batch id {NUM_BATCHES}"),
     ([[0, -1]], "batch id -1"),
@@ -97,3 +98,20 @@ def test_replay_data_refuses_unreadable_learning_rates_of_an_unchecked_recording
     opened.manifest["optimizer"]["betas"] = [0.9]
     with pytest.raises(LplError, match=r"betas \(0.9,\).*record again"):
         replay_data_from_recording(opened)
+
+
+def test_search_arguments_of_the_wrong_kind_are_refused(estimator):
+    """Floats and bools as batch ids were truncated into other batches; fractional budgets and rates went through."""
+    from lpl.order import curriculum
+
+    for kwargs, message in (({"batches": [0.9, 1.9, 2.9]}, "whole numbers"), ({"batches": [True, False]}, "whole numbers"),
+                            ({"budget": 20.5}, "budget must be a whole number"),
+                            ({"population": 8.0}, "population must be a whole number"),
+                            ({"mutation_rate": 5.0}, "mutation_rate is a probability")):
+        with pytest.raises(LplError, match=message):
+            curriculum.search(estimator, **kwargs)
+
+
+def test_from_recording_refuses_a_model_that_is_not_a_module(recording):
+    with pytest.raises(LplError, match="model must be the module the recording was made for"):
+        OrderEstimator.from_recording(recording, model="NormMLP")
