@@ -53,7 +53,9 @@ def position_map(
     """M [len(batches), len(positions)]: estimated end loss of pool batch ``batches[i]`` placed at ``positions[j]``.
 
     ``batches`` default to every batch of the reference order, ``positions`` to every step. ``logger``: optional
-    Lightning logger; with a W&B logger the heatmap is logged as an image.
+    Lightning logger; with a W&B logger the heatmap is logged as an image. In a run that trains a batch several times
+    (epochs over one pool) its last visit moves (``moved``): placed before its earlier visits, the batch is last seen
+    at the next-to-last one, so those columns repeat the same order.
 
     Example::
 
@@ -61,7 +63,7 @@ def position_map(
         plot_position_map(m, "position_map.png")
     """
     reference = estimator.reference_order.cpu()
-    if not isinstance(chunk, int) or chunk < 1:
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise LplError(f"chunk must be a whole number >= 1 (orders estimated at once), got {chunk!r}.")
     batches = sorted(set(reference.tolist())) if batches is None else id_list(batches, "batches")
     positions = list(range(len(reference))) if positions is None else id_list(positions, "positions")
@@ -111,7 +113,7 @@ def plot_position_map(
     figure, axis = plt.subplots(figsize=(7, 5))
     shown = matrix - matrix.mean(dim=1, keepdim=True)  # each row's own offset hides the position effect
     image = axis.imshow(shown.numpy(), aspect="auto", cmap="coolwarm", origin="upper")
-    axis.set_xlabel("position j in training")
+    axis.set_xlabel("position j of the batch's (last) visit in training")
     axis.set_ylabel("pool batch i")
     if positions is not None and len(positions) <= 32:
         axis.set_xticks(range(len(positions)), [str(p) for p in positions], fontsize=6)
