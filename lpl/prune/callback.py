@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import operator
 import random
 import warnings
@@ -21,7 +22,7 @@ from lpl.prune.api import check_options, prune_model, selected_layers
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size
 from lpl.prune.importance import model_inputs
-from lpl.prune.masking import MaskHandle, apply_masks
+from lpl.prune.masking import MaskHandle, apply_masks, has_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 from lpl.utils.loggers import is_wandb
@@ -39,7 +40,9 @@ class BlockPruneCallback(Callback):
     ``lpl.models.ViTClassifier``). The PruneResult is stored in checkpoints and re-applied on resume. As soon as it
     applies, and again at fit end with the fine-tuned figures, it logs the result (scalars to every logger; W&B also
     gets per-layer density / latency / energy and distortion curves, once) and saves it as ``prune_result/`` beside
-    the checkpoints (or at ``result_path``).
+    the checkpoints (or at ``result_path``). One BlockPruneCallback per Trainer (include every layer group in it),
+    and no weight averaging (StochasticWeightAveraging, EMA) in the same fit: both are refused at fit start.
+    ``prune_after_steps`` counts optimizer steps (a module stepping two optimizers per batch takes two per batch).
 
     Example::
 
@@ -55,7 +58,8 @@ class BlockPruneCallback(Callback):
         stages, first_order: as in ``prune_model`` (calibration rounds; taylor2's gradient term).
         distill: fine-tune against the dense model's logits (soft distillation).
         prune_after_steps: prune after this many optimizer steps (0: at fit start, on the loaded weights).
-        evaluate: report validation loss/accuracy of the dense and the pruned model (needs a datamodule).
+        evaluate: report validation loss/accuracy of the dense, pruned and fine-tuned model (on the fit's validation
+            data, as many batches as ``limit_val_batches`` allows; nothing without validation data).
         result_path: where to save the PruneResult (default: ``<checkpoint dir>/prune_result``).
         result: a PruneResult (or the folder of a saved one) to apply instead of pruning: fine-tune given masks.
     """
@@ -107,6 +111,7 @@ class BlockPruneCallback(Callback):
         # What to do follows from the weights: a resumed run, or another fit of a model this callback pruned, has
         # its pruned blocks at zero already; a result restored by validate/test from some checkpoint, which the
         # (dense) model in hand does not carry, is dropped.
+        _check_trainer(self, trainer)
         if self.result is None and self._given is None:  # under ddp_spawn an earlier fit's result is only on disk
             self.result = self._saved_result(trainer)
         if self.result is not None and self._pruned_already(pl_module):
@@ -119,6 +124,12 @@ class BlockPruneCallback(Callback):
             self._publish(trainer)
         else:
             self.result, self.metrics = None, {}
+            if has_masks(pl_module):  # pruning further to a smaller budget is allowed, but say what it means
+                rank_zero_warn(
+                    f"BlockPruneCallback: {type(pl_module).__name__} carries block masks already (apply_masks, or "
+                    "another BlockPruneCallback's fit), so this prunes the pruned model again: its 'dense' figures are "
+                    "the masked model's, and a layer given more blocks than before keeps some zeroed ones. To "
+                    "fine-tune with the earlier masks, pass result=<that PruneResult> (or its saved folder).")
             self._check_early(pl_module)
             if self.prune_after_steps == 0:
                 self._prune(trainer, pl_module)
@@ -149,7 +160,7 @@ class BlockPruneCallback(Callback):
         self._log(trainer)
         self._save(trainer)
         rank_zero_info(f"BlockPruneCallback: kept {self.result.flops_keep:.3f} of the prunable FLOPs, predicted "
-                       f"speedup {self.result.predicted_speedup:.2f}x; {self._format_metrics()}")
+                       f"speedup {self.result.predicted_speedup:.2f}x{self._format_metrics()}")
 
     def state_dict(self) -> dict[str, Any]:
         if self.result is None:
@@ -186,7 +197,7 @@ class BlockPruneCallback(Callback):
         rank_zero_info(
             f"BlockPruneCallback: kept {self.result.flops_keep:.3f} of the prunable FLOPs, predicted speedup "
             f"{self.result.predicted_speedup:.2f}x, energy ratio {self.result.predicted_energy_ratio:.2f} "
-            f"({self.result.prune_seconds:.1f} s); {self._format_metrics()}"
+            f"({self.result.prune_seconds:.1f} s){self._format_metrics()}"
         )
 
     @staticmethod
@@ -294,7 +305,8 @@ class BlockPruneCallback(Callback):
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         """Validation loss (and accuracy when batches carry labels) of the module as it is now."""
-        if trainer.datamodule is None or not callable(getattr(trainer.datamodule, "val_dataloader", None)):
+        batches = _validation_batches(trainer)
+        if batches is None:
             return {}
         total_loss = correct = count = 0.0
         has_labels = False
@@ -302,7 +314,7 @@ class BlockPruneCallback(Callback):
         handle = pl_module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         try:
             with eval_mode(pl_module):  # eval also turns distillation off: plain task loss
-                for batch in trainer.datamodule.val_dataloader():
+                for batch in batches:
                     batch = _as_training_sees_it(trainer, pl_module, batch)
                     size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
                     outputs.clear()
@@ -331,7 +343,9 @@ class BlockPruneCallback(Callback):
         return Path(base) / "prune_result"
 
     def _format_metrics(self) -> str:
-        return ", ".join(f"{k.removeprefix('prune/')}={v:.4f}" for k, v in self.metrics.items())
+        """'; name=value, ...' of the figures measured, or '' when none were (evaluate=False, no validation data)."""
+        figures = ", ".join(f"{k.removeprefix('prune/')}={v:.4f}" for k, v in self.metrics.items())
+        return f"; {figures}" if figures else ""
 
     def _log(self, trainer: L.Trainer, charts: bool = False) -> None:
         """The result's scalars (and, with ``charts``, W&B's per-layer tables and plots) to every logger."""
@@ -364,6 +378,51 @@ def _rng_kept(loader: Any) -> Iterator[None]:
                 generator.set_state(state)
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:
+    """Refuse Trainer callbacks that would undo the masks: weight averaging (its averaged weights, which the fit
+    ends with, keep the pruned blocks' values) and a second BlockPruneCallback (each applies its masks in place of
+    the other's, and both save into one prune_result/)."""
+    from lightning.pytorch import callbacks
+
+    averaging = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                      if hasattr(callbacks, name))
+    for other in trainer.callbacks:
+        if isinstance(other, averaging):
+            raise LplError(
+                f"BlockPruneCallback cannot be combined with {type(other).__name__}: the averaged weights the fit "
+                "ends with (and its checkpoints, for EMA) keep values in the pruned blocks, so the model measured and "
+                "exported would not be the pruned one. Average weights in a fit before pruning, or fine-tune without.")
+        if isinstance(other, BlockPruneCallback) and other is not callback:
+            raise LplError(
+                "a Trainer takes one BlockPruneCallback: a second one would apply its masks in place of the first's. "
+                "Prune every layer group with one callback (include=[... all patterns ...]).")
+
+
+def _validation_batches(trainer: L.Trainer) -> Iterator[Any] | None:
+    """The validation batches the fit validates on, as many as ``limit_val_batches`` allows (the datamodule's
+    loader, or the one given to fit); None without validation data or with limit_val_batches=0."""
+    if trainer.datamodule is not None and callable(getattr(trainer.datamodule, "val_dataloader", None)):
+        loader = trainer.datamodule.val_dataloader()
+    else:  # a loader given to fit() or defined by the module (Lightning builds it only when it first validates)
+        source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None  # several: the first, as Lightning's val/ metrics name dataloader 0
+    if loader is None:
+        return None
+    limit = trainer.limit_val_batches
+    if isinstance(limit, float) and limit != 1.0:
+        try:
+            limit = max(1, int(limit * len(loader))) if limit > 0 else 0
+        except TypeError:  # an iterable without a length: the whole of it
+            limit = None
+    elif isinstance(limit, float):
+        limit = None
+    if limit == 0:
+        return None
+    return itertools.islice(loader, limit)
 
 
 def _count(name: str, value: Any, minimum: int) -> int:

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lpl.data.mnist import MNIST5kDataModule
 from lpl.models import ViTClassifier
 from lpl.prune import BlockPruneCallback, PruneResult
+from lpl.utils.errors import LplError
 
 
 def _model(**kwargs):
@@ -281,6 +282,49 @@ def test_a_fresh_callback_instance_continues_the_masks_it_saved_as_ddp_spawn_wor
     _trainer(tmp_path, [again], max_steps=3, enable_checkpointing=False).fit(model, datamodule=_data())
     for name, mask in first.result.block_masks.items():
         assert torch.equal(again.result.block_masks[name], mask)
-    other = BlockPruneCallback(**{**options, "flops_keep": 0.3})  # other options: prune as asked
-    _trainer(tmp_path, [other], max_steps=4, enable_checkpointing=False).fit(model, datamodule=_data())
+    other = BlockPruneCallback(**{**options, "flops_keep": 0.3})  # other options: prune as asked, with a word
+    with pytest.warns(UserWarning, match="carries block masks already"):
+        _trainer(tmp_path, [other], max_steps=4, enable_checkpointing=False).fit(model, datamodule=_data())
     assert abs(other.result.flops_keep - 0.3) <= 0.01
+
+
+@pytest.mark.parametrize("averaging", ["StochasticWeightAveraging", "EMAWeightAveraging", "second BlockPruneCallback"])
+def test_callbacks_that_would_undo_the_masks_are_refused_at_fit_start(tmp_path, averaging):
+    """Averaged weights (the fit's end model, EMA's checkpoints) kept values in pruned blocks; a second pruning
+    callback (given its own state_key, as Lightning's error about two suggests) replaced the first's masks."""
+    from lightning.pytorch import callbacks
+
+    class Second(BlockPruneCallback):
+        @property
+        def state_key(self) -> str:
+            return "SecondBlockPruneCallback"
+
+    other = {"StochasticWeightAveraging": lambda: callbacks.StochasticWeightAveraging(swa_lrs=1e-3),
+             "EMAWeightAveraging": lambda: callbacks.EMAWeightAveraging(),
+             "second BlockPruneCallback": lambda: Second(block_size=8, calib_batches=1, include=["*fc*"])}[averaging]()
+    prune = BlockPruneCallback(block_size=8, calib_batches=1, include=["*qkv"], evaluate=False)
+    with pytest.raises(LplError, match="cannot be combined with|takes one BlockPruneCallback"):
+        _trainer(tmp_path, [prune, other], max_steps=2).fit(_model(), datamodule=_data())
+
+
+def test_evaluation_follows_limit_val_batches_and_a_validation_loader_given_to_fit(tmp_path):
+    """It read the datamodule's whole validation set whatever limit_val_batches said, and nothing without a
+    datamodule."""
+    data = _data()
+    data.setup("fit")
+    seen = []
+
+    class Counting(torch.utils.data.DataLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                seen.append(len(batch["index"]))
+                yield batch
+
+    val = Counting(data.val_set, batch_size=10)
+    prune = BlockPruneCallback(block_size=8, calib_batches=1)
+    _trainer(tmp_path, [prune], max_steps=1, limit_val_batches=2).fit(_model(), data.train_dataloader(), val)
+    assert "prune/dense_val_acc" in prune.metrics and "prune/finetuned_val_loss" in prune.metrics
+    assert seen == [10, 10] * 3  # dense, pruned, fine-tuned: 2 batches each (one step: Lightning validates none)
+    prune = BlockPruneCallback(block_size=8, calib_batches=1)
+    _trainer(tmp_path, [prune], max_steps=1, limit_val_batches=0).fit(_model(), datamodule=_data())
+    assert prune.metrics == {}
