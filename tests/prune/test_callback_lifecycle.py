@@ -328,3 +328,10 @@ def test_evaluation_follows_limit_val_batches_and_a_validation_loader_given_to_f
     prune = BlockPruneCallback(block_size=8, calib_batches=1)
     _trainer(tmp_path, [prune], max_steps=1, limit_val_batches=0).fit(_model(), datamodule=_data())
     assert prune.metrics == {}
+
+
+def test_a_pruned_model_predicted_slower_than_dense_is_said_to_be(tmp_path):
+    slow = BlockPruneCallback(block_size=8, calib_batches=1, evaluate=False)  # tiny blocks: overhead dominates
+    with pytest.warns(UserWarning, match=r"predicts the pruned layers [\d.]+x slower than dense at 8x8 blocks"):
+        _trainer(tmp_path, [slow], max_steps=1).fit(_model(), datamodule=_data())
+    assert slow.result.predicted_speedup < 1
