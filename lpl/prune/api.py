@@ -118,16 +118,16 @@ def _without_unprunable(layers: dict[str, nn.Linear], explicit: bool) -> dict[st
     """``layers`` without those that cannot be block-pruned (computing more than ``x W^T + b``: ``linear_extras``;
     sharing one weight with another, which would get one mask per layer on a single tensor): an error when the user
     chose them, left dense with a warning in the default selection."""
-    owners: dict[int, list[str]] = {}
+    extras = {name: linear_extras(layer) for name, layer in layers.items()}
+    owners: dict[int, list[str]] = {}  # weight parameters only: a computed weight is a new tensor at every read
     for name, layer in layers.items():
-        owners.setdefault(id(layer.weight), []).append(name)
+        if extras[name] is None:
+            owners.setdefault(id(layer.weight), []).append(name)
     problems: dict[str, tuple[str, list[str]]] = {}  # name -> (why, the exclude patterns that leave it dense)
     for name, layer in layers.items():
-        extras = linear_extras(layer)
-        tied = owners[id(layer.weight)]
-        if extras is not None:
-            problems[name] = (f"{extras}, which a block-sparse layer would not keep", [name])
-        elif len(tied) > 1:
+        if extras[name] is not None:
+            problems[name] = (f"{extras[name]}, which a block-sparse layer would not keep", [name])
+        elif len(tied := owners[id(layer.weight)]) > 1:
             others = ", ".join(repr(n) for n in tied if n != name)
             problems[name] = (f"it shares one weight tensor with {others} (tied), and block masks are per layer", tied)
     if not problems:

@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lpl.utils.trainer import restore_loader_position
@@ -41,7 +42,8 @@ class BlockPruneCallback(Callback):
     applies, and again at fit end with the fine-tuned figures, it logs the result (scalars to every logger; W&B also
     gets per-layer density / latency / energy and distortion curves, once) and saves it as ``prune_result/`` beside
     the checkpoints (or at ``result_path``). One BlockPruneCallback per Trainer (include every layer group in it),
-    and no weight averaging (StochasticWeightAveraging, EMA) in the same fit: both are refused at fit start.
+    and weight averaging (StochasticWeightAveraging, EMA) only with masks applied at fit start (prune_after_steps=0
+    or ``result``): other combinations are refused at fit start.
     ``prune_after_steps`` counts optimizer steps (a module stepping two optimizers per batch takes two per batch).
 
     Example::
@@ -387,19 +389,22 @@ def _rng_kept(loader: Any) -> Iterator[None]:
 
 
 def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:
-    """Refuse Trainer callbacks that would undo the masks: weight averaging (its averaged weights, which the fit
-    ends with, keep the pruned blocks' values) and a second BlockPruneCallback (each applies its masks in place of
-    the other's, and both save into one prune_result/)."""
+    """Refuse Trainer callbacks that would undo the masks: weight averaging that starts before pruning (its averaged
+    weights, which the fit ends with, keep the pruned blocks' values) and a second BlockPruneCallback (each applies
+    its masks in place of the other's, and both save into one prune_result/)."""
     from lightning.pytorch import callbacks
 
     averaging = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
                       if hasattr(callbacks, name))
     for other in trainer.callbacks:
-        if isinstance(other, averaging):
+        # masks applied at fit start are in every averaged snapshot; pruning later leaves dense ones in the average
+        if isinstance(other, averaging) and callback.prune_after_steps > 0 and callback._given is None:
             raise LplError(
-                f"BlockPruneCallback cannot be combined with {type(other).__name__}: the averaged weights the fit "
-                "ends with (and its checkpoints, for EMA) keep values in the pruned blocks, so the model measured and "
-                "exported would not be the pruned one. Average weights in a fit before pruning, or fine-tune without.")
+                f"BlockPruneCallback(prune_after_steps={callback.prune_after_steps}) cannot be combined with "
+                f"{type(other).__name__}: weights averaged before pruning keep values in the pruned blocks of the "
+                "averaged model the fit ends with (and of its checkpoints, for EMA), so the model measured and "
+                "exported would not be the pruned one. Prune at fit start (prune_after_steps=0, or result=...) to "
+                "average the pruned weights, or average in a fit of its own.")
         if isinstance(other, BlockPruneCallback) and other is not callback:
             raise LplError(
                 "a Trainer takes one BlockPruneCallback: a second one would apply its masks in place of the first's. "
@@ -409,7 +414,10 @@ def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:
 def _validation_batches(trainer: L.Trainer) -> Iterator[Any] | None:
     """The validation batches the fit validates on, as many as ``limit_val_batches`` allows (the datamodule's
     loader, or the one given to fit); None without validation data or with limit_val_batches=0."""
-    if trainer.datamodule is not None and callable(getattr(trainer.datamodule, "val_dataloader", None)):
+    limit = trainer.limit_val_batches
+    if limit == 0:
+        return None
+    if trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
         loader = trainer.datamodule.val_dataloader()
     else:  # a loader given to fit() or defined by the module (Lightning builds it only when it first validates)
         source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
@@ -418,16 +426,13 @@ def _validation_batches(trainer: L.Trainer) -> Iterator[Any] | None:
         loader = loader[0] if loader else None  # several: the first, as Lightning's val/ metrics name dataloader 0
     if loader is None:
         return None
-    limit = trainer.limit_val_batches
     if isinstance(limit, float) and limit != 1.0:
         try:
-            limit = max(1, int(limit * len(loader))) if limit > 0 else 0
+            limit = max(1, int(limit * len(loader)))
         except TypeError:  # an iterable without a length: the whole of it
             limit = None
     elif isinstance(limit, float):
         limit = None
-    if limit == 0:
-        return None
     return itertools.islice(loader, limit)
 
 

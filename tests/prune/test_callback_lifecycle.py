@@ -302,9 +302,22 @@ def test_callbacks_that_would_undo_the_masks_are_refused_at_fit_start(tmp_path, 
     other = {"StochasticWeightAveraging": lambda: callbacks.StochasticWeightAveraging(swa_lrs=1e-3),
              "EMAWeightAveraging": lambda: callbacks.EMAWeightAveraging(),
              "second BlockPruneCallback": lambda: Second(block_size=8, calib_batches=1, include=["*fc*"])}[averaging]()
-    prune = BlockPruneCallback(block_size=8, calib_batches=1, include=["*qkv"], evaluate=False)
+    prune = BlockPruneCallback(block_size=8, calib_batches=1, include=["*qkv"], evaluate=False, prune_after_steps=1)
     with pytest.raises(LplError, match="cannot be combined with|takes one BlockPruneCallback"):
         _trainer(tmp_path, [prune, other], max_steps=2).fit(_model(), datamodule=_data())
+
+
+@pytest.mark.parametrize("averaging", ["StochasticWeightAveraging", "EMAWeightAveraging"])
+def test_weight_averaging_of_weights_masked_from_fit_start_keeps_the_pruned_blocks_zero(tmp_path, averaging):
+    from lightning.pytorch import callbacks
+
+    other = {"StochasticWeightAveraging": lambda: callbacks.StochasticWeightAveraging(swa_lrs=1e-3,
+                                                                                       swa_epoch_start=1),
+             "EMAWeightAveraging": lambda: callbacks.EMAWeightAveraging(decay=0.5)}[averaging]()
+    prune = BlockPruneCallback(block_size=8, calib_batches=1, evaluate=False)
+    model = _model()
+    _trainer(tmp_path, [prune, other], max_epochs=3, limit_train_batches=2).fit(model, datamodule=_data())
+    assert prune.result.is_applied(model)  # the averaged weights the fit ends with are pruned too
 
 
 def test_evaluation_follows_limit_val_batches_and_a_validation_loader_given_to_fit(tmp_path):
@@ -335,3 +348,20 @@ def test_a_pruned_model_predicted_slower_than_dense_is_said_to_be(tmp_path):
     with pytest.warns(UserWarning, match=r"predicts the pruned layers [\d.]+x slower than dense at 8x8 blocks"):
         _trainer(tmp_path, [slow], max_steps=1).fit(_model(), datamodule=_data())
     assert slow.result.predicted_speedup < 1
+
+
+def test_a_datamodule_without_validation_data_is_pruned_without_figures(tmp_path):
+    class TrainOnly(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.data = _data()
+
+        def setup(self, stage):
+            self.data.setup(stage)
+
+        def train_dataloader(self):
+            return self.data.train_dataloader()
+
+    prune = BlockPruneCallback(block_size=8, calib_batches=1)
+    _trainer(tmp_path, [prune], max_steps=1, limit_val_batches=0).fit(_model(), datamodule=TrainOnly())
+    assert prune.result is not None and prune.metrics == {}

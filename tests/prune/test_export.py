@@ -271,3 +271,14 @@ def test_export_refuses_a_result_of_other_shapes_or_block_size_and_masking_an_ex
     to_block_sparse(model, result)
     with pytest.raises(LplError, match="is block-sparse already"):
         apply_masks(model, result)
+
+
+def test_several_parametrized_layers_are_all_left_dense() -> None:
+    """A computed weight is a new tensor at every read: its id must not key the tied-weight check."""
+    from lpl.prune.api import select_layers
+
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(5)])
+    for i in range(3):
+        _weight_normed(model[i])
+    with pytest.warns(UserWarning, match="3 Linear layers left dense"):
+        assert set(select_layers(model, None, None)) == {"3", "4"}
