@@ -116,6 +116,25 @@ def _metrics_unsynced(module: torch.nn.Module) -> Iterator[None]:
             metric.sync_on_compute = sync
 
 
+def _check_averaging_order(recorder: L.Callback, callbacks: Sequence[L.Callback]) -> None:
+    """Refuse weight averaging listed before the recorder: it writes the average into the model at train end before
+    the recorder's final probe (through ``.data``, which the parameter checks do not see), so that probe would measure
+    the averaged model instead of the last iterate that retraining reproduces."""
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    averaging = tuple(getattr(lightning_callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                      if hasattr(lightning_callbacks, name))
+    for callback in callbacks:
+        if callback is recorder:
+            return
+        if isinstance(callback, averaging):
+            raise LplError(
+                f"{type(callback).__name__} is listed before TrainOrderRecorder: it writes the averaged weights into "
+                "the model when training ends, before the recorder's final probe, which would then measure the "
+                "averaged model, not the last iterate retraining reproduces. List TrainOrderRecorder first (the "
+                "recording then describes the last iterate).")
+
+
 def _early_stops(callbacks: Sequence[L.Callback]) -> list[str]:
     """The callbacks that may end training before its planned steps: EarlyStopping, and the Timer max_time adds."""
     return [f"EarlyStopping(monitor={cb.monitor!r})" if isinstance(cb, EarlyStopping) else "max_time"
@@ -303,6 +322,7 @@ class TrainOrderRecorder(L.Callback):
         self._order: list[int] = []
         self._data_checked = False  # the dataset gives the same data for the same sample ids (checked once per fit)
         self._rng_after_step: dict[str, torch.Tensor] | None = None  # the generators as the last step left them
+        self._rng_step = 0  # the step those states start (the global step after that last step)
         self._checkpoint_rng: dict[str, Any] | None = None  # what load_state_dict found (a resume's checkpoint)
         self._rng_to_restore: dict[str, torch.Tensor] | None = None  # where a resumed fit's first step starts from
         self._recorded_start_rng: dict[str, torch.Tensor] | None = None  # the recording's states of that step
@@ -438,6 +458,7 @@ class TrainOrderRecorder(L.Callback):
                 "statistics) for its share of a batch; retraining and the probes run a whole batch in one process, so "
                 "they draw others: retraining will not reproduce this run exactly and the estimates carry that noise. "
                 "Record on one device to reproduce it.")
+        _check_averaging_order(self, trainer.callbacks)
         stops = _early_stops(trainer.callbacks)
         if stops:
             rank_zero_warn(
@@ -487,7 +508,7 @@ class TrainOrderRecorder(L.Callback):
                 "interrupted run would have (retraining follows the recording); resume on as many devices to continue "
                 "it exactly.")
             states = None
-        self._rng_after_step = states[rank] if states is not None else None
+        self._rng_after_step, self._rng_step = (states[rank] if states is not None else None), step
         recorded = self._recorded_start_rng if rank == 0 else None
         self._rng_to_restore = recorded if recorded is not None else self._rng_after_step
 
@@ -637,7 +658,9 @@ class TrainOrderRecorder(L.Callback):
                 f"the optimizer skipped step {trainer.global_step - 1} (the fp16 GradScaler found inf/nan gradients, "
                 "or a hook skipped optimizer.step): a recording needs every step Adam takes, one per batch; record in "
                 "bf16-mixed or 32-true precision, where no step is skipped.")
-        self._rng_after_step = step_rng_state(pl_module.device)  # every rank's: the checkpoint holds them all
+        # every rank's: the checkpoint holds them all, stamped with the step they start (set together, so that a
+        # checkpoint saved between the optimizer step and here pairs the previous step with its own states)
+        self._rng_after_step, self._rng_step = step_rng_state(pl_module.device), trainer.global_step
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = False  # set once training starts: a fit that trains nothing is told apart at its end
@@ -721,11 +744,12 @@ class TrainOrderRecorder(L.Callback):
         if self._rng_after_step is None:
             return {}
         states = [self._rng_after_step]
-        world = rank_and_world()[1]
+        # the Trainer's processes, not the process group's: a one-device fit after a DDP fit saves alone
+        world = self._trainer.world_size if self._trainer is not None else 1
         if world > 1:  # every rank saves a checkpoint's state (only rank 0's is written)
             states = [None] * world
             dist.all_gather_object(states, self._rng_after_step)
-        return {"step": self._stepped + 1, "rng": states}
+        return {"step": self._rng_step, "rng": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._checkpoint_rng = dict(state_dict) or None

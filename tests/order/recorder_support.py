@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                                       store_dtype="float32")
         alone = L.Trainer(**trainer_kwargs(max_steps=args.max_steps, callbacks=[recorder]))
         alone.fit(MetricNet() if args.metrics else TinyNet(), datamodule=TinyDataModule())
+        # a one-device checkpoint saves alone (the recorder's state must not gather over the leftover group)
+        alone.save_checkpoint(Path(args.then_record) / "after.ckpt")
         from lpl.utils.trainer import rank_and_world
 
         print(f"after the one-device fit: {rank_and_world()}")  # the DDP group's view again

@@ -556,3 +556,13 @@ def test_a_fit_refused_before_its_first_step_leaves_no_recording_and_what_was_th
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
     _fit(TinyNet(), [TrainOrderRecorder(kept, proj_dim=8)], max_steps=2)  # the data fixed, the next fit records there
     assert Recording.open(kept).status == "complete"
+
+
+def test_weight_averaging_listed_before_the_recorder_is_refused(tmp_path):
+    """It writes the average in (through .data, unseen by the parameter checks) before the recorder's final probe."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    with pytest.raises(LplError, match="EMAWeightAveraging is listed before TrainOrderRecorder"):
+        _fit(TinyNet(), [EMAWeightAveraging(), TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], max_steps=2)
+    _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "after", proj_dim=8), EMAWeightAveraging()], max_steps=2)
+    assert Recording.open(tmp_path / "after").status == "complete"
