@@ -49,7 +49,8 @@ def _split(result: ReplayResult) -> list[OrderEstimate]:
 
 
 def check_complete(recording: Any) -> None:
-    """Refuse a recording whose run stopped before its final probe (every estimate reads it)."""
+    """Refuse a recording whose run stopped before its final probe (every estimate reads it), or whose probes lack
+    what every estimate reads."""
     probe_steps = list(recording.probe_steps)
     num_steps = int(recording.num_steps)
     if not probe_steps or probe_steps[-1] != num_steps:
@@ -57,6 +58,12 @@ def check_complete(recording: Any) -> None:
             f"recording {getattr(recording, 'root', '')} has no final probe at step {num_steps} (its last probes: "
             f"{probe_steps[-3:]}); it is incomplete: finish the reference run (resume it from a checkpoint with "
             "TrainOrderRecorder(..., resume=True)) or record it again."
+        )
+    first = recording.step(probe_steps[0])
+    missing = [name for name in _REQUIRED_BATCH + ("val_loss", "val_grad") if name not in first]
+    if missing:
+        raise LplError(
+            f"recording lacks {', '.join(missing)}; it was made by an incompatible recorder version: record again."
         )
 
 
@@ -66,11 +73,6 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
     probe_steps = list(recording.probe_steps)
     num_steps = int(recording.num_steps)
     steps = [recording.step(t) for t in probe_steps]
-    missing = [name for name in _REQUIRED_BATCH + ("val_loss", "val_grad") if name not in steps[0]]
-    if missing:
-        raise LplError(
-            f"recording lacks {', '.join(missing)}; it was made by an incompatible recorder version: record again."
-        )
 
     def stack(name: str) -> Tensor | None:
         if name not in steps[0]:
