@@ -332,6 +332,7 @@ class TrainOrderRecorder(L.Callback):
         self._changed_warned: set[str] = set()
         self._total_steps = 0
         self._one_process = contextlib.ExitStack()  # holds single_process() for a one-device fit in a DDP process
+        self._alone = False  # that fit: one device in a process where a DDP fit left its process group
 
     # ---- validation of the run
     @staticmethod
@@ -399,9 +400,9 @@ class TrainOrderRecorder(L.Callback):
         # does not destroy it): the lpl samplers would yield this rank's share of every batch and the probes would
         # wait on the other ranks (the module's torchmetrics too), so the whole fit runs as one process (until
         # teardown or on_exception).
-        if trainer.world_size == 1 and rank_and_world()[1] > 1:
+        self._alone = trainer.world_size == 1 and rank_and_world()[1] > 1
+        if self._alone:
             self._one_process.enter_context(single_process())
-            self._one_process.enter_context(_metrics_unsynced(pl_module))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._one_process.close()
@@ -665,6 +666,8 @@ class TrainOrderRecorder(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = False  # set once training starts: a fit that trains nothing is told apart at its end
         self._writer = None
+        if self._alone:  # here, not in setup: configure_model (after setup) may create the module's metrics
+            self._one_process.enter_context(_metrics_unsynced(pl_module))
 
     def _stop_writing(self) -> None:
         if self._step_hook is not None:

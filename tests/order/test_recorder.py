@@ -566,3 +566,27 @@ def test_weight_averaging_listed_before_the_recorder_is_refused(tmp_path):
         _fit(TinyNet(), [EMAWeightAveraging(), TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], max_steps=2)
     _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "after", proj_dim=8), EMAWeightAveraging()], max_steps=2)
     assert Recording.open(tmp_path / "after").status == "complete"
+
+
+class MetricsInConfigureModel(TinyNet):
+    """torchmetrics made in configure_model, which Lightning runs after the callbacks' setup."""
+
+    def configure_model(self) -> None:
+        import torchmetrics
+
+        if not hasattr(self, "accuracy"):
+            self.accuracy = torchmetrics.MeanMetric()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.synced_at_fit = self.accuracy.sync_on_compute
+
+
+def test_metrics_made_in_configure_model_do_not_sync_under_a_leftover_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    model = MetricsInConfigureModel()
+    _fit(model, [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], max_steps=2)
+    assert model.synced_at_fit is False and model.accuracy.sync_on_compute is True  # restored after the fit
