@@ -25,7 +25,8 @@ from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
-from lpl.utils.trainer import rank_and_world, restore_loader_position, single_process
+from lpl.utils.trainer import (fit_val_loaders, metrics_unsynced, rank_and_world, restore_loader_position,
+                               single_process, weight_averaging_callbacks)
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:
@@ -99,31 +100,11 @@ def _parameter_change(
     return None
 
 
-@contextlib.contextmanager
-def _metrics_unsynced(module: torch.nn.Module) -> Iterator[None]:
-    """The module's torchmetrics compute without gathering from other processes (one process of a leftover process
-    group trains alone: a gather would wait on ranks that left), and sync as before afterwards."""
-    import torchmetrics
-
-    metrics = [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
-    before = [metric.sync_on_compute for metric in metrics]
-    for metric in metrics:
-        metric.sync_on_compute = False
-    try:
-        yield
-    finally:
-        for metric, sync in zip(metrics, before):
-            metric.sync_on_compute = sync
-
-
 def _check_averaging_order(recorder: L.Callback, callbacks: Sequence[L.Callback]) -> None:
     """Refuse weight averaging listed before the recorder: it writes the average into the model at train end before
     the recorder's final probe (through ``.data``, which the parameter checks do not see), so that probe would measure
     the averaged model instead of the last iterate that retraining reproduces."""
-    from lightning.pytorch import callbacks as lightning_callbacks
-
-    averaging = tuple(getattr(lightning_callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
-                      if hasattr(lightning_callbacks, name))
+    averaging = weight_averaging_callbacks()
     for callback in callbacks:
         if callback is recorder:
             return
@@ -667,7 +648,7 @@ class TrainOrderRecorder(L.Callback):
         self._started = False  # set once training starts: a fit that trains nothing is told apart at its end
         self._writer = None
         if self._alone:  # here, not in setup: configure_model (after setup) may create the module's metrics
-            self._one_process.enter_context(_metrics_unsynced(pl_module))
+            self._one_process.enter_context(metrics_unsynced(pl_module))
 
     def _stop_writing(self) -> None:
         if self._step_hook is not None:
@@ -824,13 +805,8 @@ class TrainOrderRecorder(L.Callback):
     @staticmethod
     def _val_loader(trainer: L.Trainer) -> Any:
         """The run's validation loader (None without one); several are refused."""
-        if trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-            return single_val_loader(trainer.datamodule.val_dataloader())
-        if trainer.val_dataloaders is not None:
-            return single_val_loader(trainer.val_dataloaders)
-        # loaders given to fit() or defined by the module: Lightning builds them only when it first validates
-        source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
-        return single_val_loader(source.dataloader()) if source is not None and source.is_defined() else None
+        loaders = fit_val_loaders(trainer)
+        return None if loaders is None else single_val_loader(loaders)
 
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         rank, world = rank_and_world()

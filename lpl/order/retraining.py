@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
-import torchmetrics
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -23,7 +22,7 @@ from lpl.order.replay import check_orders
 from lpl.order.store import Recording
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss, to_module
-from lpl.utils.trainer import single_process
+from lpl.utils.trainer import metrics_unsynced, single_process
 
 
 @dataclass
@@ -189,11 +188,9 @@ def fit_in_order(
         except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks
             accelerator = settings["accelerator"]
             raise LplError(f"cannot train the recorded model with accelerator={accelerator!r} here: {error}") from None
-        for metric in model.modules():  # one process: torchmetrics must not gather from a leftover process group
-            if isinstance(metric, torchmetrics.Metric):
-                metric.sync_on_compute = False
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
+        with metrics_unsynced(model):  # one process: torchmetrics must not gather from a leftover process group
+            trainer.fit(model, datamodule=datamodule)
         seconds = time.perf_counter() - start
     model.to(trainer.strategy.root_device)
     if trainer.global_step != steps:

@@ -15,10 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lpl.utils.trainer import restore_loader_position
+from lpl.utils.trainer import fit_val_loaders, restore_loader_position, weight_averaging_callbacks
 from lpl.prune.api import check_options, prune_model, selected_layers
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size
@@ -392,10 +391,7 @@ def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:
     """Refuse Trainer callbacks that would undo the masks: weight averaging that starts before pruning (its averaged
     weights, which the fit ends with, keep the pruned blocks' values) and a second BlockPruneCallback (each applies
     its masks in place of the other's, and both save into one prune_result/)."""
-    from lightning.pytorch import callbacks
-
-    averaging = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
-                      if hasattr(callbacks, name))
+    averaging = weight_averaging_callbacks()
     for other in trainer.callbacks:
         # masks applied at fit start are in every averaged snapshot; pruning later leaves dense ones in the average
         if isinstance(other, averaging) and callback.prune_after_steps > 0 and callback._given is None:
@@ -417,11 +413,7 @@ def _validation_batches(trainer: L.Trainer) -> Iterator[Any] | None:
     limit = trainer.limit_val_batches
     if limit == 0:
         return None
-    if trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-        loader = trainer.datamodule.val_dataloader()
-    else:  # a loader given to fit() or defined by the module (Lightning builds it only when it first validates)
-        source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
-        loader = source.dataloader() if source is not None and source.is_defined() else None
+    loader = fit_val_loaders(trainer)
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None  # several: the first, as Lightning's val/ metrics name dataloader 0
     if loader is None:

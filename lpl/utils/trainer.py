@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 
 _single_process = False  # set by ``single_process()``
@@ -51,3 +53,43 @@ def restore_loader_position(trainer: L.Trainer) -> bool:
     fit_loop._load_combined_loader_states()
     iter(fetcher)  # the iterator built before the restore started at the epoch's first batch
     return True
+
+
+@contextlib.contextmanager
+def metrics_unsynced(module: torch.nn.Module) -> Iterator[None]:
+    """The module's torchmetrics compute without gathering from other processes (one process of a leftover process
+    group trains alone: a gather would wait on ranks that left), and sync as before afterwards."""
+    import torchmetrics
+
+    metrics = [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
+    before = [metric.sync_on_compute for metric in metrics]
+    for metric in metrics:
+        metric.sync_on_compute = False
+    try:
+        yield
+    finally:
+        for metric, sync in zip(metrics, before):
+            metric.sync_on_compute = sync
+
+
+def weight_averaging_callbacks() -> tuple[type, ...]:
+    """Lightning's callbacks that write averaged weights into the model when training ends (those this Lightning
+    has: StochasticWeightAveraging, WeightAveraging with EMAWeightAveraging)."""
+    from lightning.pytorch import callbacks
+
+    return tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                 if hasattr(callbacks, name))
+
+
+def fit_val_loaders(trainer: L.Trainer) -> Any:
+    """The validation loader(s) of the trainer's fit (the datamodule's, or those given to fit() or defined by the
+    module), as returned (one loader, or a list or dict of several); None without validation data."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
+        return trainer.datamodule.val_dataloader()
+    if trainer.val_dataloaders is not None:
+        return trainer.val_dataloaders
+    # loaders given to fit() or defined by the module: Lightning builds them only when it first validates
+    source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
+    return source.dataloader() if source is not None and source.is_defined() else None
