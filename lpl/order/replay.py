@@ -236,6 +236,12 @@ def replay(
         result = replay_linearized(run, orders.to(run.pool_grads.device), quadratic)
         return ReplayResult(final_loss=result.final_loss, loss_curve=result.loss_curve,
                             batch_losses=result.batch_losses, linear_loss=result.linear_loss)
+    return _replay_projected(data, orders, method, control_variates, quadratic)
+
+
+def _replay_projected(data: ReplayData, orders: Tensor, method: str, control_variates: bool,
+                      quadratic: bool) -> ReplayResult:
+    """The projected methods: the displacement P Delta of every order, carried step by step in k dimensions."""
     n, length = orders.shape
     device = data.update.device
     orders = orders.to(device)
@@ -250,76 +256,107 @@ def replay(
     curve = torch.empty(n, length + 1, **f32)
     decay = data.weight_decay if data.decoupled else 0.0
     use_curvature = method in CURVATURE_METHODS
-    steps = data.probe_steps.tolist()
     adam_like = method.startswith("adam")
-    exact_dots = data.val_dot_precond if adam_like else data.val_dot_update
-    use_cv = control_variates and exact_dots is not None
-    if use_cv:  # projection error of each stored term against the validation gradient of its own step
-        stored = data.precond_grad if adam_like else data.update
-        dot_error = exact_dots.float() - torch.einsum("pbk,pk->pb", stored.float(), data.val_grad.float())
-    shadow = torch.zeros(n, **f32)  # the same linear recursion, on dot errors
-    shadow_momentum = torch.zeros(n, **f32)
-    shadow_momentum_ref = torch.zeros((), **f32)
-
-    def correction(where: tuple[int, int, float], ids: Tensor, factors: Tensor, d: Tensor) -> Tensor:
-        basis = _at(data.curv_basis, where, ids)  # [n, r, k]
-        coeff = torch.einsum("nrk,nk->nr", basis, d)
-        return torch.einsum("nr,nrk->nk", coeff, _at(factors, where, ids))
-
-    use_quadratic = quadratic and data.val_curv_basis is not None
+    shadow = _DotErrorShadow.build(data, adam_like, n, f32) if control_variates else None
 
     for t in range(length):
         where = interp(t)
-        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where) + shadow
+        curve[:, t] = _at(data.val_loss, where) + delta @ _at(data.val_grad, where) + _shadow_value(shadow)
         ids = orders[:, t]
         ref = int(data.reference_order[t])
         lr = float(data.lr[t])
-        if use_cv:
-            err_new, err_ref = _at(dot_error, where, ids), _at(dot_error, where, ref)
-            if adam_like:
-                shadow_momentum = beta1 * shadow_momentum + (1.0 - beta1) * err_new
-                shadow_momentum_ref = beta1 * shadow_momentum_ref + (1.0 - beta1) * err_ref
-                shadow_step = (shadow_momentum - shadow_momentum_ref) / (1.0 - beta1 ** (t + 1))
-            else:
-                shadow_step = err_new - err_ref
-            shadow = shadow - lr * (shadow_step + decay * shadow)
+        if shadow is not None:
+            shadow.step(where, ids, ref, t, lr, decay, beta1)
         if adam_like:
             p_new = _at(data.precond_grad, where, ids)
             if use_curvature:
-                p_new = p_new + correction(where, ids, data.curv_precond, delta)
+                p_new = p_new + _curvature_correction(data, where, ids, data.curv_precond, delta)
             momentum = beta1 * momentum + (1.0 - beta1) * p_new
             momentum_ref = beta1 * momentum_ref + (1.0 - beta1) * _at(data.precond_grad, where, ref)
             step_diff = (momentum - momentum_ref) / (1.0 - beta1 ** (t + 1))
         else:
             step_diff = _at(data.update, where, ids) - _at(data.update, where, ref)
             if use_curvature:
-                step_diff = step_diff + correction(where, ids, data.curv_update, delta)
+                step_diff = step_diff + _curvature_correction(data, where, ids, data.curv_update, delta)
             if method == "second_order":
-                i0, i1, _ = where
-                j0, j1 = (i0, i1) if i1 > i0 else (max(i0 - 1, 0), i0)
-                if j1 > j0:
-                    # theta between the two probes moved by `travel`; the change of the first-order term along it,
-                    # scaled by Delta's share of that direction, gives the second-order term
-                    travel = sum(
-                        -float(data.lr[s]) * _at(data.update, interp(s), int(data.reference_order[s]))
-                        for s in range(steps[j0], min(steps[j1], data.num_steps))
-                    )
-                    share = delta @ travel / travel.dot(travel).clamp_min(1e-30)
-                    change = correction((j1, j1, 0.0), ids, data.curv_update, delta) - correction(
-                        (j0, j0, 0.0), ids, data.curv_update, delta
-                    )
-                    step_diff = step_diff + 0.5 * share[:, None] * change
+                step_diff = step_diff + _second_order_term(data, interp, where, ids, delta)
         delta = delta - lr * (step_diff + decay * delta)
     end = interp(length)
-    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end) + shadow
+    curve[:, length] = _at(data.val_loss, end) + delta @ _at(data.val_grad, end) + _shadow_value(shadow)
     linear_loss = None
-    if use_quadratic and length == data.num_steps:  # the curvature was measured at theta_T
+    if quadratic and data.val_curv_basis is not None and length == data.num_steps:  # curvature measured at theta_T
         linear_loss = curve[:, length].clone()
         coords = delta @ data.val_curv_basis.float().T
         curve[:, length] += 0.5 * torch.einsum("nm,ml,nl->n", coords, data.val_curv_matrix.float(), coords)
     batch_losses = _at(data.loss, end)[None, :] + torch.einsum("nk,bk->nb", delta, _at(data.grad, end))
     return ReplayResult(final_loss=curve[:, length].clone(), loss_curve=curve, batch_losses=batch_losses,
                         displacement=delta, linear_loss=linear_loss)
+
+
+def _curvature_correction(data: ReplayData, where: tuple[int, int, float], ids: Tensor, factors: Tensor,
+                          delta: Tensor) -> Tensor:
+    """First-order change of each order's batch term along its displacement, from the batch's low-rank curvature:
+    sum_i <P u_i, P Delta> P w_i (basis u_i = ``curv_basis``, factors w_i = ``factors``)."""
+    basis = _at(data.curv_basis, where, ids)  # [n, r, k]
+    coeff = torch.einsum("nrk,nk->nr", basis, delta)
+    return torch.einsum("nr,nrk->nk", coeff, _at(factors, where, ids))
+
+
+def _second_order_term(data: ReplayData, interp: _Interpolator, where: tuple[int, int, float], ids: Tensor,
+                       delta: Tensor) -> Tensor:
+    """FUT++'s second-order term: the change of the first-order correction between the probes around step t, along
+    the reference's travel between them, scaled by Delta's share of that direction (zero before two probes)."""
+    steps = data.probe_steps.tolist()
+    i0, i1, _ = where
+    j0, j1 = (i0, i1) if i1 > i0 else (max(i0 - 1, 0), i0)
+    if j1 <= j0:
+        return torch.zeros_like(delta)
+    travel = sum(
+        -float(data.lr[s]) * _at(data.update, interp(s), int(data.reference_order[s]))
+        for s in range(steps[j0], min(steps[j1], data.num_steps))
+    )
+    share = delta @ travel / travel.dot(travel).clamp_min(1e-30)
+    change = (_curvature_correction(data, (j1, j1, 0.0), ids, data.curv_update, delta)
+              - _curvature_correction(data, (j0, j0, 0.0), ids, data.curv_update, delta))
+    return 0.5 * share[:, None] * change
+
+
+class _DotErrorShadow:
+    """Control variate: the replay's linear recursion run on scalars, the projection error of each injected term
+    against the validation gradient of its own step (exact dot minus projected dot). Its value is added to every
+    projected loss change."""
+
+    def __init__(self, dot_error: Tensor, adam_like: bool, n: int, f32: dict) -> None:
+        self.dot_error = dot_error
+        self.adam_like = adam_like
+        self.value = torch.zeros(n, **f32)
+        self.momentum = torch.zeros(n, **f32)
+        self.momentum_ref = torch.zeros((), **f32)
+
+    @classmethod
+    def build(cls, data: ReplayData, adam_like: bool, n: int, f32: dict) -> "_DotErrorShadow | None":
+        """None when the recording lacks the exact dots this method's terms need."""
+        exact_dots = data.val_dot_precond if adam_like else data.val_dot_update
+        if exact_dots is None:
+            return None
+        stored = data.precond_grad if adam_like else data.update
+        dot_error = exact_dots.float() - torch.einsum("pbk,pk->pb", stored.float(), data.val_grad.float())
+        return cls(dot_error, adam_like, n, f32)
+
+    def step(self, where: tuple[int, int, float], ids: Tensor, ref: int, t: int, lr: float, decay: float,
+             beta1: float) -> None:
+        err_new, err_ref = _at(self.dot_error, where, ids), _at(self.dot_error, where, ref)
+        if self.adam_like:
+            self.momentum = beta1 * self.momentum + (1.0 - beta1) * err_new
+            self.momentum_ref = beta1 * self.momentum_ref + (1.0 - beta1) * err_ref
+            step = (self.momentum - self.momentum_ref) / (1.0 - beta1 ** (t + 1))
+        else:
+            step = err_new - err_ref
+        self.value = self.value - lr * (step + decay * self.value)
+
+
+def _shadow_value(shadow: _DotErrorShadow | None) -> Tensor | float:
+    return 0.0 if shadow is None else shadow.value
 
 
 def _replay_adjoint(data: ReplayData, orders: Tensor, control_variates: bool, quadratic: bool) -> ReplayResult:
