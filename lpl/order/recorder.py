@@ -100,6 +100,37 @@ def _parameter_change(
     return None
 
 
+def _check_fresh_start(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """A recording starts from a fresh Adam, and a resumed one continues the recorded order from the checkpoint."""
+    if trainer.global_step == 0 and any(optimizer.state.values()):
+        raise LplError(
+            "the optimizer already holds Adam state (moments of an earlier run) before the first step: a recording "
+            "starts from a fresh Adam, as retraining and every estimate assume; load the model's weights only and "
+            "let the Trainer build a new optimizer (or continue an existing recording with resume=True)."
+        )
+    loader = trainer.train_dataloader
+    if trainer.global_step > 0 and not callable(getattr(loader, "load_state_dict", None)):
+        raise LplError(
+            f"the run resumes at step {trainer.global_step}, but its train loader ({type(loader).__name__}) keeps "
+            "no position in checkpoints, so training would not continue the recorded order there: build it as "
+            "lpl.data.ResumableDataLoader(dataset, batch_sampler=...), as the lpl DataModules do.")
+
+
+def _warn_unstored_hparams(info: Mapping[str, Any]) -> None:
+    """Warn when the recording cannot rebuild a class (model or DataModule) with the arguments this run gave it."""
+    if info.get("hparams_missing"):
+        rank_zero_warn(
+            f"TrainOrderRecorder: {info['class_path']} stores no hyperparameters (its __init__ never calls "
+            "self.save_hyperparameters()), so retraining rebuilds it with the defaults of "
+            f"{info['hparams_missing']}, whatever this run was given: call it there to retrain faithfully.")
+    if info.get("hparams_not_stored"):
+        rank_zero_warn(
+            f"TrainOrderRecorder: {info['class_path']} hyperparameters {info['hparams_not_stored']} cannot be "
+            "stored as JSON (a module or a tensor, say), so the recording cannot rebuild it: retrain, "
+            "record_sensitivities and the checks built on them will refuse this recording. Pass them as "
+            "plain numbers, strings or lists (and build the objects from them in __init__) to retrain it.")
+
+
 def _check_averaging_order(recorder: L.Callback, callbacks: Sequence[L.Callback]) -> None:
     """Refuse weight averaging listed before the recorder: it writes the average into the model at train end before
     the recorder's final probe (through ``.data``, which the parameter checks do not see), so that probe would measure
@@ -396,19 +427,8 @@ class TrainOrderRecorder(L.Callback):
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
         saved_rng, self._checkpoint_rng = self._checkpoint_rng, None
         self._masks_warned = False
-        if trainer.global_step == 0 and any(optimizer.state.values()):
-            raise LplError(
-                "the optimizer already holds Adam state (moments of an earlier run) before the first step: a recording "
-                "starts from a fresh Adam, as retraining and every estimate assume; load the model's weights only and "
-                "let the Trainer build a new optimizer (or continue an existing recording with resume=True)."
-            )
+        _check_fresh_start(trainer, optimizer)
         sampler = self._batch_sampler(trainer)
-        loader = trainer.train_dataloader
-        if trainer.global_step > 0 and not callable(getattr(loader, "load_state_dict", None)):
-            raise LplError(
-                f"the run resumes at step {trainer.global_step}, but its train loader ({type(loader).__name__}) keeps "
-                "no position in checkpoints, so training would not continue the recorded order there: build it as "
-                "lpl.data.ResumableDataLoader(dataset, batch_sampler=...), as the lpl DataModules do.")
         total = trainer.estimated_stepping_batches
         if total == float("inf"):
             raise LplError("TrainOrderRecorder needs a finite run: set max_steps or max_epochs.")
@@ -419,6 +439,19 @@ class TrainOrderRecorder(L.Callback):
         self._projector = Projector(signature["num_params"], self.proj_dim, self.seed, self.projection_kind)
         rank, world = rank_and_world()
         header = self._header(trainer, pl_module, optimizer, signature, world)
+        self._check_setup(trainer, pl_module, header, world)
+        self._open_store_on_every_rank(pl_module, header, trainer.global_step, rank, world)
+        self._trainer, self._stepped = trainer, trainer.global_step - 1
+        if trainer.global_step > 0:
+            self._resume_rng(saved_rng, trainer.global_step)
+        self._parameters = _parameter_state(pl_module.named_parameters())
+        self._step_hook = optimizer.register_step_post_hook(self._after_adam_step)
+        if rank != 0:
+            self._writer = RecordingWriter.attach(self.dirpath)
+
+    def _check_setup(self, trainer: L.Trainer, pl_module: L.LightningModule, header: dict, world: int) -> None:
+        """Refuse a run without validation data or with weight averaging before the recorder; warn about what would
+        keep the recording from being retrained or finished."""
         if trainer.datamodule is None:
             rank_zero_warn(
                 "TrainOrderRecorder: the run has no LightningDataModule (loaders were passed to fit), so the recording "
@@ -430,8 +463,7 @@ class TrainOrderRecorder(L.Callback):
                 "so retraining cannot rebuild it to train other orders: retrain, record_sensitivities and the checks "
                 "built on them will refuse this recording. Accept them as lpl.data.IndexedDataModule does (a "
                 "batch_sampler=OrderedBatchSampler(batches, order) when they are given).")
-        val_loader = self._val_loader(trainer)
-        if val_loader is None:
+        if self._val_loader(trainer) is None:
             raise LplError("TrainOrderRecorder needs validation data (the loss every estimate predicts): give the "
                            "DataModule a val_dataloader(), or pass val_dataloaders to trainer.fit.")
         if world > 1 and _draws_per_sample_randomness(pl_module):
@@ -450,31 +482,19 @@ class TrainOrderRecorder(L.Callback):
                 "and record without them, or finish a stopped run by resuming its checkpoint without them "
                 "(TrainOrderRecorder(..., resume=True)).")
         for info in (header["model"], header["datamodule"] or {}):
-            if info.get("hparams_missing"):
-                rank_zero_warn(
-                    f"TrainOrderRecorder: {info['class_path']} stores no hyperparameters (its __init__ never calls "
-                    "self.save_hyperparameters()), so retraining rebuilds it with the defaults of "
-                    f"{info['hparams_missing']}, whatever this run was given: call it there to retrain faithfully.")
-            if info.get("hparams_not_stored"):
-                rank_zero_warn(
-                    f"TrainOrderRecorder: {info['class_path']} hyperparameters {info['hparams_not_stored']} cannot be "
-                    "stored as JSON (a module or a tensor, say), so the recording cannot rebuild it: retrain, "
-                    "record_sensitivities and the checks built on them will refuse this recording. Pass them as "
-                    "plain numbers, strings or lists (and build the objects from them in __init__) to retrain it.")
-        error = self._open_store(pl_module, header, trainer.global_step) if rank == 0 else None
-        if world > 1:  # a refusal on rank 0 must stop every rank, not leave the others waiting in a collective
+            _warn_unstored_hparams(info)
+
+    def _open_store_on_every_rank(self, pl_module: L.LightningModule, header: dict, step: int, rank: int,
+                                  world: int) -> None:
+        """Rank 0 creates (or reopens) the store; its refusal stops every rank, not leaving the others waiting in a
+        collective."""
+        error = self._open_store(pl_module, header, step) if rank == 0 else None
+        if world > 1:
             errors: list[str | None] = [None] * world
             dist.all_gather_object(errors, error)
             error = errors[0]
         if error is not None:
             raise LplError(error)
-        self._trainer, self._stepped = trainer, trainer.global_step - 1
-        if trainer.global_step > 0:
-            self._resume_rng(saved_rng, trainer.global_step)
-        self._parameters = _parameter_state(pl_module.named_parameters())
-        self._step_hook = optimizer.register_step_post_hook(self._after_adam_step)
-        if rank != 0:
-            self._writer = RecordingWriter.attach(self.dirpath)
 
     def _resume_rng(self, saved: Mapping[str, Any] | None, step: int) -> None:
         """Where a resumed fit's first step starts its generators (a Lightning checkpoint restores none): on rank 0
