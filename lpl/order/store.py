@@ -162,8 +162,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise RecordingError(f"{manifest_path} is unreadable ({error}); the recording cannot be used.") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         raise RecordingError(
-            f"{manifest_path} has schema version {manifest.get('schema_version') if isinstance(manifest, dict) else None}, "
+            f"{manifest_path} has schema version {version}, "
             f"this lpl reads version {SCHEMA_VERSION}; record again with this version."
         )
     stored = manifest.pop(MANIFEST_SHA256, None)
@@ -211,97 +212,119 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     """Check the structure and types of every manifest field a reader uses, as the recorder writes them (in progress,
     stopped early, resumed or complete, with or without sensitivity data), so that a hand-edited or damaged manifest
     fails here, naming its bad field, instead of with a TypeError or KeyError deep inside a reader."""
+    fields = _ManifestFields(path)
+    status, num_steps = fields.check_header(manifest)
+    fields.check_optimizer(fields.take(manifest, "optimizer", "", "an object", required=False) or {})
+    fields.check_steps(fields.take(manifest, "steps", "", "a list"), status, num_steps)
+    fields.check_probes(fields.take(manifest, "probes", "", "a list"), num_steps)
 
-    def bad(field: str, problem: str) -> RecordingError:
-        return RecordingError(f"{path} is damaged or was edited: {field} {problem}; record the run again.")
 
-    def take(entry: Mapping[str, Any], key: str, where: str, kind: str, required: bool = True) -> Any:
+class _ManifestFields:
+    """Typed reads of manifest fields that fail as ``RecordingError`` naming the bad field (for ``_check_manifest``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def bad(self, field: str, problem: str) -> RecordingError:
+        return RecordingError(f"{self.path} is damaged or was edited: {field} {problem}; record the run again.")
+
+    def take(self, entry: Mapping[str, Any], key: str, where: str, kind: str, required: bool = True) -> Any:
         field = f"{where}.{key}" if where else key
         if key not in entry:
             if required:
-                raise bad(field, "is missing")
+                raise self.bad(field, "is missing")
             return None
         value = entry[key]
         if not _KINDS[kind](value):
-            raise bad(field, f"is {value!r:.60}, not {kind}")
+            raise self.bad(field, f"is {value!r:.60}, not {kind}")
         return value
 
-    def file_entry(entry: Any, where: str) -> None:
+    def file_entry(self, entry: Any, where: str) -> None:
         if not isinstance(entry, dict):
-            raise bad(where, f"is {entry!r:.60}, not an object")
-        take(entry, "file", where, "a string")
-        take(entry, "sha256", where, "a string")
-        if take(entry, "bytes", where, "an integer") < 0:
-            raise bad(f"{where}.bytes", "is negative")
+            raise self.bad(where, f"is {entry!r:.60}, not an object")
+        self.take(entry, "file", where, "a string")
+        self.take(entry, "sha256", where, "a string")
+        if self.take(entry, "bytes", where, "an integer") < 0:
+            raise self.bad(f"{where}.bytes", "is negative")
 
-    status = take(manifest, "status", "", "a string")
-    if status not in ("recording", "complete"):
-        raise bad("status", f"is {status!r}, not 'recording' or 'complete'")
-    num_steps = take(manifest, "num_steps", "", "an integer")
-    if num_steps < 0:
-        raise bad("num_steps", "is negative")
-    if take(manifest, "store_dtype", "", "a string") not in STORE_DTYPES:
-        raise bad("store_dtype", f"is {manifest['store_dtype']!r}, not one of {sorted(STORE_DTYPES)}")
-    take(take(manifest, "projection", "", "an object"), "proj_dim", "projection", "an integer")
-    file_entry(take(manifest, "pool", "", "an object"), "pool")
-    take(manifest["pool"], "num_batches", "pool", "an integer")
-    file_entry(take(manifest, "initial_state", "", "an object"), "initial_state")
-    for name in ("rng_state", "sensitivity"):  # optional: older recordings and those without sensitivity data
-        if manifest.get(name):
-            file_entry(manifest[name], name)
-    rng_steps = take(manifest.get("rng_state") or {}, "steps", "rng_state", "a list", required=False)
-    if rng_steps is not None and not all(_KINDS["an integer"](t) and 0 <= t <= num_steps for t in rng_steps):
-        raise bad("rng_state.steps", f"is {rng_steps!r:.60}, not steps of the run")
-    if manifest.get("sensitivity"):
-        take(manifest["sensitivity"], "reference_replay_drift", "sensitivity", "a number", required=False)
+    def check_header(self, manifest: Mapping[str, Any]) -> tuple[str, int]:
+        """Status, length, dtype, projection and the file entries; returns (status, num_steps)."""
+        take = self.take
+        status = take(manifest, "status", "", "a string")
+        if status not in ("recording", "complete"):
+            raise self.bad("status", f"is {status!r}, not 'recording' or 'complete'")
+        num_steps = take(manifest, "num_steps", "", "an integer")
+        if num_steps < 0:
+            raise self.bad("num_steps", "is negative")
+        if take(manifest, "store_dtype", "", "a string") not in STORE_DTYPES:
+            raise self.bad("store_dtype", f"is {manifest['store_dtype']!r}, not one of {sorted(STORE_DTYPES)}")
+        take(take(manifest, "projection", "", "an object"), "proj_dim", "projection", "an integer")
+        self.file_entry(take(manifest, "pool", "", "an object"), "pool")
+        take(manifest["pool"], "num_batches", "pool", "an integer")
+        self.file_entry(take(manifest, "initial_state", "", "an object"), "initial_state")
+        for name in ("rng_state", "sensitivity"):  # optional: older recordings and those without sensitivity data
+            if manifest.get(name):
+                self.file_entry(manifest[name], name)
+        rng_steps = take(manifest.get("rng_state") or {}, "steps", "rng_state", "a list", required=False)
+        if rng_steps is not None and not all(_KINDS["an integer"](t) and 0 <= t <= num_steps for t in rng_steps):
+            raise self.bad("rng_state.steps", f"is {rng_steps!r:.60}, not steps of the run")
+        if manifest.get("sensitivity"):
+            take(manifest["sensitivity"], "reference_replay_drift", "sensitivity", "a number", required=False)
+        return status, num_steps
 
-    # optimizer fields are read with defaults (older recordings lack some), so only their types are checked
-    optimizer = take(manifest, "optimizer", "", "an object", required=False) or {}
-    for key in ("lr", "eps", "weight_decay"):
-        take(optimizer, key, "optimizer", "a number", required=False)
-    take(optimizer, "decoupled", "optimizer", "true or false", required=False)
-    betas = take(optimizer, "betas", "optimizer", "a list", required=False)
-    if betas is not None and (len(betas) != 2 or not all(_KINDS["a number"](b) for b in betas)):
-        raise bad("optimizer.betas", f"is {betas!r:.60}, not two numbers (beta1, beta2)")
-    decays = take(optimizer, "weight_decays", "optimizer", "a list", required=False)
-    if decays is not None and not all(_KINDS["a number"](d) for d in decays):
-        raise bad("optimizer.weight_decays", "holds a value that is not a number")
+    def check_optimizer(self, optimizer: Mapping[str, Any]) -> None:
+        """Optimizer fields are read with defaults (older recordings lack some), so only their types are checked."""
+        take = self.take
+        for key in ("lr", "eps", "weight_decay"):
+            take(optimizer, key, "optimizer", "a number", required=False)
+        take(optimizer, "decoupled", "optimizer", "true or false", required=False)
+        betas = take(optimizer, "betas", "optimizer", "a list", required=False)
+        if betas is not None and (len(betas) != 2 or not all(_KINDS["a number"](b) for b in betas)):
+            raise self.bad("optimizer.betas", f"is {betas!r:.60}, not two numbers (beta1, beta2)")
+        decays = take(optimizer, "weight_decays", "optimizer", "a list", required=False)
+        if decays is not None and not all(_KINDS["a number"](d) for d in decays):
+            raise self.bad("optimizer.weight_decays", "holds a value that is not a number")
 
-    steps = take(manifest, "steps", "", "a list")
-    if len(steps) > num_steps or (status == "complete" and len(steps) != num_steps):
-        raise bad("steps", f"lists {len(steps)} training steps for a {status} run of num_steps = {num_steps}")
-    for t, step in enumerate(steps):
-        where = f"steps[{t}]"
-        if not isinstance(step, dict):
-            raise bad(where, f"is {step!r:.60}, not an object")
-        # readers take the per-step scalars as columns named by the first step's fields
-        for key in {"t": None, "lr": None, **steps[0]}:
-            kind = "an integer" if key in ("t", "batch") else "numbers" if key == "group_weight_decay" else "a number"
-            take(step, key, where, kind)
-        if step["t"] != t:
-            raise bad(f"{where}.t", f"is {step['t']}: training steps must be listed once each, in order from 0")
-        for key, allowed, within in _STEP_RANGES:  # values Adam could not have run with
-            if key in step and not within(step[key]):
-                raise bad(f"{where}.{key}", f"is {step[key]!r}, outside {allowed}")
+    def check_steps(self, steps: list, status: str, num_steps: int) -> None:
+        """One entry per training step, in order from 0, each with the first step's fields, within Adam's ranges."""
+        if len(steps) > num_steps or (status == "complete" and len(steps) != num_steps):
+            raise self.bad("steps", f"lists {len(steps)} training steps for a {status} run of num_steps = {num_steps}")
+        for t, step in enumerate(steps):
+            where = f"steps[{t}]"
+            if not isinstance(step, dict):
+                raise self.bad(where, f"is {step!r:.60}, not an object")
+            # readers take the per-step scalars as columns named by the first step's fields
+            for key in {"t": None, "lr": None, **steps[0]}:
+                kind = ("an integer" if key in ("t", "batch") else "numbers" if key == "group_weight_decay"
+                        else "a number")
+                self.take(step, key, where, kind)
+            if step["t"] != t:
+                raise self.bad(f"{where}.t",
+                               f"is {step['t']}: training steps must be listed once each, in order from 0")
+            for key, allowed, within in _STEP_RANGES:  # values Adam could not have run with
+                if key in step and not within(step[key]):
+                    raise self.bad(f"{where}.{key}", f"is {step[key]!r}, outside {allowed}")
 
-    previous = -1
-    for i, probe in enumerate(take(manifest, "probes", "", "a list")):
-        where = f"probes[{i}]"
-        if not isinstance(probe, dict):
-            raise bad(where, f"is {probe!r:.60}, not an object")
-        t = take(probe, "t", where, "an integer")
-        if not previous < t <= num_steps:
-            raise bad(f"{where}.t", f"is {t}: probed steps must be listed once each, in increasing order, up to "
-                      f"num_steps = {num_steps}")
-        previous = t
-        shards = take(probe, "shards", where, "a list")
-        if not shards:
-            raise bad(f"{where}.shards", "is empty")
-        for j, shard in enumerate(shards):
-            file_entry(shard, f"{where}.shards[{j}]")
-        for key in probe:
-            if key not in ("t", "shards"):
-                take(probe, key, where, "a number")
+    def check_probes(self, probes: list, num_steps: int) -> None:
+        """Probed steps increasing up to num_steps, each with its shard files and numeric scalars."""
+        previous = -1
+        for i, probe in enumerate(probes):
+            where = f"probes[{i}]"
+            if not isinstance(probe, dict):
+                raise self.bad(where, f"is {probe!r:.60}, not an object")
+            t = self.take(probe, "t", where, "an integer")
+            if not previous < t <= num_steps:
+                raise self.bad(f"{where}.t", f"is {t}: probed steps must be listed once each, in increasing order, up "
+                               f"to num_steps = {num_steps}")
+            previous = t
+            shards = self.take(probe, "shards", where, "a list")
+            if not shards:
+                raise self.bad(f"{where}.shards", "is empty")
+            for j, shard in enumerate(shards):
+                self.file_entry(shard, f"{where}.shards[{j}]")
+            for key in probe:
+                if key not in ("t", "shards"):
+                    self.take(probe, key, where, "a number")
 
 
 class RecordingWriter:
