@@ -54,29 +54,10 @@ def to_block_sparse(
                 raise LplError(f"layer {name!r} is already block-sparse with another mask or block size than the "
                                "prune result's; export the dense model the result was computed for.")
             continue
-        if not isinstance(linear, nn.Linear):
-            found = "missing" if linear is None else f"a {type(linear).__name__}"
-            raise LplError(
-                f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
-                f"export the model the masks were computed for."
-            )
-        shape = getattr(prune_result, "shapes", {}).get(raw_name)
-        if shape is not None and tuple(shape) != tuple(linear.weight.shape):
-            raise LplError(f"layer {name!r} has shape {tuple(linear.weight.shape)} but the prune result was computed "
-                           f"for {tuple(shape)}; export the model it was computed for.")
-        places = [place for place, module in modules.items() if module is linear]
-        read = next((place for place in places if read_as_weight(model, place)), None)
-        if read is not None:
-            owner = type(model.get_submodule(read.rpartition(".")[0])).__name__
-            raise LplError(f"layer {read!r} belongs to a torch {owner}, which reads its weight directly instead of "
-                           "calling it, so it cannot run block-sparse; leave it dense.")
+        places = _places_of_exportable(model, modules, name, linear, getattr(prune_result, "shapes", {}).get(raw_name))
         mask = torch.as_tensor(mask)
         if tuple(mask.shape) == block_grid(tuple(linear.weight.shape), normalize_block_size(size)) and bool(mask.all()):
-            # nothing to skip: the dense matmul is faster (as the cost model predicts a fully kept layer); exports
-            # saved when such layers were block-sparse still load into it
-            hooks = linear._load_state_dict_pre_hooks.values()  # torch wraps each hook: compare the wrapped one
-            if not any(isinstance(getattr(h, "hook", h), _DenseFromBlockSparseState) for h in hooks):
-                linear._register_load_state_dict_pre_hook(_DenseFromBlockSparseState())
+            _keep_dense(linear)
             continue
         extras = linear_extras(linear)
         if extras is not None:
@@ -94,6 +75,36 @@ def to_block_sparse(
             setattr(model.get_submodule(parent_name), child, sparse)
             modules[place] = sparse
     return model
+
+
+def _places_of_exportable(model: nn.Module, modules: dict[str, nn.Module], name: str, linear: nn.Module | None,
+                          shape: Sequence[int] | None) -> list[str]:
+    """Refuse a masked layer that is no Linear of the masks' shape or whose weight its owner reads directly; returns
+    every name the layer is registered under."""
+    if not isinstance(linear, nn.Linear):
+        found = "missing" if linear is None else f"a {type(linear).__name__}"
+        raise LplError(
+            f"the prune result masks layer {name!r}, but in this model it is {found}, not an nn.Linear; "
+            f"export the model the masks were computed for."
+        )
+    if shape is not None and tuple(shape) != tuple(linear.weight.shape):
+        raise LplError(f"layer {name!r} has shape {tuple(linear.weight.shape)} but the prune result was computed "
+                       f"for {tuple(shape)}; export the model it was computed for.")
+    places = [place for place, module in modules.items() if module is linear]
+    read = next((place for place in places if read_as_weight(model, place)), None)
+    if read is not None:
+        owner = type(model.get_submodule(read.rpartition(".")[0])).__name__
+        raise LplError(f"layer {read!r} belongs to a torch {owner}, which reads its weight directly instead of "
+                       "calling it, so it cannot run block-sparse; leave it dense.")
+    return places
+
+
+def _keep_dense(linear: nn.Linear) -> None:
+    """A layer keeping every block stays dense (nothing to skip: the dense matmul is faster, as the cost model
+    predicts); exports saved when such layers were block-sparse still load into it."""
+    hooks = linear._load_state_dict_pre_hooks.values()  # torch wraps each hook: compare the wrapped one
+    if not any(isinstance(getattr(h, "hook", h), _DenseFromBlockSparseState) for h in hooks):
+        linear._register_load_state_dict_pre_hook(_DenseFromBlockSparseState())
 
 
 # the hook tables of a module call (forward, pre-forward, backward), which the replacement layer shares
