@@ -523,12 +523,15 @@ class TrainOrderRecorder(L.Callback):
         decay = {id(p): float(g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
         decays = [decay[id(p)] for _, p in pl_module.named_parameters() if p.requires_grad]
         return {
-            "model": {**signature, **(_rebuild_info(pl_module) or {})},
+            # retraining freezes what this run froze (a frozen backbone), whatever a fresh module would
+            "model": {**signature, **(_rebuild_info(pl_module) or {}),
+                      "frozen": [n for n, p in pl_module.named_parameters() if not p.requires_grad]},
             "datamodule": _rebuild_info(trainer.datamodule),
             "projection": {"seed": self.seed, "proj_dim": self.proj_dim, "kind": self.projection_kind},
             "store_dtype": self.store_dtype,
             "precision": str(trainer.precision),  # retraining and the sensitivity data compute as training did
             "num_steps": self._total_steps,
+            "batches_per_epoch": int(trainer.num_training_batches),  # retraining keeps the run's epochs
             "probe_every_n_steps": self.probe_every_n_steps,
             "curvature_rank": self.curvature_rank,
             "world_size": world,

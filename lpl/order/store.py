@@ -259,6 +259,12 @@ class _ManifestFields:
         if take(manifest, "store_dtype", "", "a string") not in STORE_DTYPES:
             raise self.bad("store_dtype", f"is {manifest['store_dtype']!r}, not one of {sorted(STORE_DTYPES)}")
         take(take(manifest, "projection", "", "an object"), "proj_dim", "projection", "an integer")
+        per_epoch = take(manifest, "batches_per_epoch", "", "an integer", required=False)  # older recordings: absent
+        if per_epoch is not None and per_epoch < 1:
+            raise self.bad("batches_per_epoch", f"is {per_epoch}, not a positive number of batches")
+        frozen = take(manifest.get("model") or {}, "frozen", "model", "a list", required=False)
+        if frozen is not None and not all(isinstance(name, str) for name in frozen):
+            raise self.bad("model.frozen", "holds a value that is not a parameter name")
         self.file_entry(take(manifest, "pool", "", "an object"), "pool")
         take(manifest["pool"], "num_batches", "pool", "an integer")
         self.file_entry(take(manifest, "initial_state", "", "an object"), "initial_state")
