@@ -50,6 +50,7 @@ from lpl.order.linearized import (
     LinearizedRun, has_weight_decay, linearized_scalars, linearized_tensors, replay_linearized,
 )
 from lpl.order.rng import as_in_training, capture_rng
+from lpl.utils.autograd import double_backward_ready
 from lpl.utils.errors import LplError
 from lpl.utils.loss import module_loss, to_module
 
@@ -474,7 +475,9 @@ class _ReferenceRun:
         """The top curvature of the final validation loss in the running statistics: ([m, C] orthonormal directions,
         [m] Ritz values), m <= ``NORM_CURVATURE_RANK``, on the CPU."""
         with self.differentiable_statistics_at(self.steps) as running:
-            (grad,) = torch.autograd.grad(self.validation_fn(), running, create_graph=True)
+            with double_backward_ready():
+                loss = self.validation_fn()
+            (grad,) = torch.autograd.grad(loss, running, create_graph=True)
 
             def hvp(vector: Tensor) -> Tensor:
                 return torch.autograd.grad(grad, running, vector, retain_graph=True)[0].detach()

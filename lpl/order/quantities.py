@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from lpl.utils.autograd import double_backward_ready
 from lpl.utils.trainer import rank_and_world
 
 if TYPE_CHECKING:  # the recorder passes a Projector; MatrixProjector (identity or dense) serves references
@@ -213,9 +214,7 @@ def loss_and_gradients(
     if not curvature:
         loss = loss_fn()
         return loss, _gradients(loss, params, create_graph=False)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no double backward; the math kernel does
+    with double_backward_ready():
         loss = loss_fn()
     return loss, _gradients(loss, params, create_graph=True)
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lpl.prune.blocks import block_elements, block_grid, block_sum
+from lpl.utils.autograd import eager
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss
 from lpl.utils.trainer import rank_and_world
@@ -228,7 +229,7 @@ def collect_statistics(
     measured = False
     # calibration statistics of the deployed network: no dropout / drop-path; every module's mode restored after
     # a torch.compile'd model runs eagerly here: compiled graphs hide the layers' outputs from the hooks' gradients
-    with eval_mode(model), _captured_calls(layers) as captured, _eager():
+    with eval_mode(model), _captured_calls(layers) as captured, eager():
         for number, batch in enumerate(batches):
             if max_batches is not None and number >= max_batches:
                 break
@@ -256,12 +257,6 @@ def collect_statistics(
 def _usable_in_autograd(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of a tensor created under torch.inference_mode (autograd refuses to save those), else the tensor."""
     return tensor.clone() if tensor.is_inference() else tensor
-
-
-def _eager() -> contextlib.AbstractContextManager:
-    """Run torch.compile'd code eagerly in the block (torch >= 2.6; a no-op before)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _check_finite(sums: dict[str, "_LayerSums"]) -> None:
