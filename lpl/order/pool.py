@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from lpl.utils.errors import LplError
-from lpl.utils.loss import module_loss, to_module
+from lpl.utils.loss import loss_weight, module_loss, to_module
 
 
 def plan_pool(batch_sampler: Any, batches_per_epoch: int, total_steps: int) -> tuple[list[list[int]], list[int]]:
@@ -58,7 +58,7 @@ def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable
         total, count = None, 0
         for batch in loader:
             batch = to_module(batch, module)
-            size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
+            size = loss_weight(batch)
             with forward():  # summed in float32: a bfloat16 module's losses would round the mean to ~3 digits
                 loss = module_loss(module, batch).float() * size
             total = loss if total is None else total + loss

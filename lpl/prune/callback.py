@@ -26,7 +26,7 @@ from lpl.prune.masking import MaskHandle, apply_masks, has_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 from lpl.utils.loggers import is_wandb
-from lpl.utils.loss import check_module_loss, eval_mode, module_loss
+from lpl.utils.loss import check_module_loss, eval_mode, loss_weight, module_loss
 
 
 class BlockPruneCallback(Callback):
@@ -323,7 +323,7 @@ class BlockPruneCallback(Callback):
             with eval_mode(pl_module):  # eval also turns distillation off: plain task loss
                 for batch in batches:
                     batch = _as_training_sees_it(trainer, pl_module, batch)
-                    size = len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
+                    size = loss_weight(batch)
                     outputs.clear()
                     total_loss += float(module_loss(pl_module, batch)) * size
                     if isinstance(batch, dict) and "label" in batch:

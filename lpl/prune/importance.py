@@ -33,7 +33,7 @@ from torch import nn
 from lpl.prune.blocks import block_elements, block_grid, block_sum
 from lpl.utils.autograd import eager
 from lpl.utils.errors import LplError
-from lpl.utils.loss import eval_mode, module_loss
+from lpl.utils.loss import batch_samples, eval_mode, module_loss
 from lpl.utils.trainer import rank_and_world
 
 IMPORTANCES = ("taylor2", "taylor1", "magnitude", "obd")
@@ -183,21 +183,6 @@ def _per_sample_contributions(
         grads = torch.bmm(dy3[start : start + chunk].transpose(1, 2), x3[start : start + chunk])
         parts.append(block_sum(grads.mul_(weight), block_size).flatten(1))  # in place: [chunk, out, in] is large
     return torch.cat(parts) * n
-
-
-def batch_samples(batch: Any) -> int:
-    """How many samples a batch holds: the leading dim of its first tensor of one or more dims (dict values, list
-    items), as Lightning counts them."""
-    if isinstance(batch, torch.Tensor) and batch.ndim:
-        return int(batch.shape[0])
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:  # 0-d tensors (a step count, say) hold no samples
-        try:
-            return batch_samples(value)
-        except LplError:
-            continue
-    raise LplError(f"cannot tell how many samples a calibration batch of type {type(batch).__name__} holds: give "
-                   "batches as tensors, or dicts / tuples of tensors.")
 
 
 def collect_statistics(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -95,6 +95,32 @@ def _batch_loss_method(module: nn.Module) -> Any:
     except ValueError:  # no signature to read (a builtin): take it at its word
         return loss
     return loss
+
+
+def batch_samples(batch: Any) -> int:
+    """How many samples a batch holds: the leading dim of its first tensor of one or more dims (dict values, list
+    items), as Lightning counts them."""
+    if isinstance(batch, torch.Tensor) and batch.ndim:
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:  # 0-d tensors (a step count, say) hold no samples
+        try:
+            return batch_samples(value)
+        except LplError:
+            continue
+    raise LplError(f"cannot tell how many samples a batch of type {type(batch).__name__} holds: give batches as "
+                   "tensors, or dicts / tuples of tensors.")
+
+
+def loss_weight(batch: Any) -> int:
+    """The weight of a batch's mean loss in a mean over a loader: its samples (its ``index`` ids when it carries
+    them, else ``batch_samples``), or 1 for a batch whose samples cannot be counted."""
+    if isinstance(batch, Mapping) and "index" in batch:
+        return len(batch["index"])
+    try:
+        return batch_samples(batch)
+    except LplError:
+        return 1
 
 
 def to_module(batch: Any, module: nn.Module) -> Any:
