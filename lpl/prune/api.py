@@ -144,8 +144,10 @@ def _without_unprunable(layers: dict[str, nn.Linear], explicit: bool) -> dict[st
 
 
 def check_options(flops_keep: float, importance: str, allocation: str, lambda_power: float,
-                  min_density: float, max_density: float, stages: int) -> None:
-    """Refuse pruning options out of range with an LplError naming the option (shared by prune_model and the callback)."""
+                  min_density: float, max_density: float, stages: int) -> tuple[float, float, float, float]:
+    """Refuse pruning options out of range with an LplError naming the option (shared by prune_model and the
+    callback); returns flops_keep, lambda_power, min_density and max_density as Python floats (numpy or tensor
+    numbers would reach the saved result's JSON)."""
     for name, value in (("flops_keep", flops_keep), ("lambda_power", lambda_power), ("min_density", min_density),
                         ("max_density", max_density)):
         if not _is_number(value) or not math.isfinite(float(value)):
@@ -164,6 +166,7 @@ def check_options(flops_keep: float, importance: str, allocation: str, lambda_po
         raise LplError(f"min_density {min_density} is larger than max_density {max_density}; swap or fix them.")
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise LplError(f"stages must be an int >= 1, got {stages!r}.")
+    return float(flops_keep), float(lambda_power), float(min_density), float(max_density)
 
 
 def _is_number(value: object) -> bool:
@@ -221,7 +224,8 @@ def prune_model(
         print(result.flops_keep, result.predicted_speedup)
     """
     started = time.perf_counter()
-    check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
+    flops_keep, lambda_power, min_density, max_density = check_options(
+        flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
     _check_trainable(model)
     layers, block_size = selected_layers(model, include, exclude, block_size)
     device_type = next(model.parameters()).device.type
@@ -238,10 +242,10 @@ def prune_model(
         if len(stats) < len(layers):  # default selection: layers the forward never calls stay dense
             layers = _calibrated_layers(layers, stats)
         masks = broadcast_masks(_round_masks(
-            list(layers), stats, curves, scores, masks, round_keep=float(flops_keep) ** (round_number / stages),
-            final=round_number == stages, flops_keep=float(flops_keep), allocation=allocation,
+            list(layers), stats, curves, scores, masks, round_keep=flops_keep ** (round_number / stages),
+            final=round_number == stages, flops_keep=flops_keep, allocation=allocation,
             lambda_power=lambda_power, min_density=min_density, max_density=max_density, block_size=block_size))
-    return summarise(masks, curves, stats, block_size, profile, float(flops_keep), layers,
+    return summarise(masks, curves, stats, block_size, profile, flops_keep, layers,
                      options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
                                   min_density=min_density, max_density=max_density, profile=profile.name,
                                   stages=stages, first_order=first_order,

@@ -87,7 +87,8 @@ class BlockPruneCallback(Callback):
         result: PruneResult | str | None = None,
     ) -> None:
         super().__init__()
-        check_options(flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
+        flops_keep, lambda_power, min_density, max_density = check_options(
+            flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
         self.options = dict(
             block_size=parse_block_size(block_size), flops_keep=flops_keep, importance=importance,
             allocation=allocation,

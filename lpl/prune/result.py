@@ -14,7 +14,7 @@ from torch import nn
 
 from lpl.prune.blocks import block_grid, expand_block_mask
 from lpl.utils.errors import LplError
-from lpl.utils.io import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from lpl.utils.io import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 _TENSORS = "masks.safetensors"
 _META = "result.json"
@@ -129,8 +129,13 @@ class PruneResult:
         masks file's sha256): a save interrupted between the two leaves a pair that ``load`` refuses."""
         tensors, meta = self.to_state()
         data = safetensors_bytes(tensors)
+        try:  # serialised before anything is written, so a result JSON cannot hold leaves no half-written pair
+            text = json.dumps({**meta, "masks_sha256": hashlib.sha256(data).hexdigest()}, indent=2, sort_keys=True)
+        except TypeError as error:
+            raise LplError(f"cannot save this PruneResult: {error} (its options must be plain numbers, strings or "
+                           "lists); nothing was written.") from None
         atomic_write_bytes(Path(path) / _TENSORS, data)
-        atomic_write_json(Path(path) / _META, {**meta, "masks_sha256": hashlib.sha256(data).hexdigest()})
+        atomic_write_text(Path(path) / _META, text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruneResult":

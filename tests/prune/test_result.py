@@ -65,3 +65,26 @@ def test_load_refuses_a_pair_of_files_from_two_saves_or_a_damaged_one(tiny_vit, 
     (tmp_path / "quarter" / "result.json").write_text("{not json")
     with pytest.raises(LplError, match="cannot read the PruneResult"):
         PruneResult.load(tmp_path / "quarter")
+
+
+def test_numpy_and_tensor_options_are_stored_as_plain_numbers(tiny_vit, batches, tmp_path):
+    import numpy as np
+
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=np.float64(0.5),
+                         lambda_power=torch.tensor(1.0), min_density=np.float32(0.05), max_density=np.float16(1.0))
+    result.save(tmp_path / "result")
+    options = PruneResult.load(tmp_path / "result").options
+    assert (options["lambda_power"], options["max_density"]) == (1.0, 1.0)
+    assert options["min_density"] == float(np.float32(0.05))
+
+
+def test_save_of_options_json_cannot_hold_writes_nothing(tiny_vit, batches, tmp_path):
+    import pytest
+
+    from lpl.utils.errors import LplError
+
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+    result.options["scale"] = torch.tensor(2.0)
+    with pytest.raises(LplError, match="nothing was written"):
+        result.save(tmp_path / "result")
+    assert not (tmp_path / "result").exists() or not any((tmp_path / "result").iterdir())
