@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lpl.prune.api import linear_extras, read_as_weight
-from lpl.prune.result import submodule_prefix
+from lpl.prune.result import module_names
 from lpl.utils.errors import LplError
 
 
@@ -44,9 +44,9 @@ def to_block_sparse(
     modules = dict(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
     names = {raw: raw[: -len(".weight")] if raw.endswith(".weight") else raw for raw in masks}
     # dense layers, or layers exported before
-    prefix = submodule_prefix(list(names.values()), modules, (nn.Linear, BlockSparseLinear))
+    in_model = module_names(list(names.values()), modules, (nn.Linear, BlockSparseLinear))
     for raw_name, mask in masks.items():
-        name = names[raw_name].removeprefix(prefix)
+        name = in_model(names[raw_name])
         linear = modules.get(name)
         if isinstance(linear, BlockSparseLinear):  # exported before: fine when it is this result's export
             if linear.block_size != normalize_block_size(size) or not torch.equal(

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -67,10 +67,10 @@ class PruneResult:
         """The masked Linear layers of ``model`` by this result's names: ``model`` is the pruned model, or a
         submodule of it (the network inside a LightningModule); LplError when names or shapes differ."""
         modules = dict(model.named_modules())
-        prefix = submodule_prefix(list(self.shapes), modules, (nn.Linear,))
+        in_model = module_names(list(self.shapes), modules, (nn.Linear,))
         layers = {}
         for name, shape in self.shapes.items():
-            layer = modules.get(name.removeprefix(prefix))
+            layer = modules.get(in_model(name))
             if not isinstance(layer, nn.Linear):
                 from lpl.kernels import BlockSparseLinear
 
@@ -228,14 +228,27 @@ class PruneResult:
         )
 
 
-def submodule_prefix(names: list[str], modules: Mapping[str, nn.Module], kinds: tuple[type, ...]) -> str:
-    """"" when ``names`` name modules of one of ``kinds`` in ``modules``; for a submodule of the pruned model (the
-    network inside a LightningModule) the leading name part that, stripped from every name, names such modules."""
-    if all(isinstance(modules.get(name), kinds) for name in names):
-        return ""
-    parts = names[0].split(".") if names else []
-    for length in range(1, len(parts)):
-        prefix = ".".join(parts[:length]) + "."
-        if all(n.startswith(prefix) and isinstance(modules.get(n.removeprefix(prefix)), kinds) for n in names):
-            return prefix
-    return ""
+# the attributes wrappers keep the wrapped model under: torch.compile, DDP / DataParallel, FSDP, checkpointing
+_WRAPPER_ATTRIBUTES = {"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def module_names(names: list[str], modules: Mapping[str, nn.Module],
+                 kinds: tuple[type, ...]) -> Callable[[str], str]:
+    """How ``modules`` (a model's named modules) name the layers ``names`` of a prune result, all of one of
+    ``kinds``: as they are; without a leading part (the result was computed on a LightningModule, the model is the
+    network inside it); or with a wrapper's prefix added (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``:
+    ``_WRAPPER_ATTRIBUTES``) - or both. Unchanged names when no such mapping exists (the caller reports the missing
+    layer)."""
+    if not names:
+        return lambda name: name
+    parts = names[0].split(".")
+    for strip in [""] + [".".join(parts[:length]) + "." for length in range(1, len(parts))]:
+        if not all(name.startswith(strip) for name in names):
+            continue
+        first = names[0].removeprefix(strip)
+        wrappers = [place[: -len(first)] for place in modules if place.endswith("." + first)
+                    and set(place[: -len(first) - 1].split(".")) <= _WRAPPER_ATTRIBUTES]
+        for add in ["", *wrappers]:
+            if all(isinstance(modules.get(add + name.removeprefix(strip)), kinds) for name in names):
+                return lambda name, strip=strip, add=add: add + name.removeprefix(strip)
+    return lambda name: name

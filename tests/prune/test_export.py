@@ -282,3 +282,45 @@ def test_several_parametrized_layers_are_all_left_dense() -> None:
         _weight_normed(model[i])
     with pytest.warns(UserWarning, match="3 Linear layers left dense"):
         assert set(select_layers(model, None, None)) == {"3", "4"}
+
+
+class _Wrapper(nn.Module):
+    """Holds a model under ``module`` as DDP does (torch.compile's wrapper names it ``_orig_mod``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "ddp-like", "ddp-like inner"])
+def test_a_result_applies_and_exports_through_a_wrapper_around_its_model(wrap, rel_err) -> None:
+    from lpl.prune import apply_masks
+    from lpl.prune.result import module_names
+
+    model, masks = _model_and_masks()
+    reference = _model_and_masks()[0]
+    _apply_masks_densely(reference, masks, 32)
+    result = {"block_masks": masks, "block_size": (32, 32)}
+    if wrap == "ddp-like inner":  # a result computed on the outer module, given the network wrapped
+        result = {"block_masks": {f"net.{name}": mask for name, mask in masks.items()}, "block_size": (32, 32)}
+    wrapped = torch.compile(model) if wrap == "compile" else _Wrapper(model)
+    modules = dict(wrapped.named_modules())
+    prefix = "_orig_mod." if wrap == "compile" else "module."
+    layer_names = [name.removesuffix(".weight") for name in result["block_masks"]]
+    assert module_names(layer_names, modules, (nn.Linear,))(layer_names[0]) == prefix + "0.fc1"
+    exported = to_block_sparse(wrapped, result)
+    assert isinstance(model[0].fc1, BlockSparseLinear) and isinstance(model[1].fc2, BlockSparseLinear)
+    x = torch.randn(2, 5, 40)
+    assert rel_err(exported(x), reference(x)) < 1e-5
+    if wrap != "compile":  # apply_masks takes PruneResults: their names map the same way
+        from lpl.prune.result import PruneResult
+
+        fresh = _Wrapper(_model_and_masks()[0])
+        names = {n.removesuffix(".weight"): m for n, m in result["block_masks"].items()}
+        shapes = {n: tuple(fresh.module.get_submodule(n.removeprefix("net.")).weight.shape) for n in names}
+        apply_masks(fresh, PruneResult(block_masks=names, block_size=(32, 32), shapes=shapes, flops_keep=0.5,
+                                       target_flops_keep=0.5, predicted_speedup=1.0, predicted_energy_ratio=1.0))
+        assert rel_err(fresh(x), reference(x)) < 1e-5
