@@ -6,6 +6,7 @@ turns a recording (``lpl.order.Recording``) into the replay's stacked tensors.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -137,10 +138,29 @@ def replay_data_from_recording(recording: Any) -> ReplayData:
     )
 
 
+def _steadier(method: str) -> str:
+    """What to try when ``method``'s replay diverges."""
+    smaller_lr = "a recording with smaller learning rates"
+    if method == "zeroth_order":  # the steadiest: only the run itself can change
+        return smaller_lr[0].upper() + smaller_lr[1:]
+    others = " or ".join(repr(m) for m in ("first_order", "zeroth_order") if m != method)
+    return f"A steadier method ({others}) or {smaller_lr}"
+
+
+def _check_run_finite(recording: Any) -> None:
+    """Refuse a recording of a run that diverged: every estimate linearises about its weights, NaN from there on."""
+    losses = recording.probe_scalars["val_loss"]
+    bad = [t for t, loss in zip(recording.probe_steps, losses) if not math.isfinite(float(loss))]
+    if bad:
+        raise LplError(f"the recorded run of {recording.root} diverged: its validation loss is not finite from step "
+                       f"{bad[0]} on, so no order can be estimated from it. Record a run that trains stably (a lower "
+                       "learning rate, or float32 / bf16-mixed instead of 16-true precision).")
+
+
 def _warn_if_sensitivity_failed_its_check(recording: Any, method: str) -> None:
     """Repeat record_sensitivities' verdicts on ``method``: its estimates against the random orders it retrained,
     and (linearized) the reference order's own replay."""
-    from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, check_errors
+    from lpl.order.adjoint import REPLAY_DRIFT_TOLERANCE, check_errors, misses_more_than_no_change
 
     info = recording.manifest.get("sensitivity") or {}
     drift = info.get("reference_replay_drift")
@@ -151,8 +171,9 @@ def _warn_if_sensitivity_failed_its_check(recording: Any, method: str) -> None:
             "error (see the warning record_sensitivities gave).",
             stacklevel=3,
         )
-    verdict = check_errors(info.get("checks") or [], float(recording.probe_scalars["val_loss"][-1]), method)
-    if verdict is not None and not verdict[0] <= verdict[1]:
+    reference_loss = float(recording.probe_scalars["val_loss"][-1])
+    verdict = check_errors(info.get("checks") or [], reference_loss, method)
+    if verdict is not None and misses_more_than_no_change(*verdict, reference_loss):
         warnings.warn(
             f"method {method!r} missed the retrained check orders of {recording.root} by {verdict[0]:.4g} on average, "
             f"more than predicting the reference loss does ({verdict[1]:.4g}): it does not hold for this run.",
@@ -224,6 +245,7 @@ class OrderEstimator(L.LightningModule):
 
         recording = Recording.open(path)
         recording.verify()
+        _check_run_finite(recording)
         if model is not None:
             check_recording_matches_model(recording, model)
         if method in ("adjoint", "linearized"):
@@ -265,9 +287,8 @@ class OrderEstimator(L.LightningModule):
         if diverged.any():
             warnings.warn(
                 f"OrderEstimator: the {self.method!r} replay diverged (non-finite loss) for {int(diverged.sum())} of "
-                f"{len(diverged)} orders: its corrections grow without bound along them. A steadier method "
-                "('first_order' or 'zeroth_order') or a recording with smaller learning rates fits better.",
-                stacklevel=2)
+                f"{len(diverged)} orders: its corrections grow without bound along them. {_steadier(self.method)} fits "
+                "better.", stacklevel=2)
         self._warn_if_far_outside_the_run(result.final_loss[~diverged])
         return result
 

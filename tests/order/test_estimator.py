@@ -239,3 +239,32 @@ def test_one_replay_gives_the_final_loss_with_and_without_the_quadratic_term(tmp
     # shorter orders end before theta_T, where the curvature was measured: no quadratic term, no second readout
     short = OrderEstimator.from_recording(path, method="linearized").estimate_many(orders[:, :4])
     assert short.linear_loss is None
+
+
+def test_a_check_within_float_noise_does_not_condemn_a_method():
+    from lpl.order.adjoint import misses_more_than_no_change
+
+    # an order that cannot matter (one batch per epoch): both errors are rounding
+    assert not misses_more_than_no_change(1.456e-6, 2.5e-8, reference_loss=2.0)
+    assert misses_more_than_no_change(0.01, 0.005, reference_loss=2.0)
+    assert not misses_more_than_no_change(0.004, 0.005, reference_loss=2.0)
+
+
+def test_a_recording_of_a_diverged_run_is_refused_naming_the_step():
+    from types import SimpleNamespace
+
+    from lpl.order.estimator import _check_run_finite
+
+    losses = [2.3, 2.2, float("nan"), float("nan")]
+    diverged = SimpleNamespace(root="runs/r", probe_steps=[0, 1, 2, 3], probe_scalars={"val_loss": losses})
+    with pytest.raises(LplError, match="diverged: its validation loss is not finite from step 2"):
+        _check_run_finite(diverged)
+    _check_run_finite(SimpleNamespace(root="runs/r", probe_steps=[0, 1], probe_scalars={"val_loss": [2.3, 2.2]}))
+
+
+def test_the_divergence_advice_names_another_method_than_the_one_running():
+    from lpl.order.estimator import _steadier
+
+    assert _steadier("first_order") == "A steadier method ('zeroth_order') or a recording with smaller learning rates"
+    assert "('first_order' or 'zeroth_order')" in _steadier("adam")
+    assert _steadier("zeroth_order") == "A recording with smaller learning rates"
