@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import math
 import os
 import time
 from pathlib import Path
@@ -129,6 +131,94 @@ def _warn_unstored_hparams(info: Mapping[str, Any]) -> None:
             "stored as JSON (a module or a tensor, say), so the recording cannot rebuild it: retrain, "
             "record_sensitivities and the checks built on them will refuse this recording. Pass them as "
             "plain numbers, strings or lists (and build the objects from them in __init__) to retrain it.")
+
+
+def _rebuild_failure(cls: type, arguments: Mapping[str, Any]) -> str | None:
+    """Why ``cls(**arguments)`` cannot be called (arguments its ``__init__`` does not take, all of them named, or
+    one it needs and ``arguments`` lack), or None."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to read: retraining will find out
+        return None
+    try:
+        signature.bind(**arguments)  # a **kwargs in __init__ takes anything, as the call would
+    except TypeError as error:
+        unexpected = sorted(set(arguments) - set(signature.parameters))
+        if unexpected and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return f"its __init__ takes no {_some(unexpected)}"  # bind names only the first
+        return str(error)
+    return None
+
+
+def _warn_unbound_hparams(cls: type, info: Mapping[str, Any], retraining_adds: Mapping[str, Any] | None = None) -> None:
+    """Warn now, not when retraining fails after the run, when the stored hyperparameters do not build ``cls`` as
+    retraining builds it: ``cls(**constructor_hparams(hparams), **retraining_adds)``."""
+    problem = _rebuild_failure(cls, {**constructor_hparams(info["hparams"]), **(retraining_adds or {})})
+    if problem is not None:
+        rank_zero_warn(
+            f"TrainOrderRecorder: {info['class_path']} cannot be rebuilt from its hyperparameters "
+            f"{sorted(info['hparams'])}: {cls.__name__}(**hparams) fails ({problem}), so retrain, "
+            "record_sensitivities and the checks built on them will fail on this recording. self.hparams must be "
+            "arguments of the class's own __init__: call self.save_hyperparameters() there, and only there (when a "
+            "parent class's __init__ calls it too, Lightning merges the parent's arguments in), or take those "
+            "arguments in its __init__.")
+
+
+def _check_initialised(module: torch.nn.Module) -> None:
+    """Refuse parameters or buffers that lazy modules (nn.LazyLinear, LazyConv2d, ...) have not built yet (they get
+    their shapes at the module's first forward): the recording stores the initial weights and every parameter's shape
+    before the first step, and a fit without Lightning's sanity check runs no forward before it."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    lazy = [name for name, tensor in tensors if torch.nn.parameter.is_lazy(tensor)]
+    if lazy:
+        raise LplError(
+            f"{type(module).__name__}'s {_some(lazy)} are not initialised yet (a lazy module such as nn.LazyLinear "
+            "gets its sizes at its first forward, and this fit runs none before training starts), but "
+            "TrainOrderRecorder stores the initial weights and the parameters' shapes before the first step. Keep "
+            "Lightning's sanity check (num_sanity_val_steps > 0 runs a forward first), run the model on one batch "
+            "before trainer.fit, or build the layer with its sizes (nn.Linear(in_features, out_features)).")
+
+
+def _non_finite(outputs: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the probe outputs that hold a NaN or an infinity."""
+    return sorted(name for name, value in outputs.items() if not bool(torch.isfinite(value).all()))
+
+
+# How far the gradients Adam steps with may be from those backward computed, relative to the gradients' norm, before
+# they count as rewritten. In one process the two are the same tensors read before and after the hooks that run between
+# backward and the step, so nothing but a rewrite changes them (the fp16 GradScaler's unscaling, by a power of two, is
+# undone exactly, and bf16 autocast changes nothing after backward). Under DDP the reference is the recorder's own
+# average of the ranks' gradients, which sums in another order than DDP's buckets: float32 rounding, about 1e-7 of the
+# ranks' gradient norm per rank, far below this. A clip to 0.05 of a gradient of norm 1 differs by 0.95.
+GRADIENT_REWRITE_TOLERANCE = 1e-4
+
+
+def _unscaling(trainer: L.Trainer) -> float:
+    """The factor between the gradients backward computes and those Adam steps with, in a run that rewrites none:
+    1 / scale under the fp16 GradScaler (Lightning unscales them before the step; a fused Adam unscales them in its
+    step and writes them back), else 1. Read before the scaler updates its scale, after the step."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return 1.0 / scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def _gradient_difference(
+    backward: Mapping[str, torch.Tensor], params: Sequence[tuple[str, torch.nn.Parameter]], unscaling: float,
+) -> tuple[float, float]:
+    """(|g_step - g_backward|, the gradients' norm) over ``params``: g_backward the gradients backward accumulated
+    (``backward``, by name, times ``unscaling``), averaged over the processes under DDP as DDP averages them, and g_step
+    the ``.grad`` Adam stepped with. Under DDP the norm is the ranks' own gradients' (root mean square), so
+    that ranks cancelling each other do not shrink the tolerance below DDP's rounding."""
+    computed = torch.cat([backward[name].reshape(-1).float() * unscaling if name in backward
+                          else p.new_zeros(p.numel(), dtype=torch.float32) for name, p in params])
+    stepped = torch.cat([p.grad.reshape(-1).float() if p.grad is not None
+                         else p.new_zeros(p.numel(), dtype=torch.float32) for _, p in params])
+    size = computed.norm()
+    world = rank_and_world()[1]
+    if world > 1:  # one collective: the gradients and their squared norm, summed over the ranks
+        summed = torch.cat([computed, size.square().reshape(1)])
+        dist.all_reduce(summed)
+        computed, size = summed[:-1] / world, (summed[-1] / world).sqrt()
+    return float((stepped - computed).norm()), float(size)
 
 
 def _check_averaging_order(recorder: L.Callback, callbacks: Sequence[L.Callback]) -> None:
@@ -272,9 +362,13 @@ class TrainOrderRecorder(L.Callback):
     the recording it created. Requirements: one Adam or AdamW optimizer (one set of hyperparameters, no amsgrad),
     ``accumulate_grad_batches=1``, automatic optimization, and a train loader whose batch sampler plans its batches
     reproducibly (``lpl`` Seeded/OrderedBatchSampler, or any batch sampler with ``global_batches(epoch)``), one
-    validation loader; no gradient clipping; parameters changed only by the optimizer (in-place writes between steps,
-    pruning, freezing or unfreezing are refused at the step they show in). EarlyStopping and ``max_time`` are warned
-    about when training starts: a stop before the planned steps leaves the recording incomplete.
+    validation loader; no gradient clipping, and gradients changed by nothing between backward and the step (a
+    callback's clipping is refused at the first probed step it shows in); parameters changed only by the optimizer
+    (in-place writes between steps, pruning, freezing or unfreezing are refused at the step they show in), and built
+    before training starts (lazy modules need a forward first, such as Lightning's sanity check). EarlyStopping,
+    ``max_time`` (a stop before the planned steps leaves the recording incomplete) and hyperparameters that cannot
+    rebuild the module or datamodule are warned about when training starts, and a run that diverges at the first
+    probe that finds NaN or infinite values.
 
     Args:
         dirpath: folder of the recording (see ``lpl.order.store``).
@@ -327,6 +421,8 @@ class TrainOrderRecorder(L.Callback):
         self.val_curvature_rank = val_curvature_rank
         self._writer: RecordingWriter | None = None
         self._step_hook: Any = None  # the optimizer post-step hook that records each step
+        self._grad_hooks: list[Any] = []  # per trainable parameter, while a probed step's backward runs
+        self._backward_grads: dict[str, torch.Tensor] | None = None  # the gradients that backward computed
         self._started = False
         self._stepped = -1  # the last step Adam took
         self._projector: Projector | None = None
@@ -341,6 +437,7 @@ class TrainOrderRecorder(L.Callback):
         self._parameters: ParameterState = {}  # as the last optimizer step (or the start of recording) left them
         self._created_over: set[Path] | None = None  # the folder's entries before this fit created the recording
         self._masks_warned = False
+        self._diverged_warned = False
         self._changed_warned: set[str] = set()
         self._total_steps = 0
         self._one_process = contextlib.ExitStack()  # holds single_process() for a one-device fit in a DDP process
@@ -422,11 +519,12 @@ class TrainOrderRecorder(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restore_loader_position(trainer)  # a resume continues the recorded order where the checkpoint left it
         optimizer = self._check_trainer(trainer, pl_module)
+        _check_initialised(pl_module)
         self._started = True
         self._data_checked = False
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
         saved_rng, self._checkpoint_rng = self._checkpoint_rng, None
-        self._masks_warned = False
+        self._masks_warned = self._diverged_warned = False
         _check_fresh_start(trainer, optimizer)
         sampler = self._batch_sampler(trainer)
         total = trainer.estimated_stepping_batches
@@ -481,8 +579,12 @@ class TrainOrderRecorder(L.Callback):
                 "estimates and retraining need the whole run). Set max_steps / max_epochs to the run you want recorded "
                 "and record without them, or finish a stopped run by resuming its checkpoint without them "
                 "(TrainOrderRecorder(..., resume=True)).")
-        for info in (header["model"], header["datamodule"] or {}):
-            _warn_unstored_hparams(info)
+        _warn_unstored_hparams(header["model"])
+        _warn_unbound_hparams(type(pl_module), header["model"])
+        if header["datamodule"] is not None:
+            _warn_unstored_hparams(header["datamodule"])
+            if _takes_batches_and_order(type(trainer.datamodule)):  # else told above: retraining cannot rebuild it
+                _warn_unbound_hparams(type(trainer.datamodule), header["datamodule"], {"batches": [], "order": []})
 
     def _open_store_on_every_rank(self, pl_module: L.LightningModule, header: dict, step: int, rank: int,
                                   world: int) -> None:
@@ -606,6 +708,7 @@ class TrainOrderRecorder(L.Callback):
                 self._writer.write_rng_state(states, step)
         if step % self.probe_every_n_steps == 0:
             self._probe(trainer, pl_module, step)
+            self._watch_backward()
         elif rank_and_world()[0] == 0 and time.monotonic() - self._writer.last_flush > FLUSH_SECONDS:
             self._writer.flush()
 
@@ -620,6 +723,46 @@ class TrainOrderRecorder(L.Callback):
             raise LplError(problem)
         self._parameters = now
 
+    def _watch_backward(self) -> None:
+        """Keep, for this step, each trainable parameter's gradient as backward accumulates it: the hook runs inside
+        backward, before any Lightning hook (a callback's or the module's) sees the gradients."""
+        self._stop_watching()
+        self._backward_grads = {}
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._keep_gradient, name))
+                            for name, (p, trains, _) in self._parameters.items() if trains]
+
+    def _keep_gradient(self, name: str, param: torch.nn.Parameter) -> None:
+        self._backward_grads[name] = param.grad.detach().clone()
+
+    def _stop_watching(self) -> dict[str, torch.Tensor] | None:
+        """Remove the gradient hooks; returns what they kept (None when this step was not watched)."""
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        kept, self._backward_grads = self._backward_grads, None
+        return kept
+
+    def _check_gradients(self, step: int) -> None:
+        """At a probed step, refuse gradients rewritten between backward and Adam's update (clipping or noise in a
+        callback): the probes, and so every estimate, take the gradient backward computes, and retraining runs none of
+        the run's callbacks. Runs in the post-step hook: Lightning may run the closure (training step, backward and
+        every hook up to on_before_optimizer_step) inside optimizer.step, after its pre-step hooks, and Adam leaves
+        .grad as it stepped with it. Checked where the recorder probes, at the cost of one copy of the gradients."""
+        kept = self._stop_watching()
+        if kept is None:
+            return
+        params = [(name, p) for name, (p, trains, _) in self._parameters.items() if trains]
+        difference, size = _gradient_difference(kept, params, _unscaling(self._trainer))
+        if difference > GRADIENT_REWRITE_TOLERANCE * size:  # the same on every rank: no rank is left waiting
+            raise LplError(
+                f"at step {step} Adam stepped with other gradients than backward computed: they differ by "
+                f"{difference:.3g}, {difference / size if size else math.inf:.2g} of the gradients' norm {size:.3g}. "
+                "Something rewrote them between backward and the optimizer step (clipping, noise or masking in a "
+                "callback's or the module's on_after_backward or on_before_optimizer_step, or an overridden "
+                "backward); the recording holds the gradients backward computes and retraining runs none of the "
+                "run's callbacks, so neither the estimates nor retraining would reproduce this run. Record without "
+                "that change (gradient clipping is not supported).")
+
     def _after_adam_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Records the step's hyperparameters as Adam used them: an optimizer post-step hook runs after every
         Lightning hook that may set them (later callbacks', the module's own), and not for a step the fp16
@@ -628,6 +771,7 @@ class TrainOrderRecorder(L.Callback):
         self._stepped = step
         # the module's own on_train_batch_start and training_step run after the recorder's batch check
         self._check_parameters(self._trainer.lightning_module, step, stepped=True)
+        self._check_gradients(step)
         differing = _differing_hyperparameters(groups)
         if differing:
             raise LplError(
@@ -677,6 +821,7 @@ class TrainOrderRecorder(L.Callback):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        self._stop_watching()
         if self._writer is not None and rank_and_world()[0] == 0:
             self._writer.release()  # a resume in this process may write again
         self._writer = None
@@ -876,11 +1021,39 @@ class TrainOrderRecorder(L.Callback):
                 p.grad = g
             restore_rng(rng)
         shard = self._writer.write_probe_shard(step, rank, outputs, positions, val_outputs if rank == 0 else None)
-        shards = [shard]
+        # with the number of this rank's pool batches whose outputs are not finite: rank 0 warns of every rank's
+        shards = [(shard, sum(1 for batch_outputs in outputs if _non_finite(batch_outputs)))]
         if world > 1:
-            shards = [None] * world
-            dist.all_gather_object(shards, shard)
+            shards, mine = [None] * world, shards[0]
+            dist.all_gather_object(shards, mine)
         if rank == 0:
             scalars = {name: float(v) for name, v in (val_outputs or {}).items() if v.numel() == 1}
-            self._writer.add_probe(step, shards, scalars)
+            self._writer.add_probe(step, [written for written, _ in shards], scalars)
             self._writer.flush()
+            self._warn_if_diverged(trainer, step, val_outputs or {}, sum(count for _, count in shards))
+
+    def _warn_if_diverged(self, trainer: L.Trainer, step: int, val_outputs: Mapping[str, torch.Tensor],
+                          non_finite_batches: int) -> None:
+        """Warn, once a fit, at the first probe that finds NaN or infinite values (in ``val_outputs``, or in the
+        outputs of ``non_finite_batches`` pool batches). A warning and not a refusal: the recording stays a faithful
+        record of the run (retraining its order diverges the same way), the fit is the user's to stop (Lightning
+        trains on through NaN unless told to stop, by EarlyStopping(check_finite=True) say), and a refusal would only
+        leave the same recording incomplete."""
+        validation = _non_finite(val_outputs)
+        if self._diverged_warned or not (validation or non_finite_batches):
+            return
+        self._diverged_warned = True
+        found = []
+        if validation:
+            found.append(f"a validation loss of {float(val_outputs['val_loss']):g}" if "val_loss" in validation
+                         else f"non-finite validation {', '.join(validation)}")
+        if non_finite_batches:
+            found.append(f"non-finite gradients or losses for {non_finite_batches} of the {len(self._pool)} pool "
+                         "batches")
+        hint = (" (under precision='16-true' Adam's moments are float16 too, where eps=1e-8 rounds to 0: use "
+                "'bf16-mixed', '16-mixed' or '32-true')" if str(trainer.precision) == "16-true" else "")
+        rank_zero_warn(
+            f"TrainOrderRecorder: the run diverged by step {step}: the probe there found {' and '.join(found)}. "
+            "Estimates and retraining of this recording are meaningless (they predict a non-finite loss). Stop the "
+            f"run and record it again with a lower learning rate or in another precision{hint}; if the data hold NaN "
+            "or infinite values, clean them.")
