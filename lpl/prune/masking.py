@@ -1,10 +1,21 @@
-"""apply_masks: zero pruned blocks and keep them zero through training (weights, gradients, optimizer state)."""
+"""apply_masks: zero pruned blocks and keep them zero through training (weights, gradients, optimizer state).
+
+Each mask belongs to its layer and the layer's ``weight`` attribute, not to one Parameter object: whatever replaces
+or swaps that Parameter (``load_state_dict(assign=True)``, ``.to()`` / ``.half()`` under torch's
+``set_overwrite_module_params_on_conversion`` or ``set_swap_module_params_on_conversion``, tensor-subclass
+parameters), the weight the layer holds now is masked. A forward pre-hook of the layer checks, by one identity test
+per call, that its current weight is the one masked; a new one has its pruned values zeroed and its gradient hooked
+there. A load-state-dict post-hook hooks a loaded weight at once and leaves its values as loaded, whether the load
+copied, assigned or swapped them in. Nothing holds a weak reference to a parameter (torch cannot swap a tensor that
+has one).
+"""
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections.abc import MutableMapping
-from typing import Any, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +25,10 @@ from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 
 _HANDLE_ATTR = "_lpl_block_masks"
+# on a masked weight Parameter: a token that only the _LayerMask which masked this very tensor holds. It lives in the
+# parameter's __dict__, which torch.utils.swap_tensors moves along with the tensor's autograd hooks; copies of the
+# parameter (pickle, torch.save) carry a new list, equal but not the same object, so they count as not masked yet.
+_TOKEN_ATTR = "_lpl_block_mask_token"
 COMPUTED_WEIGHT = ("its weight is computed at every call (a parametrization such as weight_norm or spectral_norm), "
                    "so zeroed blocks would not stay zero")
 
@@ -24,45 +39,255 @@ def weight_is_computed(layer: nn.Module) -> bool:
     return not isinstance(layer._parameters.get("weight"), nn.Parameter)
 
 
+class _LayerMask:
+    """The block mask of one layer's ``weight``, kept on whatever Parameter the layer holds there.
+
+    Holds its layer weakly (a layer replaced by ``to_block_sparse`` is freed, and its mask goes with it, hooks
+    included: the replacement shares the layer's call-hook table), and the weight not at all: the weight is read
+    from the layer. The mask follows the module: it is converted to the weight's device and dtype when first used
+    there, and it is copied and pickled with the layer (the layer's hooks hold it). Gradient hooks are not pickled or
+    copied with parameters, so a copy hooks its weights at its first call.
+    """
+
+    def __init__(self, layer: nn.Module, name: str, mask: torch.Tensor) -> None:
+        self.name, self.mask = name, mask
+        self.active, self.warned = True, False
+        self._layer: Callable[[], nn.Module | None] = weakref.ref(layer, self._layer_gone)
+        self._token: list | None = None  # the token set on the weight masked now
+        self._grad_hook: Any = None  # the RemovableHandle of that weight's gradient hook (None: not hooked)
+        self._module_hooks = [
+            layer.register_forward_pre_hook(_FollowWeight(self), prepend=True),
+            layer.register_load_state_dict_post_hook(_AfterLoad(self)),
+        ]
+
+    # pickled and deep-copied with the layer (its hooks hold this object): the layer itself may not be rebuilt yet
+    # when __setstate__ runs, so nothing here may touch it; the copy's weights are hooked at their first use
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "mask": self.mask, "active": self.active, "layer": self._layer(),
+                "module_hooks": self._module_hooks}
+
+    def __setstate__(self, state: dict) -> None:
+        self.name, self.mask, self.active = state["name"], state["mask"], state["active"]
+        self.warned = False
+        self._token, self._grad_hook = None, None
+        self._module_hooks = state["module_hooks"]
+        layer = state["layer"]
+        if layer is None:  # freed before the copy: its hooks went with it
+            self._layer, self._module_hooks, self.active = _no_layer, [], False
+        else:
+            self._layer = weakref.ref(layer, self._layer_gone)
+
+    def _layer_gone(self, _: Any) -> None:
+        """The layer was freed (``to_block_sparse`` replaced it): its replacement, which shares its call-hook
+        table, must not pay for a hook that has nothing to mask."""
+        self.remove()
+
+    @property
+    def layer(self) -> nn.Module | None:
+        return self._layer() if self.active else None
+
+    def weight(self) -> nn.Parameter | None:
+        """The layer's weight Parameter now (None: the layer is gone, unmasked, or its weight is no Parameter)."""
+        layer = self.layer
+        return None if layer is None else _weight_parameter(layer)
+
+    def is_current(self, weight: nn.Parameter) -> bool:
+        """Whether ``weight`` is the tensor masked and hooked by this mask (the check of every call: cheap)."""
+        return (weight.__dict__.get(_TOKEN_ATTR) is self._token and self._token is not None
+                and (self._grad_hook is not None or not weight.requires_grad))
+
+    def mask_for(self, tensor: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask.device != tensor.device or mask.dtype != tensor.dtype:  # the model moved or changed precision
+            if tensor.is_meta:  # a model built on the meta device: the mask keeps its values for the real weights
+                return mask.to(tensor.device, tensor.dtype)
+            mask = self.mask = mask.to(tensor.device, tensor.dtype)  # 0 / 1: exact in every dtype
+        return mask
+
+    @torch.no_grad()
+    def zero(self, weight: nn.Parameter) -> None:
+        """Zero the pruned entries of ``weight`` and of its gradient."""
+        if tuple(weight.shape) != tuple(self.mask.shape):
+            raise LplError(
+                f"layer {self.name!r} now holds a weight of shape {tuple(weight.shape)}, but its block mask "
+                f"(apply_masks) is for {tuple(self.mask.shape)}: apply_masks again with a prune result computed for "
+                "this weight, or remove the masks (MaskHandle.remove()) before changing the layer.")
+        weight.mul_(self.mask_for(weight))
+        if weight.grad is not None:
+            weight.grad.mul_(self.mask_for(weight.grad))
+
+    def follow(self, weight: nn.Parameter, zero: bool = True) -> None:
+        """Mask ``weight`` if it is not the tensor masked so far (a new or swapped Parameter, or one unfrozen since):
+        zero its pruned values (unless ``zero`` is False: the caller does) and hook its gradient."""
+        if self.is_current(weight):
+            return
+        seen = weight.__dict__.get(_TOKEN_ATTR) is self._token and self._token is not None
+        if zero and not seen:  # values from elsewhere: zeroed once (a weight seen before changes only by training)
+            self.zero(weight)
+        if self._grad_hook is not None:  # the gradient hook of the weight this one replaced
+            self._grad_hook.remove()
+            self._grad_hook = None
+        if weight.requires_grad:  # a frozen weight has no gradient to mask (torch refuses the hook)
+            table = weight._backward_hooks
+            self._grad_hook = weight.register_hook(_MaskGradient(self))
+            if table is not None:
+                # torch.utils.swap_tensors leaves the Python hook table on the object but not in autograd (its
+                # hooks stop running): setting it again installs it on the tensor the object holds now
+                weight._backward_hooks = table
+        self._token = [self.name]  # a new list at each masking: a weight masked before and put back is not current
+        weight.__dict__[_TOKEN_ATTR] = self._token
+
+    def remove(self) -> None:
+        for hook in self._module_hooks:
+            hook.remove()
+        self._module_hooks = []
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+            self._grad_hook = None
+        self._token, self.active = None, False
+
+
+def _no_layer() -> None:
+    return None
+
+
+def _weight_parameter(layer: nn.Module) -> nn.Parameter | None:
+    """The Parameter holding ``layer``'s weight: ``weight``, or ``weight_orig`` where torch.nn.utils.prune computes
+    the weight from it (``weight_orig * weight_mask``: zero where it is zero); None for any other computed weight."""
+    params = layer._parameters
+    weight = params.get("weight")
+    if not isinstance(weight, nn.Parameter):
+        weight = params.get("weight_orig")
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
+class _FollowWeight:
+    """Forward pre-hook of a masked layer: masks the weight it holds now when that is not the one masked so far.
+    ``to_block_sparse`` shares the call hooks of a layer it replaces with the replacement: there it does nothing."""
+
+    def __init__(self, layer_mask: _LayerMask) -> None:
+        self.layer_mask = layer_mask
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # traced code cannot hook tensors; the post-step enforce still follows
+            return
+        layer_mask = self.layer_mask
+        if module is not layer_mask._layer():  # a replacement sharing the hook table of a layer still alive
+            return
+        weight = module._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter):
+            weight = _weight_parameter(module)
+        if weight is not None:
+            token = layer_mask._token  # the identity check of every call (is_current, inline)
+            if (token is None or weight.__dict__.get(_TOKEN_ATTR) is not token
+                    or (layer_mask._grad_hook is None and weight.requires_grad)):
+                layer_mask.follow(weight)
+        elif not layer_mask.warned and torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+            layer_mask.warned = True  # a plain tensor (torch.func.functional_call) is the caller's own: left alone
+            warnings.warn(f"layer {layer_mask.name!r} was masked by apply_masks, but {COMPUTED_WEIGHT}: its block "
+                          "mask is no longer enforced. Remove the parametrization, or apply_masks to the model as it "
+                          "is now.", UserWarning, stacklevel=2)
+
+
+class _AfterLoad:
+    """Load-state-dict post-hook of a masked layer: a weight assigned or swapped in by the load has its gradient
+    hooked at once. Its values stay as loaded, as those copied into the same Parameter by a plain load do (a dense
+    checkpoint tested on the masked model is the checkpoint's model); a watched optimizer's step zeroes them."""
+
+    def __init__(self, layer_mask: _LayerMask) -> None:
+        self.layer_mask = layer_mask
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        layer_mask = self.layer_mask
+        weight = layer_mask.weight()
+        if module is layer_mask.layer and weight is not None:
+            layer_mask.follow(weight, zero=False)
+
+
+class _MaskGradient:
+    """The gradient hook of one masked weight (a class, not a closure, so that models pickle)."""
+
+    def __init__(self, layer_mask: _LayerMask) -> None:
+        self.layer_mask = layer_mask
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.layer_mask.mask_for(grad)
+
+
+class _MaskView(Mapping):
+    """The masked weights as they are now (each layer's current weight Parameter) -> their masks; read-only."""
+
+    def __init__(self, handle: MaskHandle) -> None:
+        self._handle = handle
+
+    def _items(self) -> Iterator[tuple[nn.Parameter, _LayerMask]]:
+        for layer_mask in self._handle._layers:
+            weight = layer_mask.weight()
+            if weight is not None:
+                yield weight, layer_mask
+
+    def __getitem__(self, param: nn.Parameter) -> torch.Tensor:
+        return self._handle._layer_mask(param).mask
+
+    def __contains__(self, param: object) -> bool:
+        return any(weight is param for weight, _ in self._items())
+
+    def __iter__(self) -> Iterator[nn.Parameter]:
+        return iter([weight for weight, _ in self._items()])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._items())
+
+
 class MaskHandle:
     """Keeps the masks of one ``apply_masks`` call enforced; ``remove()`` stops it (weights stay as they are).
 
-    Masks are held by weak reference to their weights: a layer replaced later (``to_block_sparse``) frees its dense
-    weight. The handle pickles with the model (``ddp_spawn``, ``torch.save(model)``): an unpickled copy masks its
-    weights' gradients again; optimizers are not pickled with it, so watch them again there.
+    Each mask belongs to a layer (held weakly: a layer replaced later by ``to_block_sparse`` is freed, its mask with
+    it) and is enforced on whatever weight Parameter the layer holds: one replaced by ``load_state_dict(...,
+    assign=True)`` or by a conversion that makes new parameters, or swapped by torch, is masked at the layer's next
+    call (at once after a load). ``masks`` maps each masked layer's current weight to its mask. The handle pickles
+    and copies with the model (``ddp_spawn``, ``torch.save(model)``, ``copy.deepcopy``): the copy masks its own
+    weights; optimizers are not pickled with it, so watch them again there.
     """
 
-    def __init__(self, masks: dict[nn.Parameter, torch.Tensor]) -> None:
-        self.masks = _WeakParameterMap(masks.items())
-        self._hooks: list = []
-        self._watch_gradients()
-
-    def _watch_gradients(self) -> None:
-        # a frozen weight has no gradient to mask (torch refuses the hook); unfrozen later, the watched optimizers'
-        # post-step enforce still keeps its pruned blocks zero
-        for param in self.masks:
-            if param.requires_grad:
-                self._hooks.append(param.register_hook(_MaskGradient(self, param)))
+    def __init__(self, layer_masks: Iterable[_LayerMask]) -> None:
+        self._layers = list(layer_masks)
+        self._hooks: list = list(self._layers)  # each layer's mask, then each watched optimizer's step hook
 
     def __getstate__(self) -> dict:
-        return {"masks": dict(self.masks)}
+        return {"layers": self._layers}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["masks"])
+        if "layers" not in state:  # pickled by an lpl before masks followed their layers: keyed by parameters
+            warnings.warn("a model pickled with block masks by an older lpl: its masks are not restored; call "
+                          "apply_masks on it again.", UserWarning, stacklevel=2)
+        self.__init__(state.get("layers", ()))
+
+    @property
+    def masks(self) -> Mapping[nn.Parameter, torch.Tensor]:
+        return _MaskView(self)
+
+    def _current(self) -> dict[int, tuple[nn.Parameter, _LayerMask]]:
+        return {id(weight): (weight, layer_mask) for weight, layer_mask in _MaskView(self)._items()}
+
+    def _layer_mask(self, param: nn.Parameter) -> _LayerMask:
+        for layer_mask in self._layers:
+            if layer_mask.weight() is param:
+                return layer_mask
+        raise KeyError("parameter without a mask")
 
     def mask_for(self, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        mask = self.masks[param]
-        if mask.device != tensor.device or mask.dtype != tensor.dtype:  # the model moved or changed precision
-            mask = self.masks[param] = mask.to(tensor.device, tensor.dtype)  # 0 / 1: exact in every dtype
-        return mask
+        """The mask of the masked weight ``param``, on ``tensor``'s device and dtype."""
+        return self._layer_mask(param).mask_for(tensor)
 
     @torch.no_grad()
     def enforce(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Zero pruned weights and every optimizer state tensor shaped like them (Adam moments, momentum)."""
-        for param in self.masks:
-            param.mul_(self.mask_for(param, param))
-            if param.grad is not None:
-                param.grad.mul_(self.mask_for(param.grad, param))
+        for layer_mask in self._layers:
+            weight = layer_mask.weight()
+            if weight is not None:
+                layer_mask.follow(weight, zero=False)
+                layer_mask.zero(weight)
         for optimizer in optimizers:
             zero_optimizer_state(optimizer, self)
 
@@ -77,48 +302,6 @@ class MaskHandle:
         self._hooks.clear()
 
 
-class _WeakParameterMap(MutableMapping):
-    """Parameter -> mask, by identity (tensors compare elementwise, so ``WeakKeyDictionary`` cannot key them),
-    holding each parameter weakly: its entry goes when the parameter does."""
-
-    def __init__(self, items: Iterable[tuple[nn.Parameter, torch.Tensor]] = ()) -> None:
-        self._entries: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-        for param, mask in items:
-            self[param] = mask
-
-    def __setitem__(self, param: nn.Parameter, mask: torch.Tensor) -> None:
-        key, entries = id(param), self._entries
-        entries[key] = (weakref.ref(param, lambda _, key=key: entries.pop(key, None)), mask)
-
-    def __getitem__(self, param: nn.Parameter) -> torch.Tensor:
-        ref, mask = self._entries.get(id(param), (None, None))
-        if ref is None or ref() is not param:
-            raise KeyError("parameter without a mask")
-        return mask
-
-    def __delitem__(self, param: nn.Parameter) -> None:
-        self[param]  # noqa: B018 - the KeyError of a parameter without a mask
-        del self._entries[id(param)]
-
-    def __iter__(self) -> Iterator[nn.Parameter]:
-        alive = (ref() for ref, _ in list(self._entries.values()))
-        return iter([param for param in alive if param is not None])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class _MaskGradient:
-    """The gradient hook of one masked weight (a class, not a closure, so that models pickle)."""
-
-    def __init__(self, handle: MaskHandle, param: nn.Parameter) -> None:
-        self.handle, self.param = handle, weakref.ref(param)
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        param = self.param()
-        return grad if param is None or param not in self.handle.masks else grad * self.handle.mask_for(grad, param)
-
-
 class _EnforceAfterStep:
     def __init__(self, handle: MaskHandle) -> None:
         self.handle = handle
@@ -130,17 +313,25 @@ class _EnforceAfterStep:
 @torch.no_grad()
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> None:
     """Zero the pruned entries of every state tensor shaped like a masked weight (Adam moments, momentum)."""
+    masked = handle._current()
     for param, state in optimizer.state.items():
-        if param not in handle.masks:
+        weight, layer_mask = masked.get(id(param), (None, None))
+        if weight is not param:
             continue
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(handle.mask_for(value, param))
+                value.mul_(layer_mask.mask_for(value))
+
+
+def _layer_masks_on(layer: nn.Module) -> list[_LayerMask]:
+    """The active masks of ``layer`` itself (not those of a layer it replaced, whose call hooks it shares)."""
+    return [hook.layer_mask for hook in layer._forward_pre_hooks.values()
+            if isinstance(hook, _FollowWeight) and hook.layer_mask.layer is layer]
 
 
 def has_masks(model: nn.Module) -> bool:
-    """Whether ``apply_masks`` keeps block masks on ``model`` (or on a module inside it)."""
-    return any(_HANDLE_ATTR in vars(module) for module in model.modules())
+    """Whether ``apply_masks`` keeps block masks on ``model`` (or on a module inside it, or a copy of one)."""
+    return any(_HANDLE_ATTR in vars(module) or _layer_masks_on(module) for module in model.modules())
 
 
 def apply_masks(
@@ -149,9 +340,11 @@ def apply_masks(
     """Zero the pruned blocks of ``model`` and keep them zero.
 
     Gradients of masked weights are masked by a tensor hook; with ``optimizers`` their state for pruned entries is
-    zeroed and re-zeroed (with the weights) after every step. Applying again replaces the previous masks. The
-    masks live in the PruneResult, not the state dict, so checkpoints load into an unpruned model unchanged
-    (BlockPruneCallback stores the result in the checkpoint and re-applies it on resume).
+    zeroed and re-zeroed (with the weights) after every step. The masks follow their layers: a weight Parameter
+    replaced or swapped later (``load_state_dict(..., assign=True)``, a dtype or device conversion that makes new
+    parameters) is masked in its turn. Applying again replaces the previous masks. The masks live in the
+    PruneResult, not the state dict, so checkpoints load into an unpruned model unchanged (BlockPruneCallback stores
+    the result in the checkpoint and re-applies it on resume).
 
     Example::
 
@@ -168,12 +361,17 @@ def apply_masks(
     previous = model.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
         previous.remove()
-    masks = {}
+    masks: dict[int, tuple[str, nn.Module, torch.Tensor]] = {}  # one mask per layer object (a shared one: the last)
     for name, block_mask in result.block_masks.items():
-        weight = layers[name].weight
-        masks[weight] = expand_block_mask(block_mask, tuple(weight.shape), result.block_size).to(weight.device,
-                                                                                                  weight.dtype)
-    handle = MaskHandle(masks)
+        layer = layers[name]
+        weight = layer.weight
+        device = "cpu" if weight.is_meta else weight.device  # a meta mask would have no values left to convert
+        masks[id(layer)] = (name, layer, expand_block_mask(block_mask, tuple(weight.shape), result.block_size).to(
+            device, weight.dtype))
+    for _, layer, _ in masks.values():
+        for earlier in _layer_masks_on(layer):  # masks applied to a part of the model, or carried by a copy
+            earlier.remove()
+    handle = MaskHandle([_LayerMask(layer, name, mask) for name, layer, mask in masks.values()])
     for optimizer in optimizers:
         handle.watch_optimizer(optimizer)
     handle.enforce()
