@@ -29,7 +29,9 @@ class ResumableDataLoader(DataLoader):
         if trainer is None or trainer.state.fn != "fit":
             return state
         trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if trained >= trainer.num_training_batches:
+        # Lightning counts an epoch's batches when it builds the loader; a shorter epoch of a per-epoch order
+        # (OrderedBatchSampler) ends before that count
+        if trained >= min(trainer.num_training_batches, len(self.batch_sampler)):
             return {**state, "epoch": trainer.current_epoch + 1, "consumed": 0}
         return {**state, "epoch": trainer.current_epoch, "consumed": trained}
 
@@ -43,7 +45,7 @@ class IndexedDataModule(L.LightningDataModule):
     Subclasses implement ``build_datasets() -> (train, val)``; samples are dicts with an ``index`` entry.
     The training loader is either seeded (``order`` and ``batches`` unset: reshuffled per epoch from ``seed``) or
     explicit: ``batches`` (lists of training sample ids; default: one seeded epoch, ``train_batches()``) visited in
-    ``order`` (positions in ``batches``).
+    ``order`` (positions in ``batches``, or one list of them per epoch: see ``OrderedBatchSampler``).
     """
 
     def __init__(
@@ -51,7 +53,7 @@ class IndexedDataModule(L.LightningDataModule):
         batch_size: int,
         seed: int,
         batches: list[list[int]] | None,
-        order: list[int] | None,
+        order: list[int] | list[list[int]] | None,
         eval_batch_size: int,
     ) -> None:
         super().__init__()

@@ -9,6 +9,10 @@ Use them with ``Trainer(use_distributed_sampler=False)`` (the example configs do
 The position a sampler reports counts the batches it has *yielded*; with DataLoader workers that runs ahead of the
 batches trained (prefetching), so a checkpoint taken mid-epoch would resume a few batches late. ``TrainOrderRecorder``
 rewrites the saved position from Lightning's own count of trained batches (``batch_progress``).
+
+Attached to a fitting Trainer (``sampler.trainer``, set by the DataModules), a sampler trains the Trainer's current
+epoch: Lightning calls ``set_epoch`` on a loader's sampler but never on its batch sampler, and a loader rebuilt every
+epoch (``reload_dataloaders_every_n_epochs``) brings a new sampler that would otherwise start at epoch 0 again.
 """
 
 from __future__ import annotations
@@ -57,16 +61,31 @@ class _ResumableBatchSampler(Sampler[list[int]]):
             self._consumed = 0
         self.epoch = epoch
 
+    def _fitting_epoch(self) -> int | None:
+        """The epoch the attached Trainer is fitting; None without a Trainer or outside its fit (a loader built
+        after training ends starts at epoch 0, as without a Trainer)."""
+        state = getattr(self.trainer, "state", None)
+        if state is None or state.fn != "fit" or getattr(state, "status", None) != "running":
+            return None
+        return int(self.trainer.current_epoch)
+
     def __len__(self) -> int:
-        return len(self.global_batches(self.epoch))
+        epoch = self._fitting_epoch()
+        return len(self.global_batches(self.epoch if epoch is None or self._restored else epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = self._rank_and_world()
-        if self._consumed and not self._restored:
+        fitting_epoch = self._fitting_epoch()
+        if self._restored:  # a checkpoint's position (load_state_dict): this pass continues there
+            self._restored = False
+        elif fitting_epoch is not None:
+            # a pass in a fit trains the Trainer's epoch from its first batch: a loader rebuilt for a new epoch
+            # continues the run, and a pass Lightning began only to prefetch, then began again, repeats no batch
+            self.epoch, self._consumed = fitting_epoch, 0
+        elif self._consumed:
             # the last pass was abandoned (Lightning stops after the epoch's last batch, or earlier under
             # limit_train_batches, without exhausting us): this pass is the next epoch, from its first batch
             self.epoch, self._consumed = self.epoch + 1, 0
-        self._restored = False
         batches = self.global_batches(self.epoch)
         start, self._consumed = self._consumed, 0
         for position in range(start, len(batches)):
@@ -143,23 +162,44 @@ class OrderedBatchSampler(_ResumableBatchSampler):
     """Yields ``batches[order[0]], batches[order[1]], ...``: one epoch is one pass over ``order``.
 
     ``batches`` is the pool (lists of sample ids); ``order`` is any sequence of pool positions (a permutation, or
-    repeats and omissions); ``None`` means the pool order.
+    repeats and omissions); ``None`` means the pool order. A list of such sequences is an order per epoch: epoch k
+    yields ``order[k]`` (after the last, the epochs repeat, as a single order does), so a run cut into epochs is
+    replayed in the same epochs (``current_epoch`` and the epoch hooks as they were). Lightning reads a loader's
+    ``len()`` when it builds it: an epoch longer than the first is cut there unless the loader is rebuilt every epoch
+    (``reload_dataloaders_every_n_epochs=1``); shorter ones end early.
 
     Example::
 
         sampler = OrderedBatchSampler(batches=[[0, 1], [2, 3], [4, 5]], order=[2, 0, 1])
         assert list(sampler) == [[4, 5], [0, 1], [2, 3]]
+        per_epoch = OrderedBatchSampler(batches=[[0, 1], [2, 3], [4, 5]], order=[[2, 0], [1]])
+        assert list(per_epoch) == [[4, 5], [0, 1]] and list(per_epoch) == [[2, 3]]
     """
 
-    def __init__(self, batches: Sequence[Sequence[int]], order: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, batches: Sequence[Sequence[int]], order: Sequence[int] | Sequence[Sequence[int]] | None = None
+    ) -> None:
         super().__init__()
         if len(batches) == 0:
             raise LplError("OrderedBatchSampler needs at least one batch in `batches`.")
         self.batches = [_whole_numbers(batch, "a batch's sample ids") for batch in batches]
         if any(len(batch) == 0 for batch in self.batches):
             raise LplError("every batch in `batches` must hold at least one sample id.")
-        self.order = list(range(len(self.batches))) if order is None else _whole_numbers(order, "order")
-        bad = [i for i in self.order if not 0 <= i < len(self.batches)]
+        order = list(range(len(self.batches))) if order is None else list(order)
+        lists = [isinstance(entry, Sequence) and not isinstance(entry, str) for entry in order]
+        self.per_epoch = bool(order) and all(lists)  # order[k] is epoch k's order
+        if any(lists) and not self.per_epoch:
+            raise LplError("order mixes batch positions and lists of them; give one list of positions, or one list "
+                           "per epoch.")
+        if self.per_epoch:
+            self.order: list[int] | list[list[int]] = [_whole_numbers(epoch, "order") for epoch in order]
+            empty = [k for k, epoch in enumerate(self.order) if not epoch]
+            if empty:
+                raise LplError(f"epoch {empty[0]} of the per-epoch order lists no batch; every epoch needs one.")
+        else:
+            self.order = _whole_numbers(order, "order")
+        named = [i for epoch in self.order for i in epoch] if self.per_epoch else self.order
+        bad = [i for i in named if not 0 <= i < len(self.batches)]
         if bad:
             raise LplError(
                 f"order names batch {bad[0]}, but the pool has batches 0..{len(self.batches) - 1}; "
@@ -167,4 +207,5 @@ class OrderedBatchSampler(_ResumableBatchSampler):
             )
 
     def global_batches(self, epoch: int) -> list[list[int]]:
-        return [self.batches[i] for i in self.order]
+        order = self.order[epoch % len(self.order)] if self.per_epoch else self.order
+        return [self.batches[i] for i in order]

@@ -14,12 +14,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.nn.parameter import is_lazy
 
 from lpl.order.pool import collate_samples, single_val_loader
 from lpl.order.recorder import constructor_hparams
 from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
-from lpl.order.store import Recording
+from lpl.order.store import Recording, parameter_signature
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, module_loss, to_module
 from lpl.utils.trainer import metrics_unsynced, single_process
@@ -51,9 +53,8 @@ def _import(class_path: str) -> type:
 
 
 def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """The recording's module (with its initial weights) and datamodule, set to train the pool in ``order``."""
-    from lpl.order.store import parameter_signature
-
+    """The recording's module (with its initial weights, frozen where the recorded run froze it) and datamodule, set
+    to train the pool in ``order``, cut into the recorded run's epochs (``_epochs_of``)."""
     manifest = recording.manifest
     model_info, data_info = manifest.get("model") or {}, manifest.get("datamodule")
     if not model_info.get("class_path") or not data_info:
@@ -78,15 +79,9 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
             f"{model_info['class_path']} cannot be built again from its recorded hyperparameters ({error}): its "
             "self.hparams must be the arguments of its __init__ (call self.save_hyperparameters() there, unchanged)."
         ) from None
-    named = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
-    if parameter_signature(named)["param_hash"] != model_info.get("param_hash"):
-        raise LplError(
-            f"{model_info['class_path']} built from the recording's hyperparameters does not match the recorded "
-            "parameters (names or shapes differ): the recording was made for another model or another code version."
-        )
-    model.load_state_dict(recording.initial_state())
+    _load_initial_state(model, recording, model_info)
     hparams = constructor_hparams(data_info["hparams"])
-    hparams.update(batches=recording.batches, order=[int(i) for i in order])
+    hparams.update(batches=recording.batches, order=_epochs_of(recording, order))
     try:
         datamodule = _import(data_info["class_path"])(**hparams)
     except TypeError as error:
@@ -95,6 +90,68 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
             "that trains explicit batches in an explicit order (every lpl DataModule does)."
         ) from None
     return model, datamodule
+
+
+def _epochs_of(recording: Any, order: Sequence[int]) -> list[int] | list[list[int]]:
+    """``order`` cut where the recorded run's epochs began (steps k * E, E its ``batches_per_epoch``), as one list of
+    pool batch ids per epoch, so that every step trains in the epoch it did (``current_epoch``, epoch hooks); the
+    flat order when it fits in one epoch or the recording predates E (retrained as one epoch)."""
+    steps = [int(i) for i in order]
+    per_epoch = recording.manifest.get("batches_per_epoch")
+    if not per_epoch or len(steps) <= per_epoch:
+        return steps
+    return [steps[start : start + per_epoch] for start in range(0, len(steps), per_epoch)]
+
+
+def _load_initial_state(model: L.LightningModule, recording: Any, model_info: Mapping[str, Any]) -> None:
+    """Give the rebuilt ``model`` the recorded run's parameters, initial weights and frozen set, refusing one that
+    differs with what differs. Layers a module builds in ``configure_model`` are built first (as Lightning does
+    before training), and lazy ones (``nn.LazyLinear``) take their shapes from the loaded weights."""
+    if is_overridden("configure_model", model):
+        model.configure_model()
+    initial = recording.initial_state()
+    _check_state_names_and_shapes(model, initial, model_info["class_path"])
+    model.load_state_dict(initial)
+    frozen = model_info.get("frozen")  # absent from recordings made before it was stored
+    if frozen is not None:
+        frozen_names = set(frozen)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name not in frozen_names)
+    trainable = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    signature = parameter_signature(trainable)
+    if signature["param_hash"] == model_info.get("param_hash"):
+        return
+    rebuilt = f"{model_info['class_path']} rebuilt from the recording trains {signature['num_params']} values"
+    recorded = f"the recorded run trained {model_info.get('num_params')}"
+    if frozen is None:
+        raise LplError(
+            f"{rebuilt}, {recorded}: the recorded run froze or unfroze parameters before training (a frozen backbone, "
+            "BackboneFinetuning), and this recording was made before lpl stored which; record the run again with this "
+            "version to retrain it.")
+    raise LplError(
+        f"{rebuilt} in {len(trainable)} tensors, {recorded}: its parameters have the recorded names, shapes and frozen "
+        "set, but named_parameters() lists them in another order or shares other ones; the recording was made with "
+        "another version of the model's code.")
+
+
+def _check_state_names_and_shapes(model: torch.nn.Module, initial: Mapping[str, torch.Tensor], class_path: str) -> None:
+    """Refuse a rebuilt module whose state_dict does not have the recorded one's names and shapes, naming them
+    (a lazy parameter's shape is not checked: loading gives it the recorded one)."""
+    state = model.state_dict()
+    missing = [name for name in initial if name not in state]
+    extra = [name for name in state if name not in initial]
+    shapes = [f"{name} {list(state[name].shape)} (recorded {list(initial[name].shape)})" for name in state
+              if name in initial and not is_lazy(state[name]) and state[name].shape != initial[name].shape]
+    if not (missing or extra or shapes):
+        return
+    differences = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                   for what, names in (("recorded but not built", missing), ("built but not recorded", extra),
+                                       ("other shapes", shapes)) if names]
+    raise LplError(
+        f"{class_path} built from the recording's hyperparameters does not have the recorded run's parameters and "
+        f"buffers ({'; '.join(differences)}): the recording was made for another model or another code version, or "
+        "the run changed the module between __init__ and fit (build such layers in __init__ or configure_model)."
+    )
 
 
 def pool_batches(recording: Any, datamodule: L.LightningDataModule) -> list[Any]:
@@ -159,16 +216,46 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
+# Trainer settings retraining decides, with the reason: given in trainer_kwargs, they would retrain another run than
+# the recorded one without a word (or train other steps than the order's)
+_RETRAINING_SETTINGS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("precision",), "retraining computes in the recorded run's precision, as its probes did"),
+    (("max_steps", "max_epochs", "min_steps", "min_epochs", "max_time", "fast_dev_run"),
+     ("the order decides the steps trained (retrain's max_steps stops early), and the module sees the recorded run's "
+      "length (Trainer.max_steps, estimated_stepping_batches: the schedules it builds)")),
+    (("limit_train_batches", "overfit_batches", "accumulate_grad_batches"),
+     "every step trains the order's next batch, in the recorded run's epochs"),
+    (("gradient_clip_val", "gradient_clip_algorithm"), "the recorded run did not clip gradients"),
+    (("limit_val_batches",),
+     ("Lightning's validation between steps draws from the random generators where the recorded run's may not "
+      "have, so later dropout masks would differ (retrain measures the loss curve itself: curve_every_n_steps)")),
+)
+
+
+def _check_trainer_kwargs(trainer_kwargs: Mapping[str, Any]) -> None:
+    """Refuse a setting retraining decides, saying why."""
+    for keys, reason in _RETRAINING_SETTINGS:
+        given = [key for key in keys if key in trainer_kwargs]
+        if given:
+            raise LplError(f"trainer_kwargs may not set {given[0]!r}: {reason}. Leave it out: retraining decides it.")
+
+
 def fit_in_order(
     recording: Any, model: L.LightningModule, datamodule: L.LightningDataModule, steps: int,
     callbacks: list[L.Callback], accelerator: str = "auto", trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Train ``model`` (from ``rebuild``) for ``steps`` steps under the recording's seed, RNG state, precision and
-    schedule (``trainer_kwargs`` override the Trainer's settings); returns the seconds spent. The schedule's length
-    is the recorded number of steps, whatever ``steps`` is. The model stays on the device it trained on (Lightning
-    moves it to the CPU at the end of ``fit``), so that what is measured after training runs where training ran."""
+    schedule; returns the seconds spent. The schedule's length is the recorded number of steps, whatever ``steps``
+    is. ``trainer_kwargs`` set the Trainer's other settings (see ``retrain``); their ``callbacks`` run after
+    retraining's own and ``callbacks``. The model stays on the device it trained on (Lightning moves it to the CPU at
+    the end of ``fit``), so that what is measured after training runs where training ran."""
     import time
 
+    extra = dict(trainer_kwargs or {})
+    _check_trainer_kwargs(extra)
+    user_callbacks = extra.pop("callbacks", None) or []
+    if isinstance(user_callbacks, L.Callback):  # Lightning takes one callback as well as a list
+        user_callbacks = [user_callbacks]
     seed = int((recording.manifest.get("datamodule") or {}).get("hparams", {}).get("seed", 0) or 0)
     L.seed_everything(seed, verbose=False)
     datamodule.setup("fit")
@@ -177,17 +264,23 @@ def fit_in_order(
         accelerator=accelerator, devices=1, precision=recording.manifest.get("precision", "32-true"),
         max_epochs=-1, max_steps=recording.num_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks],
+        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[*first, *callbacks, *user_callbacks],
     )
-    settings.update(trainer_kwargs or {})
+    settings.update(extra)
     # an internal one-device Trainer: its banners ("GPU available", tips) would repeat for every order, and a process
     # group a DDP fit left in this process must not split its batches
     with _quiet_lightning(), single_process():
         try:
             trainer = L.Trainer(**settings)
         except (MisconfigurationException, ValueError, ImportError, RuntimeError) as error:  # an accelerator it lacks
-            accelerator = settings["accelerator"]
-            raise LplError(f"cannot train the recorded model with accelerator={accelerator!r} here: {error}") from None
+            given = f" and trainer_kwargs {sorted(extra)}" if extra else ""
+            raise LplError(f"cannot train the recorded model with accelerator={settings['accelerator']!r}{given} "
+                           f"here: {error}") from None
+        if trainer.num_devices * trainer.num_nodes != 1:
+            raise LplError(
+                f"retraining runs in one process, but trainer_kwargs ask for {trainer.num_devices * trainer.num_nodes} "
+                "devices: each would train its share of every batch with its own dropout masks and BatchNorm "
+                "statistics, not the recorded run's whole batches; choose one device (devices=[index] picks which).")
         start = time.perf_counter()
         with metrics_unsynced(model):  # one process: torchmetrics must not gather from a leftover process group
             trainer.fit(model, datamodule=datamodule)
@@ -200,8 +293,9 @@ def fit_in_order(
 
 class _RecordedOptimizer(L.Callback):
     """Every step trains with the reference run's learning rate, betas, eps and weight decay at that step: the
-    schedule belongs to the step, whatever the order (an epoch-stepped scheduler would not step here, where the order
-    is one epoch). The optimizer the module builds must otherwise be the recorded one (its eps, weight decay, kind)."""
+    schedule belongs to the step, whatever the order (the module's schedulers, an epoch-stepped one or one on a
+    metric retraining never logs, are dropped). The optimizer the module builds must otherwise be the recorded one
+    (its eps, weight decay, kind)."""
 
     def __init__(self, recording: Any) -> None:
         self.steps = recording.manifest.get("steps", [])
@@ -326,10 +420,21 @@ def retrain(
     """Train the recorded model again from its initial weights, visiting the pool batches in ``order``.
 
     The learning-rate schedule is the reference run's (its length is the recorded number of steps, whatever the
-    order's length); ``max_steps`` stops early. With the reference order this reproduces the reference run.
+    order's length); ``max_steps`` stops early. Step t trains in the epoch it did in the reference run (the order is
+    cut at its epochs' boundaries), so epoch hooks and ``current_epoch`` see what they saw; parameters the reference
+    run had frozen stay frozen. With the reference order this reproduces the reference run.
     The files retraining reads are checked against their sha256 first; pass an opened ``Recording`` instead of a path
     to retrain many orders with one check. A recording whose run stopped early retrains only orders within the steps
     it recorded (``max_steps`` cuts a longer one).
+
+    ``trainer_kwargs`` set other Trainer arguments (a logger, ``deterministic``, ``devices=[index]``); their
+    ``callbacks`` run after retraining's own (one that changes training makes the result another run). Settings that
+    would change what is trained are refused: ``precision`` (the recorded one), the loop's length (``max_steps``,
+    ``max_epochs``, ``min_steps``, ``min_epochs``, ``max_time``, ``fast_dev_run``: the order sets it, and the module
+    sees the recorded run's), ``limit_train_batches``, ``overfit_batches``, ``accumulate_grad_batches`` (each step
+    trains the order's next batch), gradient clipping (the recorded run had none), ``limit_val_batches`` (validation
+    between steps draws from the random generators, moving later dropout masks) and more than one device (each
+    would train a share of every batch with its own dropout masks).
 
     Example::
 
