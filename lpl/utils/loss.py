@@ -124,15 +124,39 @@ def loss_weight(batch: Any) -> int:
 
 
 def to_module(batch: Any, module: nn.Module) -> Any:
-    """``batch`` on ``module``'s device, its floating tensors in the module's dtype when that is not float32 (a
-    ``precision="bf16-true"`` or ``"64-true"`` run feeds its module so; mixed precision keeps float32 inputs)."""
+    """``batch`` as a training loop hands it to ``module``: through a LightningModule's batch-transfer hooks
+    (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``; a DataModule's where
+    the Trainer would take its), on the module's device, its floating tensors in the module's dtype when that is not
+    float32 (a ``precision="bf16-true"`` or ``"64-true"`` run feeds its module so; mixed precision keeps float32
+    inputs). Method code computes losses on batches it loads itself: they must be what training computed them on."""
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     parameter = next(module.parameters(), None)
-    batch = move_data_to_device(batch, parameter.device if parameter is not None else torch.device("cpu"))
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    if _is_lightning_module(module):
+        hook = _batch_hook_owner(module)
+        batch = hook("on_before_batch_transfer")(batch, 0)
+        batch = hook("transfer_batch_to_device")(batch, device, 0)
+        batch = hook("on_after_batch_transfer")(batch, 0)
+    else:
+        batch = move_data_to_device(batch, device)
     if parameter is None or parameter.dtype == torch.float32 or not parameter.is_floating_point():
         return batch
     return _cast_floating(batch, parameter.dtype)
+
+
+def _is_lightning_module(module: nn.Module) -> bool:
+    from lightning.pytorch import LightningModule
+
+    return isinstance(module, LightningModule)
+
+
+def _batch_hook_owner(module: nn.Module) -> Any:
+    """name -> the batch hook the Trainer attached to ``module`` would call (the DataModule's when it overrides the
+    hook and the module does not), or the module's own without a Trainer."""
+    trainer = getattr(module, "_trainer", None)
+    selector = getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
+    return lambda name: getattr(selector.get_instance(name) if selector is not None else module, name)
 
 
 def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
