@@ -23,7 +23,7 @@ from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.order.store import Recording, parameter_signature
 from lpl.utils.errors import LplError
-from lpl.utils.loss import eval_mode, module_loss, to_module
+from lpl.utils.loss import eval_mode, loss_weight, module_loss, to_module
 from lpl.utils.trainer import metrics_unsynced, single_process
 
 
@@ -172,7 +172,7 @@ def validation_loss(
         with torch.no_grad(), eval_mode(module):
             for batch in loader:
                 batch = to_module(batch, module)
-                size = len(batch["index"]) if isinstance(batch, Mapping) and "index" in batch else 1
+                size = loss_weight(batch)
                 with forward():
                     total += float(module_loss(module, batch)) * size
                 count += size
