@@ -106,7 +106,7 @@ class ImageFolderDataModule(IndexedDataModule):
         crop_pct: float = 0.875,
         seed: int = 0,
         batches: list[list[int]] | None = None,
-        order: list[int] | None = None,
+        order: list[int] | list[list[int]] | None = None,
         eval_batch_size: int = 256,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)

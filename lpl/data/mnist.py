@@ -77,7 +77,7 @@ class MNIST5kDataModule(IndexedDataModule):
         img_size: int = 28,
         seed: int = 0,
         batches: list[list[int]] | None = None,
-        order: list[int] | None = None,
+        order: list[int] | list[list[int]] | None = None,
         eval_batch_size: int = 500,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)

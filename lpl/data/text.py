@@ -69,7 +69,7 @@ class TextCorpusDataModule(IndexedDataModule):
         max_train_samples: int | None = None,
         seed: int = 0,
         batches: list[list[int]] | None = None,
-        order: list[int] | None = None,
+        order: list[int] | list[list[int]] | None = None,
         eval_batch_size: int = 64,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
