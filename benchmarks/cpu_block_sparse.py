@@ -37,7 +37,7 @@ except ImportError:  # not installed: use the repo's kernels/ (benchmarks/kernel
     sys.path.insert(0, str(_here.parent))
     from kernels.cpu import block_sparse_linear_cpu, compiled_kernel_available, grad_input_cpu, grad_values_cpu
 
-from lpl.utils.cli_args import output_file
+from lpl.utils.cli_args import output_file, positive_int, unit_fraction
 from lpl.utils.io import atomic_write_text
 from lpl.utils.errors import run_script
 
@@ -86,6 +86,11 @@ def random_block_weight(out_features: int, in_features: int, block: int, density
     grid = padded.view(n_rows, block, n_cols, block).permute(0, 2, 1, 3)
     values = grid[positions[:, 0], positions[:, 1]].contiguous()
     return dense, values, row_ptr, positions[:, 1].contiguous()
+
+
+def density_text(density: float) -> str:
+    """A kept fraction for the table: two decimals, or two significant digits below 0.01 (not a misleading 0.00)."""
+    return f"{density:.2f}" if density >= 0.01 else f"{density:.2g}"
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -154,7 +159,7 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
             if "bsr_linear" in r else ["-"] * 4
         )  # fmt: skip
         lines.append(
-            f"| {r['block']} | {r['density']:.2f} | {r['ours'] * 1e3:.1f} | {r['dense'] * 1e3:.1f} | "
+            f"| {r['block']} | {density_text(r['density'])} | {r['ours'] * 1e3:.1f} | {r['dense'] * 1e3:.1f} | "
             f"{flops / r['dense'] / 1e9:.1f} | **{r['dense'] / r['ours']:.2f}x** | {r['cpu_speedup']:.2f}x | "
             f"{r['pre_ours'] * 1e3:.1f} | {r['pre_dense'] * 1e3:.1f} | {r['pre_dense'] / r['pre_ours']:.2f}x | "
             + " | ".join(bsr_cells)
@@ -171,7 +176,7 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
         ]
         for b in backward_rows:
             lines.append(
-                f"| {b['block']} | {b['density']:.2f} | {b['gi'] * 1e3:.1f} | {b['gi_dense'] * 1e3:.1f} | "
+                f"| {b['block']} | {density_text(b['density'])} | {b['gi'] * 1e3:.1f} | {b['gi_dense'] * 1e3:.1f} | "
                 f"{b['gi_dense'] / b['gi']:.2f}x | {b['gv'] * 1e3:.1f} | {b['gv_dense'] * 1e3:.1f} | "
                 f"{b['gv_dense'] / b['gv']:.2f}x |"
             )
@@ -184,31 +189,72 @@ def write_report(args, forward_rows: list[dict], backward_rows: list[dict], meta
         print(f"wrote {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def comma_list(item: Callable[[str], object], what: str) -> Callable[[str], list]:
+    """An argparse ``type`` for a comma-separated list whose items each pass ``item`` (an argparse type)."""
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of {what}, e.g. "
+                                             f"{'64,32,16' if item is positive_int else '0.5,0.25,1.0'}.")
+        values = []
+        for part in parts:
+            try:
+                values.append(item(part))
+            except argparse.ArgumentTypeError as error:
+                raise argparse.ArgumentTypeError(str(error) if len(parts) == 1 else f"{part!r} in {text!r}: {error}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, every value checked (before any work): counts at least 1, densities in (0, 1], and every
+    (block, density) pair keeping at least one block of the layer."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8*197 tokens, fewer repeats")
     parser.add_argument("--layer", choices=sorted(LAYERS), default="fc1")
-    parser.add_argument("--tokens", type=int, default=None, help="default 64*197 (quick: 8*197)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=None, help="rounds per case (default 9, quick 5)")
-    parser.add_argument("--bsr-reps", type=int, default=None, help="rounds for torch BSR (default 2, quick 1)")
+    parser.add_argument("--tokens", type=positive_int, default=None, help="rows of x (default 64*197, quick 8*197)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--reps", type=positive_int, default=None, help="rounds per case (default 9, quick 5)")
+    parser.add_argument("--bsr-reps", type=positive_int, default=None,
+                        help="rounds for torch BSR (default 2, quick 1)")
     parser.add_argument("--no-bsr", action="store_true", help="skip torch BSR")
     parser.add_argument("--no-backward", action="store_true", help="skip the backward pieces")
-    parser.add_argument("--blocks", default="64,32,16")
-    parser.add_argument("--densities", default="0.5,0.25,1.0")
+    parser.add_argument("--blocks", type=comma_list(positive_int, "block sides (whole numbers >= 1)"),
+                        default=[64, 32, 16], help="square block sides, comma-separated (default 64,32,16)")
+    parser.add_argument("--densities", type=comma_list(unit_fraction, "densities in (0, 1]"),
+                        default=[0.5, 0.25, 1.0], help="kept fractions of the blocks, in (0, 1], comma-separated "
+                                                       "(default 0.5,0.25,1.0)")
     parser.add_argument("--out", type=output_file, default=None,
                         help="output FILE (markdown; default: benchmarks/results/cpu_block_sparse_<host>[_quick]"
                              "[_<layer>].md)")
     args = parser.parse_args(argv)
+    out_features, in_features = LAYERS[args.layer]
+    for block in args.blocks:
+        total = -(-out_features // block) * -(-in_features // block)
+        for density in args.densities:
+            if round(density * total) < 1:
+                parser.error(f"--densities {density} keeps no block of the {args.layer} layer "
+                             f"({out_features}x{in_features}) at --blocks {block} ({total} blocks): use a density "
+                             f"of at least {1 / total:.2g} or smaller blocks.")
+    # None means the default (explicitly: a 0 given on the command line is refused above, not taken as "default")
+    if args.tokens is None:
+        args.tokens = 8 * 197 if args.quick else 64 * 197
+    if args.reps is None:
+        args.reps = 5 if args.quick else 9
+    if args.bsr_reps is None:
+        args.bsr_reps = 1 if args.quick else 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-    tokens = args.tokens or (8 * 197 if args.quick else 64 * 197)
-    reps = args.reps or (5 if args.quick else 9)
-    bsr_reps = args.bsr_reps or (1 if args.quick else 2)
+    tokens, reps, bsr_reps = args.tokens, args.reps, args.bsr_reps
     out_features, in_features = LAYERS[args.layer]
-    blocks = [int(b) for b in args.blocks.split(",")]
-    densities = [float(d) for d in args.densities.split(",")]
+    blocks, densities = args.blocks, args.densities
     if not compiled_kernel_available():
         print("warning: compiled kernel unavailable, timing the torch fallback", file=sys.stderr)
 
@@ -227,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     forward_rows, backward_rows = [], []
     out_ours, out_dense = torch.empty(tokens, out_features), torch.empty(tokens, out_features)
     for block in blocks:
-        for density in densities:
-            dense_w, values, row_ptr, col_idx = random_block_weight(out_features, in_features, block, density, block)
+        for asked in densities:
+            dense_w, values, row_ptr, col_idx = random_block_weight(out_features, in_features, block, asked, block)
+            density = values.shape[0] / ((row_ptr.numel() - 1) * -(-in_features // block))  # the share kept
             size = (block, block)
 
             def ours():
@@ -261,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["bsr_matmul"] = median_wall(bsr_matmul)
                 row["bsr_dense"] = median_wall(bsr_dense + bsr_dense2)
             forward_rows.append(row)
-            line = (f"fwd  block {block:2d} density {density:.2f}: ours {row['ours'] * 1e3:8.1f} ms, dense "
+            line = (f"fwd  block {block:2d} density {density_text(density)}: ours {row['ours'] * 1e3:8.1f} ms, dense "
                     f"{row['dense'] * 1e3:8.1f} ms ({flops / row['dense'] / 1e9:5.1f} GFLOP/s), "
                     f"speedup {row['dense'] / row['ours']:5.2f}x (CPU time {row['cpu_speedup']:4.2f}x; "
                     f"preallocated out {row['pre_ours'] * 1e3:7.1f} vs {row['pre_dense'] * 1e3:7.1f} ms: "
@@ -286,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gv": median_wall(gv), "gv_dense": median_wall(gv_dense),
                 }  # fmt: skip
                 backward_rows.append(back)
-                print(f"bwd  block {block:2d} density {density:.2f}: dX {back['gi'] * 1e3:8.1f} ms "
+                print(f"bwd  block {block:2d} density {density_text(density)}: dX {back['gi'] * 1e3:8.1f} ms "
                       f"({back['gi_dense'] / back['gi']:5.2f}x dense dY@W), dW {back['gv'] * 1e3:8.1f} ms "
                       f"({back['gv_dense'] / back['gv']:5.2f}x dense dY^T@X)", flush=True)  # fmt: skip
             write_report(args, forward_rows, backward_rows, meta, final=False)

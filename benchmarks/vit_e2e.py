@@ -86,32 +86,57 @@ def predicted_energy_per_image(model: torch.nn.Module, masks: dict, block: int, 
     return total / batch
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """The command line and the device, every value checked before any work (model building, pruning, the table):
+    a mistake is the parser's usage error (exit code 2)."""
+    from lpl.prune.importance import IMPORTANCES
+    from lpl.utils.cli_args import output_dir, positive_int, unit_fraction
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is a GPU, else cpu)")
     parser.add_argument("--models", nargs="+", default=["deit_s", "deit_b"], choices=sorted(MODELS))
     parser.add_argument("--quick", action="store_true", help="small batch, short timing (CPU in a few minutes)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--batch", type=int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--flops-keep", type=float, default=0.5)
-    parser.add_argument("--importance", default="magnitude", help="lpl.prune importance (taylor2 needs more time)")
-    parser.add_argument("--calib-batches", type=int, default=2)
-    parser.add_argument("--calib-batch-size", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=None, help="seconds of timing rounds per model")
-    parser.add_argument("--energy-s", type=float, default=5.0, help="GPU: seconds per NVML energy measurement")
+    parser.add_argument("--batch", type=positive_int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--block", type=positive_int, default=64, help="square block side (default 64)")
+    parser.add_argument("--flops-keep", type=unit_fraction, default=0.5,
+                        help="share of the prunable Linear FLOPs kept, in (0, 1] (default 0.5)")
+    parser.add_argument("--importance", default="magnitude", choices=IMPORTANCES,
+                        help="lpl.prune importance (default magnitude; taylor2 needs more time)")
+    parser.add_argument("--calib-batches", type=positive_int, default=2)
+    parser.add_argument("--calib-batch-size", type=positive_int, default=4)
+    parser.add_argument("--budget-s", type=bench.positive_float, default=None,
+                        help="seconds of timing rounds per model (default 10, quick 2)")
+    parser.add_argument("--energy-s", type=bench.positive_float, default=5.0,
+                        help="GPU: seconds per NVML energy measurement")
     parser.add_argument("--profile", help="HardwareProfile JSON for predicted energy (default: the analytic one)")
     parser.add_argument("--eager", action="store_true", help="GPU: time eager forwards instead of CUDA graphs")
-    from lpl.utils.cli_args import output_dir
-
     parser.add_argument("--out", type=output_dir, default=str(_HERE / "results"),
                         help="output FOLDER (created if missing); the table goes to vit_e2e_<device>[_quick].md in "
                              "it (default: benchmarks/results)")
     args = parser.parse_args(argv)
+    device = bench.device_argument(parser, args.device)
+    if device.type == "cuda":
+        bench.import_lpl_kernels()
+        from lpl.kernels.ops import TRITON_MIN_BLOCK, triton_supports
 
-    device = torch.device(args.device)
+        if not triton_supports((args.block, args.block)):  # it would time dense matmuls under the sparse label
+            parser.error(f"--block {args.block}: the CUDA (Triton) kernels take power-of-two block sides of at least "
+                         f"{TRITON_MIN_BLOCK} (16, 32, 64, ...); other blocks run as dense matmuls there.")
+    if importlib.util.find_spec("timm") is None:
+        parser.error("the models come from timm, which is not installed: pip install timm.")
+    return args, device
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, device = parse_args(argv)
+    from lpl.prune.hardware import HardwareProfile, default_profile
+
+    # read before any work: a bad --profile file is an LplError (its message, exit code 2)
+    profile = HardwareProfile.load(args.profile) if args.profile else default_profile(device.type)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    batch = args.batch or (64 if device.type == "cuda" else 8)
+    batch = args.batch if args.batch is not None else (64 if device.type == "cuda" else 8)
     budget_s = args.budget_s if args.budget_s is not None else (2.0 if args.quick else 10.0)
     bench.import_lpl_kernels()  # makes lpl.kernels importable from a plain checkout
     from lpl.kernels import pack_for_inference
@@ -126,9 +151,6 @@ def main(argv: list[str] | None = None) -> None:
             meter.measure_idle(2.0)
         except PowerMeterUnavailable as error:
             energy_note = str(error)
-    from lpl.prune.hardware import HardwareProfile, default_profile
-
-    profile = HardwareProfile.load(args.profile) if args.profile else default_profile(device.type)
     energy_kind = ("measured (NVML, idle-subtracted)" if meter
                    else f"model-predicted (cost model '{profile.name}', Linear layers only)")
 

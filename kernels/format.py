@@ -49,6 +49,21 @@ def block_elements(shape: tuple[int, int], block_size: tuple[int, int]) -> torch
     return torch.outer(heights, widths)
 
 
+def block_density(block_mask: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> float:
+    """Retained share of a ``shape`` weight's true elements under ``block_mask`` (ragged edge blocks counted by their
+    true size). A weight without elements (out_features = 0, an empty mask) has density 1.0: no block is pruned,
+    as for a layer that keeps every block, so cost x density and "keeps everything" checks hold."""
+    if block_mask.is_meta:
+        raise LplError("the block mask is on the meta device and holds no pattern, so the density is unknown; give "
+                       "the mask on the CPU, or load the weights (a state dict with its block_mask) first.")
+    with torch.device("cpu"):  # even under a device context (torch.device("meta") while building a model)
+        elements = block_elements(shape, block_size)
+    total = elements.sum()
+    if total == 0:
+        return 1.0
+    return float((elements * block_mask.cpu().double()).sum() / total)
+
+
 def check_float_dtype(tensor: torch.Tensor, what: str) -> None:
     """Refuse a dtype the block-sparse layers do not take, naming ``what`` held it."""
     if tensor.dtype not in FLOAT_DTYPES:
@@ -151,9 +166,9 @@ class BlockSparseWeight:
 
     @property
     def density(self) -> float:
-        """Retained share of the weight's true elements (ragged edge blocks counted by their true size)."""
-        elements = block_elements(self.shape, self.block_size)
-        return float((elements * self.block_mask.cpu().double()).sum() / elements.sum())
+        """Retained share of the weight's true elements (ragged edge blocks counted by their true size); 1.0 for a
+        weight without elements (out_features = 0): nothing is pruned."""
+        return block_density(self.block_mask, self.shape, self.block_size)
 
     @property
     def device(self) -> torch.device:

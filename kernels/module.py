@@ -10,7 +10,7 @@ from torch import nn
 
 from lpl.utils.errors import LplError
 
-from .format import (BlockSparseWeight, KernelIndex, block_grid, build_kernel_index, csr_structure,
+from .format import (BlockSparseWeight, KernelIndex, block_density, block_grid, build_kernel_index, csr_structure,
                      normalize_block_size)
 from .ops import block_sparse_linear
 
@@ -27,6 +27,12 @@ class BlockSparseLinear(nn.Module):
     fine-tune checkpoints, or a layer ``to_block_sparse`` left dense) loads into this layer's own block structure. Its
     entries in the blocks this layer prunes must be zero: otherwise the state is refused (an ``LplError`` counting
     those blocks), since dropping them would silently change the outputs: it is not the masked model of this mask.
+    Adopting another mask changes the shape of ``values``: an optimizer that already stepped the layer holds state of
+    the old shape, and its next step is refused (an ``LplError``): build it again after loading, or load its state.
+
+    Built on the meta device with a ``block_mask``, the layer keeps that pattern on the CPU: ``to_empty()`` puts it
+    back in place and a dense state is cut by it. Built there without one, its pattern comes from the block-sparse
+    state loaded into it (a dense state is refused, before and after ``to_empty()``).
 
     Example::
 
@@ -51,6 +57,7 @@ class BlockSparseLinear(nn.Module):
             raise LplError(f"in_features and out_features must be positive, got {in_features} and {out_features}.")
         self.block_size = normalize_block_size(block_size)
         grid = block_grid((self.out_features, self.in_features), self.block_size)
+        pattern_given = block_mask is not None  # on the meta device only a given mask is a pattern to keep
         if block_mask is None:  # on the CPU even under a device context: the pattern must hold data
             block_mask = torch.ones(grid, dtype=torch.bool, device="cpu")
         bound = 1.0 / math.sqrt(self.in_features)
@@ -62,8 +69,9 @@ class BlockSparseLinear(nn.Module):
             "geometry",
             torch.tensor([self.out_features, self.in_features, *self.block_size], dtype=torch.int64, device=device),
         )
-        self._set_structure(sparse.block_mask, sparse.row_ptr, sparse.col_idx)
-        self._inference_pack = None  # (PackedWeightCPU, version, data_ptr) after pack_for_inference()
+        self._set_structure(sparse.block_mask, sparse.row_ptr, sparse.col_idx, known=pattern_given)
+        # (PackedWeightCPU, version, data_ptr, the values tensor packed from) after pack_for_inference()
+        self._inference_pack = None
 
     @classmethod
     def from_linear(
@@ -85,8 +93,15 @@ class BlockSparseLinear(nn.Module):
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
-    def _set_structure(self, block_mask: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
+    def _set_structure(self, block_mask: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                       known: bool = True) -> None:
+        """Install a structure (``known``: False for the all-blocks placeholder of a meta layer built without a
+        mask, whose pattern is to come from the state dict loaded into it)."""
         device = self.geometry.device
+        # On the meta device the buffers hold no data: the pattern stays on the CPU here, so that to_empty() can put
+        # it back and a dense (masked fine-tuning) state can be cut by it. None where there is no pattern to keep.
+        self._meta_pattern = block_mask.cpu() if device.type == "meta" and known else None
+        self._pattern_unknown = device.type == "meta" and not known
         self.register_buffer("block_mask", block_mask.to(device))
         self.register_buffer("row_ptr", row_ptr.to(device))
         self.register_buffer("col_idx", col_idx.to(device))
@@ -101,7 +116,22 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def density(self) -> float:
-        return self.sparse_weight().density
+        """Retained share of the weight's true elements (see :attr:`BlockSparseWeight.density`)."""
+        pattern = self._known_pattern()
+        if pattern is None:
+            raise LplError("this block-sparse layer was built on the meta device without a block_mask: its pattern, "
+                           "and so its density, comes from the block-sparse state dict loaded into it; load one "
+                           "first (or build the layer with its block_mask).")
+        return block_density(pattern, (self.out_features, self.in_features), self.block_size)
+
+    def _known_pattern(self) -> torch.Tensor | None:
+        """The block mask on the CPU, or None where the layer has none yet (built on the meta device without a
+        mask, and maybe materialised by to_empty() since, which leaves a placeholder structure)."""
+        if getattr(self, "_pattern_unknown", False):
+            return None
+        if self.block_mask.is_meta:
+            return getattr(self, "_meta_pattern", None)
+        return self.block_mask.cpu()
 
     def sparse_weight(self) -> BlockSparseWeight:
         """The weight as a :class:`BlockSparseWeight` sharing this module's tensors (values stay a Parameter)."""
@@ -123,11 +153,12 @@ class BlockSparseLinear(nn.Module):
         more than the matmul (one token through a 4096x1024 layer at density 0.5 ran 2.0-2.4x slower than dense,
         about 0.5x packed once). The packed copy serves forwards in eval mode that record no gradient (``no_grad``,
         ``inference_mode``) on float32/bfloat16/float16 CPU inputs, outside ``torch.compile``; ``train()``,
-        ``load_state_dict`` and moving the layer drop it, and so does any change to ``values`` that bumps its version
-        counter (``copy_``, most optimizer steps). It is a snapshot: a change that does not (a fused optimizer step,
-        a write through ``.data``) is not seen until you pack again. Copies (pickle, deepcopy) do not carry it. Without
-        a C compiler, with ``LPL_CPU_KERNEL=torch``, or for a layer built under ``torch.inference_mode`` (its tensors
-        keep no version counter to watch) this does nothing.
+        ``load_state_dict`` and moving the layer to another device or dtype drop it (a move that moves nothing, such
+        as the ``model.to(device)`` Lightning makes before predict/validate/test, keeps it), and so does any change
+        to ``values`` that bumps its version counter (``copy_``, most optimizer steps). It is a snapshot: a change
+        that does not (a fused optimizer step, a write through ``.data``) is not seen until you pack again. Copies
+        (pickle, deepcopy) do not carry it. Without a C compiler, with ``LPL_CPU_KERNEL=torch``, or for a layer built
+        under ``torch.inference_mode`` (its tensors keep no version counter to watch) this does nothing.
         """
         from .cpu import compiled_kernel_available, pack_weight_cpu
         from .cpu._build import torch_path_forced
@@ -139,7 +170,8 @@ class BlockSparseLinear(nn.Module):
             return self  # no packed path there, or no way to see a change: forwards run as before
         packed = pack_weight_cpu(values.detach(), self.row_ptr, self.col_idx, self.out_features, self.in_features,
                                  self.block_size)
-        self._inference_pack = (packed, values._version, values.data_ptr())
+        # the reference to the tensor packed from keeps its memory allocated: no other tensor can get its address
+        self._inference_pack = (packed, values._version, values.data_ptr(), values.detach())
         return self
 
     def _inference_pack_for(self, x: torch.Tensor):
@@ -154,7 +186,7 @@ class BlockSparseLinear(nn.Module):
 
         if torch_path_forced():
             return None
-        packed, version, pointer = pack
+        packed, version, pointer, _ = pack
         if self.values._version != version or self.values.data_ptr() != pointer:
             self._inference_pack = None  # the weights changed since they were packed
             return None
@@ -183,8 +215,42 @@ class BlockSparseLinear(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
-        self._inference_pack = None  # .to(), .half(), .cuda(): the packed copy is of the old tensor
-        return super()._apply(fn, recurse)
+        # .to(), .half(), .cuda(): the packed copy is of the old tensor, unless nothing moved (Lightning calls
+        # model.to(device) before predict/validate/test; .to() of a tensor already there returns the tensor itself)
+        pack, self._inference_pack = getattr(self, "_inference_pack", None), None  # dropped if fn raises
+        structure = (self.row_ptr, self.col_idx)
+        mask, was_meta = self.block_mask, self.values.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.values.is_meta:  # to_empty(): the structure buffers now hold uninitialised memory
+            self._materialise_structure()
+        elif self.block_mask.is_meta and not mask.is_meta and not getattr(self, "_pattern_unknown", False):
+            self._meta_pattern = mask.cpu()  # .to("meta"): the pattern stays on the CPU, as when built there
+        elif (pack is not None and self._pack_matches(pack) and self.row_ptr is structure[0]
+                and self.col_idx is structure[1]):
+            self._inference_pack = pack
+        return result
+
+    def _pack_matches(self, pack) -> bool:
+        """Whether ``values`` is still the tensor ``pack`` was made from, unchanged: the same memory (the pack holds
+        the packed-from tensor, so its address cannot have been freed and reused), layout, dtype and version."""
+        _, version, pointer, source = pack
+        values = self.values
+        return (values.device == source.device and values.dtype == source.dtype and values.data_ptr() == pointer
+                and values.shape == source.shape and values.stride() == source.stride()
+                and values._version == version)
+
+    def _materialise_structure(self) -> None:
+        """After to_empty() from the meta device: the geometry, and the pattern kept on the CPU (a placeholder with
+        every block, for a layer built without a mask: the state dict loaded next brings its pattern)."""
+        device = self.values.device
+        self.register_buffer("geometry", torch.tensor([self.out_features, self.in_features, *self.block_size],
+                                                      dtype=torch.int64, device=device))
+        pattern = getattr(self, "_meta_pattern", None)
+        known = pattern is not None
+        if not known:
+            pattern = torch.ones(tuple(self.block_mask.shape), dtype=torch.bool, device="cpu")
+        self._set_structure(pattern, *csr_structure(pattern))
+        self._pattern_unknown = not known
 
     def extra_repr(self) -> str:
         br, bc = self.block_size
@@ -210,7 +276,7 @@ class BlockSparseLinear(nn.Module):
                 )
             mask = mask.to("cpu", torch.bool)
         # every check before anything changes: a refused state dict leaves the layer as it was
-        pattern = mask if mask is not None else None if self.block_mask.is_meta else self.block_mask.cpu()
+        pattern = mask if mask is not None else self._known_pattern()
         if pattern is not None:  # row_ptr and col_idx follow from the mask: anything else is damage
             for key, ours in zip(("row_ptr", "col_idx"), csr_structure(pattern)):
                 theirs = state_dict.get(prefix + key)
@@ -222,8 +288,13 @@ class BlockSparseLinear(nn.Module):
             state_dict[prefix + "values"] = self._values_from_dense(weight, pattern, prefix)
             del state_dict[prefix + "weight"]
             if mask is None:  # it takes this layer's structure, which stands in for the keys a dense state lacks
-                for key in ("geometry", "block_mask", "row_ptr", "col_idx"):
-                    state_dict.setdefault(prefix + key, getattr(self, key))
+                ours = {key: getattr(self, key) for key in ("geometry", "block_mask", "row_ptr", "col_idx")}
+                if self.block_mask.is_meta:  # the pattern kept on the CPU, where the weight is (assign=True)
+                    ours = dict(zip(("block_mask", "row_ptr", "col_idx"), (pattern, *csr_structure(pattern))),
+                                geometry=torch.tensor(expected, dtype=torch.int64))
+                    ours = {key: tensor.to(weight.device) for key, tensor in ours.items()}
+                for key, tensor in ours.items():
+                    state_dict.setdefault(prefix + key, tensor)
         expected_values = (self.values.shape[0] if mask is None else int(mask.sum()), *self.block_size)
         values = state_dict.get(prefix + "values")
         if values is not None and tuple(values.shape) != expected_values:
@@ -231,7 +302,8 @@ class BlockSparseLinear(nn.Module):
                 f"state dict at '{prefix}' has values of shape {tuple(values.shape)}, but its block_mask keeps "
                 f"{expected_values[0]} blocks of {self.block_size}: expected {expected_values}."
             )
-        if mask is not None and (self.block_mask.is_meta or not torch.equal(mask, self.block_mask.cpu())):
+        if mask is not None and (self.block_mask.is_meta or getattr(self, "_pattern_unknown", False)
+                                 or not torch.equal(mask, self.block_mask.cpu())):
             self._adopt_mask(mask)
         self._inference_pack = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -247,8 +319,9 @@ class BlockSparseLinear(nn.Module):
                            f"layer is {geometry}; the checkpoint is from another layer.")
         if pattern is None:
             raise LplError(f"state dict at '{prefix}' holds a dense weight, but this layer was built on the meta "
-                           "device, which keeps no block mask to cut it by; build the layer on a real device with "
-                           "its mask, or load the block-sparse state exported from it.")
+                           "device without a block_mask, so it has no block mask to cut it by (to_empty() leaves "
+                           "it a placeholder); build the layer with its block_mask (on the meta device too), or "
+                           "load the block-sparse state exported from it.")
         pruned = BlockSparseWeight.from_dense(weight, ~pattern, self.block_size).values
         carrying = int(pruned.flatten(1).ne(0).any(1).sum())  # NaN counts as nonzero
         if carrying:
@@ -264,8 +337,44 @@ class BlockSparseLinear(nn.Module):
         """Take the checkpoint's sparsity pattern: rebuild the structure and resize ``values`` (same geometry)."""
         mask = mask.cpu()
         row_ptr, col_idx = csr_structure(mask)
+        old_shape = tuple(self.values.shape)
         self.values.data = self.values.new_zeros(col_idx.numel(), *self.block_size)  # the checkpoint's come next
+        if tuple(self.values.shape) != old_shape and not self.values.is_meta:
+            self.values.grad = None  # a gradient of the old pattern: another shape, and other blocks
+            _watch_optimizers(self.values, old_shape)
         self._set_structure(mask, row_ptr, col_idx)
+
+
+# ``values`` Parameters whose shape load_state_dict changed (another block mask adopted) -> their shape before. An
+# optimizer that stepped them earlier keeps state of that shape (Adam's moments) and would fail deep in its update;
+# a step pre-hook common to all optimizers, registered at the first such load, refuses that step with the cause.
+_RESHAPED_VALUES: "torch.utils.weak.WeakIdKeyDictionary | None" = None
+
+
+def _watch_optimizers(values: torch.Tensor, old_shape: tuple[int, ...]) -> None:
+    global _RESHAPED_VALUES
+    if _RESHAPED_VALUES is None:
+        import torch.utils.weak
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _RESHAPED_VALUES = torch.utils.weak.WeakIdKeyDictionary()
+        register_optimizer_step_pre_hook(_refuse_state_of_an_old_pattern)
+    _RESHAPED_VALUES[values] = old_shape
+
+
+def _refuse_state_of_an_old_pattern(optimizer, args, kwargs) -> None:
+    """Optimizer step pre-hook: costs a lookup per reshaped ``values`` (none before a mask was adopted)."""
+    for values, old_shape in list(_RESHAPED_VALUES.items()):
+        state = optimizer.state.get(values)  # state is a defaultdict: get() adds no entry
+        if not state or tuple(values.shape) == old_shape:
+            continue
+        if any(isinstance(v, torch.Tensor) and tuple(v.shape) == old_shape for v in state.values()):
+            raise LplError(
+                f"{type(optimizer).__name__} holds state for a BlockSparseLinear's values of shape {old_shape}, but "
+                f"load_state_dict adopted another block mask since and the values are now {tuple(values.shape)}: "
+                "build the optimizer again after loading the layer's state (or load the optimizer state saved "
+                "with that checkpoint)."
+            )
 
 
 def pack_for_inference(model: nn.Module) -> nn.Module:

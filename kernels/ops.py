@@ -12,6 +12,7 @@ never imports Triton); CPU tensors run :mod:`lpl.kernels.cpu`.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Iterator, Optional
 
@@ -215,11 +216,12 @@ class _TransformableFunction(_BlockSparseLinearFunction):
              col_order, bias, out_features):
         if all(dim is None for dim in in_dims[1:]):  # only x batched (per-sample gradients): one kernel call
             x = x2d.movedim(in_dims[0], 0)
-            batch, rows = x.shape[:2]
-            y2d = _eager_function().apply(x.reshape(batch * rows, -1).contiguous(), values, row_ptr, col_idx,
-                                          row_order, block_row, col_ptr, t_row_idx, t_block, col_order, bias,
-                                          out_features)
-            return y2d.view(batch, rows, -1), 0
+            batch, rows, in_features = x.shape
+            # explicit sizes, not -1: a batch of samples with zero rows has no elements to infer a size from
+            y2d = _eager_function().apply(x.reshape(batch * rows, in_features).contiguous(), values, row_ptr,
+                                          col_idx, row_order, block_row, col_ptr, t_row_idx, t_block, col_order,
+                                          bias, out_features)
+            return y2d.view(batch, rows, out_features), 0
         # batched weights, bias or structure (model ensembles, jacfwd in the weights): torch ops, batched by vmap
         dims = (in_dims[0], in_dims[1], in_dims[5], in_dims[3], in_dims[10], None)
         return torch.vmap(_linear_differentiable, in_dims=dims)(x2d, values, block_row, col_idx, bias, out_features), 0
@@ -302,7 +304,10 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
         x, w, bias = _autocast(x, w, bias)
     _check_inputs(x, w, bias)
     out_features, in_features = w.shape
-    x2d = x.reshape(-1, in_features)
+    try:
+        x2d = x.reshape(-1, in_features)
+    except RuntimeError:  # under vmap over 0 samples -1 is ambiguous (no elements to infer it from): give the size
+        x2d = x.reshape(math.prod(x.shape[:-1]), in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     index = w.kernel_index

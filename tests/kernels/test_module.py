@@ -179,7 +179,7 @@ def test_a_weight_packed_for_inference_gives_the_same_outputs_until_it_changes(r
         doubled = layer(x)
     assert layer._inference_pack is None
     assert rel_err(doubled - layer.bias, 2.0 * (expected - layer.bias)) < 1e-5
-    for drop in (lambda: layer.train(), lambda: layer.to(torch.float32),
+    for drop in (lambda: layer.train(), lambda: layer.to(torch.float64).to(torch.float32),
                  lambda: layer.load_state_dict(layer.state_dict())):
         layer.eval().pack_for_inference()
         drop()
@@ -274,9 +274,14 @@ def test_a_dense_state_with_weight_in_pruned_blocks_is_refused_and_leaves_the_la
     with pytest.raises(LplError, match=r"dense weight of shape \(100, 64\), but this layer is 100x70"):
         layer.load_state_dict({"weight": torch.zeros(100, 64), "bias": torch.zeros(100)})
     with torch.device("meta"):
-        unbuilt = BlockSparseLinear(70, 100, 32, block_mask=mask)
-    with pytest.raises(LplError, match="built on the meta device"):
+        unbuilt = BlockSparseLinear(70, 100, 32)
+    with pytest.raises(LplError, match="built on the meta device without a block_mask"):
         unbuilt.load_state_dict(_masked_dense(linear, mask).state_dict(), assign=True)
+    with torch.device("meta"):  # built with its mask: the masked dense state is cut by it
+        masked = BlockSparseLinear(70, 100, 32, block_mask=mask)
+    masked.load_state_dict(_masked_dense(linear, mask).state_dict(), assign=True)
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(masked(x), _masked_dense(linear, mask)(x))
 
 
 def test_a_fine_tune_checkpoint_and_an_export_with_a_layer_kept_dense_load_into_the_exported_model(rel_err):
