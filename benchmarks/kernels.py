@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from lpl.utils import cli_args
 from lpl.utils.errors import run_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,29 +269,6 @@ def _format_row(row: dict) -> str:
             f"{eager} | {row['rel_err']:.1e} |")
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type`` for a duration or budget in seconds: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}.")
-    return value
-
-
-def device_argument(parser: argparse.ArgumentParser, name: str) -> torch.device:
-    """``--device name`` as a device this machine has (cpu or cuda), or the parser's usage error saying what to pass:
-    checked before any work."""
-    from lpl.utils.cli_args import checked_device
-    from lpl.utils.errors import LplError
-
-    try:
-        return checked_device(name, ("cpu", "cuda"))
-    except LplError as error:
-        parser.error(str(error))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -298,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes: the issue's goal shapes only")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named subset (overrides --quick)")
     parser.add_argument("--no-bsr", action="store_true", help="skip torch's BSR peer (very slow on CPU)")
-    parser.add_argument("--budget-s", type=positive_float, default=1.0,
+    parser.add_argument("--budget-s", type=cli_args.positive_float, default=1.0,
                         help="CPU: seconds of repeats per measurement (above 0)")
     parser.add_argument("--seed", type=int, default=0)
     from lpl.utils.cli_args import output_dir
@@ -308,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                              "kernels_<device>[_<preset>].md in it (default: benchmarks/results)")
     args = parser.parse_args(argv)
 
-    device = device_argument(parser, args.device)
+    device = cli_args.device_argument(parser, args.device)
     preset = args.preset or (("quick-gpu" if device.type == "cuda" else "quick-cpu") if args.quick else None)
     sweep = PRESETS[preset] if preset else (FULL_GPU if device.type == "cuda" else FULL_CPU)
     lines = ["# Block-sparse linear kernels: ours vs dense vs torch BSR", ""]

@@ -35,8 +35,8 @@ import torch
 
 import lpl.order.linearized as linearized
 from lpl.kernels.cpu.adam_replay import NARROW_INPUTS
-from lpl.utils.cli_args import checked_device, comma_separated, non_negative_int, positive_int
-from lpl.utils.errors import LplError, run_script
+from lpl.utils.cli_args import comma_separated, device_argument, non_negative_int, positive_int
+from lpl.utils.errors import run_script
 
 PATHS = ("compiled", "compiled-bf16", "fused", "eager")
 
@@ -131,10 +131,7 @@ def main() -> None:
     parser.add_argument("--retrain-demo-lm", action="store_true",
                         help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()
-    try:
-        checked_device(args.device, ("cpu", "cuda"))
-    except LplError as error:
-        parser.error(str(error))
+    device_argument(parser, args.device)
     retrain_s = None
     if args.retrain_demo_lm:
         retrain_s, args.params, args.batches = demo_lm_retrain_seconds(args.steps, args.device)

@@ -23,9 +23,9 @@ import torch
 
 from lpl.models import ViTClassifier
 from lpl.prune import prune_model
-from lpl.utils.cli_args import checked_device, output_dir, positive_int, unit_fraction
+from lpl.utils.cli_args import device_argument, output_dir, positive_int, unit_fraction
 from lpl.utils.io import atomic_write_text
-from lpl.utils.errors import LplError, run_script
+from lpl.utils.errors import run_script
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("lpl_kernel_benchmark", _HERE / "kernels.py")
@@ -93,10 +93,7 @@ def main() -> None:
                         help="output FOLDER (created if missing); the table goes to prune_time_<device>.md in it "
                              "(default: benchmarks/results)")
     args = parser.parse_args()
-    try:
-        device = checked_device(args.device, ("cpu", "cuda"))
-    except LplError as error:
-        parser.error(str(error))
+    device = device_argument(parser, args.device)
     try:  # the folder exists before the timing, so the table cannot be lost at the end
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lpl.utils import cli_args
 from lpl.utils.errors import run_script
 
 _HERE = Path(__file__).resolve().parent
@@ -106,9 +107,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                         help="lpl.prune importance (default magnitude; taylor2 needs more time)")
     parser.add_argument("--calib-batches", type=positive_int, default=2)
     parser.add_argument("--calib-batch-size", type=positive_int, default=4)
-    parser.add_argument("--budget-s", type=bench.positive_float, default=None,
+    parser.add_argument("--budget-s", type=cli_args.positive_float, default=None,
                         help="seconds of timing rounds per model (default 10, quick 2)")
-    parser.add_argument("--energy-s", type=bench.positive_float, default=5.0,
+    parser.add_argument("--energy-s", type=cli_args.positive_float, default=5.0,
                         help="GPU: seconds per NVML energy measurement")
     parser.add_argument("--profile", help="HardwareProfile JSON for predicted energy (default: the analytic one)")
     parser.add_argument("--eager", action="store_true", help="GPU: time eager forwards instead of CUDA graphs")
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
                         help="output FOLDER (created if missing); the table goes to vit_e2e_<device>[_quick].md in "
                              "it (default: benchmarks/results)")
     args = parser.parse_args(argv)
-    device = bench.device_argument(parser, args.device)
+    device = cli_args.device_argument(parser, args.device)
     if device.type == "cuda":
         bench.import_lpl_kernels()
         from lpl.kernels.ops import TRITON_MIN_BLOCK, triton_supports

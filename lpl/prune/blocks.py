@@ -54,6 +54,7 @@ def expand_block_mask(block_mask: torch.Tensor, shape: tuple[int, int], block_si
 
 
 def mask_density(block_mask: torch.Tensor, shape: tuple[int, int], block_size: tuple[int, int]) -> float:
-    """Retained share of the weight's true elements."""
+    """Retained share of the weight's true elements (1.0 for a weight without elements: nothing is pruned)."""
     elements = block_elements(shape, block_size)
-    return float((elements * block_mask.to(elements.dtype)).sum() / elements.sum())
+    total = elements.sum()
+    return float((elements * block_mask.to(elements.dtype)).sum() / total) if total else 1.0

@@ -4,6 +4,7 @@ flag spellings, argparse types for output folders and files, counts and fraction
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -127,6 +128,27 @@ def unit_fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}.")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type`` for a duration or budget in seconds: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}.")
+    return value
+
+
+def device_argument(parser: argparse.ArgumentParser, name: str, types: tuple[str, ...] = ("cpu", "cuda")
+                    ) -> "torch.device":
+    """``--device name`` as a device this machine has (of ``types``), or the parser's usage error saying what to
+    pass: checked before any work."""
+    try:
+        return checked_device(name, types)
+    except LplError as error:
+        parser.error(str(error))
 
 
 def checked_device(name: str, types: tuple[str, ...] | None = None) -> "torch.device":
