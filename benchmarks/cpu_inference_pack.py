@@ -71,7 +71,8 @@ def main() -> None:
             parser.error(f"--out {str(args.out)!r}: cannot create its folder ({error.strerror or error})")
     torch.set_num_threads(args.threads)
     lines = [f"# CPU inference, {args.threads} thread(s), density {args.density}, {args.block}x{args.block} blocks",
-             "", "| layer (out x in) | tokens | dense us | block-sparse / dense | packed / dense |", "|---|---|---|---|---|"]
+             "", "| layer (out x in) | tokens | dense us | block-sparse / dense | packed / dense |",
+             "|---|---|---|---|---|"]
     for out_features, in_features in SHAPES:
         dense, sparse = layers(out_features, in_features, args.block, args.density)
         packed = copy.deepcopy(sparse).pack_for_inference()

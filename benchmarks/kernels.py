@@ -107,7 +107,8 @@ def cpu_path_name() -> str:
     import_lpl_kernels()
     from lpl.kernels.ops import _cpu_module
 
-    return "kernels/cpu (block_sparse_linear_cpu)" if _cpu_module() is not None else "plain-torch fallback in kernels/ops.py"
+    return ("kernels/cpu (block_sparse_linear_cpu)" if _cpu_module() is not None
+            else "plain-torch fallback in kernels/ops.py")
 
 
 def environment_lines(device: torch.device, argv: list[str]) -> list[str]:
@@ -264,7 +265,8 @@ def _format_row(row: dict) -> str:
     ao = f"{row['ao_ms']:.3f} ms" if row["ao_ms"] is not None else row["ao_note"]
     eager = f"{row['eager_ms']:.3f}" if row["eager_ms"] is not None else "n/a"
     return (f"| {row['model']} | {row['layer']} | {row['tokens']} | {row['block']} | {row['density']:.2f} | "
-            f"{row['dtype']} | {row['dense_ms']:.3f} | {row['ours_ms']:.3f} | {_ratio(row['dense_ms'], row['ours_ms'])} | "
+            f"{row['dtype']} | {row['dense_ms']:.3f} | {row['ours_ms']:.3f} | "
+            f"{_ratio(row['dense_ms'], row['ours_ms'])} | "
             f"{bsr} | {_ratio(row['bsr_ms'], row['ours_ms'])} | {_ratio(row['dense_ms'], row['bsr_ms'])} | {ao} | "
             f"{eager} | {row['rel_err']:.1e} |")
 

@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda needs a GPU)")
     parser.add_argument("--paths", type=comma_separated(PATHS, "path"), default="compiled,compiled-bf16,fused,eager",
-                        help="replay paths to compare: compiled, compiled-bf16 (C kernel, CPU), fused, eager (torch ops)")
+                        help="replay paths to compare: compiled, compiled-bf16 (C kernel, CPU), fused, "
+                             "eager (torch ops)")
     parser.add_argument("--retrain-demo-lm", action="store_true",
                         help="also record and retrain the demo LM at --steps on --device; sets --params/--batches")
     args = parser.parse_args()

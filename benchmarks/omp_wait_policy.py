@@ -55,7 +55,8 @@ def main() -> None:
     base = statistics.median(times[(1, "default")])
     for (threads, policy), values in times.items():
         median = statistics.median(values)
-        print(f"threads={threads} OMP_WAIT_POLICY={policy:8s} {median:8.1f} ms/step  ({base / median:.2f}x of 1 thread)")
+        print(f"threads={threads} OMP_WAIT_POLICY={policy:8s} {median:8.1f} ms/step  "
+              f"({base / median:.2f}x of 1 thread)")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def final_weights(recording: Recording, order: list[int], steps: int) -> tuple[t
     model.eval()
     batches = list(datamodule.val_dataloader())
     with torch.no_grad():
-        loss = sum(float(module_loss(model, b)) * len(b["index"]) for b in batches) / sum(len(b["index"]) for b in batches)
+        loss = (sum(float(module_loss(model, b)) * len(b["index"]) for b in batches)
+                / sum(len(b["index"]) for b in batches))
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]), loss
 
 

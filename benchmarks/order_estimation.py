@@ -78,10 +78,13 @@ class _Digits(Dataset):
 
 
 class DigitsDataModule(IndexedDataModule):
-    """sklearn's 8x8 digits (a small Adam task where the orders' effect is well measured): first 1,437 images train, last 360 validate."""
+    """sklearn's 8x8 digits (a small Adam task where the orders' effect is well measured): first 1,437 images train,
+    last 360 validate."""
 
-    def __init__(self, batch_size: int = 48, seed: int = 0, batches=None, order=None, eval_batch_size: int = 360) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+    def __init__(self, batch_size: int = 48, seed: int = 0, batches=None, order=None,
+                 eval_batch_size: int = 360) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
+                         eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
 
     def build_datasets(self):
@@ -407,7 +410,8 @@ def report(runs: list[dict], args, command: str) -> str:
         for k in dims:
             lines += [f"### proj_dim = {k}", "", "| method | " + " | ".join(f"lr {r['lr']}" for r in task_runs) + " |",
                       "|---|" + "---|" * len(task_runs)]
-            lines.append("| no change (MAE) | " + " | ".join(f"- / - / {r['no_change_mae']:.4f}" for r in task_runs) + " |")
+            lines.append("| no change (MAE) | "
+                         + " | ".join(f"- / - / {r['no_change_mae']:.4f}" for r in task_runs) + " |")
             for method in first["results"]:
                 cells = []
                 for r in task_runs:
@@ -418,19 +422,21 @@ def report(runs: list[dict], args, command: str) -> str:
         for r in task_runs:
             if "timing" in r:
                 t = r["timing"]
-                lines += [f"Speed (lr {r['lr']}, method {args.select_method}, proj_dim {r['extras_proj_dim']}): retrain {t['retrain_s']:.2f} s/order; "
+                lines += [f"Speed (lr {r['lr']}, method {args.select_method}, proj_dim {r['extras_proj_dim']}): "
+                          f"retrain {t['retrain_s']:.2f} s/order; "
                           f"estimate {t['estimate_s'] * 1e3:.1f} ms for one order ({t['speedup_single']:.0f}x), "
                           f"{t['estimate_batched_s'] * 1e3:.2f} ms/order batched over 1,024 orders "
                           f"({t['speedup_batched']:.0f}x).", ""]
                 c = r["curriculum"]
                 verdict = "beats" if c["retrained"] < c["random_median"] else "does NOT beat"
-                lines += [f"Curriculum (genetic, {c['evaluations']} estimated orders, {c['search_s']:.1f} s): best order "
-                          f"estimated {c['estimated']:.4f}, retrained {c['retrained']:.4f}: {verdict} the median random "
-                          f"order ({c['random_median']:.4f}; best random {c['random_min']:.4f}; reference "
-                          f"{c['reference']:.4f}).", ""]
+                lines += [f"Curriculum (genetic, {c['evaluations']} estimated orders, {c['search_s']:.1f} s): "
+                          f"best order estimated {c['estimated']:.4f}, retrained {c['retrained']:.4f}: {verdict} "
+                          f"the median random order ({c['random_median']:.4f}; best random {c['random_min']:.4f}; "
+                          f"reference {c['reference']:.4f}).", ""]
                 p = r["position_map"]
-                lines += [f"Position map ({len(p['batches'])} batches x {len(p['positions'])} positions, each retrained): "
-                          f"Pearson {p['pearson_raw']:.2f} raw, {p['pearson_within_batch']:.2f} within batch "
+                lines += [f"Position map ({len(p['batches'])} batches x {len(p['positions'])} positions, "
+                          f"each retrained): Pearson {p['pearson_raw']:.2f} raw, "
+                          f"{p['pearson_within_batch']:.2f} within batch "
                           f"(row means removed; Spearman {p['spearman_within_batch']:.2f}).", ""]
     return "\n".join(lines) + "\n"
 
@@ -448,7 +454,9 @@ def lr_table(text: str) -> dict[str, list[float]]:
         try:
             lrs = [float(v) for v in values.split(":")]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r}: the learning rates must be numbers separated by ':'.") from None
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: the learning rates must be numbers separated by ':'."
+            ) from None
         if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
             raise argparse.ArgumentTypeError(f"{item!r}: learning rates must be positive.")
         table[name] = lrs
@@ -487,7 +495,8 @@ def main() -> None:
                         help="train this many steps (own shuffle of the whole train set) before the recorded run, "
                              "which then starts from trained weights with a fresh Adam (0: from initialisation)")
     parser.add_argument("--curvature-rank", type=non_negative_int, default=2)
-    parser.add_argument("--val-curvature-rank", type=non_negative_int, default=8, help="top validation curvature directions recorded at the end (0: none)")
+    parser.add_argument("--val-curvature-rank", type=non_negative_int, default=8,
+                        help="top validation curvature directions recorded at the end (0: none)")
     parser.add_argument("--adjoint-rank", type=int, default=8,
                         help="validation-curvature directions of the full-space sensitivity data (-1: do not build "
                              "them)")

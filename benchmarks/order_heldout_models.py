@@ -67,10 +67,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)  # before the work: the table cannot be lost at the end
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    lines = [f"# Order tools on held-out timm models (MNIST-5k, T = {args.steps}, lr {args.lr}, {args.orders} retrained "
-             "orders, CPU)", "", f"Command: `python benchmarks/order_heldout_models.py --models {args.models} --steps "
+    lines = [f"# Order tools on held-out timm models (MNIST-5k, T = {args.steps}, lr {args.lr}, "
+             f"{args.orders} retrained orders, CPU)", "",
+             f"Command: `python benchmarks/order_heldout_models.py --models {args.models} --steps "
              f"{args.steps} --lr {args.lr} --orders {args.orders}`", "",
-             "| model | parameters | no change MAE | method | Spearman | MAE / no change |", "|---|---|---|---|---|---|"]
+             "| model | parameters | no change MAE | method | Spearman | MAE / no change |",
+             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             lines += check_model(name, args.steps, args.lr, args.orders, Path(workdir))

@@ -224,7 +224,8 @@ def write_table(args, dense_acc: float, rows: list, correlation, partial: bool) 
                   "cost model (lpl.prune.hardware.default_profile('cpu')), not a measurement. ModelPruning gives no "
                   "speedup (unstructured)."]
     if partial:
-        lines.insert(1, "\n**Partial: the run was still going when this was written; rows below are the finished ones.**")
+        lines.insert(1, "\n**Partial: the run was still going when this was written; "
+                        "rows below are the finished ones.**")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     return "\n".join(lines)

@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo_vit"], choices=sorted(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N] (default: cuda when a GPU is visible, else cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--calib-batches", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="calibration batch size (default per model)")

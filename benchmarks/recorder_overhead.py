@@ -6,7 +6,7 @@ at t = 0 and t = T, which are excluded from the step times), interleaved over re
 with the pool batches' rows projected together, as the recorder does, and with one batch per projection pass.
 
     python benchmarks/recorder_overhead.py --steps 25 --repeats 3 --proj-dim 1024 --out benchmarks/results/recorder_overhead_cpu.md
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -153,9 +153,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, args, Path(tmp)) for name in args.models]
-    header = ("| model | params | pool T | step ms | step ms with recorder (no probes) | overhead (median, fastest 20%) "
+    header = ("| model | params | pool T | step ms | step ms with recorder (no probes) "
+              "| overhead (median, fastest 20%) "
               "| recorder work per step "
-              "| probe step s | one batch per projection pass: s (ratio) | probe / step | ms per pool batch | bytes per probe step | manifest bytes per step |")
+              "| probe step s | one batch per projection pass: s (ratio) | probe / step | ms per pool batch "
+              "| bytes per probe step | manifest bytes per step |")
     lines = [
         f"# TrainOrderRecorder overhead ({device})", "",
         f"Command: `python benchmarks/recorder_overhead.py --steps {args.steps} --repeats {args.repeats} "
@@ -170,9 +172,12 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['pool_batches']} | {r['step_ms']:.1f} | {r['recording_step_ms']:.1f} "
-            f"| {r['overhead_pct']:+.1f}%, {r['overhead_p20_pct']:+.1f}% | {r['hook_ms']:.3f} ms ({r['hook_pct']:.2f}%) | {r['probe_s']:.2f} | "
-            f"{r['probe_ungrouped_s']:.2f} ({r['probe_ungrouped_s'] / r['probe_s']:.1f}x) | {r['probe_over_step']:.0f}x | "
+            f"| {r['model']} | {r['params']:,} | {r['pool_batches']} | {r['step_ms']:.1f} "
+            f"| {r['recording_step_ms']:.1f} "
+            f"| {r['overhead_pct']:+.1f}%, {r['overhead_p20_pct']:+.1f}% "
+            f"| {r['hook_ms']:.3f} ms ({r['hook_pct']:.2f}%) | {r['probe_s']:.2f} | "
+            f"{r['probe_ungrouped_s']:.2f} ({r['probe_ungrouped_s'] / r['probe_s']:.1f}x) "
+            f"| {r['probe_over_step']:.0f}x | "
             f"{r['probe_ms_per_pool_batch']:.0f} | {r['bytes_per_probe_step']:,} | {r['manifest_bytes_per_step']:.0f} |"
         )
     text = "\n".join(lines) + "\n"

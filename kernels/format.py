@@ -32,7 +32,8 @@ def _is_int(value: object) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        return (value.ndim == 0 and not value.is_floating_point() and not value.is_complex()
+                and value.dtype != torch.bool)
     return hasattr(value, "__index__")
 
 
@@ -136,7 +137,9 @@ class BlockSparseWeight:
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             raise LplError(f"weight must be a 2-D tensor [out_features, in_features], got {_describe(weight)}.")
         if not weight.is_floating_point():
-            raise LplError(f"weight must be a floating-point tensor, got dtype {weight.dtype}; convert it with .float().")
+            raise LplError(
+                f"weight must be a floating-point tensor, got dtype {weight.dtype}; convert it with .float()."
+            )
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         if shape[1] == 0:  # x [..., 0] cannot be flattened to [-1, 0] in the forward (BlockSparseLinear refuses it too)
             raise LplError(f"weight has in_features = 0 (shape {shape}); a block-sparse weight needs at least one "
@@ -219,10 +222,12 @@ def _check_mask(
     if not isinstance(block_mask, torch.Tensor) or tuple(block_mask.shape) != grid:
         raise LplError(
             f"block_mask must have shape {grid} = (ceil({shape[0]}/{block_size[0]}), ceil({shape[1]}/{block_size[1]})) "
-            f"for a {shape[0]}x{shape[1]} weight with {block_size[0]}x{block_size[1]} blocks, got {_describe(block_mask)}."
+            f"for a {shape[0]}x{shape[1]} weight with {block_size[0]}x{block_size[1]} blocks, "
+            f"got {_describe(block_mask)}."
         )
     if block_mask.dtype != torch.bool:
-        if block_mask.is_floating_point() or block_mask.is_complex() or not bool(((block_mask == 0) | (block_mask == 1)).all()):
+        if (block_mask.is_floating_point() or block_mask.is_complex()
+                or not bool(((block_mask == 0) | (block_mask == 1)).all())):
             raise LplError(f"block_mask must be boolean (or 0/1 integers), got dtype {block_mask.dtype}.")
         block_mask = block_mask.bool()
     return block_mask

@@ -64,7 +64,10 @@ class BlockSparseLinear(nn.Module):
         weight = torch.empty(self.out_features, self.in_features, device=device, dtype=dtype).uniform_(-bound, bound)
         sparse = BlockSparseWeight.from_dense(weight, block_mask, self.block_size)
         self.values = nn.Parameter(sparse.values)
-        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype).uniform_(-bound, bound)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype).uniform_(-bound, bound))
+            if bias else None
+        )
         self.register_buffer(
             "geometry",
             torch.tensor([self.out_features, self.in_features, *self.block_size], dtype=torch.int64, device=device),

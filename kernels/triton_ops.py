@@ -90,7 +90,8 @@ def _bsr_matmul_kernel(
                 if EVEN_K:
                     a = tl.load(a_rows + cols[None, :] * stride_ak, mask=mask_m[:, None], other=0.0)
                 else:
-                    a = tl.load(a_rows + cols[None, :] * stride_ak, mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                    a = tl.load(a_rows + cols[None, :] * stride_ak, mask=mask_m[:, None] & (cols[None, :] < K),
+                                other=0.0)
                 w = tl.load(w_ptr + block * (BLOCK_N * BLOCK_K) + w_tile)
                 if UPCAST:
                     a = a.to(tl.float32)

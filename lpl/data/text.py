@@ -72,7 +72,8 @@ class TextCorpusDataModule(IndexedDataModule):
         order: list[int] | list[list[int]] | None = None,
         eval_batch_size: int = 64,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
+                         eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         if seq_len < 2:
             raise LplError(f"seq_len must be at least 2, got {seq_len}.")

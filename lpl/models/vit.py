@@ -144,8 +144,8 @@ class ViTClassifier(L.LightningModule):
         dynamic = getattr(self.model, "dynamic_img_size", False) and not getattr(embed, "dynamic_img_pad", False)
         if patch is not None and dynamic and any(side % step for side, step in zip(images.shape[-2:], patch)):
             raise LplError(f"the data give {tuple(images.shape[-2:])} images, which patches of {tuple(patch)} do not "
-                           f"tile: use an image size that is a multiple of the patch size, or set dynamic_img_pad: true "
-                           "in model.init_args.model_kwargs.")
+                           f"tile: use an image size that is a multiple of the patch size, or set dynamic_img_pad: "
+                           "true in model.init_args.model_kwargs.")
         if self.__dict__.get("_data_checked"):
             return
         convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
@@ -162,7 +162,8 @@ class ViTClassifier(L.LightningModule):
         # every batch's labels, while they are still on the host (no device sync): one past num_classes is an
         # index error deep in the loss, and batches may come sorted by class
         labels = batch.get("label") if isinstance(batch, dict) else None
-        if labels is not None and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.model.num_classes:
+        if (labels is not None and labels.numel()
+                and not 0 <= int(labels.min()) <= int(labels.max()) < self.model.num_classes):
             raise LplError(f"the data hold labels {int(labels.min())}..{int(labels.max())}, the model has "
                            f"{self.model.num_classes} classes: set model.init_args.num_classes.")
         return batch

@@ -764,7 +764,8 @@ def _check_against_retraining(
     for _ in range(count):
         shuffled = order[torch.randperm(len(order), generator=generator)]
         estimates = {method: float(estimate(shuffled[None])[0]) for method, estimate in estimators.items()}
-        retrained = retrain(recording, shuffled.tolist(), curve_every_n_steps=len(order), accelerator=accelerator).final_loss
+        retrained = retrain(recording, shuffled.tolist(), curve_every_n_steps=len(order),
+                            accelerator=accelerator).final_loss
         checks.append({"order": shuffled.tolist(), "estimates": estimates, "retrained": retrained})
     for method in estimators if checks else ():
         error, no_change = check_errors(checks, reference_loss, method)

@@ -395,7 +395,9 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
     true_losses = None
     if args.reuse:
         if args.orders is not None:
-            raise LplError("--reuse scores the orders of the earlier check; drop --orders (or --reuse to retrain new ones).")
+            raise LplError(
+                "--reuse scores the orders of the earlier check; drop --orders (or --reuse to retrain new ones)."
+            )
         orders, true_losses = _earlier_check(args.reuse, recording)
     else:
         orders = read_orders(args.orders or "random:8", recording.order, args.seed)

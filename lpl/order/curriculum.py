@@ -47,7 +47,8 @@ def _score(estimator: OrderEstimator, orders: Tensor, chunk: int = 512, stacklev
     if bad.any():
         warnings.warn(f"curriculum: {int(bad.sum())} of {len(scores)} orders got a non-finite estimate (the replay "
                       f"of method {getattr(estimator, 'method', '?')!r} diverges for them); they rank last. Check the "
-                      "methods against retraining (`lpl check-methods`) for one that holds on this run.", stacklevel=stacklevel)
+                      "methods against retraining (`lpl check-methods`) for one that holds on this run.",
+                      stacklevel=stacklevel)
         scores = scores.masked_fill(bad, float("inf"))
     return scores
 
@@ -244,5 +245,6 @@ def _check_best(estimator: OrderEstimator, best_score: Tensor) -> None:
     if outside is not None and bool(outside(best_score).any()):
         warnings.warn(f"curriculum: the best order's estimate {float(best_score[0]):.4g} lies far outside the "
                       f"validation losses of the reference run: the search found where method "
-                      f"{getattr(estimator, 'method', '?')!r} extrapolates worst, not a better order. Check the methods "
-                      "against retraining (`lpl check-methods`) and search with one that holds.", stacklevel=3)
+                      f"{getattr(estimator, 'method', '?')!r} extrapolates worst, not a better order. Check the "
+                      "methods against retraining (`lpl check-methods`) and search with one that holds.",
+                      stacklevel=3)

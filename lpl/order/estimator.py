@@ -196,7 +196,8 @@ class OrderEstimator(L.LightningModule):
         # r, r + W, r + 2W, ... of W processes, and every rank needs at least one (Lightning's sampler asserts it)
 
     ``method``: "zeroth_order" (the update term of the training-order paper, arXiv 2505.22042, with no correction),
-    "first_order" (its FUT: per-batch first-order curvature correction), "second_order" (its FUT++), "adam" (each order's own Adam momentum, rebuilt exactly from
+    "first_order" (its FUT: per-batch first-order curvature correction), "second_order" (its FUT++), "adam" (each
+    order's own Adam momentum, rebuilt exactly from
     projected preconditioned gradients), "adam_first_order" (adam plus the curvature correction), "linearized" (each
     order trained again by Adam in full space on gradients linearised about the reference run: the most accurate
     where the linearisation holds) or "adjoint" (the final loss from exact sensitivity tables; complete orders
@@ -375,7 +376,8 @@ def log_estimates(
         import wandb
 
         if truth is not None:
-            table = wandb.Table(data=[[float(e), float(t)] for e, t in zip(estimated, truth)], columns=["estimated", "true"])
+            table = wandb.Table(data=[[float(e), float(t)] for e, t in zip(estimated, truth)],
+                                columns=["estimated", "true"])
             experiment.log({f"{prefix}/estimated_vs_true": wandb.plot.scatter(table, "true", "estimated")})
         curves = result.loss_curve.detach().cpu()[:20]
         experiment.log({f"{prefix}/loss_curves": wandb.plot.line_series(

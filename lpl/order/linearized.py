@@ -185,7 +185,8 @@ def _compiled_kernel_applies(run: LinearizedRun, dtype: torch.dtype) -> bool:
 
 
 def _quadratic(shift: Tensor, directions: Tensor, curvature: Tensor) -> Tensor:
-    """1/2 sum_i lambda_i <q_i, shift>^2 per row of ``shift``, from orthonormal ``directions`` q and their Ritz values."""
+    """1/2 sum_i lambda_i <q_i, shift>^2 per row of ``shift``, from orthonormal ``directions`` q and their Ritz
+    values."""
     coords = shift @ directions.to(shift.dtype).T
     return 0.5 * (coords * coords * curvature.to(shift.dtype)).sum(-1)
 

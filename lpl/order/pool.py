@@ -51,7 +51,9 @@ def single_val_loader(loaders: Any) -> Any:
     return loaders
 
 
-def validation_loss_fn(loader: Any, module: L.LightningModule, forward: Callable = contextlib.nullcontext) -> Callable[[], torch.Tensor]:
+def validation_loss_fn(
+    loader: Any, module: L.LightningModule, forward: Callable = contextlib.nullcontext
+) -> Callable[[], torch.Tensor]:
     """A closure computing the sample-weighted mean ``module_loss`` over ``loader``, differentiable (the caller
     chooses eval or train mode); ``forward`` is the precision context to run each batch in."""
     def val_loss() -> torch.Tensor:

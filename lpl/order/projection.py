@@ -90,7 +90,9 @@ class Projector:
         cache_key = (str(device), salt)
         if cache_key not in self._row_keys:
             rows = torch.arange(self.proj_dim, dtype=torch.int64, device=device)
-            seed_key = _fmix32(torch.tensor((self.seed * 2 + salt) & _MASK32, dtype=torch.int64, device=device) ^ 0x5BD1E995)
+            seed_key = _fmix32(
+                torch.tensor((self.seed * 2 + salt) & _MASK32, dtype=torch.int64, device=device) ^ 0x5BD1E995
+            )
             self._row_keys[cache_key] = _fmix32((rows + seed_key) & _MASK32)
         return self._row_keys[cache_key]
 

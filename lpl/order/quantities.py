@@ -27,7 +27,8 @@ probes of the same step with the same context, each pool batch also stores the e
 ``val_dot_update`` = <grad L_val(theta_t), Gamma(theta_t, B)> and ``val_dot_precond`` (same for ``precond_grad``).
 When the recorder probes the pool first (single process), the full update vectors are kept on the context (up to
 ``DOT_CACHE_BYTES``) and ``probe_validation`` returns the same scalars as ``val_dot_update`` / ``val_dot_precond``
-of shape [num_pool_batches] instead. The estimator uses them as control variates: a projected inner product <P a, P b> has an error of order
+of shape [num_pool_batches] instead. The estimator uses them as control variates: a projected inner product
+<P a, P b> has an error of order
 |a| |b| / sqrt(k), which swamps the small inner products that decide a loss change; replacing
 <P v_T, P x_{t,B}> by the exact <v_t, x_{t,B}> plus the projected <P (v_T - v_t), P x_{t,B}> shrinks that error to
 the part of v_T that is new since step t.

@@ -341,7 +341,8 @@ class TrainOrderRecorder(L.Callback):
     The run's T training batches B_0..B_{T-1} (sample ids from the batches' ``index``) form the pool. Every
     ``probe_every_n_steps`` steps, at theta_t before the optimizer step, the validation set and then every pool batch
     (this rank's share under DDP: full global batches, interleaved over ranks) are probed through
-    ``lpl.order.quantities`` and what they return is stored; once more after the last step (t = T). Every step also records its batch, learning rate and Adam hyperparameters; the
+    ``lpl.order.quantities`` and what they return is stored; once more after the last step (t = T). Every step also
+    records its batch, learning rate and Adam hyperparameters; the
     initial weights and the classes and hyperparameters needed to rebuild the module and datamodule are stored once.
     Probes run on the unwrapped module and leave no trace: gradients, modes, buffers and RNG states are restored and
     the optimizer is only read. Pool batches are probed as the step would train them (training modes, the step's
@@ -448,7 +449,8 @@ class TrainOrderRecorder(L.Callback):
     def _check_trainer(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.optim.Optimizer:
         if len(trainer.optimizers) != 1:
             raise LplError(
-                f"TrainOrderRecorder supports exactly one optimizer (Adam or AdamW), the run has {len(trainer.optimizers)}."
+                "TrainOrderRecorder supports exactly one optimizer (Adam or AdamW), "
+                f"the run has {len(trainer.optimizers)}."
             )
         optimizer = trainer.optimizers[0]
         if not isinstance(optimizer, torch.optim.Adam):
@@ -459,7 +461,8 @@ class TrainOrderRecorder(L.Callback):
         _check_accumulation(trainer)
         if trainer.gradient_clip_val:
             raise LplError(
-                f"TrainOrderRecorder does not support gradient clipping (gradient_clip_val={trainer.gradient_clip_val}): "
+                "TrainOrderRecorder does not support gradient clipping "
+                f"(gradient_clip_val={trainer.gradient_clip_val}): "
                 "the order estimates and retraining assume Adam sees each batch's own gradient; record the reference "
                 "run with gradient_clip_val=None."
             )
@@ -499,7 +502,8 @@ class TrainOrderRecorder(L.Callback):
                 what = f"an IterableDataset, {type(loader.dataset).__name__}"
             raise LplError(
                 f"the train loader's order is not reproducible ({what}); "
-                "use lpl's SeededBatchSampler/OrderedBatchSampler (the lpl DataModules do) with use_distributed_sampler=False."
+                "use lpl's SeededBatchSampler/OrderedBatchSampler (the lpl DataModules do) "
+                "with use_distributed_sampler=False."
             )
         return sampler
 
@@ -656,7 +660,8 @@ class TrainOrderRecorder(L.Callback):
         try:
             if exists and not self.resume:
                 raise LplError(
-                    f"{self.dirpath} already holds a recording; pass resume=True to continue it or choose a new dirpath."
+                    f"{self.dirpath} already holds a recording; pass resume=True to continue it "
+                    "or choose a new dirpath."
                 )
             initial = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()} if start == 0 else None
             if exists:
@@ -683,7 +688,9 @@ class TrainOrderRecorder(L.Callback):
     def _decoupled(optimizer: torch.optim.Optimizer) -> bool:
         return bool(isinstance(optimizer, torch.optim.AdamW) or optimizer.param_groups[0].get("decoupled_weight_decay"))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         self._check_parameters(pl_module, step)
         _check_accumulation(trainer)  # again: a GradientAccumulationScheduler sets it at each epoch's start
@@ -776,8 +783,8 @@ class TrainOrderRecorder(L.Callback):
         if differing:
             raise LplError(
                 f"at step {step} the optimizer's param groups differ in {', '.join(differing)} "
-                f"({[g[differing[0]] for g in groups]}): a schedule moved them apart, but retraining and every estimate "
-                "take one lr, betas and eps for all parameters; schedule every group alike.")
+                f"({[g[differing[0]] for g in groups]}): a schedule moved them apart, but retraining and every "
+                "estimate take one lr, betas and eps for all parameters; schedule every group alike.")
         if rank_and_world()[0] != 0:
             return
         group, betas = groups[0], groups[0]["betas"]
@@ -914,7 +921,9 @@ class TrainOrderRecorder(L.Callback):
                 "return {'index': LongTensor[B], ...} from the dataset (every lpl DataModule does)."
             )
         if step >= len(self._order):
-            raise LplError(f"step {step} is past the {len(self._order)} steps the run planned; do not change max_steps.")
+            raise LplError(
+                f"step {step} is past the {len(self._order)} steps the run planned; do not change max_steps."
+            )
         rank, world = rank_and_world()
         planned = self._pool[self._order[step]]
         share = len(planned) // world
@@ -923,7 +932,8 @@ class TrainOrderRecorder(L.Callback):
         if seen != planned_slice:
             raise LplError(
                 f"at step {step} the train loader yielded samples {seen[:4]}... but its batch sampler planned "
-                f"{planned_slice[:4]}...; the loader's order is not reproducible (or it did not resume where it stopped)."
+                f"{planned_slice[:4]}...; the loader's order is not reproducible "
+                "(or it did not resume where it stopped)."
             )
 
     def _check_data_repeats(self, trainer: L.Trainer, batch: Mapping[str, Any], step: int) -> None:
@@ -943,7 +953,8 @@ class TrainOrderRecorder(L.Callback):
         if differing:
             rank_zero_warn(
                 f"TrainOrderRecorder: loading the samples of step {step} again gave other {', '.join(differing)} than "
-                "the train loader did (random augmentation in the dataset, or a transform in on_after_batch_transfer?): "
+                "the train loader did (random augmentation in the dataset, or a transform in "
+                "on_after_batch_transfer?): "
                 "the recorded quantities, retraining and the estimates will not match what training saw. Record with "
                 "deterministic train transforms."
             )

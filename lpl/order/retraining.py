@@ -49,7 +49,9 @@ def _import(class_path: str) -> type:
                 f"cannot import {class_path!r}: the recording was made from a script that defined {name} itself; move "
                 "it into an importable module (or run this from that script) to rebuild the run."
             ) from None
-        raise LplError(f"cannot import {class_path!r}, which the recording names; install the package that defines it.") from None
+        raise LplError(
+            f"cannot import {class_path!r}, which the recording names; install the package that defines it."
+        ) from None
 
 
 def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.LightningDataModule]:
@@ -65,12 +67,13 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
     for info in (model_info, data_info):
         if info.get("hparams_missing"):
             warnings.warn(f"{info['class_path']} stores no hyperparameters, so it is rebuilt with the defaults of "
-                          f"{info['hparams_missing']}, whatever the recorded run was given; if they differed, retraining "
-                          "is not the recorded run (call self.save_hyperparameters() in its __init__).", stacklevel=3)
+                          f"{info['hparams_missing']}, whatever the recorded run was given; if they differed, "
+                          "retraining is not the recorded run (call self.save_hyperparameters() in its __init__).",
+                          stacklevel=3)
         if info.get("hparams_not_stored"):
             raise LplError(
-                f"{info['class_path']} hyperparameters {info['hparams_not_stored']} could not be stored as JSON, so the "
-                "run cannot be rebuilt; pass them as plain numbers, strings or lists."
+                f"{info['class_path']} hyperparameters {info['hparams_not_stored']} could not be stored as JSON, "
+                "so the run cannot be rebuilt; pass them as plain numbers, strings or lists."
             )
     try:  # recordings made before LightningCLI's entries were left out at record time still hold them
         model = _import(model_info["class_path"])(**constructor_hparams(model_info["hparams"]))
@@ -196,7 +199,9 @@ class _LossCurve(L.Callback):
         self.loader = single_val_loader(trainer.datamodule.val_dataloader())
         self.forward = trainer.precision_plugin.forward_context
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step % self.every == 0:
             self.curve[step] = validation_loss(pl_module, self.loader, self.forward)
@@ -287,7 +292,9 @@ def fit_in_order(
         seconds = time.perf_counter() - start
     model.to(trainer.strategy.root_device)
     if trainer.global_step != steps:
-        raise LplError(f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order.")
+        raise LplError(
+            f"retraining stopped after {trainer.global_step} of {steps} steps; check the datamodule's order."
+        )
     return seconds
 
 
@@ -463,5 +470,7 @@ def retrain(
     curve.curve[steps] = validation_loss(model, single_val_loader(datamodule.val_dataloader()), curve.forward)
     ends = None
     if batch_losses:
-        ends = torch.tensor([validation_loss(model, [batch], curve.forward) for batch in pool_batches(recording, datamodule)])
-    return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds, batch_losses=ends)
+        ends = torch.tensor([validation_loss(model, [batch], curve.forward)
+                             for batch in pool_batches(recording, datamodule)])
+    return RetrainResult(final_loss=float(curve.curve[steps]), loss_curve=curve.curve, seconds=seconds,
+                         batch_losses=ends)

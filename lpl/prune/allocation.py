@@ -87,10 +87,11 @@ def allocate_dp(
     else:
         reachable = np.flatnonzero(np.isfinite(best))
         if strict or not len(reachable):
-            nearest = f"; the nearest reachable share below it is {reachable[-1] * unit / total:.3f}" if len(reachable) else ""
+            nearest = (f"; the nearest reachable share below it is {reachable[-1] * unit / total:.3f}"
+                       if len(reachable) else "")
             raise LplError(
-                f"flops_keep={budget / total:.3f} cannot be met within 0.5% at this block granularity (too few, too large "
-                f"blocks){nearest}: use smaller blocks or that flops_keep."
+                f"flops_keep={budget / total:.3f} cannot be met within 0.5% at this block granularity "
+                f"(too few, too large blocks){nearest}: use smaller blocks or that flops_keep."
             )
         used = int(reachable[-1])
     picks = []

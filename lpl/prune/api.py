@@ -37,7 +37,9 @@ HARDWARE_WEIGHT = 0.1
 GRAM_BYTES_PER_PASS = 2 << 30
 
 
-def select_layers(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[str, nn.Linear]:
+def select_layers(
+    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> dict[str, nn.Linear]:
     """Linear layers whose names match ``include`` (default: all) and none of ``exclude`` (default: heads).
 
     Linears torch reads as weights instead of calling (``nn.MultiheadAttention``'s ``out_proj``,

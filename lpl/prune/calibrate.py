@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
 
     profile = calibrate(args.device, repeats=args.repeats)
     rows = validate_profile(profile, args.device, repeats=args.repeats)
-    slug = "-".join(part for part in "".join(c if c.isalnum() else "-" for c in profile.name.lower()).split("-") if part)
+    slug = "-".join(part for part in "".join(c if c.isalnum() else "-" for c in profile.name.lower()).split("-")
+                    if part)
     out = Path(args.out)
     profile.save(out / f"profile_{slug}.json")
     text = report_markdown(profile, rows)

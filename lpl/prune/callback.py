@@ -1,4 +1,5 @@
-"""BlockPruneCallback: prune a (pretrained) LightningModule with calibration batches, then fine-tune with masks fixed."""
+"""BlockPruneCallback: prune a (pretrained) LightningModule with calibration batches, then fine-tune with masks
+fixed."""
 
 from __future__ import annotations
 
@@ -198,7 +199,8 @@ class BlockPruneCallback(Callback):
         self._publish(trainer)
         if self.result.predicted_speedup < 1.0:
             rank_zero_warn(
-                f"BlockPruneCallback: the cost model predicts the pruned layers {1 / self.result.predicted_speedup:.2f}x "
+                "BlockPruneCallback: the cost model predicts the pruned layers "
+                f"{1 / self.result.predicted_speedup:.2f}x "
                 f"slower than dense at {self.options['block_size'][0]}x{self.options['block_size'][1]} blocks (each "
                 "block's overhead outweighs the FLOPs it skips at this size): use larger blocks, or a cost model "
                 "calibrated on the target device (python -m lpl.prune.calibrate), for a model that runs faster.")

@@ -138,7 +138,9 @@ def _masks_and_block_size(prune_result: Any, block_size: Any) -> tuple[Mapping[s
         return masks, size
     if isinstance(prune_result, Mapping) and all(isinstance(v, torch.Tensor) for v in prune_result.values()):
         if block_size is None:
-            raise LplError("a plain dict of block masks needs block_size=(br, bc): to_block_sparse(model, masks, (32, 32)).")
+            raise LplError(
+                "a plain dict of block masks needs block_size=(br, bc): to_block_sparse(model, masks, (32, 32))."
+            )
         return prune_result, block_size
     raise LplError(
         f"to_block_sparse takes a PruneResult (.block_masks, .block_size), a dict with 'block_masks' and "

@@ -119,7 +119,8 @@ def _doubled(batch: Any, samples: int) -> Any:
     if isinstance(batch, dict):
         return {key: _doubled(value, samples) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        if len(batch) == samples and not any(isinstance(v, (torch.Tensor, np.ndarray, dict, list, tuple)) for v in batch):
+        if len(batch) == samples and not any(isinstance(v, (torch.Tensor, np.ndarray, dict, list, tuple))
+                                             for v in batch):
             return batch + batch  # a per-sample field of plain values
         items = [_doubled(value, samples) for value in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
@@ -371,8 +372,8 @@ def _check_loss(loss: Any) -> None:
         raise LplError(f"the calibration loss must be a scalar tensor (the batch's mean loss), got {got}: use a "
                        "loss with reduction='mean'.")
     if not bool(torch.isfinite(loss.detach())):
-        raise LplError(f"the calibration loss is {float(loss.detach()):g} on a batch: check the calibration data and the "
-                       "model's weights for NaN / inf values.")
+        raise LplError(f"the calibration loss is {float(loss.detach()):g} on a batch: check the calibration data "
+                       "and the model's weights for NaN / inf values.")
 
 
 def _call_dims(sample_dims: dict[str, list[int | None | str]], name: str,

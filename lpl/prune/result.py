@@ -205,7 +205,9 @@ class PruneResult:
         for name in meta["layers"]:
             mask = tensors[f"mask/{name}"].bool()
             if tuple(mask.shape) != block_grid(shapes[name], block_size):
-                raise LplError(f"the saved mask of {name!r} has shape {tuple(mask.shape)}, inconsistent with its layer.")
+                raise LplError(
+                    f"the saved mask of {name!r} has shape {tuple(mask.shape)}, inconsistent with its layer."
+                )
             masks[name] = mask
         curves: dict[str, dict[str, torch.Tensor]] = {}
         for key, values in tensors.items():

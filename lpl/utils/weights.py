@@ -23,7 +23,9 @@ def read_state_dict(path: str | Path, strip_prefixes: bool = True,
     """
     path = Path(path)
     if not path.is_file():
-        raise LplError(f"{what} {str(path)!r} does not exist; give the path of a local .safetensors, .pth or .ckpt file.")
+        raise LplError(
+            f"{what} {str(path)!r} does not exist; give the path of a local .safetensors, .pth or .ckpt file."
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from lpl.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SHORT = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false",
-         "--trainer.accelerator=cpu"]
+SHORT = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1",
+         "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,8 @@ def test_lm_text_fits(capsys) -> None:
     assert "val/ppl" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config,model_name", [("deit_s.yaml", "deit_small_patch16_224"), ("deit_b.yaml", "deit_base_patch16_224")])
+@pytest.mark.parametrize("config,model_name", [("deit_s.yaml", "deit_small_patch16_224"),
+                                               ("deit_b.yaml", "deit_base_patch16_224")])
 def test_deit_configs_fit_on_an_imagenet_folder(tmp_path, config, model_name) -> None:
     root = _fake_imagenet(tmp_path / "imagenet")
     weights = tmp_path / "deit.safetensors"
@@ -126,12 +127,14 @@ def test_bad_pretrained_paths(tmp_path, capsys) -> None:
     junk.write_bytes(b"\x00" * 64)
     assert "not a readable weights file" in _error_of(capsys, *base, f"--model.init_args.pretrained_path={junk}")
     other = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224").state_dict().items()}, str(other))
+    save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224").state_dict().items()},
+              str(other))
     assert "do not match the model" in _error_of(capsys, *base, f"--model.init_args.pretrained_path={other}")
 
 
 def test_unknown_model_and_unknown_key(capsys) -> None:
-    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit.yaml"), "--model.init_args.model_name=vit_tinny_patch16_224")
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit.yaml"),
+                    "--model.init_args.model_name=vit_tinny_patch16_224")
     assert "unknown timm model" in err and "vit_tiny_patch16_224" in err
     err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit.yaml"), "--model.init_args.embed_dimm=3")
     assert "embed_dimm" in err
@@ -180,7 +183,8 @@ def test_prune_command_refuses_a_checkpoint_of_another_model_and_an_output_path_
     from lpl.utils.io import save_safetensors_atomic
 
     other = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=5, embed_dim=64, depth=1, num_heads=2)
-    save_safetensors_atomic({f"model.{k}": v for k, v in other.model.state_dict().items()}, tmp_path / "other.safetensors")
+    save_safetensors_atomic({f"model.{k}": v for k, v in other.model.state_dict().items()},
+                            tmp_path / "other.safetensors")
     base = ["prune", "--config", str(CONFIGS / "mnist_vit.yaml"), "--model.init_args.embed_dim=64",
             "--model.init_args.depth=1", "--trainer.logger=false"]
     for extra, message in ((["--ckpt_path", str(tmp_path / "other.safetensors")], "other shapes"),

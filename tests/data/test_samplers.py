@@ -24,7 +24,8 @@ def test_ordered_sampler_follows_the_order_with_repeats():
         OrderedBatchSampler([[0, 1]], order=[3])
 
 
-@pytest.mark.parametrize("make", [lambda: SeededBatchSampler(20, 4, seed=1), lambda: OrderedBatchSampler([[i] for i in range(5)], [4, 3, 2, 1, 0])])
+@pytest.mark.parametrize("make", [lambda: SeededBatchSampler(20, 4, seed=1),
+                                  lambda: OrderedBatchSampler([[i] for i in range(5)], [4, 3, 2, 1, 0])])
 def test_state_dict_resumes_mid_epoch_at_the_exact_batch(make):
     sampler = make()
     stream = iter(sampler)
@@ -55,7 +56,8 @@ def test_plan_pool_deduplicates_repeated_batches_across_epochs():
     assert pool == [[2, 3], [0, 1], [4, 5]] and order == [0, 1, 2, 0, 1, 2, 0]
     seeded = SeededBatchSampler(12, 4, seed=0)
     pool, order = plan_pool(seeded, batches_per_epoch=2, total_steps=5)  # limit_train_batches cuts epochs to 2
-    assert [pool[i] for i in order] == seeded.global_batches(0)[:2] + seeded.global_batches(1)[:2] + seeded.global_batches(2)[:1]
+    assert [pool[i] for i in order] == (seeded.global_batches(0)[:2] + seeded.global_batches(1)[:2]
+                                        + seeded.global_batches(2)[:1])
 
 
 def test_an_abandoned_pass_is_followed_by_the_next_epoch_and_a_restored_position_continues():

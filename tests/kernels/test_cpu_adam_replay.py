@@ -178,7 +178,8 @@ def test_bfloat16_rows_are_read_exactly_as_their_float32_widening(decoupled):
     it gives on their float32 widening (the widening is exact), and needs half the memory."""
     data = make_data(2100, 5, 6, 4)
     f32 = {name: value.float().contiguous() for name, value in data.items()}
-    narrow = {name: f32[name].bfloat16() for name in ("pool_grads", "hessian_vectors", "reference_updates", "val_grads")}
+    narrow = {name: f32[name].bfloat16()
+              for name in ("pool_grads", "hessian_vectors", "reference_updates", "val_grads")}
     narrow["coupled"] = (0.1 * f32["theta"]).bfloat16()
     wide = {name: value.float() for name, value in narrow.items()}
     orders = torch.randint(0, 4, (5, 6), generator=torch.Generator().manual_seed(3))

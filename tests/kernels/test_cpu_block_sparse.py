@@ -364,7 +364,8 @@ def test_packed_weight_gives_the_same_results():
         cpu.grad_input_cpu(dy, v32, row_ptr, col_idx, in_features, block_size, packed=forward_only)
     with pytest.raises(LplError, match="does not match"):
         cpu.block_sparse_linear_cpu(x[:, :48], v32[:0], torch.zeros(5, dtype=torch.int64),
-                                    torch.zeros(0, dtype=torch.int64), out_features, block_size, packed=packed)  # fmt: skip
+                                    torch.zeros(0, dtype=torch.int64), out_features, block_size,
+                                    packed=packed)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -43,7 +43,8 @@ class TinyDataset(Dataset):
 
 class TinyDataModule(IndexedDataModule):
     def __init__(self, batch_size: int = 8, seed: int = 0, batches=None, order=None, eval_batch_size: int = 10) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
+                         eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
 
     def loader_kwargs(self):
@@ -56,7 +57,8 @@ class TinyDataModule(IndexedDataModule):
 
 
 class TinyNet(L.LightningModule):
-    def __init__(self, dropout: float = 0.0, lr: float = 0.05, optimizer: str = "adamw", weight_decay: float = 0.01) -> None:
+    def __init__(self, dropout: float = 0.0, lr: float = 0.05, optimizer: str = "adamw",
+                 weight_decay: float = 0.01) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))

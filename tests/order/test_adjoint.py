@@ -62,8 +62,10 @@ class Task:
         def capture():
             theta.append(self.flat())
             states = [optimizer.state.get(p, {}) for p in self.params]
-            m.append(torch.cat([s.get("exp_avg", torch.zeros_like(p)).reshape(-1) for s, p in zip(states, self.params)]))
-            v.append(torch.cat([s.get("exp_avg_sq", torch.zeros_like(p)).reshape(-1) for s, p in zip(states, self.params)]))
+            m.append(torch.cat([s.get("exp_avg", torch.zeros_like(p)).reshape(-1)
+                                for s, p in zip(states, self.params)]))
+            v.append(torch.cat([s.get("exp_avg_sq", torch.zeros_like(p)).reshape(-1)
+                                for s, p in zip(states, self.params)]))
 
         for b in order:
             capture()
@@ -169,7 +171,8 @@ def test_estimates_track_retraining_and_keep_the_reference_exact():
     orders = torch.stack([torch.randperm(NUM_BATCHES, generator=generator) for _ in range(10)])
     estimate = estimate_from_tables(tables, curvature, final, orders, torch.tensor(reference)).numpy()
     truth = np.array([task.train(o.tolist())[0] for o in orders])
-    assert estimate_from_tables(tables, curvature, final, torch.tensor([reference]), torch.tensor(reference)).item() == final
+    assert estimate_from_tables(tables, curvature, final, torch.tensor([reference]),
+                                torch.tensor(reference)).item() == final
     no_change = np.abs(truth - final).mean()
     assert spearmanr(estimate, truth)[0] > 0.8
     assert np.abs(estimate - truth).mean() < 0.5 * no_change

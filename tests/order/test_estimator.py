@@ -47,7 +47,8 @@ def test_estimates_beat_no_change_against_retraining(recording):
     truth = np.array([retrain(recording, o).final_loss for o in orders])
     no_change = np.abs(truth - OrderEstimator.from_recording(recording, method="adam").reference_loss).mean()
     estimates = {
-        method: np.array([OrderEstimator.from_recording(recording, method=method).estimate(o).final_loss for o in orders])
+        method: np.array([OrderEstimator.from_recording(recording, method=method).estimate(o).final_loss
+                          for o in orders])
         for method in ("first_order", "adam_first_order")
     }
     # the paper's term with the per-batch curvature correction: right ranking and better than "no change"

@@ -30,7 +30,8 @@ def test_estimate_random_and_file(recording, tmp_path):
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
     orders = tmp_path / "orders.txt"
     orders.write_text("0 1 2 3 4 5 6 7 8 9\n9,8,7,6,5,4,3,2,1,0\n")
-    estimate_main(["--recording", str(recording), "--orders", str(orders), "--method", "adam", "--out", str(tmp_path / "b")])
+    estimate_main(["--recording", str(recording), "--orders", str(orders), "--method", "adam",
+                   "--out", str(tmp_path / "b")])
     first = json.loads((tmp_path / "b" / "estimates.json").read_text())["estimates"][0]
     assert first["final_loss"] == pytest.approx(written["reference_loss"], abs=1e-6)
     # the estimates.csv it writes is an orders file: its order column
@@ -89,7 +90,8 @@ def test_curriculum_and_position_map(recording, tmp_path):
     assert len(lines) == 3 and lines[1].startswith("0,") and len(lines[1].split(",")) == NUM_BATCHES + 1
     assert (tmp_path / "position_map.png").exists()
     with pytest.raises(LplError, match="names a batch twice"):
-        position_map_main(["--recording", str(recording), "--method", "adam", "--batches", "1,1", "--out", str(tmp_path)])
+        position_map_main(["--recording", str(recording), "--method", "adam", "--batches", "1,1",
+                           "--out", str(tmp_path)])
 
 
 def test_bad_orders(recording, tmp_path):
@@ -181,17 +183,20 @@ def test_sensitivity_then_adjoint_estimates(recording, tmp_path, capsys):
     printed = capsys.readouterr().out  # the built-in retraining check and the self-replay, for both methods
     assert "check on 2 retrained orders: linearized misses by" in printed and "adjoint misses by" in printed
     assert "replays to itself within" in printed
-    estimate_main(["--recording", str(path), "--orders", "random:3", "--method", "adjoint", "--out", str(tmp_path / "a")])
+    estimate_main(["--recording", str(path), "--orders", "random:3", "--method", "adjoint",
+                   "--out", str(tmp_path / "a")])
     written = json.loads((tmp_path / "a" / "estimates.json").read_text())
     finals = [e["final_loss"] for e in written["estimates"]]
-    assert len(finals) == 3 and len(set(finals)) == 3 and all(f == e["loss_curve"][-1] for f, e in zip(finals, written["estimates"]))
+    assert (len(finals) == 3 and len(set(finals)) == 3
+            and all(f == e["loss_curve"][-1] for f, e in zip(finals, written["estimates"])))
     with pytest.raises(SystemExit):  # argparse refuses a rank that is not a number
         sensitivity_main(["--recording", str(path), "--curvature-rank", "x"])
     with pytest.raises(LplError, match="curvature_rank"):
         sensitivity_main(["--recording", str(path), "--curvature-rank", "-1"])
     with pytest.raises(LplError, match="hessian_rank"):
         sensitivity_main(["--recording", str(path), "--hessian-rank", "-1"])
-    estimate_main(["--recording", str(path), "--orders", "random:2", "--method", "linearized", "--out", str(tmp_path / "b")])
+    estimate_main(["--recording", str(path), "--orders", "random:2", "--method", "linearized",
+                   "--out", str(tmp_path / "b")])
     written = json.loads((tmp_path / "b" / "estimates.json").read_text())
     assert len(written["estimates"]) == 2 and len(written["estimates"][0]["loss_curve"]) == NUM_BATCHES + 1
 

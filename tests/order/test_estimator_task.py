@@ -29,7 +29,8 @@ class DigitsSet(Dataset):
 class TinyDigits(IndexedDataModule):
     def __init__(self, batch_size: int = 32, seed: int = 0, batches=None, order=None, eval_batch_size: int = 256,
                  num_train: int = 320) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order, eval_batch_size=eval_batch_size)
+        super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
+                         eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
         self.num_train = num_train
 
@@ -73,8 +74,9 @@ def record(path: Path, lr: float = 0.003, proj_dim: int = 512, curvature_rank: i
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    recorder = TrainOrderRecorder(path, proj_dim=proj_dim, probe_every_n_steps=probe_every, curvature_rank=curvature_rank,
-                                  val_curvature_rank=val_curvature_rank, store_dtype="float32")
+    recorder = TrainOrderRecorder(path, proj_dim=proj_dim, probe_every_n_steps=probe_every,
+                                  curvature_rank=curvature_rank, val_curvature_rank=val_curvature_rank,
+                                  store_dtype="float32")
     settings = dict(max_steps=NUM_BATCHES, max_epochs=1, accelerator="cpu", precision=precision, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[recorder])

@@ -200,7 +200,8 @@ def test_float32_on_cpu_runs_the_compiled_kernel_and_agrees(weight_decay, decoup
     torch.testing.assert_close(replay_linearized(_float32(run), orders).final_loss, got.final_loss)
     monkeypatch.setenv("LPL_CPU_KERNEL", "torch")  # the torch path on the same float32 data
     calls.clear()
-    torch.testing.assert_close(replay_linearized(_float32(run), orders).final_loss, got.final_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(replay_linearized(_float32(run), orders).final_loss, got.final_loss,
+                               rtol=1e-5, atol=1e-6)
     assert not calls
 
 
@@ -216,7 +217,8 @@ def test_stored_rows_stay_bfloat16_only_for_the_kernel(kernel, monkeypatch):
               for key, value in linearized.linearized_tensors(run).items()}
     monkeypatch.setattr(linearized, "adam_replay_available", lambda: kernel)
     loaded = linearized.linearized_from_tensors(stored, linearized.linearized_scalars(run))
-    narrow = {name: getattr(loaded, name).dtype for name in linearized.NARROW_INPUTS if getattr(loaded, name) is not None}
+    narrow = {name: getattr(loaded, name).dtype for name in linearized.NARROW_INPUTS
+              if getattr(loaded, name) is not None}
     assert set(narrow.values()) == {torch.bfloat16 if kernel else torch.float32}
     assert loaded.hessian_values.dtype == loaded.lr.dtype == torch.float32
     orders = torch.randint(0, NUM_BATCHES, (4, NUM_BATCHES), generator=torch.Generator().manual_seed(5))

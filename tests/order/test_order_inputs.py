@@ -104,7 +104,8 @@ def test_search_arguments_of_the_wrong_kind_are_refused(estimator):
     """Floats and bools as batch ids were truncated into other batches; fractional budgets and rates went through."""
     from lpl.order import curriculum
 
-    for kwargs, message in (({"batches": [0.9, 1.9, 2.9]}, "whole numbers"), ({"batches": [True, False]}, "whole numbers"),
+    for kwargs, message in (({"batches": [0.9, 1.9, 2.9]}, "whole numbers"),
+                            ({"batches": [True, False]}, "whole numbers"),
                             ({"budget": 20.5}, "budget must be a whole number"),
                             ({"population": 8.0}, "population must be a whole number"),
                             ({"mutation_rate": 5.0}, "mutation_rate is a probability")):

@@ -64,7 +64,8 @@ def _snapshot(optimizer, params, step, decoupled):
         weight_decay=group["weight_decay"],
         decoupled=decoupled,
         exp_avg=[s["exp_avg"].clone() if "exp_avg" in s else torch.zeros_like(p) for s, p in zip(states, params)],
-        exp_avg_sq=[s["exp_avg_sq"].clone() if "exp_avg_sq" in s else torch.zeros_like(p) for s, p in zip(states, params)],
+        exp_avg_sq=[s["exp_avg_sq"].clone() if "exp_avg_sq" in s else torch.zeros_like(p)
+                    for s, p in zip(states, params)],
     )
 
 
@@ -110,7 +111,8 @@ def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected
     zeros = [torch.zeros_like(p) for p in params]
     adam = AdamSnapshot(0, 0.01, (0.9, 0.999), 1e-8, 0.0, True, zeros, [z.clone() for z in zeros])
     dim = sum(p.numel() for p in params)
-    exact = probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector(), curvature_rank=3), lambda: _loss(model, batches[0]))
+    exact = probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector(), curvature_rank=3),
+                             lambda: _loss(model, batches[0]))
     basis = exact["curv_basis"]
     torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
 
@@ -123,7 +125,8 @@ def test_curvature_factors_reproduce_the_hessian_on_their_span_and_are_projected
     assert basis[0] @ terms.precond_grad / terms.precond_grad.norm() == pytest.approx(1.0, abs=1e-5)
 
     projector = DenseProjector(dim, 16)
-    projected = probe_pool_batch(ProbeContext(0, params, adam, projector, curvature_rank=3), lambda: _loss(model, batches[0]))
+    projected = probe_pool_batch(ProbeContext(0, params, adam, projector, curvature_rank=3),
+                                 lambda: _loss(model, batches[0]))
     for name in ("grad", "update", "precond_grad", "curv_basis", "curv_update", "curv_precond"):
         expected_projection = (projector.matrix @ exact[name].reshape(-1, dim).T).T.reshape(projected[name].shape)
         torch.testing.assert_close(projected[name], expected_projection, rtol=1e-4, atol=1e-5)
@@ -147,7 +150,8 @@ def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_giv
     params, adam = _fresh_adam(model)
     dim = sum(p.numel() for p in params)
     hessian = _hessian(params, batches[1])
-    out = probe_validation(ProbeContext(0, params, adam, MatrixProjector(), val_curvature_rank=4), lambda: _loss(model, batches[1]))
+    out = probe_validation(ProbeContext(0, params, adam, MatrixProjector(), val_curvature_rank=4),
+                           lambda: _loss(model, batches[1]))
     basis, matrix = out["val_curv_basis"], out["val_curv_matrix"]
     assert basis.shape == (4, dim) and matrix.shape == (4, 4)
     torch.testing.assert_close(basis @ basis.T, torch.eye(4), atol=1e-5, rtol=0)
@@ -163,11 +167,13 @@ def test_validation_curvature_finds_the_top_hessian_eigenpairs_and_full_rank_giv
     delta = torch.randn(dim) * 1e-2
     coords = full["val_curv_basis"] @ delta
     if rank == dim:
-        assert float(coords @ full["val_curv_matrix"] @ coords) == pytest.approx(float(delta @ hessian @ delta), rel=1e-3)
+        assert (float(coords @ full["val_curv_matrix"] @ coords)
+                == pytest.approx(float(delta @ hessian @ delta), rel=1e-3))
     else:  # the Krylov space closed early (an invariant subspace): exact on it
         span = full["val_curv_basis"][:rank]
         inside = span.T @ (span @ delta)
-        assert float(coords @ full["val_curv_matrix"] @ coords) == pytest.approx(float(inside @ hessian @ inside), rel=1e-3)
+        assert (float(coords @ full["val_curv_matrix"] @ coords)
+                == pytest.approx(float(inside @ hessian @ inside), rel=1e-3))
 
     projector = DenseProjector(dim, 16)
     projected = probe_validation(ProbeContext(0, params, adam, projector, val_curvature_rank=4),
@@ -196,7 +202,8 @@ def test_pool_first_then_validation_gives_the_dot_scalars_per_batch():
     ctx = ProbeContext(0, params, adam, DenseProjector(dim, 8))
     pool = [probe_pool_batch(ctx, lambda b=b: _loss(model, b)) for b in batches]
     val = probe_validation(ctx, lambda: _loss(model, batches[0]))
-    exact = [probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector()), lambda b=b: _loss(model, b)) for b in batches]
+    exact = [probe_pool_batch(ProbeContext(0, params, adam, MatrixProjector()), lambda b=b: _loss(model, b))
+             for b in batches]
     assert "val_dot_update" not in pool[0] and val["val_dot_update"].shape == (len(batches),)
     torch.testing.assert_close(val["val_dot_update"], torch.stack([ctx.val_grad @ e["update"] for e in exact]))
     torch.testing.assert_close(val["val_dot_precond"], torch.stack([ctx.val_grad @ e["precond_grad"] for e in exact]))

@@ -19,7 +19,8 @@ HOOKS = ("batch_start", "before_optimizer_step", "batch_end")
 
 
 def _run(tmp: Path, name: str, *extra: str, workers: int = 0) -> int:
-    cmd = [sys.executable, str(SCRIPT), "--dirpath", str(tmp / name / "rec"), "--ckpt-dir", str(tmp / name / "ckpt"), *extra]
+    cmd = [sys.executable, str(SCRIPT), "--dirpath", str(tmp / name / "rec"), "--ckpt-dir", str(tmp / name / "ckpt"),
+           *extra]
     env = {"OMP_NUM_THREADS": "1", "PATH": "", "TINY_WORKERS": str(workers)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     if done.returncode not in (0, -9):
@@ -28,7 +29,8 @@ def _run(tmp: Path, name: str, *extra: str, workers: int = 0) -> int:
 
 
 def _shard_digests(rec: Recording) -> list:
-    return [(p["t"], [s["sha256"] for s in p["shards"]], {k: v for k, v in p.items() if k != "shards"}) for p in rec.manifest["probes"]]
+    return [(p["t"], [s["sha256"] for s in p["shards"]], {k: v for k, v in p.items() if k != "shards"})
+            for p in rec.manifest["probes"]]
 
 
 def _rng_states(rec: Recording) -> dict:

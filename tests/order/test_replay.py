@@ -94,7 +94,8 @@ def test_loss_curve_follows_retraining(task):
     _, true_curve, _ = task.retrain(order)
     curve = replay(task.data, torch.tensor(order), "adam_first_order").loss_curve[0]
     reference_curve = task.data.val_loss
-    assert (curve - torch.tensor(true_curve)).abs().mean() < 0.5 * (reference_curve - torch.tensor(true_curve)).abs().mean()
+    assert ((curve - torch.tensor(true_curve)).abs().mean()
+            < 0.5 * (reference_curve - torch.tensor(true_curve)).abs().mean())
 
 
 def test_projected_replay_converges_to_full_space():

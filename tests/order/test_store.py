@@ -30,7 +30,8 @@ def _pool_out(position, t):
 
 
 def _record(root, steps=range(4), probe_every=2, finish=True, world=1):
-    writer = RecordingWriter.create(root, _header(world_size=world), BATCHES, ORDER, {"w": torch.ones(3, 2), "b": torch.zeros(3)})
+    writer = RecordingWriter.create(root, _header(world_size=world), BATCHES, ORDER,
+                                    {"w": torch.ones(3, 2), "b": torch.zeros(3)})
     for t in steps:
         if t % probe_every == 0:
             shards = []
@@ -145,13 +146,16 @@ def test_create_refuses_an_existing_recording(tmp_path):
 def test_resume_drops_steps_after_the_checkpoint_and_checks_identity(tmp_path):
     _record(tmp_path)
     with pytest.raises(RecordingError, match="projection.proj_dim"):
-        RecordingWriter.resume(tmp_path, _header(projection={"seed": 0, "proj_dim": 8, "kind": "rademacher"}), BATCHES, ORDER, 2)
+        RecordingWriter.resume(tmp_path, _header(projection={"seed": 0, "proj_dim": 8, "kind": "rademacher"}),
+                               BATCHES, ORDER, 2)
     with pytest.raises(RecordingError, match="model.param_hash"):
-        RecordingWriter.resume(tmp_path, _header(model=parameter_signature([("w", (2, 3)), ("b", (3,))])), BATCHES, ORDER, 2)
+        RecordingWriter.resume(tmp_path, _header(model=parameter_signature([("w", (2, 3)), ("b", (3,))])),
+                               BATCHES, ORDER, 2)
     with pytest.raises(RecordingError, match="pool.sha256"):
         RecordingWriter.resume(tmp_path, _header(), BATCHES, [0, 1, 2, 2], 2)
     with pytest.raises(RecordingError, match="projection.seed"):
-        RecordingWriter.resume(tmp_path, _header(projection={"seed": 1, "proj_dim": 4, "kind": "rademacher"}), BATCHES, ORDER, 2)
+        RecordingWriter.resume(tmp_path, _header(projection={"seed": 1, "proj_dim": 4, "kind": "rademacher"}),
+                               BATCHES, ORDER, 2)
     with pytest.raises(RecordingError, match="curvature_rank"):
         RecordingWriter.resume(tmp_path, _header(curvature_rank=3), BATCHES, ORDER, 2)
     other_module = {**_header()["model"], "class_path": "my.OtherNet", "hparams": {"width": 8}}
@@ -196,9 +200,10 @@ def _edit_manifest(root, edit):
     (lambda m: m["pool"].pop("num_batches"), "pool.num_batches is missing"),
     (lambda m: m.update(initial_state="initial_state.safetensors"), "initial_state is 'initial_state.s.*, not"),
     (lambda m: m["projection"].update(proj_dim=4.0), r"projection\.proj_dim is 4\.0, not an integer"),
-], ids=["lr_str", "lr_null", "lr_negative", "beta1_past_one", "no_steps", "shard_no_sha256", "num_steps_str", "steps_cut", "steps_extra",
-        "betas_short", "optimizer_lr_str", "no_status", "status_unknown", "step_field_missing", "steps_out_of_order",
-        "probes_repeated", "probe_scalar_str", "no_shards", "no_num_batches", "file_entry_str", "proj_dim_float"])
+], ids=["lr_str", "lr_null", "lr_negative", "beta1_past_one", "no_steps", "shard_no_sha256", "num_steps_str",
+        "steps_cut", "steps_extra", "betas_short", "optimizer_lr_str", "no_status", "status_unknown",
+        "step_field_missing", "steps_out_of_order", "probes_repeated", "probe_scalar_str", "no_shards",
+        "no_num_batches", "file_entry_str", "proj_dim_float"])
 def test_open_refuses_an_edited_manifest_naming_its_bad_field(tmp_path, edit, message):
     _record(tmp_path)
     _edit_manifest(tmp_path, edit)

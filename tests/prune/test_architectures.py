@@ -32,7 +32,8 @@ def test_prune_and_export_match_the_masked_dense_model(family):
     batches = [{"image": torch.randn(4, 3, size, size, generator=generator),
                 "label": torch.randint(0, 10, (4,), generator=generator)} for _ in range(2)]
     # EVA reads its fused qkv weight through F.linear: that layer is never called, so it stays dense (with a warning)
-    expect = pytest.warns(UserWarning, match="never calls them as modules") if family == "eva02_fused_qkv" else contextlib.nullcontext()
+    expect = (pytest.warns(UserWarning, match="never calls them as modules") if family == "eva02_fused_qkv"
+              else contextlib.nullcontext())
     with expect:
         result = prune_model(model, batches, block_size=(16, 16), flops_keep=0.5, loss=_loss)
     assert result.block_masks and all("head" not in layer for layer in result.block_masks)

@@ -34,7 +34,8 @@ def test_cpu_calibration_and_validation_run_on_the_real_kernel():
     mask = torch.rand(4, 3) < 0.5
     fewer = mask.clone()
     fewer[mask.nonzero()[0].tolist()[0]] = False
-    assert profile.predict(fewer, 256, (32, 32), torch.float32)[0] <= profile.predict(mask, 256, (32, 32), torch.float32)[0]
+    assert (profile.predict(fewer, 256, (32, 32), torch.float32)[0]
+            <= profile.predict(mask, 256, (32, 32), torch.float32)[0])
     rows = validate_profile(profile, "cpu", block_size=(32, 32), tokens=64, densities=(0.5,),
                             layers={"tiny": (128, 96)}, repeats=2)
     assert len(rows) == 1 and rows[0]["measured_s"] > 0 and rows[0]["predicted_s"] > 0

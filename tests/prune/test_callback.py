@@ -45,7 +45,8 @@ def test_train_then_prune_with_distillation_logs_and_saves(tmp_path):
         val = list(data.val_dataloader())
         logits = torch.cat([model(b["image"]) for b in val])
         labels = torch.cat([b["label"] for b in val])
-    assert prune.metrics["prune/finetuned_val_acc"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert prune.metrics["prune/finetuned_val_acc"] == pytest.approx(
+        float((logits.argmax(-1) == labels).float().mean()))
     assert prune.metrics["prune/finetuned_val_loss"] == pytest.approx(
         float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
     for name, mask in prune.result.block_masks.items():
@@ -68,7 +69,8 @@ def test_given_result_is_applied_without_pruning(tmp_path, tiny_vit, batches):
     seen = TeacherSeen()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # not taken for a resume ("no dense teacher")
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|isinstance.treespec|log_every_n_steps)")
+        warnings.filterwarnings("ignore",
+                                message=".*(does not have many workers|isinstance.treespec|log_every_n_steps)")
         L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                   enable_model_summary=False, limit_val_batches=0, callbacks=[callback, seen]).fit(
             model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))

@@ -53,5 +53,7 @@ def test_figures_weight_batches_by_their_samples_without_sample_ids(tmp_path):
     with torch.no_grad():
         logits = torch.cat([module(batch["image"]) for batch in loader])
     labels = torch.cat([batch["label"] for batch in loader])
-    assert callback.metrics["prune/finetuned_val_acc"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
-    assert callback.metrics["prune/finetuned_val_loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    assert callback.metrics["prune/finetuned_val_acc"] == pytest.approx(
+        float((logits.argmax(-1) == labels).float().mean()))
+    assert callback.metrics["prune/finetuned_val_loss"] == pytest.approx(
+        float(F.cross_entropy(logits, labels)), rel=1e-5)

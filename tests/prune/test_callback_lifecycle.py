@@ -140,7 +140,8 @@ class ReadsRunLengthEarly(ViTClassifier):
 
 
 def test_mid_epoch_resume_of_a_module_that_reads_the_run_length_early_keeps_the_loader_position(tmp_path):
-    """Lightning then builds the train loader before restoring the checkpoint and drops its position (https://github.com/Lightning-AI/pytorch-lightning/issues/20550): the callback hands it back at train start."""
+    """Lightning then builds the train loader before restoring the checkpoint and drops its position
+    (https://github.com/Lightning-AI/pytorch-lightning/issues/20550): the callback hands it back at train start."""
     def run(root, ckpt_path=None):
         order = FirstSampleOfStep()
         prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, prune_after_steps=7,

@@ -200,7 +200,8 @@ def test_cost_model_as_the_path_of_a_saved_profile(tiny_vit, batches, tmp_path):
 
     profile = default_profile("cpu")
     profile.save(tmp_path / "profile.json")
-    by_path = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, cost_model=str(tmp_path / "profile.json"))
+    by_path = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5,
+                          cost_model=str(tmp_path / "profile.json"))
     by_object = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, cost_model=profile)
     assert all(torch.equal(by_path.block_masks[n], by_object.block_masks[n]) for n in by_object.block_masks)
     with pytest.raises(LplError, match="cost_model must be a HardwareProfile"):
