@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -344,30 +345,31 @@ class BlockSparseLinear(nn.Module):
         self.values.data = self.values.new_zeros(col_idx.numel(), *self.block_size)  # the checkpoint's come next
         if tuple(self.values.shape) != old_shape and not self.values.is_meta:
             self.values.grad = None  # a gradient of the old pattern: another shape, and other blocks
-            _watch_optimizers(self.values, old_shape)
+            _watch_optimizers(self, old_shape)
         self._set_structure(mask, row_ptr, col_idx)
 
 
-# ``values`` Parameters whose shape load_state_dict changed (another block mask adopted) -> their shape before. An
-# optimizer that stepped them earlier keeps state of that shape (Adam's moments) and would fail deep in its update;
-# a step pre-hook common to all optimizers, registered at the first such load, refuses that step with the cause.
-_RESHAPED_VALUES: "torch.utils.weak.WeakIdKeyDictionary | None" = None
+# Layers whose ``values`` load_state_dict reshaped (another block mask adopted) -> the shape before. An optimizer that
+# stepped them earlier keeps state of that shape (Adam's moments) and would fail deep in its update; a step pre-hook
+# common to all optimizers, registered at the first such load, refuses that step with the cause. Keyed weakly by the
+# layer, never by the tensor: torch cannot swap a tensor that has a weak reference (swap-mode conversions).
+_RESHAPED_LAYERS: "weakref.WeakKeyDictionary[BlockSparseLinear, tuple[int, ...]] | None" = None
 
 
-def _watch_optimizers(values: torch.Tensor, old_shape: tuple[int, ...]) -> None:
-    global _RESHAPED_VALUES
-    if _RESHAPED_VALUES is None:
-        import torch.utils.weak
+def _watch_optimizers(layer: "BlockSparseLinear", old_shape: tuple[int, ...]) -> None:
+    global _RESHAPED_LAYERS
+    if _RESHAPED_LAYERS is None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-        _RESHAPED_VALUES = torch.utils.weak.WeakIdKeyDictionary()
+        _RESHAPED_LAYERS = weakref.WeakKeyDictionary()
         register_optimizer_step_pre_hook(_refuse_state_of_an_old_pattern)
-    _RESHAPED_VALUES[values] = old_shape
+    _RESHAPED_LAYERS[layer] = old_shape
 
 
 def _refuse_state_of_an_old_pattern(optimizer, args, kwargs) -> None:
-    """Optimizer step pre-hook: costs a lookup per reshaped ``values`` (none before a mask was adopted)."""
-    for values, old_shape in list(_RESHAPED_VALUES.items()):
+    """Optimizer step pre-hook: costs a lookup per reshaped layer (none before a mask was adopted)."""
+    for layer, old_shape in list(_RESHAPED_LAYERS.items()):
+        values = layer.values
         state = optimizer.state.get(values)  # state is a defaultdict: get() adds no entry
         if not state or tuple(values.shape) == old_shape:
             continue

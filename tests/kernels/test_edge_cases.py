@@ -253,3 +253,19 @@ def test_an_optimizer_holding_state_of_the_replaced_pattern_is_refused_at_its_ne
     reloaded = make()
     reloaded.load_state_dict(saved_optimizer)
     step(reloaded)  # state of the current shape: fine
+
+
+def test_a_layer_that_adopted_another_mask_still_converts_in_swap_mode():
+    """The watch on reshaped layers holds no weak reference to ``values``: torch refuses to swap such a tensor."""
+    layer = BlockSparseLinear(50, 70, 16)
+    mask = torch.rand(5, 4, generator=torch.Generator().manual_seed(1)) < 0.5
+    other = BlockSparseLinear.from_linear(nn.Linear(50, 70), mask, 16)
+    layer.load_state_dict(other.state_dict())  # values change shape: the layer is watched
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    x = torch.randn(3, 50, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), other.double()(x))
