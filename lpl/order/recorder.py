@@ -189,8 +189,19 @@ def _non_finite(outputs: Mapping[str, torch.Tensor]) -> list[str]:
 # backward and the step, so nothing but a rewrite changes them (the fp16 GradScaler's unscaling, by a power of two, is
 # undone exactly, and bf16 autocast changes nothing after backward). Under DDP the reference is the recorder's own
 # average of the ranks' gradients, which sums in another order than DDP's buckets: float32 rounding, about 1e-7 of the
-# ranks' gradient norm per rank, far below this. A clip to 0.05 of a gradient of norm 1 differs by 0.95.
+# ranks' gradient norm per rank, far below this. A clip to 0.05 of a gradient of norm 1 differs by 0.95. Gradients
+# held in a narrower dtype (bf16-true / 16-true weights) are summed over the ranks in that dtype by DDP's buckets:
+# there the tolerance is `NARROW_GRADIENT_ROUNDINGS` of that dtype's rounding (bf16 under DDP measured 1.6e-3).
 GRADIENT_REWRITE_TOLERANCE = 1e-4
+NARROW_GRADIENT_ROUNDINGS = 8
+
+
+def _rewrite_tolerance(params: Sequence[tuple[str, torch.nn.Parameter]]) -> float:
+    """The relative gradient difference that counts as a rewrite (see GRADIENT_REWRITE_TOLERANCE)."""
+    if rank_and_world()[1] == 1:
+        return GRADIENT_REWRITE_TOLERANCE
+    widest_rounding = max((torch.finfo(p.dtype).eps for _, p in params if p.is_floating_point()), default=0.0)
+    return max(GRADIENT_REWRITE_TOLERANCE, NARROW_GRADIENT_ROUNDINGS * widest_rounding)
 
 
 def _unscaling(trainer: L.Trainer) -> float:
@@ -760,7 +771,7 @@ class TrainOrderRecorder(L.Callback):
             return
         params = [(name, p) for name, (p, trains, _) in self._parameters.items() if trains]
         difference, size = _gradient_difference(kept, params, _unscaling(self._trainer))
-        if difference > GRADIENT_REWRITE_TOLERANCE * size:  # the same on every rank: no rank is left waiting
+        if difference > _rewrite_tolerance(params) * size:  # the same on every rank: no rank is left waiting
             raise LplError(
                 f"at step {step} Adam stepped with other gradients than backward computed: they differ by "
                 f"{difference:.3g}, {difference / size if size else math.inf:.2g} of the gradients' norm {size:.3g}. "

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--then-record", default="")
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=2, save_last=True, save_top_k=0))
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = L.Trainer(**trainer_kwargs(max_steps=args.max_steps, callbacks=callbacks, devices=args.devices,
-                                         strategy=strategy, enable_checkpointing=True, deterministic=args.devices == 1))
+                                         strategy=strategy, enable_checkpointing=True, deterministic=args.devices == 1,
+                                         precision=args.precision))
     last = Path(args.ckpt_dir) / "last.ckpt"
     trainer.fit(model, datamodule=TinyDataModule(), ckpt_path=str(last) if args.resume and last.exists() else None)
     if args.then_retrain and trainer.global_rank == 0:
