@@ -575,7 +575,7 @@ def _rerun_reference(
     )
     log(f"re-ran {steps} steps")
 
-    pool = [to_module(batch, model) for batch in pool_batches(recording, datamodule)]
+    pool = [to_module(batch, model, training=True) for batch in pool_batches(recording, datamodule)]
     model.eval()
     run = _ReferenceRun(model, params, device, capture, trajectory, pool, recording.order,
                         validation_loss_fn(val_loader, model, capture.forward), steps)

@@ -59,7 +59,7 @@ def validation_loss_fn(
     def val_loss() -> torch.Tensor:
         total, count = None, 0
         for batch in loader:
-            batch = to_module(batch, module)
+            batch = to_module(batch, module, training=False)
             size = loss_weight(batch)
             with forward():  # summed in float32: a bfloat16 module's losses would round the mean to ~3 digits
                 loss = module_loss(module, batch).float() * size

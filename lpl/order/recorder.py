@@ -964,10 +964,9 @@ class TrainOrderRecorder(L.Callback):
         if differing:
             rank_zero_warn(
                 f"TrainOrderRecorder: loading the samples of step {step} again gave other {', '.join(differing)} than "
-                "the train loader did (random augmentation in the dataset, or a transform in "
-                "on_after_batch_transfer?): "
-                "the recorded quantities, retraining and the estimates will not match what training saw. Record with "
-                "deterministic train transforms."
+                "the train loader and the batch-transfer hooks did (random augmentation in the dataset or in "
+                "on_after_batch_transfer?): the recorded quantities, retraining and the estimates will not match what "
+                "training saw. Record with deterministic train transforms."
             )
 
     def _adam_snapshot(self, trainer: L.Trainer, params: list[torch.Tensor], step: int) -> quantities.AdamSnapshot:
@@ -987,7 +986,7 @@ class TrainOrderRecorder(L.Callback):
     @staticmethod
     def _load_samples(trainer: L.Trainer, ids: list[int], module: L.LightningModule) -> Any:
         """The train dataset's samples ``ids``, collated as the train loader does, as ``module`` takes them."""
-        return to_module(collate_samples(trainer.train_dataloader, ids), module)
+        return to_module(collate_samples(trainer.train_dataloader, ids), module, training=True)
 
     def _pool_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, position: int) -> Any:
         return self._load_samples(trainer, self._pool[position], pl_module)

@@ -174,7 +174,7 @@ def validation_loss(
     try:
         with torch.no_grad(), eval_mode(module):
             for batch in loader:
-                batch = to_module(batch, module)
+                batch = to_module(batch, module, training=False)
                 size = loss_weight(batch)
                 with forward():
                     total += float(module_loss(module, batch)) * size

@@ -123,26 +123,47 @@ def loss_weight(batch: Any) -> int:
         return 1
 
 
-def to_module(batch: Any, module: nn.Module) -> Any:
-    """``batch`` as a training loop hands it to ``module``: through a LightningModule's batch-transfer hooks
+def to_module(batch: Any, module: nn.Module, *, training: bool) -> Any:
+    """``batch`` as a loop hands it to ``module``: through a LightningModule's batch-transfer hooks
     (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``; a DataModule's where
-    the Trainer would take its), on the module's device, its floating tensors in the module's dtype when that is not
-    float32 (a ``precision="bf16-true"`` or ``"64-true"`` run feeds its module so; mixed precision keeps float32
-    inputs). Method code computes losses on batches it loads itself: they must be what training computed them on."""
+    the Trainer would take its) run as in the training loop (``training``) or the validation loop (its Trainer's
+    stage set so for the calls: a hook that transforms only while ``trainer.training`` sees which), on the module's
+    device, its floating tensors in the module's dtype when that is not float32 (a ``precision="bf16-true"`` or
+    ``"64-true"`` run feeds its module so; mixed precision keeps float32 inputs). Method code computes losses on
+    batches it loads itself: they must be what training or validation computed them on."""
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     if _is_lightning_module(module):
         hook = _batch_hook_owner(module)
-        batch = hook("on_before_batch_transfer")(batch, 0)
-        batch = hook("transfer_batch_to_device")(batch, device, 0)
-        batch = hook("on_after_batch_transfer")(batch, 0)
+        with _trainer_stage(module, training):
+            batch = hook("on_before_batch_transfer")(batch, 0)
+            batch = hook("transfer_batch_to_device")(batch, device, 0)
+            batch = hook("on_after_batch_transfer")(batch, 0)
     else:
         batch = move_data_to_device(batch, device)
     if parameter is None or parameter.dtype == torch.float32 or not parameter.is_floating_point():
         return batch
     return _cast_floating(batch, parameter.dtype)
+
+
+@contextlib.contextmanager
+def _trainer_stage(module: nn.Module, training: bool) -> Iterator[None]:
+    """The stage of ``module``'s Trainer (if any) set to training or validating for the block, then put back."""
+    trainer = getattr(module, "_trainer", None)
+    state = getattr(trainer, "state", None)
+    if state is None:
+        yield
+        return
+    from lightning.pytorch.trainer.states import RunningStage
+
+    saved = state.stage
+    state.stage = RunningStage.TRAINING if training else RunningStage.VALIDATING
+    try:
+        yield
+    finally:
+        state.stage = saved
 
 
 def _is_lightning_module(module: nn.Module) -> bool:

@@ -55,3 +55,24 @@ def retrain_final_state(recording: Recording) -> dict[str, torch.Tensor]:
     truth = retrain(recording, recording.order, accelerator="cpu", trainer_kwargs={"callbacks": [Grab()]})
     assert truth.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
     return states
+
+
+class TransformsTrainingBatches(TinyClassifier):
+    """A transform for training batches only (Lightning's ``if self.trainer.training`` pattern)."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return {**batch, "image": batch["image"].flip(-1) * 3.0} if self.trainer.training else batch
+
+
+def test_validation_batches_loaded_during_training_skip_a_training_only_transform(tmp_path):
+    model = TransformsTrainingBatches(lr=0.01)
+    datamodule = TinyDigits()
+    datamodule.setup("fit")
+    with torch.no_grad():
+        batches = list(datamodule.val_dataloader())
+        clean = sum(float(model.loss(b)) * len(b["index"]) for b in batches) / sum(len(b["index"]) for b in batches)
+    path = record(tmp_path / "rec", model=model)
+    recording = Recording.open(path)
+    assert recording.probe_scalars["val_loss"][0] == pytest.approx(clean, abs=1e-6)
+    truth = retrain(recording, recording.order, accelerator="cpu")
+    assert truth.loss_curve.tolist() == pytest.approx(recording.probe_scalars["val_loss"], abs=1e-5)
