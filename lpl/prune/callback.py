@@ -27,7 +27,7 @@ from lpl.prune.masking import MaskHandle, apply_masks, has_masks
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 from lpl.utils.loggers import is_wandb
-from lpl.utils.loss import check_module_loss, eval_mode, loss_weight, module_loss
+from lpl.utils.loss import check_module_loss, eval_mode, loss_weight, module_loss, to_module
 
 
 class BlockPruneCallback(Callback):
@@ -307,7 +307,7 @@ class BlockPruneCallback(Callback):
             for batch in loader:
                 if len(batches) == self.calib_batches:
                     break
-                batches.append(_as_training_sees_it(trainer, pl_module, batch))
+                batches.append(to_module(batch, pl_module, training=True))
         if not batches:
             raise LplError("the training loader yielded no batches, so there is nothing to calibrate pruning on.")
         return batches
@@ -325,7 +325,7 @@ class BlockPruneCallback(Callback):
         try:
             with eval_mode(pl_module):  # eval also turns distillation off: plain task loss
                 for batch in batches:
-                    batch = _as_training_sees_it(trainer, pl_module, batch)
+                    batch = to_module(batch, pl_module, training=False)
                     size = loss_weight(batch)
                     outputs.clear()
                     total_loss += float(module_loss(pl_module, batch)) * size
@@ -450,14 +450,6 @@ def _check_can_distill(pl_module: L.LightningModule) -> None:
     ):
         raise LplError(f"distill=True needs {type(pl_module).__name__} to have set_teacher(module) and a "
                        "`.model` network (as lpl.models.ViTClassifier); or use distill=False.")
-
-
-def _as_training_sees_it(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:
-    """A loader's batch as the training loop hands it to the module: inputs in the precision's dtype
-    (``precision="bf16-true"`` runs bfloat16 weights), the module's batch-transfer hooks, on its device."""
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = pl_module.on_before_batch_transfer(batch, 0)
-    return trainer.strategy.batch_to_device(batch, pl_module.device)
 
 
 def log_result_to_wandb(logger: Any, result: PruneResult) -> None:
