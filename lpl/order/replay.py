@@ -306,7 +306,7 @@ def _second_order_term(data: ReplayData, interp: _Interpolator, where: tuple[int
                        delta: Tensor) -> Tensor:
     """FUT++'s second-order term: the change of the first-order correction between the probes around step t, along
     the reference's travel between them, scaled by Delta's share of that direction (zero before two probes)."""
-    steps = data.probe_steps.tolist()
+    steps = interp.steps
     i0, i1, _ = where
     j0, j1 = (i0, i1) if i1 > i0 else (max(i0 - 1, 0), i0)
     if j1 <= j0:

@@ -237,12 +237,31 @@ _RETRAINING_SETTINGS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def _check_trainer_kwargs(trainer_kwargs: Mapping[str, Any]) -> None:
-    """Refuse a setting retraining decides, saying why."""
+# values of those settings that change nothing (what retraining sets, or what does nothing): accepted
+_NEUTRAL_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "min_steps": (None,), "min_epochs": (None,), "max_time": (None,), "fast_dev_run": (False, 0),
+    "limit_train_batches": (None, 1.0), "overfit_batches": (0, 0.0), "accumulate_grad_batches": (1,),
+    "gradient_clip_val": (None, 0, 0.0), "gradient_clip_algorithm": (None,), "limit_val_batches": (0, 0.0),
+}
+
+
+def _check_trainer_kwargs(trainer_kwargs: Mapping[str, Any], recording: Any) -> None:
+    """Refuse a setting retraining decides, saying why, unless its value changes nothing."""
+    neutral = {**_NEUTRAL_SETTINGS, "precision": (recording.manifest.get("precision", "32-true"),),
+               "max_steps": (recording.num_steps,), "max_epochs": (-1,)}
     for keys, reason in _RETRAINING_SETTINGS:
-        given = [key for key in keys if key in trainer_kwargs]
+        given = [key for key in keys if key in trainer_kwargs
+                 and not any(_same_setting(trainer_kwargs[key], value) for value in neutral.get(key, ()))]
         if given:
-            raise LplError(f"trainer_kwargs may not set {given[0]!r}: {reason}. Leave it out: retraining decides it.")
+            raise LplError(f"trainer_kwargs may not set {given[0]!r} to {trainer_kwargs[given[0]]!r}: {reason}. Leave "
+                           "it out: retraining decides it.")
+
+
+def _same_setting(given: Any, neutral: Any) -> bool:
+    """``given`` is ``neutral`` as a Trainer reads it (1.0 and 1 alike; None and bools only as themselves)."""
+    if given is None or neutral is None or isinstance(given, bool) or isinstance(neutral, bool):
+        return given is neutral
+    return str(given) == neutral if isinstance(neutral, str) else given == neutral
 
 
 def fit_in_order(
@@ -257,7 +276,7 @@ def fit_in_order(
     import time
 
     extra = dict(trainer_kwargs or {})
-    _check_trainer_kwargs(extra)
+    _check_trainer_kwargs(extra, recording)
     user_callbacks = extra.pop("callbacks", None) or []
     if isinstance(user_callbacks, L.Callback):  # Lightning takes one callback as well as a list
         user_callbacks = [user_callbacks]
@@ -436,12 +455,13 @@ def retrain(
 
     ``trainer_kwargs`` set other Trainer arguments (a logger, ``deterministic``, ``devices=[index]``); their
     ``callbacks`` run after retraining's own (one that changes training makes the result another run). Settings that
-    would change what is trained are refused: ``precision`` (the recorded one), the loop's length (``max_steps``,
-    ``max_epochs``, ``min_steps``, ``min_epochs``, ``max_time``, ``fast_dev_run``: the order sets it, and the module
-    sees the recorded run's), ``limit_train_batches``, ``overfit_batches``, ``accumulate_grad_batches`` (each step
-    trains the order's next batch), gradient clipping (the recorded run had none), ``limit_val_batches`` (validation
-    between steps draws from the random generators, moving later dropout masks) and more than one device (each
-    would train a share of every batch with its own dropout masks).
+    would change what is trained are refused unless given the value retraining uses: ``precision`` (the recorded
+    one), the loop's length (``max_steps``, ``max_epochs``, ``min_steps``, ``min_epochs``, ``max_time``,
+    ``fast_dev_run``: the order sets it, and the module sees the recorded run's), ``limit_train_batches``,
+    ``overfit_batches``, ``accumulate_grad_batches`` (each step trains the order's next batch), gradient clipping (the
+    recorded run had none), ``limit_val_batches`` (validation between steps draws from the random generators, moving
+    later dropout masks) and more than one device (each would train a share of every batch with its own dropout
+    masks).
 
     Example::
 

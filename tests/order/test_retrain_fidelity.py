@@ -156,6 +156,14 @@ def test_trainer_kwargs_that_would_retrain_another_run_are_refused(two_epochs, s
         retrain(two_epochs, Recording.open(two_epochs).order, accelerator="cpu", trainer_kwargs=settings)
 
 
+def test_trainer_kwargs_with_the_values_retraining_uses_are_accepted(two_epochs):
+    recording = Recording.open(two_epochs)
+    neutral = {"precision": recording.manifest["precision"], "limit_val_batches": 0, "accumulate_grad_batches": 1,
+               "gradient_clip_val": None, "max_steps": recording.num_steps, "fast_dev_run": False}
+    truth = retrain(recording, recording.order, accelerator="cpu", trainer_kwargs=neutral)
+    assert truth.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
+
+
 def _frozen_in_script():
     model = TinyClassifier(lr=0.01)
     model.net[0].requires_grad_(False)
