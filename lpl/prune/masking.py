@@ -353,11 +353,16 @@ def apply_masks(
         handle.remove()
     """
     layers = result.layers_in(model)
+    owners: dict[int, str] = {}  # weight Parameter -> the first masked layer holding it
     for name, layer in layers.items():
         if weight_is_computed(layer):
             raise LplError(f"layer {name!r} cannot be masked: {COMPUTED_WEIGHT}; remove the parametrization "
                            "(torch.nn.utils.parametrize.remove_parametrizations) before pruning, or leave the layer "
                            "dense.")
+        first = owners.setdefault(id(layer.weight), name)
+        if first != name and layers[first] is not layer:  # two layers, one weight (tied embeddings and heads)
+            raise LplError(f"layers {first!r} and {name!r} share one weight, so each would mask it as its own; "
+                           "prune_model leaves tied weights dense: leave one of them out of the result.")
     previous = model.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
         previous.remove()

@@ -251,3 +251,15 @@ def test_masks_applied_on_the_meta_device_hold_for_the_weights_assigned_later():
     handle.enforce()
     assert largest_pruned(model, result) == 0.0
     train(model, result)
+
+
+def test_two_layers_sharing_one_weight_are_refused_with_their_names():
+    from lpl.utils.errors import LplError
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+    model[2].weight = model[0].weight  # tied
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[-1, -1] = False
+    result = PruneResult({"0": mask, "2": mask.clone()}, (8, 8), {"0": (32, 32), "2": (32, 32)}, 0.5, 0.5, 1.0, 1.0)
+    with pytest.raises(LplError, match="layers '0' and '2' share one weight"):
+        apply_masks(model, result)
