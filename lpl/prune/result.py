@@ -238,19 +238,26 @@ def module_names(names: list[str], modules: Mapping[str, nn.Module],
                  kinds: tuple[type, ...]) -> Callable[[str], str]:
     """How ``modules`` (a model's named modules) name the layers ``names`` of a prune result, all of one of
     ``kinds``: as they are; without a leading part (the result was computed on a LightningModule, the model is the
-    network inside it); or with a wrapper's prefix added (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``:
-    ``_WRAPPER_ATTRIBUTES``) - or both. Unchanged names when no such mapping exists (the caller reports the missing
-    layer)."""
+    network inside it); or with wrappers' attributes in them (``torch.compile``'s ``_orig_mod``, DDP's ``module``
+    around the model, FSDP or activation-checkpointing wrappers around its blocks: ``_WRAPPER_ATTRIBUTES``) - or
+    both. Unchanged names when no such mapping exists (the caller reports the missing layer)."""
     if not names:
         return lambda name: name
+    unwrapped: dict[str, str | None] = {}  # a layer's name without wrapper attributes -> its name (None: ambiguous)
+    for place, module in modules.items():
+        if isinstance(module, kinds):
+            key = _without_wrappers(place)
+            unwrapped[key] = place if key not in unwrapped else None
     parts = names[0].split(".")
     for strip in [""] + [".".join(parts[:length]) + "." for length in range(1, len(parts))]:
         if not all(name.startswith(strip) for name in names):
             continue
-        first = names[0].removeprefix(strip)
-        wrappers = [place[: -len(first)] for place in modules if place.endswith("." + first)
-                    and set(place[: -len(first) - 1].split(".")) <= _WRAPPER_ATTRIBUTES]
-        for add in ["", *wrappers]:
-            if all(isinstance(modules.get(add + name.removeprefix(strip)), kinds) for name in names):
-                return lambda name, strip=strip, add=add: add + name.removeprefix(strip)
+        if all(isinstance(modules.get(name.removeprefix(strip)), kinds) for name in names):
+            return lambda name, strip=strip: name.removeprefix(strip)
+        if all(unwrapped.get(_without_wrappers(name.removeprefix(strip))) for name in names):
+            return lambda name, strip=strip: unwrapped[_without_wrappers(name.removeprefix(strip))]
     return lambda name: name
+
+
+def _without_wrappers(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_ATTRIBUTES)

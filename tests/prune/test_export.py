@@ -324,3 +324,27 @@ def test_a_result_applies_and_exports_through_a_wrapper_around_its_model(wrap, r
         apply_masks(fresh, PruneResult(block_masks=names, block_size=(32, 32), shapes=shapes, flops_keep=0.5,
                                        target_flops_keep=0.5, predicted_speedup=1.0, predicted_energy_ratio=1.0))
         assert rel_err(fresh(x), reference(x)) < 1e-5
+
+
+def test_a_result_applies_and_exports_through_wrappers_around_the_models_blocks(rel_err) -> None:
+    """Activation checkpointing (or FSDP auto-wrapping) puts a wrapper attribute inside every block's name."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from lpl.prune import apply_masks
+
+    model, masks = _model_and_masks()
+    reference = _model_and_masks()[0]
+    _apply_masks_densely(reference, masks, 32)
+    apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, TinyBlock))
+    assert "0._checkpoint_wrapped_module.fc1" in dict(model.named_modules())
+    x = torch.randn(2, 5, 40)
+    from lpl.prune.result import PruneResult
+
+    names = {n.removesuffix(".weight"): m for n, m in masks.items()}
+    shapes = {n: tuple(reference.get_submodule(n).weight.shape) for n in names}
+    apply_masks(model, PruneResult(block_masks=names, block_size=(32, 32), shapes=shapes, flops_keep=0.5,
+                                   target_flops_keep=0.5, predicted_speedup=1.0, predicted_energy_ratio=1.0))
+    assert rel_err(model(x), reference(x)) < 1e-5
+    to_block_sparse(model, {"block_masks": masks, "block_size": (32, 32)})
+    assert isinstance(model[0]._checkpoint_wrapped_module.fc1, BlockSparseLinear)
+    assert rel_err(model(x), reference(x)) < 1e-5
