@@ -31,7 +31,11 @@ def _holds_images(folder: Path) -> bool:
 
 def load_rgb(path: str) -> "Image.Image":
     """An image file as 8-bit RGB; 16-bit grayscale scaled to 8 bits (PIL's convert would clip it to white), and
-    a file that does not read as an image is an LplError naming it (not a PIL error deep in a worker)."""
+    a file that does not read as an image is an LplError naming it (not a PIL error deep in a worker).
+
+    32-bit float grayscale (PIL mode "F", e.g. float TIFF) is taken as intensities in [0, 1], the float convention
+    of torchvision and timm, and scaled to 0..255 (PIL's convert would truncate it to 0, black); a float image with
+    values outside [0, 1] (or NaN) is refused, since its range cannot be guessed."""
     from PIL import Image
 
     try:
@@ -43,6 +47,14 @@ def load_rgb(path: str) -> "Image.Image":
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit samples (PIL may hold them as 32-bit "I")
         scaled = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and 0.0 <= values.min() and values.max() <= 1.0):
+            raise LplError(f"image {path} holds 32-bit float values in [{np.nanmin(values):.4g}, "
+                           f"{np.nanmax(values):.4g}]{' and NaN/inf' if not np.isfinite(values).all() else ''}; "
+                           "float images are read as intensities in [0, 1]: rescale it to [0, 1], or save it as an "
+                           "8- or 16-bit image.")
+        image = Image.fromarray(np.rint(values * 255.0).astype(np.uint8))
     return image.convert("RGB")
 
 

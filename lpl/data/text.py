@@ -40,7 +40,7 @@ class TokenChunks(Dataset):
         self.seq_len = seq_len
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+        return max(0, len(self.tokens) - 1) // self.seq_len  # no tokens: no window (not -1)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         window = self.tokens[position * self.seq_len : (position + 1) * self.seq_len + 1]
@@ -93,8 +93,14 @@ class TextCorpusDataModule(IndexedDataModule):
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
         split = int(len(tokens) * (1.0 - self.val_fraction))
         train, val = TokenChunks(tokens[:split], self.seq_len), TokenChunks(tokens[split:], self.seq_len)
-        if len(val) == 0 or len(train) == 0:
-            raise LplError(f"corpus {self.path} is too short for seq_len {self.seq_len}; use a shorter seq_len.")
+        for name, part, fraction in (("training", train, "lower"), ("validation", val, "higher")):
+            if len(part) == 0:
+                shorter = "a shorter seq_len, " if len(part.tokens) > 2 else ""  # seq_len 2 needs 3 bytes
+                raise LplError(
+                    f"corpus {self.path} ({len(tokens)} bytes) leaves {len(part.tokens)} bytes to the {name} split "
+                    f"with val_fraction {self.val_fraction}, and one window of seq_len {self.seq_len} needs "
+                    f"{self.seq_len + 1}: use {shorter}a {fraction} val_fraction, or a longer corpus."
+                )
         if self.max_train_samples is not None:
             train.tokens = train.tokens[: self.max_train_samples * self.seq_len + 1]
         return train, val

@@ -20,6 +20,21 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+_NO_LENGTH = ("the cosine learning-rate schedule decays over the run's length, and {why}: set {limit} on the "
+              "Trainer, or use schedule='constant' (--model.init_args.schedule=constant).")
+
+
+def _run_length(module: Any) -> int:
+    """The number of optimizer steps the fit will take, or an LplError when Lightning cannot tell it: no limit at
+    all, or max_epochs over a loader without a length (estimated_stepping_batches is then inf, or max_steps=-1)."""
+    total = module.trainer.estimated_stepping_batches
+    if not math.isfinite(total) or total < 1:
+        raise LplError(_NO_LENGTH.format(why=f"Lightning cannot tell it (estimated_stepping_batches={total}: a "
+                                             "train loader without a length, or no step or epoch limit)",
+                                         limit="max_steps"))
+    return int(total)
+
+
 def configure_adam(
     module: Any, *, optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float],
     warmup_steps: int, min_lr_ratio: float, schedule: str,
@@ -39,7 +54,14 @@ def configure_adam(
     # (a mid-epoch resume would train the epoch's first batches again). Step 0 needs no length (the curve starts at
     # 1, or warms up). A plain function, not a callable object: LambdaLR would store an object's attributes (the
     # module) in checkpoints.
-    total_steps = functools.cache(lambda: int(module.trainer.estimated_stepping_batches))
+    # The limits themselves are read here (no loader built): a run without one has no length to decay over
+    trainer = getattr(module, "_trainer", None)  # None: configured by hand, outside a fit
+    # (max_epochs is None under max_time alone, -1 when set so: both no limit)
+    if trainer is not None and trainer.max_steps == -1 and trainer.max_epochs in (None, -1):
+        raise LplError(_NO_LENGTH.format(why=f"the Trainer has no step or epoch limit (max_steps=-1, max_epochs="
+                                             f"{trainer.max_epochs}; max_time alone is no length)",
+                                         limit="max_steps or max_epochs"))
+    total_steps = functools.cache(lambda: _run_length(module))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, warmup_steps, total_steps() if step else 0, min_lr_ratio)
     )

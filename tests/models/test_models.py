@@ -57,8 +57,8 @@ def test_pretrained_path_round_trip_and_errors(tmp_path) -> None:
     junk.write_bytes(b"not a weights file")
     with pytest.raises(LplError, match="not a readable weights file"):
         ViTClassifier(**TINY_VIT, pretrained_path=str(junk))
-    with pytest.raises(LplError, match="shape mismatch"):
-        ViTClassifier(**{**TINY_VIT, "num_classes": 7}, pretrained_path=str(path))
+    with pytest.raises(LplError, match="shape mismatch"):  # another width: no fine-tuning adapts that
+        ViTClassifier(**{**TINY_VIT, "embed_dim": 64}, pretrained_path=str(path))
 
 
 def test_unknown_timm_name_suggests_close_names() -> None:
