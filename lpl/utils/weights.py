@@ -39,9 +39,8 @@ def read_state_dict(path: str | Path, strip_prefixes: bool = True,
     """
     path = Path(path)
     if not path.is_file():
-        raise LplError(
-            f"{what} {str(path)!r} does not exist; give the path of a local .safetensors, .pth or .ckpt file."
-        )
+        problem = "is a folder, not a weights file" if path.is_dir() else "does not exist"
+        raise LplError(f"{what} {str(path)!r} {problem}; give the path of a local .safetensors, .pth or .ckpt file.")
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file

@@ -53,6 +53,8 @@ def test_pretrained_path_round_trip_and_errors(tmp_path) -> None:
 
     with pytest.raises(LplError, match="does not exist"):
         ViTClassifier(**TINY_VIT, pretrained_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(LplError, match="is a folder, not a weights file"):
+        ViTClassifier(**TINY_VIT, pretrained_path=str(tmp_path))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a weights file")
     with pytest.raises(LplError, match="not a readable weights file"):
