@@ -27,7 +27,11 @@ HELPER_COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _default_wandb_offline() -> None:
-    """W&B without a login or network would block on a prompt: default to offline unless the user chose."""
+    """W&B without a login or network would block on a prompt: default to offline unless the user chose (a mode
+    W&B takes: refused here, before any work, instead of when the first run starts)."""
+    from lpl.utils.loggers import check_wandb_mode
+
+    check_wandb_mode()
     if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
         return
     netrc = os.path.expanduser("~/.netrc")
@@ -56,7 +60,9 @@ def _user_error(error: BaseException) -> str | None:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, LplError):
-            return str(error)
+            return _original_message(error)
+        if isinstance(error, MisconfigurationException) and _no_such_accelerator(str(error)):
+            return f"{error} Pass --trainer.accelerator=cpu to run on this machine's CPU."
         if isinstance(error, MisconfigurationException):  # a Trainer setting Lightning refuses
             return f"{error} (a Trainer or LightningModule setting; see `lpl fit --help`)"
         if isinstance(error, FileNotFoundError) and "checkpoint" in str(error).lower():
@@ -68,6 +74,22 @@ def _user_error(error: BaseException) -> str | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _original_message(error: LplError) -> str:
+    """The message of an LplError, also when torch re-raised it from a DataLoader worker process ("Caught LplError
+    in DataLoader worker process 0. Original Traceback ...": the worker's traceback, the message last)."""
+    text = str(error)
+    kind = type(error)
+    marker = f"\n{kind.__module__}.{kind.__qualname__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return text
+    return text[text.rindex(marker) + len(marker):].strip()
+
+
+def _no_such_accelerator(message: str) -> bool:
+    """Whether Lightning refused the Trainer's accelerator because this machine lacks it (a GPU config on a CPU)."""
+    return "can not run on your system" in message or "No supported gpu backend found" in message
 
 
 def _print_helper_commands(file: Any = None) -> None:
@@ -90,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     """The ``lpl`` command: a helper command by name (``lpl prune``, ``lpl estimate``, ...), else the LightningCLI."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    _default_wandb_offline()
     try:
+        _default_wandb_offline()
         if argv and argv[0] in HELPER_COMMANDS:
             code = _helper(argv[0])(argv[1:])
             sys.exit(code or 0)

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points, check_feasible
-from lpl.prune.blocks import block_elements, block_grid, check_block_size, expand_block_mask
+from lpl.prune.blocks import block_elements, block_grid, block_sum, check_block_size, expand_block_mask
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
@@ -230,6 +230,7 @@ def prune_model(
         flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
     _check_trainable(model)
     layers, block_size = selected_layers(model, include, exclude, block_size)
+    _warn_if_pruned_already(layers, block_size, flops_keep)
     device_type = next(model.parameters()).device.type
     profile = _cost_model(cost_model) or default_profile("cuda" if device_type == "cuda" else "cpu")
     loss_fn = resolve_loss(model, loss)
@@ -253,6 +254,40 @@ def prune_model(
                                   stages=stages, first_order=first_order,
                                   loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
                      started=started)
+
+
+def _warn_if_pruned_already(layers: dict[str, nn.Linear], block_size: tuple[int, int], flops_keep: float) -> None:
+    """Warn when layers hold whole blocks of exact zeros beyond chance (at a share p of zero weights, a block of n
+    weights is zero by chance with probability p^n: never, in trained weights): the model was block-pruned before,
+    and the FLOPs budget would count those blocks as kept."""
+    zero_blocks = blocks = 0
+    zero_elements = total_elements = 0.0
+    pruned: dict[str, float] = {}  # layer -> share of its blocks that are zero, where beyond chance
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        if weight.is_meta or weight.numel() == 0:  # no values to look at
+            continue
+        elements = block_elements(tuple(weight.shape), block_size).to(weight.device).double()
+        zero = block_sum((weight != 0).float(), block_size) == 0
+        share = float((weight == 0).float().mean())
+        expected = float((share ** elements).sum())  # zero blocks where the zero weights fall at random
+        if int(zero.sum()) > expected + 3.0 * math.sqrt(expected):
+            pruned[name] = float(zero.double().mean())
+        zero_blocks += int(zero.sum())
+        blocks += zero.numel()
+        zero_elements += float(elements[zero].sum())
+        total_elements += float(elements.sum())
+    if not pruned:
+        return
+    alive = 1.0 - zero_elements / total_elements
+    name, share = max(pruned.items(), key=lambda item: item[1])
+    warnings.warn(
+        f"prune_model: the selected layers already hold whole blocks of exact zeros, as a pruned model does: "
+        f"{zero_blocks / blocks:.1%} of their {block_size[0]}x{block_size[1]} blocks (in {len(pruned)} of "
+        f"{len(layers)} layers; {name!r}: {share:.0%}). The FLOPs budget counts those blocks as kept, so "
+        f"flops_keep={flops_keep:g} keeps less computation than the result reports (the nonzero blocks hold "
+        f"{alive:.1%} of these layers' weights now). Prune the dense model instead, or give a budget relative to "
+        f"what remains (flops_keep={flops_keep * alive:.3f} keeps {flops_keep:g} of it).", stacklevel=3)
 
 
 def _cost_model(cost_model: HardwareProfile | str | Path | None) -> HardwareProfile | None:

@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add = lambda name, **kwargs: parser.add_argument(f"--{name}", **kwargs)  # noqa: E731
     add("config", required=True, help="LightningCLI config naming the model and data")
-    add("ckpt_path", help="Lightning checkpoint or weights file of the trained model (default: the config's weights)")
+    add("ckpt_path", help="the trained model: a Lightning checkpoint, 'last' or 'best' of the config's checkpoint "
+                          "folder, or a weights file of the LightningModule or of the network inside it (default: the "
+                          "config's weights)")
     add("out", default="prune_result", type=output_dir, help="folder for the PruneResult (default: prune_result)")
     add("flops_keep", type=float, help="share of the pruned layers' FLOPs to keep, in (0, 1] (default 0.5)")
     add("block_size", type=int, nargs="+", metavar="N",
@@ -70,6 +72,25 @@ def _options(args: argparse.Namespace, trainer: Any) -> tuple[dict[str, Any], in
     return options, calib_batches, configured.cost_model
 
 
+def _load_weights(model: Any, path: str) -> None:
+    """Load ``path`` into the LightningModule ``model``: its own state dict (a Lightning checkpoint), or exactly the
+    state dict of a network inside it (keys without the module's attribute prefix, as ``pretrained_path`` takes)."""
+    from lpl.lightning_cli import state_dict_mismatch
+    from lpl.utils.weights import read_state_dict
+
+    state = read_state_dict(path, strip_prefixes=False, what="--ckpt_path")
+    targets = {"": model, **{name: child for name, child in model.named_children() if child.state_dict()}}
+    owns = {name: target.state_dict() for name, target in targets.items()}
+    for name, own in owns.items():
+        if state_dict_mismatch(own, state) is None:
+            targets[name].load_state_dict(state)
+            return
+    closest = max(owns, key=lambda name: len(owns[name].keys() & state.keys()))  # what the file was meant for
+    which = f"its network {closest!r}" if closest else "the config's model"
+    raise LplError(f"{path!r} does not match {which} ({state_dict_mismatch(owns[closest], state)}); pass the "
+                   "checkpoint of a run made with this config (or that run's --model settings).")
+
+
 def prune_main(argv: list[str]) -> int:
     """``lpl prune``: prune a checkpoint's model with ``prune_model`` and save the PruneResult (see ``--help``)."""
     parser = _parser()
@@ -77,27 +98,19 @@ def prune_main(argv: list[str]) -> int:
     unknown = [a for a in passthrough if a.startswith("--") and not a.startswith(_PASSTHROUGH)]  # "-0.5": a value
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    from lpl.lightning_cli import run_lightning_cli  # after the arguments: --help and mistakes answer at once
+    # imported after the arguments: --help and mistakes answer at once
+    from lpl.lightning_cli import checkpoint_file, run_lightning_cli
     from lpl.prune.api import prune_model
-    from lpl.utils.weights import read_state_dict
 
     cli = run_lightning_cli(["--config", args.config, *passthrough], run=False)
     model, datamodule = cli.model, cli.datamodule
     if args.ckpt_path:
-        state = read_state_dict(args.ckpt_path, strip_prefixes=False, what="--ckpt_path")
-        ours = model.state_dict()
-        missing = [k for k in ours if k not in state]
-        unexpected = [k for k in state if k not in ours]
-        reshaped = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
-        if missing or unexpected or reshaped:
-            raise LplError(
-                f"{args.ckpt_path!r} does not match the config's model (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}, other shapes {reshaped[:3]}); pass the checkpoint of a run made with this config."
-            )
-        model.load_state_dict(state)
+        _load_weights(model, checkpoint_file(args.ckpt_path, cli.trainer))
     elif not getattr(model, "hparams", {}).get("pretrained_path"):
         warnings.warn("lpl prune: no --ckpt_path and the config's model loads no pretrained weights: pruning its "
                       "freshly initialised weights. Pass the trained model with --ckpt_path.", stacklevel=2)
+    # calibrate, and predict costs, on the device the config's Trainer runs on (fit's BlockPruneCallback does)
+    model.to(cli.trainer.strategy.root_device)
     datamodule.setup("fit")
     options, calib_batches, cost_model = _options(args, cli.trainer)
     result = prune_model(model, datamodule.train_dataloader(), calib_batches=calib_batches, cost_model=cost_model,

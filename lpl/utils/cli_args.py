@@ -151,19 +151,38 @@ def device_argument(parser: argparse.ArgumentParser, name: str, types: tuple[str
         parser.error(str(error))
 
 
-def checked_device(name: str, types: tuple[str, ...] | None = None) -> "torch.device":
-    """``name`` as a torch device this machine has (of one of ``types`` when given), or an LplError saying what to
-    pass instead."""
+def checked_device(name: str, types: tuple[str, ...] = ("cpu", "cuda")) -> "torch.device":
+    """``name`` as a torch device this machine has and this build can run, of one of ``types`` (cpu and cuda unless
+    the caller allows more), or an LplError saying what to pass instead. A meta device (shapes, no data) is refused
+    always."""
     import torch
 
     try:
         device = torch.device(name)
     except RuntimeError:
         raise LplError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
-    if types is not None and device.type not in types:
-        raise LplError(f"--device {name!r}: this runs on {' or '.join(types)}.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LplError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu.")
+    if device.type == "meta" or device.type not in types:
+        why = " (a meta device holds tensor shapes only, no data)" if device.type == "meta" else ""
+        runs = " or ".join(t for t in types if t != "meta")
+        raise LplError(f"--device {name!r}: this runs on {runs}{why}.")
+    if not _available(device.type):
+        lacks = ("no CUDA GPU is visible on this machine" if device.type == "cuda"
+                 else f"this machine or its torch build cannot run {device.type}")
+        raise LplError(f"--device {name}: {lacks}; use --device cpu.")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise LplError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
     return device
+
+
+def _available(device_type: str) -> bool:
+    """Whether this torch build and machine can run ``device_type`` (cuda, mps, xpu, ...: its backend's
+    ``is_available``)."""
+    import torch
+
+    if device_type == "cpu":
+        return True
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, device_type, None)
+    is_available = getattr(backend, "is_available", None)
+    return bool(is_available()) if callable(is_available) else False
