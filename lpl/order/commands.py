@@ -21,7 +21,7 @@ import torch
 from lpl.order.estimator import log_estimates
 from lpl.order.replay import METHODS, ReplayResult, as_orders, check_orders
 from lpl.utils.errors import LplError
-from lpl.utils.cli_args import Parser, checked_device, output_dir, positive_int
+from lpl.utils.cli_args import Parser, checked_device, generator_seed, output_dir, positive_int
 from lpl.utils.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -40,8 +40,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _wandb_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wandb", metavar="PROJECT", default=None,
+    parser.add_argument("--wandb", metavar="PROJECT", default=None, type=_wandb_project,
                         help="also log to this Weights & Biases project (run files under --out)")
+
+
+def _wandb_project(text: str) -> str:
+    """``--wandb PROJECT``, once WANDB_MODE is known to be one wandb takes (checked before any work)."""
+    from lpl.utils.loggers import check_wandb_mode
+
+    try:
+        check_wandb_mode()
+    except LplError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 @contextlib.contextmanager
@@ -204,7 +215,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     parser = Parser(prog="lpl estimate", description="Estimate the final loss of batch orders.")
     _common(parser)
     parser.add_argument("--orders", required=True, help=ORDERS_HELP)
-    parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
+    parser.add_argument("--seed", type=generator_seed, default=0, help="seed for random:N")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="orders replayed at once")
     args, recording = _parse(parser, argv)
     from lpl.order.checking import reference_loss_after
@@ -260,7 +271,7 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
                         help="genetic: the paper's search; local: hill climbing by random swaps and moves (cheaper)")
     parser.add_argument("--population", type=int, default=64,
                         help="orders per generation of the genetic search (local: orders scored per round)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the search's random choices")
+    parser.add_argument("--seed", type=generator_seed, default=0, help="seed of the search's random choices")
     parser.add_argument("--verify", action="store_true", help="retrain the best order to check it (slow)")
     args, _ = _parse(parser, argv)
     estimator = _estimator(args)
@@ -382,7 +393,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
         description="Retrain a few orders and score every estimation method against them, next to 'no change'.")
     parser.add_argument("--recording", required=True, help="folder written by TrainOrderRecorder")
     parser.add_argument("--orders", default=None, help=f"{ORDERS_HELP}; default random:8")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random:N")
+    parser.add_argument("--seed", type=generator_seed, default=0, help="seed for random:N")
     parser.add_argument("--reuse", default=None, metavar="CHECK_JSON",
                         help="the check.json of an earlier check of this recording: score its orders again without "
                              "retraining them (after `lpl sensitivity`, say)")

@@ -95,6 +95,14 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def generator_seed(text: str) -> int:
+    """An argparse ``type`` for a random generator's seed: a whole number torch's generators take."""
+    value = _int_at_least(text, -(2**63))
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {value}.")
+    return value
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)

@@ -217,3 +217,18 @@ def test_wandb_option_logs_the_curves_and_the_heatmap(recording, tmp_path, monke
     position_map_main(["--recording", str(recording), "--method", "adam", "--batches", "0,3", "--out",
                        str(tmp_path / "p"), "--wandb", "lpl-tests"])
     assert list((tmp_path / "p" / "wandb").glob("offline-run-*/files/media/images/order/position_map*.png"))
+
+
+def test_seed_and_wandb_mode_are_checked_when_the_arguments_are_parsed(tmp_path, monkeypatch, capsys):
+    from lpl.order.commands import estimate_main
+
+    with pytest.raises(SystemExit):
+        estimate_main(["--recording", str(tmp_path), "--orders", "random:2", "--seed", str(2**70),
+                       "--out", str(tmp_path / "out")])
+    assert "must be below 2**64" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(SystemExit):
+        estimate_main(["--recording", str(tmp_path), "--orders", "random:2", "--wandb", "proj",
+                       "--out", str(tmp_path / "out")])
+    assert "did you mean 'offline'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
