@@ -20,6 +20,15 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (one summation order), the thread count put back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (NaN never passes)."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

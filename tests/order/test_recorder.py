@@ -14,12 +14,8 @@ from lpl.utils.errors import LplError
 from recorder_support import TinyDataModule, TinyNet, trainer_kwargs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# recordings compared bitwise across runs: one thread, one summation order
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ParamTrace(L.Callback):

@@ -19,12 +19,8 @@ from lpl.utils.errors import LplError
 from test_estimator_task import TinyClassifier, TinyDigits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# recordings compared bitwise across runs: one thread, one summation order
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record(path, model, datamodule=None, callbacks=(), before=(), probe_every=1, **overrides) -> Recording:
