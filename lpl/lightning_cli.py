@@ -290,10 +290,10 @@ def checkpoint_problem(path: str | Path) -> str | None:
 def state_dict_mismatch(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]) -> str | None:
     """How the state dict ``theirs`` (a file's) differs from a model's ``ours``: counts and the first keys and shapes
     of each kind, or None when every key and shape matches."""
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours]
-    reshaped = [f"{k}: {tuple(theirs[k].shape)} in the file, {tuple(ours[k].shape)} in the model"
-                for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
+    from lpl.utils.weights import state_dict_differences
+
+    missing, unexpected, reshaped = state_dict_differences(ours, theirs)
+    reshaped = [f"{k}: {tuple(theirs[k].shape)} in the file, {tuple(ours[k].shape)} in the model" for k in reshaped]
     parts = [f"{len(names)} {label} ({'; '.join(names[:2])}{'; ...' if len(names) > 2 else ''})"
              for label, names in (("missing", missing), ("unexpected", unexpected), ("in other shapes", reshaped))
              if names]

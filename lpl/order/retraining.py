@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.nn.parameter import is_lazy
 
 from lpl.order.pool import collate_samples, single_val_loader
 from lpl.order.recorder import constructor_hparams
@@ -25,6 +24,7 @@ from lpl.order.store import Recording, parameter_signature
 from lpl.utils.errors import LplError
 from lpl.utils.loss import eval_mode, loss_weight, module_loss, to_module
 from lpl.utils.trainer import metrics_unsynced, single_process
+from lpl.utils.weights import state_dict_differences
 
 
 @dataclass
@@ -141,10 +141,8 @@ def _check_state_names_and_shapes(model: torch.nn.Module, initial: Mapping[str, 
     """Refuse a rebuilt module whose state_dict does not have the recorded one's names and shapes, naming them
     (a lazy parameter's shape is not checked: loading gives it the recorded one)."""
     state = model.state_dict()
-    missing = [name for name in initial if name not in state]
-    extra = [name for name in state if name not in initial]
-    shapes = [f"{name} {list(state[name].shape)} (recorded {list(initial[name].shape)})" for name in state
-              if name in initial and not is_lazy(state[name]) and state[name].shape != initial[name].shape]
+    extra, missing, reshaped = state_dict_differences(state, initial)
+    shapes = [f"{name} {list(state[name].shape)} (recorded {list(initial[name].shape)})" for name in reshaped]
     if not (missing or extra or shapes):
         return
     differences = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"

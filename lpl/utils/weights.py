@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -139,6 +139,17 @@ def _adapt_input_convs(model: nn.Module, own: dict[str, torch.Tensor], state: di
     return notes
 
 
+def state_dict_differences(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]
+                           ) -> tuple[list[str], list[str], list[str]]:
+    """How the state dict ``theirs`` differs from ``ours``: the keys of ``ours`` it lacks, the keys it adds, and the
+    keys both hold in other shapes (in ``ours``'s order; a lazy parameter not built yet has no shape to differ)."""
+    missing = [key for key in ours if key not in theirs]
+    unexpected = [key for key in theirs if key not in ours]
+    reshaped = [key for key in ours if key in theirs and not torch.nn.parameter.is_lazy(ours[key])
+                and tuple(theirs[key].shape) != tuple(ours[key].shape)]
+    return missing, unexpected, reshaped
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load ``path`` into ``model``, fine-tuning it to the model's task as timm's pretrained loading does.
 
@@ -152,13 +163,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     own = model.state_dict()
     notes = [*_keep_new_heads(model, own, state), *_resample_positions(model, own, state),
              *_adapt_input_convs(model, own, state)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
+    missing, unexpected, reshaped = state_dict_differences(own, state)
+    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in reshaped]
     if missing or unexpected or wrong_shape:
         details = "; ".join(
             f"{label} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
