@@ -93,13 +93,13 @@ class IndexedDataModule(L.LightningDataModule):
         self.setup()
         if self.batches is None and self.order is None:
             return SeededBatchSampler(len(self.train_set), self.batch_size, self.seed)
-        batches = self.batches if self.batches is not None else self.train_batches()
-        bad = [i for batch in batches for i in batch if not 0 <= int(i) < len(self.train_set)]
+        sampler = OrderedBatchSampler(self.batches if self.batches is not None else self.train_batches(), self.order)
+        bad = [i for batch in sampler.batches for i in batch if i >= len(self.train_set)]
         if bad:
             raise LplError(
                 f"batches name sample id {bad[0]}, but the training set has ids 0..{len(self.train_set) - 1}."
             )
-        return OrderedBatchSampler(batches, self.order)
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_batch_sampler()

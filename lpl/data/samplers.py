@@ -18,6 +18,7 @@ epoch (``reload_dataloaders_every_n_epochs``) brings a new sampler that would ot
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -28,13 +29,21 @@ from lpl.utils.trainer import rank_and_world
 
 
 def _rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
-    if len(batch) % world:
-        raise LplError(
-            f"a global batch of {len(batch)} samples cannot be split evenly over {world} processes; "
-            "choose a batch size divisible by the number of devices."
-        )
     share = len(batch) // world
     return list(batch[rank * share : (rank + 1) * share])
+
+
+def _check_splittable(batches: list[list[int]], world: int, epoch: int) -> None:
+    """Refuse, before the epoch's first step, a global batch the data-parallel processes cannot share evenly."""
+    uneven = [(position, len(batch)) for position, batch in enumerate(batches) if len(batch) % world]
+    if not uneven:
+        return
+    position, size = uneven[0]
+    hint = ("it is the epoch's short last batch: drop it (drop_last=True) or choose a number of samples that splits "
+            "evenly" if position == len(batches) - 1 and size < len(batches[0])
+            else "choose batch sizes divisible by the number of devices")
+    raise LplError(f"batch {position} of epoch {epoch} holds {size} samples, which cannot be split evenly over {world} "
+                   f"data-parallel processes; {hint}.")
 
 
 class _ResumableBatchSampler(Sampler[list[int]]):
@@ -87,6 +96,8 @@ class _ResumableBatchSampler(Sampler[list[int]]):
             # limit_train_batches, without exhausting us): this pass is the next epoch, from its first batch
             self.epoch, self._consumed = self.epoch + 1, 0
         batches = self.global_batches(self.epoch)
+        if world > 1:
+            _check_splittable(batches, world, self.epoch)
         start, self._consumed = self._consumed, 0
         for position in range(start, len(batches)):
             self._consumed = position + 1
@@ -126,11 +137,12 @@ class SeededBatchSampler(_ResumableBatchSampler):
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
         super().__init__()
-        if not isinstance(num_samples, int):  # Lightning re-creating it around a DistributedSampler, say
+        if isinstance(num_samples, Sampler):  # Lightning re-creating it around a DistributedSampler
             raise LplError(
                 f"SeededBatchSampler takes num_samples (an int), got a {type(num_samples).__name__}: under DDP the lpl "
                 "samplers split each batch across processes themselves; run with Trainer(use_distributed_sampler="
                 "False).")
+        num_samples, batch_size = _whole_number(num_samples, "num_samples"), _whole_number(batch_size, "batch_size")
         if num_samples <= 0:
             raise LplError(f"num_samples must be positive, got {num_samples}.")
         if batch_size <= 0:
@@ -139,7 +151,7 @@ class SeededBatchSampler(_ResumableBatchSampler):
             raise LplError(f"batch_size {batch_size} is larger than the {num_samples} training samples.")
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.seed = seed
+        self.seed = _whole_number(seed, "seed")
         self.drop_last = drop_last
 
     def global_batches(self, epoch: int) -> list[list[int]]:
@@ -149,13 +161,38 @@ class SeededBatchSampler(_ResumableBatchSampler):
         return [ids[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
 
-def _whole_numbers(values: Sequence[Any], what: str) -> list[int]:
+def _whole_number(value: Any, what: str) -> int:
+    """``value`` as an int (numpy and 0-d tensor integers too); floats and bools are refused."""
+    if hasattr(value, "ndim") and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise LplError(f"{what} must be a whole number, got {value!r}.")
+    return int(value)
+
+
+def _as_list(values: Any, what: str) -> list[Any]:
+    """A sequence, numpy array or tensor as a list of its entries (an array's rows become lists)."""
+    if hasattr(values, "tolist") and hasattr(values, "ndim"):
+        if values.ndim == 0:
+            raise LplError(f"{what} must be a list, got the single number {values.tolist()!r}.")
+        return values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise LplError(f"{what} must be a list, got {values!r}.")
+    return list(values)
+
+
+def _whole_numbers(values: Any, what: str) -> list[int]:
     """``values`` as ints; floats (1.7 read as 1), bools and negative ids are refused."""
-    values = list(values)
+    values = [v.item() if hasattr(v, "ndim") and v.ndim == 0 else v for v in _as_list(values, what)]
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
     if bad:
         raise LplError(f"{what} must be whole numbers from 0, got {bad[0]!r}.")
     return [int(v) for v in values]
+
+
+def _is_list(entry: Any) -> bool:
+    return (isinstance(entry, Iterable) and not isinstance(entry, (str, bytes))
+            and not (hasattr(entry, "ndim") and entry.ndim == 0))
 
 
 class OrderedBatchSampler(_ResumableBatchSampler):
@@ -180,14 +217,21 @@ class OrderedBatchSampler(_ResumableBatchSampler):
         self, batches: Sequence[Sequence[int]], order: Sequence[int] | Sequence[Sequence[int]] | None = None
     ) -> None:
         super().__init__()
+        batches = _as_list(batches, "batches")
         if len(batches) == 0:
             raise LplError("OrderedBatchSampler needs at least one batch in `batches`.")
+        if not all(_is_list(batch) for batch in batches):
+            raise LplError(f"batches must be a list of batches, each a list of sample ids (e.g. [[0, 1], [2, 3]]); "
+                           f"got {batches[0]!r} as its first batch.")
         self.batches = [_whole_numbers(batch, "a batch's sample ids") for batch in batches]
         if any(len(batch) == 0 for batch in self.batches):
             raise LplError("every batch in `batches` must hold at least one sample id.")
-        order = list(range(len(self.batches))) if order is None else list(order)
-        lists = [isinstance(entry, Sequence) and not isinstance(entry, str) for entry in order]
-        self.per_epoch = bool(order) and all(lists)  # order[k] is epoch k's order
+        order = list(range(len(self.batches))) if order is None else _as_list(order, "order")
+        if not order:
+            raise LplError("order lists no batch: an epoch would train nothing; give at least one position in "
+                           "`batches` (None means the pool order).")
+        lists = [_is_list(entry) for entry in order]
+        self.per_epoch = all(lists)  # order[k] is epoch k's order
         if any(lists) and not self.per_epoch:
             raise LplError("order mixes batch positions and lists of them; give one list of positions, or one list "
                            "per epoch.")

@@ -206,6 +206,18 @@ def test_sampler_ids_and_saved_positions_out_of_range_are_refused() -> None:
     assert list(sampler) == [[2, 3]]
 
 
+def test_a_datamodule_refuses_flat_batches_and_reads_array_orders() -> None:
+    data = _TinyData()
+    data.batches = [0, 1, 2]
+    with pytest.raises(LplError, match="each a list of sample ids"):
+        data.train_batch_sampler()
+    data.batches, data.order = torch.arange(16).reshape(4, 4), torch.tensor([3, 1])
+    assert list(data.train_batch_sampler()) == [[12, 13, 14, 15], [4, 5, 6, 7]]
+    data.batches, data.order = [[0, 16]], None
+    with pytest.raises(LplError, match="sample id 16"):
+        data.train_batch_sampler()
+
+
 class _Indexed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 16

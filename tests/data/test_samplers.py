@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,16 @@ def test_ranks_get_contiguous_slices_of_every_global_batch(monkeypatch):
         list(OrderedBatchSampler([[0, 1, 2, 3]]))
 
 
+def test_a_short_last_batch_the_ranks_cannot_share_is_refused_before_the_epoch_trains(monkeypatch):
+    monkeypatch.setattr(samplers, "rank_and_world", lambda: (0, 2))
+    sampler = SeededBatchSampler(num_samples=9, batch_size=4, drop_last=False)  # batches of 4, 4, 1
+    yielded = []
+    with pytest.raises(LplError, match=r"batch 2 of epoch 0 holds 1 samples.*short last batch.*drop_last=True"):
+        yielded.extend(sampler)
+    assert yielded == []  # refused before the first step, not when the short batch comes
+    assert len(list(SeededBatchSampler(num_samples=10, batch_size=4, drop_last=False))) == 3  # 4, 4, 2 split fine
+
+
 def test_plan_pool_deduplicates_repeated_batches_across_epochs():
     ordered = OrderedBatchSampler([[0, 1], [2, 3], [4, 5]], order=[1, 0, 2])
     pool, order = plan_pool(ordered, batches_per_epoch=3, total_steps=7)
@@ -84,3 +95,33 @@ def test_a_trainers_data_parallel_rank_and_size_pick_the_slice():
     assert list(sampler) == [[2, 3], [6, 7]]
     sampler.trainer = SimpleNamespace(world_size=1, global_rank=0, distributed_sampler_kwargs=None)
     assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_an_empty_order_is_refused():
+    with pytest.raises(LplError, match="order lists no batch"):
+        OrderedBatchSampler([[0, 1], [2, 3]], order=[])
+
+
+def test_arrays_and_tensors_are_read_like_lists():
+    batches, order = [[0, 1], [2, 3], [4, 5]], [2, 0, 2]
+    expected = list(OrderedBatchSampler(batches, order))
+    assert list(OrderedBatchSampler(np.array(batches), np.array(order))) == expected
+    assert list(OrderedBatchSampler(torch.tensor(batches), torch.tensor(order))) == expected
+    assert list(OrderedBatchSampler(batches, [torch.tensor(i) for i in order])) == expected
+    per_epoch = OrderedBatchSampler(batches, np.array([[2, 0], [1, 1]]))
+    assert per_epoch.per_epoch and list(per_epoch) == [[4, 5], [0, 1]] and list(per_epoch) == [[2, 3], [2, 3]]
+    assert SeededBatchSampler(np.int64(10), np.int64(3), seed=np.int64(1)).global_batches(0) == (
+        SeededBatchSampler(10, 3, seed=1).global_batches(0))
+
+
+def test_malformed_batches_orders_and_sizes_get_a_plain_message():
+    with pytest.raises(LplError, match="each a list of sample ids"):
+        OrderedBatchSampler([0, 1, 2])
+    with pytest.raises(LplError, match="order must be a list, got 5"):
+        OrderedBatchSampler([[0, 1]], order=5)
+    with pytest.raises(LplError, match="num_samples must be a whole number, got 10.0"):
+        SeededBatchSampler(10.0, 2)
+    with pytest.raises(LplError, match="batch_size must be a whole number"):
+        SeededBatchSampler(10, "2")
+    with pytest.raises(LplError, match="use_distributed_sampler=False"):
+        SeededBatchSampler(torch.utils.data.SequentialSampler(range(3)), 2)
