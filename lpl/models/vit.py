@@ -171,6 +171,10 @@ class ViTClassifier(L.LightningModule):
         named = {k: v for k, v in named.items() if v is not None}
         _check_model_kwargs(named, model_kwargs or {})
         self.model = create_timm_model(model_name, **named, **(model_kwargs or {}))
+        if not isinstance(self.model.num_classes, int) or self.model.num_classes < 2:
+            raise LplError(f"ViTClassifier classifies into at least 2 classes (cross-entropy, accuracy), but "
+                           f"{model_name!r} was built with num_classes={self.model.num_classes!r}: set num_classes "
+                           "to the number of classes in the data.")
         _warn_untiled(self.model)
         if pretrained_path:
             if not Path(pretrained_path).exists():

@@ -105,6 +105,10 @@ def test_sizes_out_of_range_are_refused_and_uncovered_pixels_warn() -> None:
     for kwargs in ({"vocab_size": 0}, {"num_heads": 0}, {"mlp_hidden": 0}):
         with pytest.raises(LplError, match="must be a whole number >= 1"):
             CausalLM(**kwargs)
+    for classes in (0, 1):  # 0 is timm's headless feature extractor
+        with pytest.raises(LplError, match=f"at least 2 classes.*num_classes={classes}"):
+            ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=classes, embed_dim=32, depth=1,
+                          num_heads=2)
 
 
 def test_images_the_patches_do_not_tile_are_one_clear_error_with_a_dynamic_image_size():
