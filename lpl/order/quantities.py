@@ -77,6 +77,10 @@ class ProbeContext:
     # full (update, precond_grad) of pool batches probed before the validation probe, for the exact dot scalars
     # (None once over DOT_CACHE_BYTES: then no scalars for this step rather than a partial set)
     pending_dots: list[tuple[Tensor, Tensor]] | None = field(default_factory=list)
+    # store eval-mode losses as a forward without autograd measures them (Lightning's validation, retraining): some
+    # layers take another path then (nn.MultiheadAttention's fast path rounds differently in bfloat16)
+    losses_without_grad: bool = False
+    without_grad_differed: bool | None = None  # set by the validation probe when it measured both ways
 
 
 DOT_CACHE_BYTES = 1 << 30  # keep at most this much of full vectors for the validation-dot scalars
@@ -268,7 +272,8 @@ def _pool_rows(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> _PoolRows
         theta, exp_avg, exp_avg_sq = _state(ctx)
         terms = adam_terms(grad, theta, exp_avg, exp_avg_sq, ctx.adam)
         rows = [grad, terms.update, terms.precond_grad]
-        scalars = {"loss": loss.detach().float().reshape(())}
+        scalars = {"loss": _loss_without_grad(batch_loss) if ctx.losses_without_grad
+                   else loss.detach().float().reshape(())}
         if ctx.val_grad is not None:
             val_grad = ctx.val_grad.to(grad.device)
             scalars["val_dot_update"] = (val_grad @ terms.update).reshape(())
@@ -282,6 +287,11 @@ def _pool_rows(ctx: ProbeContext, batch_loss: Callable[[], Tensor]) -> _PoolRows
             rank = basis.shape[0]
             rows += [*basis, *(terms.d_precond * images), *(terms.d_update * images)]
     return _PoolRows(scalars, torch.stack(rows).detach(), rank)
+
+
+def _loss_without_grad(loss_fn: Callable[[], Tensor]) -> Tensor:
+    with torch.no_grad():
+        return loss_fn().detach().float().reshape(())
 
 
 def _pool_outputs(ctx: ProbeContext, pending: _PoolRows, projected: Tensor) -> dict[str, Tensor]:
@@ -343,7 +353,12 @@ def probe_validation(ctx: ProbeContext, val_loss: Callable[[], Tensor]) -> dict[
             hvp = hessian_vector_product(grads, ctx.params)
             vectors, values = top_curvature(hvp, grad, ctx.val_curvature_rank, 4 * ctx.val_curvature_rank)
     ctx.val_grad = grad
-    out = {"val_loss": loss.detach().float().reshape(()).cpu(), "val_grad": _project(ctx, grad).cpu()}
+    loss = loss.detach().float().reshape(())
+    if ctx.losses_without_grad:
+        measured = _loss_without_grad(val_loss)
+        ctx.without_grad_differed = bool(measured != loss)
+        loss = measured
+    out = {"val_loss": loss.cpu(), "val_grad": _project(ctx, grad).cpu()}
     if curvature:
         rank, m = vectors.shape[0], ctx.val_curvature_rank
         # rows beyond an exhausted Krylov space stay zero: they add nothing to the quadratic term

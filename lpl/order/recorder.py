@@ -450,6 +450,8 @@ class TrainOrderRecorder(L.Callback):
         self._created_over: set[Path] | None = None  # the folder's entries before this fit created the recording
         self._masks_warned = False
         self._diverged_warned = False
+        # whether eval-mode losses differ without autograd (then stored as measured so); None until the first probe
+        self._losses_without_grad: bool | None = None
         self._changed_warned: set[str] = set()
         self._total_steps = 0
         self._one_process = contextlib.ExitStack()  # holds single_process() for a one-device fit in a DDP process
@@ -540,6 +542,7 @@ class TrainOrderRecorder(L.Callback):
         self._rng_after_step = None  # a new fit (or a resume) starts from generators no step of this run left
         saved_rng, self._checkpoint_rng = self._checkpoint_rng, None
         self._masks_warned = self._diverged_warned = False
+        self._losses_without_grad = None
         _check_fresh_start(trainer, optimizer)
         sampler = self._batch_sampler(trainer)
         total = trainer.estimated_stepping_batches
@@ -1008,6 +1011,7 @@ class TrainOrderRecorder(L.Callback):
             curvature_rank=self.curvature_rank,
             # the quadratic term corrects the final estimate: its validation HVPs are spent once, at t = T
             val_curvature_rank=self.val_curvature_rank if step == self._total_steps else 0,
+            losses_without_grad=self._losses_without_grad is not False,
         )
         forward = trainer.precision_plugin.forward_context
         positions = list(range(rank, len(self._pool), world))
@@ -1019,9 +1023,12 @@ class TrainOrderRecorder(L.Callback):
             val_outputs = None
             if val_loader is not None:
                 val_outputs = quantities.probe_validation(context, validation_loss_fn(val_loader, pl_module, forward))
+                if self._losses_without_grad is None:  # the first probe measured both ways: keep what it found
+                    self._losses_without_grad = context.without_grad_differed
             # before a step, the gradient that step would feed Adam (training modes, its dropout masks); after the
             # last one, the batch's loss in eval mode, as retraining measures it
             as_trained = step < self._total_steps
+            context.losses_without_grad = not as_trained and self._losses_without_grad is not False
 
             def batch_losses() -> Iterator[Callable[[], torch.Tensor]]:
                 for position in positions:

@@ -193,3 +193,47 @@ def test_a_rebuilt_model_that_differs_is_refused_saying_what_differs(tmp_path):
     del rec.manifest["model"]["frozen"]  # recorded before the frozen parameters were stored
     with pytest.raises(LplError, match="trains 1210 values, the recorded run trained 170: .*froze or unfroze"):
         retrain(rec, rec.order, accelerator="cpu")
+
+
+class AttentionClassifier(_BuildsItsOwnLayers):
+    """The digits as 8 tokens of 8 pixels through nn.TransformerEncoderLayer, whose eval-mode forward without
+    autograd takes PyTorch's fused fast path (other rounding in bfloat16 than the autograd path)."""
+
+    def __init__(self, lr: float = 0.003) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Unflatten(1, (8, 8)), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0,
+                                                                                   batch_first=True),
+                                 nn.Flatten(), nn.Linear(64, 10))
+
+
+def test_losses_are_recorded_as_validation_measures_them_when_autograd_changes_the_path(tmp_path):
+    path = _record(tmp_path / "rec", AttentionClassifier(), precision="bf16-mixed")
+    rec = Recording.open(path)
+    retrained = retrain(rec, rec.order, accelerator="cpu", batch_losses=True)
+    recorded = torch.tensor(rec.probe_scalars["val_loss"], dtype=torch.float64)
+    # the autograd path's loss was 1e-4 off at every step, from the first (same weights)
+    torch.testing.assert_close(retrained.loss_curve, recorded, atol=1e-6, rtol=0)
+    torch.testing.assert_close(retrained.batch_losses.double(), rec.step(rec.num_steps, ["loss"])["loss"].double(),
+                               atol=1e-6, rtol=0)
+
+
+class CountsLossesWithoutGrad(TinyClassifier):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.without_grad = 0
+
+    def loss(self, batch):
+        self.without_grad += not torch.is_grad_enabled()
+        return super().loss(batch)
+
+
+def test_losses_the_autograd_path_measures_alike_are_measured_once(tmp_path):
+    model = CountsLossesWithoutGrad()
+    path = _record(tmp_path / "rec", model)
+    # the first probe compares the two ways on the validation set (300 samples, batches of 256); equal, nothing is
+    # measured twice again
+    assert model.without_grad == 2
+    rec = Recording.open(path)
+    torch.testing.assert_close(retrain(rec, rec.order, accelerator="cpu").loss_curve,
+                               torch.tensor(rec.probe_scalars["val_loss"], dtype=torch.float64), atol=1e-6, rtol=0)
