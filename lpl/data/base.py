@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from lpl.data.samplers import OrderedBatchSampler, SeededBatchSampler
+from lpl.data.samplers import OrderedBatchSampler, SeededBatchSampler, _ResumableBatchSampler
 from lpl.utils.errors import LplError
 
 
@@ -37,6 +37,15 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_sampler.load_state_dict(state)
+
+
+def attach_trainer(loader: Any, trainer: Any) -> None:
+    """Give ``trainer`` to an lpl loader and batch sampler built without it (by the user, not an lpl DataModule): a
+    sampler then follows the Trainer's epoch and ranks, and the loader saves the batches trained, not those its
+    workers prefetched. Anything else is left alone."""
+    for part in (loader, getattr(loader, "batch_sampler", None)):
+        if isinstance(part, (ResumableDataLoader, _ResumableBatchSampler)) and part.trainer is None:
+            part.trainer = trainer
 
 
 class IndexedDataModule(L.LightningDataModule):

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lpl.data.base import attach_trainer
 from lpl.order import quantities
 from lpl.order.pool import collate_samples, plan_pool, single_val_loader, validation_loss_fn
 from lpl.order.projection import PROJECTION_KINDS, Projector
@@ -534,6 +535,7 @@ class TrainOrderRecorder(L.Callback):
         self._one_process.close()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        attach_trainer(trainer.train_dataloader, trainer)
         restore_loader_position(trainer)  # a resume continues the recorded order where the checkpoint left it
         optimizer = self._check_trainer(trainer, pl_module)
         _check_initialised(pl_module)
@@ -701,6 +703,9 @@ class TrainOrderRecorder(L.Callback):
     @staticmethod
     def _decoupled(optimizer: torch.optim.Optimizer) -> bool:
         return bool(isinstance(optimizer, torch.optim.AdamW) or optimizer.param_groups[0].get("decoupled_weight_decay"))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        attach_trainer(trainer.train_dataloader, trainer)  # a loader rebuilt for the epoch (before its first batch)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -189,6 +189,21 @@ def test_a_schedule_stepped_per_epoch_over_two_epochs_is_retrained_as_recorded(t
     assert OrderEstimator.from_recording(path).estimate(recording.order).final_loss == pytest.approx(final, abs=1e-5)
 
 
+class OwnLoaderDigits(TinyDigits):
+    """A user's DataModule building lpl's loader and sampler itself, without attaching the Trainer to them."""
+
+    def train_dataloader(self):
+        return ResumableDataLoader(self.train_set, batch_sampler=self.train_batch_sampler())
+
+
+def test_a_user_built_lpl_loader_follows_the_trainer_when_loaders_reload_every_epoch(tmp_path):
+    # unattached, the rebuilt sampler of epoch 1 trained epoch 0's shuffle again: refused at step 4 as not reproducible
+    path = _record(tmp_path / "rec", EpochScheduled(lr=0.01), OwnLoaderDigits(num_train=128), max_steps=-1,
+                   max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    recording = _retrains_as_recorded(path)
+    assert recording.order == list(range(8)) and recording.status == "complete"
+
+
 class NoHparams(TinyClassifier):
     """Keeps its arguments itself, without save_hyperparameters: a rebuild cannot know them."""
 
