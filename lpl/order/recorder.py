@@ -103,6 +103,18 @@ def _parameter_change(
     return None
 
 
+def _sample_ids(index: Any) -> list[int]:
+    """A batch's ``index`` entry as a list of ints; anything but integer sample ids is refused."""
+    if isinstance(index, torch.Tensor) and not index.is_floating_point() and not index.is_complex() \
+            and index.dtype != torch.bool:
+        return [int(i) for i in index.reshape(-1).tolist()]
+    if isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+        return list(index)
+    shown = f"a {index.dtype} tensor" if isinstance(index, torch.Tensor) else f"{type(index).__name__} {index!r:.60}"
+    raise LplError(f"batch['index'] must hold integer sample ids (each sample's position in the train dataset), got "
+                   f"{shown}; return {{'index': i, ...}} from the dataset's __getitem__(i).")
+
+
 def _check_fresh_start(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
     """A recording starts from a fresh Adam, and a resumed one continues the recorded order from the checkpoint."""
     if trainer.global_step == 0 and any(optimizer.state.values()):
@@ -467,7 +479,7 @@ class TrainOrderRecorder(L.Callback):
                 f"the run has {len(trainer.optimizers)}."
             )
         optimizer = trainer.optimizers[0]
-        if not isinstance(optimizer, torch.optim.Adam):
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam from torch 2.7
             raise LplError(
                 f"TrainOrderRecorder records Adam/AdamW runs, but the optimizer is {type(optimizer).__name__}; "
                 "configure torch.optim.Adam or torch.optim.AdamW."
@@ -947,18 +959,21 @@ class TrainOrderRecorder(L.Callback):
         planned = self._pool[self._order[step]]
         share = len(planned) // world
         planned_slice = planned[rank * share : (rank + 1) * share]
-        seen = [int(i) for i in batch["index"].reshape(-1).tolist()]
+        seen = _sample_ids(batch["index"])
         if seen != planned_slice:
+            cause = ("the loader's order is not reproducible (or it did not resume where it stopped)"
+                     if sorted(seen) == sorted(planned_slice) or step > 0 else
+                     "batch['index'] must be each sample's position i in the train dataset (dataset[i]), the ids the "
+                     "batch sampler draws; a Subset's items, say, keep the ids of the dataset they come from")
             raise LplError(
                 f"at step {step} the train loader yielded samples {seen[:4]}... but its batch sampler planned "
-                f"{planned_slice[:4]}...; the loader's order is not reproducible "
-                "(or it did not resume where it stopped)."
+                f"{planned_slice[:4]}...; {cause}."
             )
 
     def _check_data_repeats(self, trainer: L.Trainer, batch: Mapping[str, Any], step: int) -> None:
         """Warn when the dataset gives other data for the sample ids the loader just gave (random augmentation, say):
         probes, retraining and the sensitivity data load pool batches again by id and must see what training saw."""
-        ids = [int(i) for i in batch["index"].reshape(-1).tolist()]
+        ids = _sample_ids(batch["index"])
         rng = capture_rng()  # loading must not move the RNG streams training draws from
         try:
             again = self._load_samples(trainer, ids, trainer.lightning_module)

@@ -204,6 +204,39 @@ def test_a_user_built_lpl_loader_follows_the_trainer_when_loaders_reload_every_e
     assert recording.order == list(range(8)) and recording.status == "complete"
 
 
+class RelabelledIds(torch.utils.data.Dataset):
+    """The digits with other sample ids: strings, or the positions in a larger dataset (as a Subset's items keep)."""
+
+    def __init__(self, data, ids) -> None:
+        self.data, self.ids = data, ids
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "index": self.ids(i)}
+
+
+class RelabelledDigits(TinyDigits):
+    def __init__(self, kind: str = "string") -> None:
+        super().__init__()
+        self.kind = kind
+
+    def build_datasets(self):
+        train, val = super().build_datasets()
+        ids = (lambda i: f"img_{i:05d}") if self.kind == "string" else (lambda i: torch.tensor(i + 1000))
+        return RelabelledIds(train, ids), val
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("string", r"integer sample ids.*got list \['img_"),
+    ("offset", r"yielded samples \[10\d\d.*position i in the train dataset"),
+])
+def test_sample_ids_that_are_not_train_set_positions_are_named(tmp_path, kind, match):
+    with pytest.raises(LplError, match=match):
+        _record(tmp_path / "rec", TinyClassifier(), RelabelledDigits(kind), max_steps=2)
+
+
 class NoHparams(TinyClassifier):
     """Keeps its arguments itself, without save_hyperparameters: a rebuild cannot know them."""
 
