@@ -146,7 +146,7 @@ def _warn_unstored_hparams(info: Mapping[str, Any]) -> None:
             "plain numbers, strings or lists (and build the objects from them in __init__) to retrain it.")
 
 
-def _rebuild_failure(cls: type, arguments: Mapping[str, Any]) -> str | None:
+def rebuild_failure(cls: type, arguments: Mapping[str, Any]) -> str | None:
     """Why ``cls(**arguments)`` cannot be called (arguments its ``__init__`` does not take, all of them named, or
     one it needs and ``arguments`` lack), or None."""
     try:
@@ -166,7 +166,7 @@ def _rebuild_failure(cls: type, arguments: Mapping[str, Any]) -> str | None:
 def _warn_unbound_hparams(cls: type, info: Mapping[str, Any], retraining_adds: Mapping[str, Any] | None = None) -> None:
     """Warn now, not when retraining fails after the run, when the stored hyperparameters do not build ``cls`` as
     retraining builds it: ``cls(**constructor_hparams(hparams), **retraining_adds)``."""
-    problem = _rebuild_failure(cls, {**constructor_hparams(info["hparams"]), **(retraining_adds or {})})
+    problem = rebuild_failure(cls, {**constructor_hparams(info["hparams"]), **(retraining_adds or {})})
     if problem is not None:
         rank_zero_warn(
             f"TrainOrderRecorder: {info['class_path']} cannot be rebuilt from its hyperparameters "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import math
 import warnings
@@ -17,7 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order.pool import collate_samples, single_val_loader
-from lpl.order.recorder import constructor_hparams
+from lpl.order.recorder import constructor_hparams, rebuild_failure
 from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.order.store import Recording, parameter_signature
@@ -75,24 +76,44 @@ def rebuild(recording: Any, order: Sequence[int]) -> tuple[L.LightningModule, L.
                 f"{info['class_path']} hyperparameters {info['hparams_not_stored']} could not be stored as JSON, "
                 "so the run cannot be rebuilt; pass them as plain numbers, strings or lists."
             )
-    try:  # recordings made before LightningCLI's entries were left out at record time still hold them
-        model = _import(model_info["class_path"])(**constructor_hparams(model_info["hparams"]))
-    except TypeError as error:
-        raise LplError(
-            f"{model_info['class_path']} cannot be built again from its recorded hyperparameters ({error}): its "
-            "self.hparams must be the arguments of its __init__ (call self.save_hyperparameters() there, unchanged)."
-        ) from None
+    # constructor_hparams: recordings made before LightningCLI's entries were left out at record time still hold them
+    model = _build(model_info["class_path"], constructor_hparams(model_info["hparams"]))
     _load_initial_state(model, recording, model_info)
     hparams = constructor_hparams(data_info["hparams"])
     hparams.update(batches=recording.batches, order=_epochs_of(recording, order))
-    try:
-        datamodule = _import(data_info["class_path"])(**hparams)
-    except TypeError as error:
+    return model, _build(data_info["class_path"], hparams)
+
+
+def _build(class_path: str, arguments: dict[str, Any]) -> Any:
+    """``class_path(**arguments)``. Arguments its ``__init__`` cannot take are refused saying which; an error raised
+    inside ``__init__`` is the class's own and propagates, noted as raised while retraining rebuilt it."""
+    cls = _import(class_path)
+    problem = rebuild_failure(cls, arguments)
+    if problem is not None and {"batches", "order"} <= set(arguments) and not _takes(cls, ("batches", "order")):
         raise LplError(
-            f"{data_info['class_path']} does not take `batches` and `order` ({error}); retraining needs a DataModule "
-            "that trains explicit batches in an explicit order (every lpl DataModule does)."
-        ) from None
-    return model, datamodule
+            f"{class_path} does not take `batches` and `order` ({problem}); retraining needs a DataModule that trains "
+            "explicit batches in an explicit order (every lpl DataModule does)."
+        )
+    if problem is not None:
+        raise LplError(
+            f"{class_path} cannot be built again from its recorded hyperparameters ({problem}): its self.hparams must "
+            "be the arguments of its __init__ (call self.save_hyperparameters() there, unchanged)."
+        )
+    try:
+        return cls(**arguments)
+    except Exception as error:
+        error.add_note(f"(raised by {class_path}.__init__ while retraining rebuilt it from the recording)")
+        raise
+
+
+def _takes(cls: type, names: Sequence[str]) -> bool:
+    """Whether ``cls(...)`` accepts every one of ``names`` as a keyword (a ``**kwargs`` takes any)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return any(p.kind is p.VAR_KEYWORD for p in parameters) or set(names) <= named
 
 
 def _epochs_of(recording: Any, order: Sequence[int]) -> list[int] | list[list[int]]:

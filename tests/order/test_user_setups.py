@@ -172,6 +172,37 @@ def test_a_datamodule_retraining_cannot_rebuild_is_told_up_front(tmp_path):
         retrain(path, Recording.open(path).order)
 
 
+class MergedHparamsDigits(TinyDigits):
+    """Takes batches and order, but its parent's save_hyperparameters stored the parent's arguments, not its own."""
+
+    def __init__(self, root: str = "/data", batches=None, order=None) -> None:
+        super().__init__(batches=batches, order=order)
+        self.root = root
+
+
+class FailsWhenRebuilt(TinyClassifier):
+    """An __init__ that raises a TypeError of its own when retraining rebuilds it (its data gone, say)."""
+
+    built = 0
+
+    def __init__(self, **kwargs) -> None:
+        FailsWhenRebuilt.built += 1
+        if FailsWhenRebuilt.built > 1:
+            raise TypeError("the vocabulary file is gone")
+        super().__init__(**kwargs)
+
+
+def test_rebuild_failures_name_their_cause(tmp_path):
+    with pytest.warns(UserWarning, match="MergedHparamsDigits cannot be rebuilt"):
+        path = _record(tmp_path / "data", TinyClassifier(), MergedHparamsDigits(), max_steps=2)
+    with pytest.raises(LplError, match=r"MergedHparamsDigits cannot be built again.*takes no 'batch_size'"):
+        retrain(path, Recording.open(path).order)  # it blamed `batches` and `order`, which it takes
+    path = _record(tmp_path / "model", FailsWhenRebuilt(), TinyDigits(), max_steps=2)
+    with pytest.raises(TypeError, match="the vocabulary file is gone") as raised:
+        retrain(path, Recording.open(path).order)  # it blamed the recorded hyperparameters
+    assert "while retraining rebuilt it" in raised.value.__notes__[0]
+
+
 class EpochScheduled(TinyClassifier):
     """A step-decay learning rate that steps once an epoch, as most schedules in the wild do."""
 
