@@ -635,10 +635,21 @@ class Recording:
         try:
             size = path.stat().st_size
         except OSError:
+            if self.status == "recording" and self._replaced_since_opened(info["file"]):
+                raise RecordingError(f"{path} is gone: the recording was being written when it was opened and the "
+                                     "run has replaced that file since (it does with the RNG states); open it again "
+                                     "(Recording.open) to read what it holds now.") from None
             raise RecordingError(f"{path} is missing; the recording is incomplete.") from None
         if size != info["bytes"]:
             raise RecordingError(f"{path} has {size} bytes, the manifest says {info['bytes']}: truncated or replaced.")
         return path
+
+    def _replaced_since_opened(self, name: str) -> bool:
+        """Whether the manifest now on disk no longer names file ``name`` (a running writer replaced it)."""
+        try:
+            return f'"{name}"' not in json.dumps(_read_manifest(self.root))
+        except RecordingError:
+            return False
 
     def _read_all(self, info: Mapping[str, Any], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         path = self._path(info)

@@ -334,6 +334,20 @@ def test_rewriting_a_file_the_manifest_names_survives_a_kill_at_any_point(tmp_pa
     assert [p.name for p in tmp_path.glob("rng_state*")] in ([named], sorted([named, "rng_state.safetensors"]))
 
 
+def test_a_file_a_running_writer_replaced_after_opening_says_to_open_again(tmp_path):
+    writer = _record(tmp_path, finish=False)
+    writer.write_rng_state({"torch": torch.zeros(4, dtype=torch.uint8)}, 0)
+    writer.write_rng_state({"torch": torch.ones(4, dtype=torch.uint8)}, 2)
+    opened = Recording.open(tmp_path)
+    writer.write_rng_state({"torch": torch.ones(4, dtype=torch.uint8)}, 3)  # a new file; the one named above goes
+    with pytest.raises(RecordingError, match="being written when it was opened.*open it again"):
+        opened.rng_states()
+    assert list(Recording.open(tmp_path).rng_states()) == [0, 2, 3]
+    (tmp_path / Recording.open(tmp_path).manifest["rng_state"]["file"]).unlink()  # lost, not replaced
+    with pytest.raises(RecordingError, match="is missing; the recording is incomplete"):
+        Recording.open(tmp_path).rng_states()
+
+
 def test_one_writer_at_a_time(tmp_path):
     writer = _record(tmp_path, finish=False)
     with pytest.raises(RecordingError, match="being written by another writer"):
