@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import csv
+import functools
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -73,6 +75,40 @@ def _wandb_logger(args: argparse.Namespace, name: str) -> Iterator[Any]:
     logger.experiment.finish()
 
 
+# the --out folder a running command created and the first of its parents it created (removed again, if still empty,
+# when the command fails)
+_created_out: contextvars.ContextVar[tuple[Path, Path] | None] = contextvars.ContextVar("created_out", default=None)
+
+
+def _command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """A ``*_main`` that leaves no empty --out folder behind when it fails (a refused method or order, say)."""
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        token = _created_out.set(None)
+        try:
+            return main(argv)
+        except BaseException:
+            _remove_empty(_created_out.get())
+            raise
+        finally:
+            _created_out.reset(token)
+
+    return run
+
+
+def _remove_empty(created: tuple[Path, Path] | None) -> None:
+    """Remove the folders from ``out`` up to ``top`` (the first that did not exist) while they are empty."""
+    if created is None:
+        return
+    out, top = created
+    for folder in [out, *out.parents]:
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        if folder == top:
+            return
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recording]:
     """The arguments and the opened --recording, with the --out folder created before any work: a path the
     parse-time check lets through may still be impossible to create (under /proc, a name too long for the file
@@ -81,11 +117,18 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple
 
     args = parser.parse_args(argv)
     recording = Recording.open(args.recording)
+    out = Path(args.out).absolute()
+    top = out
+    while not top.parent.exists():
+        top = top.parent
+    existed = out.exists()
     try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"argument --out: {str(args.out)!r}: cannot create it ({error.strerror or error}); choose "
                      "another path.")
+    if not existed:
+        _created_out.set((out, top))
     return args, recording
 
 
@@ -210,6 +253,7 @@ def _plot_curves(curves: torch.Tensor, reference: torch.Tensor, path: Path, limi
     atomic_save_figure(figure, path)
 
 
+@_command
 def estimate_main(argv: Sequence[str] | None = None) -> int:
     """`lpl estimate --recording DIR --orders FILE|random:N --out DIR`: estimates.json, estimates.csv, curves.png."""
     parser = Parser(prog="lpl estimate", description="Estimate the final loss of batch orders.")
@@ -260,6 +304,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@_command
 def curriculum_main(argv: Sequence[str] | None = None) -> int:
     """`lpl curriculum --recording DIR --out DIR [--budget N --search genetic|local --verify]`: best_order.json."""
     from lpl.order.curriculum import SEARCH_METHODS, search
@@ -296,7 +341,8 @@ def curriculum_main(argv: Sequence[str] | None = None) -> int:
             if logger is not None:
                 logger.log_metrics({"curriculum/retrained_loss": retrained,
                                     "curriculum/reference_loss": estimator.reference_loss})
-    print(f"best order estimated {result.score:.4f} (reference {estimator.reference_loss:.4f}) after "
+    retrained_text = f", retrained {summary['retrained_loss']:.4f}" if "retrained_loss" in summary else ""
+    print(f"best order estimated {result.score:.4f}{retrained_text} (reference {estimator.reference_loss:.4f}) after "
           f"{result.evaluations} orders; wrote {out}/best_order.json, search.png")
     return 0
 
@@ -315,6 +361,7 @@ def _plot_progress(history: list[float], path: Path) -> None:
     atomic_save_figure(figure, path)
 
 
+@_command
 def position_map_main(argv: Sequence[str] | None = None) -> int:
     """`lpl position-map --recording DIR --out DIR [--batches 0,5,9]`: position_map.csv and position_map.png."""
     from lpl.order.position import plot_position_map, position_map
@@ -347,6 +394,7 @@ def position_map_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@_command
 def sensitivity_main(argv: Sequence[str] | None = None) -> int:
     """`lpl sensitivity --recording DIR`: add the full-space sensitivity data to a recording (methods "linearized"
     and "adjoint")."""
@@ -383,6 +431,7 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@_command
 def check_methods_main(argv: Sequence[str] | None = None) -> int:
     """`lpl check-methods --recording DIR --orders random:N --out DIR`: every method against retrained orders
     (check.json, check.csv, check.png)."""

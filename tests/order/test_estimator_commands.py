@@ -80,6 +80,26 @@ def test_a_wrong_recording_is_refused_before_out_is_created(tmp_path, main, extr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_refused_command_leaves_no_out_folder_it_created(recording, tmp_path):
+    out = tmp_path / "out" / "sub"
+    with pytest.raises(LplError, match="curvature_rank"):  # the method lacks its data: refused after --out exists
+        estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "first_order",
+                       "--out", str(out)])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    with pytest.raises(LplError, match="curvature_rank"):
+        estimate_main(["--recording", str(recording), "--orders", "random:2", "--method", "first_order",
+                       "--out", str(tmp_path / "kept")])
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_curriculum_verify_prints_the_retrained_loss(recording, tmp_path, capsys):
+    curriculum_main(["--recording", str(recording), "--method", "adam", "--budget", "16", "--population", "8",
+                     "--search", "local", "--verify", "--out", str(tmp_path)])
+    best = json.loads((tmp_path / "best_order.json").read_text())
+    assert f"retrained {best['retrained_loss']:.4f}" in capsys.readouterr().out
+
+
 def test_curriculum_and_position_map(recording, tmp_path):
     curriculum_main(["--recording", str(recording), "--method", "adam", "--budget", "128", "--population", "16",
                      "--out", str(tmp_path)])
