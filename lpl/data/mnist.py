@@ -106,7 +106,9 @@ class MNIST5kDataModule(IndexedDataModule):
         remaining = self.val_size - int(is_val.sum())
         if remaining:
             is_val[permutation[~is_val[permutation]][:remaining]] = True
-        val_ids = permutation[is_val[permutation]].sort().values
+        # validation in the seeded shuffle's order, not by id (the images are stored by class): a part of it, as
+        # limit_val_batches or a pruning callback's evaluation reads, is then a sample of every class
+        val_ids = permutation[is_val[permutation]]
         train_ids = permutation[~is_val[permutation]].sort().values
         return (
             MNIST5kDataset(images, labels, train_ids, self.img_size),

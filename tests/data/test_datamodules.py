@@ -25,6 +25,9 @@ def test_mnist_split_shapes_ids_and_balance(mnist: MNIST5kDataModule) -> None:
     assert torch.equal(mnist.train_set[first]["image"], batch["image"][0])
     # stratified validation split: 100 images of each digit
     assert torch.bincount(mnist.val_set.labels, minlength=10).tolist() == [100] * 10
+    # in a shuffled order: the first validation batch already holds every digit (it held only 0s in id order)
+    first_val = next(iter(mnist.val_dataloader()))["label"][:64]
+    assert torch.unique(first_val).numel() == 10
     # train and validation come from disjoint rows of the 5,000
     assert not set(mnist.train_set.ids.tolist()) & set(mnist.val_set.ids.tolist())
 
