@@ -61,6 +61,8 @@ def _user_error(error: BaseException) -> str | None:
     while error is not None and id(error) not in seen:
         if isinstance(error, LplError):
             return _original_message(error)
+        if isinstance(error, RuntimeError) and "more than one stateful callback of type `" in str(error):
+            return _one_callback_per_trainer(str(error))
         if isinstance(error, MisconfigurationException) and _no_such_accelerator(str(error)):
             return f"{error} Pass --trainer.accelerator=cpu to run on this machine's CPU."
         if isinstance(error, MisconfigurationException):  # a Trainer setting Lightning refuses
@@ -74,6 +76,20 @@ def _user_error(error: BaseException) -> str | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _one_callback_per_trainer(message: str) -> str:
+    """Lightning's refusal of two instances of a stateful callback, in lpl's words for lpl's callbacks (its hint, a
+    unique state_key, would only lead to lpl refusing the pair), as Lightning says it for others."""
+    name = message.split("`")[1]
+    if name == "BlockPruneCallback":
+        from lpl.prune.callback import ONE_PER_TRAINER
+
+        return ONE_PER_TRAINER
+    if name == "TrainOrderRecorder":
+        return ("a Trainer takes one TrainOrderRecorder (a run is one recording); record another run in a fit of its "
+                "own.")
+    return message  # a configuration mistake all the same: one line, not a traceback
 
 
 def _original_message(error: LplError) -> str:

@@ -43,7 +43,8 @@ class BlockPruneCallback(Callback):
     gets per-layer density / latency / energy and distortion curves, once) and saves it as ``prune_result/`` beside
     the checkpoints (or at ``result_path``). One BlockPruneCallback per Trainer (include every layer group in it),
     and weight averaging (StochasticWeightAveraging, EMA) only with masks applied at fit start (prune_after_steps=0
-    or ``result``): other combinations are refused at fit start.
+    or ``result``): other combinations are refused (a second BlockPruneCallback by Lightning when the Trainer is
+    built, the rest at fit start).
     ``prune_after_steps`` counts optimizer steps (a module stepping two optimizers per batch takes two per batch).
 
     Example::
@@ -405,9 +406,13 @@ def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:
                 "exported would not be the pruned one. Prune at fit start (prune_after_steps=0, or result=...) to "
                 "average the pruned weights, or average in a fit of its own.")
         if isinstance(other, BlockPruneCallback) and other is not callback:
-            raise LplError(
-                "a Trainer takes one BlockPruneCallback: a second one would apply its masks in place of the first's. "
-                "Prune every layer group with one callback (include=[... all patterns ...]).")
+            raise LplError(ONE_PER_TRAINER)
+
+
+# Lightning refuses a second instance of a stateful callback when the Trainer is built (the CLI prints this instead);
+# the check at fit start catches subclasses with a state_key of their own
+ONE_PER_TRAINER = ("a Trainer takes one BlockPruneCallback: a second one would apply its masks in place of the "
+                   "first's. Prune every layer group with one callback (include=[... all patterns ...]).")
 
 
 def _validation_batches(trainer: L.Trainer) -> Iterator[Any] | None:

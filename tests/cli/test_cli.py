@@ -10,6 +10,7 @@ from pathlib import Path
 # whose captured stream is closed afterwards ("--- Logging error ---" tracebacks in later tests' stderr)
 import lightning  # noqa: F401
 import pytest
+import yaml
 import timm
 from PIL import Image
 from safetensors.torch import save_file
@@ -109,6 +110,17 @@ def test_a_model_that_does_not_fit_the_data_is_one_clear_line(capsys, config, se
     err = _error_of(capsys, "fit", "--config", str(CONFIGS / config), *SHORT, "--trainer.logger=false",
                     "--model.init_args.depth=1", setting)
     assert re.search(message, err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("callback", ["lpl.prune.BlockPruneCallback", "lpl.order.TrainOrderRecorder"])
+def test_a_second_lpl_callback_is_one_clear_line(tmp_path, capsys, callback) -> None:
+    # Lightning refuses it when the Trainer is built, hinting at a unique state_key, which lpl would refuse next
+    arguments = {"lpl.prune.BlockPruneCallback": {}, "lpl.order.TrainOrderRecorder": {"dirpath": str(tmp_path)}}
+    entry = {"class_path": callback, "init_args": arguments[callback]}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [entry, entry]}}))
+    err = _error_of(capsys, "fit", "--config", str(CONFIGS / "mnist_vit.yaml"), "--config", str(tmp_path / "two.yaml"),
+                    *SHORT, "--trainer.logger=false")
+    assert f"a Trainer takes one {callback.rpartition('.')[2]}" in err and "Traceback" not in err
 
 
 def test_not_an_imagenet_folder(tmp_path, capsys) -> None:
