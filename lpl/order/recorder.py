@@ -26,7 +26,7 @@ from lpl.order.projection import PROJECTION_KINDS, Projector
 from lpl.order.rng import as_in_training, capture_rng, restore_rng, same_states, set_step_rng_state, step_rng_state
 from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_signature
 from lpl.prune.masking import has_masks
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, checked_count
 from lpl.utils.loss import module_loss, to_module
 from lpl.utils.trainer import (fit_val_loaders, metrics_unsynced, rank_and_world, restore_loader_position,
                                single_process, weight_averaging_callbacks)
@@ -423,18 +423,15 @@ class TrainOrderRecorder(L.Callback):
         curvature_rank: int = 2,
         val_curvature_rank: int = 0,
     ) -> None:
-        if proj_dim <= 0:
-            raise LplError(f"proj_dim must be positive, got {proj_dim}.")
-        if probe_every_n_steps <= 0:
-            raise LplError(f"probe_every_n_steps must be positive, got {probe_every_n_steps}.")
+        proj_dim = checked_count("proj_dim", proj_dim, 1)
+        probe_every_n_steps = checked_count("probe_every_n_steps", probe_every_n_steps, 1)
+        curvature_rank = checked_count("curvature_rank", curvature_rank, 0)
+        val_curvature_rank = checked_count("val_curvature_rank", val_curvature_rank, 0)
+        seed = checked_count("seed", seed, 0)
         if store_dtype not in STORE_DTYPES:
             raise LplError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}.")
         if projection_kind not in PROJECTION_KINDS:
             raise LplError(f"projection_kind must be one of {PROJECTION_KINDS}, got {projection_kind!r}.")
-        if curvature_rank < 0:
-            raise LplError(f"curvature_rank must be >= 0, got {curvature_rank}.")
-        if val_curvature_rank < 0:
-            raise LplError(f"val_curvature_rank must be >= 0, got {val_curvature_rank}.")
         self.dirpath = Path(dirpath)
         self.proj_dim = proj_dim
         self.seed = seed

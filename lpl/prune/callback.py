@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import operator
 import random
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from lpl.prune.blocks import parse_block_size
 from lpl.prune.importance import model_inputs
 from lpl.prune.masking import MaskHandle, apply_masks, has_masks
 from lpl.prune.result import PruneResult
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, checked_count
 from lpl.utils.loggers import is_wandb
 from lpl.utils.loss import check_module_loss, eval_mode, loss_weight, module_loss, to_module
 
@@ -100,9 +99,9 @@ class BlockPruneCallback(Callback):
             first_order=first_order,
         )
         self.cost_model = HardwareProfile.load(cost_model) if isinstance(cost_model, (str, Path)) else cost_model
-        self.calib_batches = _count("calib_batches", calib_batches, 1)
+        self.calib_batches = checked_count("calib_batches", calib_batches, 1)
         self.distill = distill
-        self.prune_after_steps = _count("prune_after_steps", prune_after_steps, 0)
+        self.prune_after_steps = checked_count("prune_after_steps", prune_after_steps, 0)
         self.evaluate = evaluate
         self.result_path = result_path
         self.result = PruneResult.load(result) if isinstance(result, (str, Path)) else result
@@ -434,18 +433,6 @@ def _validation_batches(trainer: L.Trainer) -> Iterator[Any] | None:
     elif isinstance(limit, float):
         limit = None
     return itertools.islice(loader, limit)
-
-
-def _count(name: str, value: Any, minimum: int) -> int:
-    """An int option (a numpy int too) of at least ``minimum``, or an LplError naming it: a float or bool passes a
-    range check and then miscounts (calib_batches=2.5 calibrated on the whole loader)."""
-    try:
-        count = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or count < minimum:
-        raise LplError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return count
 
 
 def _check_can_distill(pl_module: L.LightningModule) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,18 @@ class LplError(ValueError):
 
     The CLI prints the message alone (no traceback) and exits with code 2.
     """
+
+
+def checked_count(name: str, value: Any, minimum: int) -> int:
+    """An int argument (a numpy int too) of at least ``minimum``, or an LplError naming it: a float or bool passes a
+    range check and then miscounts (calib_batches=2.5 calibrated on the whole loader)."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise LplError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return count
 
 
 def run_script(main: Callable[[], Any]) -> None:

@@ -2,6 +2,7 @@ import json
 import re
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelPruning
@@ -370,6 +371,12 @@ def test_bad_arguments():
         TrainOrderRecorder("x", val_curvature_rank=-1)
     with pytest.raises(LplError, match="probe_every_n_steps"):
         TrainOrderRecorder("x", probe_every_n_steps=0)
+    # a float proj_dim recorded the whole run, then the recording could not be opened ("damaged or edited")
+    for name, value in (("proj_dim", 8.5), ("proj_dim", True), ("probe_every_n_steps", 1.5), ("seed", -1),
+                        ("curvature_rank", 2.0)):
+        with pytest.raises(LplError, match=f"{name} must be an int >= "):
+            TrainOrderRecorder("x", **{name: value})
+    assert TrainOrderRecorder("x", proj_dim=np.int64(16)).proj_dim == 16
     with pytest.raises(LplError, match="store_dtype"):
         TrainOrderRecorder("x", store_dtype="int8")
 
