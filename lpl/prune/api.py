@@ -314,8 +314,24 @@ def _calibration_batches(loader: Iterable[Any], limit: int | None, passes: int) 
         raise LplError(f"calib_batches must be a positive int (or None: every batch of the loader), got {limit!r}.")
     if passes > 1:  # every pass reads the same batches: keep them
         _warn_if_large(loader, limit)
-        return list(_take(loader, limit))
-    return loader
+        kept = list(_take(loader, limit))
+        _warn_if_short(len(kept), limit)
+        return kept
+    return loader if limit is None else _short_warned(loader, limit)
+
+
+def _short_warned(loader: Iterable[Any], limit: int) -> Iterator[Any]:
+    """``loader``'s batches, with a warning if it ends before ``limit`` of them (the one pass stops at the limit)."""
+    count = 0
+    for count, batch in enumerate(loader, 1):
+        yield batch
+    _warn_if_short(count, limit)
+
+
+def _warn_if_short(count: int, limit: int | None) -> None:
+    if limit is not None and 0 < count < limit:
+        warnings.warn(f"prune_model: calib_batches={limit}, but the calibration loader yields {count} batches: "
+                      f"calibrating on those {count}.", stacklevel=4)
 
 
 def _calibrated_layers(layers: dict[str, nn.Linear], stats: dict) -> dict[str, nn.Linear]:

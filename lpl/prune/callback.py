@@ -56,7 +56,7 @@ class BlockPruneCallback(Callback):
             as in ``prune_model``.
         cost_model: a HardwareProfile, the path of a saved one (JSON), or None for the analytic default.
         calib_batches: number of training batches used for calibration (read without changing the batches
-            training sees after it).
+            training sees after it; an epoch with fewer gives what it has, with a warning).
         stages, first_order: as in ``prune_model`` (calibration rounds; taylor2's gradient term).
         distill: fine-tune against the dense model's logits (soft distillation).
         prune_after_steps: prune after this many optimizer steps (0: at fit start, on the loaded weights).
@@ -310,6 +310,9 @@ class BlockPruneCallback(Callback):
                 batches.append(to_module(batch, pl_module, training=True))
         if not batches:
             raise LplError("the training loader yielded no batches, so there is nothing to calibrate pruning on.")
+        if len(batches) < self.calib_batches:
+            rank_zero_warn(f"BlockPruneCallback: calib_batches={self.calib_batches}, but the training loader yields "
+                           f"{len(batches)} batches an epoch: calibrating on those {len(batches)}.")
         return batches
 
     @torch.no_grad()

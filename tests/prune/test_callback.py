@@ -143,11 +143,13 @@ class LoggingViT(L.LightningModule):
 def test_a_module_that_logs_in_training_step_is_pruned_at_fit_start(tmp_path):
     torch.manual_seed(0)
     model = LoggingViT()
-    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=200, evaluate=False)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[prune])
-    trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
+    # more calibration batches than an epoch has (4,900 images in batches of 32): calibrated on those, said so
+    with pytest.warns(UserWarning, match="calib_batches=200, but the training loader yields 153 batches"):
+        trainer.fit(model, datamodule=MNIST5kDataModule(batch_size=32, val_size=100))
     assert abs(prune.result.flops_keep - 0.5) <= 0.01
     assert "log" not in vars(model)  # the probes' silencing is undone: training logged as usual
     assert "train_loss" in trainer.callback_metrics

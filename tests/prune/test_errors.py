@@ -181,6 +181,16 @@ def test_calibration_batch_count_is_checked_and_a_whole_loader_kept_in_memory_wa
         prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5, calib_batches=2)
 
 
+@pytest.mark.parametrize("options", [dict(stages=2), dict(stages=1, importance="taylor1")],
+                         ids=["batches kept for several passes", "one pass over the loader"])
+def test_a_loader_shorter_than_calib_batches_warns_once(tiny_vit, batches, options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, calib_batches=len(batches) + 5, **options)
+    short = [w for w in caught if "calibration loader yields" in str(w.message)]
+    assert len(short) == 1 and f"yields {len(batches)} batches" in str(short[0].message)
+
+
 def test_include_and_exclude_take_one_pattern_as_a_string(tiny_vit, batches):
     # a string was read as its characters: include="*.qkv" pruned every layer ('*' matches all)
     result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, include="*.qkv")
