@@ -524,9 +524,11 @@ class TrainOrderRecorder(L.Callback):
             if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
                 what = f"an IterableDataset, {type(loader.dataset).__name__}"
             raise LplError(
-                f"the train loader's order is not reproducible ({what}); "
-                "use lpl's SeededBatchSampler/OrderedBatchSampler (the lpl DataModules do) "
-                "with use_distributed_sampler=False."
+                f"the train loader's order is not reproducible ({what}); use lpl's SeededBatchSampler/"
+                "OrderedBatchSampler (the lpl DataModules do) with use_distributed_sampler=False. Recording also needs "
+                "dict batches whose 'index' holds each sample's position in the train dataset, and, to retrain, a "
+                "DataModule whose __init__ takes `batches` and `order`: subclass lpl.data.base.IndexedDataModule "
+                "for all three."
             )
         return sampler
 

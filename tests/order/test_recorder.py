@@ -255,7 +255,9 @@ class ShuffledDataModule(TinyDataModule):
 
 
 def test_refuses_a_loader_whose_order_is_not_reproducible(tmp_path):
-    with pytest.raises(LplError, match="order is not reproducible"):
+    # with the rest a user's own data needs, so that one message lists it all
+    with pytest.raises(LplError, match="order is not reproducible.*dict batches whose 'index'.*takes `batches` and "
+                                       "`order`.*IndexedDataModule"):
         _fit(TinyNet(), [TrainOrderRecorder(tmp_path / "rec", proj_dim=8)], datamodule=ShuffledDataModule())
 
 
