@@ -28,8 +28,8 @@ from lpl.order.store import STORE_DTYPES, Recording, RecordingWriter, parameter_
 from lpl.prune.masking import has_masks
 from lpl.utils.errors import LplError, checked_count
 from lpl.utils.loss import module_loss, to_module
-from lpl.utils.trainer import (fit_val_loaders, metrics_unsynced, rank_and_world, restore_loader_position,
-                               single_process, weight_averaging_callbacks)
+from lpl.utils.trainer import (check_replicated_strategy, fit_val_loaders, metrics_unsynced, rank_and_world,
+                               restore_loader_position, single_process, weight_averaging_callbacks)
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:
@@ -475,6 +475,7 @@ class TrainOrderRecorder(L.Callback):
                 "TrainOrderRecorder supports exactly one optimizer (Adam or AdamW), "
                 f"the run has {len(trainer.optimizers)}."
             )
+        check_replicated_strategy(trainer, "TrainOrderRecorder")
         optimizer = trainer.optimizers[0]
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam from torch 2.7
             raise LplError(

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lpl.utils.trainer import fit_val_loaders, restore_loader_position, weight_averaging_callbacks
+from lpl.utils.trainer import (check_replicated_strategy, fit_val_loaders, restore_loader_position,
+                               weight_averaging_callbacks)
 from lpl.prune.api import check_options, prune_model, selected_layers
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size
@@ -396,7 +397,9 @@ def _rng_kept(loader: Any) -> Iterator[None]:
 def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:
     """Refuse Trainer callbacks that would undo the masks: weight averaging that starts before pruning (its averaged
     weights, which the fit ends with, keep the pruned blocks' values) and a second BlockPruneCallback (each applies
-    its masks in place of the other's, and both save into one prune_result/)."""
+    its masks in place of the other's, and both save into one prune_result/); and strategies that shard the model,
+    whose calibration and masks would see parameter shards."""
+    check_replicated_strategy(trainer, "BlockPruneCallback")
     averaging = weight_averaging_callbacks()
     for other in trainer.callbacks:
         # masks applied at fit start are in every averaged snapshot; pruning later leaves dense ones in the average

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from lpl.utils.errors import LplError
+
 _single_process = False  # set by ``single_process()``
 
 
@@ -70,6 +72,20 @@ def metrics_unsynced(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for metric, sync in zip(metrics, before):
             metric.sync_on_compute = sync
+
+
+def check_replicated_strategy(trainer: L.Trainer, who: str) -> None:
+    """Refuse strategies that shard the model or its optimizer state (FSDP, DeepSpeed, tensor parallelism): ``who``
+    reads and writes whole weights, gradients and Adam moments, which every process holds only under one device or
+    DDP."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy):
+        return
+    raise LplError(f"{who} runs on one device or under DDP (strategy='ddp'), where every process holds the whole "
+                   f"model and optimizer state; this run's {type(strategy).__name__} shards them. Use one of those "
+                   "for this run.")
 
 
 def weight_averaging_callbacks() -> tuple[type, ...]:
