@@ -310,15 +310,41 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
         x2d = x.reshape(math.prod(x.shape[:-1]), in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
+    if torch.onnx.is_in_onnx_export():
+        return _dense_linear(x2d, w, bias).reshape(*x.shape[:-1], out_features)
     index = w.kernel_index
-    # Under torch.compile/export the custom op (with its fake); in eager mode the lighter autograd.Function, or
-    # under torch.func transforms its transformable subclass.
-    apply = _linear_op if torch.compiler.is_compiling() else _eager_function().apply
+    # Under torch.compile/export and jit.trace the custom op (graphs see it: a Function calling the C kernel would be
+    # traced as a constant); in eager mode the lighter autograd.Function, or under torch.func transforms its
+    # transformable subclass.
+    graphed = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    apply = _linear_op if graphed else _eager_function().apply
     y2d = apply(
         x2d, w.values, w.row_ptr, w.col_idx, index.row_order, index.block_row, index.col_ptr, index.t_row_idx,
         index.t_block, index.col_order, bias, out_features,
     )
     return y2d.reshape(*x.shape[:-1], out_features)
+
+
+def _dense_linear(x2d: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2d @ W^T + bias`` through the dense weight, rebuilt with ops ONNX has (it has no block-sparse operator):
+    an exported graph then computes what the layer does, densely."""
+    _warn_dense_onnx()
+    (out_features, in_features), (br, bc) = w.shape, w.block_size
+    rows, cols = w.block_mask.shape
+    grid = w.values.new_zeros(rows, cols, br, bc).index_put((w.kernel_index.block_row, w.col_idx), w.values)
+    weight = grid.permute(0, 2, 1, 3).reshape(rows * br, cols * bc)[:out_features, :in_features]
+    return torch.nn.functional.linear(x2d, weight, bias)
+
+
+_dense_onnx_warned = False
+
+
+def _warn_dense_onnx() -> None:
+    global _dense_onnx_warned
+    if not _dense_onnx_warned:
+        _dense_onnx_warned = True
+        warnings.warn("ONNX has no block-sparse operator: the exported graph rebuilds each BlockSparseLinear's dense "
+                      "weight and multiplies densely (the same outputs, dense speed).", stacklevel=4)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -169,7 +169,9 @@ class _FollowWeight:
         self.layer_mask = layer_mask
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():  # traced code cannot hook tensors; the post-step enforce still follows
+        # traced code cannot hook tensors, and a jit.trace would replay the masking's in-place writes at every call;
+        # the post-step enforce still follows
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return
         layer_mask = self.layer_mask
         if module is not layer_mask._layer():  # a replacement sharing the hook table of a layer still alive
