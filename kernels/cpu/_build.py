@@ -192,12 +192,27 @@ def _declared(declare: Callable[[ctypes.CDLL], ctypes.CDLL], path: Path) -> ctyp
         raise
 
 
+def torch_openmp_is_gnu() -> bool:
+    """Whether this process has GNU OpenMP (libgomp.so.1) loaded, as PyPI's Linux torch does: a library built with
+    -fopenmp then resolves its OpenMP calls to that same runtime and runs on torch's thread pool. (Another runtime,
+    such as Intel's, would bring a second pool of spinning threads: no gain, so we build without OpenMP there.)"""
+    import torch  # noqa: F401  (loads torch's OpenMP runtime, if it has one)
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return any(line.rsplit("/", 1)[-1] == "libgomp.so.1" for line in maps.splitlines())
+
+
 class CompiledLibrary:
     """One C source of ``csrc/``, compiled and loaded at first use (thread-safe), or None after one warning."""
 
     def __init__(self, name: str, what: str, declare: Callable[[ctypes.CDLL], ctypes.CDLL],
-                 extra_flags: tuple[str, ...] = ()) -> None:
+                 extra_flags: tuple[str, ...] = (), torch_openmp: bool = False) -> None:
         self.name, self.what, self.declare, self.extra_flags = name, what, declare, list(extra_flags)
+        self.torch_openmp = torch_openmp  # run its threads on torch's OpenMP pool where that can be shared
+        self.openmp = False  # whether the library loaded was built with OpenMP
         self.library: ctypes.CDLL | None = None
         self.load_error: str | None = None
         self.warned = False
@@ -209,15 +224,23 @@ class CompiledLibrary:
             raise RuntimeError("no C compiler found (set CC or install gcc)")
         source_path = _SOURCES / f"{self.name}.c"
         errors = []
-        for arch in _ARCH_FLAGS:
-            flags = _BASE_FLAGS + self.extra_flags + arch
+        for flags in self.flag_variants():
             target = self.cached_path(compiler, flags)
             try:
-                return self._load_or_build(compiler, flags, source_path, target)
+                library = self._load_or_build(compiler, flags, source_path, target)
             except (OSError, AttributeError, subprocess.SubprocessError) as exc:
                 detail = getattr(exc, "stderr", b"") or b""
                 errors.append(f"{' '.join(flags)}: {exc} {detail.decode(errors='replace')[:500]}")
+                continue
+            self.openmp = "-fopenmp" in flags
+            return library
         raise RuntimeError("; ".join(errors))
+
+    def flag_variants(self) -> list[list[str]]:
+        """The builds to try, best first: with torch's OpenMP where it can be shared, each for the host's full
+        instruction set and then portable."""
+        openmp = [["-fopenmp"], []] if self.torch_openmp and torch_openmp_is_gnu() else [[]]
+        return [_BASE_FLAGS + self.extra_flags + threads + arch for threads in openmp for arch in _ARCH_FLAGS]
 
     def cached_path(self, compiler: str, flags: list[str]) -> Path:
         """Where the library built by ``compiler`` with ``flags`` is cached (named by everything it depends on)."""
@@ -259,7 +282,7 @@ class CompiledLibrary:
         return self.library
 
 
-BLOCK_SPARSE = CompiledLibrary("block_sparse", "block-sparse kernel", _declare_block_sparse)
+BLOCK_SPARSE = CompiledLibrary("block_sparse", "block-sparse kernel", _declare_block_sparse, torch_openmp=True)
 # -fno-math-errno lets sqrtf vectorise (no errno to set); IEEE arithmetic is otherwise unchanged
 ADAM_REPLAY = CompiledLibrary("adam_replay", "linearised Adam replay kernel", _declare_adam_replay,
                               extra_flags=("-fno-math-errno",))

@@ -222,6 +222,24 @@ def test_matches_dense_linear_on_a_vit_sized_layer():
     torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-4, atol=1e-4)
 
 
+@needs_compiler
+@pytest.mark.skipif(not _build.torch_openmp_is_gnu(), reason="torch runs no GNU OpenMP runtime here to share")
+def test_the_kernel_runs_on_torchs_openmp_runtime_and_from_several_threads_at_once():
+    # new threads per call contended with torch's spinning OpenMP workers: 2-4x slower calls after a torch op
+    assert cpu.compiled_kernel_available() and _build.BLOCK_SPARSE.openmp
+    maps = open("/proc/self/maps").read().splitlines()
+    assert len({line.split()[-1] for line in maps if line.endswith("/libgomp.so.1")}) == 1  # torch's, not a second
+    import concurrent.futures
+
+    w, values, row_ptr, col_idx, _ = make_weight(96, 64, (16, 16))
+    inputs = [torch.randn(50 + i, 64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # each calling thread gets its own OpenMP team
+        outputs = list(pool.map(lambda x: cpu.block_sparse_linear_cpu(x, values.float(), row_ptr, col_idx, 96,
+                                                                      (16, 16), backend="compiled"), inputs))
+    for x, y in zip(inputs, outputs):
+        assert_close(y, x.double() @ w.T, torch.float32)
+
+
 def test_env_var_forces_the_torch_path(monkeypatch):
     calls = []
     monkeypatch.setenv("LPL_CPU_KERNEL", "torch")
@@ -263,7 +281,7 @@ def test_a_damaged_or_foreign_cached_library_is_built_again(fresh_library, damag
     name) was kept: the portable build was used from then on, or the process crashed on the missing symbol."""
     tmp_path = fresh_library(_build.BLOCK_SPARSE)
     compiler = _build._find_compiler()
-    flags = _build._BASE_FLAGS + _build._ARCH_FLAGS[0]
+    flags = _build.BLOCK_SPARSE.flag_variants()[0]
     cached = _build.BLOCK_SPARSE.cached_path(compiler, flags)
     if damage == "truncated":  # after its digest was recorded (loading it would kill the process with SIGBUS)
         _build._compile(compiler, flags, _build._SOURCES / "block_sparse.c", cached)

@@ -15,6 +15,9 @@
  */
 #include <pthread.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,14 +56,30 @@ static int clamp_threads(int64_t requested, int64_t work_items) {
     return (int)max64(1, min64(n, MAX_THREADS));
 }
 
+#ifndef _OPENMP
 static void* task_trampoline(void* p) {
     task_arg* t = (task_arg*)p;
     t->fn(t->ctx, t->thread_id);
     return NULL;
 }
+#endif
 
-/* Every thread id in [0, nthreads) runs exactly once; ids whose thread could not be created run on the caller. */
+/* Every thread id in [0, nthreads) runs exactly once. Built with -fopenmp (where torch's own OpenMP runtime, GNU
+ * libgomp, is loaded: ours resolves to it), the tasks run on torch's thread pool, whose threads wait spinning after
+ * every torch op: new threads would contend with them for the cores (2-4x slower calls right after a torch op on 2
+ * threads). Otherwise on new threads; ids whose thread could not be created run on the caller. */
 static void run_parallel(task_fn fn, void* ctx, int nthreads) {
+#ifdef _OPENMP
+    if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            /* the runtime may give fewer threads than asked (nested in another region, thread limits) */
+            for (int id = omp_get_thread_num(); id < nthreads; id += omp_get_num_threads()) fn(ctx, id);
+        }
+    } else {
+        fn(ctx, 0);
+    }
+#else
     pthread_t threads[MAX_THREADS];
     task_arg args[MAX_THREADS];
     int started = 0;
@@ -72,6 +91,7 @@ static void run_parallel(task_fn fn, void* ctx, int nthreads) {
     fn(ctx, 0);
     for (int t = started + 1; t < nthreads; ++t) fn(ctx, t);
     for (int t = 1; t <= started; ++t) pthread_join(threads[t], NULL);
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
