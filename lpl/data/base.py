@@ -40,11 +40,11 @@ class ResumableDataLoader(DataLoader):
 
 
 def attach_trainer(loader: Any, trainer: Any) -> None:
-    """Give ``trainer`` to an lpl loader and batch sampler built without it (by the user, not an lpl DataModule): a
-    sampler then follows the Trainer's epoch and ranks, and the loader saves the batches trained, not those its
-    workers prefetched. Anything else is left alone."""
+    """Give ``trainer`` to an lpl loader and batch sampler built without it (by the user, not an lpl DataModule) or
+    for an earlier Trainer (a loader reused by the next fit): a sampler then follows this Trainer's epoch and ranks,
+    and the loader saves the batches trained, not those its workers prefetched. Anything else is left alone."""
     for part in (loader, getattr(loader, "batch_sampler", None)):
-        if isinstance(part, (ResumableDataLoader, _ResumableBatchSampler)) and part.trainer is None:
+        if isinstance(part, (ResumableDataLoader, _ResumableBatchSampler)) and part.trainer is not trainer:
             part.trainer = trainer
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, checked_count
 from lpl.utils.trainer import rank_and_world
 
 
@@ -33,14 +33,14 @@ def _rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
     return list(batch[rank * share : (rank + 1) * share])
 
 
-def _check_splittable(batches: list[list[int]], world: int, epoch: int) -> None:
+def _check_splittable(batches: list[list[int]], world: int, epoch: int, short_last_hint: str) -> None:
     """Refuse, before the epoch's first step, a global batch the data-parallel processes cannot share evenly."""
     uneven = [(position, len(batch)) for position, batch in enumerate(batches) if len(batch) % world]
     if not uneven:
         return
     position, size = uneven[0]
-    hint = ("it is the epoch's short last batch: drop it (drop_last=True) or choose a number of samples that splits "
-            "evenly" if position == len(batches) - 1 and size < len(batches[0])
+    hint = (f"it is the epoch's short last batch: {short_last_hint}"
+            if position == len(batches) - 1 and size < len(batches[0])
             else "choose batch sizes divisible by the number of devices")
     raise LplError(f"batch {position} of epoch {epoch} holds {size} samples, which cannot be split evenly over {world} "
                    f"data-parallel processes; {hint}.")
@@ -54,6 +54,7 @@ class _ResumableBatchSampler(Sampler[list[int]]):
     process group initialised) then still trains whole batches."""
 
     trainer: Any = None
+    short_last_hint = "give it a size the processes can share"  # _check_splittable's advice; subclasses say more
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -97,7 +98,7 @@ class _ResumableBatchSampler(Sampler[list[int]]):
             self.epoch, self._consumed = self.epoch + 1, 0
         batches = self.global_batches(self.epoch)
         if world > 1:
-            _check_splittable(batches, world, self.epoch)
+            _check_splittable(batches, world, self.epoch, self.short_last_hint)
         start, self._consumed = self._consumed, 0
         for position in range(start, len(batches)):
             self._consumed = position + 1
@@ -135,6 +136,8 @@ class SeededBatchSampler(_ResumableBatchSampler):
         loader = DataLoader(dataset, batch_sampler=sampler)
     """
 
+    short_last_hint = "drop it (drop_last=True), or choose a number of samples that splits evenly"
+
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
         super().__init__()
         if isinstance(num_samples, Sampler):  # Lightning re-creating it around a DistributedSampler
@@ -142,16 +145,13 @@ class SeededBatchSampler(_ResumableBatchSampler):
                 f"SeededBatchSampler takes num_samples (an int), got a {type(num_samples).__name__}: under DDP the lpl "
                 "samplers split each batch across processes themselves; run with Trainer(use_distributed_sampler="
                 "False).")
-        num_samples, batch_size = _whole_number(num_samples, "num_samples"), _whole_number(batch_size, "batch_size")
-        if num_samples <= 0:
-            raise LplError(f"num_samples must be positive, got {num_samples}.")
-        if batch_size <= 0:
-            raise LplError(f"batch_size must be positive, got {batch_size}.")
+        num_samples = checked_count("num_samples", num_samples, 1)
+        batch_size = checked_count("batch_size", batch_size, 1)
         if drop_last and batch_size > num_samples:
             raise LplError(f"batch_size {batch_size} is larger than the {num_samples} training samples.")
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.seed = _whole_number(seed, "seed")
+        self.seed = checked_count("seed", seed, 0)
         self.drop_last = drop_last
 
     def global_batches(self, epoch: int) -> list[list[int]]:
@@ -159,15 +159,6 @@ class SeededBatchSampler(_ResumableBatchSampler):
         ids = torch.randperm(self.num_samples, generator=generator).tolist()
         stop = len(ids) - len(ids) % self.batch_size if self.drop_last else len(ids)
         return [ids[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
-
-
-def _whole_number(value: Any, what: str) -> int:
-    """``value`` as an int (numpy and 0-d tensor integers too); floats and bools are refused."""
-    if hasattr(value, "ndim") and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise LplError(f"{what} must be a whole number, got {value!r}.")
-    return int(value)
 
 
 def _as_list(values: Any, what: str) -> list[Any]:
@@ -181,8 +172,9 @@ def _as_list(values: Any, what: str) -> list[Any]:
     return list(values)
 
 
-def _whole_numbers(values: Any, what: str) -> list[int]:
-    """``values`` as ints; floats (1.7 read as 1), bools and negative ids are refused."""
+def whole_numbers(values: Any, what: str) -> list[int]:
+    """``values`` (a list, numpy array or tensor) as ints; floats (1.7 read as 1), bools and negative ids are
+    refused."""
     values = [v.item() if hasattr(v, "ndim") and v.ndim == 0 else v for v in _as_list(values, what)]
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
     if bad:
@@ -213,6 +205,8 @@ class OrderedBatchSampler(_ResumableBatchSampler):
         assert list(per_epoch) == [[4, 5], [0, 1]] and list(per_epoch) == [[2, 3]]
     """
 
+    short_last_hint = "leave it out of `order` (or `batches`), or give it a size the processes can share"
+
     def __init__(
         self, batches: Sequence[Sequence[int]], order: Sequence[int] | Sequence[Sequence[int]] | None = None
     ) -> None:
@@ -223,7 +217,7 @@ class OrderedBatchSampler(_ResumableBatchSampler):
         if not all(_is_list(batch) for batch in batches):
             raise LplError(f"batches must be a list of batches, each a list of sample ids (e.g. [[0, 1], [2, 3]]); "
                            f"got {batches[0]!r} as its first batch.")
-        self.batches = [_whole_numbers(batch, "a batch's sample ids") for batch in batches]
+        self.batches = [whole_numbers(batch, "a batch's sample ids") for batch in batches]
         if any(len(batch) == 0 for batch in self.batches):
             raise LplError("every batch in `batches` must hold at least one sample id.")
         order = list(range(len(self.batches))) if order is None else _as_list(order, "order")
@@ -236,12 +230,12 @@ class OrderedBatchSampler(_ResumableBatchSampler):
             raise LplError("order mixes batch positions and lists of them; give one list of positions, or one list "
                            "per epoch.")
         if self.per_epoch:
-            self.order: list[int] | list[list[int]] = [_whole_numbers(epoch, "order") for epoch in order]
+            self.order: list[int] | list[list[int]] = [whole_numbers(epoch, "order") for epoch in order]
             empty = [k for k, epoch in enumerate(self.order) if not epoch]
             if empty:
                 raise LplError(f"epoch {empty[0]} of the per-epoch order lists no batch; every epoch needs one.")
         else:
-            self.order = _whole_numbers(order, "order")
+            self.order = whole_numbers(order, "order")
         named = [i for epoch in self.order for i in epoch] if self.per_epoch else self.order
         bad = [i for i in named if not 0 <= i < len(self.batches)]
         if bad:

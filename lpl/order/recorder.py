@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.data.base import attach_trainer
+from lpl.data.samplers import whole_numbers
 from lpl.order import quantities
 from lpl.order.pool import collate_samples, plan_pool, single_val_loader, validation_loss_fn
 from lpl.order.projection import PROJECTION_KINDS, Projector
@@ -104,15 +105,13 @@ def _parameter_change(
 
 
 def _sample_ids(index: Any) -> list[int]:
-    """A batch's ``index`` entry as a list of ints; anything but integer sample ids is refused."""
-    if isinstance(index, torch.Tensor) and not index.is_floating_point() and not index.is_complex() \
-            and index.dtype != torch.bool:
-        return [int(i) for i in index.reshape(-1).tolist()]
-    if isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
-        return list(index)
-    shown = f"a {index.dtype} tensor" if isinstance(index, torch.Tensor) else f"{type(index).__name__} {index!r:.60}"
-    raise LplError(f"batch['index'] must hold integer sample ids (each sample's position in the train dataset), got "
-                   f"{shown}; return {{'index': i, ...}} from the dataset's __getitem__(i).")
+    """A batch's ``index`` entry (a tensor, numpy array or list of ints) as a list of ints; anything but
+    non-negative integer sample ids is refused."""
+    try:
+        return whole_numbers(index.reshape(-1) if hasattr(index, "reshape") else index, "batch['index']")
+    except LplError as error:
+        raise LplError(f"{error} It must hold each sample's position in the train dataset: return "
+                       "{'index': i, ...} from the dataset's __getitem__(i).") from None
 
 
 def _check_fresh_start(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -283,7 +282,7 @@ def _remove_created(root: Path, before: set[Path]) -> None:
                 path.unlink()
 
 
-def _takes_batches_and_order(cls: type) -> bool:
+def takes_batches_and_order(cls: type) -> bool:
     """Whether ``cls(..., batches=..., order=...)`` can be called, as retraining rebuilds a DataModule."""
     try:
         parameters = inspect.signature(cls.__init__).parameters.values()
@@ -587,7 +586,7 @@ class TrainOrderRecorder(L.Callback):
                 "TrainOrderRecorder: the run has no LightningDataModule (loaders were passed to fit), so the recording "
                 "cannot say how to rebuild its data: retrain, record_sensitivities and the checks built on them will "
                 "refuse it; record with trainer.fit(model, datamodule=...).")
-        elif not _takes_batches_and_order(type(trainer.datamodule)):
+        elif not takes_batches_and_order(type(trainer.datamodule)):
             rank_zero_warn(
                 f"TrainOrderRecorder: {type(trainer.datamodule).__name__}.__init__ takes no `batches` and `order`, "
                 "so retraining cannot rebuild it to train other orders: retrain, record_sensitivities and the checks "
@@ -615,7 +614,7 @@ class TrainOrderRecorder(L.Callback):
         _warn_unbound_hparams(type(pl_module), header["model"])
         if header["datamodule"] is not None:
             _warn_unstored_hparams(header["datamodule"])
-            if _takes_batches_and_order(type(trainer.datamodule)):  # else told above: retraining cannot rebuild it
+            if takes_batches_and_order(type(trainer.datamodule)):  # else told above: retraining cannot rebuild it
                 _warn_unbound_hparams(type(trainer.datamodule), header["datamodule"], {"batches": [], "order": []})
 
     def _open_store_on_every_rank(self, pl_module: L.LightningModule, header: dict, step: int, rank: int,
@@ -961,10 +960,11 @@ class TrainOrderRecorder(L.Callback):
         planned_slice = planned[rank * share : (rank + 1) * share]
         seen = _sample_ids(batch["index"])
         if seen != planned_slice:
-            cause = ("the loader's order is not reproducible (or it did not resume where it stopped)"
-                     if sorted(seen) == sorted(planned_slice) or step > 0 else
-                     "batch['index'] must be each sample's position i in the train dataset (dataset[i]), the ids the "
-                     "batch sampler draws; a Subset's items, say, keep the ids of the dataset they come from")
+            unplanned = set(seen) - {i for pool_batch in self._pool for i in pool_batch}
+            cause = ("batch['index'] must be each sample's position i in the train dataset (dataset[i]), the ids the "
+                     f"batch sampler draws, and sample {min(unplanned)} is in none of its batches; a Subset's items, "
+                     "say, keep the ids of the dataset they come from" if unplanned else
+                     "the loader's order is not reproducible (or it did not resume where it stopped)")
             raise LplError(
                 f"at step {step} the train loader yielded samples {seen[:4]}... but its batch sampler planned "
                 f"{planned_slice[:4]}...; {cause}."

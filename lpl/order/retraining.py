@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import logging
 import math
 import warnings
@@ -18,7 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order.pool import collate_samples, single_val_loader
-from lpl.order.recorder import constructor_hparams, rebuild_failure
+from lpl.order.recorder import constructor_hparams, rebuild_failure, takes_batches_and_order
 from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.order.store import Recording, parameter_signature
@@ -89,7 +88,7 @@ def _build(class_path: str, arguments: dict[str, Any]) -> Any:
     inside ``__init__`` is the class's own and propagates, noted as raised while retraining rebuilt it."""
     cls = _import(class_path)
     problem = rebuild_failure(cls, arguments)
-    if problem is not None and {"batches", "order"} <= set(arguments) and not _takes(cls, ("batches", "order")):
+    if problem is not None and {"batches", "order"} <= set(arguments) and not takes_batches_and_order(cls):
         raise LplError(
             f"{class_path} does not take `batches` and `order` ({problem}); retraining needs a DataModule that trains "
             "explicit batches in an explicit order (every lpl DataModule does)."
@@ -102,18 +101,9 @@ def _build(class_path: str, arguments: dict[str, Any]) -> Any:
     try:
         return cls(**arguments)
     except Exception as error:
-        error.add_note(f"(raised by {class_path}.__init__ while retraining rebuilt it from the recording)")
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(f"(raised by {class_path}.__init__ while retraining rebuilt it from the recording)")
         raise
-
-
-def _takes(cls: type, names: Sequence[str]) -> bool:
-    """Whether ``cls(...)`` accepts every one of ``names`` as a keyword (a ``**kwargs`` takes any)."""
-    try:
-        parameters = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return any(p.kind is p.VAR_KEYWORD for p in parameters) or set(names) <= named
 
 
 def _epochs_of(recording: Any, order: Sequence[int]) -> list[int] | list[list[int]]:

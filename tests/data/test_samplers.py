@@ -59,6 +59,9 @@ def test_a_short_last_batch_the_ranks_cannot_share_is_refused_before_the_epoch_t
         yielded.extend(sampler)
     assert yielded == []  # refused before the first step, not when the short batch comes
     assert len(list(SeededBatchSampler(num_samples=10, batch_size=4, drop_last=False))) == 3  # 4, 4, 2 split fine
+    # an explicit pool has no drop_last to advise
+    with pytest.raises(LplError, match=r"short last batch: leave it out of `order`"):
+        list(OrderedBatchSampler([[0, 1], [2, 3], [4]]))
 
 
 def test_plan_pool_deduplicates_repeated_batches_across_epochs():
@@ -119,9 +122,9 @@ def test_malformed_batches_orders_and_sizes_get_a_plain_message():
         OrderedBatchSampler([0, 1, 2])
     with pytest.raises(LplError, match="order must be a list, got 5"):
         OrderedBatchSampler([[0, 1]], order=5)
-    with pytest.raises(LplError, match="num_samples must be a whole number, got 10.0"):
+    with pytest.raises(LplError, match="num_samples must be an int >= 1, got 10.0"):
         SeededBatchSampler(10.0, 2)
-    with pytest.raises(LplError, match="batch_size must be a whole number"):
+    with pytest.raises(LplError, match="batch_size must be an int >= 1"):
         SeededBatchSampler(10, "2")
     with pytest.raises(LplError, match="use_distributed_sampler=False"):
         SeededBatchSampler(torch.utils.data.SequentialSampler(range(3)), 2)
