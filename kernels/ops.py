@@ -329,6 +329,9 @@ def _dense_linear(x2d: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | 
     """``x2d @ W^T + bias`` through the dense weight, rebuilt with ops ONNX has (it has no block-sparse operator):
     an exported graph then computes what the layer does, densely."""
     _warn_dense_onnx()
+    # not _reference_dense: the legacy exporter traces its block-grid arithmetic on the values' sizes, and ONNX's
+    # integer division truncates where Python's floors (a 70-wide layer came out 64 wide); the grid comes from
+    # block_mask here, and the index write is out of place
     (out_features, in_features), (br, bc) = w.shape, w.block_size
     rows, cols = w.block_mask.shape
     grid = w.values.new_zeros(rows, cols, br, bc).index_put((w.kernel_index.block_row, w.col_idx), w.values)
