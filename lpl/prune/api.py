@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lpl.prune.allocation import allocate_dp, allocate_global, allocate_uniform, allowed_points, check_feasible
@@ -248,12 +248,19 @@ def prune_model(
             list(layers), stats, curves, scores, masks, round_keep=flops_keep ** (round_number / stages),
             final=round_number == stages, flops_keep=flops_keep, allocation=allocation,
             lambda_power=lambda_power, min_density=min_density, max_density=max_density, block_size=block_size))
-    return summarise(masks, curves, stats, block_size, profile, flops_keep, layers,
-                     options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
-                                  min_density=min_density, max_density=max_density, profile=profile.name,
-                                  stages=stages, first_order=first_order,
-                                  loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
-                     started=started)
+    result = summarise(masks, curves, stats, block_size, profile, flops_keep, layers,
+                       options=dict(importance=importance, allocation=allocation, lambda_power=lambda_power,
+                                    min_density=min_density, max_density=max_density, profile=profile.name,
+                                    stages=stages, first_order=first_order,
+                                    loss=loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")),
+                       started=started)
+    if result.predicted_speedup < 1.0:
+        rank_zero_warn(
+            f"prune_model: the cost model predicts the pruned layers {1 / result.predicted_speedup:.2f}x slower than "
+            f"dense at {block_size[0]}x{block_size[1]} blocks (each block's overhead outweighs the FLOPs it skips at "
+            "this size): use larger blocks, or a cost model calibrated on the target device (python -m "
+            "lpl.prune.calibrate), for a model that runs faster.")
+    return result
 
 
 def _warn_if_pruned_already(layers: dict[str, nn.Linear], block_size: tuple[int, int], flops_keep: float) -> None:

@@ -197,14 +197,7 @@ class BlockPruneCallback(Callback):
         self._apply(trainer, pl_module)
         if self.evaluate:
             self.metrics.update(self._evaluate(trainer, pl_module, "pruned"))
-        self._publish(trainer)
-        if self.result.predicted_speedup < 1.0:
-            rank_zero_warn(
-                "BlockPruneCallback: the cost model predicts the pruned layers "
-                f"{1 / self.result.predicted_speedup:.2f}x "
-                f"slower than dense at {self.options['block_size'][0]}x{self.options['block_size'][1]} blocks (each "
-                "block's overhead outweighs the FLOPs it skips at this size): use larger blocks, or a cost model "
-                "calibrated on the target device (python -m lpl.prune.calibrate), for a model that runs faster.")
+        self._publish(trainer)  # prune_model warned if the cost model predicts the pruned layers slower than dense
         rank_zero_info(
             f"BlockPruneCallback: kept {self.result.flops_keep:.3f} of the prunable FLOPs, predicted speedup "
             f"{self.result.predicted_speedup:.2f}x, energy ratio {self.result.predicted_energy_ratio:.2f} "

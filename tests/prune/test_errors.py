@@ -177,7 +177,7 @@ def test_calibration_batch_count_is_checked_and_a_whole_loader_kept_in_memory_wa
     with pytest.warns(UserWarning, match="calib_batches=None takes all 5000"):
         prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*calib_batches")  # bounded: nothing kept beyond 2 batches
         prune_model(tiny_vit, LongLoader(batches), block_size=(8, 8), flops_keep=0.5, calib_batches=2)
 
 
@@ -189,6 +189,14 @@ def test_a_loader_shorter_than_calib_batches_warns_once(tiny_vit, batches, optio
         prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5, calib_batches=len(batches) + 5, **options)
     short = [w for w in caught if "calibration loader yields" in str(w.message)]
     assert len(short) == 1 and f"yields {len(batches)} batches" in str(short[0].message)
+
+
+def test_prune_model_says_when_the_cost_model_predicts_the_pruned_layers_slower(tiny_vit, batches):
+    # only BlockPruneCallback said it; prune_model's own users got a slower model without a word
+    with pytest.warns(UserWarning, match=r"prune_model: the cost model predicts the pruned layers [\d.]+x slower "
+                                         r"than dense at 8x8 blocks"):
+        result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+    assert result.predicted_speedup < 1
 
 
 def test_include_and_exclude_take_one_pattern_as_a_string(tiny_vit, batches):

@@ -309,5 +309,6 @@ def test_a_per_sample_field_that_is_a_list_of_strings_grows_with_the_batch(size)
                 "label": torch.randint(0, CLASSES, (size,), generator=generator)} for b in range(3)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="prune_model: the cost model predicts")  # 8x8 blocks
         result = prune_model(Captioned(), batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
     assert set(result.block_masks) == {"img", "txt", "out"}
