@@ -310,13 +310,14 @@ def block_sparse_linear(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tenso
         x2d = x.reshape(math.prod(x.shape[:-1]), in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if torch.onnx.is_in_onnx_export():
-        return _dense_linear(x2d, w, bias).reshape(*x.shape[:-1], out_features)
-    index = w.kernel_index
     # Under torch.compile/export and jit.trace the custom op (graphs see it: a Function calling the C kernel would be
     # traced as a constant); in eager mode the lighter autograd.Function, or under torch.func transforms its
-    # transformable subclass.
+    # transformable subclass. An ONNX export is always one of the traced cases: the eager path never asks (the
+    # check costs microseconds, and its first call imports torch.onnx).
     graphed = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if graphed and torch.onnx.is_in_onnx_export():
+        return _dense_linear(x2d, w, bias).reshape(*x.shape[:-1], out_features)
+    index = w.kernel_index
     apply = _linear_op if graphed else _eager_function().apply
     y2d = apply(
         x2d, w.values, w.row_ptr, w.col_idx, index.row_order, index.block_row, index.col_ptr, index.t_row_idx,
