@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
 
 from lpl.prune.blocks import expand_block_mask
@@ -194,7 +195,7 @@ class _FollowWeight:
 class _AfterLoad:
     """Load-state-dict post-hook of a masked layer: a weight assigned or swapped in by the load has its gradient
     hooked at once. Its values stay as loaded, as those copied into the same Parameter by a plain load do (a dense
-    checkpoint tested on the masked model is the checkpoint's model); a watched optimizer's step zeroes them."""
+    checkpoint tested on the masked model is the checkpoint's model); the next optimizer step on it zeroes them."""
 
     def __init__(self, layer_mask: _LayerMask) -> None:
         self.layer_mask = layer_mask
@@ -247,14 +248,18 @@ class MaskHandle:
     Each mask belongs to a layer (held weakly: a layer replaced later by ``to_block_sparse`` is freed, its mask with
     it) and is enforced on whatever weight Parameter the layer holds: one replaced by ``load_state_dict(...,
     assign=True)`` or by a conversion that makes new parameters, or swapped by torch, is masked at the layer's next
-    call (at once after a load). ``masks`` maps each masked layer's current weight to its mask. The handle pickles
-    and copies with the model (``ddp_spawn``, ``torch.save(model)``, ``copy.deepcopy``): the copy masks its own
-    weights; optimizers are not pickled with it, so watch them again there.
+    call (at once after a load). After every step of any torch optimizer that holds a masked weight, the weight's
+    pruned values and that optimizer's state for them are zeroed (a global step post-hook: an optimizer created
+    before the masks keeps momentum for the pruned entries, which would move them). ``masks`` maps each masked
+    layer's current weight to its mask. The handle pickles and copies with the model (``ddp_spawn``,
+    ``torch.save(model)``, ``copy.deepcopy``): the copy masks its own weights.
     """
 
     def __init__(self, layer_masks: Iterable[_LayerMask]) -> None:
         self._layers = list(layer_masks)
-        self._hooks: list = list(self._layers)  # each layer's mask, then each watched optimizer's step hook
+        after_step = register_optimizer_step_post_hook(_EnforceAfterStep(weakref.ref(self)))
+        weakref.finalize(self, after_step.remove)  # a handle dropped without remove() leaves no hook behind
+        self._hooks: list = [*self._layers, after_step]
 
     def __getstate__(self) -> dict:
         return {"layers": self._layers}
@@ -294,9 +299,24 @@ class MaskHandle:
             zero_optimizer_state(optimizer, self)
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-enforce after every step of ``optimizer`` (covers weight decay and state loaded from checkpoints)."""
+        """Zero ``optimizer``'s state for pruned entries now (state loaded from a checkpoint, or gathered before the
+        masks); every optimizer's steps are enforced after anyway."""
         zero_optimizer_state(optimizer, self)
-        self._hooks.append(optimizer.register_step_post_hook(_EnforceAfterStep(self)))
+
+    @torch.no_grad()
+    def enforce_after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the pruned entries of the masked weights ``optimizer`` updates and of its state for them."""
+        masked = self._current()
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                weight, layer_mask = masked.get(id(param), (None, None))
+                if weight is not param:
+                    continue
+                layer_mask.follow(weight, zero=False)
+                layer_mask.zero(weight)
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.mul_(layer_mask.mask_for(value))
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -305,11 +325,15 @@ class MaskHandle:
 
 
 class _EnforceAfterStep:
-    def __init__(self, handle: MaskHandle) -> None:
+    """Global optimizer step post-hook of one MaskHandle (held weakly: the model owns its handle)."""
+
+    def __init__(self, handle: Callable[[], MaskHandle | None]) -> None:
         self.handle = handle
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.handle.enforce([optimizer])
+        handle = self.handle()
+        if handle is not None:
+            handle.enforce_after_step(optimizer)
 
 
 @torch.no_grad()
@@ -341,9 +365,10 @@ def apply_masks(
 ) -> MaskHandle:
     """Zero the pruned blocks of ``model`` and keep them zero.
 
-    Gradients of masked weights are masked by a tensor hook; with ``optimizers`` their state for pruned entries is
-    zeroed and re-zeroed (with the weights) after every step. The masks follow their layers: a weight Parameter
-    replaced or swapped later (``load_state_dict(..., assign=True)``, a dtype or device conversion that makes new
+    Gradients of masked weights are masked by a tensor hook; after every step of any torch optimizer that holds
+    them, their pruned values and that optimizer's state for them are zeroed again (``optimizers``: that state is
+    zeroed at once, before their next step). The masks follow their layers: a weight Parameter replaced or swapped
+    later (``load_state_dict(..., assign=True)``, a dtype or device conversion that makes new
     parameters) is masked in its turn. Applying again replaces the previous masks. The masks live in the
     PruneResult, not the state dict, so checkpoints load into an unpruned model unchanged (BlockPruneCallback stores
     the result in the checkpoint and re-applies it on resume).
