@@ -128,6 +128,14 @@ class BlockSparseLinear(nn.Module):
                            "first (or build the layer with its block_mask).")
         return block_density(pattern, (self.out_features, self.in_features), self.block_size)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight (zeros in pruned blocks), rebuilt from the blocks at each
+        read and differentiable in ``values``: for model code that reads a Linear's weight (its device, dtype, shape,
+        as timm's ConViT does, or its values). The forward never builds it. Writing into it changes nothing: the
+        layer's parameters are ``values`` and ``bias``."""
+        return self.sparse_weight().to_dense()
+
     def _known_pattern(self) -> torch.Tensor | None:
         """The block mask on the CPU, or None where the layer has none yet (built on the meta device without a
         mask, and maybe materialised by to_empty() since, which leaves a placeholder structure)."""

@@ -27,6 +27,31 @@ def test_from_linear_computes_the_block_masked_linear(rel_err):
     assert layer.density == pytest.approx(float((expanded.sum() / expanded.numel())))
 
 
+def test_weight_reads_as_the_masked_dense_weight_and_carries_gradients_to_the_blocks():
+    """Model code reads a Linear's ``weight`` (timm's ConViT asks its device): the layer answers with the masked
+    dense matrix, built from the blocks it holds now."""
+    linear, mask = _masked_linear(3)
+    layer = BlockSparseLinear.from_linear(linear, mask, 32).double()
+    expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)[:100, :70]
+    weight = layer.weight
+    assert weight.shape == (100, 70) and weight.dtype == torch.float64 and weight.device == layer.values.device
+    assert torch.equal(weight, linear.weight.double().detach() * expanded)
+    probe = torch.randn(100, 70, dtype=torch.float64)
+    (weight * probe).sum().backward()
+    assert torch.equal(layer.values.grad, _blocks_of(probe, mask))  # the retained blocks' share of it
+    with torch.no_grad():
+        layer.values.add_(1.0)
+    assert torch.equal(layer.weight, (linear.weight.double().detach() + 1.0) * expanded)  # follows the values
+
+
+def _blocks_of(dense, mask, size=32):
+    """The [nnz, size, size] blocks of ``dense`` where ``mask`` is True (zero-padded at ragged edges), row-major."""
+    rows, cols = mask.shape
+    padded = dense.new_zeros(rows * size, cols * size)
+    padded[: dense.shape[0], : dense.shape[1]] = dense
+    return padded.reshape(rows, size, cols, size).permute(0, 2, 1, 3)[mask]
+
+
 def test_gradients_reach_only_retained_blocks_and_training_step_works():
     linear, mask = _masked_linear(1)
     layer = BlockSparseLinear.from_linear(linear, mask, 32)
