@@ -229,6 +229,7 @@ def prune_model(
     flops_keep, lambda_power, min_density, max_density = check_options(
         flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
     _check_trainable(model)
+    _refuse_exported(model)
     layers, block_size = selected_layers(model, include, exclude, block_size)
     _warn_if_pruned_already(layers, block_size, flops_keep)
     device_type = next(model.parameters()).device.type
@@ -305,6 +306,18 @@ def _cost_model(cost_model: HardwareProfile | str | Path | None) -> HardwareProf
         raise LplError(f"cost_model must be a HardwareProfile, the path of a saved one, or None, got a "
                        f"{type(cost_model).__name__}.")
     return cost_model
+
+
+def _refuse_exported(model: nn.Module) -> None:
+    """Refuse a model that ``to_block_sparse`` exported: its block-sparse layers are no Linears to prune, and a
+    budget over the Linears left would not be the model's."""
+    from lpl.kernels import BlockSparseLinear
+
+    exported = [name for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)]
+    if exported:
+        raise LplError(f"the model holds {len(exported)} block-sparse layers already (exported by to_block_sparse, "
+                       f"e.g. {exported[0]!r}): prune_model prunes dense Linear layers, and a FLOPs budget over the "
+                       "ones left would not be the model's. Prune the dense (or masked) model, before exporting it.")
 
 
 def _check_trainable(model: nn.Module) -> None:
@@ -479,6 +492,12 @@ def _calibrate(
         raise LplError(f"none of the selected Linear layers (e.g. {list(layers)[:3]}) was called in the forward pass "
                        "(the model uses their weights without calling the modules); select layers it calls.")
     if importance != "magnitude" and not any(bool(curve.distortion.any()) for curve in curves.values()):
+        emptied = [name for name, mask in masks.items() if not bool(mask.any())]
+        if emptied:  # a later round of stages > 1, on a model an earlier round cut in two
+            raise LplError(f"the calibration loss has zero gradient in every selected layer after an earlier round "
+                           f"(stages) pruned every block of {len(emptied)} layer(s) (e.g. {emptied[0]!r}), which cuts "
+                           "the loss off from the layers before it: prune in one round (stages=1), or keep part of "
+                           "every layer (min_density > 0).")
         raise LplError(f"the calibration loss has zero gradient in every selected layer (e.g. {list(stats)[:2]}), so "
                        f"nothing ranks their blocks for importance={importance!r}: an untrained model whose head is "
                        "initialised to zero, or a loss that does not depend on these layers; calibrate a trained "

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpl.prune import PruneResult, apply_masks, prune_model
+from lpl.prune import PruneResult, apply_masks, prune_model, to_block_sparse
 from lpl.utils.errors import LplError
 
 from prune_helpers import TinyViT
@@ -53,6 +53,28 @@ def test_model_without_trainable_weights(tiny_vit, batches):
     tiny_vit.requires_grad_(False)
     with pytest.raises(LplError, match="no trainable weights"):
         prune_model(tiny_vit, batches)
+
+
+def test_an_exported_model_is_refused(tiny_vit, batches):
+    """Pruning it again would prune only the Linears the export left dense, under a budget that is not the model's."""
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+    apply_masks(tiny_vit, result)
+    to_block_sparse(tiny_vit, result)
+    with pytest.raises(LplError, match="block-sparse layers already .* Prune the dense"):
+        prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+
+
+def test_a_round_that_empties_a_layer_of_a_serial_network_names_stages_not_the_model():
+    """The first of two rounds removes a whole layer (min_density=0), so the second sees no gradient anywhere: the
+    error says what did it (it blamed an untrained model before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 10))
+    batches = [(torch.randn(8, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    options = dict(block_size=16, flops_keep=0.5, min_density=0.0, include=["0", "2"],
+                   loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    assert not prune_model(model, batches, stages=1, **options).block_masks["2"].any()  # one round: the layer goes
+    with pytest.raises(LplError, match=r"earlier round \(stages\) pruned every block of 1 layer.*stages=1"):
+        prune_model(model, batches, stages=2, **options)
 
 
 def test_densities_inverted_or_budget_unreachable(tiny_vit, batches):
