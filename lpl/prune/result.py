@@ -126,11 +126,13 @@ class PruneResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path/masks.safetensors`` (masks, curves), then ``path/result.json`` (everything else, with the
-        masks file's sha256): a save interrupted between the two leaves a pair that ``load`` refuses."""
+        masks file's sha256 and its own): a save interrupted between the two, or either file damaged, is refused by
+        ``load``."""
         tensors, meta = self.to_state()
         data = safetensors_bytes(tensors)
         try:  # serialised before anything is written, so a result JSON cannot hold leaves no half-written pair
-            text = json.dumps({**meta, "masks_sha256": hashlib.sha256(data).hexdigest()}, indent=2, sort_keys=True)
+            meta = {**meta, "masks_sha256": hashlib.sha256(data).hexdigest()}
+            text = json.dumps({**meta, "result_sha256": _meta_digest(meta)}, indent=2, sort_keys=True)
         except TypeError as error:
             raise LplError(f"cannot save this PruneResult: {error} (its options must be plain numbers, strings or "
                            "lists); nothing was written.") from None
@@ -150,6 +152,10 @@ class PruneResult:
             data = (path / _TENSORS).read_bytes()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise LplError(f"cannot read the PruneResult in {path}: {error}.") from None
+        if isinstance(meta, dict) and "result_sha256" in meta:  # absent from results saved before lpl wrote it
+            if meta.pop("result_sha256") != _meta_digest(meta):
+                raise LplError(f"{path / _META} was changed or damaged since it was saved (its content does not match "
+                               "its own sha256): save the result again.")
         expected = meta.get("masks_sha256") if isinstance(meta, dict) else None
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise LplError(f"{path / _TENSORS} does not match {path / _META} (a save was interrupted, or the file was "
@@ -261,3 +267,8 @@ def module_names(names: list[str], modules: Mapping[str, nn.Module],
 
 def _without_wrappers(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_ATTRIBUTES)
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a result's metadata in one canonical JSON form (what ``result.json`` holds, less this digest)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -52,13 +52,20 @@ def test_load_refuses_a_pair_of_files_from_two_saves_or_a_damaged_one(tiny_vit, 
     with pytest.raises(LplError, match="does not match"):
         PruneResult.load(tmp_path / "quarter")
     meta = json.loads((tmp_path / "quarter" / "result.json").read_text())
-    del meta["masks_sha256"], meta["shapes"]  # an older save (no checksum), edited by hand
+    del meta["masks_sha256"], meta["result_sha256"], meta["shapes"]  # an older save (no checksums), edited by hand
     (tmp_path / "quarter" / "result.json").write_text(json.dumps(meta))
     with pytest.raises(LplError, match="not a readable safetensors file"):
         PruneResult.load(tmp_path / "quarter")
     quarter.save(tmp_path / "quarter")
-    meta = json.loads((tmp_path / "quarter" / "result.json").read_text())
-    del meta["shapes"]
+    text = (tmp_path / "quarter" / "result.json").read_text()
+    for damaged in (text.replace('"block_size": [\n    8,', '"block_size": [\n    9,'),  # one bit: 8 -> 9
+                    text.replace('"flops_keep": 0.25', '"flops_keep": 0.35')):
+        assert damaged != text
+        (tmp_path / "quarter" / "result.json").write_text(damaged)
+        with pytest.raises(LplError, match="result.json was changed or damaged"):
+            PruneResult.load(tmp_path / "quarter")
+    meta = json.loads(text)
+    del meta["shapes"], meta["result_sha256"]
     (tmp_path / "quarter" / "result.json").write_text(json.dumps(meta))
     with pytest.raises(LplError, match="lacks or mistypes 'shapes'"):
         PruneResult.load(tmp_path / "quarter")
