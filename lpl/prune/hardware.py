@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
-from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -63,6 +65,7 @@ class HardwareProfile:
     active_power_w: float = 30.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.device_type not in ("cpu", "cuda"):
             raise LplError(f"HardwareProfile.device_type must be 'cpu' or 'cuda', got {self.device_type!r}.")
         if self.tile_m <= 0 or min([self.dense_flops_per_s, *self.dense_flops_by_dtype.values()]) <= 0:
@@ -70,6 +73,24 @@ class HardwareProfile:
         if min(self.launch_s, self.row_s, *self.block_s.values(), 0.0) < 0 or self.active_power_w < self.idle_power_w:
             raise LplError("HardwareProfile costs must be >= 0 and active_power_w >= idle_power_w (else pruning "
                            "could predict more time or energy).")
+
+    def _check_types(self) -> None:
+        """Every number a finite int / float and every table a {str: number} dict (a damaged or hand-edited file
+        would otherwise fail deep inside the allocation, blaming the budget)."""
+        def finite(value: Any) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not isinstance(self.name, str):
+            raise LplError(f"HardwareProfile.name must be a string, got {self.name!r}.")
+        if not isinstance(self.tile_m, numbers.Integral) or isinstance(self.tile_m, bool):
+            raise LplError(f"HardwareProfile.tile_m must be a whole number, got {self.tile_m!r}.")
+        for name in ("launch_s", "row_s", "dense_flops_per_s", "idle_power_w", "active_power_w"):
+            if not finite(getattr(self, name)):
+                raise LplError(f"HardwareProfile.{name} must be a finite number, got {getattr(self, name)!r}.")
+        for name in ("block_s", "dense_flops_by_dtype"):
+            table = getattr(self, name)
+            if not isinstance(table, dict) or not all(isinstance(k, str) and finite(v) for k, v in table.items()):
+                raise LplError(f"HardwareProfile.{name} must map names to finite numbers, got {table!r:.120}.")
 
     def dense_throughput(self, dtype: torch.dtype | str) -> float:
         """Dense matmul flop/s at ``dtype``: measured when calibrated at it, else ``dense_flops_per_s``."""
@@ -128,11 +149,21 @@ class HardwareProfile:
                 data = json.load(handle)
         except (OSError, json.JSONDecodeError) as error:
             raise LplError(f"cannot read a HardwareProfile from {path}: {error}.") from error
+        if not isinstance(data, dict):
+            raise LplError(f"{path} holds a JSON {type(data).__name__}, not a HardwareProfile's fields.")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise LplError(f"{path} has unknown HardwareProfile fields {sorted(unknown)}; is it a profile file?")
-        return cls(**data)
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in data]
+        if missing:
+            raise LplError(f"{path} lacks the HardwareProfile fields {missing}; save the profile again (python -m "
+                           "lpl.prune.calibrate).")
+        try:
+            return cls(**data)
+        except LplError as error:
+            raise LplError(f"{path}: {error}") from None
 
 
 def default_profile(device_type: str = "cpu") -> HardwareProfile:

@@ -49,6 +49,27 @@ def test_bad_profiles():
         HardwareProfile(name="x", device_type="cpu", tile_m=64, launch_s=1e-5, row_s=-1.0)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("launch_s"), r"lacks the HardwareProfile fields \['launch_s'\]"),
+    (lambda d: d.update(row_s="1e-6"), "row_s must be a finite number, got '1e-6'"),
+    (lambda d: d.update(row_s=float("nan")), "row_s must be a finite number, got nan"),
+    (lambda d: d.update(tile_m=64.5), "tile_m must be a whole number"),
+    (lambda d: d.update(block_s={"16x16/float32": None}), "block_s must map names to finite numbers"),
+])
+def test_a_damaged_or_hand_edited_profile_file_is_refused_naming_the_field(tmp_path, edit, message):
+    """A NaN cost once loaded and failed later as "flops_keep cannot be met"; a missing field or a string raised
+    a raw TypeError."""
+    import json
+
+    path = tmp_path / "p.json"
+    default_profile("cpu").save(path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(LplError, match=message):
+        HardwareProfile.load(path)
+
+
 def test_dense_baseline_uses_the_throughput_measured_at_its_dtype(tmp_path):
     profile = default_profile("cpu")
     profile.dense_flops_by_dtype["bfloat16"] = profile.dense_flops_per_s / 4  # e.g. a CPU slow at bf16
