@@ -105,14 +105,17 @@ class _LayerMask:
             mask = self.mask = mask.to(tensor.device, tensor.dtype)  # 0 / 1: exact in every dtype
         return mask
 
-    @torch.no_grad()
-    def zero(self, weight: nn.Parameter) -> None:
-        """Zero the pruned entries of ``weight`` and of its gradient."""
+    def check_shape(self, weight: nn.Parameter) -> None:
         if tuple(weight.shape) != tuple(self.mask.shape):
             raise LplError(
                 f"layer {self.name!r} now holds a weight of shape {tuple(weight.shape)}, but its block mask "
                 f"(apply_masks) is for {tuple(self.mask.shape)}: apply_masks again with a prune result computed for "
                 "this weight, or remove the masks (MaskHandle.remove()) before changing the layer.")
+
+    @torch.no_grad()
+    def zero(self, weight: nn.Parameter) -> None:
+        """Zero the pruned entries of ``weight`` and of its gradient."""
+        self.check_shape(weight)
         weight.mul_(self.mask_for(weight))
         if weight.grad is not None:
             weight.grad.mul_(self.mask_for(weight.grad))
@@ -313,10 +316,14 @@ class MaskHandle:
                 if weight is not param:
                     continue
                 layer_mask.follow(weight, zero=False)
-                layer_mask.zero(weight)
-                for value in optimizer.state.get(param, {}).values():
+                layer_mask.check_shape(weight)
+                # written only where a pruned entry moved (an optimizer with momentum from before the masks): a
+                # weight's version counter tells observers such as TrainOrderRecorder of writes outside the step
+                for value in (weight, *optimizer.state.get(param, {}).values()):
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.mul_(layer_mask.mask_for(value))
+                        kept = layer_mask.mask_for(value)
+                        if value.mul(1 - kept).any():
+                            value.mul_(kept)
 
     def remove(self) -> None:
         for hook in self._hooks:
