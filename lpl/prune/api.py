@@ -264,13 +264,15 @@ def prune_model(
     return result
 
 
-def _warn_if_pruned_already(layers: dict[str, nn.Linear], block_size: tuple[int, int], flops_keep: float) -> None:
-    """Warn when layers hold whole blocks of exact zeros beyond chance (at a share p of zero weights, a block of n
-    weights is zero by chance with probability p^n: never, in trained weights): the model was block-pruned before,
-    and the FLOPs budget would count those blocks as kept."""
+def pruned_block_shares(layers: dict[str, nn.Linear],
+                        block_size: tuple[int, int]) -> tuple[dict[str, float], float, float]:
+    """({layer: share of its blocks that are exact zeros}, for layers with more such blocks than chance gives; the
+    share of all the layers' blocks that are zero; the share of their weights those blocks hold). At a share p of
+    zero weights a block of n weights is zero by chance with probability p^n: never, in trained weights; many: a
+    block-pruned model."""
     zero_blocks = blocks = 0
     zero_elements = total_elements = 0.0
-    pruned: dict[str, float] = {}  # layer -> share of its blocks that are zero, where beyond chance
+    pruned: dict[str, float] = {}
     for name, layer in layers.items():
         weight = layer.weight.detach()
         if weight.is_meta or weight.numel() == 0:  # no values to look at
@@ -285,14 +287,21 @@ def _warn_if_pruned_already(layers: dict[str, nn.Linear], block_size: tuple[int,
         blocks += zero.numel()
         zero_elements += float(elements[zero].sum())
         total_elements += float(elements.sum())
+    return pruned, zero_blocks / max(blocks, 1), (zero_elements / total_elements if total_elements else 0.0)
+
+
+def _warn_if_pruned_already(layers: dict[str, nn.Linear], block_size: tuple[int, int], flops_keep: float) -> None:
+    """Warn when layers hold whole blocks of exact zeros beyond chance: the model was block-pruned before, and the
+    FLOPs budget would count those blocks as kept."""
+    pruned, zero_blocks, zero_weights = pruned_block_shares(layers, block_size)
     if not pruned:
         return
-    alive = 1.0 - zero_elements / total_elements
+    alive = 1.0 - zero_weights
     name, share = max(pruned.items(), key=lambda item: item[1])
     warnings.warn(
         f"prune_model: the selected layers already hold whole blocks of exact zeros, as a pruned model does: "
-        f"{zero_blocks / blocks:.1%} of their {block_size[0]}x{block_size[1]} blocks (in {len(pruned)} of "
-        f"{len(layers)} layers; {name!r}: {share:.0%}). The FLOPs budget counts those blocks as kept, so "
+        f"{zero_blocks:.1%} of their {block_size[0]}x{block_size[1]} blocks (in {len(pruned)} of {len(layers)} "
+        f"layers; {name!r}: {share:.0%}). The FLOPs budget counts those blocks as kept, so "
         f"flops_keep={flops_keep:g} keeps less computation than the result reports (the nonzero blocks hold "
         f"{alive:.1%} of these layers' weights now). Prune the dense model instead, or give a budget relative to "
         f"what remains (flops_keep={flops_keep * alive:.3f} keeps {flops_keep:g} of it).", stacklevel=3)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lpl.utils.trainer import (check_replicated_strategy, fit_val_loaders, restore_loader_position,
                                weight_averaging_callbacks)
-from lpl.prune.api import check_options, prune_model, selected_layers
+from lpl.prune.api import check_options, prune_model, pruned_block_shares, selected_layers
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size
 from lpl.prune.importance import model_inputs
@@ -135,6 +135,7 @@ class BlockPruneCallback(Callback):
                     "the masked model's, and a layer given more blocks than before keeps some zeroed ones. To "
                     "fine-tune with the earlier masks, pass result=<that PruneResult> (or its saved folder).")
             self._check_early(pl_module)
+            self._refuse_pruned_by_an_unseen_fit(trainer, pl_module)
             if self.prune_after_steps == 0:
                 self._prune(trainer, pl_module)
 
@@ -225,6 +226,27 @@ class BlockPruneCallback(Callback):
             warnings.simplefilter("ignore")
             selected_layers(pl_module, options["include"], options["exclude"], options["block_size"])
 
+    def _refuse_pruned_by_an_unseen_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under ddp_spawn / ddp_fork the processes of an earlier fit kept its result and masks: the model comes back
+        with zero blocks and nothing else, and this fit would prune it again (saved beside another Trainer's
+        checkpoints, the earlier result is not found). Refuse where whole zero blocks say so."""
+        if not _spawns_processes(trainer):
+            return
+        options = self.options
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layers, block_size = selected_layers(pl_module, options["include"], options["exclude"],
+                                                 options["block_size"])
+        pruned, zero_blocks, _ = pruned_block_shares(layers, block_size)
+        if pruned:
+            raise LplError(
+                f"BlockPruneCallback: {type(pl_module).__name__} holds whole blocks of zeros ({zero_blocks:.0%} of its "
+                f"{block_size[0]}x{block_size[1]} blocks), as a model pruned in an earlier fit does; with processes "
+                "the Trainer starts itself (ddp_spawn, ddp_fork), that fit's result stayed in them and in its "
+                f"prune_result folder (not at {self._result_dir(trainer)}). To fine-tune under its masks pass "
+                "result='<that run>/prune_result' (or one result_path to both fits); to prune again, start from the "
+                "dense weights.")
+
     def _pruned_already(self, pl_module: L.LightningModule) -> bool:
         try:
             return self.result.is_applied(pl_module)
@@ -311,7 +333,8 @@ class BlockPruneCallback(Callback):
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
-        """Validation loss (and accuracy when batches carry labels) of the module as it is now."""
+        """Validation loss (and accuracy when batches carry labels) of the module as it is now, over what every
+        rank's loader holds (each its share under a distributed sampler, or each the whole set)."""
         batches = _validation_batches(trainer)
         if batches is None:
             return {}
@@ -335,6 +358,11 @@ class BlockPruneCallback(Callback):
                     count += size
         finally:
             handle.remove()
+        if trainer.world_size > 1:  # a distributed sampler gives each rank a share: the figures are the whole set's
+            totals = torch.tensor([total_loss, correct, count, float(has_labels)], dtype=torch.float64,
+                                  device=pl_module.device)
+            total_loss, correct, count, labelled = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+            has_labels = labelled > 0
         if not count:
             return {}
         metrics = {f"prune/{stage}_val_loss": total_loss / count}
@@ -385,6 +413,14 @@ def _rng_kept(loader: Any) -> Iterator[None]:
                 generator.set_state(state)
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+def _spawns_processes(trainer: L.Trainer) -> bool:
+    """Whether the fit runs in processes the Trainer starts itself (ddp_spawn, ddp_fork, ddp_notebook), which hand
+    back only the weights."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _check_trainer(callback: BlockPruneCallback, trainer: L.Trainer) -> None:

@@ -5,6 +5,7 @@ another model inside single_process() (OUT/alone). With a second argument "group
 pass of its own (GRAM_BYTES_PER_PASS = 0).
 """
 
+import json
 import sys
 
 import lightning as L
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
 import lpl.prune.api
 from lpl.data.mnist import MNIST5kDataModule
@@ -50,8 +52,30 @@ class RecordStatistics(Callback):
         save_file(tensors, f"{self.out}/rank{rank}.safetensors")
 
 
+def evaluate_with_distributed_samplers(out: str) -> None:
+    """Loaders passed to fit under Lightning's distributed samplers (each rank validates its half): every rank writes
+    the figures BlockPruneCallback measured, and rank 0 the fine-tuned weights."""
+    data = MNIST5kDataModule(batch_size=16, val_size=100)
+    data.setup("fit")
+    model = tiny_classifier()
+    prune = BlockPruneCallback(block_size=(8, 8), flops_keep=0.5, calib_batches=2, result_path=f"{out}/result")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
+                        num_sanity_val_steps=0, enable_checkpointing=False, callbacks=[prune], default_root_dir=out)
+    trainer.fit(model, DataLoader(data.train_set, batch_size=16), DataLoader(data.val_set, batch_size=25))
+    with open(f"{out}/metrics{trainer.global_rank}.json", "w") as handle:
+        json.dump(prune.metrics, handle)
+    if trainer.global_rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/final.safetensors")
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
+    if sys.argv[2:] == ["evaluate"]:
+        torch.set_num_threads(1)
+        L.seed_everything(0)
+        evaluate_with_distributed_samplers(out)
+        sys.exit(0)
     if sys.argv[2:] == ["grouped"]:
         lpl.prune.api.GRAM_BYTES_PER_PASS = 0
     torch.set_num_threads(1)

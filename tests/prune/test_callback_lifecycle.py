@@ -290,6 +290,29 @@ def test_a_fresh_callback_instance_continues_the_masks_it_saved_as_ddp_spawn_wor
     assert abs(other.result.flops_keep - 0.3) <= 0.01
 
 
+def test_a_model_pruned_by_an_unseen_spawned_fit_is_refused_not_pruned_again(tmp_path, monkeypatch):
+    """Under ddp_spawn the model comes back from a fit with zero blocks and nothing else; a later fit whose saved
+    result is elsewhere (another Trainer folder) pruned it a second time. Simulated in one process: the workers'
+    view is a callback with no result; the strategy check is what ddp_spawn answers."""
+    from lpl.prune import callback as callback_module
+
+    model = _model(schedule="constant")
+    options = dict(block_size=(8, 8), flops_keep=0.5, calib_batches=2, evaluate=False)
+    first = BlockPruneCallback(**options, result_path=tmp_path / "first")
+    _trainer(tmp_path, [first], max_steps=2, enable_checkpointing=False).fit(model, datamodule=_data())
+    returned = _model(schedule="constant")  # what the main process holds after a spawned fit: the weights only
+    returned.load_state_dict(model.state_dict())
+    model = returned
+    monkeypatch.setattr(callback_module, "_spawns_processes", lambda trainer: True)
+    with pytest.raises(LplError, match="holds whole blocks of zeros.*result='<that run>/prune_result'"):
+        _trainer(tmp_path, [BlockPruneCallback(**options, result_path=tmp_path / "second")], max_steps=3,
+                 enable_checkpointing=False).fit(model, datamodule=_data())
+    again = BlockPruneCallback(**options, result_path=tmp_path / "first")  # its folder found: continued
+    _trainer(tmp_path, [again], max_steps=3, enable_checkpointing=False).fit(model, datamodule=_data())
+    for name, mask in first.result.block_masks.items():
+        assert torch.equal(again.result.block_masks[name], mask)
+
+
 @pytest.mark.parametrize("averaging", ["StochasticWeightAveraging", "EMAWeightAveraging", "second BlockPruneCallback"])
 def test_callbacks_that_would_undo_the_masks_are_refused_at_fit_start(tmp_path, averaging):
     """Averaged weights (the fit's end model, EMA's checkpoints) kept values in pruned blocks; a second pruning

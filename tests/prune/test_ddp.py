@@ -49,3 +49,32 @@ def test_ddp_ranks_reduce_statistics_and_share_masks(tmp_path, passes):
                                 (8, 8), module_loss)["fc1"]
     torch.testing.assert_close(rank0["first"], single.first, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(rank0["gram"], single.gram, rtol=1e-5, atol=1e-9)
+
+
+def test_figures_measured_under_distributed_samplers_are_the_whole_validation_sets(tmp_path):
+    """Loaders given to fit() get Lightning's distributed samplers: once validation ran, each rank's loader holds
+    half the set, and the fine-tuned figures differed between ranks (each its half's)."""
+    import json
+
+    from lpl.data.mnist import MNIST5kDataModule
+    from lpl.prune import PruneResult, apply_masks
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ddp_prune_script import tiny_classifier
+
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "evaluate"], env=env, capture_output=True,
+                         text=True, timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1))
+    assert set(rank0) >= {"prune/dense_val_loss", "prune/finetuned_val_loss"} and rank0 == rank1
+    model = tiny_classifier()
+    model.load_state_dict(load_file(str(tmp_path / "final.safetensors")))
+    apply_masks(model, PruneResult.load(tmp_path / "result"))
+    data = MNIST5kDataModule(batch_size=16, val_size=100)
+    data.setup("fit")
+    with torch.no_grad():
+        model.eval()
+        batch = next(iter(torch.utils.data.DataLoader(data.val_set, batch_size=100)))
+        whole = float(module_loss(model, batch))
+    assert rank0["prune/finetuned_val_loss"] == pytest.approx(whole, rel=1e-5)
