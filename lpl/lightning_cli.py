@@ -70,9 +70,18 @@ class LplCLI(LightningCLI):
             self.trainer.test(**kwargs)
 
     def predict(self, **kwargs: Any) -> None:
+        path = self._predictions_path()
+        if path.exists() and not path.is_file():  # said before predicting, not after
+            raise LplError(f"lpl predict writes {path}, but a {'folder' if path.is_dir() else 'non-file'} is there; "
+                           "move it, or set --trainer.default_root_dir to another folder.")
         with self._checkpoint_errors():
             predictions = self.trainer.predict(**kwargs)
         self._save_predictions(predictions)
+
+    def _predictions_path(self) -> Path:
+        trainer = self.trainer
+        rank = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
+        return Path(trainer.default_root_dir) / f"predictions{rank}.safetensors"
 
     @contextlib.contextmanager
     def _checkpoint_errors(self) -> Iterator[None]:
@@ -126,9 +135,12 @@ class LplCLI(LightningCLI):
             warnings.warn(f"lpl predict: the predictions could not be written ({error}); return a tensor or a dict of "
                           "tensors with one row per sample from predict_step.", stacklevel=2)
             return
-        rank = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
-        path = Path(trainer.default_root_dir) / f"predictions{rank}.safetensors"
-        save_safetensors_atomic(tensors, path)
+        path = self._predictions_path()
+        try:
+            save_safetensors_atomic(tensors, path)
+        except OSError as error:
+            raise LplError(f"lpl predict could not write {path} ({error.strerror or error}); set "
+                           "--trainer.default_root_dir to a folder it can write.") from None
         rows = next(iter(tensors.values())).shape[0] if tensors else 0
         print(f"predictions of {rows} samples ({', '.join(tensors)}) written to {path}")
 

@@ -255,6 +255,14 @@ def test_predict_writes_the_predictions_and_says_where(run, capsys) -> None:
     assert torch.allclose(predictions["probability"].sum(-1), torch.ones(16))
 
 
+def test_predict_refuses_a_folder_where_its_file_goes_before_predicting(run, capsys) -> None:
+    """A folder at outputs/<config>/predictions.safetensors ended in a raw IsADirectoryError after predicting."""
+    Path("outputs/mnist_vit/predictions.safetensors").mkdir(parents=True)
+    err = _error_of(capsys, "predict", *MNIST, *SMALL, "--trainer.limit_predict_batches=1",
+                    f"--ckpt_path={_checkpoint(run)}")
+    assert "lpl predict writes outputs/mnist_vit/predictions.safetensors, but a folder is there" in err
+
+
 def test_a_fit_ending_after_its_last_validation_says_so_without_an_accuracy_too(capsys) -> None:
     """lm_text logs no val/acc, and its metrics from step 2 were printed as a fit ending at step 3's."""
     main(["fit", "--config", str(CONFIGS / "lm_text.yaml"), *QUIET, "--trainer.max_steps=3",
