@@ -633,7 +633,10 @@ class TrainOrderRecorder(L.Callback):
         """Where a resumed fit's first step starts its generators (a Lightning checkpoint restores none): on rank 0
         the states the recording holds for that step (the interrupted run got there, and something drew between the
         steps: a new epoch's loader, validation), else the states the last trained step left on this rank, which
-        the checkpoint holds; the run then draws the dropout masks an uninterrupted run draws."""
+        the checkpoint holds. The run then draws the dropout masks an uninterrupted run draws, except where the
+        interrupted run stopped between its checkpoint and the next step after drawing there (a new epoch's loader,
+        validation): those draws are not repeated. The recording holds the states the resumed step starts from, so
+        retraining reproduces the resumed run either way."""
         rank, world = rank_and_world()
         states = saved.get("rng") if saved and saved.get("step") == step else None
         if states is not None and len(states) != world:
@@ -739,7 +742,11 @@ class TrainOrderRecorder(L.Callback):
             self._rng_to_restore = None
         if rank_and_world()[0] == 0:
             states = step_rng_state(pl_module.device)
-            if self._rng_after_step is None or not same_states(states, self._rng_after_step):
+            # every epoch's first step is stored, whether or not something drew before it: a resumed fit may start
+            # it from the last step's states (its interrupted run stopped before storing the ones it drew there),
+            # where retraining's loader for the new epoch would draw
+            epoch_start = step % int(trainer.num_training_batches) == 0
+            if epoch_start or self._rng_after_step is None or not same_states(states, self._rng_after_step):
                 # validation, a new epoch's loader or a resume drew from the generators since the last step:
                 # retraining, which runs the steps back to back, starts this step from these states
                 self._writer.write_rng_state(states, step)

@@ -679,7 +679,10 @@ class Recording:
         out: dict[str, torch.Tensor] = {}
         for shard in entry["shards"]:
             part = self._read_all(shard, None if wanted is None else wanted | {"pool_positions"})
-            positions = part.pop("pool_positions")
+            positions = part.pop("pool_positions", None)
+            if positions is None:  # a damaged header that still parses (verify() names such files first)
+                raise RecordingError(f"{self._path(shard)} holds no pool_positions: it is corrupted (verify() checks "
+                                     "every file against the manifest).")
             for name, value in part.items():
                 if name.startswith(VAL_PREFIX):
                     out[name[len(VAL_PREFIX) :]] = value
@@ -700,6 +703,7 @@ class Recording:
         info = self.manifest.get("rng_state")
         if not info:
             return {}
+        self.verify(["rng_state"])  # small; read by retraining and rewritten whole by a writer (a resume)
         tensors = self._read_all(info)
         if "steps" not in info:  # one state, step 0's, under its bare names
             return {0: tensors}

@@ -111,6 +111,9 @@ class KillAt(L.Callback):
         if hook == self.hook and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._maybe_kill(trainer, "epoch_start")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._maybe_kill(trainer, "batch_start")
 

@@ -13,6 +13,7 @@ import recorder_support
 import torch
 
 from lpl.order import Recording
+from lpl.order.store import RecordingError
 
 SCRIPT = Path(__file__).with_name("recorder_support.py")
 HOOKS = ("batch_start", "before_optimizer_step", "batch_end")
@@ -73,3 +74,41 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, monkeypatch, dr
     assert _shard_digests(resumed) == _shard_digests(reference)
     assert resumed.manifest["initial_state"]["sha256"] == reference.manifest["initial_state"]["sha256"]
     assert _rng_states(resumed) == _rng_states(reference)  # retraining restores the same states at the same steps
+
+
+def test_a_run_killed_between_its_epoch_end_checkpoint_and_the_next_epoch_retrains_to_what_it_recorded(tmp_path):
+    """Killed after the checkpoint of an epoch's last step, before the next epoch's first batch: the interrupted run
+    stored no generator states for that step, so the resumed one starts it from the states the last step left. The
+    recording must hold them (retraining's loader draws at the new epoch): it once retrained 0.007 away from its own
+    recorded loss, while verify() passed."""
+    model = ["--dropout", "0.3", "--max-steps", "12"]
+    assert _run(tmp_path, "run", "--kill-at", "6:epoch_start", *model) == -9
+    assert 6 not in Recording.open(tmp_path / "run" / "rec").rng_states()
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dirpath", str(tmp_path / "run" / "rec"), "--ckpt-dir",
+                           str(tmp_path / "run" / "ckpt"), "--resume", "--then-retrain", *model], capture_output=True,
+                          text=True, timeout=180, env={"OMP_NUM_THREADS": "1", "PATH": "", "TINY_WORKERS": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = Recording.open(tmp_path / "run" / "rec")
+    resumed.verify()
+    assert resumed.status == "complete" and 6 in resumed.rng_states()
+    retrained = float(done.stdout.split("retrained ")[1].split()[0])
+    assert retrained == pytest.approx(resumed.probe_scalars["val_loss"][-1], abs=1e-6)
+
+
+def test_a_damaged_rng_state_file_is_refused_on_resume_not_rewritten_under_a_new_checksum(tmp_path):
+    """Resuming rewrites the generator-state file whole; reading a damaged one first once laundered the damage."""
+    model = ["--dropout", "0.3"]
+    assert _run(tmp_path, "run", "--kill-at", "5:batch_end", *model) == -9
+    recording = Recording.open(tmp_path / "run" / "rec")
+    path = recording.root / recording.manifest["rng_state"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-100:-50] = bytes(50)  # inside step 0's state, the size unchanged
+    path.write_bytes(bytes(data))
+    with pytest.raises(RecordingError, match="rng_state.*corrupted"):
+        Recording.open(tmp_path / "run" / "rec").rng_states()
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dirpath", str(tmp_path / "run" / "rec"), "--ckpt-dir",
+                           str(tmp_path / "run" / "ckpt"), "--resume", *model], capture_output=True, text=True,
+                          timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "", "TINY_WORKERS": "0"})
+    assert done.returncode != 0 and "corrupted" in done.stderr
+    with pytest.raises(RecordingError, match="corrupted"):
+        Recording.open(tmp_path / "run" / "rec").verify()  # still detected: nothing was rewritten over it

@@ -127,6 +127,12 @@ def test_corrupted_and_truncated_shards_are_named(tmp_path):
     shard.write_bytes(b"\xff" * len(data))  # same size, garbage header
     with pytest.raises(RecordingError, match="t000002_r0.safetensors is corrupted"):
         Recording.open(tmp_path).step(2)
+    # one bit off in a key name: the header still parses (a bare KeyError before)
+    data[-3] ^= 0xFF  # the shard as written
+    assert b'"pool_positions"' in data
+    shard.write_bytes(bytes(data).replace(b'"pool_positions"', b'"pool_positionr"'))
+    with pytest.raises(RecordingError, match="t000002_r0.safetensors holds no pool_positions: it is corrupted"):
+        Recording.open(tmp_path).step(2)
 
 
 def test_open_refuses_missing_or_garbled_manifest(tmp_path):
