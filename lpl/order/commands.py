@@ -145,14 +145,16 @@ MAX_RANDOM_ORDER_ITEMS = 50_000_000
 
 
 ORDERS_HELP = ("random:N, or a file: a JSON list of orders (or of one order's batch ids), one order per line (batch "
-               "ids separated by commas or spaces), or the estimates.csv of `lpl estimate`")
+               "ids separated by commas or spaces), the estimates.csv of `lpl estimate`, or the best_order.json of "
+               "`lpl curriculum`")
 
 
 def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``random:N`` (N random permutations of the reference order: every batch as often as the run trained it, so
     a run of several epochs over one pool gets orders of its whole length), or a file: a JSON list of orders or one
-    flat JSON list (one order), one order per line with batch ids separated by commas or spaces, or a CSV whose header
-    has an ``order`` column (the estimates.csv of ``lpl estimate``). Returns long [N, L]; all orders of one length."""
+    flat JSON list (one order), a JSON object with an ``order`` list (the best_order.json of ``lpl curriculum``), one
+    order per line with batch ids separated by commas or spaces, or a CSV whose header has an ``order`` column (the
+    estimates.csv of ``lpl estimate``). Returns long [N, L]; all orders of one length."""
     if spec.startswith("random:"):
         try:
             count = int(spec.split(":", 1)[1])
@@ -203,9 +205,11 @@ def _json_orders(path: Path, text: str) -> list[Any]:
     except json.JSONDecodeError as error:
         raise LplError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); fix "
                        "it, or write one order per line.") from None
+    if isinstance(orders, dict) and isinstance(orders.get("order"), list):  # the best_order.json of `lpl curriculum`
+        return [orders["order"]]
     if isinstance(orders, dict):
-        raise LplError(f"{path} holds a JSON object; give a JSON list of orders ([[3, 0, 1, 2], ...]) or one order "
-                       "per line.")
+        raise LplError(f"{path} holds a JSON object without an \"order\" list; give a JSON list of orders "
+                       "([[3, 0, 1, 2], ...]), one order per line, or the best_order.json of `lpl curriculum`.")
     if not isinstance(orders, list):
         raise LplError(f"{path} holds the JSON value {orders!r:.40}, not a list of orders; give [[3, 0, 1, 2], ...] "
                        "or one order [3, 0, 1, 2].")

@@ -155,7 +155,7 @@ def test_order_files_in_the_forms_editors_write(tmp_path, content, expected):
     (b"[[1.5, 2]]", "batch ids"),
     (b"[[18446744073709551616, 1]]", "batch ids"),
     ("[[1, 2]]".encode("utf-16"), "not UTF-8"),
-    (b'{"orders": [[1, 2]]}', "holds a JSON object"),
+    (b'{"orders": [[1, 2]]}', "holds a JSON object without an \"order\" list"),
 ])
 def test_order_files_that_are_not_orders_are_refused_clearly(tmp_path, content, match):
     path = tmp_path / "orders.txt"
@@ -185,6 +185,8 @@ def test_local_curriculum_search_takes_a_budget_below_the_genetic_population(rec
                      "--out", str(tmp_path)])
     best = json.loads((tmp_path / "best_order.json").read_text())
     assert best["evaluations"] == 1 and sorted(best["order"]) == list(range(NUM_BATCHES))
+    # the file is an --orders file of lpl estimate as it is (it was refused as "a JSON object")
+    assert read_orders(str(tmp_path / "best_order.json"), range(NUM_BATCHES)).tolist() == [best["order"]]
 
 
 def test_random_orders_permute_the_reference_and_are_bounded():
