@@ -6,8 +6,8 @@ Layout::
                                        and the sha256 of its own content ("manifest_sha256")
     pool.safetensors                   the pool: sample ids of every batch, and the batch trained at each step
     initial_state.safetensors          the module's state_dict before the first step
-    rng_state.safetensors              the RNG states of the first step and of every step something between steps
-                                       drew from them (validation, a new epoch's loader): "<t>/torch", "<t>/cuda"
+    rng_state.safetensors              the RNG states of every epoch's first step and of every step something
+                                       between steps drew from them (validation): "<t>/torch", "<t>/cuda"
     probes/t000012_r0.safetensors      what rank 0 probed at step 12 ("pool.<name>" stacked over its pool batches,
                                        "pool_positions", and on rank 0 "val.<name>")
     sensitivity.safetensors            optional, added to a complete recording by ``lpl.order.record_sensitivities``
