@@ -317,13 +317,14 @@ class MaskHandle:
                     continue
                 layer_mask.follow(weight, zero=False)
                 layer_mask.check_shape(weight)
-                # written only where a pruned entry moved (an optimizer with momentum from before the masks): a
-                # weight's version counter tells observers such as TrainOrderRecorder of writes outside the step
-                for value in (weight, *optimizer.state.get(param, {}).values()):
+                # the weight is written only where a pruned entry moved (an optimizer with momentum from before the
+                # masks): its version counter tells observers such as TrainOrderRecorder of writes outside the step
+                kept = layer_mask.mask_for(weight)
+                if weight.mul(1 - kept).any():
+                    weight.mul_(kept)
+                for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        kept = layer_mask.mask_for(value)
-                        if value.mul(1 - kept).any():
-                            value.mul_(kept)
+                        value.mul_(layer_mask.mask_for(value))
 
     def remove(self) -> None:
         for hook in self._hooks:
