@@ -245,7 +245,8 @@ class BlockPruneCallback(Callback):
                 "the Trainer starts itself (ddp_spawn, ddp_fork), that fit's result stayed in them and in its "
                 f"prune_result folder (not at {self._result_dir(trainer)}). To fine-tune under its masks pass "
                 "result='<that run>/prune_result' (or one result_path to both fits); to prune again, start from the "
-                "dense weights.")
+                f"dense weights. Zero blocks that are the model's own (an identity initialisation) are in layers "
+                f"{sorted(pruned)[:3]}: leave those out with exclude=[...].")
 
     def _pruned_already(self, pl_module: L.LightningModule) -> bool:
         try:
