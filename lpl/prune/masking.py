@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch import nn
 
 from lpl.prune.blocks import expand_block_mask
@@ -104,6 +104,14 @@ class _LayerMask:
                 return mask.to(tensor.device, tensor.dtype)
             mask = self.mask = mask.to(tensor.device, tensor.dtype)  # 0 / 1: exact in every dtype
         return mask
+
+    def pruned_for(self, tensor: torch.Tensor) -> torch.Tensor:
+        """1 - mask on ``tensor``'s device and dtype, kept between calls (the after-step check reads it every step)."""
+        mask = self.mask_for(tensor)
+        pruned = getattr(self, "_pruned", None)
+        if pruned is None or pruned.device != mask.device or pruned.dtype != mask.dtype:
+            pruned = self._pruned = 1 - mask
+        return pruned
 
     def check_shape(self, weight: nn.Parameter) -> None:
         if tuple(weight.shape) != tuple(self.mask.shape):
@@ -251,18 +259,22 @@ class MaskHandle:
     Each mask belongs to a layer (held weakly: a layer replaced later by ``to_block_sparse`` is freed, its mask with
     it) and is enforced on whatever weight Parameter the layer holds: one replaced by ``load_state_dict(...,
     assign=True)`` or by a conversion that makes new parameters, or swapped by torch, is masked at the layer's next
-    call (at once after a load). After every step of any torch optimizer that holds a masked weight, the weight's
-    pruned values and that optimizer's state for them are zeroed (a global step post-hook: an optimizer created
-    before the masks keeps momentum for the pruned entries, which would move them). ``masks`` maps each masked
+    call (at once after a load). Around every step of any torch optimizer that holds a masked weight (global step
+    pre- and post-hooks), that optimizer's per-entry state of pruned entries is zeroed before the step (an optimizer
+    created before the masks keeps momentum there, which would move them) and pruned values the step moved are zeroed
+    after it. ``masks`` maps each masked
     layer's current weight to its mask. The handle pickles and copies with the model (``ddp_spawn``,
     ``torch.save(model)``, ``copy.deepcopy``): the copy masks its own weights.
     """
 
     def __init__(self, layer_masks: Iterable[_LayerMask]) -> None:
         self._layers = list(layer_masks)
-        after_step = register_optimizer_step_post_hook(_EnforceAfterStep(weakref.ref(self)))
-        weakref.finalize(self, after_step.remove)  # a handle dropped without remove() leaves no hook behind
-        self._hooks: list = [*self._layers, after_step]
+        handle = weakref.ref(self)
+        steps = [register_optimizer_step_pre_hook(_BeforeStep(handle)),
+                 register_optimizer_step_post_hook(_AfterStep(handle))]
+        for hook in steps:  # a handle dropped without remove() leaves no hook behind
+            weakref.finalize(self, hook.remove)
+        self._hooks: list = [*self._layers, *steps]
 
     def __getstate__(self) -> dict:
         return {"layers": self._layers}
@@ -303,28 +315,43 @@ class MaskHandle:
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero ``optimizer``'s state for pruned entries now (state loaded from a checkpoint, or gathered before the
-        masks); every optimizer's steps are enforced after anyway."""
+        masks); every optimizer's steps are enforced anyway."""
         zero_optimizer_state(optimizer, self)
 
-    @torch.no_grad()
-    def enforce_after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero the pruned entries of the masked weights ``optimizer`` updates and of its state for them."""
+    def _stepped(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _LayerMask]]:
+        """The masked weights ``optimizer`` updates, each with its mask."""
         masked = self._current()
+        found = []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 weight, layer_mask = masked.get(id(param), (None, None))
-                if weight is not param:
-                    continue
-                layer_mask.follow(weight, zero=False)
-                layer_mask.check_shape(weight)
-                # the weight is written only where a pruned entry moved (an optimizer with momentum from before the
-                # masks): its version counter tells observers such as TrainOrderRecorder of writes outside the step
-                kept = layer_mask.mask_for(weight)
-                if weight.mul(1 - kept).any():
-                    weight.mul_(kept)
-                for value in optimizer.state.get(param, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.mul_(layer_mask.mask_for(value))
+                if weight is param:
+                    found.append((weight, layer_mask))
+        return found
+
+    @torch.no_grad()
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero ``optimizer``'s per-entry state of pruned entries: momentum gathered before the masks would move them,
+        and optimizers that mix entries (a per-layer trust ratio, an orthogonalised update) would read it."""
+        for weight, layer_mask in self._stepped(optimizer):
+            _zero_state(optimizer.state.get(weight, {}), weight, layer_mask)
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the pruned entries of the masked weights ``optimizer`` moved (weight decay, entries mixed by the
+        update). A weight is written only where one moved: its version counter tells observers such as
+        TrainOrderRecorder of writes outside the step. One host sync for all layers."""
+        stepped = self._stepped(optimizer)
+        if not stepped:
+            return
+        for weight, layer_mask in stepped:
+            layer_mask.follow(weight, zero=False)
+            layer_mask.check_shape(weight)
+        moved = torch.stack([weight.mul(layer_mask.pruned_for(weight)).any().to(stepped[0][0].device)
+                             for weight, layer_mask in stepped]).tolist()
+        for (weight, layer_mask), was_moved in zip(stepped, moved):
+            if was_moved:
+                weight.mul_(layer_mask.mask_for(weight))
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -332,8 +359,8 @@ class MaskHandle:
         self._hooks.clear()
 
 
-class _EnforceAfterStep:
-    """Global optimizer step post-hook of one MaskHandle (held weakly: the model owns its handle)."""
+class _BeforeStep:
+    """Global optimizer step pre-hook of one MaskHandle (held weakly: the model owns its handle)."""
 
     def __init__(self, handle: Callable[[], MaskHandle | None]) -> None:
         self.handle = handle
@@ -341,20 +368,40 @@ class _EnforceAfterStep:
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle = self.handle()
         if handle is not None:
-            handle.enforce_after_step(optimizer)
+            handle.before_step(optimizer)
+
+
+class _AfterStep(_BeforeStep):
+    """Global optimizer step post-hook of one MaskHandle."""
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        handle = self.handle()
+        if handle is not None:
+            handle.after_step(optimizer)
+
+
+# state that optimizers keep per weight entry (torch's and timm's); for a square weight only these are masked, since a
+# preconditioner of shape [d, d] (Shampoo's) has the weight's shape without being per entry
+PER_ENTRY_STATE = frozenset({
+    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", "acc_delta", "sum",
+    "ax", "prev", "step_size", "exp_inf", "exp_avg_var", "exp_avg_diff", "exp_avg_sq_row", "grad_sum_sq", "s",
+    "x0", "momentum", "neg_pre_grad", "pre_grad",
+})
+
+
+def _zero_state(state: Mapping[str, Any], weight: nn.Parameter, layer_mask: _LayerMask) -> None:
+    square = weight.dim() == 2 and weight.shape[0] == weight.shape[1]
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == weight.shape and (not square or key in PER_ENTRY_STATE):
+            value.mul_(layer_mask.mask_for(value))
 
 
 @torch.no_grad()
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> None:
-    """Zero the pruned entries of every state tensor shaped like a masked weight (Adam moments, momentum)."""
-    masked = handle._current()
-    for param, state in optimizer.state.items():
-        weight, layer_mask = masked.get(id(param), (None, None))
-        if weight is not param:
-            continue
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(layer_mask.mask_for(value))
+    """Zero the pruned entries of the per-entry state of masked weights (Adam moments, momentum)."""
+    for weight, layer_mask in handle._current().values():
+        if weight in optimizer.state:
+            _zero_state(optimizer.state[weight], weight, layer_mask)
 
 
 def _layer_masks_on(layer: nn.Module) -> list[_LayerMask]:
@@ -373,9 +420,9 @@ def apply_masks(
 ) -> MaskHandle:
     """Zero the pruned blocks of ``model`` and keep them zero.
 
-    Gradients of masked weights are masked by a tensor hook; after every step of any torch optimizer that holds
-    them, their pruned values and that optimizer's state for them are zeroed again (``optimizers``: that state is
-    zeroed at once, before their next step). The masks follow their layers: a weight Parameter replaced or swapped
+    Gradients of masked weights are masked by a tensor hook; every step of any torch optimizer that holds them
+    starts from its state of pruned entries zeroed and ends with their pruned values zeroed (``optimizers``: that
+    state is zeroed at once). The masks follow their layers: a weight Parameter replaced or swapped
     later (``load_state_dict(..., assign=True)``, a dtype or device conversion that makes new
     parameters) is masked in its turn. Applying again replaces the previous masks. The masks live in the
     PruneResult, not the state dict, so checkpoints load into an unpruned model unchanged (BlockPruneCallback stores

@@ -69,22 +69,66 @@ def test_an_optimizer_made_after_the_masks_keeps_loaded_weights_masked(tiny_vit,
         assert (tiny_vit.get_submodule(name).weight[where] == 0).all()
 
 
+class LayerNormalisedMomentum(torch.optim.Optimizer):
+    """SGD on momentum / ||momentum|| per tensor (as LAMB's trust ratio mixes entries), keeping a [d, d] "precond"
+    state for square weights that is not per entry (as Shampoo's preconditioners are)."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                momentum = state.setdefault("momentum_buffer", torch.zeros_like(p)).mul_(0.9).add_(p.grad)
+                if p.dim() == 2 and p.shape[0] == p.shape[1]:
+                    state.setdefault("precond", torch.ones_like(p)).add_(1.0)
+                p.sub_(momentum, alpha=group["lr"] / (float(momentum.norm()) + 1e-12))
+
+
+def test_an_optimizer_mixing_entries_reads_no_old_momentum_at_pruned_entries(tiny_vit, batches):
+    """Momentum from before the masks is zeroed before the step, not after it: a per-tensor norm read it, and the
+    optimizer's own step hooks saw pruned entries moved. A square state that is not per entry is left alone."""
+    optimizer = LayerNormalisedMomentum(tiny_vit.parameters())
+    train(tiny_vit, optimizer, batches[:2])
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.4)
+    apply_masks(tiny_vit, result)  # the optimizer is not handed over
+    pruned = {tiny_vit.get_submodule(n).weight: where for n, where in pruned_positions(tiny_vit, result).items()}
+
+    def pruned_sum(values):
+        return sum(float(values(weight)[where].abs().sum()) for weight, where in pruned.items())
+
+    read, after = [], []
+    momentum = lambda w: optimizer.state[w]["momentum_buffer"]  # noqa: E731
+    assert pruned_sum(momentum) > 0
+    optimizer.register_step_pre_hook(lambda *_: read.append(pruned_sum(momentum)))
+    optimizer.register_step_post_hook(lambda *_: after.append(pruned_sum(lambda w: w.detach())))
+    train(tiny_vit, optimizer, batches[:2])
+    assert read == [0.0, 0.0] and after == [0.0, 0.0]
+    square = [w for w in pruned if w.shape[0] == w.shape[1]]
+    assert square and all(bool((optimizer.state[w]["precond"] == 5.0).all()) for w in square)
+
+
 def test_removed_or_dropped_handles_leave_no_step_hook(tiny_vit, batches):
-    hooks = optimizer_module._global_optimizer_post_hooks
-    count = len(hooks)
+    gc.collect()  # handles of earlier tests' models
+    hooks, pre_hooks = optimizer_module._global_optimizer_post_hooks, optimizer_module._global_optimizer_pre_hooks
+    count, pre_count = len(hooks), len(pre_hooks)
     result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.4)
     optimizer = OPTIMIZERS["sgd_momentum"](tiny_vit.parameters())
     train(tiny_vit, optimizer, batches[:2])
     handle = apply_masks(tiny_vit, result)
     assert len(hooks) == count + 1
     handle.remove()
-    assert len(hooks) == count
+    assert len(hooks) == count and len(pre_hooks) == pre_count
     train(tiny_vit, optimizer, batches[:1])  # momentum gathered before the masks moves pruned entries again
     assert any((tiny_vit.get_submodule(n).weight[w] != 0).any() for n, w in pruned_positions(tiny_vit, result).items())
     apply_masks(tiny_vit, result)
     del tiny_vit.__dict__["_lpl_block_masks"]  # the model owned its handle: dropping it drops the hook
     gc.collect()
-    assert len(hooks) == count
+    assert len(hooks) == count and len(pre_hooks) == pre_count
 
 
 def test_applying_again_replaces_the_previous_masks(tiny_vit, batches):
