@@ -286,6 +286,11 @@ class MaskHandle:
         self.__init__(state.get("layers", ()))
 
     @property
+    def active(self) -> bool:
+        """Whether any of its masks is still enforced (False after ``remove()``)."""
+        return any(layer_mask.active for layer_mask in self._layers)
+
+    @property
     def masks(self) -> Mapping[nn.Parameter, torch.Tensor]:
         return _MaskView(self)
 
@@ -411,8 +416,10 @@ def _layer_masks_on(layer: nn.Module) -> list[_LayerMask]:
 
 
 def has_masks(model: nn.Module) -> bool:
-    """Whether ``apply_masks`` keeps block masks on ``model`` (or on a module inside it, or a copy of one)."""
-    return any(_HANDLE_ATTR in vars(module) or _layer_masks_on(module) for module in model.modules())
+    """Whether ``apply_masks`` keeps block masks on ``model`` (or on a module inside it, or a copy of one); not
+    after ``MaskHandle.remove()``."""
+    return any(_layer_masks_on(module) or (_HANDLE_ATTR in vars(module) and vars(module)[_HANDLE_ATTR].active)
+               for module in model.modules())
 
 
 def apply_masks(

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lpl.data.mnist import MNIST5kDataModule
 from lpl.models import ViTClassifier
 from lpl.prune import BlockPruneCallback, apply_masks, prune_model
+from lpl.prune.masking import has_masks
 from lpl.prune.blocks import expand_block_mask
 
 
@@ -121,8 +122,10 @@ def test_removed_or_dropped_handles_leave_no_step_hook(tiny_vit, batches):
     train(tiny_vit, optimizer, batches[:2])
     handle = apply_masks(tiny_vit, result)
     assert len(hooks) == count + 1
+    assert has_masks(tiny_vit)
     handle.remove()
     assert len(hooks) == count and len(pre_hooks) == pre_count
+    assert not has_masks(tiny_vit)  # it was True still, so the recorder and the callback warned of masks
     train(tiny_vit, optimizer, batches[:1])  # momentum gathered before the masks moves pruned entries again
     assert any((tiny_vit.get_submodule(n).weight[w] != 0).any() for n, w in pruned_positions(tiny_vit, result).items())
     apply_masks(tiny_vit, result)
