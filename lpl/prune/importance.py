@@ -50,7 +50,7 @@ class LayerStatistics:
     shape: tuple[int, int]
     block_size: tuple[int, int]
     tokens_per_sample: float
-    tokens_per_batch: float  # per training step: every rank's share of its batch
+    tokens_per_batch: float
     first: torch.Tensor
     gram: torch.Tensor | None
     grad_mean: torch.Tensor | None
@@ -237,10 +237,7 @@ def collect_statistics(
         raise LplError("the calibration loader yielded no batches (or only empty ones); pass a loader with at "
                        "least one non-empty batch.")
     _check_finite(sums)
-    # a step's batch is every rank's share of it (lpl's samplers split each batch over the ranks; a distributed
-    # sampler's per-rank batches together make one step): the cost model prices the same batch on any world size
-    steps = num_batches / rank_and_world()[1]
-    return {name: acc.statistics(samples, num_batches, steps) for name, acc in sums.items()}
+    return {name: acc.statistics(samples, num_batches) for name, acc in sums.items()}
 
 
 def _usable_in_autograd(tensor: torch.Tensor) -> torch.Tensor:
@@ -299,14 +296,13 @@ class _LayerSums:
         sums = (self.first, self.gram, self.grad, self.grad_sq, self.tokens)
         return [tensor for tensor in sums if tensor is not None]
 
-    def statistics(self, samples: float, num_batches: float, steps: float) -> LayerStatistics:
-        """The means: per sample for the block statistics, per batch (each rank's, ``num_batches`` of them) for the
-        gradients, per step (all ranks' batches) for the tokens."""
+    def statistics(self, samples: float, num_batches: float) -> LayerStatistics:
+        """The means: per sample for the block statistics, per batch for the gradients."""
         return LayerStatistics(
             shape=self.shape,
             block_size=self.block_size,
             tokens_per_sample=float(self.tokens) / samples,
-            tokens_per_batch=float(self.tokens) / steps,
+            tokens_per_batch=float(self.tokens) / num_batches,
             first=(self.first / samples).cpu(),
             gram=self.gram.div_(samples).cpu() if self.gram is not None else None,
             grad_mean=self.grad.div_(num_batches).cpu() if self.grad is not None else None,

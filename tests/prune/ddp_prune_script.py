@@ -47,8 +47,7 @@ class RecordStatistics(Callback):
         layer = pl_module.model.blocks[0].mlp.fc1
         stats = collect_statistics(pl_module, {"fc1": layer}, batches, (8, 8), module_loss)["fc1"]
         tensors = {f"mask/{n}": m.to(torch.uint8) for n, m in self.prune.result.block_masks.items()}
-        tensors.update(first=stats.first, gram=stats.gram, grad_sq_mean=stats.grad_sq_mean,
-                       tokens_per_batch=torch.tensor(stats.tokens_per_batch))
+        tensors.update(first=stats.first, gram=stats.gram, grad_sq_mean=stats.grad_sq_mean)
         tensors.update({f"state/{k}": v.detach().clone() for k, v in pl_module.model.state_dict().items()})
         save_file(tensors, f"{self.out}/rank{rank}.safetensors")
 
