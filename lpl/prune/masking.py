@@ -105,14 +105,6 @@ class _LayerMask:
             mask = self.mask = mask.to(tensor.device, tensor.dtype)  # 0 / 1: exact in every dtype
         return mask
 
-    def pruned_for(self, tensor: torch.Tensor) -> torch.Tensor:
-        """1 - mask on ``tensor``'s device and dtype, kept between calls (the after-step check reads it every step)."""
-        mask = self.mask_for(tensor)
-        pruned = getattr(self, "_pruned", None)
-        if pruned is None or pruned.device != mask.device or pruned.dtype != mask.dtype:
-            pruned = self._pruned = 1 - mask
-        return pruned
-
     def check_shape(self, weight: nn.Parameter) -> None:
         if tuple(weight.shape) != tuple(self.mask.shape):
             raise LplError(
@@ -324,14 +316,15 @@ class MaskHandle:
         zero_optimizer_state(optimizer, self)
 
     def _stepped(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _LayerMask]]:
-        """The masked weights ``optimizer`` updates, each with its mask."""
-        masked = self._current()
+        """The masked weights ``optimizer`` updates, each with its mask. Run around every step of every optimizer:
+        a parameter is matched by the token its mask set on it, without walking the layers."""
+        tokens = {id(layer_mask._token): layer_mask for layer_mask in self._layers if layer_mask._token is not None}
         found = []
         for group in optimizer.param_groups:
             for param in group["params"]:
-                weight, layer_mask = masked.get(id(param), (None, None))
-                if weight is param:
-                    found.append((weight, layer_mask))
+                layer_mask = tokens.get(id(param.__dict__.get(_TOKEN_ATTR)))
+                if layer_mask is not None and layer_mask.weight() is param:
+                    found.append((param, layer_mask))
         return found
 
     @torch.no_grad()
@@ -343,20 +336,13 @@ class MaskHandle:
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero the pruned entries of the masked weights ``optimizer`` moved (weight decay, entries mixed by the
-        update). A weight is written only where one moved: its version counter tells observers such as
-        TrainOrderRecorder of writes outside the step. One host sync for all layers."""
-        stepped = self._stepped(optimizer)
-        if not stepped:
-            return
-        for weight, layer_mask in stepped:
-            layer_mask.follow(weight, zero=False)
+        """Zero the pruned entries of the masked weights ``optimizer`` updates, where the step moved them (updates
+        that mix entries, gradients written past the hooks). Through ``.data``: one pass, no host sync, and the
+        weight's version counter, which observers such as TrainOrderRecorder read as writes outside the step, is
+        left as the step left it (with masked gradients and zeroed state the write changes nothing)."""
+        for weight, layer_mask in self._stepped(optimizer):
             layer_mask.check_shape(weight)
-        moved = torch.stack([weight.mul(layer_mask.pruned_for(weight)).any().to(stepped[0][0].device)
-                             for weight, layer_mask in stepped]).tolist()
-        for (weight, layer_mask), was_moved in zip(stepped, moved):
-            if was_moved:
-                weight.mul_(layer_mask.mask_for(weight))
+            weight.data.mul_(layer_mask.mask_for(weight))
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -385,25 +371,19 @@ class _AfterStep(_BeforeStep):
             handle.after_step(optimizer)
 
 
-# state that optimizers keep per weight entry (torch's and timm's); for a square weight only these are masked, since a
-# preconditioner of shape [d, d] (Shampoo's) has the weight's shape without being per entry
-PER_ENTRY_STATE = frozenset({
-    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", "acc_delta", "sum",
-    "ax", "prev", "step_size", "exp_inf", "exp_avg_var", "exp_avg_diff", "exp_avg_sq_row", "grad_sum_sq", "s",
-    "x0", "momentum", "neg_pre_grad", "pre_grad",
-})
-
-
 def _zero_state(state: Mapping[str, Any], weight: nn.Parameter, layer_mask: _LayerMask) -> None:
+    """Zero the pruned entries of every state tensor shaped like ``weight`` (moments, momentum: per entry), except a
+    preconditioner of a square weight (Shampoo's [d, d] ``precond_*`` has the weight's shape without being per
+    entry)."""
     square = weight.dim() == 2 and weight.shape[0] == weight.shape[1]
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == weight.shape and (not square or key in PER_ENTRY_STATE):
+        if isinstance(value, torch.Tensor) and value.shape == weight.shape and not (square and "precond" in str(key)):
             value.mul_(layer_mask.mask_for(value))
 
 
 @torch.no_grad()
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> None:
-    """Zero the pruned entries of the per-entry state of masked weights (Adam moments, momentum)."""
+    """Zero the pruned entries of the state of masked weights (Adam moments, momentum; see ``_zero_state``)."""
     for weight, layer_mask in handle._current().values():
         if weight in optimizer.state:
             _zero_state(optimizer.state[weight], weight, layer_mask)
