@@ -229,7 +229,7 @@ def prune_model(
     flops_keep, lambda_power, min_density, max_density = check_options(
         flops_keep, importance, allocation, lambda_power, min_density, max_density, stages)
     _check_trainable(model)
-    _refuse_exported(model)
+    refuse_exported(model)
     layers, block_size = selected_layers(model, include, exclude, block_size)
     _warn_if_pruned_already(layers, block_size, flops_keep)
     device_type = next(model.parameters()).device.type
@@ -317,7 +317,7 @@ def _cost_model(cost_model: HardwareProfile | str | Path | None) -> HardwareProf
     return cost_model
 
 
-def _refuse_exported(model: nn.Module) -> None:
+def refuse_exported(model: nn.Module) -> None:
     """Refuse a model that ``to_block_sparse`` exported: its block-sparse layers are no Linears to prune, and a
     budget over the Linears left would not be the model's."""
     from lpl.kernels import BlockSparseLinear

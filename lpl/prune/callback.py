@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lpl.utils.trainer import (check_replicated_strategy, fit_val_loaders, restore_loader_position,
                                weight_averaging_callbacks)
-from lpl.prune.api import check_options, prune_model, pruned_block_shares, selected_layers
+from lpl.prune.api import check_options, prune_model, pruned_block_shares, refuse_exported, selected_layers
 from lpl.prune.hardware import HardwareProfile
 from lpl.prune.blocks import parse_block_size
 from lpl.prune.importance import model_inputs
@@ -134,8 +134,7 @@ class BlockPruneCallback(Callback):
                     "another BlockPruneCallback's fit), so this prunes the pruned model again: its 'dense' figures are "
                     "the masked model's, and a layer given more blocks than before keeps some zeroed ones. To "
                     "fine-tune with the earlier masks, pass result=<that PruneResult> (or its saved folder).")
-            self._check_early(pl_module)
-            self._refuse_pruned_by_an_unseen_fit(trainer, pl_module)
+            self._warn_pruned_by_an_unseen_fit(trainer, *self._check_early(pl_module))
             if self.prune_after_steps == 0:
                 self._prune(trainer, pl_module)
 
@@ -214,39 +213,36 @@ class BlockPruneCallback(Callback):
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._handle = apply_masks(pl_module, self.result, optimizers=trainer.optimizers)
 
-    def _check_early(self, pl_module: L.LightningModule) -> None:
+    def _check_early(self, pl_module: L.LightningModule) -> tuple[dict[str, Any], tuple[int, int]]:
         """Refuse include/exclude patterns that match no layer, a block larger than a selected layer, a module whose
         loss calibration cannot probe (manual optimization without ``loss``), or distill=True on a module that cannot
-        take a teacher, now rather than after the training before prune_after_steps."""
+        take a teacher, or an exported model, now rather than after the training before prune_after_steps; returns
+        the selected layers and block size."""
         check_module_loss(pl_module)
         if self.distill:
             _check_can_distill(pl_module)
+        refuse_exported(pl_module)
         options = self.options
         with warnings.catch_warnings():  # what the selection warns of is said when pruning
             warnings.simplefilter("ignore")
-            selected_layers(pl_module, options["include"], options["exclude"], options["block_size"])
+            return selected_layers(pl_module, options["include"], options["exclude"], options["block_size"])
 
-    def _refuse_pruned_by_an_unseen_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _warn_pruned_by_an_unseen_fit(self, trainer: L.Trainer, layers: dict[str, Any],
+                                      block_size: tuple[int, int]) -> None:
         """Under ddp_spawn / ddp_fork the processes of an earlier fit kept its result and masks: the model comes back
-        with zero blocks and nothing else, and this fit would prune it again (saved beside another Trainer's
-        checkpoints, the earlier result is not found). Refuse where whole zero blocks say so."""
+        with zero blocks and nothing else, and this fit prunes it again (saved beside another Trainer's checkpoints,
+        the earlier result is not found). Say so where whole zero blocks suggest it."""
         if not _spawns_processes(trainer):
             return
-        options = self.options
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            layers, block_size = selected_layers(pl_module, options["include"], options["exclude"],
-                                                 options["block_size"])
         pruned, zero_blocks, _ = pruned_block_shares(layers, block_size)
         if pruned:
-            raise LplError(
-                f"BlockPruneCallback: {type(pl_module).__name__} holds whole blocks of zeros ({zero_blocks:.0%} of its "
-                f"{block_size[0]}x{block_size[1]} blocks), as a model pruned in an earlier fit does; with processes "
-                "the Trainer starts itself (ddp_spawn, ddp_fork), that fit's result stayed in them and in its "
-                f"prune_result folder (not at {self._result_dir(trainer)}). To fine-tune under its masks pass "
-                "result='<that run>/prune_result' (or one result_path to both fits); to prune again, start from the "
-                f"dense weights. Zero blocks that are the model's own (an identity initialisation) are in layers "
-                f"{sorted(pruned)[:3]}: leave those out with exclude=[...].")
+            rank_zero_warn(
+                f"BlockPruneCallback: the model holds whole blocks of zeros ({zero_blocks:.0%} of its {block_size[0]}x"
+                f"{block_size[1]} blocks, e.g. in {sorted(pruned)[:2]}), as a model pruned by an earlier fit does. "
+                "With processes the Trainer starts itself (ddp_spawn, ddp_fork), that fit's result stayed in them and "
+                f"in its own prune_result folder (none at {self._result_dir(trainer)}), so this fit prunes the pruned "
+                "model again. To fine-tune under the earlier masks instead, pass result='<that run>/prune_result' (or "
+                "give both fits one result_path).")
 
     def _pruned_already(self, pl_module: L.LightningModule) -> bool:
         try:

@@ -18,6 +18,12 @@ from lpl.prune import BlockPruneCallback, PruneResult
 from lpl.utils.errors import LplError
 
 
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
 def _model(**kwargs):
     torch.manual_seed(0)
     return ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2,
@@ -290,10 +296,11 @@ def test_a_fresh_callback_instance_continues_the_masks_it_saved_as_ddp_spawn_wor
     assert abs(other.result.flops_keep - 0.3) <= 0.01
 
 
-def test_a_model_pruned_by_an_unseen_spawned_fit_is_refused_not_pruned_again(tmp_path, monkeypatch):
+def test_a_model_pruned_by_an_unseen_spawned_fit_is_pruned_again_with_a_word(tmp_path, monkeypatch):
     """Under ddp_spawn the model comes back from a fit with zero blocks and nothing else; a later fit whose saved
-    result is elsewhere (another Trainer folder) pruned it a second time. Simulated in one process: the workers'
-    view is a callback with no result; the strategy check is what ddp_spawn answers."""
+    result is elsewhere (another Trainer folder) prunes it a second time (pruning further is allowed): it says so, and
+    how to continue the earlier masks instead. Simulated in one process: the workers' view is a callback with no
+    result; the strategy check is what ddp_spawn answers."""
     from lpl.prune import callback as callback_module
 
     model = _model(schedule="constant")
@@ -304,9 +311,10 @@ def test_a_model_pruned_by_an_unseen_spawned_fit_is_refused_not_pruned_again(tmp
     returned.load_state_dict(model.state_dict())
     model = returned
     monkeypatch.setattr(callback_module, "_spawns_processes", lambda trainer: True)
-    with pytest.raises(LplError, match="holds whole blocks of zeros.*result='<that run>/prune_result'"):
+    with pytest.warns(UserWarning, match="holds whole blocks of zeros.*prunes the pruned model again.*"
+                                         "result='<that run>/prune_result'"):
         _trainer(tmp_path, [BlockPruneCallback(**options, result_path=tmp_path / "second")], max_steps=3,
-                 enable_checkpointing=False).fit(model, datamodule=_data())
+                 enable_checkpointing=False).fit(_copy(model), datamodule=_data())
     again = BlockPruneCallback(**options, result_path=tmp_path / "first")  # its folder found: continued
     _trainer(tmp_path, [again], max_steps=3, enable_checkpointing=False).fit(model, datamodule=_data())
     for name, mask in first.result.block_masks.items():
@@ -393,3 +401,19 @@ def test_a_datamodule_without_validation_data_is_pruned_without_figures(tmp_path
     prune = BlockPruneCallback(block_size=8, calib_batches=1)
     _trainer(tmp_path, [prune], max_steps=1, limit_val_batches=0).fit(_model(), datamodule=TrainOnly())
     assert prune.result is not None and prune.metrics == {}
+
+
+def test_an_exported_model_is_refused_at_fit_start_not_after_the_steps_before_pruning(tmp_path):
+    """prune_model refuses it; the callback said so only after prune_after_steps of training."""
+    from lpl.prune import prune_model, to_block_sparse
+
+    model = _model(schedule="constant")
+    data = _data()
+    data.setup("fit")
+    batches = [next(iter(data.train_dataloader()))]
+    to_block_sparse(model, prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, include=["*fc1"]))
+    trainer = _trainer(tmp_path, [BlockPruneCallback(block_size=(8, 8), prune_after_steps=5, evaluate=False)],
+                       max_steps=8, enable_checkpointing=False)
+    with pytest.raises(LplError, match="block-sparse layers already"):
+        trainer.fit(model, datamodule=_data())
+    assert trainer.global_step == 0
