@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -135,6 +135,13 @@ class BlockSparseLinear(nn.Module):
         as timm's ConViT does, or its values). The forward never builds it. Writing into it changes nothing: the
         layer's parameters are ``values`` and ``bias``."""
         return self.sparse_weight().to_dense()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":  # a read-only view of the blocks (nn.Module's own error: "attribute already exists")
+            raise LplError("BlockSparseLinear.weight is the dense view of its blocks and cannot be set: write the "
+                           "blocks (values, [nnz, br, bc]) or load a state dict (a dense weight loads into the blocks "
+                           "its mask keeps).")
+        super().__setattr__(name, value)
 
     def _known_pattern(self) -> torch.Tensor | None:
         """The block mask on the CPU, or None where the layer has none yet (built on the meta device without a

@@ -402,9 +402,10 @@ class RecordingWriter:
         _replace_named_file(self.root, self.manifest.get(key), name, data, publish)
 
     def write_rng_state(self, states: Mapping[str, torch.Tensor], step: int = 0) -> None:
-        """The RNG states training step ``step`` started from ("torch", and "cuda" for a CUDA run): step 0's, and
-        those of steps before which something drew from the generators, so that retraining draws the same dropout
-        masks step for step. The file holds every stored step and is rewritten whole (they are few)."""
+        """The RNG states training step ``step`` started from ("torch", and "cuda" for a CUDA run): every epoch's first
+        step's (the recorder's choice since 2026-11-28), and those of steps before which something drew from the
+        generators, so that retraining draws the same dropout masks step for step. The file holds every stored step
+        and is rewritten whole (they are few)."""
         stored = Recording(self.root, self.manifest).rng_states()
         stored[step] = dict(states)
         self._write_rng_states(stored)
@@ -698,8 +699,9 @@ class Recording:
         return self._read_all(self.manifest["initial_state"])
 
     def rng_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Step -> the RNG states it started from, for step 0 and every step before which something drew from the
-        generators ({} for recordings made before they were stored; step 0 alone for older ones)."""
+        """Step -> the RNG states it started from, for every epoch's first step (step 0 alone in recordings made
+        before 2026-11-28) and every step before which something drew from the generators ({} for recordings made
+        before they were stored); verified against the manifest first."""
         info = self.manifest.get("rng_state")
         if not info:
             return {}

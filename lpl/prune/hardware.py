@@ -82,6 +82,8 @@ class HardwareProfile:
 
         if not isinstance(self.name, str):
             raise LplError(f"HardwareProfile.name must be a string, got {self.name!r}.")
+        if isinstance(self.tile_m, float) and self.tile_m.is_integer():  # 64.0, as JSON written elsewhere may say
+            self.tile_m = int(self.tile_m)
         if not isinstance(self.tile_m, numbers.Integral) or isinstance(self.tile_m, bool):
             raise LplError(f"HardwareProfile.tile_m must be a whole number, got {self.tile_m!r}.")
         for name in ("launch_s", "row_s", "dense_flops_per_s", "idle_power_w", "active_power_w"):

@@ -270,5 +270,7 @@ def _without_wrappers(name: str) -> str:
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
-    """sha256 of a result's metadata in one canonical JSON form (what ``result.json`` holds, less this digest)."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """sha256 of a result's metadata in one canonical JSON form (what ``result.json`` holds, less this digest), taken
+    as read back: JSON turns keys into strings, which sort otherwise (options={2: ..., 10: ...})."""
+    as_read = json.loads(json.dumps(meta))
+    return hashlib.sha256(json.dumps(as_read, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

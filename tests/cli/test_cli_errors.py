@@ -261,6 +261,7 @@ def test_predict_refuses_a_folder_where_its_file_goes_before_predicting(run, cap
     err = _error_of(capsys, "predict", *MNIST, *SMALL, "--trainer.limit_predict_batches=1",
                     f"--ckpt_path={_checkpoint(run)}")
     assert "lpl predict writes outputs/mnist_vit/predictions.safetensors, but a folder is there" in err
+    assert "predictions of" not in capsys.readouterr().out  # refused before predicting
 
 
 def test_a_fit_ending_after_its_last_validation_says_so_without_an_accuracy_too(capsys) -> None:

@@ -42,6 +42,8 @@ def test_weight_reads_as_the_masked_dense_weight_and_carries_gradients_to_the_bl
     with torch.no_grad():
         layer.values.add_(1.0)
     assert torch.equal(layer.weight, (linear.weight.double().detach() + 1.0) * expanded)  # follows the values
+    with pytest.raises(LplError, match="weight is the dense view of its blocks and cannot be set"):
+        layer.weight = torch.nn.Parameter(torch.zeros(100, 70))
 
 
 def _blocks_of(dense, mask, size=32):

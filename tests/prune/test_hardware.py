@@ -70,6 +70,15 @@ def test_a_damaged_or_hand_edited_profile_file_is_refused_naming_the_field(tmp_p
         HardwareProfile.load(path)
 
 
+def test_a_whole_float_tile_loads_as_an_int(tmp_path):
+    import json
+
+    path = tmp_path / "p.json"
+    default_profile("cpu").save(path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tile_m": 64.0}))
+    assert HardwareProfile.load(path).tile_m == 64 and isinstance(HardwareProfile.load(path).tile_m, int)
+
+
 def test_dense_baseline_uses_the_throughput_measured_at_its_dtype(tmp_path):
     profile = default_profile("cpu")
     profile.dense_flops_by_dtype["bfloat16"] = profile.dense_flops_per_s / 4  # e.g. a CPU slow at bf16

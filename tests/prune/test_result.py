@@ -95,3 +95,14 @@ def test_save_of_options_json_cannot_hold_writes_nothing(tiny_vit, batches, tmp_
     with pytest.raises(LplError, match="nothing was written"):
         result.save(tmp_path / "result")
     assert not (tmp_path / "result").exists() or not any((tmp_path / "result").iterdir())
+
+
+def test_options_with_number_keys_save_and_load(tiny_vit, batches, tmp_path):
+    """The metadata's own checksum is taken as JSON reads it back (number keys become strings and sort otherwise):
+    such a result saved, then was refused as damaged at every load."""
+    import dataclasses
+
+    result = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.5)
+    result = dataclasses.replace(result, options={**result.options, "per_layer": {2: 0.5, 10: 0.25}})
+    result.save(tmp_path / "r")
+    assert PruneResult.load(tmp_path / "r").options["per_layer"] == {"2": 0.5, "10": 0.25}
