@@ -92,7 +92,8 @@ def fit_profile(
     return HardwareProfile(
         name=name, device_type=base.device_type, tile_m=base.tile_m, launch_s=launch_s, row_s=row_s,
         block_s={**base.block_s, **{block_key(s, dtype): b for s, b in zip(sizes, block_s)}},
-        dense_flops_per_s=base.dense_flops_per_s, idle_power_w=base.idle_power_w, active_power_w=base.active_power_w,
+        dense_flops_per_s=base.dense_flops_per_s, dense_flops_by_dtype=dict(base.dense_flops_by_dtype),
+        idle_power_w=base.idle_power_w, active_power_w=base.active_power_w,
     )
 
 

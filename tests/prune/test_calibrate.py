@@ -31,6 +31,8 @@ def test_cpu_calibration_and_validation_run_on_the_real_kernel():
     assert isinstance(profile, HardwareProfile) and profile.device_type == "cpu"
     assert min(profile.launch_s, profile.row_s, *profile.block_s.values()) >= 0
     assert block_key((32, 32), torch.float32) in profile.block_s
+    # the dense throughput measured at the calibrated dtype is kept (the fit dropped it)
+    assert profile.dense_flops_by_dtype == {"float32": profile.dense_flops_per_s}
     mask = torch.rand(4, 3) < 0.5
     fewer = mask.clone()
     fewer[mask.nonzero()[0].tolist()[0]] = False
