@@ -254,16 +254,15 @@ class MaskHandle:
     call (at once after a load). Around every step of any torch optimizer that holds a masked weight (global step
     pre- and post-hooks), that optimizer's per-entry state of pruned entries is zeroed before the step (an optimizer
     created before the masks keeps momentum there, which would move them) and pruned values the step moved are zeroed
-    after it. ``masks`` maps each masked
-    layer's current weight to its mask. The handle pickles and copies with the model (``ddp_spawn``,
-    ``torch.save(model)``, ``copy.deepcopy``): the copy masks its own weights.
+    after it. ``masks`` maps each masked layer's current weight to its mask. The handle pickles and copies with the
+    model (``ddp_spawn``, ``torch.save(model)``, ``copy.deepcopy``): the copy masks its own weights.
     """
 
     def __init__(self, layer_masks: Iterable[_LayerMask]) -> None:
         self._layers = list(layer_masks)
         handle = weakref.ref(self)
-        steps = [register_optimizer_step_pre_hook(_BeforeStep(handle)),
-                 register_optimizer_step_post_hook(_AfterStep(handle))]
+        steps = [register_optimizer_step_pre_hook(_StepHook(handle, before=True)),
+                 register_optimizer_step_post_hook(_StepHook(handle, before=False))]
         for hook in steps:  # a handle dropped without remove() leaves no hook behind
             weakref.finalize(self, hook.remove)
         self._hooks: list = [*self._layers, *steps]
@@ -350,25 +349,16 @@ class MaskHandle:
         self._hooks.clear()
 
 
-class _BeforeStep:
-    """Global optimizer step pre-hook of one MaskHandle (held weakly: the model owns its handle)."""
+class _StepHook:
+    """Global optimizer step pre- or post-hook of one MaskHandle (held weakly: the model owns its handle)."""
 
-    def __init__(self, handle: Callable[[], MaskHandle | None]) -> None:
-        self.handle = handle
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        handle = self.handle()
-        if handle is not None:
-            handle.before_step(optimizer)
-
-
-class _AfterStep(_BeforeStep):
-    """Global optimizer step post-hook of one MaskHandle."""
+    def __init__(self, handle: Callable[[], MaskHandle | None], before: bool) -> None:
+        self.handle, self.before = handle, before
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle = self.handle()
         if handle is not None:
-            handle.after_step(optimizer)
+            handle.before_step(optimizer) if self.before else handle.after_step(optimizer)
 
 
 def _zero_state(state: Mapping[str, Any], weight: nn.Parameter, layer_mask: _LayerMask) -> None:
@@ -409,9 +399,9 @@ def apply_masks(
 
     Gradients of masked weights are masked by a tensor hook; every step of any torch optimizer that holds them
     starts from its state of pruned entries zeroed and ends with their pruned values zeroed (``optimizers``: that
-    state is zeroed at once). The masks follow their layers: a weight Parameter replaced or swapped
-    later (``load_state_dict(..., assign=True)``, a dtype or device conversion that makes new
-    parameters) is masked in its turn. Applying again replaces the previous masks. The masks live in the
+    state is zeroed at once). The masks follow their layers: a weight Parameter replaced or swapped later
+    (``load_state_dict(..., assign=True)``, a dtype or device conversion that makes new parameters) is masked in its
+    turn. Applying again replaces the previous masks. The masks live in the
     PruneResult, not the state dict, so checkpoints load into an unpruned model unchanged (BlockPruneCallback stores
     the result in the checkpoint and re-applies it on resume).
 
