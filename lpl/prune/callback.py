@@ -356,8 +356,8 @@ class BlockPruneCallback(Callback):
         finally:
             handle.remove()
         if trainer.world_size > 1:  # a distributed sampler gives each rank a share: the figures are the whole set's
-            totals = torch.tensor([total_loss, correct, count, float(has_labels)], dtype=torch.float64,
-                                  device=pl_module.device)
+            totals = torch.tensor([total_loss, correct, count, float(has_labels)], device=pl_module.device,
+                                  dtype=torch.float32 if pl_module.device.type == "mps" else torch.float64)
             total_loss, correct, count, labelled = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
             has_labels = labelled > 0
         if not count:
@@ -415,8 +415,10 @@ def _rng_kept(loader: Any) -> Iterator[None]:
 def _spawns_processes(trainer: L.Trainer) -> bool:
     """Whether the fit runs in processes the Trainer starts itself (ddp_spawn, ddp_fork, ddp_notebook), which hand
     back only the weights."""
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
+    try:  # Lightning's own (private) launcher class
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    except ImportError:
+        return False
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
