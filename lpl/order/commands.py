@@ -117,6 +117,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple
 
     args = parser.parse_args(argv)
     recording = Recording.open(args.recording)
+    recording.verify(["pool"])  # small; the orders are read from it before any slower load verifies the rest
     out = Path(args.out).absolute()
     top = out
     while not top.parent.exists():

@@ -110,6 +110,13 @@ def replay_linearized(run: LinearizedRun, orders: Tensor, quadratic: bool = True
     compiled = _compiled_kernel_applies(run, dtype)
     elements = KERNEL_CHUNK_ELEMENTS if compiled else CUDA_CHUNK_ELEMENTS if orders.is_cuda else CHUNK_ELEMENTS
     chunk = max(1, elements // run.pool_grads.shape[-1])
+    if orders.shape[0] == 0:  # no order: empty results of the right shapes (as the other methods give)
+        def empty(*shape: int) -> Tensor:
+            return run.val_losses.new_empty(0, *shape, dtype=dtype)
+
+        return LinearizedEstimate(final_loss=empty(), loss_curve=empty(orders.shape[1] + 1),
+                                  batch_losses=empty(run.pool_grads.shape[1]),
+                                  displacement=empty(run.pool_grads.shape[-1]) if displacement else None)
     parts = [_replay_chunk(run, orders[i : i + chunk], quadratic, dtype, compiled)
              for i in range(0, orders.shape[0], chunk)]
     return LinearizedEstimate(

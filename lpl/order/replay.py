@@ -180,8 +180,8 @@ def check_orders(orders: Any, num_batches: int, num_steps: int) -> Tensor:
     orders = orders.long()
     if orders.shape[1] > num_steps:
         raise LplError(
-            f"an order of {orders.shape[1]} steps is longer than the {num_steps} recorded steps; the estimator "
-            f"replays at most {num_steps} steps (record a longer reference run for longer orders)."
+            f"an order of {orders.shape[1]} steps is longer than the {num_steps} recorded steps: estimates and "
+            f"retraining follow at most {num_steps} steps (record a longer reference run for longer orders)."
         )
     bad = orders[(orders < 0) | (orders >= num_batches)]
     if bad.numel():

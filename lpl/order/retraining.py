@@ -344,6 +344,10 @@ class _RecordedOptimizer(L.Callback):
                  "weight_decay": float(group["weight_decay"])}
         differing = [f"{key} {built[key]} (recorded {self.recorded[key]})" for key in built
                      if key in self.recorded and not _same(built[key], self.recorded[key])]
+        recorded_groups = (self.steps[0].get("group_weight_decay") if self.steps else None) or []
+        if len(recorded_groups) > 1 and len(optimizer.param_groups) != len(recorded_groups):
+            differing.append(f"{len(optimizer.param_groups)} param group(s) (recorded {len(recorded_groups)}, with "
+                             f"weight decays {recorded_groups})")
         if differing:
             raise LplError(
                 f"{self.class_path} rebuilt from the recording builds another optimizer than the recorded run's: "

@@ -80,6 +80,20 @@ def test_a_wrong_recording_is_refused_before_out_is_created(tmp_path, main, extr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_damaged_pool_file_is_named_not_blamed_on_the_orders(recording, tmp_path):
+    """random:N reads the pool's order before the estimator's load verifies the files: a flipped byte there was
+    refused as "an order names batch id 70368744177687"."""
+    damaged = tmp_path / "rec"
+    shutil.copytree(recording, damaged)
+    pool = damaged / "pool.safetensors"
+    data = bytearray(pool.read_bytes())
+    data[-5] ^= 0x40
+    pool.write_bytes(bytes(data))
+    with pytest.raises(LplError, match="pool.safetensors is corrupted"):
+        estimate_main(["--recording", str(damaged), "--orders", "random:2", "--method", "adam",
+                       "--out", str(tmp_path / "out")])
+
+
 def test_a_refused_command_leaves_no_out_folder_it_created(recording, tmp_path):
     out = tmp_path / "out" / "sub"
     with pytest.raises(LplError, match="curvature_rank"):  # the method lacks its data: refused after --out exists

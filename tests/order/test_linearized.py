@@ -140,6 +140,9 @@ def test_reference_order_is_exact_and_chunks_agree(monkeypatch):
     whole = replay_linearized(run, orders)
     monkeypatch.setattr("lpl.order.linearized.CHUNK_ELEMENTS", 2 * 5)  # two orders per chunk
     torch.testing.assert_close(replay_linearized(run, orders).final_loss, whole.final_loss)
+    none = replay_linearized(run, orders[:0], displacement=True)  # no order: empty results (torch.cat failed)
+    assert none.final_loss.shape == (0,) and none.loss_curve.shape == (0, NUM_BATCHES + 1)
+    assert none.batch_losses.shape == (0, run.pool_grads.shape[1]) and none.displacement.shape[0] == 0
 
 
 def test_mlp_estimates_track_retraining():

@@ -179,6 +179,12 @@ def test_param_groups_with_their_own_weight_decay(decoupled, tmp_path):
     estimate = OrderEstimator.from_recording(path, method="linearized").estimate(order).final_loss
     truth = retrain(path, order).final_loss
     assert abs(estimate - truth) < abs(rec.probe_scalars["val_loss"][-1] - truth) + 1e-3
+    # a module whose code now builds another number of groups (names and shapes unchanged) is another run: it
+    # retrained silently with the recorded decays skipped
+    for step in rec.manifest["steps"]:
+        step["group_weight_decay"] = [*step["group_weight_decay"], 0.0]
+    with pytest.raises(LplError, match=r"2 param group\(s\) \(recorded 3, with weight decays"):
+        retrain(rec, order)
 
 
 def test_a_module_that_logs_in_training_step_is_recorded_probed_and_retrained(tmp_path):
