@@ -82,12 +82,28 @@ class IndexedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        self._log_clashing_hparams_apart()
         if self.train_set is None:
             self.train_set, self.val_set = self.build_datasets()
             if len(self.train_set) < self.batch_size:
                 raise LplError(
                     f"batch_size {self.batch_size} is larger than the {len(self.train_set)} training samples; lower it."
                 )
+
+    def _log_clashing_hparams_apart(self) -> None:
+        """Log this module's hyperparameters under ``data/`` when the model's share a name with other values (a
+        model taking any image size has img_size=None, the data 28): Lightning would refuse to merge them and stop
+        the fit. Runs in setup, before the Trainer logs them."""
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        if module is None or not trainer.loggers or not self._log_hyperparams:
+            return
+        ours, theirs = self.hparams_initial, module.hparams_initial
+        if any(key != "_class_path" and (type(ours[key]) is not type(theirs[key]) or ours[key] != theirs[key])
+               for key in ours.keys() & theirs.keys()):
+            self._log_hyperparams = False  # the Trainer logs the model's alone
+            for logger in trainer.loggers:
+                logger.log_hyperparams({f"data/{key}": value for key, value in ours.items() if key != "_class_path"})
 
     def loader_kwargs(self) -> dict[str, Any]:
         """Extra DataLoader arguments (workers, pinning); in-memory example datasets need none."""

@@ -261,3 +261,29 @@ def test_a_one_device_fit_trains_whole_batches_under_a_leftover_process_group(mo
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(model, datamodule=_TinyData())
     assert model.seen == _TinyData().train_batches()[:2]
+
+
+def test_hyperparameters_sharing_a_name_with_the_models_are_logged_apart(tmp_path) -> None:
+    """A model built for any image size (img_size=None) on 28x28 data: Lightning refused to merge the two img_size
+    hyperparameters and stopped every fit with a logger; the data's go under data/ instead."""
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    class AnySize(L.LightningModule):
+        def __init__(self, img_size: int | None = None) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.head = torch.nn.Linear(28 * 28, 10)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.head(batch["image"].flatten(1)), batch["label"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(max_steps=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False)
+    trainer.fit(AnySize(), datamodule=MNIST5kDataModule(batch_size=16, val_size=100))
+    logged = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text())
+    assert logged["img_size"] is None and logged["data/img_size"] == 28 and logged["data/batch_size"] == 16
