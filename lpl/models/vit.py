@@ -273,8 +273,14 @@ class ViTClassifier(L.LightningModule):
         except (RuntimeError, AssertionError) as error:
             built = self._built_img_size()
             given = tuple(images.shape[-2:])
-            if built is None or given == built:
-                raise
+            if built is None or given == built:  # built for this size, yet it cannot run there (LeViT at 28x28)
+                default = (getattr(self.model, "pretrained_cfg", None) or {}).get("input_size")
+                hint = (f"give it the size timm builds it for (data.init_args.img_size={default[-1]}, "
+                        f"model.init_args.img_size={default[-1]})" if default and tuple(default[1:]) != given
+                        else "use a larger image size")
+                raise LplError(f"the timm model {self.hparams.model_name!r} fails on its first forward with the data's "
+                               f"{given[0]}x{given[1]} images ({_first_line(error)}); a model that downsamples in "
+                               f"stages may not run at that size: {hint}, or choose another model.") from error
             raise LplError(f"the timm model {self.hparams.model_name!r} fails on the data's {given[0]}x{given[1]} "
                            f"images; it is built for {built[0]}x{built[1]} ({_first_line(error)}): set "
                            f"model.init_args.img_size={images.shape[-1]} if the model takes img_size, or give the "

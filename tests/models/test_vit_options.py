@@ -248,3 +248,12 @@ def test_models_with_a_fixed_size_and_no_patch_embedding_name_img_size_on_other_
             model.loss({"image": torch.randn(2, 3, 84, 84), "label": torch.tensor([0, 1])})
     with torch.no_grad():
         assert model.loss({"image": torch.randn(2, 3, 160, 160), "label": torch.tensor([0, 1])}).isfinite()
+
+
+def test_a_model_built_for_the_datas_size_that_cannot_run_there_is_one_clear_error() -> None:
+    """LeViT built for 28x28 (its stride-16 stem leaves too little): a shape error from deep inside timm before."""
+    model = ViTClassifier("levit_128s", img_size=28, in_chans=1, num_classes=10).eval()
+    with pytest.raises(LplError, match=r"'levit_128s' fails on its first forward with the data's 28x28 images.*"
+                                       r"data.init_args.img_size=224"):
+        with torch.no_grad():
+            model.loss({"image": torch.randn(2, 1, 28, 28), "label": torch.tensor([0, 1])})
