@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ def create_timm_model(model_name: str, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(model_name, pretrained=False, **kwargs)
     except TypeError as error:
+        fixed = re.search(r"multiple values for keyword argument '(\w+)'", str(error))
+        if fixed:  # a named variant (mixer_s16_224) sets it itself; its family's class takes it
+            raise LplError(f"timm model {model_name!r} sets {fixed.group(1)} itself and takes no other value: leave "
+                           f"{fixed.group(1)} out (null in the config), or choose a variant of that size.") from None
         raise LplError(f"timm model {model_name!r} does not accept these arguments: {error}") from None
     except (AssertionError, ValueError, ZeroDivisionError) as error:  # timm's own checks of sizes
         shown = {k: v for k, v in kwargs.items() if k in ("img_size", "patch_size", "embed_dim", "num_heads", "depth")}

@@ -257,3 +257,13 @@ def test_a_model_built_for_the_datas_size_that_cannot_run_there_is_one_clear_err
                                        r"data.init_args.img_size=224"):
         with torch.no_grad():
             model.loss({"image": torch.randn(2, 1, 28, 28), "label": torch.tensor([0, 1])})
+
+
+def test_an_argument_a_named_variant_fixes_itself_is_named_so() -> None:
+    """mixer_s16_224 sets patch_size itself: "does not accept these arguments" read as if Mixers take no patch size."""
+    from lpl.models.vit import create_timm_model
+
+    with pytest.raises(LplError, match="'mixer_s16_224' sets patch_size itself and takes no other value"):
+        create_timm_model("mixer_s16_224", patch_size=7)
+    with pytest.raises(LplError, match="does not accept these arguments"):
+        create_timm_model("mixer_s16_224", no_such_option=1)
