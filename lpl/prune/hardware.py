@@ -17,8 +17,8 @@ import json
 import math
 import numbers
 import os
-from typing import Any
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
