@@ -300,7 +300,7 @@ class MaskHandle:
 
     @torch.no_grad()
     def enforce(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
-        """Zero pruned weights and every optimizer state tensor shaped like them (Adam moments, momentum)."""
+        """Zero pruned weights and the optimizers' state of them (``zero_optimizer_state``)."""
         for layer_mask in self._layers:
             weight = layer_mask.weight()
             if weight is not None:
@@ -314,34 +314,19 @@ class MaskHandle:
         masks); every optimizer's steps are enforced anyway."""
         zero_optimizer_state(optimizer, self)
 
-    def _stepped(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _LayerMask]]:
-        """The masked weights ``optimizer`` updates, each with its mask. Run around every step of every optimizer:
-        a parameter is matched by the token its mask set on it, without walking the layers."""
-        tokens = {id(layer_mask._token): layer_mask for layer_mask in self._layers if layer_mask._token is not None}
-        found = []
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                layer_mask = tokens.get(id(param.__dict__.get(_TOKEN_ATTR)))
-                if layer_mask is not None and layer_mask.weight() is param:
-                    found.append((param, layer_mask))
-        return found
-
-    @torch.no_grad()
-    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero ``optimizer``'s per-entry state of pruned entries: momentum gathered before the masks would move them,
-        and optimizers that mix entries (a per-layer trust ratio, an orthogonalised update) would read it."""
-        for weight, layer_mask in self._stepped(optimizer):
-            _zero_state(optimizer.state.get(weight, {}), weight, layer_mask)
-
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero the pruned entries of the masked weights ``optimizer`` updates, where the step moved them (updates
         that mix entries, gradients written past the hooks). Through ``.data``: one pass, no host sync, and the
         weight's version counter, which observers such as TrainOrderRecorder read as writes outside the step, is
         left as the step left it (with masked gradients and zeroed state the write changes nothing)."""
-        for weight, layer_mask in self._stepped(optimizer):
-            layer_mask.check_shape(weight)
-            weight.data.mul_(layer_mask.mask_for(weight))
+        masked = self._current()
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                weight, layer_mask = masked.get(id(param), (None, None))
+                if weight is param:
+                    layer_mask.check_shape(weight)
+                    weight.data.mul_(layer_mask.mask_for(weight))
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -357,26 +342,25 @@ class _StepHook:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle = self.handle()
-        if handle is not None:
-            handle.before_step(optimizer) if self.before else handle.after_step(optimizer)
-
-
-def _zero_state(state: Mapping[str, Any], weight: nn.Parameter, layer_mask: _LayerMask) -> None:
-    """Zero the pruned entries of every state tensor shaped like ``weight`` (moments, momentum: per entry), except a
-    preconditioner of a square weight (Shampoo's [d, d] ``precond_*`` has the weight's shape without being per
-    entry)."""
-    square = weight.dim() == 2 and weight.shape[0] == weight.shape[1]
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == weight.shape and not (square and "precond" in str(key)):
-            value.mul_(layer_mask.mask_for(value))
+        if handle is None:
+            return
+        if self.before:  # momentum gathered before the masks would move pruned entries, and an optimizer mixing
+            zero_optimizer_state(optimizer, handle)  # entries (a per-layer trust ratio) would read it
+        else:
+            handle.after_step(optimizer)
 
 
 @torch.no_grad()
 def zero_optimizer_state(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> None:
-    """Zero the pruned entries of the state of masked weights (Adam moments, momentum; see ``_zero_state``)."""
+    """Zero the pruned entries of every state tensor shaped like a masked weight (moments, momentum: per entry),
+    except a square weight's preconditioner (Shampoo's [d, d] ``precond_*`` has its shape without being per entry)."""
     for weight, layer_mask in handle._current().values():
-        if weight in optimizer.state:
-            _zero_state(optimizer.state[weight], weight, layer_mask)
+        square = weight.dim() == 2 and weight.shape[0] == weight.shape[1]
+        for key, value in optimizer.state.get(weight, {}).items():
+            if not isinstance(value, torch.Tensor) or value.shape != weight.shape:
+                continue
+            if not (square and "precond" in str(key)):
+                value.mul_(layer_mask.mask_for(value))
 
 
 def _layer_masks_on(layer: nn.Module) -> list[_LayerMask]:
