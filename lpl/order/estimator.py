@@ -330,13 +330,16 @@ class OrderEstimator(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[OrderEstimate]:
         orders = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 1 else batch
-        if isinstance(orders, (list, tuple)) and all(isinstance(o, Tensor) and o.ndim == 1 for o in orders):
+        if isinstance(orders, (list, tuple)) and orders and all(isinstance(o, Tensor) and o.ndim == 1 for o in orders):
+            if len({len(o) for o in orders}) > 1:  # whole orders of several lengths (collate_fn=list)
+                return [estimate for order in orders for estimate in _split(self.estimate_many(order[None]))]
             # a DataLoader over Python lists collates them by position: L tensors of B ids, not B orders
             raise LplError(
-                "the predict loader yields a list of 1-D tensors: a DataLoader over a list of orders collates them "
-                "step by step (one tensor per position), which would be read as other orders. Give the loader the "
-                "orders as one tensor [N, L] (DataLoader(torch.tensor(orders), batch_size=...)) or "
-                "TensorDataset(torch.tensor(orders)).")
+                "the predict loader yields a list of 1-D tensors of one length: whole orders (collate_fn=list) or, "
+                "from a DataLoader over Python lists, one tensor per position (default collation), which would be "
+                "read as other orders. Give the loader the orders as one tensor [N, L] "
+                "(DataLoader(torch.tensor(orders), batch_size=...)), and orders of several lengths with batch_size=1 "
+                "or collate_fn=list.")
         return _split(self.estimate_many(orders))
 
     def on_predict_start(self) -> None:

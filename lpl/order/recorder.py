@@ -42,9 +42,22 @@ def _check_accumulation(trainer: L.Trainer) -> None:
         )
 
 
+def trained_param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The param groups holding a parameter that trains: a frozen backbone's group (often listed first, with its own
+    weight decay or lr) steps nothing, so its hyperparameters are not the run's. All groups where none trains."""
+    groups = optimizer.param_groups
+    return [g for g in groups if any(p.requires_grad for p in g["params"])] or list(groups)
+
+
+def _hyperparameter(group: Mapping[str, Any], key: str) -> Any:
+    # betas compare by value: a config gives a list, torch's default is a tuple
+    return tuple(float(b) for b in group[key]) if key == "betas" else float(group[key])
+
+
 def _differing_hyperparameters(groups: Sequence[Mapping[str, Any]]) -> list[str]:
     """Which of lr, betas and eps the param groups do not share (retraining and every estimate take one of each)."""
-    return [k for k in ("lr", "betas", "eps") if any(g[k] != groups[0][k] for g in groups)]
+    return [k for k in ("lr", "betas", "eps")
+            if any(_hyperparameter(g, k) != _hyperparameter(groups[0], k) for g in groups)]
 
 
 # The manifest is rewritten at every probe, checkpoint and the end of training, and otherwise at most this often:
@@ -491,15 +504,21 @@ class TrainOrderRecorder(L.Callback):
             )
         if not pl_module.automatic_optimization:
             raise LplError("TrainOrderRecorder supports automatic optimization only (one optimizer step per batch).")
-        groups = optimizer.param_groups
+        groups = trained_param_groups(optimizer)
         # weight decay may differ between groups (biases and norms often have none): the full-space methods take
         # it per parameter; lr, betas and eps are one set in every method
         differing = _differing_hyperparameters(groups)
         if differing:
             raise LplError(
-                f"TrainOrderRecorder needs one lr, betas and eps for every parameter, but the optimizer's param groups "
-                f"differ in {', '.join(differing)} ({[g[differing[0]] for g in groups]}); use one value for all."
+                f"TrainOrderRecorder needs one lr, betas and eps for every trained parameter, but the optimizer's "
+                f"param groups differ in {', '.join(differing)} ({[_hyperparameter(g, differing[0]) for g in groups]}"
+                "); use one value for all."
             )
+        if not all(float(g["eps"]) > 0 for g in groups):
+            raise LplError(
+                f"TrainOrderRecorder needs Adam's eps > 0 (got {[float(g['eps']) for g in groups]}): with eps=0 an "
+                "update divides by a zero second moment (a weight no batch moves), and the estimates do the same; "
+                "use Adam's default 1e-8 or another positive value.")
         if any(g.get("amsgrad") or g.get("maximize") for g in groups):
             raise LplError("TrainOrderRecorder supports plain Adam/AdamW, not amsgrad=True or maximize=True (in any "
                            "param group).")
@@ -655,7 +674,7 @@ class TrainOrderRecorder(L.Callback):
         signature: dict[str, Any], world: int,
     ) -> dict[str, Any]:
         """What identifies the run in the manifest: model, rebuild info, projection, optimizer, schedule of probes."""
-        group = optimizer.param_groups[0]
+        group = trained_param_groups(optimizer)[0]
         decay = {id(p): float(g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
         decays = [decay[id(p)] for _, p in pl_module.named_parameters() if p.requires_grad]
         return {
@@ -716,7 +735,8 @@ class TrainOrderRecorder(L.Callback):
 
     @staticmethod
     def _decoupled(optimizer: torch.optim.Optimizer) -> bool:
-        return bool(isinstance(optimizer, torch.optim.AdamW) or optimizer.param_groups[0].get("decoupled_weight_decay"))
+        return bool(isinstance(optimizer, torch.optim.AdamW)
+                    or trained_param_groups(optimizer)[0].get("decoupled_weight_decay"))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         attach_trainer(trainer.train_dataloader, trainer)  # a loader rebuilt for the epoch (before its first batch)
@@ -811,7 +831,7 @@ class TrainOrderRecorder(L.Callback):
         """Records the step's hyperparameters as Adam used them: an optimizer post-step hook runs after every
         Lightning hook that may set them (later callbacks', the module's own), and not for a step the fp16
         GradScaler skipped."""
-        step, groups = self._trainer.global_step, optimizer.param_groups
+        step, groups = self._trainer.global_step, trained_param_groups(optimizer)
         self._stepped = step
         # the module's own on_train_batch_start and training_step run after the recorder's batch check
         self._check_parameters(self._trainer.lightning_module, step, stepped=True)
@@ -820,15 +840,15 @@ class TrainOrderRecorder(L.Callback):
         if differing:
             raise LplError(
                 f"at step {step} the optimizer's param groups differ in {', '.join(differing)} "
-                f"({[g[differing[0]] for g in groups]}): a schedule moved them apart, but retraining and every "
-                "estimate take one lr, betas and eps for all parameters; schedule every group alike.")
+                f"({[_hyperparameter(g, differing[0]) for g in groups]}): a schedule moved them apart, but retraining "
+                "and every estimate take one lr, betas and eps for all trained parameters; schedule every group alike.")
         if rank_and_world()[0] != 0:
             return
         group, betas = groups[0], groups[0]["betas"]
         hyper = {"lr": float(group["lr"]), "beta1": float(betas[0]), "beta2": float(betas[1]),
                  "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
-        if len(groups) > 1:
-            hyper["group_weight_decay"] = [float(g["weight_decay"]) for g in groups]
+        if len(optimizer.param_groups) > 1:  # every group, as retraining rebuilds them
+            hyper["group_weight_decay"] = [float(g["weight_decay"]) for g in optimizer.param_groups]
         self._warn_if_changed(step, hyper)
         self._writer.add_step(step, {"batch": self._order[step], **hyper})
 
@@ -1001,7 +1021,7 @@ class TrainOrderRecorder(L.Callback):
 
     def _adam_snapshot(self, trainer: L.Trainer, params: list[torch.Tensor], step: int) -> quantities.AdamSnapshot:
         optimizer = trainer.optimizers[0]
-        group = optimizer.param_groups[0]
+        group = trained_param_groups(optimizer)[0]
         exp_avg, exp_avg_sq = [], []
         for p in params:
             state = optimizer.state.get(p, {})

@@ -17,7 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lpl.order.pool import collate_samples, single_val_loader
-from lpl.order.recorder import constructor_hparams, rebuild_failure, takes_batches_and_order
+from lpl.order.recorder import constructor_hparams, rebuild_failure, takes_batches_and_order, trained_param_groups
 from lpl.order.rng import capture_rng, restore_rng, set_step_rng_state
 from lpl.order.replay import check_orders
 from lpl.order.store import Recording, parameter_signature
@@ -339,7 +339,7 @@ class _RecordedOptimizer(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizer = trainer.optimizers[0]
-        group = optimizer.param_groups[0]
+        group = trained_param_groups(optimizer)[0]  # what the recorder took as the run's
         built = {"name": type(optimizer).__name__, "eps": float(group["eps"]),
                  "weight_decay": float(group["weight_decay"])}
         differing = [f"{key} {built[key]} (recorded {self.recorded[key]})" for key in built

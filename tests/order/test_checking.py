@@ -177,3 +177,42 @@ def test_a_model_with_frozen_parameters_is_estimated_as_well_as_retraining_shows
     expected = OrderEstimator.from_recording(path, method="linearized", quadratic=False).estimate_many(orders)
     assert written["linear_loss"] is True
     assert [row["final_loss"] for row in written["estimates"]] == pytest.approx(expected.final_loss.tolist())
+
+
+class FrozenLayerAdamL2(FrozenFirstLayer):
+    """Adam with coupled (L2) weight decay in one param group."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=0.3)
+
+
+class FrozenGroupFirst(FrozenFirstLayer):
+    """The same training, laid out as fine-tuning often is: the frozen layer's group first with its own lr and no
+    weight decay, then the trained weights (betas as a config's list) and biases (torch's default tuple)."""
+
+    def configure_optimizers(self):
+        head = self.net[4]
+        return torch.optim.Adam([{"params": self.net[0].parameters(), "lr": 0.1, "weight_decay": 0.0},
+                                 {"params": [head.weight], "betas": [0.9, 0.999]}, {"params": [head.bias]}],
+                                lr=self.hparams.lr, weight_decay=0.3)
+
+
+def test_a_frozen_param_group_listed_first_does_not_stand_for_the_run(tmp_path):
+    """The recorder takes lr, betas, eps and weight decay from the groups that train: a frozen first group with
+    other values neither refuses the run nor replaces its weight decay (it did: 0.0, and estimates 4x farther off)."""
+    paths = {}
+    for model_class in (FrozenLayerAdamL2, FrozenGroupFirst):
+        torch.manual_seed(0)
+        paths[model_class] = record(tmp_path / model_class.__name__, model=model_class(lr=0.01), proj_dim=128)
+    single, grouped = (Recording.open(paths[c]) for c in (FrozenLayerAdamL2, FrozenGroupFirst))
+    assert grouped.manifest["optimizer"]["weight_decay"] == single.manifest["optimizer"]["weight_decay"] == 0.3
+    assert grouped.manifest["optimizer"]["lr"] == 0.01 and "weight_decays" not in grouped.manifest["optimizer"]
+    assert grouped.manifest["steps"][0]["group_weight_decay"] == [0.0, 0.3, 0.3]
+    orders = _orders(3)
+    for method in ("zeroth_order", "first_order", "adam"):
+        expected = OrderEstimator.from_recording(paths[FrozenLayerAdamL2], method=method).estimate_many(orders)
+        estimated = OrderEstimator.from_recording(paths[FrozenGroupFirst], method=method).estimate_many(orders)
+        torch.testing.assert_close(estimated.final_loss, expected.final_loss, rtol=0, atol=1e-6)
+    reversed_order = list(reversed(range(NUM_BATCHES)))
+    assert retrain(paths[FrozenGroupFirst], reversed_order).final_loss == pytest.approx(
+        retrain(paths[FrozenLayerAdamL2], reversed_order).final_loss, abs=1e-6)

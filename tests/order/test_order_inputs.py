@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -46,9 +47,20 @@ def test_a_list_of_1d_tensors_is_stacked_as_rows_but_refused_as_a_predict_batch(
     assert torch.equal(estimator.estimate_many([o.numpy() for o in orders]).final_loss, expected)
     assert torch.equal(estimator.estimate_many([o.tolist() for o in orders]).final_loss, expected)
     assert [e.final_loss for e in estimator.predict_step([torch.stack(orders)], 0)] == pytest.approx(expected.tolist())
-    # from a loader, a list of 1-D tensors is what default_collate makes of lists of orders: one tensor per position
-    with pytest.raises(LplError, match="collates them step by step"):
+    # from a loader, a list of 1-D tensors of one length may be what default_collate makes of lists of orders: one
+    # tensor per position
+    with pytest.raises(LplError, match="one tensor per position"):
         estimator.predict_step(orders, 0)
+
+
+def test_predict_takes_orders_of_several_lengths_from_a_list_collating_loader(estimator):
+    """collate_fn=list hands predict_step whole orders; of several lengths they cannot be positions."""
+    orders = [torch.arange(NUM_BATCHES), torch.arange(3).flip(0), torch.arange(NUM_BATCHES).flip(0)]
+    loader = torch.utils.data.DataLoader(orders, batch_size=3, collate_fn=list)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (predicted,) = trainer.predict(estimator, loader)
+    assert [e.final_loss for e in predicted] == pytest.approx([estimator.estimate(o).final_loss for o in orders])
+    assert [len(e.loss_curve) for e in predicted] == [NUM_BATCHES + 1, 4, NUM_BATCHES + 1]
 
 
 @pytest.mark.parametrize("orders, message", [

@@ -120,6 +120,11 @@ class AmsgradOnBiases(TinyClassifier):
         return torch.optim.AdamW([{"params": weights}, {"params": biases, "amsgrad": True}], lr=0.01)
 
 
+class NoEps(TinyClassifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, eps=0.0)
+
+
 class SkipsAStep(TinyClassifier):
     """As the fp16 GradScaler does when it finds inf/nan gradients: the closure runs, Adam does not step."""
 
@@ -135,6 +140,7 @@ class SkipsAStep(TinyClassifier):
     (GroupsApart(), [], "at step 1 the optimizer's param groups differ in lr"),
     (ClipsItself(), [], "overrides configure_gradient_clipping"),
     (AmsgradOnBiases(), [], "not amsgrad=True or maximize=True"),
+    (NoEps(), [], r"needs Adam's eps > 0 \(got \[0.0\]\)"),
     (TinyClassifier(), [L.pytorch.callbacks.GradientAccumulationScheduler({0: 2})], "accumulate_grad_batches=1"),
 ])
 def test_setups_retraining_cannot_follow_are_refused_when_they_appear(tmp_path, model, callbacks, match):
