@@ -183,10 +183,26 @@ class BlockSparseWeight:
 
     @property
     def kernel_index(self) -> KernelIndex:
-        """Derived index tensors for the kernels (computed once, cached)."""
+        """Derived index tensors for the kernels (computed once, cached; the structure is checked then: a GPU kernel
+        would read out of bounds where a hand-built one is inconsistent)."""
         if self._index is None or self._index.row_order.device != self.row_ptr.device:
+            if not torch.compiler.is_compiling():  # data-dependent: once per weight, outside graphs
+                check_csr(self.row_ptr, self.col_idx, block_grid(self.shape, self.block_size))
             self._index = build_kernel_index(self.row_ptr, self.col_idx, int(self.block_mask.shape[1]))
         return self._index
+
+    def check_geometry(self) -> None:
+        """Shape-only consistency of structure, values and ``shape`` (no device sync: every call checks it)."""
+        (rows, cols), (br, bc) = block_grid(self.shape, self.block_size), self.block_size
+        if tuple(self.block_mask.shape) != (rows, cols) or self.row_ptr.ndim != 1 or self.row_ptr.numel() != rows + 1:
+            raise LplError(
+                f"the block-sparse weight's structure does not fit its shape {tuple(self.shape)} with {br}x{bc} "
+                f"blocks ({rows}x{cols} blocks): row_ptr has {self.row_ptr.numel()} entries (needs {rows + 1}), "
+                f"block_mask shape {tuple(self.block_mask.shape)}; build it with BlockSparseWeight.from_dense.")
+        nnz = self.col_idx.numel()
+        if tuple(self.values.shape) != (nnz, br, bc):
+            raise LplError(f"the block-sparse weight's values must have shape (nnz, br, bc) = {(nnz, br, bc)} (its "
+                           f"col_idx holds {nnz} blocks), got {tuple(self.values.shape)}.")
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BlockSparseWeight":
         """A copy on ``device`` and/or with values in ``dtype`` (the index stays int64)."""
@@ -208,6 +224,21 @@ def _describe(obj: object) -> str:
     if isinstance(obj, torch.Tensor):
         return f"a tensor of shape {tuple(obj.shape)} and dtype {obj.dtype}"
     return f"a {type(obj).__name__}"
+
+
+def check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, grid: tuple[int, int]) -> None:
+    """Refuse a block-CSR structure that is not one of a ``grid = (R, C)`` of blocks (any device; syncs it once)."""
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.ndim != 1:
+            raise LplError(f"{name} must be a 1-D int64 tensor, got {_describe(t)}.")
+    nnz = col_idx.numel()
+    if row_ptr.numel() != grid[0] + 1:
+        raise LplError(f"row_ptr has {row_ptr.numel()} entries for {grid[0]} block rows (needs {grid[0] + 1}).")
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise LplError(f"row_ptr must start at 0, never decrease and end at nnz={nnz} (col_idx's length).")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= grid[1]):
+        raise LplError(f"col_idx must lie in [0, {grid[1]}) ({grid[1]} block columns), got range "
+                       f"[{int(col_idx.min())}, {int(col_idx.max())}].")
 
 
 def csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -377,6 +377,7 @@ def _check_inputs(x: torch.Tensor, w: BlockSparseWeight, bias: torch.Tensor | No
         raise LplError(f"x must be a tensor [..., in_features], got a {type(x).__name__}.")
     check_float_dtype(x, "x")
     check_float_dtype(w.values, "the block-sparse weight")
+    w.check_geometry()
     out_features, in_features = w.shape
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise LplError(

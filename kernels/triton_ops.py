@@ -206,6 +206,8 @@ def _launch_matmul(a, w_values, bias, out, seg_ptr, kblock, block_id, order, n_o
     num_segments = seg_ptr.numel() - 1
     if m == 0 or num_segments == 0:
         return out
+    if k_in == 0:  # an empty sum: dX of a layer without outputs
+        return out.zero_() if bias is None else out.copy_(bias.expand_as(out))
     density_bucket = round(8 * kblock.numel() / (num_segments * triton.cdiv(k_in, block_k)))
     # the kernel indexes these as contiguous (block b at b * br * bc, entry i at ptr + i): copy the rare strided one
     # here (a no-op for the usual contiguous tensors) rather than carry strides through the hot loop

@@ -188,3 +188,40 @@ def test_strided_bias_values_and_index_tensors(triton_device, rel_err, tolerance
         assert rel_err(x.grad, dy @ dense) < tolerance[torch.float32]
         ref_dvalues = BlockSparseWeight.from_dense(dy.T @ x.detach().double(), mask, block_size).values
         assert rel_err(values.grad, ref_dvalues) < tolerance[torch.float32]
+
+
+def test_a_layer_without_outputs_gives_zero_input_gradients(triton_device):
+    sparse = BlockSparseWeight.from_dense(torch.randn(0, 40), torch.zeros(0, 3, dtype=torch.bool), 16).to(triton_device)
+    x = torch.randn(5, 40, device=triton_device, requires_grad=True)
+    out = block_sparse_linear(x, sparse)
+    out.sum().backward()  # the backward's launch divided by its zero-length sum
+    assert out.shape == (5, 0) and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def _inconsistent(sparse):
+    wrong_col = sparse.col_idx.clone()
+    wrong_col[1] = 1000
+    return {
+        "values of too few blocks": (BlockSparseWeight(sparse.row_ptr, sparse.col_idx, sparse.values[:2], sparse.shape,
+                                                       sparse.block_size, sparse.block_mask), r"values must have shape"),
+        "col_idx past the last block column": (BlockSparseWeight(sparse.row_ptr, wrong_col, sparse.values, sparse.shape,
+                                                                 sparse.block_size, sparse.block_mask),
+                                               r"col_idx must lie in \[0, 4\)"),
+        "shape with more rows than the structure": (BlockSparseWeight(sparse.row_ptr, sparse.col_idx, sparse.values,
+                                                                      (96, 64), sparse.block_size, sparse.block_mask),
+                                                    r"does not fit its shape \(96, 64\)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["values of too few blocks", "col_idx past the last block column",
+                                  "shape with more rows than the structure"])
+def test_a_weight_whose_structure_is_inconsistent_is_refused_before_any_launch(case, triton_device):
+    """A GPU kernel launched on it would read out of bounds or return unwritten outputs (hand-built weights,
+    torch.func.functional_call with other values)."""
+    from lpl.utils.errors import LplError
+
+    mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.7
+    sparse, _ = _case((64, 64), (16, 16), mask, torch.float32, triton_device, seed=0)
+    weight, message = _inconsistent(sparse)[case]
+    with pytest.raises(LplError, match=message):
+        block_sparse_linear(torch.randn(4, 64, device=triton_device), weight)
