@@ -201,14 +201,12 @@ def test_a_layer_without_outputs_gives_zero_input_gradients(triton_device):
 def _inconsistent(sparse):
     wrong_col = sparse.col_idx.clone()
     wrong_col[1] = 1000
+    structure = dict(row_ptr=sparse.row_ptr, col_idx=sparse.col_idx, values=sparse.values, shape=sparse.shape,
+                     block_size=sparse.block_size, block_mask=sparse.block_mask)
     return {
-        "values of too few blocks": (BlockSparseWeight(sparse.row_ptr, sparse.col_idx, sparse.values[:2], sparse.shape,
-                                                       sparse.block_size, sparse.block_mask), r"values must have shape"),
-        "col_idx past the last block column": (BlockSparseWeight(sparse.row_ptr, wrong_col, sparse.values, sparse.shape,
-                                                                 sparse.block_size, sparse.block_mask),
-                                               r"col_idx must lie in \[0, 4\)"),
-        "shape with more rows than the structure": (BlockSparseWeight(sparse.row_ptr, sparse.col_idx, sparse.values,
-                                                                      (96, 64), sparse.block_size, sparse.block_mask),
+        "values of too few blocks": ({**structure, "values": sparse.values[:2]}, r"values must have shape"),
+        "col_idx past the last block column": ({**structure, "col_idx": wrong_col}, r"col_idx must lie in \[0, 4\)"),
+        "shape with more rows than the structure": ({**structure, "shape": (96, 64)},
                                                     r"does not fit its shape \(96, 64\)"),
     }
 
@@ -222,6 +220,6 @@ def test_a_weight_whose_structure_is_inconsistent_is_refused_before_any_launch(c
 
     mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.7
     sparse, _ = _case((64, 64), (16, 16), mask, torch.float32, triton_device, seed=0)
-    weight, message = _inconsistent(sparse)[case]
+    fields, message = _inconsistent(sparse)[case]
     with pytest.raises(LplError, match=message):
-        block_sparse_linear(torch.randn(4, 64, device=triton_device), weight)
+        block_sparse_linear(torch.randn(4, 64, device=triton_device), BlockSparseWeight(**fields))
