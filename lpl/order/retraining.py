@@ -266,11 +266,18 @@ def _check_trainer_kwargs(trainer_kwargs: Mapping[str, Any], recording: Any) -> 
                            "it out: retraining decides it.")
 
 
+# the short precision names a Trainer accepts for the ones it reports (trainer.precision, as recorded)
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
 def _same_setting(given: Any, neutral: Any) -> bool:
-    """``given`` is ``neutral`` as a Trainer reads it (1.0 and 1 alike; None and bools only as themselves)."""
+    """``given`` is ``neutral`` as a Trainer reads it (1.0 and 1 alike, precision 32 and "32-true"; None and bools
+    only as themselves)."""
     if given is None or neutral is None or isinstance(given, bool) or isinstance(neutral, bool):
         return given is neutral
-    return str(given) == neutral if isinstance(neutral, str) else given == neutral
+    if isinstance(neutral, str):
+        return _PRECISION_ALIASES.get(str(given), str(given)) == neutral
+    return given == neutral
 
 
 def fit_in_order(

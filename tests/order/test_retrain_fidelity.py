@@ -162,6 +162,10 @@ def test_trainer_kwargs_with_the_values_retraining_uses_are_accepted(two_epochs)
                "gradient_clip_val": None, "max_steps": recording.num_steps, "fast_dev_run": False}
     truth = retrain(recording, recording.order, accelerator="cpu", trainer_kwargs=neutral)
     assert truth.final_loss == pytest.approx(recording.probe_scalars["val_loss"][-1], abs=1e-5)
+    assert recording.manifest["precision"] == "32-true"
+    for short_name in ("32", 32):  # what the Trainer reads as "32-true"
+        same = retrain(recording, recording.order, accelerator="cpu", trainer_kwargs={"precision": short_name})
+        assert same.final_loss == truth.final_loss
 
 
 def _frozen_in_script():
