@@ -14,8 +14,9 @@ Methods:
 - ``first_order`` (FUT): plus Gamma's first-order change along Delta, from each batch's own low-rank curvature.
 - ``second_order`` (FUT++): plus a second-order term from finite differences of the first-order factors between
   consecutive probes along the reference trajectory.
-- ``adam``: each order's own first moment, rebuilt exactly from the batches' preconditioned gradients (momentum is
-  linear), instead of the reference run's m_{t-1} that the paper's term reuses.
+- ``adam``: each order's own first moment, rebuilt from the batches' gradients each divided by its own step's
+  reference denominator sqrt(v_t) + eps (momentum is linear in these; Adam's m / sqrt(v) only when v changes little
+  between steps), instead of the reference run's m_{t-1} that the paper's term reuses.
 - ``adam_first_order``: ``adam`` plus the per-batch first-order curvature correction of the preconditioned gradients.
 - ``linearized``: each order trained again by Adam in full space on gradients linearised about the reference run
   (``lpl.order.linearized``), no projection involved; loss curve, final and per-batch losses all from it.

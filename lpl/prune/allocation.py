@@ -1,7 +1,8 @@
 """Budget allocation across layers: how many blocks each layer keeps so total kept FLOPs meet the budget.
 
-- ``allocate_dp``: exact knapsack over the curve points (dynamic programming on FLOPs quantised to 1/(1000 L) of
-  the total): minimises a separable objective with total FLOPs inside [budget - 0.5%, budget] of the total.
+- ``allocate_dp``: knapsack over the curve points (dynamic programming on FLOPs quantised to 1/(1000 L) of the
+  total, at most 256 evenly spread points a layer): minimises a separable objective with total FLOPs inside
+  [budget - 0.5%, budget] of the total, never above the budget.
   The hardware allocation minimises distortion + weighted predicted latency/energy; the uniform allocation
   minimises the spread of densities (so it still meets the budget exactly).
 - ``allocate_global``: one ranking of all blocks by score per FLOP (the magnitude-global / OBD-global baselines).
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 
 from lpl.utils.errors import LplError
 
-# Share of the total FLOPs the DP may land below the budget; quantisation adds at most another 0.05%.
+# Share of the total FLOPs an allocation may land below the budget (the DP's quantisation: at most another 0.1%).
 _WINDOW = 0.005
 _MAX_POINTS = 256
 
@@ -34,7 +36,8 @@ def check_feasible(flops: list[torch.Tensor], allowed: list[torch.Tensor], budge
     if any(not a.any() for a in allowed):
         raise LplError("no block count fits between min_density and max_density for some layer; widen the range.")
     total = sum(float(f[0]) for f in flops)
-    if budget < lowest - 1e-9 * total or budget > highest + 1e-9 * total:
+    # above the highest share, the window below the budget may still hold it (allocations take it there)
+    if budget < lowest - 1e-9 * total or highest < budget - (_WINDOW + 1e-9) * total:
         raise LplError(
             f"flops_keep={budget / total:.3f} cannot be met within the per-layer densities (reachable "
             f"{lowest / total:.3f}..{highest / total:.3f}); change flops_keep, min_density or max_density."
@@ -45,7 +48,8 @@ def allocate_dp(
     objectives: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float,
     strict: bool = True,
 ) -> list[int]:
-    """Point index per layer minimising sum(objective) with total flops in [budget - 0.5% total, budget].
+    """Point index per layer minimising sum(objective) with total flops in [budget - 0.5% total, budget] (never above
+    the budget; quantisation may land up to another 0.1% below it).
 
     When block granularity leaves that window empty (few, large blocks), ``strict`` raises an error naming the
     nearest reachable share below the budget; otherwise the allocation takes that nearest share (intermediate
@@ -55,10 +59,34 @@ def allocate_dp(
     total = sum(float(f[0]) for f in flops)
     most = [int(torch.nonzero(ok).flatten()[0]) for ok in allowed]  # the most each layer may keep
     if sum(float(f[p]) for f, p in zip(flops, most)) <= budget * (1 + 1e-12):
-        return most  # the budget keeps everything allowed (flops_keep=1): no search, and no rounding at its edge
+        return most  # the budget keeps everything allowed (flops_keep=1), or the most allowed is within the window
     unit = total / (1000.0 * len(flops))
+    # FLOPs rounded to the nearest unit find the optimum, but their sum may exceed the budget by up to half a unit a
+    # layer; then rounded up, whose sums never do
+    for round_units in (np.rint, np.ceil):
+        best, choices = _knapsack(objectives, flops, allowed, budget, unit, round_units)
+        low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))
+        window = best[low:]
+        if np.isfinite(window).any():
+            picks = _backtrack(choices, low + int(np.argmin(window)))
+            if sum(float(f[p]) for f, p in zip(flops, picks)) <= budget * (1 + 1e-12):
+                return picks
+    reachable = np.flatnonzero(np.isfinite(best))
+    if strict or not len(reachable):
+        nearest = (f"; the nearest reachable share below it is {reachable[-1] * unit / total:.3f}"
+                   if len(reachable) else "")
+        raise LplError(
+            f"flops_keep={budget / total:.3f} cannot be met within 0.5% at this block granularity "
+            f"(too few, too large blocks){nearest}: use smaller blocks or that flops_keep."
+        )
+    return _backtrack(choices, int(reachable[-1]))
+
+
+def _knapsack(objectives: list[torch.Tensor], flops: list[torch.Tensor], allowed: list[torch.Tensor], budget: float,
+              unit: float, round_units: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, list[tuple]]:
+    """Least total objective for every used number of FLOP units up to the budget's (inf: unreachable), and each
+    layer's choices to backtrack."""
     top = int(math.floor(budget / unit + 1e-9))
-    low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))
     best = np.full(top + 1, np.inf)
     best[0] = 0.0
     choices = []
@@ -67,7 +95,7 @@ def allocate_dp(
         if len(candidates) > _MAX_POINTS:
             candidates = np.unique(np.linspace(candidates[0], candidates[-1], _MAX_POINTS).round().astype(np.int64))
             candidates = candidates[ok.numpy()[candidates]]
-        units = np.rint(flop.numpy()[candidates] / unit).astype(np.int64)
+        units = round_units(flop.numpy()[candidates] / unit).astype(np.int64)
         values = objective.double().numpy()[candidates]
         new_best = np.full(top + 1, np.inf)
         new_choice = np.full(top + 1, -1, dtype=np.int64)
@@ -81,19 +109,11 @@ def allocate_dp(
             new_choice[used:][better] = point
         choices.append((new_choice, units, candidates))
         best = new_best
-    window = best[low : top + 1]
-    if np.isfinite(window).any():
-        used = low + int(np.argmin(window))
-    else:
-        reachable = np.flatnonzero(np.isfinite(best))
-        if strict or not len(reachable):
-            nearest = (f"; the nearest reachable share below it is {reachable[-1] * unit / total:.3f}"
-                       if len(reachable) else "")
-            raise LplError(
-                f"flops_keep={budget / total:.3f} cannot be met within 0.5% at this block granularity "
-                f"(too few, too large blocks){nearest}: use smaller blocks or that flops_keep."
-            )
-        used = int(reachable[-1])
+    return best, choices
+
+
+def _backtrack(choices: list[tuple], used: int) -> list[int]:
+    """The point of every layer in the knapsack's best allocation using ``used`` units."""
     picks = []
     for new_choice, units, candidates in reversed(choices):
         point = int(new_choice[used])

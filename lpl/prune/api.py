@@ -21,7 +21,7 @@ from lpl.prune.blocks import block_elements, block_grid, block_sum, check_block_
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
-from lpl.prune.masking import COMPUTED_WEIGHT, weight_is_computed
+from lpl.prune.masking import COMPUTED_WEIGHT, weight_holders, weight_is_computed
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError
 from lpl.utils.trainer import rank_and_world
@@ -46,21 +46,29 @@ def select_layers(
     ``nn.TransformerEncoderLayer``'s feed-forward) are never candidates: they can neither be calibrated through their
     calls nor run block-sparse. Nor are Linears that compute more than ``x W^T + b`` (``linear_extras``: a subclass
     with its own forward or parameters, a weight computed by a parametrization)."""
-    linears = {name: module for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not read_as_weight(model, name)}
+    all_linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     include = _patterns("include", include, ["*"])
     exclude = _patterns("exclude", exclude, list(DEFAULT_EXCLUDE))
-    chosen = {
-        name: layer for name, layer in linears.items()
+    matching = {
+        name: layer for name, layer in all_linears.items()
         if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
     }
+    chosen = {name: layer for name, layer in matching.items() if not read_as_weight(model, name)}
+    if len(chosen) < len(matching):
+        skipped = [name for name in matching if name not in chosen]
+        warnings.warn(f"prune_model: {len(skipped)} Linear layers left dense (e.g. {skipped[:3]}): torch reads them as "
+                      "weights inside nn.MultiheadAttention / nn.TransformerEncoderLayer instead of calling them, so "
+                      "they can neither be calibrated nor run block-sparse (nor can MultiheadAttention's "
+                      "in_proj_weight, no Linear); write the block with nn.Linear layers it calls (as timm's "
+                      "Attention and Mlp) to prune them.", stacklevel=3)
+    linears = {name: layer for name, layer in all_linears.items() if not read_as_weight(model, name)}
     if not chosen:
         examples = ", ".join(list(linears)[:4]) or "none"
         raise LplError(
             f"include={include} / exclude={exclude} match no Linear layer (the model's Linear layers: {examples}); "
             "use glob patterns on module names such as '*.qkv' or '*mlp.fc*'."
         )
-    return _without_unprunable(chosen, explicit=include != ["*"])
+    return _without_unprunable(model, chosen, explicit=include != ["*"])
 
 
 def _patterns(option: str, value: str | Sequence[str] | None, default: list[str]) -> list[str]:
@@ -116,22 +124,21 @@ def linear_extras(layer: nn.Linear) -> str | None:
     return None
 
 
-def _without_unprunable(layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
+def _without_unprunable(model: nn.Module, layers: dict[str, nn.Linear], explicit: bool) -> dict[str, nn.Linear]:
     """``layers`` without those that cannot be block-pruned (computing more than ``x W^T + b``: ``linear_extras``;
-    sharing one weight with another, which would get one mask per layer on a single tensor): an error when the user
-    chose them, left dense with a warning in the default selection."""
+    sharing one weight with another module, selected or not, whose use of it a layer's mask would change unseen): an
+    error when the user chose them, left dense with a warning in the default selection."""
     extras = {name: linear_extras(layer) for name, layer in layers.items()}
-    owners: dict[int, list[str]] = {}  # weight parameters only: a computed weight is a new tensor at every read
-    for name, layer in layers.items():
-        if extras[name] is None:
-            owners.setdefault(id(layer.weight), []).append(name)
+    holders = weight_holders(model)  # weight parameters only: a computed weight is a new tensor at every read
     problems: dict[str, tuple[str, list[str]]] = {}  # name -> (why, the exclude patterns that leave it dense)
     for name, layer in layers.items():
         if extras[name] is not None:
             problems[name] = (f"{extras[name]}, which a block-sparse layer would not keep", [name])
-        elif len(tied := owners[id(layer.weight)]) > 1:
-            others = ", ".join(repr(n) for n in tied if n != name)
-            problems[name] = (f"it shares one weight tensor with {others} (tied), and block masks are per layer", tied)
+        elif len(tied := holders.get(id(layer.weight), [])) > 1:
+            others = ", ".join(repr(n) for n in tied if n != f"{name}.weight")
+            tied_layers = [n.rpartition(".")[0] for n in tied if n.rpartition(".")[0] in layers]
+            problems[name] = (f"it shares one weight tensor with {others} (tied), and a block mask would prune it "
+                              "there too", tied_layers)
     if not problems:
         return layers
     name, (why, exclude) = next(iter(problems.items()))
@@ -511,6 +518,15 @@ def _calibrate(
                        f"nothing ranks their blocks for importance={importance!r}: an untrained model whose head is "
                        "initialised to zero, or a loss that does not depend on these layers; calibrate a trained "
                        "model with its task loss, or use importance='magnitude'.")
+    unranked = [name for name, curve in curves.items() if importance != "magnitude"
+                and not bool(curve.distortion.any()) and (name not in masks or bool(masks[name].any()))]
+    if unranked:
+        rank_zero_warn(
+            f"prune_model: the calibration loss has zero gradient in {len(unranked)} selected layer(s) (e.g. "
+            f"{unranked[:3]}), so importance={importance!r} ranks all their blocks as free to prune: activation "
+            "checkpointing with use_reentrant=True (no gradient reaches its region when its input needs none; use "
+            "use_reentrant=False or switch it off to calibrate), a detach, or a branch that does not reach the loss; "
+            "exclude them or fix the gradient path.")
     return stats, curves, scores
 
 

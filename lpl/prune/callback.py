@@ -335,8 +335,7 @@ class BlockPruneCallback(Callback):
         batches = _validation_batches(trainer)
         if batches is None:
             return {}
-        total_loss = correct = count = 0.0
-        has_labels = False
+        total_loss = correct = count = labelled = 0.0
         outputs: list[Any] = []  # the module's own forward output inside its loss: logits without a second forward
         handle = pl_module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
         try:
@@ -347,24 +346,23 @@ class BlockPruneCallback(Callback):
                     outputs.clear()
                     total_loss += float(module_loss(pl_module, batch)) * size
                     if isinstance(batch, dict) and "label" in batch:
-                        has_labels = True
                         logits = outputs[0] if len(outputs) == 1 and isinstance(outputs[0], torch.Tensor) else None
                         if logits is None or logits.shape[0] != batch["label"].shape[0]:
                             logits = pl_module(model_inputs(batch))
-                        correct += float((logits.argmax(-1) == batch["label"]).sum())
+                        hits, labels = _class_hits(logits, batch["label"])
+                        correct, labelled = correct + hits, labelled + labels
                     count += size
         finally:
             handle.remove()
         if trainer.world_size > 1:  # a distributed sampler gives each rank a share: the figures are the whole set's
-            totals = torch.tensor([total_loss, correct, count, float(has_labels)], device=pl_module.device,
+            totals = torch.tensor([total_loss, correct, count, labelled], device=pl_module.device,
                                   dtype=torch.float32 if pl_module.device.type == "mps" else torch.float64)
             total_loss, correct, count, labelled = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
-            has_labels = labelled > 0
         if not count:
             return {}
         metrics = {f"prune/{stage}_val_loss": total_loss / count}
-        if has_labels:
-            metrics[f"prune/{stage}_val_acc"] = correct / count
+        if labelled:
+            metrics[f"prune/{stage}_val_acc"] = correct / labelled
         return metrics
 
     def _result_dir(self, trainer: L.Trainer) -> Path:
@@ -410,6 +408,16 @@ def _rng_kept(loader: Any) -> Iterator[None]:
                 generator.set_state(state)
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+def _class_hits(logits: Any, label: Any) -> tuple[float, float]:
+    """Correct argmax predictions and labels counted: one class label per sample or per token (negative labels, an
+    ignore_index, not counted); (0, 0) for labels of another form (multi-label targets, soft labels)."""
+    if (not isinstance(logits, torch.Tensor) or not isinstance(label, torch.Tensor) or label.is_floating_point()
+            or logits.shape[:-1] != label.shape):
+        return 0.0, 0.0
+    valid = label >= 0
+    return float(((logits.argmax(-1) == label) & valid).sum()), float(valid.sum())
 
 
 def _spawns_processes(trainer: L.Trainer) -> bool:

@@ -7,8 +7,9 @@ retained blocks of its row, so
     energy  = launch_s * idle_power_w + (latency - launch_s) * active_power_w
 
 Both are monotone in the retained blocks (pruning more never predicts more time or energy). Block rows with no
-retained block are not launched. ``default_profile`` is analytic; ``lpl.prune.calibrate.calibrate`` fits the fields
-from timings of the real kernel.
+retained block are not launched. An unpruned layer stays a dense Linear and is priced as the dense matmul
+(``predict_dense``), which may cost less than the block-sparse kernel with nearly all blocks kept.
+``default_profile`` is analytic; ``lpl.prune.calibrate.calibrate`` fits the fields from timings of the real kernel.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ a sum, so one all_reduce makes all ranks identical.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -58,12 +59,13 @@ class LayerStatistics:
 
 
 def model_inputs(batch: Any) -> Any:
-    """The network input of a batch dict ("image" or "input_ids"), or the batch itself."""
+    """The network input of a batch dict ("image", "input_ids" or "input"), or the batch itself."""
     if isinstance(batch, dict):
         for key in ("image", "input_ids", "input"):
             if key in batch:
                 return batch[key]
-        raise LplError(f"the calibration batch has keys {sorted(batch)}; logit energy needs 'image' or 'input_ids'.")
+        raise LplError(f"the calibration batch has keys {sorted(batch)}; logit energy needs 'image', 'input_ids' or "
+                       "'input' (the network's input), or pass loss= a function of (model, batch).")
     if isinstance(batch, (tuple, list)):
         return batch[0]
     return batch
@@ -111,13 +113,17 @@ def _per_sample_rows(x: torch.Tensor, samples: int, sample_dim: int | None | str
 
 def _doubled(batch: Any, samples: int) -> Any:
     """``batch`` with every per-sample field repeated twice: tensors and numpy arrays whose leading dim is the batch's,
-    and lists of that length holding no tensors or containers (captions, file names); in dicts, lists and tuples."""
+    and lists of that length holding no tensors or containers (captions, file names); in dicts, lists, tuples and
+    dataclasses."""
     if isinstance(batch, torch.Tensor):
         return torch.cat([batch, batch]) if batch.ndim and batch.shape[0] == samples else batch
     if isinstance(batch, np.ndarray):
         return np.concatenate([batch, batch]) if batch.ndim and batch.shape[0] == samples else batch
     if isinstance(batch, dict):
         return {key: _doubled(value, samples) for key, value in batch.items()}
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: _doubled(getattr(batch, f.name), samples)
+                                             for f in dataclasses.fields(batch) if f.init})
     if isinstance(batch, (list, tuple)):
         if len(batch) == samples and not any(isinstance(v, (torch.Tensor, np.ndarray, dict, list, tuple))
                                              for v in batch):
@@ -312,9 +318,11 @@ class _LayerSums:
 
 class _Capture(dict):
     """Layer name -> its calls (input, output) in the current batch; while ``probing`` is a dict, the calls' input
-    shapes go there instead (nothing kept, outputs untouched)."""
+    shapes go there instead (nothing kept, outputs untouched); while not ``recording`` (the backward, where activation
+    checkpointing runs the forward of its regions again) nothing is kept."""
 
     probing: dict[str, list[torch.Size]] | None = None
+    recording: bool = True
 
 
 @contextlib.contextmanager
@@ -329,7 +337,8 @@ def _captured_calls(layers: dict[str, nn.Linear]) -> Iterator[_Capture]:
                 return None
             if not output.requires_grad:  # a frozen layer on the input side: still differentiate the loss in it
                 output = output.detach().requires_grad_()
-            captured.setdefault(name, []).append((inputs[0].detach(), output))
+            if captured.recording:
+                captured.setdefault(name, []).append((inputs[0].detach(), output))
             return output
 
         return hook
@@ -361,7 +370,11 @@ def _measure_batch(model: nn.Module, batch: Any, loss_fn: LossFn, sums: dict[str
         outputs = [output for name in sums for _, output in captured[name]]
         if not loss.requires_grad:
             raise LplError("the calibration loss does not depend on the prunable weights; check loss/model.")
-        grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+        captured.recording = False
+        try:
+            grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+        finally:
+            captured.recording = True
     for name, acc in sums.items():
         acc.add(captured[name], [next(grads) for _ in captured[name]], samples, _call_dims(sample_dims, name, captured))
 

@@ -376,6 +376,16 @@ def has_masks(model: nn.Module) -> bool:
                for module in model.modules())
 
 
+def weight_holders(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter of ``model`` (by id) -> the names of the modules holding it as their own (a module registered
+    under two names counts once): a parameter with two holders is tied (an LM head and its embedding table)."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    return holders
+
+
 def apply_masks(
     model: nn.Module, result: PruneResult, optimizers: Iterable[torch.optim.Optimizer] = ()
 ) -> MaskHandle:
@@ -396,16 +406,17 @@ def apply_masks(
         handle.remove()
     """
     layers = result.layers_in(model)
-    owners: dict[int, str] = {}  # weight Parameter -> the first masked layer holding it
+    holders = weight_holders(model)
     for name, layer in layers.items():
         if weight_is_computed(layer):
             raise LplError(f"layer {name!r} cannot be masked: {COMPUTED_WEIGHT}; remove the parametrization "
                            "(torch.nn.utils.parametrize.remove_parametrizations) before pruning, or leave the layer "
                            "dense.")
-        first = owners.setdefault(id(layer.weight), name)
-        if first != name and layers[first] is not layer:  # two layers, one weight (tied embeddings and heads)
-            raise LplError(f"layers {first!r} and {name!r} share one weight, so each would mask it as its own; "
-                           "prune_model leaves tied weights dense: leave one of them out of the result.")
+        tied = [n for n in holders.get(id(layer.weight), []) if n.rpartition(".")[0] != name]
+        if tied and not all(model.get_submodule(n.rpartition(".")[0]) is layer for n in tied):
+            # one weight, two modules (tied embeddings and heads): the mask would prune the other's use of it too
+            raise LplError(f"layer {name!r} shares its weight with {tied[:2]}, so its mask would prune that too; "
+                           "prune_model leaves tied weights dense: leave it out of the result.")
     previous = model.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
         previous.remove()

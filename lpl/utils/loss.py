@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Any, Iterator, Mapping
 
@@ -102,14 +103,19 @@ def batch_samples(batch: Any) -> int:
     items), as Lightning counts them."""
     if isinstance(batch, torch.Tensor) and batch.ndim:
         return int(batch.shape[0])
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    if isinstance(batch, Mapping):
+        values = batch.values()
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # Lightning moves these too
+        values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    else:
+        values = batch if isinstance(batch, (list, tuple)) else ()
     for value in values:  # 0-d tensors (a step count, say) hold no samples
         try:
             return batch_samples(value)
         except LplError:
             continue
     raise LplError(f"cannot tell how many samples a batch of type {type(batch).__name__} holds: give batches as "
-                   "tensors, or dicts / tuples of tensors.")
+                   "tensors, or dicts / tuples / dataclasses of tensors.")
 
 
 def loss_weight(batch: Any) -> int:

@@ -119,3 +119,29 @@ def test_a_budget_one_round_meets_is_met_in_two_rounds_too(tiny_vit, batches):
     two = prune_model(tiny_vit, batches, block_size=(8, 8), flops_keep=0.995, stages=2)
     assert two.flops_keep == one.flops_keep
     assert all(torch.equal(two.block_masks[name], mask) for name, mask in one.block_masks.items())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dp_never_keeps_more_than_the_budget(seed):
+    """Each layer's FLOPs rounded to the DP's unit could sum above the budget (kept 0.50035 for 0.5 before)."""
+    generator = torch.Generator().manual_seed(seed)
+    objectives, flops, allowed = [], [], []
+    for blocks in (2304, 576, int(torch.randint(100, 900, (1,), generator=generator))):
+        block_flops = float(torch.randint(50, 300, (1,), generator=generator))
+        flops.append(torch.arange(blocks, -1, -1, dtype=torch.float64) * block_flops)
+        scale = float(torch.rand(1, generator=generator))
+        objectives.append(torch.linspace(0, 1, blocks + 1, dtype=torch.float64).square() * scale)
+        allowed.append(torch.ones(blocks + 1, dtype=torch.bool))
+    total = sum(float(f[0]) for f in flops)
+    for keep in torch.linspace(0.2, 0.9, 15).tolist():
+        used = sum(float(f[p]) for f, p in zip(flops, allocate_dp(objectives, flops, allowed, keep * total)))
+        assert keep * total - 0.006 * total <= used <= keep * total
+
+
+def test_a_budget_just_above_the_highest_allowed_share_takes_that_share():
+    """Within the 0.5% window below the budget, the most max_density allows meets it (refused before)."""
+    flops = [torch.tensor([100.0, 50.0, 0.0]), torch.tensor([100.0, 50.0, 0.0])]
+    allowed = [torch.tensor([False, True, True])] * 2  # max_density 0.5: at most 100 of 200 FLOPs
+    assert allocate_dp([torch.zeros(3)] * 2, flops, allowed, 100.6) == [1, 1]
+    with pytest.raises(LplError, match="reachable 0.000..0.500"):
+        allocate_dp([torch.zeros(3)] * 2, flops, allowed, 102.0)

@@ -3,6 +3,7 @@ behind a frozen layer, with empty batches; and layers sharing one weight."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -114,11 +115,65 @@ class Tied(TokenMLP):
 
 def test_layers_sharing_a_weight_stay_dense_by_default_and_are_an_error_when_named():
     model, batches = Tied(), _batches()
-    with pytest.warns(UserWarning, match="shares one weight tensor with 'fc3'"):
+    with pytest.warns(UserWarning, match="shares one weight tensor with 'fc3.weight'"):
         result = prune_model(model, batches, block_size=(8, 8), flops_keep=0.5, exclude=["fc2"])
     assert set(result.block_masks) == {"inp"}
     with pytest.raises(LplError, match=r"shares one weight.*exclude=\['fc1', 'fc3'\]"):
         prune_model(model, batches, block_size=(8, 8), include=["fc*"])
+
+
+class TiedToEmbedding(nn.Module):
+    """A language model's head tied to its embedding table (the Embedding holds the weight, not a Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(CLASSES * 4, 32)
+        self.fc1 = nn.Linear(32, 32)
+        self.lm = nn.Linear(32, CLASSES * 4, bias=False)
+        self.lm.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm(torch.tanh(self.fc1(self.emb(tokens)))).mean(1)
+
+    def loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def _token_batches():
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, CLASSES * 4, (6, TOKENS), generator=generator),
+             torch.randint(0, CLASSES * 4, (6,), generator=generator)) for _ in range(2)]
+
+
+def test_a_layer_tied_to_another_module_is_refused_even_when_only_it_is_selected():
+    """A Linear whose weight an Embedding (or an unselected Linear) also holds: its mask would zero the other's
+    entries unseen (half the embedding table, uncounted), and export would untie them."""
+    model = TiedToEmbedding()
+    with pytest.raises(LplError, match=r"'lm' cannot be block-pruned: it shares one weight tensor with 'emb.weight'"):
+        prune_model(model, _token_batches(), block_size=(8, 8), flops_keep=0.5, include=["lm"])
+    with pytest.warns(UserWarning, match="'lm': it shares one weight tensor with 'emb.weight'"):
+        result = prune_model(model, _token_batches(), block_size=(8, 8), flops_keep=0.5, stages=1)
+    assert set(result.block_masks) == {"fc1"} and bool(model.emb.weight.ne(0).all())
+    with pytest.raises(LplError, match=r"'fc1' cannot be block-pruned: it shares one weight tensor with 'fc3.weight'"):
+        prune_model(Tied(), _batches(), block_size=(8, 8), include=["fc1"])
+
+
+def test_apply_masks_refuses_a_result_whose_layer_is_tied_in_this_model():
+    """A result computed on an untied copy applied to the tied model would prune the embedding table too."""
+    untied = TiedToEmbedding()
+    untied.lm.weight = nn.Parameter(untied.emb.weight.detach().clone())
+    result = prune_model(untied, _token_batches(), block_size=(8, 8), flops_keep=0.5, include=["lm"], stages=1)
+    with pytest.raises(LplError, match=r"layer 'lm' shares its weight with \['emb.weight'\]"):
+        apply_masks(TiedToEmbedding(), result)
+
+
+def test_linears_torch_reads_as_weights_are_named_when_left_dense():
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    model = nn.Sequential(nn.Linear(FEATURES, 32), layer)
+    with pytest.warns(UserWarning, match=r"3 Linear layers left dense \(e.g. \['1.self_attn.out_proj', '1.linear1', "
+                                         r"'1.linear2'\]\): torch reads them as weights"):
+        assert list(select_layers(model, None, None)) == ["0"]
 
 
 def test_masks_follow_the_model_to_another_dtype():
@@ -312,3 +367,64 @@ def test_a_per_sample_field_that_is_a_list_of_strings_grows_with_the_batch(size)
         warnings.filterwarnings("ignore", message="prune_model: the cost model predicts")  # 8x8 blocks
         result = prune_model(Captioned(), batches, block_size=(8, 8), flops_keep=0.5, exclude=[])
     assert set(result.block_masks) == {"img", "txt", "out"}
+
+
+class CheckpointedMLP(TokenMLP):
+    """TokenMLP whose fc1 runs under activation checkpointing (as timm's set_grad_checkpointing does)."""
+
+    def __init__(self, use_reentrant: bool | None, frozen_input: bool = False) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.inp.requires_grad_(not frozen_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        if self.use_reentrant is not None:
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.fc1(t)), h,
+                                                  use_reentrant=self.use_reentrant)
+        else:
+            h = torch.tanh(self.fc1(h))
+        return self.fc2(h).mean(1)
+
+
+@pytest.mark.parametrize("frozen_input", [False, True])
+def test_activation_checkpointing_gives_the_statistics_of_the_plain_forward(frozen_input):
+    """The backward runs a checkpointed region's forward again: its layer calls must not be counted twice."""
+    batches = _batches()
+    stats = {}
+    for use_reentrant in (None, False):
+        model = CheckpointedMLP(use_reentrant, frozen_input)
+        stats[use_reentrant] = collect_statistics(model, select_layers(model, ["fc1", "fc2"], []), batches, (8, 8),
+                                                  module_loss)
+    for name in ("fc1", "fc2"):
+        torch.testing.assert_close(stats[False][name].gram, stats[None][name].gram, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats[False][name].first, stats[None][name].first, rtol=1e-5, atol=1e-7)
+
+
+def test_layers_no_gradient_reaches_are_named_in_a_warning():
+    """Reentrant checkpointing of a region whose input needs no gradient (a frozen input layer) gives its layers
+    none: every block would look free to prune."""
+    model = CheckpointedMLP(use_reentrant=True, frozen_input=True)
+    with pytest.warns(UserWarning, match=r"zero gradient in 1 selected layer\(s\) \(e.g. \['fc1'\]\).*use_reentrant"):
+        prune_model(model, _batches(), block_size=8, flops_keep=0.5, include=["fc1", "fc2"], stages=1)
+
+
+@dataclasses.dataclass
+class _TokenBatch:
+    tokens: torch.Tensor
+    label: torch.Tensor
+
+
+class DataclassBatches(TokenMLP):
+    def loss(self, batch: _TokenBatch):
+        return F.cross_entropy(self(batch.tokens), batch.label)
+
+
+def test_dataclass_batches_give_the_statistics_of_tuple_batches():
+    """Lightning moves dataclass batches like tuples; calibration counted no samples in them (refused)."""
+    batches = _batches()
+    plain, model = TokenMLP(), DataclassBatches()
+    expected = collect_statistics(plain, select_layers(plain, ["fc1"], []), batches, (8, 8), module_loss)
+    stats = collect_statistics(model, select_layers(model, ["fc1"], []), [_TokenBatch(*b) for b in batches], (8, 8),
+                               module_loss)
+    torch.testing.assert_close(stats["fc1"].gram, expected["fc1"].gram)

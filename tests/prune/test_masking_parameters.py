@@ -261,5 +261,5 @@ def test_two_layers_sharing_one_weight_are_refused_with_their_names():
     mask = torch.ones(4, 4, dtype=torch.bool)
     mask[-1, -1] = False
     result = PruneResult({"0": mask, "2": mask.clone()}, (8, 8), {"0": (32, 32), "2": (32, 32)}, 0.5, 0.5, 1.0, 1.0)
-    with pytest.raises(LplError, match="layers '0' and '2' share one weight"):
+    with pytest.raises(LplError, match=r"layer '0' shares its weight with \['2.weight'\]"):
         apply_masks(model, result)
