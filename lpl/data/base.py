@@ -22,18 +22,18 @@ class ResumableDataLoader(DataLoader):
     trainer: Any = None
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.batch_sampler.state_dict()
         trainer = self.trainer
         # fitting, not trainer.training: a checkpoint saved when a mid-epoch validation ends is taken in the
         # validating stage, and the sampler's count then runs ahead by what the workers prefetched
         if trainer is None or trainer.state.fn != "fit":
-            return state
+            return self.batch_sampler.state_dict()
         trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         # Lightning counts an epoch's batches when it builds the loader; a shorter epoch of a per-epoch order
         # (OrderedBatchSampler) ends before that count
+        epoch, consumed = trainer.current_epoch, trained
         if trained >= min(trainer.num_training_batches, len(self.batch_sampler)):
-            return {**state, "epoch": trainer.current_epoch + 1, "consumed": 0}
-        return {**state, "epoch": trainer.current_epoch, "consumed": trained}
+            epoch, consumed = trainer.current_epoch + 1, 0
+        return {"epoch": epoch, "consumed": consumed, "plan": self.batch_sampler.plan_digest(epoch)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_sampler.load_state_dict(state)
@@ -85,7 +85,7 @@ class IndexedDataModule(L.LightningDataModule):
         self._log_clashing_hparams_apart()
         if self.train_set is None:
             self.train_set, self.val_set = self.build_datasets()
-            if len(self.train_set) < self.batch_size:
+            if self.batches is None and len(self.train_set) < self.batch_size:  # given batches set their own sizes
                 raise LplError(
                     f"batch_size {self.batch_size} is larger than the {len(self.train_set)} training samples; lower it."
                 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,8 +81,16 @@ def check_imagenet_layout(root: Path) -> None:
         names[split] = [d.name for d in classes]
     if names["train"] != names["val"]:  # labels are class indices in sorted order: the splits must agree
         only = sorted(set(names["train"]) ^ set(names["val"]))
-        raise LplError(f"train/ and val/ of {str(root)!r} hold different classes (e.g. {only[:3]} in one only), so one "
-                       "label would name two classes; give both splits the same class folders.")
+        same_looking = len({unicodedata.normalize("NFC", name) for name in only}) < len(only)
+        shown = ", ".join((ascii if same_looking else repr)(name) for name in only[:3])
+        raise LplError(f"train/ and val/ of {str(root)!r} hold different classes (e.g. {shown} in one only), so one "
+                       "label would name two classes; give both splits the same class folders"
+                       + (" (names that look alike differ in their Unicode normalisation, as a copy from macOS makes "
+                          "them: rename one)" if same_looking else "") + ".")
+    if len(names["train"]) == 1:
+        warnings.warn(f"{str(root)!r} holds one class folder ({names['train'][0]!r}): every image gets label 0. "
+                      "Images in folders below a class folder belong to that class, so a layout with one more level "
+                      "(train/images/<class>/...) is one class; point root one level lower.", stacklevel=3)
 
 
 class IndexedImageFolder(Dataset):

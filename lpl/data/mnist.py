@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lpl.data.base import IndexedDataModule
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, checked_count
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -86,6 +86,7 @@ class MNIST5kDataModule(IndexedDataModule):
         super().__init__(batch_size=batch_size, seed=seed, batches=batches, order=order,
                          eval_batch_size=eval_batch_size)
         self.save_hyperparameters()
+        val_size = checked_count("val_size", val_size, 1)
         if not 0 < val_size < 5000:
             raise LplError(f"val_size must be between 1 and 4999 (MNIST-5k has 5,000 images), got {val_size}.")
         if img_size < 8:

@@ -17,6 +17,7 @@ epoch (``reload_dataloaders_every_n_epochs``) brings a new sampler that would ot
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections.abc import Iterable
 from typing import Any, Iterator, Sequence
@@ -114,15 +115,29 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         kwargs = self.trainer.distributed_sampler_kwargs
         return (int(kwargs["rank"]), int(kwargs["num_replicas"])) if kwargs else (0, 1)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self._consumed}
+    def plan_digest(self, epoch: int) -> str:
+        """sha256 of the global batches of ``epoch``: a saved position means something only for this plan."""
+        batches = self.global_batches(epoch)
+        sizes = torch.tensor([len(batch) for batch in batches], dtype=torch.int64)
+        ids = torch.tensor([i for batch in batches for i in batch], dtype=torch.int64)
+        return hashlib.sha256(sizes.numpy().tobytes() + b"|" + ids.numpy().tobytes()).hexdigest()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self._consumed, "plan": self.plan_digest(self.epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if epoch < 0 or not 0 <= consumed <= len(self.global_batches(epoch)):
             raise LplError(f"the saved loader position (epoch {epoch}, {consumed} batches) is not one of this "
                            f"sampler's ({len(self.global_batches(epoch))} batches an epoch): the checkpoint is from "
                            "another dataset or batch size.")
+        # a position saved before the digest existed is taken as it is
+        if "plan" in state and state["plan"] != self.plan_digest(epoch):
+            raise LplError(
+                f"the checkpoint's training order of epoch {epoch} is not the one this data now plans: the dataset "
+                "(files added or removed), batch_size, seed or order changed since it was saved, so resuming at its "
+                f"batch {consumed} would train some samples twice and skip others. Resume with the data and options "
+                "it was saved with, or start a new run (or a new epoch) from its weights.")
         self.epoch, self._consumed = epoch, consumed
         self._restored = True
 

@@ -15,8 +15,11 @@ from lpl.utils.errors import LplError
 PACKAGED_CORPORA = {"lee": ("gensim", "test/test_data/lee_background.cor")}
 
 
-def corpus_path(corpus: str) -> Path:
+def corpus_path(corpus: str | Path) -> Path:
     """Resolve a packaged corpus name, or a path to a local UTF-8 text file."""
+    if not isinstance(corpus, (str, Path)):
+        raise LplError(f"corpus must be one name or path (one text file), got {type(corpus).__name__} {corpus!r:.80}; "
+                       "join several files into one first.")
     if corpus in PACKAGED_CORPORA:
         package, relative = PACKAGED_CORPORA[corpus]
         spec = importlib.util.find_spec(package)
@@ -25,9 +28,13 @@ def corpus_path(corpus: str) -> Path:
         path = Path(spec.submodule_search_locations[0]) / relative
     else:
         path = Path(corpus)
+    if path.is_dir():
+        raise LplError(f"text corpus {str(corpus)!r} is a folder; give one text file (join the folder's files into "
+                       "one first).")
     if not path.is_file():
         raise LplError(
-            f"text corpus {corpus!r} not found; use one of {sorted(PACKAGED_CORPORA)} or a path to a UTF-8 text file."
+            f"text corpus {str(corpus)!r} not found; use one of {sorted(PACKAGED_CORPORA)} or a path to a UTF-8 text "
+            "file."
         )
     return path
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lpl.data import TextCorpusDataModule
+from lpl.data import ImageFolderDataModule, MNIST5kDataModule, TextCorpusDataModule
 from lpl.data.imagefolder import load_rgb
 from lpl.data.text import TokenChunks
 from lpl.utils.errors import LplError
@@ -38,3 +38,46 @@ def test_float_images_in_unit_range_are_scaled_and_others_refused(tmp_path) -> N
     Image.fromarray(np.full((6, 6), 200.0, dtype=np.float32)).save(tmp_path / "wide.tif")
     with pytest.raises(LplError, match=r"wide.tif holds 32-bit float values in \[200, 200\].*\[0, 1\]"):
         load_rgb(str(tmp_path / "wide.tif"))
+
+
+def _folder(root, classes: dict[str, list[str]]) -> str:
+    """train/ and val/ with the given class folders, each holding one tiny PNG."""
+    for split, names in classes.items():
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "0.png")
+    return str(root)
+
+
+def test_a_folder_of_one_class_is_warned_of(tmp_path) -> None:
+    """One more folder level (train/images/<class>/...) is one class: every label 0, trained without a word."""
+    root = _folder(tmp_path, {"train": ["images"], "val": ["images"]})
+    with pytest.warns(UserWarning, match="holds one class folder \\('images'\\): every image gets label 0"):
+        ImageFolderDataModule(root=root, batch_size=1)
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_said_so(tmp_path) -> None:
+    root = _folder(tmp_path, {"train": ["caf\u00e9", "dog"], "val": ["cafe\u0301", "dog"]})  # NFC vs NFD
+    with pytest.raises(LplError, match=r"'cafe\\u0301', 'caf\\xe9' in one only.*Unicode normalisation"):
+        ImageFolderDataModule(root=root, batch_size=1)
+
+
+def test_given_batches_are_not_refused_for_a_batch_size_they_do_not_use(tmp_path) -> None:
+    root = _folder(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    data = ImageFolderDataModule(root=root, img_size=8, num_workers=0, batches=[[0], [1]], order=[1, 0])
+    data.setup()  # batch_size 256 > 2 samples: refused before
+    assert [batch["index"].tolist() for batch in data.train_dataloader()] == [[1], [0]]
+
+
+@pytest.mark.parametrize("corpus, message", [
+    (["a.txt", "b.txt"], "corpus must be one name or path .* got list"),
+    (".", "is a folder; give one text file"),
+])
+def test_a_corpus_that_is_not_one_file_is_refused_plainly(corpus, message) -> None:
+    with pytest.raises(LplError, match=message):
+        TextCorpusDataModule(corpus=corpus)
+
+
+def test_a_float_val_size_is_refused_plainly() -> None:
+    with pytest.raises(LplError, match="val_size must be an int >= 1, got 100.0"):
+        MNIST5kDataModule(val_size=100.0)

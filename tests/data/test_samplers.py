@@ -32,7 +32,7 @@ def test_state_dict_resumes_mid_epoch_at_the_exact_batch(make):
     stream = iter(sampler)
     seen = [next(stream), next(stream)]
     state = sampler.state_dict()
-    assert state == {"epoch": 0, "consumed": 2}
+    assert state == {"epoch": 0, "consumed": 2, "plan": sampler.plan_digest(0)}
     fresh = make()
     fresh.load_state_dict(state)
     assert seen + list(fresh) == sampler.global_batches(0)
@@ -128,3 +128,25 @@ def test_malformed_batches_orders_and_sizes_get_a_plain_message():
         SeededBatchSampler(10, "2")
     with pytest.raises(LplError, match="use_distributed_sampler=False"):
         SeededBatchSampler(torch.utils.data.SequentialSampler(range(3)), 2)
+
+
+CHANGED_PLANS = {
+    "a sample more": lambda: SeededBatchSampler(21, 4, seed=1),
+    "another batch size": lambda: SeededBatchSampler(20, 5, seed=1),
+    "another seed": lambda: SeededBatchSampler(20, 4, seed=2),
+    "another order": lambda: OrderedBatchSampler([[i] for i in range(5)], [4, 3, 1, 2, 0]),
+}
+
+
+@pytest.mark.parametrize("changed", CHANGED_PLANS.values(), ids=CHANGED_PLANS)
+def test_a_position_saved_under_another_plan_is_refused(changed):
+    """It fitted the new epoch's length and resumed in another shuffle: samples trained twice, others skipped."""
+    original = SeededBatchSampler(20, 4, seed=1) if isinstance(changed(), SeededBatchSampler) else \
+        OrderedBatchSampler([[i] for i in range(5)], [4, 3, 2, 1, 0])
+    stream = iter(original)
+    next(stream)
+    state = original.state_dict()
+    with pytest.raises(LplError, match="not the one this data now plans"):
+        changed().load_state_dict(state)
+    legacy = {"epoch": state["epoch"], "consumed": state["consumed"]}  # saved before the digest existed
+    changed().load_state_dict(legacy)
