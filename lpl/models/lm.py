@@ -8,9 +8,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from torch import nn
 
-from lpl.models.optim import configure_adam
+from lpl.models.optim import check_adam_options, configure_adam
 from lpl.utils.errors import LplError
 
 
@@ -141,6 +142,8 @@ class CausalLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_adam_options(optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=betas,
+                           warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule)
         sizes = {"vocab_size": vocab_size, "dim": dim, "depth": depth, "num_heads": num_heads,
                  "max_seq_len": max_seq_len, **({"mlp_hidden": mlp_hidden} if mlp_hidden is not None else {})}
         for name, value in sizes.items():
@@ -150,6 +153,8 @@ class CausalLM(L.LightningModule):
             raise LplError(f"dim {dim} must split into {num_heads} heads of even size (rotary embeddings need pairs).")
         hidden = mlp_hidden if mlp_hidden is not None else 64 * math.ceil(dim * 8 / 3 / 64)
         self.model = Decoder(vocab_size, dim, depth, num_heads, hidden, max_seq_len)
+        # sample-weighted mean loss of the epoch, for its perplexity (metric states stay out of checkpoints)
+        self._mean_loss = nn.ModuleDict({stage: torchmetrics.MeanMetric() for stage in ("val", "test")})
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -176,14 +181,29 @@ class CausalLM(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         loss = self.loss(batch)
-        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        self.log(f"{stage}/ppl", loss.exp(), sync_dist=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=size)
+        self._mean_loss[stage].update(loss.detach(), weight=size)
+
+    def _log_perplexity(self, stage: str) -> None:
+        """exp of the epoch's mean loss (over every process), not a mean of per-batch exps, which depends on the
+        batch size."""
+        mean_loss = self._mean_loss[stage]
+        if mean_loss.update_count:
+            self.log(f"{stage}/ppl", mean_loss.compute().exp(), prog_bar=True)
+        mean_loss.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self(batch["input_ids"])

@@ -7,9 +7,37 @@ import math
 from typing import Any
 
 import torch
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, checked_count
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def check_adam_options(*, optimizer: str, lr: float, weight_decay: float, betas: Any, warmup_steps: int,
+                       min_lr_ratio: float, schedule: str) -> None:
+    """Refuse optimizer and schedule options that would train wrongly or fail inside torch, naming them (a negative
+    min_lr_ratio turned the cosine's tail into a negative learning rate: Adam climbed the loss)."""
+    if optimizer not in OPTIMIZERS:
+        raise LplError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    if schedule not in ("cosine", "constant"):
+        raise LplError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
+    numbers = {"lr": lr, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio}
+    bad = [name for name, value in numbers.items()
+           if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)]
+    if bad:
+        raise LplError(f"{bad[0]} must be a finite number, got {numbers[bad[0]]!r}.")
+    if lr <= 0:
+        raise LplError(f"lr must be positive, got {lr}.")
+    if weight_decay < 0:
+        raise LplError(f"weight_decay must be >= 0, got {weight_decay}.")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise LplError(f"min_lr_ratio must be in [0, 1] (the cosine ends at lr * min_lr_ratio), got {min_lr_ratio}.")
+    checked_count("warmup_steps", warmup_steps, 0)
+    try:
+        beta_values = [float(b) for b in betas]
+    except (TypeError, ValueError):
+        beta_values = []
+    if len(beta_values) != 2 or not all(0.0 <= b < 1.0 for b in beta_values):
+        raise LplError(f"betas must be two numbers in [0, 1), got {betas!r}.")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -40,15 +68,13 @@ def configure_adam(
     warmup_steps: int, min_lr_ratio: float, schedule: str,
 ) -> dict[str, Any] | torch.optim.Optimizer:
     """Build the optimizer (and, with ``schedule='cosine'``, a per-step warm-up/cosine scheduler)."""
-    if optimizer not in OPTIMIZERS:
-        raise LplError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    check_adam_options(optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                       min_lr_ratio=min_lr_ratio, schedule=schedule)
     # One parameter group: the training-order tools replay Adam with a single set of hyperparameters.
     params = [p for p in module.parameters() if p.requires_grad]
     opt = OPTIMIZERS[optimizer](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if schedule == "constant":
         return opt
-    if schedule != "cosine":
-        raise LplError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
     # The run's length is read at the first step, not here: reading it while optimizers are configured builds the
     # train loader before a resumed checkpoint is restored, and Lightning then drops the loader's saved position
     # (a mid-epoch resume would train the epoch's first batches again). Step 0 needs no length (the curve starts at

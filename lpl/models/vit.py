@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lpl.models.optim import configure_adam
+from lpl.models.optim import check_adam_options, configure_adam
 from lpl.utils.weights import load_pretrained
 from lpl.utils.errors import LplError
 
@@ -165,8 +165,8 @@ class ViTClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
-        if lr <= 0:
-            raise LplError(f"lr must be positive, got {lr}.")
+        check_adam_options(optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=betas,
+                           warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule)
         if not 0.0 <= distill_alpha <= 1.0 or distill_temperature <= 0:
             raise LplError("distill_alpha must be in [0, 1] and distill_temperature positive.")
         named = dict(

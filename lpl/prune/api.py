@@ -507,8 +507,8 @@ def _calibrate(
     if not stats:
         raise LplError(f"none of the selected Linear layers (e.g. {list(layers)[:3]}) was called in the forward pass "
                        "(the model uses their weights without calling the modules); select layers it calls.")
+    emptied = [name for name, mask in masks.items() if not bool(mask.any())]
     if importance != "magnitude" and not any(bool(curve.distortion.any()) for curve in curves.values()):
-        emptied = [name for name, mask in masks.items() if not bool(mask.any())]
         if emptied:  # a later round of stages > 1, on a model an earlier round cut in two
             raise LplError(f"the calibration loss has zero gradient in every selected layer after an earlier round "
                            f"(stages) pruned every block of {len(emptied)} layer(s) (e.g. {emptied[0]!r}), which cuts "
@@ -521,12 +521,14 @@ def _calibrate(
     unranked = [name for name, curve in curves.items() if importance != "magnitude"
                 and not bool(curve.distortion.any()) and (name not in masks or bool(masks[name].any()))]
     if unranked:
+        cause = (f"an earlier round (stages) pruned every block of {emptied[:2]}, which cuts them off (prune in one "
+                 "round, stages=1, or keep part of every layer, min_density > 0)" if emptied else
+                 "activation checkpointing with use_reentrant=True (no gradient reaches its region when its input "
+                 "needs none; use use_reentrant=False or switch it off to calibrate), a detach, or a branch that does "
+                 "not reach the loss; exclude them or fix the gradient path")
         rank_zero_warn(
             f"prune_model: the calibration loss has zero gradient in {len(unranked)} selected layer(s) (e.g. "
-            f"{unranked[:3]}), so importance={importance!r} ranks all their blocks as free to prune: activation "
-            "checkpointing with use_reentrant=True (no gradient reaches its region when its input needs none; use "
-            "use_reentrant=False or switch it off to calibrate), a detach, or a branch that does not reach the loss; "
-            "exclude them or fix the gradient path.")
+            f"{unranked[:3]}), so importance={importance!r} ranks all their blocks as free to prune: {cause}.")
     return stats, curves, scores
 
 

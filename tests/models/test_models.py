@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -146,3 +148,41 @@ def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path
         loaded.load_from_checkpoint(tmp_path / "run.ckpt")
     with pytest.raises(LplError, match="pretrained_path=None"):  # building it from the file still names the way out
         ViTClassifier(**TINY_VIT, pretrained_path=str(path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_lr_ratio": -1.0}, r"min_lr_ratio must be in \[0, 1\]"),
+    ({"warmup_steps": -5}, "warmup_steps must be an int >= 0"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"betas": (0.9, 1.5)}, r"betas must be two numbers in \[0, 1\)"),
+    ({"schedule": "linear"}, "schedule must be 'cosine' or 'constant'"),
+])
+def test_optimizer_options_that_would_train_wrongly_are_refused_by_both_models(kwargs, message) -> None:
+    """A negative min_lr_ratio made the cosine's tail a negative learning rate (Adam climbed the loss)."""
+    with pytest.raises(LplError, match=message):
+        CausalLM(dim=32, depth=1, num_heads=2, **kwargs)
+    with pytest.raises(LplError, match=message):
+        ViTClassifier(**TINY_VIT, **kwargs)
+
+
+def test_lm_perplexity_is_exp_of_the_mean_loss_whatever_the_batch_size(tmp_path) -> None:
+    """It was the mean of the batches' exp(loss): 17.78 at eval batch 1 and 17.59 at 562 for one model."""
+    import lightning as L
+
+    from lpl.data import TextCorpusDataModule
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog; " * 40)
+    torch.manual_seed(0)
+    lm = CausalLM(dim=32, depth=1, num_heads=2, max_seq_len=16)
+    figures = []
+    for eval_batch_size in (1, 7):
+        data = TextCorpusDataModule(corpus=str(corpus), seq_len=8, batch_size=4, eval_batch_size=eval_batch_size,
+                                    val_fraction=0.3)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        (metrics,) = trainer.validate(lm, datamodule=data, verbose=False)
+        figures.append(metrics)
+        assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert figures[0]["val/ppl"] == pytest.approx(figures[1]["val/ppl"], rel=1e-5)

@@ -77,6 +77,30 @@ def test_a_round_that_empties_a_layer_of_a_serial_network_names_stages_not_the_m
         prune_model(model, batches, stages=2, **options)
 
 
+class _Branches(nn.Module):
+    """Two branches into one head; a2's weights are tiny, so the first round removes it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2, self.b1 = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.a2.weight.mul_(1e-3)
+
+    def forward(self, x):
+        return self.head(self.a2(F.gelu(self.a1(x))) + self.b1(x))
+
+
+def test_a_layer_an_earlier_round_cut_off_is_named_with_that_cause():
+    torch.manual_seed(0)
+    model, batches = _Branches(), [(torch.randn(8, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"zero gradient in 1 selected layer\(s\) \(e.g. \['a1'\]\).*an earlier round "
+                                         r"\(stages\) pruned every block of \['a2'\]"):
+        result = prune_model(model, batches, block_size=8, flops_keep=0.5, min_density=0.0, stages=2,
+                             include=["a1", "a2", "b1"], loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    assert not result.block_masks["a2"].any()
+
+
 def test_densities_inverted_or_budget_unreachable(tiny_vit, batches):
     with pytest.raises(LplError, match="min_density"):
         prune_model(tiny_vit, batches, min_density=0.6, max_density=0.4)
