@@ -108,7 +108,7 @@ def test_predict_refuses_a_loader_that_collates_orders_by_position(recording):
     rec = Recording.open(recording)
     estimator = OrderEstimator.from_recording(recording, method="first_order")
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    with pytest.raises(LplError, match="collates them step by step"):  # default_collate of lists: columns
+    with pytest.raises(LplError, match="one tensor per position"):  # default_collate of lists: columns
         trainer.predict(estimator, dataloaders=DataLoader([list(rec.order), list(reversed(rec.order))], batch_size=2))
 
 
