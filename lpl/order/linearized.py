@@ -6,7 +6,9 @@ reached. Around the reference run's weights theta_s that gradient is, to first o
     g_{l_s}(gamma_s) ~ g_{l_s}(theta_s) + H_s Delta_s,
 
 with g_b(theta_s) stored exactly for every pool batch b and step s, and H_s the Hessian of the reference batch's
-loss at theta_s kept as its top-k eigenpairs (one rank-k factor per step, order independent). Adam then runs as
+loss at theta_s kept as its top-k eigenpairs (one rank-k factor per step, order independent; the curvature of the
+batch the order feeds would correct better, but only as exact products, which need the model at every step: its
+low-rank factors do worse, benchmarks/results/batch_curvature_ablation.md). Adam then runs as
 it is, in full space, with each order's own first and second moments, square roots included: the coordinate-wise
 nonlinearity that projected replays cannot apply and that the adjoint tables (``lpl.order.adjoint``) linearise.
 Delta_{s+1} = (1 - lr_s wd) Delta_s - lr_s (u_s(l) - u_s(ref)) with u = m_hat / (sqrt(v_hat) + eps).
