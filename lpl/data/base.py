@@ -33,7 +33,7 @@ class ResumableDataLoader(DataLoader):
         epoch, consumed = trainer.current_epoch, trained
         if trained >= min(trainer.num_training_batches, len(self.batch_sampler)):
             epoch, consumed = trainer.current_epoch + 1, 0
-        return {"epoch": epoch, "consumed": consumed, "plan": self.batch_sampler.plan_digest(epoch)}
+        return {"epoch": epoch, "consumed": consumed, "plan": self.batch_sampler.plan_digest(epoch, consumed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_sampler.load_state_dict(state)

@@ -115,15 +115,16 @@ class _ResumableBatchSampler(Sampler[list[int]]):
         kwargs = self.trainer.distributed_sampler_kwargs
         return (int(kwargs["rank"]), int(kwargs["num_replicas"])) if kwargs else (0, 1)
 
-    def plan_digest(self, epoch: int) -> str:
-        """sha256 of the global batches of ``epoch``: a saved position means something only for this plan."""
-        batches = self.global_batches(epoch)
+    def plan_digest(self, epoch: int, consumed: int) -> str:
+        """sha256 of the first ``consumed`` global batches of ``epoch``: a saved position continues the epoch only
+        where this plan trained the same batches before it."""
+        batches = self.global_batches(epoch)[:consumed]
         sizes = torch.tensor([len(batch) for batch in batches], dtype=torch.int64)
         ids = torch.tensor([i for batch in batches for i in batch], dtype=torch.int64)
         return hashlib.sha256(sizes.numpy().tobytes() + b"|" + ids.numpy().tobytes()).hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self._consumed, "plan": self.plan_digest(self.epoch)}
+        return {"epoch": self.epoch, "consumed": self._consumed, "plan": self.plan_digest(self.epoch, self._consumed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
@@ -132,12 +133,12 @@ class _ResumableBatchSampler(Sampler[list[int]]):
                            f"sampler's ({len(self.global_batches(epoch))} batches an epoch): the checkpoint is from "
                            "another dataset or batch size.")
         # a position saved before the digest existed is taken as it is
-        if "plan" in state and state["plan"] != self.plan_digest(epoch):
+        if "plan" in state and state["plan"] != self.plan_digest(epoch, consumed):
             raise LplError(
-                f"the checkpoint's training order of epoch {epoch} is not the one this data now plans: the dataset "
-                "(files added or removed), batch_size, seed or order changed since it was saved, so resuming at its "
-                f"batch {consumed} would train some samples twice and skip others. Resume with the data and options "
-                "it was saved with, or start a new run (or a new epoch) from its weights.")
+                f"the checkpoint trained other batches in the first {consumed} steps of epoch {epoch} than this data "
+                "now plans there: the dataset (files added or removed), batch_size, seed or order changed since it "
+                "was saved, so continuing the epoch would train some samples twice and skip others. Resume with the "
+                "data and options it was saved with, or from a checkpoint taken at the end of an epoch.")
         self.epoch, self._consumed = epoch, consumed
         self._restored = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -15,9 +16,9 @@ from lpl.utils.errors import LplError
 PACKAGED_CORPORA = {"lee": ("gensim", "test/test_data/lee_background.cor")}
 
 
-def corpus_path(corpus: str | Path) -> Path:
+def corpus_path(corpus: str | os.PathLike) -> Path:
     """Resolve a packaged corpus name, or a path to a local UTF-8 text file."""
-    if not isinstance(corpus, (str, Path)):
+    if not isinstance(corpus, (str, os.PathLike)):
         raise LplError(f"corpus must be one name or path (one text file), got {type(corpus).__name__} {corpus!r:.80}; "
                        "join several files into one first.")
     if corpus in PACKAGED_CORPORA:

@@ -153,8 +153,13 @@ class CausalLM(L.LightningModule):
             raise LplError(f"dim {dim} must split into {num_heads} heads of even size (rotary embeddings need pairs).")
         hidden = mlp_hidden if mlp_hidden is not None else 64 * math.ceil(dim * 8 / 3 / 64)
         self.model = Decoder(vocab_size, dim, depth, num_heads, hidden, max_seq_len)
-        # sample-weighted mean loss of the epoch, for its perplexity (metric states stay out of checkpoints)
-        self._mean_loss = nn.ModuleDict({stage: torchmetrics.MeanMetric() for stage in ("val", "test")})
+        # the epoch's loss sum and sample count, for its perplexity (metric states stay out of checkpoints, and sum
+        # over processes; a NaN loss makes it NaN, as val/loss is, not dropped: MeanMetric drops NaN, or with
+        # nan_strategy="disable" its weights)
+        self._loss_sums = nn.ModuleDict({stage: torchmetrics.SumMetric(nan_strategy="disable")
+                                         for stage in ("val", "test")})
+        self._sample_counts = nn.ModuleDict({stage: torchmetrics.SumMetric(nan_strategy="disable")
+                                             for stage in ("val", "test")})
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -183,15 +188,17 @@ class CausalLM(L.LightningModule):
         loss = self.loss(batch)
         size = batch["input_ids"].shape[0]
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=size)
-        self._mean_loss[stage].update(loss.detach(), weight=size)
+        self._loss_sums[stage].update(loss.detach().float() * size)
+        self._sample_counts[stage].update(torch.tensor(float(size), device=loss.device))
 
     def _log_perplexity(self, stage: str) -> None:
-        """exp of the epoch's mean loss (over every process), not a mean of per-batch exps, which depends on the
-        batch size."""
-        mean_loss = self._mean_loss[stage]
-        if mean_loss.update_count:
-            self.log(f"{stage}/ppl", mean_loss.compute().exp(), prog_bar=True)
-        mean_loss.reset()
+        """exp of the epoch's sample-weighted mean loss (over every process), not a mean of per-batch exps, which
+        depends on the batch size."""
+        loss_sum, count = self._loss_sums[stage], self._sample_counts[stage]
+        if count.update_count:
+            self.log(f"{stage}/ppl", (loss_sum.compute() / count.compute()).exp(), prog_bar=True)
+        loss_sum.reset()
+        count.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

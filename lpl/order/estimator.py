@@ -331,16 +331,27 @@ class OrderEstimator(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[OrderEstimate]:
         orders = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 1 else batch
         if isinstance(orders, (list, tuple)) and orders and all(isinstance(o, Tensor) and o.ndim == 1 for o in orders):
-            if len({len(o) for o in orders}) > 1:  # whole orders of several lengths (collate_fn=list)
+            # whole orders (a collate_fn such as list; of several lengths they cannot be positions), or what torch's
+            # default collation makes of Python lists of orders: L tensors of B ids, one per position
+            if len({len(o) for o in orders}) > 1 or self._predict_collation(dataloader_idx) == "custom":
                 return [estimate for order in orders for estimate in _split(self.estimate_many(order[None]))]
-            # a DataLoader over Python lists collates them by position: L tensors of B ids, not B orders
             raise LplError(
-                "the predict loader yields a list of 1-D tensors of one length: whole orders (collate_fn=list) or, "
-                "from a DataLoader over Python lists, one tensor per position (default collation), which would be "
-                "read as other orders. Give the loader the orders as one tensor [N, L] "
-                "(DataLoader(torch.tensor(orders), batch_size=...)), and orders of several lengths with batch_size=1 "
-                "or collate_fn=list.")
+                "the predict loader yields a list of 1-D tensors of one length: what torch's default collation makes "
+                "of Python lists of orders, one tensor per position, which would be read as other orders. Give the "
+                "loader the orders as one tensor [N, L] (DataLoader(torch.tensor(orders), batch_size=...)), and "
+                "orders of several lengths with batch_size=1 or collate_fn=list.")
         return _split(self.estimate_many(orders))
+
+    def _predict_collation(self, dataloader_idx: int) -> str:
+        """"default" when the predict loader collates with torch's default_collate, "custom" for another collate_fn,
+        "unknown" outside a Trainer's predict."""
+        trainer = self._trainer
+        loaders = getattr(trainer, "predict_dataloaders", None) if trainer is not None else None
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        collate = getattr(loader, "collate_fn", None)
+        if collate is None:
+            return "unknown"
+        return "default" if collate is torch.utils.data.default_collate else "custom"
 
     def on_predict_start(self) -> None:
         precision = str(self.trainer.precision)

@@ -61,14 +61,16 @@ def allocate_dp(
     if sum(float(f[p]) for f, p in zip(flops, most)) <= budget * (1 + 1e-12):
         return most  # the budget keeps everything allowed (flops_keep=1), or the most allowed is within the window
     unit = total / (1000.0 * len(flops))
-    # FLOPs rounded to the nearest unit find the optimum, but their sum may exceed the budget by up to half a unit a
-    # layer; then rounded up, whose sums never do
+    # FLOPs rounded to the nearest unit find the optimum, but an allocation's true sum may exceed the budget by up to
+    # half a unit a layer: the best one in the window that does not; where none, FLOPs rounded up (never over)
+    low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))
     for round_units in (np.rint, np.ceil):
         best, choices = _knapsack(objectives, flops, allowed, budget, unit, round_units)
-        low = max(0, int(math.ceil((budget - _WINDOW * total) / unit)))
         window = best[low:]
-        if np.isfinite(window).any():
-            picks = _backtrack(choices, low + int(np.argmin(window)))
+        for offset in np.argsort(window, kind="stable"):  # the best allocations in the window first
+            if not np.isfinite(window[offset]):
+                break
+            picks = _backtrack(choices, low + int(offset))
             if sum(float(f[p]) for f, p in zip(flops, picks)) <= budget * (1 + 1e-12):
                 return picks
     reachable = np.flatnonzero(np.isfinite(best))

@@ -81,3 +81,18 @@ def test_a_corpus_that_is_not_one_file_is_refused_plainly(corpus, message) -> No
 def test_a_float_val_size_is_refused_plainly() -> None:
     with pytest.raises(LplError, match="val_size must be an int >= 1, got 100.0"):
         MNIST5kDataModule(val_size=100.0)
+
+
+def test_a_corpus_given_as_any_path_like_is_read(tmp_path) -> None:
+    class PathLike:  # as pytest's tmpdir (py.path.local) is
+        def __init__(self, path) -> None:
+            self.path = path
+
+        def __fspath__(self) -> str:
+            return str(self.path)
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    data = TextCorpusDataModule(corpus=PathLike(corpus), seq_len=8, batch_size=2)
+    data.setup()
+    assert len(data.train_set) > 0

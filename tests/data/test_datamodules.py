@@ -193,7 +193,7 @@ def test_a_checkpoint_taken_while_fit_validates_saves_the_batches_trained_not_th
     loader.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), training=False, current_epoch=0,
                                      num_training_batches=8,
                                      fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
-    assert loader.state_dict() == {"epoch": 0, "consumed": 3, "plan": loader.batch_sampler.plan_digest(0)}
+    assert loader.state_dict() == {"epoch": 0, "consumed": 3, "plan": loader.batch_sampler.plan_digest(0, 3)}
 
 
 def test_sampler_ids_and_saved_positions_out_of_range_are_refused() -> None:

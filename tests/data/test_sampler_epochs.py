@@ -151,4 +151,4 @@ def test_a_checkpoint_at_the_end_of_a_shorter_epoch_resumes_at_the_next_epoch():
         batch_progress=SimpleNamespace(current=SimpleNamespace(processed=1))))
     loader = ResumableDataLoader(range(3), batch_sampler=sampler)
     loader.trainer = sampler.trainer = trainer
-    assert loader.state_dict() == {"epoch": 3, "consumed": 0, "plan": sampler.plan_digest(3)}
+    assert loader.state_dict() == {"epoch": 3, "consumed": 0, "plan": sampler.plan_digest(3, 0)}

@@ -32,7 +32,7 @@ def test_state_dict_resumes_mid_epoch_at_the_exact_batch(make):
     stream = iter(sampler)
     seen = [next(stream), next(stream)]
     state = sampler.state_dict()
-    assert state == {"epoch": 0, "consumed": 2, "plan": sampler.plan_digest(0)}
+    assert state == {"epoch": 0, "consumed": 2, "plan": sampler.plan_digest(0, 2)}
     fresh = make()
     fresh.load_state_dict(state)
     assert seen + list(fresh) == sampler.global_batches(0)
@@ -134,7 +134,7 @@ CHANGED_PLANS = {
     "a sample more": lambda: SeededBatchSampler(21, 4, seed=1),
     "another batch size": lambda: SeededBatchSampler(20, 5, seed=1),
     "another seed": lambda: SeededBatchSampler(20, 4, seed=2),
-    "another order": lambda: OrderedBatchSampler([[i] for i in range(5)], [4, 3, 1, 2, 0]),
+    "another order": lambda: OrderedBatchSampler([[i] for i in range(5)], [3, 4, 2, 1, 0]),
 }
 
 
@@ -146,7 +146,22 @@ def test_a_position_saved_under_another_plan_is_refused(changed):
     stream = iter(original)
     next(stream)
     state = original.state_dict()
-    with pytest.raises(LplError, match="not the one this data now plans"):
+    with pytest.raises(LplError, match="than this data now plans there"):
         changed().load_state_dict(state)
     legacy = {"epoch": state["epoch"], "consumed": state["consumed"]}  # saved before the digest existed
     changed().load_state_dict(legacy)
+
+
+def test_a_plan_that_changed_only_after_the_saved_position_or_at_an_epoch_start_resumes():
+    """Nothing the checkpoint trained in the epoch is trained again or skipped: the new plan goes on."""
+    original = OrderedBatchSampler([[i] for i in range(5)], [4, 3, 2, 1, 0])
+    stream = iter(original)
+    next(stream)
+    changed_later = OrderedBatchSampler([[i] for i in range(5)], [4, 1, 2, 3, 0])
+    changed_later.load_state_dict(original.state_dict())
+    assert list(changed_later) == [[1], [2], [3], [0]]
+    at_start = SeededBatchSampler(20, 4, seed=1)
+    list(at_start)  # one whole epoch: the position is epoch 1, batch 0
+    bigger = SeededBatchSampler(40, 8, seed=1)
+    bigger.load_state_dict(at_start.state_dict())
+    assert list(bigger) == bigger.global_batches(1)

@@ -150,6 +150,14 @@ def test_a_checkpoint_loads_without_the_pretrained_file_it_started_from(tmp_path
         ViTClassifier(**TINY_VIT, pretrained_path=str(path))
 
 
+def test_numbers_of_any_real_type_are_taken() -> None:
+    import numpy as np
+
+    CausalLM(dim=32, depth=1, num_heads=2, lr=np.float32(3e-4), weight_decay=np.float32(0.05), betas=[0.9, 0.95],
+             min_lr_ratio=np.float64(0.1), warmup_steps=np.int64(3)).configure_optimizers()
+    ViTClassifier(**TINY_VIT, lr=torch.tensor(1e-3), weight_decay=0).configure_optimizers()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"min_lr_ratio": -1.0}, r"min_lr_ratio must be in \[0, 1\]"),
     ({"warmup_steps": -5}, "warmup_steps must be an int >= 0"),
@@ -186,3 +194,7 @@ def test_lm_perplexity_is_exp_of_the_mean_loss_whatever_the_batch_size(tmp_path)
         figures.append(metrics)
         assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
     assert figures[0]["val/ppl"] == pytest.approx(figures[1]["val/ppl"], rel=1e-5)
+    with torch.no_grad():
+        lm.model.embed.weight[ord("t")] = float("nan")  # every window holds a 't': every loss NaN
+    (metrics,) = trainer.validate(lm, datamodule=data, verbose=False)
+    assert math.isnan(metrics["val/loss"]) and math.isnan(metrics["val/ppl"])  # not NaN batches dropped

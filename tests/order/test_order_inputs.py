@@ -53,14 +53,16 @@ def test_a_list_of_1d_tensors_is_stacked_as_rows_but_refused_as_a_predict_batch(
         estimator.predict_step(orders, 0)
 
 
-def test_predict_takes_orders_of_several_lengths_from_a_list_collating_loader(estimator):
-    """collate_fn=list hands predict_step whole orders; of several lengths they cannot be positions."""
-    orders = [torch.arange(NUM_BATCHES), torch.arange(3).flip(0), torch.arange(NUM_BATCHES).flip(0)]
-    loader = torch.utils.data.DataLoader(orders, batch_size=3, collate_fn=list)
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_predict_takes_whole_orders_from_a_list_collating_loader(estimator, batch_size):
+    """collate_fn=list hands predict_step whole orders, of one length or several in a batch (batches of two equal
+    lengths were refused as positions)."""
+    orders = [torch.arange(NUM_BATCHES), torch.arange(NUM_BATCHES).flip(0), torch.arange(3).flip(0), torch.arange(2)]
+    loader = torch.utils.data.DataLoader(orders, batch_size=batch_size, collate_fn=list)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    (predicted,) = trainer.predict(estimator, loader)
+    predicted = [estimate for batch in trainer.predict(estimator, loader) for estimate in batch]
     assert [e.final_loss for e in predicted] == pytest.approx([estimator.estimate(o).final_loss for o in orders])
-    assert [len(e.loss_curve) for e in predicted] == [NUM_BATCHES + 1, 4, NUM_BATCHES + 1]
+    assert [len(e.loss_curve) for e in predicted] == [NUM_BATCHES + 1, NUM_BATCHES + 1, 4, 3]
 
 
 @pytest.mark.parametrize("orders, message", [
