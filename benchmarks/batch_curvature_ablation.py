@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -32,13 +31,10 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import order_estimation as bench  # noqa: E402
-from second_moment_ablation import HESSIAN_RANK, VAL_CURVATURE_RANK, Replay  # noqa: E402
-from lpl.order import Recording, quantities, retrain  # noqa: E402
-from lpl.order.adjoint import _Progress, _rerun_reference, record_sensitivities  # noqa: E402  (the re-run reference)
-from lpl.order.linearized import linearized_from_tensors  # noqa: E402
-from lpl.utils.cli_args import output_dir, output_file, positive_float, positive_int  # noqa: E402
+from second_moment_ablation import HESSIAN_RANK, Replay, digits_task, run_ablation  # noqa: E402
+from lpl.order import quantities  # noqa: E402
+from lpl.order.adjoint import _Progress, _rerun_reference  # noqa: E402  (the re-run reference, probed at its steps)
 from lpl.utils.errors import run_script  # noqa: E402
-from lpl.utils.io import atomic_write_text  # noqa: E402
 
 
 class CurvatureReplay(Replay):
@@ -107,18 +103,7 @@ class CurvatureReplay(Replay):
 
 
 def ablate(lr: float, args) -> tuple[float, dict[str, dict[str, float]]]:
-    path = args.workdir / f"digits_lr{lr}_T{args.steps}_kexact_r2_v{VAL_CURVATURE_RANK}"
-    bench.record(path, "digits", lr, args.steps, None, 2, True, VAL_CURVATURE_RANK)
-    built = Recording.open(path).manifest.get("sensitivity")
-    if built is None or built.get("hessian_rank", 0) != HESSIAN_RANK:
-        record_sensitivities(path, curvature_rank=VAL_CURVATURE_RANK, hessian_rank=HESSIAN_RANK, accelerator="cpu",
-                             verbose=False)
-    recording = Recording.open(path)
-    tables, info = recording.sensitivity()
-    run = linearized_from_tensors(tables, info.get("linearized", {}))
-    _, orders = bench.make_orders(path, args.orders, seed=1234)
-    truth = np.array([retrain(recording, order.tolist(), accelerator="cpu").final_loss for order in orders])
-    no_change = float(np.abs(truth - recording.probe_scalars["val_loss"][-1]).mean())
+    recording, run, orders, truth, no_change = digits_task(lr, args)
     rerun, _, _ = _rerun_reference(recording, 0, "cpu", _Progress(lambda message: None, recording.num_steps))
     replay = CurvatureReplay(run, torch.tensor(recording.order), rerun, orders)
     scores = {name: bench.metrics(estimate, truth) for name, estimate in replay.variants().items()}
@@ -143,22 +128,7 @@ def report(results: dict[float, tuple[float, dict]], command: str, orders: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lrs", type=lambda text: [positive_float(x) for x in text.split(",")], default=[0.003, 0.01])
-    parser.add_argument("--steps", type=positive_int, default=24)
-    parser.add_argument("--orders", type=positive_int, default=16)
-    parser.add_argument("--workdir", type=output_dir, default="/tmp/lpl_order_bench",
-                        help="FOLDER for the recordings (shared with order_estimation.py; complete ones are reused)")
-    parser.add_argument("--out", type=output_file, default=None, help="markdown FILE (default: print only)")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {lr: ablate(lr, args) for lr in args.lrs}
-    text = report(results, "python benchmarks/batch_curvature_ablation.py " + " ".join(sys.argv[1:]), args.orders)
-    print(text)
-    if args.out is not None:
-        atomic_write_text(args.out, text)
-        print(f"written {args.out}")
+    run_ablation(__doc__.split("\n")[0], "batch_curvature_ablation.py", [0.003, 0.01], ablate, report)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -147,7 +148,9 @@ class Replay:
         return out
 
 
-def ablate(lr: float, args) -> tuple[float, dict[str, dict[str, float]]]:
+def digits_task(lr: float, args) -> tuple[Recording, LinearizedRun, Tensor, np.ndarray, float]:
+    """The digits task recorded at ``lr`` with its linearised replay's data, the orders, their retrained final
+    losses and the "no change" mean absolute error (recordings reused from ``args.workdir``)."""
     path = args.workdir / f"digits_lr{lr}_T{args.steps}_kexact_r2_v{VAL_CURVATURE_RANK}"
     bench.record(path, "digits", lr, args.steps, None, 2, True, VAL_CURVATURE_RANK)
     built = Recording.open(path).manifest.get("sensitivity")
@@ -160,6 +163,11 @@ def ablate(lr: float, args) -> tuple[float, dict[str, dict[str, float]]]:
     _, orders = bench.make_orders(path, args.orders, seed=1234)
     truth = np.array([retrain(recording, order.tolist(), accelerator="cpu").final_loss for order in orders])
     no_change = float(np.abs(truth - recording.probe_scalars["val_loss"][-1]).mean())
+    return recording, run, orders, truth, no_change
+
+
+def ablate(lr: float, args) -> tuple[float, dict[str, dict[str, float]]]:
+    recording, run, orders, truth, no_change = digits_task(lr, args)
     model, _ = bench.build_task("digits", lr, args.steps)
     replay = Replay(run, torch.tensor(recording.order))
     scores = {name: bench.metrics(estimate, truth)
@@ -186,10 +194,12 @@ def report(results: dict[float, tuple[float, dict]], command: str, orders: int) 
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lrs", type=lambda text: [positive_float(x) for x in text.split(",")],
-                        default=[0.001, 0.003, 0.01])
+def run_ablation(description: str, script: str, default_lrs: list[float],
+                 ablate_at: Callable[[float, argparse.Namespace], tuple[float, dict]],
+                 report_of: Callable[[dict, str, int], str]) -> None:
+    """Parse the ablation scripts' shared arguments, ablate at every learning rate, print and write the report."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--lrs", type=lambda text: [positive_float(x) for x in text.split(",")], default=default_lrs)
     parser.add_argument("--steps", type=positive_int, default=24)
     parser.add_argument("--orders", type=positive_int, default=16)
     parser.add_argument("--workdir", type=output_dir, default="/tmp/lpl_order_bench",
@@ -198,12 +208,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {lr: ablate(lr, args) for lr in args.lrs}
-    text = report(results, "python benchmarks/second_moment_ablation.py " + " ".join(sys.argv[1:]), args.orders)
+    results = {lr: ablate_at(lr, args) for lr in args.lrs}
+    text = report_of(results, f"python benchmarks/{script} " + " ".join(sys.argv[1:]), args.orders)
     print(text)
     if args.out is not None:
         atomic_write_text(args.out, text)
         print(f"written {args.out}")
+
+
+def main() -> None:
+    run_ablation(__doc__.split("\n")[0], "second_moment_ablation.py", [0.001, 0.003, 0.01], ablate, report)
 
 
 if __name__ == "__main__":
