@@ -74,12 +74,14 @@ def _check_structure(
             f"(needs {n_block_rows + 1}); check out_features/in_features and block_size."
         )
     nnz = col_idx.numel()
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+    # numpy views of these small CPU tensors: the checks run at every call, and each torch op costs several us
+    rows, cols = row_ptr.numpy(), col_idx.numpy()
+    if rows[0] != 0 or rows[-1] != nnz or bool((rows[1:] < rows[:-1]).any()):
         raise LplError(f"row_ptr must start at 0, never decrease and end at nnz={nnz}.")
-    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= n_block_cols):
+    if nnz and (cols.min() < 0 or cols.max() >= n_block_cols):
         raise LplError(
             f"col_idx must lie in [0, {n_block_cols}) ({n_block_cols} block columns), "
-            f"got range [{int(col_idx.min())}, {int(col_idx.max())}]."
+            f"got range [{int(cols.min())}, {int(cols.max())}]."
         )
     if values is not None:
         _check_dense("values", values, 3)
