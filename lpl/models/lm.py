@@ -13,6 +13,7 @@ from torch import nn
 
 from lpl.models.optim import check_adam_options, configure_adam
 from lpl.utils.errors import LplError
+from lpl.utils.trainer import own_metric_states
 
 
 class RMSNorm(nn.Module):
@@ -160,6 +161,9 @@ class CausalLM(L.LightningModule):
                                          for stage in ("val", "test")})
         self._sample_counts = nn.ModuleDict({stage: torchmetrics.SumMetric(nan_strategy="disable")
                                              for stage in ("val", "test")})
+
+    def setup(self, stage: str) -> None:
+        own_metric_states(self)  # in every process (ddp_spawn shares the module's metric states otherwise)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)

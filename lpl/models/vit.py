@@ -20,6 +20,7 @@ from torch import nn
 from lpl.models.optim import check_adam_options, configure_adam
 from lpl.utils.weights import load_pretrained
 from lpl.utils.errors import LplError
+from lpl.utils.trainer import own_metric_states
 
 # create_timm_model's own argument: set in model_kwargs it would turn downloads on, or clash with the name given
 _RESERVED_MODEL_KWARGS = {
@@ -235,6 +236,9 @@ class ViTClassifier(L.LightningModule):
         checkpoint loads on its own when the pretrained file is gone."""
         kwargs.setdefault("pretrained_path", None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        own_metric_states(self)  # in every process (ddp_spawn shares the module's metric states otherwise)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torchmetrics
 from safetensors.torch import save_file
 
 from lpl.models import CausalLM, ViTClassifier
@@ -198,3 +199,15 @@ def test_lm_perplexity_is_exp_of_the_mean_loss_whatever_the_batch_size(tmp_path)
         lm.model.embed.weight[ord("t")] = float("nan")  # every window holds a 't': every loss NaN
     (metrics,) = trainer.validate(lm, datamodule=data, verbose=False)
     assert math.isnan(metrics["val/loss"]) and math.isnan(metrics["val/ppl"])  # not NaN batches dropped
+
+
+def test_setup_gives_each_process_metric_states_of_its_own() -> None:
+    """Under ddp_spawn on CPU the module reaches the processes through shared memory, and Lightning unshares only
+    parameters and buffers: the processes added into one metric state (val/ppl 237.3 for 254.2 once)."""
+    for module in (CausalLM(dim=32, depth=1, num_heads=2), ViTClassifier(**TINY_VIT)):
+        metrics = [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
+        for metric in metrics:
+            for name in metric._defaults:
+                getattr(metric, name).share_memory_()
+        module.setup("validate")
+        assert metrics and not any(getattr(metric, name).is_shared() for metric in metrics for name in metric._defaults)
