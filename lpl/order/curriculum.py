@@ -158,6 +158,8 @@ def _check_search_arguments(method: str, budget: int, population: int, mutation_
     for name, value in (("budget", budget), ("population", population), ("seed", seed)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise LplError(f"{name} must be a whole number, got {value!r}.")
+    if not 0 <= seed < 2**63:  # torch's generators take a signed 64-bit seed (a larger one overflowed inside torch)
+        raise LplError(f"seed must be between 0 and 2**63 - 1, got {seed}.")
     if not (isinstance(mutation_rate, numbers.Real) and 0.0 <= mutation_rate <= 1.0):
         raise LplError(f"mutation_rate is a probability per child, between 0 and 1; got {mutation_rate!r}.")
     if method == "genetic":

@@ -175,8 +175,10 @@ def _warn_if_sensitivity_failed_its_check(recording: Any, method: str) -> None:
     verdict = check_errors(info.get("checks") or [], reference_loss, method)
     if verdict is not None and misses_more_than_no_change(*verdict, reference_loss):
         warnings.warn(
-            f"method {method!r} missed the retrained check orders of {recording.root} by {verdict[0]:.4g} on average, "
-            f"more than predicting the reference loss does ({verdict[1]:.4g}): it does not hold for this run.",
+            f"method {method!r} missed the {len(info.get('checks') or [])} retrained check orders of "
+            f"{recording.root} by {verdict[0]:.4g} on average, more than predicting the reference loss does "
+            f"({verdict[1]:.4g}): it does not hold for this run, as far as so few orders tell (`lpl check-methods` "
+            "scores it on more).",
             stacklevel=3,
         )
 

@@ -55,7 +55,8 @@ def position_map(
     ``batches`` default to every batch of the reference order, ``positions`` to every step. ``logger``: optional
     Lightning logger; with a W&B logger the heatmap is logged as an image. In a run that trains a batch several times
     (epochs over one pool) its last visit moves (``moved``): placed before its earlier visits, the batch is last seen
-    at the next-to-last one, so those columns repeat the same order.
+    at the next-to-last one, so those columns repeat the same order. The map reads each order's per-batch end losses:
+    method ``adjoint`` has only the final validation loss of its own, so its map is ``first_order``'s (``replay``).
 
     Example::
 

@@ -75,6 +75,9 @@ def test_search_input_errors(task):
         search(estimator, budget=10, method="local", population=0)
     with pytest.raises(LplError, match="budget must be at least 1"):
         search(estimator, budget=0, method="local")
+    for seed in (-1, 2**64):  # 2**64 overflowed inside torch
+        with pytest.raises(LplError, match=r"seed must be between 0 and 2\*\*63 - 1"):
+            search(estimator, budget=64, method="local", seed=seed)
 
 
 def test_the_local_search_scores_as_many_orders_as_the_budget_allows(task):
