@@ -15,6 +15,8 @@ import csv
 import functools
 import io
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -150,12 +152,14 @@ ORDERS_HELP = ("random:N, or a file: a JSON list of orders (or of one order's ba
                "`lpl curriculum`")
 
 
-def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0) -> torch.Tensor:
+def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: int = 0,
+                recording: str | Path | None = None) -> torch.Tensor:
     """``random:N`` (N random permutations of the reference order: every batch as often as the run trained it, so
     a run of several epochs over one pool gets orders of its whole length), or a file: a JSON list of orders or one
     flat JSON list (one order), a JSON object with an ``order`` list (the best_order.json of ``lpl curriculum``), one
     order per line with batch ids separated by commas or spaces, or a CSV whose header has an ``order`` column (the
-    estimates.csv of ``lpl estimate``). Returns long [N, L]; all orders of one length."""
+    estimates.csv of ``lpl estimate``). Returns long [N, L]; all orders of one length. A best_order.json found for
+    another recording than ``recording`` is read with a warning (its ids name that run's pool batches)."""
     if spec.startswith("random:"):
         try:
             count = int(spec.split(":", 1)[1])
@@ -178,7 +182,7 @@ def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: 
     except UnicodeDecodeError:
         raise LplError(f"{path} is not UTF-8 text; save the orders as UTF-8 (JSON or one order per line).") from None
     if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
-        orders = _json_orders(path, text)
+        orders = _json_orders(path, text, recording)
     else:
         orders = _text_orders(path, text)
     if not orders:
@@ -199,7 +203,7 @@ def read_orders(spec: str, reference_order: Sequence[int] | torch.Tensor, seed: 
     return torch.tensor(orders, dtype=torch.long)
 
 
-def _json_orders(path: Path, text: str) -> list[Any]:
+def _json_orders(path: Path, text: str, recording: str | Path | None = None) -> list[Any]:
     """The orders of a JSON file: a list of orders, or one flat list of batch ids (one order)."""
     try:
         orders = json.loads(text)
@@ -207,6 +211,11 @@ def _json_orders(path: Path, text: str) -> list[Any]:
         raise LplError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); fix "
                        "it, or write one order per line.") from None
     if isinstance(orders, dict) and isinstance(orders.get("order"), list):  # the best_order.json of `lpl curriculum`
+        found_for = orders.get("recording")
+        if recording is not None and isinstance(found_for, str) and _other_folder(found_for, recording):
+            warnings.warn(f"{path} holds the best order `lpl curriculum` found for the recording {found_for}, not "
+                          f"{recording}: its batch ids name that run's pool batches, which may be other data here.",
+                          stacklevel=3)
         return [orders["order"]]
     if isinstance(orders, dict):
         raise LplError(f"{path} holds a JSON object without an \"order\" list; give a JSON list of orders "
@@ -217,6 +226,14 @@ def _json_orders(path: Path, text: str) -> list[Any]:
     if orders and not any(isinstance(o, list) for o in orders):  # [3, 0, 1, 2]: one order
         return [orders]
     return orders
+
+
+def _other_folder(first: str | Path, second: str | Path) -> bool:
+    """Whether two paths name different existing folders (unknown ones count as the same: nothing to warn of)."""
+    try:
+        return not os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _text_orders(path: Path, text: str) -> list[list[int]]:
@@ -270,8 +287,8 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     from lpl.order.checking import reference_loss_after
 
     # before the slow load: ids the pool lacks and orders longer than the run are refused here
-    orders = check_orders(read_orders(args.orders, recording.order, args.seed), len(recording.batches),
-                          recording.num_steps)
+    orders = check_orders(read_orders(args.orders, recording.order, args.seed, args.recording),
+                          len(recording.batches), recording.num_steps)
     estimator = _estimator(args)
     finals, curves, ends = [], [], []
     for start in range(0, len(orders), args.batch_size):
@@ -465,7 +482,7 @@ def check_methods_main(argv: Sequence[str] | None = None) -> int:
             )
         orders, true_losses = _earlier_check(args.reuse, recording)
     else:
-        orders = read_orders(args.orders or "random:8", recording.order, args.seed)
+        orders = read_orders(args.orders or "random:8", recording.order, args.seed, args.recording)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods == []:
         raise LplError(f"--methods {args.methods!r} names no method; give some of {', '.join(METHODS)}, or leave "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import shutil
 
 import pytest
@@ -268,3 +269,16 @@ def test_seed_and_wandb_mode_are_checked_when_the_arguments_are_parsed(tmp_path,
                        "--out", str(tmp_path / "out")])
     assert "did you mean 'offline'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_best_order_found_for_another_recording_is_read_with_a_warning(tmp_path):
+    """Its ids name the other run's pool batches (read silently before)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    path = tmp_path / "best_order.json"
+    path.write_text(json.dumps({"recording": str(there), "order": [2, 0, 1]}))
+    with pytest.warns(UserWarning, match="found for the recording .*there, not .*here"):
+        assert read_orders(str(path), range(3), recording=here).tolist() == [[2, 0, 1]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_orders(str(path), range(3), recording=there).tolist() == [[2, 0, 1]]
