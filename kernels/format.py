@@ -227,18 +227,23 @@ def _describe(obj: object) -> str:
 
 
 def check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, grid: tuple[int, int]) -> None:
-    """Refuse a block-CSR structure that is not one of a ``grid = (R, C)`` of blocks (any device; syncs it once)."""
+    """Refuse a block-CSR structure that is not one of a ``grid = (R, C)`` of blocks (any device; a GPU one is
+    synced once). The CPU kernel checks its index tensors at every call: on the CPU they are read through numpy
+    views, as each torch op costs several microseconds."""
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.ndim != 1:
             raise LplError(f"{name} must be a 1-D int64 tensor, got {_describe(t)}.")
-    nnz = col_idx.numel()
     if row_ptr.numel() != grid[0] + 1:
-        raise LplError(f"row_ptr has {row_ptr.numel()} entries for {grid[0]} block rows (needs {grid[0] + 1}).")
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise LplError(f"row_ptr has {row_ptr.numel()} entries but the weight has {grid[0]} block rows (needs "
+                       f"{grid[0] + 1}); check out_features/in_features and block_size.")
+    nnz = col_idx.numel()
+    on_cpu = row_ptr.device.type == col_idx.device.type == "cpu"
+    rows, cols = (row_ptr.numpy(), col_idx.numpy()) if on_cpu else (row_ptr, col_idx)
+    if int(rows[0]) != 0 or int(rows[-1]) != nnz or bool((rows[1:] < rows[:-1]).any()):
         raise LplError(f"row_ptr must start at 0, never decrease and end at nnz={nnz} (col_idx's length).")
-    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= grid[1]):
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= grid[1]):
         raise LplError(f"col_idx must lie in [0, {grid[1]}) ({grid[1]} block columns), got range "
-                       f"[{int(col_idx.min())}, {int(col_idx.max())}].")
+                       f"[{int(cols.min())}, {int(cols.max())}].")
 
 
 def csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lpl.utils.errors import LplError
 
+from ..format import check_csr
 from ._build import load_error, load_library, torch_path_forced
 
 Backend = Literal["auto", "compiled", "torch"]
@@ -65,24 +66,11 @@ def _check_structure(
 ) -> int:
     """Check the block-CSR index tensors (and values when given); return nnz."""
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu":
-            desc = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise LplError(f"{name} must be a 1-D int64 CPU tensor, got {desc}.")
-    if row_ptr.numel() != n_block_rows + 1:
-        raise LplError(
-            f"row_ptr has {row_ptr.numel()} entries but the weight has {n_block_rows} block rows "
-            f"(needs {n_block_rows + 1}); check out_features/in_features and block_size."
-        )
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            raise LplError(f"{name} is on {t.device}; the CPU block-sparse path needs CPU tensors (move it with "
+                           ".cpu()).")
+    check_csr(row_ptr, col_idx, (n_block_rows, n_block_cols))
     nnz = col_idx.numel()
-    # numpy views of these small CPU tensors: the checks run at every call, and each torch op costs several us
-    rows, cols = row_ptr.numpy(), col_idx.numpy()
-    if rows[0] != 0 or rows[-1] != nnz or bool((rows[1:] < rows[:-1]).any()):
-        raise LplError(f"row_ptr must start at 0, never decrease and end at nnz={nnz}.")
-    if nnz and (cols.min() < 0 or cols.max() >= n_block_cols):
-        raise LplError(
-            f"col_idx must lie in [0, {n_block_cols}) ({n_block_cols} block columns), "
-            f"got range [{int(cols.min())}, {int(cols.max())}]."
-        )
     if values is not None:
         _check_dense("values", values, 3)
         if tuple(values.shape) != (nnz, *block_size):
