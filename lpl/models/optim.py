@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any
 
 import torch
-from lpl.utils.errors import LplError, checked_count
+from lpl.utils.errors import LplError, checked_count, finite_number
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
@@ -22,10 +21,11 @@ def check_adam_options(*, optimizer: str, lr: float, weight_decay: float, betas:
     if schedule not in ("cosine", "constant"):
         raise LplError(f"schedule must be 'cosine' or 'constant', got {schedule!r}.")
     given = {"lr": lr, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio}
-    bad = [name for name, value in given.items() if _finite_number(value) is None]
+    read = {name: finite_number(value) for name, value in given.items()}
+    bad = [name for name, value in read.items() if value is None]
     if bad:
         raise LplError(f"{bad[0]} must be a finite number, got {given[bad[0]]!r}.")
-    lr, weight_decay, min_lr_ratio = (_finite_number(value) for value in given.values())
+    lr, weight_decay, min_lr_ratio = read.values()
     if lr <= 0:
         raise LplError(f"lr must be positive, got {lr}.")
     if weight_decay < 0:
@@ -39,16 +39,6 @@ def check_adam_options(*, optimizer: str, lr: float, weight_decay: float, betas:
         beta_values = []
     if len(beta_values) != 2 or not all(0.0 <= b < 1.0 for b in beta_values):
         raise LplError(f"betas must be two numbers in [0, 1), got {betas!r}.")
-
-
-def _finite_number(value: Any) -> float | None:
-    """A real number (Python, numpy, or a one-element tensor as torch's optimizers take for lr) as a float; None for
-    anything else (bools, strings, NaN, inf)."""
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 and not value.is_complex() else None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

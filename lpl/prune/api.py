@@ -23,7 +23,7 @@ from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
 from lpl.prune.masking import COMPUTED_WEIGHT, weight_holders, weight_is_computed
 from lpl.prune.result import PruneResult
-from lpl.utils.errors import LplError
+from lpl.utils.errors import LplError, finite_number
 from lpl.utils.trainer import rank_and_world
 
 ALLOCATIONS = ("hardware", "uniform", "global")
@@ -159,7 +159,7 @@ def check_options(flops_keep: float, importance: str, allocation: str, lambda_po
     numbers would reach the saved result's JSON)."""
     for name, value in (("flops_keep", flops_keep), ("lambda_power", lambda_power), ("min_density", min_density),
                         ("max_density", max_density)):
-        if not _is_number(value) or not math.isfinite(float(value)):
+        if finite_number(value) is None:
             raise LplError(f"{name} must be a finite number, got {value!r}.")
     if not 0.0 < float(flops_keep) <= 1.0:
         raise LplError(f"flops_keep must be a number in (0, 1], got {flops_keep!r}.")
@@ -176,17 +176,6 @@ def check_options(flops_keep: float, importance: str, allocation: str, lambda_po
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise LplError(f"stages must be an int >= 1, got {stages!r}.")
     return float(flops_keep), float(lambda_power), float(min_density), float(max_density)
-
-
-def _is_number(value: object) -> bool:
-    """A real number (Python, numpy or a one-element tensor), not a bool or a string."""
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
-        return False
-    try:
-        float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def prune_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import sys
 from pathlib import Path
@@ -25,6 +26,18 @@ def checked_count(name: str, value: Any, minimum: int) -> int:
     if count is None or count < minimum:
         raise LplError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return count
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is one finite real number (Python, numpy, or a one-element tensor or array, as
+    configs and torch hand them over), else None: bools (boolean tensors too), strings, NaN and inf are not."""
+    if isinstance(value, (bool, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def run_script(main: Callable[[], Any]) -> None:
