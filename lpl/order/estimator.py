@@ -335,7 +335,7 @@ class OrderEstimator(L.LightningModule):
         if isinstance(orders, (list, tuple)) and orders and all(isinstance(o, Tensor) and o.ndim == 1 for o in orders):
             # whole orders (a collate_fn such as list; of several lengths they cannot be positions), or what torch's
             # default collation makes of Python lists of orders: L tensors of B ids, one per position
-            if len({len(o) for o in orders}) > 1 or self._predict_collation(dataloader_idx) == "custom":
+            if len({len(o) for o in orders}) > 1 or self._custom_predict_collation(dataloader_idx):
                 return [estimate for order in orders for estimate in _split(self.estimate_many(order[None]))]
             raise LplError(
                 "the predict loader yields a list of 1-D tensors of one length: what torch's default collation makes "
@@ -344,16 +344,14 @@ class OrderEstimator(L.LightningModule):
                 "orders of several lengths with batch_size=1 or collate_fn=list.")
         return _split(self.estimate_many(orders))
 
-    def _predict_collation(self, dataloader_idx: int) -> str:
-        """"default" when the predict loader collates with torch's default_collate, "custom" for another collate_fn,
-        "unknown" outside a Trainer's predict."""
+    def _custom_predict_collation(self, dataloader_idx: int) -> bool:
+        """Whether the Trainer's predict loader collates with a collate_fn of its own (not torch's default_collate);
+        False outside a Trainer's predict."""
         trainer = self._trainer
         loaders = getattr(trainer, "predict_dataloaders", None) if trainer is not None else None
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
         collate = getattr(loader, "collate_fn", None)
-        if collate is None:
-            return "unknown"
-        return "default" if collate is torch.utils.data.default_collate else "custom"
+        return collate is not None and collate is not torch.utils.data.default_collate
 
     def on_predict_start(self) -> None:
         precision = str(self.trainer.precision)
