@@ -112,23 +112,9 @@ def ablate(lr: float, args) -> tuple[float, dict[str, dict[str, float]]]:
     return no_change, scores
 
 
-def report(results: dict[float, tuple[float, dict]], command: str, orders: int) -> str:
-    lrs = list(results)
-    lines = [f"# Curvature ablation of the linearised replay (digits, {orders} random + reversed + easy-first orders, "
-             "each retrained)", "", f"`{command}`", "",
-             "Spearman / MAE as a multiple of \"no change\" at each learning rate:", "",
-             "| curvature term H Delta | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
-             "|---" * (len(lrs) + 1) + "|",
-             "| no change (MAE) | " + " | ".join(f"{results[lr][0]:.4f}" for lr in lrs) + " |"]
-    for name in results[lrs[0]][1]:
-        cells = [f"{results[lr][1][name]['spearman']:.2f} / {results[lr][1][name]['mae'] / results[lr][0]:.2f}x"
-                 for lr in lrs]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    run_ablation(__doc__.split("\n")[0], "batch_curvature_ablation.py", [0.003, 0.01], ablate, report)
+    run_ablation(__doc__.split("\n")[0], "batch_curvature_ablation.py", [0.003, 0.01], ablate,
+                 "Curvature ablation of the linearised replay", "curvature term H Delta")
 
 
 if __name__ == "__main__":

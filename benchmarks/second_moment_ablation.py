@@ -177,12 +177,13 @@ def ablate(lr: float, args) -> tuple[float, dict[str, dict[str, float]]]:
     return no_change, scores
 
 
-def report(results: dict[float, tuple[float, dict]], command: str, orders: int) -> str:
+def ablation_report(title: str, column: str, results: dict[float, tuple[float, dict]], command: str,
+                    orders: int) -> str:
+    """The markdown table of an ablation: a row per variant ``column``, Spearman / MAE vs "no change" per lr."""
     lrs = list(results)
-    lines = [f"# Second-moment ablation of the linearised replay (digits, {orders} random + reversed + easy-first "
-             "orders, each retrained)", "", f"`{command}`", "",
-             "Spearman / MAE as a multiple of \"no change\" at each learning rate:", "",
-             "| v in the replay | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+    lines = [f"# {title} (digits, {orders} random + reversed + easy-first orders, each retrained)", "",
+             f"`{command}`", "", "Spearman / MAE as a multiple of \"no change\" at each learning rate:", "",
+             f"| {column} | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
              "|---" * (len(lrs) + 1) + "|",
              "| no change (MAE) | " + " | ".join(f"{results[lr][0]:.4f}" for lr in lrs) + " |"]
     for name in results[lrs[0]][1]:
@@ -195,8 +196,8 @@ def report(results: dict[float, tuple[float, dict]], command: str, orders: int) 
 
 
 def run_ablation(description: str, script: str, default_lrs: list[float],
-                 ablate_at: Callable[[float, argparse.Namespace], tuple[float, dict]],
-                 report_of: Callable[[dict, str, int], str]) -> None:
+                 ablate_at: Callable[[float, argparse.Namespace], tuple[float, dict]], title: str,
+                 column: str) -> None:
     """Parse the ablation scripts' shared arguments, ablate at every learning rate, print and write the report."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--lrs", type=lambda text: [positive_float(x) for x in text.split(",")], default=default_lrs)
@@ -209,7 +210,8 @@ def run_ablation(description: str, script: str, default_lrs: list[float],
     torch.set_num_threads(2)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = {lr: ablate_at(lr, args) for lr in args.lrs}
-    text = report_of(results, f"python benchmarks/{script} " + " ".join(sys.argv[1:]), args.orders)
+    text = ablation_report(title, column, results, f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+                           args.orders)
     print(text)
     if args.out is not None:
         atomic_write_text(args.out, text)
@@ -217,7 +219,8 @@ def run_ablation(description: str, script: str, default_lrs: list[float],
 
 
 def main() -> None:
-    run_ablation(__doc__.split("\n")[0], "second_moment_ablation.py", [0.001, 0.003, 0.01], ablate, report)
+    run_ablation(__doc__.split("\n")[0], "second_moment_ablation.py", [0.001, 0.003, 0.01], ablate,
+                 "Second-moment ablation of the linearised replay", "v in the replay")
 
 
 if __name__ == "__main__":
