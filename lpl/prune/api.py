@@ -21,7 +21,7 @@ from lpl.prune.blocks import block_elements, block_grid, block_sum, check_block_
 from lpl.prune.curves import LayerCurve, additive_curve, build_curve, taylor2_curve
 from lpl.prune.hardware import HardwareProfile, default_profile
 from lpl.prune.importance import IMPORTANCES, LossFn, block_scores, collect_statistics, resolve_loss
-from lpl.prune.masking import COMPUTED_WEIGHT, weight_holders, weight_is_computed
+from lpl.prune.masking import COMPUTED_WEIGHT, other_holders, weight_holders, weight_is_computed
 from lpl.prune.result import PruneResult
 from lpl.utils.errors import LplError, finite_number
 from lpl.utils.trainer import rank_and_world
@@ -134,9 +134,9 @@ def _without_unprunable(model: nn.Module, layers: dict[str, nn.Linear], explicit
     for name, layer in layers.items():
         if extras[name] is not None:
             problems[name] = (f"{extras[name]}, which a block-sparse layer would not keep", [name])
-        elif len(tied := holders.get(id(layer.weight), [])) > 1:
-            others = ", ".join(repr(n) for n in tied if n != f"{name}.weight")
-            tied_layers = [n.rpartition(".")[0] for n in tied if n.rpartition(".")[0] in layers]
+        elif tied := other_holders(model, holders, layer):
+            others = ", ".join(repr(n) for n in tied)
+            tied_layers = [n.rpartition(".")[0] for n in holders[id(layer.weight)] if n.rpartition(".")[0] in layers]
             problems[name] = (f"it shares one weight tensor with {others} (tied), and a block mask would prune it "
                               "there too", tied_layers)
     if not problems:

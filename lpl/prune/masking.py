@@ -386,6 +386,12 @@ def weight_holders(model: nn.Module) -> dict[int, list[str]]:
     return holders
 
 
+def other_holders(model: nn.Module, holders: Mapping[int, list[str]], layer: nn.Module) -> list[str]:
+    """The names (``weight_holders``') under which modules other than ``layer`` hold its weight: tied to it."""
+    return [name for name in holders.get(id(layer.weight), [])
+            if model.get_submodule(name.rpartition(".")[0]) is not layer]
+
+
 def apply_masks(
     model: nn.Module, result: PruneResult, optimizers: Iterable[torch.optim.Optimizer] = ()
 ) -> MaskHandle:
@@ -412,9 +418,8 @@ def apply_masks(
             raise LplError(f"layer {name!r} cannot be masked: {COMPUTED_WEIGHT}; remove the parametrization "
                            "(torch.nn.utils.parametrize.remove_parametrizations) before pruning, or leave the layer "
                            "dense.")
-        tied = [n for n in holders.get(id(layer.weight), []) if n.rpartition(".")[0] != name]
-        if tied and not all(model.get_submodule(n.rpartition(".")[0]) is layer for n in tied):
-            # one weight, two modules (tied embeddings and heads): the mask would prune the other's use of it too
+        tied = other_holders(model, holders, layer)
+        if tied:  # one weight, two modules (tied embeddings and heads): the mask would prune the other's use too
             raise LplError(f"layer {name!r} shares its weight with {tied[:2]}, so its mask would prune that too; "
                            "prune_model leaves tied weights dense: leave it out of the result.")
     previous = model.__dict__.get(_HANDLE_ATTR)
